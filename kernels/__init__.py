@@ -1,0 +1,1 @@
+"""Device code of symmtriton (Triton JIT functions only), importable as ``symmtriton.kernels``."""

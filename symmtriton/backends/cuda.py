@@ -1,0 +1,82 @@
+"""``cuda`` backend: PyTorch symmetric memory (``symm_mem.empty`` + ``rendezvous``).
+
+Since torch 2.11 ``symm_mem.empty`` may hand out a slice of a pooled symmetric allocation, so
+the tensor's ``data_ptr()`` can sit past ``hdl.buffer_ptrs[rank]``. Every address this module
+gives the kernels is ``hdl.buffer_ptrs[r] + delta`` with ``delta = data_ptr() - buffer_ptrs[rank]``
+(checked equal on every rank), never the raw table.
+
+Multicast is taken only from torch's handle (``hdl.multicast_ptr``); this module never creates a
+multicast object. Several ranks on one GPU need ``TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1``;
+torch then reports no multicast.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .base import SymmHandle
+
+
+def allocate_local(nbytes: int, device: torch.device) -> torch.Tensor:
+    import torch.distributed._symmetric_memory as symm_mem
+
+    return symm_mem.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+
+
+def _signal_pad_size(hdl) -> int:
+    size = getattr(hdl, "signal_pad_size", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    import torch.distributed._symmetric_memory as symm_mem
+
+    return int(symm_mem.get_signal_pad_size())
+
+
+class CudaHandle(SymmHandle):
+    backend = "cuda"
+
+    def __init__(self, tensor: torch.Tensor, hdl, nbytes: int, group: dist.ProcessGroup):
+        self._tensor = tensor
+        self._hdl = hdl
+        rank, world = hdl.rank, hdl.world_size
+        delta = tensor.data_ptr() - hdl.buffer_ptrs[rank]
+        if delta < 0:
+            raise RuntimeError(
+                f"symmetric tensor starts {-delta} bytes before its handle's buffer on rank {rank}")
+        self.pool_offset = delta
+        buffer_ptrs = [p + delta for p in hdl.buffer_ptrs]
+        mc = int(hdl.multicast_ptr or 0)
+        super().__init__(rank, world, nbytes, _signal_pad_size(hdl), buffer_ptrs,
+                         list(hdl.signal_pad_ptrs), mc + delta if mc else 0, tensor.device)
+        # torch's get_buffer may or may not add the pool offset itself: measure it once.
+        probe = hdl.get_buffer(rank, (1,), torch.uint8, 0).data_ptr()
+        self._view_shift = tensor.data_ptr() - probe
+
+    def local_tensor(self) -> torch.Tensor:
+        return self._tensor
+
+    def _peer_bytes(self, rank: int) -> torch.Tensor:
+        if rank == self.rank:
+            return self._tensor
+        view = self._hdl.get_buffer(rank, (self.buffer_size,), torch.uint8, self._view_shift)
+        if view.data_ptr() != self.buffer_ptrs[rank]:
+            raise RuntimeError(
+                f"peer view of rank {rank} starts at {view.data_ptr():#x}, expected "
+                f"{self.buffer_ptrs[rank]:#x}")
+        return view
+
+    def barrier(self) -> None:
+        self._hdl.barrier()
+
+    def close(self) -> None:
+        super().close()
+        self._hdl = None
+        self._tensor = None
+
+
+def rendezvous(tensor: torch.Tensor, nbytes: int, group: dist.ProcessGroup) -> CudaHandle:
+    import torch.distributed._symmetric_memory as symm_mem
+
+    hdl = symm_mem.rendezvous(tensor, group)
+    return CudaHandle(tensor, hdl, nbytes, group)

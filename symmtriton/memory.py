@@ -1,0 +1,278 @@
+"""Symmetric buffers and their per-key registry.
+
+A :class:`SymmetricMemoryBuffer` owns one symmetric allocation of ``size_in_mb`` MiB on every
+rank of its process group. It rendezvouses once, in its constructor; collectives that use it
+never rendezvous again.
+
+**The buffer is a scratch area.** ``_allocate``, ``maybe_get_tensor`` and ``maybe_get_tensors``
+all lay out from byte 0 on every call, so the views of one call alias the views of the previous
+call, and every collective that runs on the buffer may overwrite them. Take a view, fill it,
+run the collective, read the result; copy out what must outlive the next collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from functools import reduce
+from operator import mul
+
+import torch
+import torch.distributed as dist
+
+from . import backends
+from .backends import host as host_backend
+
+logger = logging.getLogger("symmtriton")
+
+_MIB = 1024 * 1024
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _resolve_group(process_group):
+    if process_group is None:
+        if not dist.is_initialized():
+            raise ValueError("no process_group given and torch.distributed is not initialized")
+        return dist.group.WORLD
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got {process_group!r}")
+    return process_group
+
+
+class SymmetricMemoryBuffer:
+    """One symmetric allocation over ``process_group``; see the module docstring for aliasing.
+
+    Attributes:
+        symm_buffer: this rank's uint8 tensor, or ``None`` when symmetric memory is unavailable.
+        symm_mem_hdl: the handle (rank, world_size, peer and signal-pad pointers, multicast
+            pointer, ``get_buffer``, ``barrier``), or ``None``.
+        init_failure_reason: why symmetric memory is unavailable (the same on every rank), or
+            ``None``.
+        backend: ``"cuda"`` or ``"host"``.
+        has_multicast: every rank of the group has a non-zero multicast pointer.
+    """
+
+    def __init__(self, size_in_mb, process_group):
+        if isinstance(size_in_mb, bool) or not isinstance(size_in_mb, (int, float)) or not size_in_mb > 0:
+            raise ValueError(f"size_in_mb must be a positive number, got {size_in_mb!r}")
+        self.process_group = _resolve_group(process_group)
+        self.size_in_mb = size_in_mb
+        self.nbytes = int(size_in_mb * _MIB)
+        self.symm_buffer: torch.Tensor | None = None
+        self.symm_mem_hdl = None
+        self.init_failure_reason: str | None = None
+        self.has_multicast = False
+        self.rank = dist.get_rank(self.process_group)
+        self.world_size = dist.get_world_size(self.process_group)
+        self.backend = backends.select_backend()
+        self.device = backends.backend_device(self.backend)
+        self._setup()
+
+    # -- set-up: every rank agrees before and after rendezvous, so none is left in a collective.
+    def _gather(self, obj) -> list:
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.process_group)
+        return out
+
+    def _setup(self) -> None:
+        local, reason = None, None
+        try:
+            if os.environ.get("SYMMTRITON_DISABLE", "") == "1":
+                raise RuntimeError("disabled by SYMMTRITON_DISABLE=1")
+            if self.backend == "cuda":
+                from .backends import cuda as cuda_backend
+
+                local = cuda_backend.allocate_local(self.nbytes, self.device)
+            else:
+                local = host_backend.allocate_local(self.nbytes)
+        except Exception as exc:  # any allocation failure becomes a recorded reason
+            reason = f"{type(exc).__name__}: {exc}"
+        votes = self._gather((reason, self.nbytes, self.backend))
+        sizes = {v[1] for v in votes}
+        if len(sizes) != 1 or len({v[2] for v in votes}) != 1:
+            self._release_local(local)
+            raise ValueError(
+                "ranks disagree on the symmetric buffer: (bytes, backend) per rank = "
+                f"{[(v[1], v[2]) for v in votes]}")
+        failed = [f"rank {r}: {v[0]}" for r, v in enumerate(votes) if v[0] is not None]
+        if failed:
+            self._release_local(local)
+            self._fail("allocation failed on " + "; ".join(failed))
+            return
+        hdl, reason = None, None
+        try:
+            if self.backend == "cuda":
+                from .backends import cuda as cuda_backend
+
+                hdl = cuda_backend.rendezvous(local, self.nbytes, self.process_group)
+            else:
+                hdl = host_backend.rendezvous(local, self.process_group)
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        votes = self._gather((reason, hdl.multicast_ptr != 0 if hdl is not None else False))
+        failed = [f"rank {r}: {v[0]}" for r, v in enumerate(votes) if v[0] is not None]
+        if failed:
+            if hdl is not None:
+                hdl.close()
+            self._fail("rendezvous failed on " + "; ".join(failed))
+            return
+        self.symm_mem_hdl = hdl
+        self.symm_buffer = hdl.local_tensor()
+        self.has_multicast = all(v[1] for v in votes)
+
+    @staticmethod
+    def _release_local(local) -> None:
+        if isinstance(local, host_backend.HostSegment):
+            local.unlink()
+            local.map.close()
+
+    def _fail(self, reason: str) -> None:
+        self.init_failure_reason = reason
+        if self.rank == 0:
+            logger.warning("symmetric memory unavailable, collectives fall back to torch.distributed: %s",
+                           reason)
+
+    # -- the allocation API (every call lays out from byte 0: see the module docstring).
+    def _can_allocate(self, numel: int, dtype: torch.dtype) -> bool:
+        """Whether ``numel`` elements of ``dtype`` fit the buffer (``False`` when it is unavailable)."""
+        if self.symm_mem_hdl is None:
+            return False
+        return 0 <= int(numel) * _element_size(dtype) <= self.nbytes
+
+    def _allocate(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A 1-D view of ``numel`` elements of ``dtype`` at byte 0. Raises ``ValueError`` when it
+        does not fit and ``RuntimeError`` when symmetric memory is unavailable."""
+        if self.symm_mem_hdl is None:
+            raise RuntimeError(f"symmetric memory unavailable: {self.init_failure_reason}")
+        if not self._can_allocate(numel, dtype):
+            raise ValueError(
+                f"{numel} elements of {dtype} need {int(numel) * _element_size(dtype)} bytes; "
+                f"the buffer holds {self.nbytes}")
+        nbytes = int(numel) * _element_size(dtype)
+        return self.symm_buffer[:nbytes].view(dtype)
+
+    def maybe_get_tensor(self, tensor_shape, dtype: torch.dtype) -> dict:
+        """``{"tensor": view of tensor_shape at byte 0, "handle": h}``, or both ``None`` when
+        symmetric memory is unavailable or the tensor does not fit."""
+        numel = reduce(mul, tensor_shape, 1)
+        if not self._can_allocate(numel, dtype):
+            return {"tensor": None, "handle": None}
+        return {"tensor": self._allocate(numel, dtype).view(*tensor_shape), "handle": self.symm_mem_hdl}
+
+    def maybe_get_tensors(self, tensor_specs, alignment: int = 16) -> dict:
+        """Pack ``tensor_specs`` = ``[(numel, dtype), ...]`` one after another from byte 0, each
+        start rounded up to ``alignment`` bytes. Returns ``{"handle": h, "tensors": [(uint8 view,
+        byte offset), ...]}``, or both ``None`` when unavailable or too large."""
+        if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0:
+            raise ValueError(f"alignment must be a positive int, got {alignment!r}")
+        layout, offset = [], 0
+        for spec in tensor_specs:
+            try:
+                numel, dtype = spec
+            except (TypeError, ValueError):
+                raise ValueError(f"each tensor spec must be (numel, dtype), got {spec!r}") from None
+            if int(numel) < 0:
+                raise ValueError(f"numel must be >= 0, got {numel!r}")
+            offset = math.ceil(offset / alignment) * alignment
+            nbytes = int(numel) * _element_size(dtype)
+            layout.append((offset, nbytes))
+            offset += nbytes
+        if self.symm_mem_hdl is None or offset > self.nbytes:
+            return {"handle": None, "tensors": None}
+        return {"handle": self.symm_mem_hdl,
+                "tensors": [(self.symm_buffer[o:o + n], o) for o, n in layout]}
+
+    # -- helpers for the collectives.
+    def byte_offset_of(self, tensor: torch.Tensor) -> int | None:
+        """Byte offset of ``tensor``'s data inside this rank's buffer, or ``None`` when the tensor
+        does not lie entirely inside it."""
+        if self.symm_buffer is None or tensor.device != self.symm_buffer.device:
+            return None
+        start = tensor.data_ptr() - self.symm_buffer.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if 0 <= start and end <= self.nbytes:
+            return start
+        return None
+
+    def close(self) -> None:
+        """Free this rank's memory: drops every reference; views handed out keep their pages
+        alive until they are gone too (host), so a stale view never touches unmapped memory."""
+        if self.symm_mem_hdl is not None:
+            self.symm_mem_hdl.close()
+        self.symm_mem_hdl = None
+        self.symm_buffer = None
+        if self.init_failure_reason is None:
+            self.init_failure_reason = "destroyed"
+
+    def __repr__(self) -> str:
+        state = "ok" if self.symm_mem_hdl is not None else f"unavailable ({self.init_failure_reason})"
+        return (f"SymmetricMemoryBuffer({self.size_in_mb} MiB, backend={self.backend}, "
+                f"rank={self.rank}/{self.world_size}, multicast={self.has_multicast}, {state})")
+
+
+class SymmetricMemoryManager:
+    """Class-level registry of :class:`SymmetricMemoryBuffer`, one per key, created lazily."""
+
+    _buffers: dict[str, SymmetricMemoryBuffer] = {}
+    _default_size_mb = 256
+
+    @classmethod
+    def get_buffer(cls, key: str, process_group=None, size_mb=None) -> SymmetricMemoryBuffer:
+        """The buffer for ``key``, created on first call (``process_group`` required then).
+
+        A later call returns the cached buffer; it raises ``ValueError`` when it asks for more
+        than the cached size or names a different group, instead of returning the wrong buffer."""
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, got {key!r}")
+        buf = cls._buffers.get(key)
+        if buf is not None:
+            if process_group is not None and process_group is not buf.process_group:
+                raise ValueError(
+                    f"buffer {key!r} exists for another process group "
+                    f"({getattr(buf.process_group, 'group_name', '?')}); destroy it first or use a new key")
+            if size_mb is not None and size_mb > buf.size_in_mb:
+                raise ValueError(
+                    f"buffer {key!r} exists with {buf.size_in_mb} MiB; {size_mb} MiB asked. "
+                    "Destroy it first or use a new key")
+            return buf
+        if process_group is None:
+            raise ValueError(f"buffer {key!r} does not exist yet: pass process_group to create it")
+        buf = SymmetricMemoryBuffer(cls._default_size_mb if size_mb is None else size_mb, process_group)
+        cls._buffers[key] = buf
+        return buf
+
+    @classmethod
+    def is_initialized(cls, key: str) -> bool:
+        return key in cls._buffers
+
+    @classmethod
+    def destroy(cls, key: str | None = None) -> None:
+        """Free the buffer of ``key``, or of every key when ``key`` is ``None``. Call it when no
+        collective on that buffer is in flight (e.g. after ``torch.cuda.synchronize()``)."""
+        keys = list(cls._buffers) if key is None else [key]
+        for k in keys:
+            buf = cls._buffers.pop(k, None)
+            if buf is not None:
+                buf.close()
+
+    @classmethod
+    def buffer_for_group(cls, group) -> SymmetricMemoryBuffer:
+        """The buffer collectives on ``group`` use: the first registered buffer of that group
+        that is usable, else a new default-sized one under ``"__symmtriton_<group name>"``.
+        Every rank runs the same calls, so every rank picks the same buffer."""
+        group = _resolve_group(group)
+        fallback = None
+        for buf in cls._buffers.values():
+            if buf.process_group is group:
+                if buf.symm_mem_hdl is not None:
+                    return buf
+                fallback = fallback or buf
+        if fallback is not None:
+            return fallback
+        return cls.get_buffer(f"__symmtriton_{group.group_name}", group)

@@ -1,0 +1,145 @@
+"""Run a function on every rank of a real multi-process group: the one launcher the tests,
+benchmarks and GPU scripts share.
+
+:class:`WorkerPool` spawns ``world_size`` processes once, each joins a process group, and then
+runs submitted functions ``fn(rank, world_size, *args)`` until closed, so tests pay process and
+import start-up once per world size, not per test. A function that raises on any rank fails the
+call with every rank's traceback; a call that does not finish within ``timeout`` seconds kills
+the pool (it restarts on the next call) and raises :class:`TimeoutError` naming the ranks that
+did not answer.
+
+Functions must be importable by name (module-level); their module is imported in the workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+
+#: environment for CPU workers: host backend + Triton interpreter.
+CPU_ENV = {"SYMMTRITON_BACKEND": "host", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+#: environment for workers that share GPUs (several ranks per GPU allowed, multicast off).
+GPU_ENV = {
+    "SYMMTRITON_BACKEND": "cuda",
+    "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NCCL_NVLS_ENABLE": "0",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker_main(rank: int, world_size: int, port: int, env: dict, tasks, results) -> None:
+    os.environ.update(env)
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    import torch
+    import torch.distributed as dist
+
+    if env.get("SYMMTRITON_BACKEND") == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
+    from symmtriton.memory import SymmetricMemoryManager
+
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        fn, args = task
+        try:
+            out = (rank, True, fn(rank, world_size, *args))
+        except BaseException:  # report, keep serving
+            out = (rank, False, traceback.format_exc())
+        finally:
+            SymmetricMemoryManager.destroy()
+        results.put(out)
+    dist.destroy_process_group()
+
+
+class WorkerPool:
+    """``world_size`` worker processes in one gloo process group (see the module docstring)."""
+
+    def __init__(self, world_size: int, env: dict | None = None, timeout: float = 90.0):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.world_size = world_size
+        self.env = dict(CPU_ENV if env is None else env)
+        self.timeout = timeout
+        self._procs: list = []
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        port = free_port()
+        self._tasks = [ctx.Queue() for _ in range(self.world_size)]
+        self._results = ctx.Queue()
+        self._procs = [
+            ctx.Process(target=_worker_main, daemon=True,
+                        args=(r, self.world_size, port, self.env, self._tasks[r], self._results))
+            for r in range(self.world_size)
+        ]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn, *args, timeout: float | None = None) -> list:
+        """Run ``fn(rank, world_size, *args)`` on every rank; return the results by rank."""
+        if not self._procs:
+            self._start()
+        for q in self._tasks:
+            q.put((fn, args))
+        limit = time.monotonic() + (self.timeout if timeout is None else timeout)
+        got: dict[int, tuple] = {}
+        while len(got) < self.world_size:
+            left = limit - time.monotonic()
+            dead = [r for r, p in enumerate(self._procs) if not p.is_alive() and r not in got]
+            if left <= 0 or dead:
+                missing = sorted(set(range(self.world_size)) - set(got))
+                self.close(force=True)
+                errors = [f"rank {r}:\n{res}" for r, (ok, res) in sorted(got.items()) if not ok]
+                why = f"ranks {dead} died" if dead else f"no answer within {timeout or self.timeout}s"
+                raise TimeoutError(f"{getattr(fn, '__name__', fn)}: {why} from ranks {missing}"
+                                   + ("\n" + "\n".join(errors) if errors else ""))
+            try:
+                rank, ok, res = self._results.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                continue
+            got[rank] = (ok, res)
+        errors = [f"rank {r}:\n{res}" for r, (ok, res) in sorted(got.items()) if not ok]
+        if errors:
+            raise AssertionError(f"{getattr(fn, '__name__', fn)} failed\n" + "\n".join(errors))
+        return [got[r][1] for r in range(self.world_size)]
+
+    def close(self, force: bool = False) -> None:
+        if not self._procs:
+            return
+        if not force:
+            for q in self._tasks:
+                q.put(None)
+            for p in self._procs:
+                p.join(timeout=10)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        self._procs = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def run_distributed(fn, world_size: int, *args, env: dict | None = None, timeout: float = 90.0) -> list:
+    """One-shot :class:`WorkerPool` run: start, run ``fn`` once, close."""
+    with WorkerPool(world_size, env=env, timeout=timeout) as pool:
+        return pool.run(fn, *args)

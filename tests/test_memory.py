@@ -1,0 +1,183 @@
+"""SymmetricMemoryBuffer / SymmetricMemoryManager on real process groups (CPU and GPU pools)."""
+
+import glob
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import symmtriton as st
+from symmtriton.backends.host import SHM_DIR, SHM_PREFIX
+
+M = st.SymmetricMemoryManager
+
+
+def _shm_files():
+    return sorted(glob.glob(os.path.join(SHM_DIR, SHM_PREFIX + "*")))
+
+
+def _mapped_shm():
+    with open("/proc/self/maps") as f:
+        return [line for line in f if SHM_PREFIX in line]
+
+
+def _lazy_cache_and_errors(rank, world):
+    group = dist.group.WORLD
+    out = {"init_before": M.is_initialized("tp"), "default": M._default_size_mb}
+    with pytest.raises(ValueError, match="process_group"):
+        M.get_buffer("tp")
+    buf = M.get_buffer("tp", process_group=group, size_mb=1)
+    out["init_after"] = M.is_initialized("tp")
+    out["same"] = M.get_buffer("tp") is buf and M.get_buffer("tp", group, size_mb=1) is buf
+    out["smaller_ok"] = M.get_buffer("tp", size_mb=0.5) is buf
+    with pytest.raises(ValueError, match="2 MiB asked"):
+        M.get_buffer("tp", size_mb=2)
+    other = dist.new_group(list(range(world)), backend="gloo")
+    with pytest.raises(ValueError, match="another process group"):
+        M.get_buffer("tp", process_group=other)
+    with pytest.raises(TypeError):
+        M.get_buffer(3, group)
+    out["ok"] = buf.symm_mem_hdl is not None and buf.init_failure_reason is None
+    out["rank"], out["world"] = buf.symm_mem_hdl.rank, buf.symm_mem_hdl.world_size
+    M.destroy("tp")
+    out["init_destroyed"] = M.is_initialized("tp")
+    return out
+
+
+def test_manager_lazy_cache_and_clear_errors(pool):
+    res = pool.run(_lazy_cache_and_errors)
+    for rank, r in enumerate(res):
+        assert r == {"init_before": False, "default": 256, "init_after": True, "same": True,
+                     "smaller_ok": True, "ok": True, "rank": rank, "world": pool.world_size,
+                     "init_destroyed": False}
+
+
+def _peer_visibility(rank, world):
+    buf = M.get_buffer("vis", dist.group.WORLD, size_mb=1)
+    hdl = buf.symm_mem_hdl
+    mine = buf._allocate(1000, torch.int32)
+    mine.copy_(torch.arange(1000, dtype=torch.int32) + 10_000 * rank)
+    if buf.device.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+    seen = []
+    for peer in range(world):
+        view = hdl.get_buffer(peer, (1000,), torch.int32)
+        expect = torch.arange(1000, dtype=torch.int32, device=view.device) + 10_000 * peer
+        seen.append(bool(torch.equal(view, expect)))
+        # offset views address the same bytes
+        tail = hdl.get_buffer(peer, (10,), torch.int32, storage_offset=990)
+        seen.append(bool(torch.equal(tail, expect[990:])))
+    with pytest.raises(ValueError, match="buffer holds"):
+        hdl.get_buffer(0, (buf.nbytes,), torch.int32)
+    dist.barrier()
+    return seen, len(hdl.buffer_ptrs), len(hdl.signal_pad_ptrs), hdl.multicast_ptr
+
+
+def test_every_rank_sees_every_peer(pool):
+    for seen, nb, ns, mc in pool.run(_peer_visibility):
+        assert all(seen) and nb == ns == pool.world_size and mc == 0
+
+
+def _layout(rank, world):
+    buf = M.get_buffer("lay", dist.group.WORLD, size_mb=1)
+    specs = [(3, torch.float16), (5, torch.float32), (1, torch.uint8), (7, torch.bfloat16)]
+    out = {}
+    for align in (16, 64, 1, 3):
+        r = buf.maybe_get_tensors(specs, alignment=align)
+        assert r["handle"] is buf.symm_mem_hdl
+        out[align] = [(o, t.numel(), t.dtype == torch.uint8,
+                       t.data_ptr() - buf.symm_buffer.data_ptr()) for t, o in r["tensors"]]
+    default = buf.maybe_get_tensors(specs)
+    out["default_16"] = [o for _, o in default["tensors"]]
+    t = buf.maybe_get_tensor((4, 6), torch.bfloat16)
+    out["tensor"] = (tuple(t["tensor"].shape), t["tensor"].dtype, t["handle"] is buf.symm_mem_hdl,
+                     t["tensor"].data_ptr() == buf.symm_buffer.data_ptr())
+    a = buf._allocate(10, torch.float32)
+    out["allocate"] = (a.shape, a.dtype, a.data_ptr() == buf.symm_buffer.data_ptr())
+    out["can"] = (buf._can_allocate(262144, torch.float32), buf._can_allocate(262145, torch.float32))
+    out["too_big"] = (buf.maybe_get_tensor((1024, 1025), torch.uint8),
+                      buf.maybe_get_tensors([(2**20 - 8, torch.uint8), (16, torch.uint8)]))
+    with pytest.raises(ValueError, match="buffer holds"):
+        buf._allocate(2**20 + 1, torch.uint8)
+    with pytest.raises(ValueError, match="alignment"):
+        buf.maybe_get_tensors(specs, alignment=0)
+    with pytest.raises(ValueError, match="numel, dtype"):
+        buf.maybe_get_tensors([(3,)])
+    return out
+
+
+def test_packing_alignment_and_none_forms(pool):
+    for out in pool.run(_layout):
+        assert out[16] == [(0, 6, True, 0), (16, 20, True, 16), (48, 1, True, 48), (64, 14, True, 64)]
+        assert out[64] == [(0, 6, True, 0), (64, 20, True, 64), (128, 1, True, 128), (192, 14, True, 192)]
+        assert out[1] == [(0, 6, True, 0), (6, 20, True, 6), (26, 1, True, 26), (27, 14, True, 27)]
+        assert out[3] == [(0, 6, True, 0), (6, 20, True, 6), (27, 1, True, 27), (30, 14, True, 30)]
+        assert out["default_16"] == [0, 16, 48, 64]
+        assert out["tensor"] == ((4, 6), torch.bfloat16, True, True)
+        assert out["allocate"] == (torch.Size([10]), torch.float32, True)
+        assert out["can"] == (True, False)
+        assert out["too_big"] == ({"tensor": None, "handle": None}, {"handle": None, "tensors": None})
+
+
+def _destroy_frees(rank, world):
+    before_maps = len(_mapped_shm())
+    M.get_buffer("a", dist.group.WORLD, size_mb=1)
+    M.get_buffer("b", dist.group.WORLD, size_mb=2)
+    files_while_alive = _shm_files()
+    maps_alive = len(_mapped_shm())
+    M.destroy("a")
+    one_left = (M.is_initialized("a"), M.is_initialized("b"))
+    M.destroy()
+    dist.barrier()
+    return (before_maps, files_while_alive, maps_alive, len(_mapped_shm()), one_left,
+            M.is_initialized("b"))
+
+
+def test_destroy_frees_mappings_and_files(cpu_pool):
+    pool = cpu_pool(3)
+    for before, files, alive, after, one_left, b_left in pool.run(_destroy_frees):
+        assert files == []  # unlinked as soon as every rank mapped them
+        assert alive == before + 2 * 3 and after == before
+        assert one_left == (False, True) and b_left is False
+    assert [f for f in _shm_files()] == []
+
+
+def _failure_agreed(rank, world):
+    if rank == world - 1:
+        os.environ["SYMMTRITON_DISABLE"] = "1"
+    try:
+        buf = M.get_buffer("fail", dist.group.WORLD, size_mb=1)
+    finally:
+        os.environ.pop("SYMMTRITON_DISABLE", None)
+    dist.barrier()  # every rank has released its segment
+    return (buf.init_failure_reason, buf.symm_buffer, buf.symm_mem_hdl,
+            buf.maybe_get_tensor((4,), torch.float32), buf.maybe_get_tensors([(4, torch.float32)]),
+            buf._can_allocate(1, torch.uint8), _shm_files())
+
+
+def test_one_rank_failing_gives_none_forms_everywhere(pool):
+    res = pool.run(_failure_agreed)
+    reasons = {r[0] for r in res}
+    assert len(reasons) == 1
+    reason = reasons.pop()
+    assert f"rank {pool.world_size - 1}: RuntimeError: disabled by SYMMTRITON_DISABLE=1" in reason
+    for r in res:
+        assert r[1:6] == (None, None, {"tensor": None, "handle": None},
+                          {"handle": None, "tensors": None}, False)
+        assert r[6] == []
+
+
+def _sizes_disagree(rank, world):
+    with pytest.raises(ValueError, match="ranks disagree"):
+        st.SymmetricMemoryBuffer(1 + rank, dist.group.WORLD)
+    with pytest.raises(ValueError, match="size_in_mb"):
+        st.SymmetricMemoryBuffer(0, dist.group.WORLD)
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        st.SymmetricMemoryBuffer(1, "tp")
+    return True
+
+
+def test_size_disagreement_raises_on_every_rank(cpu_pool):
+    assert cpu_pool(2).run(_sizes_disagree) == [True, True]
