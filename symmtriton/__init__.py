@@ -1,9 +1,23 @@
 """symmtriton: low-latency symmetric-memory collectives for LLM inference, in Triton."""
 
+from ._interpret import ensure_interpreter_choice
+
+ensure_interpreter_choice()  # before anything imports triton
+
+
+from ._launch import CollectiveTimeoutError
+from .config import LaunchConfig, default_config
 from .memory import SymmetricMemoryBuffer, SymmetricMemoryManager
+from .ops.all_gather import all_gather_into_tensor
+from .ops.reduce_scatter import reduce_scatter_tensor
 
 __all__ = [
     "SymmetricMemoryBuffer",
     "SymmetricMemoryManager",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "LaunchConfig",
+    "default_config",
+    "CollectiveTimeoutError",
 ]
 __version__ = "0.1.0"

@@ -68,6 +68,7 @@ class SymmetricMemoryBuffer:
         self.symm_mem_hdl = None
         self.init_failure_reason: str | None = None
         self.has_multicast = False
+        self.status: torch.Tensor | None = None
         self.rank = dist.get_rank(self.process_group)
         self.world_size = dist.get_world_size(self.process_group)
         self.backend = backends.select_backend()
@@ -125,6 +126,9 @@ class SymmetricMemoryBuffer:
         self.symm_mem_hdl = hdl
         self.symm_buffer = hdl.local_tensor()
         self.has_multicast = all(v[1] for v in votes)
+        # Error word the barriers write on timeout: host memory the kernels can store to
+        # (pinned, so mapped into the GPU's address space), read by the host without a sync.
+        self.status = torch.zeros(4, dtype=torch.int32, pin_memory=self.backend == "cuda")
 
     @staticmethod
     def _release_local(local) -> None:

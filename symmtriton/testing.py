@@ -87,8 +87,19 @@ class WorkerPool:
                         args=(r, self.world_size, port, self.env, self._tasks[r], self._results))
             for r in range(self.world_size)
         ]
-        for p in self._procs:
-            p.start()
+        # Children inherit the environment at start, before they import anything (a spawned
+        # child re-imports __main__ first), so TRITON_INTERPRET is set before triton loads.
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            for p in self._procs:
+                p.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def run(self, fn, *args, timeout: float | None = None) -> list:
         """Run ``fn(rank, world_size, *args)`` on every rank; return the results by rank."""

@@ -1,0 +1,25 @@
+"""Phases shared by several collectives (device code)."""
+
+import triton
+import triton.language as tl
+
+from .ptx import as_ptr
+
+
+@triton.jit
+def copy_shards(src_addr, dst_addr, n, pid, nprog, DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                WORLD_SIZE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Copy ``WORLD_SIZE`` shards of ``n`` elements, chunk ``c`` of every shard by block
+    ``c % nprog``: exactly the chunks that block of every rank reads or writes remotely, so a
+    per-block barrier is enough to order the copy against the remote phase."""
+    src = as_ptr(src_addr, DTYPE, ALIGNED)
+    dst = as_ptr(dst_addr, DTYPE, ALIGNED)
+    c = pid
+    nchunks = tl.cdiv(n, BLOCK_SIZE)
+    while c < nchunks:  # chunks c = pid (mod nprog); see ptx.py on loops
+        offs = c * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offs < n
+        for r in tl.static_range(WORLD_SIZE):
+            shard = r * n.to(tl.int64)
+            tl.store(dst + shard + offs, tl.load(src + shard + offs, mask=mask), mask=mask)
+        c += nprog

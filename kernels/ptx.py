@@ -1,0 +1,174 @@
+"""PTX helpers and their pure-``tl`` twins.
+
+Every helper that emits inline PTX takes a constexpr that selects it; the twin is what runs in
+the Triton interpreter (``TRITON_INTERPRET=1``, the ``host`` backend) and on hardware without
+multicast. A multimem helper and its twin return the same values in the same element order, so
+a kernel compiled with ``USE_MULTIMEM=False`` is the multimem kernel with the twins swapped in.
+
+Addresses arrive as int64 and become typed pointers through :func:`as_ptr`; no symmetric
+tensor is ever a kernel argument (the interpreter would copy its whole storage back after the
+launch, racing with peers that write into it).
+
+Loops over chunks are ``while`` loops: the interpreter turns a ``range`` bound into a Python int
+through ``int(1-element array)``, which NumPy >= 2.4 rejects; a ``while`` condition it reads with
+``bool()``, which works.
+
+``multimem`` instructions are never predicated (ptxas rejects ``@p multimem``): a masked lane
+branches around the instruction inside a ``{ }`` scope, whose label is local to that scope.
+"""
+
+import triton
+import triton.language as tl
+
+# Interpreter twin of %globaltimer: the interpreter has no clock, so each spin counts as this
+# many nanoseconds (one spin of the barrier loop costs roughly 50-200 us in the interpreter).
+INTERPRETER_NS_PER_SPIN: tl.constexpr = 100_000
+
+
+@triton.jit
+def as_ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The int64 address ``addr`` as a pointer to ``DTYPE``; ``ALIGNED`` promises 16 bytes."""
+    if ALIGNED:
+        addr = tl.multiple_of(addr, 16)
+    return addr.to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def peer_addr(table_addr, rank):
+    """Base address of ``rank``'s buffer, read from the int64 table at ``table_addr``."""
+    return tl.load(table_addr.to(tl.pointer_type(tl.int64)) + rank)
+
+
+@triton.jit
+def clock_ns(spins, USE_PTX: tl.constexpr):
+    """Nanoseconds on a global clock (``%globaltimer``); the twin counts ``spins`` (int64)."""
+    if USE_PTX:
+        t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
+                                      is_pure=False, pack=1)
+    else:
+        t = spins * INTERPRETER_NS_PER_SPIN
+    return t
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-byte vectors <-> elements. A vector is 4 x 32-bit words; words hold 1 fp32 or 2 16-bit
+# values, low half first (little endian), so the element order is the memory order.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _words_to_elems(w0, w1, w2, w3, DTYPE: tl.constexpr):
+    """Four [NV] uint32 word tensors -> [NV * 16 / sizeof(DTYPE)] values of DTYPE (16 or 32 bits),
+    in memory order."""
+    NV: tl.constexpr = w0.shape[0]
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [NV * 4])
+    if DTYPE.primitive_bitwidth == 32:
+        vals = words.to(DTYPE, bitcast=True)
+    else:
+        lo = (words & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
+        hi = (words >> 16).to(tl.uint16).to(DTYPE, bitcast=True)
+        vals = tl.reshape(tl.join(lo, hi), [NV * 8])
+    return vals
+
+
+@triton.jit
+def _elems_to_words(vals, NV: tl.constexpr, DTYPE: tl.constexpr):
+    """Inverse of :func:`_words_to_elems`: values of DTYPE -> four [NV] uint32 word tensors."""
+    if DTYPE.primitive_bitwidth == 32:
+        words = vals.to(tl.uint32, bitcast=True)
+    else:
+        halves = tl.reshape(vals.to(tl.uint16, bitcast=True), [NV * 4, 2])
+        lo, hi = tl.split(halves)
+        words = lo.to(tl.uint32) | (hi.to(tl.uint32) << 16)
+    x = tl.reshape(words, [NV, 2, 2])  # [v, i, j] = word 2i + j
+    even, odd = tl.split(x)  # j = 0 / 1, indexed by i
+    w0, w2 = tl.split(even)
+    w1, w3 = tl.split(odd)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _multimem_ld_reduce_v4(vec_addrs, mask, DTYPE: tl.constexpr):
+    """``multimem.ld_reduce`` (sum, fp32 accumulation for 16-bit types) of one 16-byte vector per
+    lane at multicast addresses ``vec_addrs``; masked lanes skip the instruction."""
+    pred = mask.to(tl.int32)
+    if DTYPE == tl.bfloat16:
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(
+            """{ .reg .pred p; setp.ne.s32 p, $5, 0; @!p bra skip;
+            multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.bf16x2 {$0, $1, $2, $3}, [$4];
+            skip: }""", "=r,=r,=r,=r,l,r", [vec_addrs, pred],
+            dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32), is_pure=False, pack=1)
+    elif DTYPE == tl.float16:
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(
+            """{ .reg .pred p; setp.ne.s32 p, $5, 0; @!p bra skip;
+            multimem.ld_reduce.relaxed.sys.global.add.acc::f32.v4.f16x2 {$0, $1, $2, $3}, [$4];
+            skip: }""", "=r,=r,=r,=r,l,r", [vec_addrs, pred],
+            dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32), is_pure=False, pack=1)
+    else:
+        tl.static_assert(DTYPE == tl.float32, "multimem reductions support bf16, fp16 and fp32")
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(
+            """{ .reg .pred p; setp.ne.s32 p, $5, 0; @!p bra skip;
+            multimem.ld_reduce.relaxed.sys.global.add.v4.f32 {$0, $1, $2, $3}, [$4];
+            skip: }""", "=r,=r,=r,=r,l,r", [vec_addrs, pred],
+            dtype=(tl.uint32, tl.uint32, tl.uint32, tl.uint32), is_pure=False, pack=1)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _multimem_st_v4(vec_addrs, mask, w0, w1, w2, w3):
+    """``multimem.st`` of one 16-byte vector per lane to every rank; masked lanes skip it."""
+    tl.inline_asm_elementwise(
+        """{ .reg .pred p; setp.ne.s32 p, $6, 0; @!p bra skip;
+        multimem.st.relaxed.sys.global.v4.f32 [$1], {$2, $3, $4, $5};
+        skip: }
+        mov.u32 $0, 0;""", "=r,l,r,r,r,r,r",
+        [vec_addrs, w0, w1, w2, w3, mask.to(tl.int32)], dtype=tl.uint32, is_pure=False, pack=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Element-level helpers used by the kernels: the multimem instruction or its peer-pointer twin.
+# ``start`` is the first element of a BLOCK-element chunk, ``n`` the elements in the region,
+# ``byte_off`` the region's byte offset inside every rank's buffer.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def load_reduce(mc_addr, buf_table, byte_off, start, n, BLOCK: tl.constexpr, DTYPE: tl.constexpr,
+                WORLD_SIZE: tl.constexpr, USE_MULTIMEM: tl.constexpr, ALIGNED: tl.constexpr):
+    """Sum over ranks of elements ``[start, start + BLOCK)`` of the region, in fp32 (masked
+    lanes are 0). Multimem: one ``ld_reduce`` per 16 bytes. Twin: load from every peer."""
+    if USE_MULTIMEM:
+        VEC: tl.constexpr = 16 // DTYPE.primitive_bitwidth * 8
+        NV: tl.constexpr = BLOCK // VEC
+        vecs = start // VEC + tl.arange(0, NV)
+        vec_addrs = (mc_addr + byte_off + vecs.to(tl.int64) * 16).to(tl.pointer_type(tl.uint64))
+        w0, w1, w2, w3 = _multimem_ld_reduce_v4(vec_addrs, vecs < n // VEC, DTYPE)
+        offs = start + tl.arange(0, BLOCK)
+        acc = tl.where(offs < n, _words_to_elems(w0, w1, w2, w3, DTYPE).to(tl.float32), 0.0)
+    else:
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in tl.static_range(WORLD_SIZE):
+            src = as_ptr(peer_addr(buf_table, r) + byte_off, DTYPE, ALIGNED)
+            acc += tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def store_all(mc_addr, buf_table, byte_off, start, n, vals, BLOCK: tl.constexpr,
+              DTYPE: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
+              USE_MULTIMEM: tl.constexpr, ALIGNED: tl.constexpr):
+    """Store ``vals`` (BLOCK elements of DTYPE) at ``[start, start + BLOCK)`` of the region on
+    every rank. Multimem: one ``multimem.st`` per 16 bytes. Twin: a store to every peer."""
+    if USE_MULTIMEM:
+        VEC: tl.constexpr = 16 // DTYPE.primitive_bitwidth * 8
+        NV: tl.constexpr = BLOCK // VEC
+        vecs = start // VEC + tl.arange(0, NV)
+        vec_addrs = (mc_addr + byte_off + vecs.to(tl.int64) * 16).to(tl.pointer_type(tl.uint64))
+        w0, w1, w2, w3 = _elems_to_words(vals, NV, DTYPE)
+        _multimem_st_v4(vec_addrs, vecs < n // VEC, w0, w1, w2, w3)
+    else:
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        for r in tl.static_range(WORLD_SIZE):
+            # Start with the next rank so the ranks do not all write to rank 0 at once.
+            peer = (RANK + 1 + r) % WORLD_SIZE
+            dst = as_ptr(peer_addr(buf_table, peer) + byte_off, DTYPE, ALIGNED)
+            tl.store(dst + offs, vals, mask=mask)

@@ -1,0 +1,47 @@
+"""Reduce-scatter (sum) along dim 0: every rank pulls its slice from every rank and reduces it.
+
+Phases of ``_reduce_scatter_kernel`` (block ``b`` handles chunks ``c`` with ``c % blocks == b``):
+
+1. with ``STAGE_IN``: copy chunk ``c`` of every slice of the local input into the region
+   (only chunks that block ``b`` of the peers reads);
+2. start barrier: chunk ``c`` of every slice is in place on every rank;
+3. reduce: load chunk ``c`` of slice ``RANK`` from every rank (``multimem.ld_reduce`` once, or
+   one load per peer), accumulate in fp32, store to the local output;
+4. end barrier: no peer reads this rank's chunk ``c`` any more, so the region (a zero-copy input
+   written by, say, the next GEMM) may be overwritten once the launch is complete.
+"""
+
+import triton
+import triton.language as tl
+
+from .barrier import barrier
+from .common import copy_shards
+from .ptx import as_ptr, load_reduce, peer_addr
+
+
+@triton.jit
+def _reduce_scatter_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_addr, region_off,
+                           n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
+                           WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
+                           BLOCK_SIZE: tl.constexpr, STAGE_IN: tl.constexpr,
+                           USE_MULTIMEM: tl.constexpr, USE_PTX: tl.constexpr,
+                           ALIGNED: tl.constexpr):
+    ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    if STAGE_IN:
+        local = peer_addr(buf_table, RANK) + region_off
+        copy_shards(in_addr, local, n, pid, nprog, DTYPE, BLOCK_SIZE, WORLD_SIZE, ALIGNED)
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, USE_PTX)
+    dst = as_ptr(out_addr, DTYPE, ALIGNED)
+    slice_off = region_off + RANK * n.to(tl.int64) * ESIZE
+    c = pid
+    nchunks = tl.cdiv(n, BLOCK_SIZE)
+    while c < nchunks:  # chunks c = pid (mod nprog); see ptx.py on loops
+        start = c * BLOCK_SIZE
+        offs = start + tl.arange(0, BLOCK_SIZE)
+        acc = load_reduce(mc_addr, buf_table, slice_off, start, n, BLOCK_SIZE, DTYPE, WORLD_SIZE,
+                          USE_MULTIMEM, ALIGNED)
+        tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
+        c += nprog
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, USE_PTX)

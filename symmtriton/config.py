@@ -1,0 +1,64 @@
+"""Launch configurations: the one place that says how a collective is launched.
+
+A :class:`LaunchConfig` is data (block size in elements, warps, the most blocks); one
+:func:`default_config` picks it from the size, dtype and world size; the tuner
+(:mod:`symmtriton.tuning`) may replace it with a measured winner that every rank agreed on.
+Every rank must launch the same grid for the same operation (the barrier is per block), so a
+config is a pure function of values that are the same on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+#: keys of a config, spelled the same in the tuner cache, the bench CSV and the code.
+CONFIG_KEYS = ("block_size", "num_warps", "max_blocks")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_size: int  # elements per chunk (power of two); a block handles one chunk at a time
+    num_warps: int
+    max_blocks: int  # upper bound on the grid; the launcher also clamps to the signal pad
+
+    def __post_init__(self):
+        for key in CONFIG_KEYS:
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"LaunchConfig.{key} must be a positive int, got {value!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"LaunchConfig.block_size must be a power of two, got {self.block_size}")
+
+    def grid(self, numel: int, world_size: int, signal_pad_slots: int) -> int:
+        """Blocks for ``numel`` elements per shard: one per chunk, at most ``max_blocks``, and
+        few enough that ``blocks * world_size`` barrier slots fit the signal pad."""
+        chunks = -(-numel // self.block_size)
+        return max(1, min(chunks, self.max_blocks, signal_pad_slots // world_size))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def default_config(numel: int, dtype: torch.dtype, world: int) -> LaunchConfig:
+    """Heuristic config for a collective over shards of ``numel`` elements of ``dtype``.
+
+    Small shards: one chunk per block and just enough threads for 16-byte accesses, so the
+    latency is one barrier pair plus one round of loads. Large shards: 16 KiB chunks, 8 warps, a
+    persistent grid of up to 2 blocks per SM of an H100 (132 SMs).
+    """
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    esize = torch.empty((), dtype=dtype).element_size()
+    vec = max(1, 16 // esize)  # elements per 16-byte access
+    chunk_bytes = 16 * 1024
+    block = max(vec * 32, min(_next_pow2(max(numel, 1)), chunk_bytes // esize))
+    per_thread = 4 * vec  # 4 x 16-byte accesses in flight per thread and peer
+    num_warps = max(1, min(8, block // (32 * per_thread)))
+    return LaunchConfig(block_size=block, num_warps=num_warps, max_blocks=264)

@@ -1,0 +1,1 @@
+"""Host side of the public collectives: validation, path choice and launch."""

@@ -1,0 +1,54 @@
+"""Input checks shared by the public collectives: each raises before any launch, naming the value."""
+
+from __future__ import annotations
+
+import torch
+
+#: dtypes the reductions accept (all-gather copies bits and accepts any dtype).
+REDUCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_tensor(name: str, t, *, dtypes=None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, dtypes))}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (shape {tuple(t.shape)}, stride {t.stride()})")
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a 0-d tensor")
+    return t
+
+
+def check_same(what: str, **tensors) -> None:
+    """All tensors share dtype and device."""
+    items = list(tensors.items())
+    (n0, t0) = items[0]
+    for n, t in items[1:]:
+        if t.dtype != t0.dtype:
+            raise TypeError(f"{what}: {n}.dtype {t.dtype} differs from {n0}.dtype {t0.dtype}")
+        if t.device != t0.device:
+            raise ValueError(f"{what}: {n} is on {t.device} but {n0} is on {t0.device}")
+
+
+def check_gather_shapes(what: str, big: torch.Tensor, small: torch.Tensor, world: int,
+                        big_name: str, small_name: str) -> None:
+    """``big`` is ``world`` copies of ``small`` along dim 0 (as torch.distributed requires:
+    ``[world * s0, *rest]``, or the stacked ``[world, s0, *rest]``)."""
+    cat = (big.dim() == small.dim() and big.shape[0] == world * small.shape[0]
+           and big.shape[1:] == small.shape[1:])
+    stacked = big.dim() == small.dim() + 1 and big.shape[0] == world and big.shape[1:] == small.shape
+    if not (cat or stacked):
+        raise ValueError(
+            f"{what}: {big_name} shape {tuple(big.shape)} must be {world} x {small_name} shape "
+            f"{tuple(small.shape)} along dim 0 (world size {world})")
+
+
+def check_distinct(what: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
+    """``a`` and ``b`` do not overlap in memory."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
+    if a0 < b1 and b0 < a1:
+        raise ValueError(f"{what}: {a_name} and {b_name} overlap in memory")
