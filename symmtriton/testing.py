@@ -154,3 +154,41 @@ def run_distributed(fn, world_size: int, *args, env: dict | None = None, timeout
     """One-shot :class:`WorkerPool` run: start, run ``fn`` once, close."""
     with WorkerPool(world_size, env=env, timeout=timeout) as pool:
         return pool.run(fn, *args)
+
+
+# -- helpers for functions that run on the workers ----------------------------------------------
+def device():
+    """The device this worker's collectives use (the backend's)."""
+    import torch
+
+    from .backends import backend_device, select_backend
+
+    return backend_device(select_backend())
+
+
+def tagged(numel: int, dtype, rank: int, salt: int = 0, *, bound: int = 6):
+    """Rank-tagged integer values in ``[-bound, bound]``: sums over up to ``(256 // bound)``
+    ranks stay exact in bf16, fp16 and fp32, so reductions can be checked exactly."""
+    import torch
+
+    idx = torch.arange(numel, dtype=torch.int64)
+    vals = (idx * 7 + 13 * rank + 5 * salt) % (2 * bound + 1) - bound
+    return vals.to(dtype).to(device())
+
+
+def random_bits(numel: int, dtype, rank: int, salt: int = 0):
+    """Reproducible random bit patterns of ``dtype`` for rank ``rank`` (NaN payloads included):
+    a bit copy must reproduce them exactly."""
+    import torch
+
+    esize = torch.empty((), dtype=dtype).element_size()
+    g = torch.Generator().manual_seed(1_000_003 * rank + salt)
+    raw = torch.randint(0, 256, (numel * esize,), dtype=torch.uint8, generator=g)
+    return raw.view(dtype).to(device())
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available() and device().type == "cuda":
+        torch.cuda.synchronize()

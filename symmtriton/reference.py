@@ -1,0 +1,32 @@
+"""Pure-torch references of every collective, computed from all ranks' inputs (tests, bench)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def all_gather(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenation along dim 0 in rank order."""
+    return torch.cat(inputs, dim=0)
+
+
+def reduce_scatter(inputs: list[torch.Tensor], rank: int) -> torch.Tensor:
+    """Slice ``rank`` (dim 0) of the fp64 sum of ``inputs``, cast back to their dtype."""
+    total = torch.stack([t.double() for t in inputs]).sum(0)
+    return total.chunk(len(inputs), dim=0)[rank].to(inputs[0].dtype)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm with fp32 statistics: ``x / sqrt(mean(x^2) + eps) * weight``, in x's dtype."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * weight.float()).to(x.dtype)
+
+
+def reduce_scatter_add_rmsnorm(inputs: list[torch.Tensor], residual: torch.Tensor,
+                               weight: torch.Tensor, eps: float, rank: int):
+    """(normed shard, updated residual) of rank ``rank``: residual + reduced shard, rounded to
+    the residual's dtype, then RMSNorm."""
+    total = torch.stack([t.float() for t in inputs]).sum(0).chunk(len(inputs), dim=0)[rank]
+    new_residual = (residual.float() + total).to(residual.dtype)
+    return rmsnorm(new_residual, weight, eps), new_residual
