@@ -9,6 +9,7 @@ from ._launch import CollectiveTimeoutError
 from .config import LaunchConfig, default_config
 from .memory import SymmetricMemoryBuffer, SymmetricMemoryManager
 from .ops.all_gather import all_gather_into_tensor
+from .ops.fused import reduce_scatter_add_rmsnorm, reduce_scatter_add_rmsnorm_all_gather
 from .ops.reduce_scatter import reduce_scatter_tensor
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "SymmetricMemoryManager",
     "all_gather_into_tensor",
     "reduce_scatter_tensor",
+    "reduce_scatter_add_rmsnorm_all_gather",
+    "reduce_scatter_add_rmsnorm",
     "LaunchConfig",
     "default_config",
     "CollectiveTimeoutError",

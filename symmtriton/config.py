@@ -46,17 +46,30 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
-def default_config(numel: int, dtype: torch.dtype, world: int) -> LaunchConfig:
+#: widest row the fused kernels hold in one block (fp32 statistics in registers).
+MAX_FUSED_HIDDEN = 65536
+
+
+def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | None = None) -> LaunchConfig:
     """Heuristic config for a collective over shards of ``numel`` elements of ``dtype``.
 
     Small shards: one chunk per block and just enough threads for 16-byte accesses, so the
     latency is one barrier pair plus one round of loads. Large shards: 16 KiB chunks, 8 warps, a
     persistent grid of up to 2 blocks per SM of an H100 (132 SMs).
+
+    With ``hidden`` (the fused row kernels): a chunk is one row of ``hidden`` elements, and the
+    warps grow with the row so each thread holds at most 16 fp32 values per row tensor.
     """
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
     esize = torch.empty((), dtype=dtype).element_size()
     vec = max(1, 16 // esize)  # elements per 16-byte access
+    if hidden is not None:
+        if not 1 <= hidden <= MAX_FUSED_HIDDEN:
+            raise ValueError(f"hidden must be in [1, {MAX_FUSED_HIDDEN}], got {hidden}")
+        block = max(vec, _next_pow2(hidden))
+        return LaunchConfig(block_size=block, num_warps=max(1, min(32, block // (32 * 16))),
+                            max_blocks=264)
     chunk_bytes = 16 * 1024
     block = max(vec * 32, min(_next_pow2(max(numel, 1)), chunk_bytes // esize))
     per_thread = 4 * vec  # 4 x 16-byte accesses in flight per thread and peer

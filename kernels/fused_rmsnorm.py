@@ -1,0 +1,85 @@
+"""Reduce-scatter + residual add + RMSNorm (+ all-gather) over rows, in one launch.
+
+The input is ``[S, H]`` per rank (partial sums), ``S = WORLD_SIZE * s``; rank ``q`` owns rows
+``[q*s, (q+1)*s)``. Block ``b`` handles local rows ``i`` with ``i % blocks == b``, i.e. global
+rows ``RANK*s + i``. Phases of ``_fused_rmsnorm_kernel``:
+
+1. with ``STAGE_IN``: copy rows ``q*s + i`` (every ``q``) of the local input into the region:
+   exactly the rows block ``b`` of the peers reads from this rank;
+2. start barrier: those rows are in place on every rank;
+3. per row: reduce row ``RANK*s + i`` over all ranks in fp32 (``multimem.ld_reduce`` or one load
+   per peer), add the residual row and round to the residual's dtype (stored back: the
+   residual is updated in place), RMSNorm in fp32 statistics, times ``weight``;
+   with ``ALL_GATHER`` store the normed row at the same row of the region on every rank
+   (``multimem.st`` or one store per peer) — this overwrites input rows that only this rank's
+   block ``b`` reads, and it has read them already — else store it to the local output;
+4. end barrier: every peer's normed rows ``q*s + i`` have landed here and nobody reads this
+   rank's rows any more;
+5. with ``COPY_OUT``: copy rows ``q*s + i`` (every ``q``) from the region to the output.
+
+A row is one chunk: ``BLOCK_H`` (a power of two >= H) covers it, the tail masked.
+"""
+
+import triton
+import triton.language as tl
+
+from .barrier import barrier
+from .ptx import as_ptr, load_reduce, peer_addr, store_all
+
+
+@triton.jit
+def _copy_rows(src_addr, dst_addr, s, H, pid, nprog, DTYPE: tl.constexpr, BLOCK_H: tl.constexpr,
+               WORLD_SIZE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Copy rows ``q*s + i`` for every ``q`` and every ``i = pid (mod nprog)``."""
+    src = as_ptr(src_addr, DTYPE, ALIGNED)
+    dst = as_ptr(dst_addr, DTYPE, ALIGNED)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    i = pid
+    while i < s:
+        for q in tl.static_range(WORLD_SIZE):
+            row = (q * s + i).to(tl.int64) * H
+            tl.store(dst + row + cols, tl.load(src + row + cols, mask=mask), mask=mask)
+        i += nprog
+
+
+@triton.jit
+def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_table, mc_addr,
+                          err_addr, region_off, s, H, eps, timeout_ns, DTYPE: tl.constexpr,
+                          W_DTYPE: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
+                          WORLD_P2: tl.constexpr, BLOCK_H: tl.constexpr, STAGE_IN: tl.constexpr,
+                          ALL_GATHER: tl.constexpr, COPY_OUT: tl.constexpr,
+                          USE_MULTIMEM: tl.constexpr, USE_PTX: tl.constexpr,
+                          ALIGNED: tl.constexpr):
+    ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    local = peer_addr(buf_table, RANK) + region_off
+    if STAGE_IN:
+        _copy_rows(in_addr, local, s, H, pid, nprog, DTYPE, BLOCK_H, WORLD_SIZE, ALIGNED)
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, USE_PTX)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    res = as_ptr(res_addr, DTYPE, ALIGNED)
+    out = as_ptr(out_addr, DTYPE, ALIGNED)
+    w = tl.load(as_ptr(w_addr, W_DTYPE, ALIGNED) + cols, mask=mask, other=0.0).to(tl.float32)
+    i = pid
+    while i < s:
+        row_off = region_off + (RANK * s + i).to(tl.int64) * H * ESIZE
+        acc = load_reduce(mc_addr, buf_table, row_off, 0, H, BLOCK_H, DTYPE, WORLD_SIZE,
+                          USE_MULTIMEM, ALIGNED)
+        r_ptr = res + i.to(tl.int64) * H + cols
+        x = (acc + tl.load(r_ptr, mask=mask, other=0.0).to(tl.float32)).to(DTYPE)
+        tl.store(r_ptr, x, mask=mask)
+        xf = tl.where(mask, x.to(tl.float32), 0.0)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
+        y = (xf * rstd * w).to(DTYPE)
+        if ALL_GATHER:
+            store_all(mc_addr, buf_table, row_off, 0, H, y, BLOCK_H, DTYPE, RANK, WORLD_SIZE,
+                      USE_MULTIMEM, ALIGNED)
+        else:
+            tl.store(out + i.to(tl.int64) * H + cols, y, mask=mask)
+        i += nprog
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, USE_PTX)
+    if COPY_OUT:
+        _copy_rows(local, out_addr, s, H, pid, nprog, DTYPE, BLOCK_H, WORLD_SIZE, ALIGNED)
