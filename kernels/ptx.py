@@ -28,9 +28,10 @@ INTERPRETER_NS_PER_SPIN: tl.constexpr = 100_000
 @triton.jit
 def as_ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     """The int64 address ``addr`` as a pointer to ``DTYPE``; ``ALIGNED`` promises 16 bytes."""
-    if ALIGNED:
-        addr = tl.multiple_of(addr, 16)
-    return addr.to(tl.pointer_type(DTYPE))
+    ptr = addr.to(tl.pointer_type(DTYPE))
+    if ALIGNED:  # on the pointer: a hint on the int64 does not survive the cast
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
@@ -134,7 +135,7 @@ def load_reduce(mc_addr, buf_table, byte_off, start, n, BLOCK: tl.constexpr, DTY
     """Sum over ranks of elements ``[start, start + BLOCK)`` of the region, in fp32 (masked
     lanes are 0). Multimem: one ``ld_reduce`` per 16 bytes. Twin: load from every peer."""
     if USE_MULTIMEM:
-        VEC: tl.constexpr = 16 // DTYPE.primitive_bitwidth * 8
+        VEC: tl.constexpr = 128 // DTYPE.primitive_bitwidth  # elements per 16 bytes
         NV: tl.constexpr = BLOCK // VEC
         vecs = start // VEC + tl.arange(0, NV)
         vec_addrs = (mc_addr + byte_off + vecs.to(tl.int64) * 16).to(tl.pointer_type(tl.uint64))
@@ -158,7 +159,7 @@ def store_all(mc_addr, buf_table, byte_off, start, n, vals, BLOCK: tl.constexpr,
     """Store ``vals`` (BLOCK elements of DTYPE) at ``[start, start + BLOCK)`` of the region on
     every rank. Multimem: one ``multimem.st`` per 16 bytes. Twin: a store to every peer."""
     if USE_MULTIMEM:
-        VEC: tl.constexpr = 16 // DTYPE.primitive_bitwidth * 8
+        VEC: tl.constexpr = 128 // DTYPE.primitive_bitwidth  # elements per 16 bytes
         NV: tl.constexpr = BLOCK // VEC
         vecs = start // VEC + tl.arange(0, NV)
         vec_addrs = (mc_addr + byte_off + vecs.to(tl.int64) * 16).to(tl.pointer_type(tl.uint64))

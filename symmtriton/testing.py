@@ -192,3 +192,29 @@ def sync():
 
     if torch.cuda.is_available() and device().type == "cuda":
         torch.cuda.synchronize()
+
+
+#: runtime arguments that are not int64 addresses or offsets, by name.
+_ARG_TYPES = {"n": "i32", "s": "i32", "H": "i32", "eps": "fp32"}
+
+
+def compile_for_target(kernel, capability: int, **constexprs):
+    """Compile a symmtriton kernel for ``sm_<capability>`` with Triton's bundled ptxas (works on
+    a machine without a GPU, in a process without ``TRITON_INTERPRET``). With ``ALIGNED`` every
+    integer argument is compiled as divisible by 16, as Triton specializes a launch whose
+    addresses, offsets and counts are (the common case: element counts that are multiples of
+    16). Returns the compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = _ARG_TYPES.get(name, "i64")
+            if signature[name] != "fp32" and constexprs.get("ALIGNED"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32))

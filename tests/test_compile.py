@@ -1,0 +1,67 @@
+"""Compile tier: the kernels compiled for sm_90 and sm_100 by Triton's bundled ptxas on this
+(GPU-less) machine. The multimem path must contain the multimem instructions; the peer path
+must use 16-byte accesses when the launcher promises alignment.
+
+Compilation runs in a worker without TRITON_INTERPRET (kernels must be real JIT functions)."""
+
+import pytest
+import triton.language as tl
+
+from symmtriton.testing import WorkerPool
+
+COMPILE_ENV = {"TRITON_INTERPRET": "0", "SYMMTRITON_BACKEND": "host", "CUDA_VISIBLE_DEVICES": ""}
+
+COMMON = dict(RANK=1, WORLD_SIZE=3, WORLD_P2=4, USE_PTX=True)
+KERNELS = {
+    "all_gather": ("all_gather", "_all_gather_kernel",
+                   dict(DTYPE=tl.int32, BLOCK_SIZE=1024, COPY_OUT=True)),
+    "reduce_scatter": ("reduce_scatter", "_reduce_scatter_kernel",
+                       dict(DTYPE=tl.bfloat16, BLOCK_SIZE=2048, STAGE_IN=True)),
+    "fused": ("fused_rmsnorm", "_fused_rmsnorm_kernel",
+              dict(DTYPE=tl.bfloat16, W_DTYPE=tl.bfloat16, BLOCK_H=4096, STAGE_IN=True,
+                   ALL_GATHER=True, COPY_OUT=True)),
+}
+
+
+def _compile(rank, world, which, capability, multimem, aligned):
+    import importlib
+
+    from symmtriton.testing import compile_for_target
+
+    module, name, extra = KERNELS[which]
+    kern = getattr(importlib.import_module(f"symmtriton.kernels.{module}"), name)
+    c = compile_for_target(kern, capability, **COMMON, **extra, USE_MULTIMEM=multimem, ALIGNED=aligned)
+    ptx = c.asm["ptx"]
+    return {
+        "ld_reduce": ptx.count("multimem.ld_reduce"),
+        "st": ptx.count("multimem.st"),
+        "v4_loads": ptx.count("ld.global.v4") + ptx.count("ld.global.L1::evict_last.v4"),
+        "globaltimer": "%globaltimer" in ptx,
+        "atom_cas": "atom" in ptx and "cas" in ptx,
+        "cubin": len(c.asm["cubin"]) > 0,
+    }
+
+
+@pytest.fixture(scope="module")
+def compiler():
+    pool = WorkerPool(1, env=COMPILE_ENV, timeout=600)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize("capability", [90, 100])
+@pytest.mark.parametrize("which", sorted(KERNELS))
+def test_multimem_path_compiles_with_multimem_instructions(compiler, which, capability):
+    [r] = compiler.run(_compile, which, capability, True, True)
+    assert r["cubin"] and r["atom_cas"] and r["globaltimer"]
+    if which in ("reduce_scatter", "fused"):
+        assert r["ld_reduce"] > 0
+    if which in ("all_gather", "fused"):
+        assert r["st"] > 0
+
+
+@pytest.mark.parametrize("which", sorted(KERNELS))
+def test_peer_path_compiles_without_multimem_and_with_16_byte_loads(compiler, which):
+    [r] = compiler.run(_compile, which, 90, False, True)
+    assert r["cubin"] and r["ld_reduce"] == 0 and r["st"] == 0
+    assert r["v4_loads"] > 0
