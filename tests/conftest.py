@@ -10,6 +10,14 @@ from symmtriton.testing import CPU_ENV, GPU_ENV, WorkerPool
 _POOLS: dict = {}
 
 
+@pytest.fixture(scope="session")
+def gpu_pool():
+    """``gpu_pool(world_size)``: workers sharing the visible GPUs (cuda backend)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return lambda world_size: _pool(world_size, GPU_ENV)
+
+
 def _pool(world_size: int, env: dict) -> WorkerPool:
     key = (world_size, tuple(sorted(env.items())))
     if key not in _POOLS:

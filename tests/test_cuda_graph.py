@@ -1,0 +1,71 @@
+"""CUDA graphs: AG, RS and the fused op captured together in one graph and replayed many times
+with fresh inputs each replay (GPU only: several ranks share the GPU)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import symmtriton as st
+from symmtriton import reference
+from symmtriton.testing import device, tagged
+
+pytestmark = pytest.mark.gpu
+
+
+def _graph_replays(rank, world, replays):
+    dev = device()
+    buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=32)
+    n, s, H = 4096 + 8, 3, 1152
+    ag_in = torch.empty(n, dtype=torch.bfloat16, device=dev)
+    ag_out = torch.empty(world * n, dtype=torch.bfloat16, device=dev)
+    rs_in = torch.empty(world * n, dtype=torch.bfloat16, device=dev)
+    rs_out = torch.empty(n, dtype=torch.bfloat16, device=dev)
+    f_in = torch.empty(world * s, H, dtype=torch.bfloat16, device=dev)
+    f_res = torch.empty(s, H, dtype=torch.bfloat16, device=dev)
+    f_w = torch.ones(H, dtype=torch.bfloat16, device=dev)
+    f_out = torch.empty(world * s, H, dtype=torch.bfloat16, device=dev)
+
+    def step():
+        st.all_gather_into_tensor(ag_out, ag_in)
+        st.reduce_scatter_tensor(rs_out, rs_in)
+        st.reduce_scatter_add_rmsnorm_all_gather(f_in, f_res, f_w, out=f_out)
+
+    def fill(salt):
+        ag_in.copy_(tagged(n, torch.bfloat16, rank, salt))
+        rs_in.copy_(tagged(world * n, torch.bfloat16, rank, salt))
+        f_in.copy_(tagged(world * s * H, torch.bfloat16, rank, salt).view(world * s, H))
+        f_res.copy_(tagged(s * H, torch.bfloat16, rank, salt, bound=2).view(s, H))
+
+    fill(0)
+    step()  # eager warm-up: compiles kernels, creates nothing new inside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(3):  # repeated collectives inside one graph
+                step()
+    torch.cuda.current_stream().wait_stream(stream)
+    bad = []
+    for it in range(replays):
+        salt = it + 1
+        fill(salt)
+        res0 = f_res.clone()
+        graph.replay()
+        torch.cuda.synchronize()
+        ag_ref = reference.all_gather([tagged(n, torch.bfloat16, r, salt) for r in range(world)])
+        rs_ref = reference.reduce_scatter([tagged(world * n, torch.bfloat16, r, salt) for r in range(world)], rank)
+        # the fused op ran 3 times: residual gained the reduced shard 3 times
+        inputs = [tagged(world * s * H, torch.bfloat16, r, salt).view(world * s, H) for r in range(world)]
+        shard = reference.reduce_scatter(inputs, rank).float()
+        ok = (torch.equal(ag_out, ag_ref) and torch.equal(rs_out, rs_ref)
+              and torch.equal(f_res, (res0.float() + 3 * shard).to(torch.bfloat16)))
+        if not ok:
+            bad.append(it)
+    return bad
+
+
+def test_collectives_replay_in_one_cuda_graph(gpu_pool):
+    for w in (2, 4):
+        assert gpu_pool(w).run(_graph_replays, 20, timeout=600) == [[]] * w
