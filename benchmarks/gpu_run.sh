@@ -27,7 +27,7 @@ fi
 
 summary=()
 if [[ " $STAGES " == *" tests "* ]]; then
-  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -m gpu -q -p no:cacheprovider tests \
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TESTS:-tests} \
     >"$OUT/pytest_gpu.log" 2>&1
   summary+=("pytest -m gpu: rc=$? $(tail -1 "$OUT/pytest_gpu.log")")
 fi
