@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .barrier import barrier
 from .common import copy_shards
-from .ptx import as_ptr, peer_addr, store_all
+from .ptx import as_i64, as_ptr, peer_addr, store_all
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
     nprog = tl.num_programs(0)
     barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, USE_PTX)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
-    shard_off = region_off + RANK * n.to(tl.int64) * ESIZE
+    shard_off = region_off + RANK * as_i64(n) * ESIZE
     c = pid
     nchunks = tl.cdiv(n, BLOCK_SIZE)
     while c < nchunks:  # chunks c = pid (mod nprog); see ptx.py on loops

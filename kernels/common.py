@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .ptx import as_ptr
+from .ptx import as_i64, as_ptr
 
 
 @triton.jit
@@ -20,6 +20,6 @@ def copy_shards(src_addr, dst_addr, n, pid, nprog, DTYPE: tl.constexpr, BLOCK_SI
         offs = c * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = offs < n
         for r in tl.static_range(WORLD_SIZE):
-            shard = r * n.to(tl.int64)
+            shard = r * as_i64(n)
             tl.store(dst + shard + offs, tl.load(src + shard + offs, mask=mask), mask=mask)
         c += nprog

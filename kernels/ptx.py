@@ -35,6 +35,12 @@ def as_ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def as_i64(x):
+    """``x`` as an int64 tensor; also for a runtime int Triton specialized to the constant 1."""
+    return x + tl.zeros([], dtype=tl.int64)
+
+
+@triton.jit
 def peer_addr(table_addr, rank):
     """Base address of ``rank``'s buffer, read from the int64 table at ``table_addr``."""
     return tl.load(table_addr.to(tl.pointer_type(tl.int64)) + rank)

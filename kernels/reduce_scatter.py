@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .barrier import barrier
 from .common import copy_shards
-from .ptx import as_ptr, load_reduce, peer_addr
+from .ptx import as_i64, as_ptr, load_reduce, peer_addr
 
 
 @triton.jit
@@ -34,7 +34,7 @@ def _reduce_scatter_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err
         copy_shards(in_addr, local, n, pid, nprog, DTYPE, BLOCK_SIZE, WORLD_SIZE, ALIGNED)
     barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, USE_PTX)
     dst = as_ptr(out_addr, DTYPE, ALIGNED)
-    slice_off = region_off + RANK * n.to(tl.int64) * ESIZE
+    slice_off = region_off + RANK * as_i64(n) * ESIZE
     c = pid
     nchunks = tl.cdiv(n, BLOCK_SIZE)
     while c < nchunks:  # chunks c = pid (mod nprog); see ptx.py on loops

@@ -44,14 +44,17 @@ class CudaHandle(SymmHandle):
         if delta < 0:
             raise RuntimeError(
                 f"symmetric tensor starts {-delta} bytes before its handle's buffer on rank {rank}")
-        self.pool_offset = delta
-        buffer_ptrs = [p + delta for p in hdl.buffer_ptrs]
+        # Each process's pool may place its tensor at another offset (e.g. after different
+        # earlier allocations): exchange them instead of assuming ours holds everywhere.
+        deltas: list = [None] * world
+        dist.all_gather_object(deltas, delta, group=group)
+        self.pool_offsets = deltas
+        buffer_ptrs = [p + d for p, d in zip(hdl.buffer_ptrs, deltas)]
         mc = int(hdl.multicast_ptr or 0)
+        # A multicast address maps one offset on every rank: usable only if the offsets agree.
+        mc_ptr = mc + delta if mc and len(set(deltas)) == 1 else 0
         super().__init__(rank, world, nbytes, _signal_pad_size(hdl), buffer_ptrs,
-                         list(hdl.signal_pad_ptrs), mc + delta if mc else 0, tensor.device)
-        # torch's get_buffer may or may not add the pool offset itself: measure it once.
-        probe = hdl.get_buffer(rank, (1,), torch.uint8, 0).data_ptr()
-        self._view_shift = tensor.data_ptr() - probe
+                         list(hdl.signal_pad_ptrs), mc_ptr, tensor.device)
 
     def local_tensor(self) -> torch.Tensor:
         return self._tensor
@@ -59,7 +62,10 @@ class CudaHandle(SymmHandle):
     def _peer_bytes(self, rank: int) -> torch.Tensor:
         if rank == self.rank:
             return self._tensor
-        view = self._hdl.get_buffer(rank, (self.buffer_size,), torch.uint8, self._view_shift)
+        # torch's get_buffer may or may not add the pool offset itself: measure where it starts.
+        probe = self._hdl.get_buffer(rank, (1,), torch.uint8, 0).data_ptr()
+        view = self._hdl.get_buffer(rank, (self.buffer_size,), torch.uint8,
+                                    self.buffer_ptrs[rank] - probe)
         if view.data_ptr() != self.buffer_ptrs[rank]:
             raise RuntimeError(
                 f"peer view of rank {rank} starts at {view.data_ptr():#x}, expected "
