@@ -1,0 +1,200 @@
+"""The public collectives as ``torch.library`` custom ops, for ``torch.compile`` and CUDA graphs.
+
+Importing this module registers, under the namespace ``symmtriton``::
+
+    torch.ops.symmtriton.all_gather_into_tensor(output, input, group_name) -> ()
+    torch.ops.symmtriton.reduce_scatter_tensor(output, input, group_name) -> ()
+    torch.ops.symmtriton.reduce_scatter_add_rmsnorm_all_gather(input, residual, weight, eps,
+                                                              group_name, out) -> ()
+    torch.ops.symmtriton.reduce_scatter_add_rmsnorm(input, residual, weight, eps, group_name,
+                                                   out) -> ()
+
+Each op writes its result into its output tensor (``output`` / ``out``; the fused ops also
+update ``residual`` in place) and returns nothing: the schema marks exactly those arguments as
+mutated, so ``torch.compile(fullgraph=True)`` traces a model that calls them without graph
+breaks, and functionalization knows which tensors change. Fake (meta) implementations let the
+compiler trace shapes without running a collective.
+
+A process group cannot be an operator argument, so the ops take its name
+(``group.group_name``, see :func:`group_name`) and resolve it when they run. Under
+``torch.compile`` read the name (and the world size) outside the traced region or from plain
+attributes, e.g. store ``group_name(group)`` on the module in ``__init__``.
+
+The ops call :func:`symmtriton.all_gather_into_tensor`, :func:`symmtriton.reduce_scatter_tensor`
+and the fused ops of :mod:`symmtriton.ops.fused` (imported when first called), so they take the
+same zero-copy / staged / ``torch.distributed`` fallback paths and raise the same errors.
+
+Python-level conveniences that allocate their result: :func:`all_gather` and
+:func:`reduce_scatter`. Under ``torch.compile`` the functionalized graph may hand an op a fresh
+copy of a mutated argument instead of the original tensor, so a zero-copy ``output`` placed in
+the symmetric buffer can become a staged one there (the result is the same).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import torch
+import torch.distributed as dist
+from torch.distributed import distributed_c10d
+
+NAMESPACE = "symmtriton"
+_FUSED_MODULE = "symmtriton.ops.fused"
+
+__all__ = [
+    "NAMESPACE",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "reduce_scatter_add_rmsnorm_all_gather",
+    "reduce_scatter_add_rmsnorm",
+    "group_name",
+    "resolve_group",
+    "fused_available",
+    "all_gather",
+    "reduce_scatter",
+]
+
+
+# -- group names ----------------------------------------------------------------------------------
+def group_name(group=None) -> str:
+    """The name the ops take for ``group`` (``None``: the default group)."""
+    if group is None:
+        if not dist.is_initialized():
+            raise ValueError("group is None and torch.distributed is not initialized")
+        group = dist.group.WORLD
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {group!r}")
+    return group.group_name
+
+
+def resolve_group(name: str) -> dist.ProcessGroup:
+    """The process group registered under ``name`` (the inverse of :func:`group_name`)."""
+    if not isinstance(name, str):
+        raise TypeError(f"group_name must be a str, got {type(name).__name__} {name!r}")
+    try:
+        return distributed_c10d._resolve_process_group(name)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ValueError(f"no process group is registered under group_name {name!r}: {exc}") from None
+
+
+# -- the fused ops are optional: symmtriton.ops.fused is imported when first called -----------
+def fused_available() -> bool:
+    """Whether :mod:`symmtriton.ops.fused` exists in this installation."""
+    return importlib.util.find_spec(_FUSED_MODULE) is not None
+
+
+def _fused(fn_name: str):
+    try:
+        module = importlib.import_module(_FUSED_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != _FUSED_MODULE:
+            raise
+        raise NotImplementedError(
+            f"torch.ops.{NAMESPACE}.{fn_name} needs {_FUSED_MODULE}, which this installation "
+            "does not have") from None
+    return getattr(module, fn_name)
+
+
+# -- the ops ----------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{NAMESPACE}::all_gather_into_tensor", mutates_args=("output",))
+def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group_name: str) -> None:
+    """:func:`symmtriton.all_gather_into_tensor` on the group named ``group_name``; writes
+    ``output``."""
+    from .ops.all_gather import all_gather_into_tensor as impl
+
+    impl(output, input, resolve_group(group_name))
+
+
+@all_gather_into_tensor.register_fake
+def _all_gather_into_tensor_fake(output, input, group_name):
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::reduce_scatter_tensor", mutates_args=("output",))
+def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group_name: str) -> None:
+    """:func:`symmtriton.reduce_scatter_tensor` (sum) on the group named ``group_name``; writes
+    ``output``."""
+    from .ops.reduce_scatter import reduce_scatter_tensor as impl
+
+    impl(output, input, resolve_group(group_name))
+
+
+@reduce_scatter_tensor.register_fake
+def _reduce_scatter_tensor_fake(output, input, group_name):
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::reduce_scatter_add_rmsnorm_all_gather",
+                         mutates_args=("residual", "out"))
+def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.Tensor,
+                                          weight: torch.Tensor, eps: float, group_name: str,
+                                          out: torch.Tensor) -> None:
+    """``symmtriton.ops.fused.reduce_scatter_add_rmsnorm_all_gather``: reduce-scatter ``input``
+    ``[S, H]``, add the shard to ``residual`` ``[S/W, H]`` (updated in place), RMSNorm it with
+    ``weight`` ``[H]`` and ``eps``, and all-gather the normed rows into ``out`` ``[S, H]``."""
+    impl = _fused("reduce_scatter_add_rmsnorm_all_gather")
+    impl(input, residual, weight, eps=eps, group=resolve_group(group_name), out=out)
+
+
+@reduce_scatter_add_rmsnorm_all_gather.register_fake
+def _reduce_scatter_add_rmsnorm_all_gather_fake(input, residual, weight, eps, group_name, out):
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::reduce_scatter_add_rmsnorm",
+                         mutates_args=("residual", "out"))
+def reduce_scatter_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                               eps: float, group_name: str, out: torch.Tensor) -> None:
+    """``symmtriton.ops.fused.reduce_scatter_add_rmsnorm``: like
+    :func:`reduce_scatter_add_rmsnorm_all_gather` without the all-gather; ``out`` is the normed
+    shard ``[S/W, H]``."""
+    impl = _fused("reduce_scatter_add_rmsnorm")
+    impl(input, residual, weight, eps=eps, group=resolve_group(group_name), out=out)
+
+
+@reduce_scatter_add_rmsnorm.register_fake
+def _reduce_scatter_add_rmsnorm_fake(input, residual, weight, eps, group_name, out):
+    return None
+
+
+# -- conveniences that allocate the result ---------------------------------------------------------
+def _world_size(group) -> int:
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {group!r}")
+    if group is None and not dist.is_initialized():
+        raise ValueError("group is None and torch.distributed is not initialized")
+    return dist.get_world_size(group)
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a 0-d tensor")
+
+
+def all_gather(input: torch.Tensor, group=None) -> torch.Tensor:
+    """A new tensor ``[W * input.shape[0], *input.shape[1:]]`` holding every rank's ``input`` in
+    rank order, through ``torch.ops.symmtriton.all_gather_into_tensor``. Traceable by
+    ``torch.compile``."""
+    _check_tensor("input", input)
+    world = _world_size(group)
+    output = input.new_empty((world * input.shape[0], *input.shape[1:]))
+    all_gather_into_tensor(output, input, group_name(group))
+    return output
+
+
+def reduce_scatter(input: torch.Tensor, group=None) -> torch.Tensor:
+    """A new tensor ``[input.shape[0] // W, *input.shape[1:]]``: this rank's slice of the sum of
+    every rank's ``input``, through ``torch.ops.symmtriton.reduce_scatter_tensor``. Traceable by
+    ``torch.compile``."""
+    _check_tensor("input", input)
+    world = _world_size(group)
+    if input.shape[0] % world:
+        raise ValueError(
+            f"reduce_scatter: input.shape[0] = {input.shape[0]} is not divisible by the world "
+            f"size {world}")
+    output = input.new_empty((input.shape[0] // world, *input.shape[1:]))
+    reduce_scatter_tensor(output, input, group_name(group))
+    return output
