@@ -66,7 +66,7 @@ class Ctx:
     sig_table: int
     mc_addr: int
     err_addr: int
-    pad_slots: int
+    grid_cap: int
     local_base: int
 
     @property
@@ -80,9 +80,15 @@ class Ctx:
 
 def context(buf: SymmetricMemoryBuffer) -> Ctx:
     hdl = buf.symm_mem_hdl
+    cap = hdl.signal_pad_slots // hdl.world_size  # blocks * world_size barrier slots must fit
+    if hdl.resident_blocks is not None:
+        cap = min(cap, hdl.resident_blocks)
+    if cap < 1:
+        raise RuntimeError(f"signal pad of {hdl.signal_pad_size} bytes cannot hold one barrier "
+                           f"for {hdl.world_size} ranks")
     return Ctx(buf, hdl.rank, hdl.world_size, hdl.buffer_ptrs_dev, hdl.signal_pad_ptrs_dev,
                hdl.multicast_ptr if buf.has_multicast else 0, buf.status.data_ptr(),
-               hdl.signal_pad_slots, hdl.buffer_ptrs[hdl.rank])
+               cap, hdl.buffer_ptrs[hdl.rank])
 
 
 # -- eligibility predicates ---------------------------------------------------------------------

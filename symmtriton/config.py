@@ -32,11 +32,11 @@ class LaunchConfig:
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"LaunchConfig.block_size must be a power of two, got {self.block_size}")
 
-    def grid(self, numel: int, world_size: int, signal_pad_slots: int) -> int:
-        """Blocks for ``numel`` elements per shard: one per chunk, at most ``max_blocks``, and
-        few enough that ``blocks * world_size`` barrier slots fit the signal pad."""
+    def grid(self, numel: int, cap: int) -> int:
+        """Blocks for ``numel`` elements per shard: one per chunk, at most ``max_blocks`` and at
+        most ``cap`` (the launcher's bound: signal-pad slots, co-residency)."""
         chunks = -(-numel // self.block_size)
-        return max(1, min(chunks, self.max_blocks, signal_pad_slots // world_size))
+        return max(1, min(chunks, self.max_blocks, cap))
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -46,6 +46,11 @@ class SymmHandle:
     def signal_pad_ptrs_dev(self) -> int:
         return self._signal_table.data_ptr()
 
+    #: processes of this group that share this rank's device (their grids must be co-resident).
+    ranks_on_device: int = 1
+    #: blocks of one kernel that are surely resident at once on this device (None: no bound).
+    resident_blocks: int | None = None
+
     @property
     def signal_pad_slots(self) -> int:
         """Number of uint32 barrier slots in each rank's signal pad."""

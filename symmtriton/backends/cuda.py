@@ -46,9 +46,16 @@ class CudaHandle(SymmHandle):
                 f"symmetric tensor starts {-delta} bytes before its handle's buffer on rank {rank}")
         # Each process's pool may place its tensor at another offset (e.g. after different
         # earlier allocations): exchange them instead of assuming ours holds everywhere.
-        deltas: list = [None] * world
-        dist.all_gather_object(deltas, delta, group=group)
+        props = torch.cuda.get_device_properties(tensor.device)
+        where = (str(getattr(props, "uuid", "")) or props.name, tensor.device.index)
+        infos: list = [None] * world
+        dist.all_gather_object(infos, (delta, where), group=group)
+        deltas = [d for d, _ in infos]
         self.pool_offsets = deltas
+        # Per-block barriers need every rank's block b running at once. Ranks that share a GPU
+        # share its SMs: one block per SM each is surely co-resident, so split the SMs.
+        self.ranks_on_device = sum(1 for _, w in infos if w == where)
+        self.resident_blocks = max(1, props.multi_processor_count // self.ranks_on_device)
         buffer_ptrs = [p + d for p, d in zip(hdl.buffer_ptrs, deltas)]
         mc = int(hdl.multicast_ptr or 0)
         # A multicast address maps one offset on every rank: usable only if the offsets agree.

@@ -48,7 +48,7 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group=None
     use_mm = unit == torch.int32 and L.multimem_eligible(ctx, None, ctx.local_base + region, nbytes,
                                                          input.data_ptr())
     kern = L.kernel("all_gather", "_all_gather_kernel")
-    L.launch(buf, OP, kern, cfg.grid(n, world, ctx.pad_slots), cfg.num_warps,
+    L.launch(buf, OP, kern, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
              input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
              ctx.err_addr, region, n, L.timeout_ns(),
              DTYPE=TL_DTYPE[unit], RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2,

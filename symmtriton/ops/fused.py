@@ -109,7 +109,7 @@ def _fused(op, input, residual, weight, eps, group, out, all_gather, config):
     aligned = L.aligned16(*addrs, row_bytes) and L.aligned16(weight.data_ptr(), H * weight.element_size())
     use_mm = L.multimem_eligible(ctx, input.dtype, ctx.local_base + region, row_bytes)
     kern = L.kernel("fused_rmsnorm", "_fused_rmsnorm_kernel")
-    L.launch(buf, op, kern, cfg.grid(s, world, ctx.pad_slots), cfg.num_warps,
+    L.launch(buf, op, kern, cfg.grid(s, ctx.grid_cap), cfg.num_warps,
              input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(),
              ctx.buf_table, ctx.sig_table, ctx.mc_addr, ctx.err_addr, region, s, H, float(eps),
              L.timeout_ns(), DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype],

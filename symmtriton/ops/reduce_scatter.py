@@ -44,7 +44,7 @@ def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group=None,
     aligned = L.aligned16(input.data_ptr(), output.data_ptr(), ctx.local_base + region, n * esize)
     use_mm = L.multimem_eligible(ctx, input.dtype, ctx.local_base + region, n * esize)
     kern = L.kernel("reduce_scatter", "_reduce_scatter_kernel")
-    L.launch(buf, OP, kern, cfg.grid(n, world, ctx.pad_slots), cfg.num_warps,
+    L.launch(buf, OP, kern, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
              input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
              ctx.err_addr, region, n, L.timeout_ns(),
              DTYPE=TL_DTYPE[input.dtype], RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2,
