@@ -1,12 +1,799 @@
-"""Launch-config lookup: the tuned winner for this GPU, op, dtype, world size and size bucket
-when one is cached, else :func:`symmtriton.config.default_config`."""
+"""Launch-config autotuning and the persistent cache of agreed winners.
+
+Entry points:
+
+* :func:`lookup_config` — what every collective calls, per call, to pick its launch config: the
+  tuned winner for this GPU, world size, op, launch dtype and power-of-two size bucket when the
+  cache holds one, else :func:`symmtriton.config.default_config`. Cheap: the cache file is read
+  once per process (and again only when ``$SYMMTRITON_TUNING_CACHE`` names another file), then a
+  lookup is one dict access.
+* :func:`tune` — a *collective* call (every rank of the group must make it, with the same
+  arguments) that times candidate configs and records the winner.
+
+Agreement protocol of :func:`tune` (the kernels have per-block barriers, so every rank must
+launch the same grid in the same order, and a config is only usable if every rank uses it):
+
+1. the ranks exchange their arguments and candidate lists and raise ``ValueError`` on every rank
+   if any differ (nothing has been launched yet);
+2. every rank runs the candidates in list order, each with the same warm-up and iteration counts
+   and a group barrier before its timed iterations; a candidate the op rejects with
+   ``ValueError`` (raised before any launch, alike on every rank) gets an infinite time;
+3. the per-candidate times (median per rank: CUDA events on the GPU, ``time.perf_counter`` on the
+   CPU) are reduced over the group with a MAX all-reduce: a collective is as slow as its slowest
+   rank;
+4. group rank 0 picks the fastest candidate (first one on ties) and broadcasts its index; no rank
+   ever chooses from its own local timings;
+5. every rank records the winner in its in-memory table; group rank 0 merges it into the cache
+   file (atomically: temporary file + ``os.replace``), then a group barrier, so the file holds
+   the winner on every rank once :func:`tune` returns.
+
+Cache file (``$SYMMTRITON_TUNING_CACHE``, default ``~/.cache/symmtriton/tuning.json``)::
+
+    {"version": 1, "entries": [
+        {"device": "NVIDIA H100 80GB HBM3", "world_size": 8, "op": "all_gather",
+         "dtype": "int32", "bucket": 65536,
+         "config": {"block_size": 2048, "num_warps": 8, "max_blocks": 132},
+         "time_us": 7.9, "tuned_numel": 65536, "date": "2026-11-25T14:00:00+00:00"}, ...]}
+
+``dtype`` and ``bucket`` are those of the *launch*: all-gather is a bit copy launched in int32
+words where sizes and addresses allow (int16 or uint8 otherwise), so its entries are keyed by the
+unit dtype and the number of units per shard; reduce-scatter by the output shard's dtype and
+element count; ``fused`` by the input dtype, the element count of one reduce-scatter output
+shard (``residual.numel()``) and, in an extra ``"hidden"`` field, the row length ``H`` (its
+``block_size`` is a row block and must cover ``H``: an entry never serves another ``H``).
+:func:`launch_key` maps a tensor-level shard to that key. The bucket
+is the shard's element count rounded up to a power of two, so a winner tuned at ``2**k`` elements
+serves every shard of ``2**(k-1) + 1 .. 2**k`` elements. Content that cannot be read (bad JSON,
+wrong schema, invalid configs) is ignored with one warning per file: a lookup never fails on it.
+"""
 
 from __future__ import annotations
 
+import datetime as _dt
+import functools
+import inspect
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
+import torch.distributed as dist
 
-from .config import LaunchConfig, default_config
+from .config import CONFIG_KEYS, LaunchConfig, default_config
+
+#: the ops that have launch configs (names as lookup_config receives them).
+OPS = ("all_gather", "reduce_scatter", "fused")
+#: where tensors of each op's operands may be placed (see :class:`Workload`).
+PLACEMENTS = ("zero_copy", "staged")
+CACHE_ENV = "SYMMTRITON_TUNING_CACHE"
+DEFAULT_CACHE = os.path.join("~", ".cache", "symmtriton", "tuning.json")
+CACHE_VERSION = 1
+#: epsilon the fused workload passes to RMSNorm.
+FUSED_EPS = 1e-6
+
+# ------------------------------------------------------------------------------------------------
+# keys
 
 
-def lookup_config(op: str, numel: int, dtype: torch.dtype, world: int) -> LaunchConfig:
-    return default_config(numel, dtype, world)
+def _check_op(op) -> str:
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
+    return op
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    return dtype
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the spelling of the cache file and the bench)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """Inverse of :func:`dtype_name`; ``ValueError`` naming the value when it is no dtype."""
+    dtype = getattr(torch, str(name), None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} (expected a torch dtype name such as 'bfloat16')")
+    return dtype
+
+
+def size_bucket(numel: int) -> int:
+    """``numel`` rounded up to a power of two (1 for 0 and 1): the cache's size key."""
+    return 1 << max(0, int(numel) - 1).bit_length()
+
+
+def launch_key(op: str, numel: int, dtype: torch.dtype) -> tuple[int, torch.dtype]:
+    """``(numel, dtype)`` the op passes to :func:`lookup_config` for a shard of ``numel``
+    elements of ``dtype`` (all-gather: the input; reduce-scatter: the output; fused: one
+    reduce-scatter output shard, i.e. the residual), assuming 16-byte aligned tensors.
+
+    All-gather copies bits in the widest unit that divides the shard's bytes (int32, int16 or
+    uint8; see ``ops/_common.bit_unit``); the reductions launch in their own dtype."""
+    _check_op(op)
+    _check_dtype(dtype)
+    if op != "all_gather":
+        return int(numel), dtype
+    from .ops._common import bit_unit
+
+    nbytes = int(numel) * torch.empty((), dtype=dtype).element_size()
+    unit = bit_unit(nbytes)
+    return nbytes // torch.empty((), dtype=unit).element_size(), unit
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name_for(backend: str, index: int) -> str:
+    return torch.cuda.get_device_name(index) if backend == "cuda" else "cpu"
+
+
+def device_name() -> str:
+    """The cache's device key: the GPU's name (``torch.cuda.get_device_name``) on the ``cuda``
+    backend, ``"cpu"`` on the ``host`` backend."""
+    from .backends import select_backend
+
+    backend = select_backend()
+    return _device_name_for(backend, torch.cuda.current_device() if backend == "cuda" else -1)
+
+
+# ------------------------------------------------------------------------------------------------
+# cache file and in-memory table
+
+
+def cache_path() -> str:
+    """``$SYMMTRITON_TUNING_CACHE``, else ``~/.cache/symmtriton/tuning.json`` (user-expanded)."""
+    return os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+
+
+_Key = tuple  # (device, world_size, op, dtype, bucket, hidden); hidden is None but for fused
+
+
+class _Table:
+    """The winners of one cache file, loaded once. ``entries``: key -> LaunchConfig;
+    ``records``: key -> the file's record (kept so a rewrite preserves what it does not know)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.entries: dict[_Key, LaunchConfig] = {}
+        self.records: dict[_Key, dict] = {}
+
+
+_TABLE = _Table(None)
+_WARNED: set = set()
+
+
+def _warn_once(path: str, message: str) -> None:
+    if path in _WARNED:
+        return
+    _WARNED.add(path)
+    warnings.warn(f"symmtriton tuning cache {path}: {message}; ignored (defaults are used)",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _parse_record(rec) -> tuple[_Key, LaunchConfig]:
+    """One file record -> (key, config); ``ValueError`` describing what is wrong."""
+    if not isinstance(rec, dict):
+        raise ValueError(f"entry is not an object: {rec!r}")
+    try:
+        device, world, op, dtype, bucket, cfg = (rec[k] for k in
+                                                 ("device", "world_size", "op", "dtype", "bucket", "config"))
+    except KeyError as exc:
+        raise ValueError(f"entry lacks {exc.args[0]!r}: {rec!r}") from None
+    if not isinstance(device, str):
+        raise ValueError(f"device must be a string, got {device!r}")
+    _check_count("world_size", world)
+    _check_op(op)
+    bucket = _check_count("bucket", bucket)
+    if bucket & (bucket - 1):
+        raise ValueError(f"bucket must be a power of two, got {bucket}")
+    hidden = rec.get("hidden")
+    if op == "fused":
+        _check_count("hidden", hidden)
+    elif hidden is not None:
+        raise ValueError(f"hidden applies to fused entries only, got {hidden!r} for {op!r}")
+    if not isinstance(cfg, dict) or set(cfg) != set(CONFIG_KEYS):
+        raise ValueError(f"config must have exactly the keys {CONFIG_KEYS}, got {cfg!r}")
+    config = LaunchConfig(**cfg)
+    if hidden is not None and config.block_size < hidden:
+        raise ValueError(f"fused block_size {config.block_size} does not cover hidden {hidden}")
+    return (device, world, op, parse_dtype(dtype), bucket, hidden), config
+
+
+def _read_file(path: str) -> tuple[dict, dict, list[str]]:
+    """(entries, records, problems) of the file at ``path``; a missing or empty file is empty.
+    Never raises for the file's content."""
+    entries: dict = {}
+    records: dict = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return entries, records, []
+    except OSError as exc:
+        return entries, records, [f"cannot be read ({exc})"]
+    if not text.strip():
+        return entries, records, []
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        return entries, records, [f"is not valid JSON ({exc})"]
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        return entries, records, ['has no "entries" list']
+    if data.get("version") != CACHE_VERSION:
+        return entries, records, [f"has version {data.get('version')!r}, expected {CACHE_VERSION}"]
+    problems = []
+    for rec in data["entries"]:
+        try:
+            key, cfg = _parse_record(rec)
+        except (ValueError, TypeError) as exc:
+            problems.append(str(exc))
+            continue
+        entries[key] = cfg
+        records[key] = rec
+    return entries, records, problems
+
+
+def _load(path: str) -> _Table:
+    table = _Table(path)
+    table.entries, table.records, problems = _read_file(path)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        _warn_once(path, problems[0] + more)
+    return table
+
+
+def _table() -> _Table:
+    global _TABLE
+    path = cache_path()
+    if _TABLE.path != path:
+        _TABLE = _load(path)
+    return _TABLE
+
+
+def reload_cache() -> None:
+    """Drop the in-memory table: the next lookup reads the cache file again."""
+    global _TABLE
+    _TABLE = _Table(None)
+
+
+def cache_key(op: str, numel: int, dtype: torch.dtype, world: int, hidden: int | None = None) -> _Key:
+    """The cache key of a launch (see the module docstring); ``hidden`` counts for fused only."""
+    return (device_name(), world, op, dtype, size_bucket(numel), hidden if op == "fused" else None)
+
+
+def cached_config(op: str, numel: int, dtype: torch.dtype, world: int, *,
+                  hidden: int | None = None) -> LaunchConfig | None:
+    """The cached winner for this launch key, or ``None``."""
+    return _table().entries.get(cache_key(op, numel, dtype, world, hidden))
+
+
+def lookup_config(op: str, numel: int, dtype: torch.dtype, world: int, *,
+                  hidden: int | None = None) -> LaunchConfig:
+    """The launch config of ``op`` for shards of ``numel`` elements of ``dtype`` on ``world``
+    ranks (``hidden``: the fused op's row length): the cached, agreed winner when there is one,
+    else ``default_config``. Every rank reads the same file, so every rank gets the same config
+    (a rank whose file differs would launch another grid: share one cache file, or tune on all
+    ranks)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
+    cfg = cached_config(op, numel, dtype, world, hidden=hidden)
+    if cfg is not None:
+        return cfg
+    return default_config(numel, dtype, world, hidden=hidden)
+
+
+def _atomic_write_json(path: str, data) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tuning-", suffix=".json.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def store_winner(key: _Key, config: LaunchConfig, *, write: bool, extra: dict | None = None) -> None:
+    """Record ``config`` for ``key`` in this process's table and, with ``write``, merge it into
+    the cache file (re-read first, so entries other processes wrote survive; unreadable content
+    is replaced)."""
+    device, world, op, dtype, bucket, hidden = key
+    rec = {"device": device, "world_size": world, "op": op, "dtype": dtype_name(dtype),
+           "bucket": bucket, "config": config.as_dict(), **(extra or {})}
+    if hidden is not None:
+        rec["hidden"] = hidden
+    table = _table()
+    table.entries[key] = config
+    table.records[key] = rec
+    if write:
+        _, records, _ = _read_file(table.path)
+        records[key] = rec
+        ordered = sorted(records.values(), key=lambda r: (r["device"], r["world_size"], r["op"],
+                                                          r["dtype"], r["bucket"], r.get("hidden") or 0))
+        try:
+            _atomic_write_json(table.path, {"version": CACHE_VERSION, "entries": ordered})
+        except OSError as exc:  # never leave the other ranks waiting over a file problem
+            warnings.warn(f"symmtriton tuning cache {table.path} could not be written ({exc}); "
+                          "the winner is kept in memory only", RuntimeWarning, stacklevel=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# candidates
+
+_MIN_INFLIGHT = 512 * 1024  # bytes one round of chunks should cover (see candidate_configs)
+
+
+def candidate_configs(op: str, numel: int, dtype: torch.dtype, world: int, *,
+                      hidden: int | None = None, sm_count: int | None = None,
+                      max_candidates: int | None = None) -> tuple[LaunchConfig, ...]:
+    """Launch configs worth timing for a launch of ``numel`` elements of ``dtype`` per shard
+    (the launch key: see :func:`launch_key`); ``default_config`` comes first.
+
+    All-gather and reduce-scatter: block sizes are powers of two from one 16-byte access per
+    thread of a warp (512 bytes) up to 32 KiB, no larger than the shard; warps 1..16 with every
+    thread doing 1..16 (all-gather) or 1..8 (reduce-scatter: fp32 accumulators take more
+    registers) 16-byte accesses per chunk.
+    Fused (``hidden`` required): a block handles whole rows, so ``block_size`` stays the row
+    block of ``default_config`` (the power of two covering ``hidden``: a smaller one would not
+    cover a row); warps 1..32 with 2..16 row values per thread.
+    Grid bounds: a quarter, half, one and two blocks per SM (``sm_count``: the GPU's, or 132 =
+    H100 off the GPU), keeping only bounds that change the launched grid, and (chunked ops) only
+    grids whose one round of chunks covers at least a quarter of ``min(shard, 512 KiB)``.
+
+    A deterministic function of its arguments, so every rank builds the same list.
+    ``max_candidates`` keeps the default plus evenly spaced others (the Triton interpreter is
+    slow: CPU tuning checks the plumbing, not the speed)."""
+    _check_op(op)
+    _check_dtype(dtype)
+    numel = _check_count("numel", numel)
+    world = _check_count("world", world)
+    if op != "fused" and hidden is not None:
+        raise ValueError(f"hidden applies to the fused op only, got hidden={hidden!r} for {op!r}")
+    if op == "fused":
+        if hidden is None:
+            raise ValueError("candidate_configs: op 'fused' needs hidden (the row length)")
+        _check_count("hidden", hidden)
+        if numel % hidden:
+            raise ValueError(f"fused: numel {numel} is not a multiple of hidden {hidden}")
+    if sm_count is None:
+        sm_count = (torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+                    if device_name() != "cpu" else 132)
+    grids = sorted({max(1, sm_count // 4), max(1, sm_count // 2), sm_count, 2 * sm_count})
+    if op == "fused":
+        out = _row_candidates(default_config(numel, dtype, world, hidden=hidden), numel // hidden,
+                              world, grids)
+    else:
+        out = _chunk_candidates(op, default_config(numel, dtype, world), numel, dtype, grids)
+    if max_candidates is not None:
+        _check_count("max_candidates", max_candidates)
+        if len(out) > max_candidates:
+            base, rest, k = out[0], out[1:], max_candidates - 1
+            if k <= 1:
+                out = [base] + rest[-1:] * k
+            else:  # len(rest) > k, so the spaced indices are distinct
+                out = [base] + [rest[round(i * (len(rest) - 1) / (k - 1))] for i in range(k)]
+    return tuple(out)
+
+
+def _chunk_candidates(op, base: LaunchConfig, numel: int, dtype, grids) -> list[LaunchConfig]:
+    esize = torch.empty((), dtype=dtype).element_size()
+    vec = max(1, 16 // esize)
+    max_vecs = 16 if op == "all_gather" else 8
+    out = [base]
+    seen = {(base.block_size, base.num_warps, min(-(-numel // base.block_size), base.max_blocks))}
+    block, hi = 32 * vec, max(32 * vec, min(size_bucket(numel), (32 * 1024) // esize))
+    while block <= hi:
+        chunks = -(-numel // block)
+        bounds = [g for g in grids if g < chunks] + [g for g in grids if g >= chunks][:1]
+        for warps in (1, 2, 4, 8, 16):
+            if not 1 <= block // (32 * warps * vec) <= max_vecs:
+                continue
+            for bound in bounds:
+                grid = min(bound, chunks)
+                if grid * block * esize < min(numel * esize, _MIN_INFLIGHT) // 4:
+                    continue  # too little in flight: a long loop of small chunks
+                if (block, warps, grid) not in seen:
+                    seen.add((block, warps, grid))
+                    out.append(LaunchConfig(block_size=block, num_warps=warps, max_blocks=bound))
+        block *= 2
+    return out
+
+
+def _row_candidates(base: LaunchConfig, rows: int, world: int, grids) -> list[LaunchConfig]:
+    """Row-kernel candidates: ``base``'s row block, other warp counts and grid bounds, grids
+    deduplicated as one block per row, at most ``max_blocks`` (the row kernel's grid)."""
+    out, seen = [base], {(base.num_warps, min(rows, base.max_blocks))}
+    for warps in (1, 2, 4, 8, 16, 32):
+        if not 2 <= base.block_size // (32 * warps) <= 16:
+            continue
+        for bound in sorted({*grids, base.max_blocks}):
+            sig = (warps, min(rows, bound))
+            if sig not in seen:
+                seen.add(sig)
+                out.append(LaunchConfig(block_size=base.block_size, num_warps=warps, max_blocks=bound))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# workloads: one collective's operands on this rank, with rank-tagged data and its reference
+
+
+def fused_op():
+    """``symmtriton.reduce_scatter_add_rmsnorm_all_gather`` or ``None`` when this build lacks it."""
+    import symmtriton
+
+    fn = getattr(symmtriton, "reduce_scatter_add_rmsnorm_all_gather", None)
+    if fn is None:
+        try:
+            from .ops import fused as _fused
+        except ImportError:
+            return None
+        fn = getattr(_fused, "reduce_scatter_add_rmsnorm_all_gather", None)
+    return fn
+
+
+def op_available(op: str) -> bool:
+    """Whether ``op`` exists in this build (``fused`` may not yet)."""
+    return _check_op(op) != "fused" or fused_op() is not None
+
+
+def _takes_config(fn) -> bool:
+    try:
+        return "config" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The operands of one collective on this rank and the call that runs it.
+
+    ``numel`` elements of ``dtype`` per shard: the all-gather input, the reduce-scatter output,
+    the fused op's residual (``rows x hidden``; its input is ``[world * rows, hidden]``).
+    ``placement``: ``"zero_copy"`` puts the operand that peers access (AG output, RS input, fused
+    input) in the group's symmetric buffer (``maybe_get_tensor``, byte 0: the scratch area),
+    ``"staged"`` uses ordinary tensors, so the op stages through the buffer. Data are
+    rank-tagged (:func:`symmtriton.testing.tagged`) so :meth:`check` compares exactly."""
+
+    op: str
+    numel: int
+    dtype: torch.dtype
+    placement: str
+    hidden: int
+    group: object
+    rank: int
+    world: int
+    tensors: dict
+
+    @property
+    def total_bytes(self) -> int:
+        """nccl-tests' size: the gathered output (AG), the full input (RS, fused)."""
+        return self.world * self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+    def reset(self) -> None:
+        """Refill the inputs with their tagged values (the fused op updates its residual, and
+        the zero-copy operand is a scratch area other calls may have overwritten)."""
+        from .testing import tagged
+
+        t = self.tensors
+        if self.op == "all_gather":
+            t["input"].copy_(tagged(self.numel, self.dtype, self.rank))
+        else:
+            t["input"].view(-1).copy_(tagged(self.world * self.numel, self.dtype, self.rank))
+        if self.op == "fused":
+            t["residual"].view(-1).copy_(tagged(self.numel, self.dtype, self.rank, salt=1))
+
+    def run(self, config: LaunchConfig | None = None):
+        """One call of the op (``config`` forces the launch config)."""
+        import symmtriton as st
+
+        t = self.tensors
+        kw = {} if config is None else {"config": config}
+        if self.op == "all_gather":
+            return st.all_gather_into_tensor(t["output"], t["input"], self.group, **kw)
+        if self.op == "reduce_scatter":
+            return st.reduce_scatter_tensor(t["output"], t["input"], self.group, **kw)
+        fn = fused_op()
+        if config is not None and not _takes_config(fn):
+            raise RuntimeError("reduce_scatter_add_rmsnorm_all_gather has no config= argument: "
+                               "its launch config cannot be tuned")
+        return fn(t["input"], t["residual"], t["weight"], eps=FUSED_EPS, group=self.group,
+                  out=t["output"], **kw)
+
+    def expected(self) -> torch.Tensor:
+        """The reference result from every rank's tagged inputs (``symmtriton.reference``)."""
+        from . import reference
+        from .testing import tagged
+
+        w, n, dt = self.world, self.numel, self.dtype
+        if self.op == "all_gather":
+            return reference.all_gather([tagged(n, dt, r) for r in range(w)])
+        inputs = [tagged(w * n, dt, r) for r in range(w)]
+        if self.op == "reduce_scatter":
+            return reference.reduce_scatter(inputs, self.rank)
+        h = self.hidden
+        inputs = [x.view(-1, h) for x in inputs]
+        weight = self.tensors["weight"]
+        normed = [reference.reduce_scatter_add_rmsnorm(inputs, tagged(n, dt, r, salt=1).view(-1, h),
+                                                       weight, FUSED_EPS, r)[0] for r in range(w)]
+        return reference.all_gather(normed)
+
+    def check(self, config: LaunchConfig | None = None) -> bool:
+        """Reset, run once, synchronise and compare with :meth:`expected` on this rank: bits
+        for the all-gather, exact values for the reduce-scatter (tagged sums are exact), a
+        1-2 ulp tolerance for the fused op's RMSNorm."""
+        from .testing import sync
+
+        self.reset()
+        self.run(config)
+        sync()
+        got, ref = self.tensors["output"], self.expected().to(self.tensors["output"].device)
+        if self.op == "all_gather":
+            return torch.equal(got.view(-1).view(torch.uint8), ref.view(-1).view(torch.uint8))
+        if self.op == "reduce_scatter":
+            return torch.equal(got, ref)
+        tol = 1e-4 if self.dtype == torch.float32 else 1.0 / 64
+        return torch.allclose(got.float().view(-1), ref.float().view(-1), rtol=tol, atol=tol)
+
+
+def make_workload(op: str, numel: int, dtype: torch.dtype, group=None, *, placement: str = "staged",
+                  hidden: int | None = None) -> Workload:
+    """Allocate and fill the operands of ``op`` for shards of ``numel`` elements (see
+    :class:`Workload`). ``hidden`` (fused only, required there) must divide ``numel``. Raises ``ValueError`` naming the bad value, alike on every rank, when the
+    arguments do not fit (including a zero-copy operand that does not fit the buffer)."""
+    from . import _launch as L
+    from .memory import SymmetricMemoryManager
+    from .testing import device, tagged
+
+    _check_op(op)
+    _check_dtype(dtype)
+    numel = _check_count("numel", numel)
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+    if op != "fused" and hidden is not None:
+        raise ValueError(f"hidden applies to the fused op only, got hidden={hidden!r} for {op!r}")
+    if op == "fused" and hidden is None:
+        raise ValueError("op 'fused' needs hidden (the row length H of its [S, H] input)")
+    hidden = numel if hidden is None else _check_count("hidden", hidden)
+    if numel % hidden:
+        raise ValueError(f"fused: numel {numel} is not a multiple of hidden {hidden}")
+    if op == "fused" and fused_op() is None:
+        raise RuntimeError("op 'fused' is not available: this build has no "
+                           "symmtriton.reduce_scatter_add_rmsnorm_all_gather")
+    group = L.resolve_group(group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    dev = device()
+    big = (world * numel,) if op != "fused" else (world * numel // hidden, hidden)
+    placed = None
+    if placement == "zero_copy":
+        buf = SymmetricMemoryManager.buffer_for_group(group)
+        shape = big if op != "all_gather" else (world * numel,)
+        placed = buf.maybe_get_tensor(shape, dtype)["tensor"]
+        if placed is None:
+            raise ValueError(
+                f"placement 'zero_copy': {world * numel} elements of {dtype} do not fit the "
+                f"group's symmetric buffer ({buf!r})")
+    t: dict = {}
+    if op == "all_gather":
+        t["input"] = torch.empty(numel, dtype=dtype, device=dev)
+        t["output"] = placed if placed is not None else torch.empty(world * numel, dtype=dtype, device=dev)
+    elif op == "reduce_scatter":
+        t["input"] = placed if placed is not None else torch.empty(big, dtype=dtype, device=dev)
+        t["output"] = torch.empty(numel, dtype=dtype, device=dev)
+    else:
+        t["input"] = placed if placed is not None else torch.empty(big, dtype=dtype, device=dev)
+        t["residual"] = torch.empty(numel // hidden, hidden, dtype=dtype, device=dev)
+        t["weight"] = tagged(hidden, dtype, 0, salt=2)
+        t["output"] = torch.empty(big, dtype=dtype, device=dev)
+    wl = Workload(op, numel, dtype, placement, hidden, group, rank, world, t)
+    wl.reset()
+    return wl
+
+
+# ------------------------------------------------------------------------------------------------
+# timing
+
+
+def group_device(group) -> torch.device:
+    """Where tensors for host-side collectives on ``group`` live: the current GPU for NCCL
+    groups, the CPU otherwise (gloo)."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def group_barrier(group) -> None:
+    """All ranks of ``group`` reach this point (a one-element all-reduce, completed on the host:
+    unlike ``dist.barrier`` it needs no device ids for NCCL)."""
+    t = torch.zeros(1, device=group_device(group))
+    dist.all_reduce(t, group=group)
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
+def all_reduce_max(values, group) -> list[float]:
+    """Element-wise max of ``values`` (floats; ``inf`` allowed) over ``group``."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=group_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
+def all_ranks_ok(ok: bool, group) -> bool:
+    """``True`` on every rank iff ``ok`` is true on every rank of ``group``."""
+    t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=group_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
+def median_time(fn: Callable[[], object], *, iters: int, warmup: int, device: torch.device,
+                group=None) -> float:
+    """Median seconds of one ``fn()`` call on this rank: ``warmup`` untimed calls, a barrier on
+    ``group`` (when given) so the ranks start together, then ``iters`` timed calls, each
+    between two CUDA events (GPU) or two ``time.perf_counter`` reads (CPU)."""
+    _check_count("iters", iters)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        if group is not None:
+            group_barrier(group)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) * 1e-3 for start, end in events]
+    else:
+        if group is not None:
+            group_barrier(group)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------------
+# tuning
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """The agreed outcome of :func:`tune` (identical on every rank).
+
+    ``times_s[i]``: the MAX over ranks of candidate ``i``'s median time (``inf``: rejected)."""
+
+    op: str
+    numel: int
+    dtype: torch.dtype
+    world: int
+    key: tuple
+    winner: LaunchConfig
+    candidates: tuple
+    times_s: tuple
+
+    @property
+    def winner_time_s(self) -> float:
+        return self.times_s[self.candidates.index(self.winner)]
+
+
+def tune(op: str, numel: int, dtype: torch.dtype, group=None,
+         candidates: list[LaunchConfig] | tuple[LaunchConfig, ...] | None = None, *,
+         placement: str = "staged", hidden: int | None = None, iters: int | None = None,
+         warmup: int | None = None, measure: Callable[[LaunchConfig, Callable[[], object]], float] | None = None,
+         persist: bool = True) -> TuneResult:
+    """Time ``candidates`` for ``op`` on shards of ``numel`` elements of ``dtype`` (tensor
+    level: the AG input, the RS output, the fused residual of ``numel // hidden`` rows of
+    ``hidden``; see :func:`launch_key`) and record the winner every rank agreed on. **Collective**: every rank of ``group`` calls it with the
+    same arguments; the protocol is in the module docstring.
+
+    ``candidates``: default :func:`candidate_configs` of the launch key. ``iters``/``warmup``:
+    default 20/5 on the GPU, 2/1 on the CPU. ``measure(config, run) -> seconds`` replaces the
+    timing (tests inject fake timings with it); it must call ``run()`` the same number of times
+    on every rank. ``persist``: rank 0 merges the winner into the cache file. Raises
+    ``ValueError`` when the arguments differ between ranks (on every rank, before any launch),
+    ``RuntimeError`` when no candidate ran on every rank or symmetric memory is unavailable."""
+    from . import _launch as L
+    from .memory import SymmetricMemoryManager
+    from .testing import device
+
+    _check_op(op)
+    _check_dtype(dtype)
+    numel = _check_count("numel", numel)
+    group = L.resolve_group(group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    key_numel, key_dtype = launch_key(op, numel, dtype)
+    if candidates is None:
+        candidates = candidate_configs(op, key_numel, key_dtype, world, hidden=hidden)
+    candidates = tuple(candidates)
+    if not candidates:
+        raise ValueError("candidates is empty: nothing to tune")
+    for c in candidates:
+        if not isinstance(c, LaunchConfig):
+            raise TypeError(f"candidates must be LaunchConfig instances, got {c!r}")
+    on_gpu = device().type == "cuda"
+    iters = (20 if on_gpu else 2) if iters is None else _check_count("iters", iters)
+    warmup = (5 if on_gpu else 1) if warmup is None else warmup
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+
+    # 1. agree on the arguments before anything is launched.
+    signature = (op, numel, dtype_name(dtype), placement, hidden, iters, warmup,
+                 [c.as_dict() for c in candidates], measure is None, persist)
+    signatures: list = [None] * world
+    dist.all_gather_object(signatures, signature, group=group)
+    if any(s != signatures[0] for s in signatures):
+        differing = [r for r, s in enumerate(signatures) if s != signatures[0]]
+        raise ValueError(f"tune: ranks {differing} called tune with arguments that differ from rank "
+                         f"0's {signatures[0]!r}; every rank must pass the same op, size, dtype, "
+                         "candidates and options")
+    buf = SymmetricMemoryManager.buffer_for_group(group)
+    if buf.symm_mem_hdl is None:
+        raise RuntimeError(f"tune: symmetric memory is unavailable ({buf.init_failure_reason}); the "
+                           "ops would fall back to torch.distributed, which has nothing to tune")
+    wl = make_workload(op, numel, dtype, group, placement=placement, hidden=hidden)
+
+    # 2. same candidates, same order, same counts on every rank.
+    local = []
+    for cfg in candidates:
+        run = functools.partial(wl.run, cfg)
+        try:
+            if measure is not None:
+                t = float(measure(cfg, run))
+            else:
+                t = median_time(run, iters=iters, warmup=warmup, device=wl.tensors["input"].device,
+                                group=group)
+        except ValueError:  # the op rejected the config before launching, on every rank alike
+            t = math.inf
+        local.append(t if t == t else math.inf)  # NaN -> rejected
+
+    # 3. a collective is as slow as its slowest rank.
+    times = all_reduce_max(local, group)
+
+    # 4. rank 0 chooses, everyone takes its choice.
+    choice = torch.tensor([-1], dtype=torch.int64, device=group_device(group))
+    if rank == 0:
+        finite = [i for i, t in enumerate(times) if math.isfinite(t)]
+        if finite:
+            choice.fill_(min(finite, key=lambda i: (times[i], i)))
+    dist.broadcast(choice, src=dist.get_global_rank(group, 0), group=group)
+    idx = int(choice.item())
+    if idx < 0:
+        raise RuntimeError(f"tune: no candidate of {op} ran on every rank (all rejected)")
+    winner = candidates[idx]
+
+    # 5. record; rank 0 writes the file; nobody returns before it is there.
+    key = cache_key(op, key_numel, key_dtype, world, hidden)
+    extra = {"time_us": round(times[idx] * 1e6, 3), "tuned_numel": key_numel,
+             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    store_winner(key, winner, write=persist and rank == 0, extra=extra)
+    if persist:
+        group_barrier(group)
+    return TuneResult(op, numel, dtype, world, key, winner, candidates, tuple(times))

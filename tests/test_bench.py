@@ -1,0 +1,132 @@
+"""symmtriton-bench: a tiny CPU sweep through the worker pool and through torchrun, its files,
+and the option parsing."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from symmtriton import bench, tuning
+from symmtriton.config import CONFIG_KEYS
+from symmtriton.testing import CPU_ENV
+
+TINY = ["--min-bytes", "1K", "--max-bytes", "1K", "--iters", "1", "--warmup", "0"]
+
+
+def _bench_main(rank, world, out_dir, cache, argv):
+    os.environ[tuning.CACHE_ENV] = cache
+    return bench.main(list(argv) + ["--out-dir", out_dir])
+
+
+def _read(out_dir, stem):
+    with open(os.path.join(out_dir, stem + ".csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(os.path.join(out_dir, stem + ".json")) as f:
+        data = json.load(f)
+    return rows, data
+
+
+def test_cli_sweep_with_tuning_in_pool(cpu_pool, tmp_path):
+    out, cache = str(tmp_path / "out"), str(tmp_path / "tuning.json")
+    argv = TINY + ["--ops", "all_gather,reduce_scatter,fused", "--tune", "--name", "tiny"]
+    assert cpu_pool(2).run(_bench_main, out, cache, argv, timeout=300) == [0, 0]
+    rows, data = _read(out, "tiny")
+    assert list(rows[0]) == list(bench.FIELDS)
+    assert set(CONFIG_KEYS) <= set(bench.FIELDS)
+    # 3 ops x 1 size x 1 mode (graph is skipped on the CPU) x 2 placements
+    assert [(r["op"], r["placement"], r["mode"]) for r in rows] == [
+        (op, p, "eager") for op in ("all_gather", "reduce_scatter", "fused") for p in ("zero_copy", "staged")]
+    for r in rows:
+        assert r["check"] == "ok" and r["path"] == "symmetric" and r["world_size"] == "2"
+        assert float(r["time_us"]) > 0 and float(r["baseline_us"]) > 0 and float(r["copy_us"]) > 0
+        assert r["baseline"] == "gloo" and r["symm_mem_us"] == "" and r["efficiency"] == ""
+        assert abs(float(r["busbw_gbs"]) - float(r["algbw_gbs"]) * bench.bus_factor(r["op"], 2)) < 2e-3
+    assert {r["size_bytes"] for r in rows} == {"1024"}
+    meta = data["meta"]
+    assert meta["device"] == "cpu" and meta["world_size"] == 2
+    assert meta["torch"] == torch.__version__ and meta["triton"] and meta["date"]
+    assert data["columns"] == list(bench.FIELDS) and len(data["rows"]) == len(rows)
+    assert any("graph mode needs CUDA" in n for n in data["notes"])
+    assert not {"host", "hostname", "node"} & set(meta)  # hostname-free
+    assert socket.gethostname() not in [v for v in meta.values() if isinstance(v, str)]
+    assert (tmp_path / "out" / "tiny.png").stat().st_size > 0  # matplotlib is installed here
+    # --tune wrote one agreed entry per op, keyed as the ops look them up
+    entries = json.loads((tmp_path / "tuning.json").read_text())["entries"]
+    assert sorted(e["op"] for e in entries) == ["all_gather", "fused", "reduce_scatter"]
+    for r in rows:  # the bench reports the config the op used: the tuned one
+        entry = next(e for e in entries if e["op"] == r["op"])
+        assert {k: int(r[k]) for k in CONFIG_KEYS} == entry["config"]
+
+
+def test_cli_through_torchrun(tmp_path):
+    env = {**os.environ, **CPU_ENV, tuning.CACHE_ENV: str(tmp_path / "tuning.json")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "symmtriton.bench", *TINY, "--ops", "all_gather", "--placement", "staged",
+           "--no-plot", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows, data = _read(str(tmp_path), "symmtriton_cpu_w2")
+    assert [(r["op"], r["placement"], r["check"]) for r in rows] == [("all_gather", "staged", "ok")]
+    assert data["meta"]["dist_backend"] == "gloo"
+    assert "busbw" in proc.stdout and "[1/1]" in proc.stderr  # table on stdout, progress on stderr
+    assert not (tmp_path / "symmtriton_cpu_w2.png").exists()
+
+
+def test_help_documents_the_options():
+    text = bench.build_parser().format_help()
+    for opt in ("--ops", "--dtypes", "--modes", "--placement", "--min-bytes", "--max-bytes", "--iters",
+                "--warmup", "--tune", "--backend", "--out-dir", "busbw", "torchrun"):
+        assert opt in text
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--ops", "all_reduce"], "all_reduce"),
+    (["--dtypes", "int8"], "int8"),
+    (["--modes", "lazy"], "lazy"),
+    (["--placement", "nowhere"], "nowhere"),
+    (["--min-bytes", "4K", "--max-bytes", "1K"], "4096"),
+    (["--max-bytes", "12Q"], "12Q"),
+    (["--iters", "0"], "--iters"),
+])
+def test_bad_options_exit_with_usage(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_options(argv)
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_option_defaults_on_the_cpu():
+    opts = bench.parse_options([])
+    assert opts.ops == ("all_gather", "reduce_scatter", "fused")
+    assert opts.dtypes == (torch.bfloat16,) and opts.modes == ("eager", "graph")
+    assert opts.placements == ("zero_copy", "staged")
+    assert opts.sizes[0] == 1024 and opts.sizes[-1] == 64 * 1024 and len(opts.sizes) == 7
+    assert opts.out_dir == os.path.join("benchmarks", "results")
+
+
+def test_sizes_and_shapes():
+    assert bench.parse_bytes("64K") == 65536 and bench.parse_bytes("1MB") == 1 << 20
+    assert bench.parse_bytes("256MiB") == 256 << 20 and bench.parse_bytes("100") == 100
+    assert bench.sweep_sizes(1024, 5000) == (1024, 2048, 4096)
+    ag = bench.shape_for("all_gather", 1024, torch.bfloat16, 3, 4096)
+    assert (ag.numel, ag.total_bytes, ag.count) == (170, 1020, 510)
+    fu = bench.shape_for("fused", 1024, torch.bfloat16, 4, 4096)  # too small for 4 rows of 4096
+    assert fu.hidden == 128 and fu.numel == 128 and fu.total_bytes == 1024
+    big = bench.shape_for("fused", 1 << 20, torch.bfloat16, 4, 4096)
+    assert big.hidden == 4096 and big.count == 128 * 4096 and (big.count // big.hidden) % 4 == 0
+    assert bench.bus_factor("all_gather", 4) == 0.75 and bench.bus_factor("fused", 4) == 1.5
+
+
+def test_table_format():
+    row = {k: None for k in bench.FIELDS}
+    row.update(size_bytes=1024, count=512, dtype="bfloat16", op="all_gather", placement="staged",
+               mode="eager", time_us=12.5, algbw_gbs=0.08, busbw_gbs=0.04, check="ok")
+    meta = {"world_size": 2, "device": "cpu", "backend": "host", "dist_backend": "gloo",
+            "torch": "x", "triton": "y", "date": "d"}
+    text = bench.format_table([row], meta)
+    assert "busbw" in text and "12.50" in text and "all_gather" in text
