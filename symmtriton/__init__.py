@@ -5,7 +5,7 @@ from ._interpret import ensure_interpreter_choice
 ensure_interpreter_choice()  # before anything imports triton
 
 
-from ._launch import CollectiveTimeoutError
+from ._launch import CollectiveTimeoutError, synchronize
 from .config import LaunchConfig, default_config
 from .memory import SymmetricMemoryBuffer, SymmetricMemoryManager
 from .ops.all_gather import all_gather_into_tensor
@@ -22,5 +22,6 @@ __all__ = [
     "LaunchConfig",
     "default_config",
     "CollectiveTimeoutError",
+    "synchronize",
 ]
 __version__ = "0.1.0"

@@ -149,3 +149,34 @@ def launch(buf: SymmetricMemoryBuffer, op: str, fn, grid: int, num_warps: int, *
     fn[(grid,)](*args, num_warps=num_warps, **constexprs)
     if buf.device.type == "cpu":
         check_status(buf, op)
+
+
+def synchronize(group=None) -> None:
+    """Wait for this rank's work on the current CUDA stream, then raise
+    :class:`CollectiveTimeoutError` if a barrier of any buffer of ``group`` timed out. The way to
+    see a timeout of the last call on the GPU (launches are asynchronous)."""
+    group = resolve_group(group)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.current_stream().synchronize()
+    for buf in list(SymmetricMemoryManager._buffers.values()):
+        if buf.process_group is group:
+            check_status(buf, "synchronize")
+
+
+CHECK_ENV = "SYMMTRITON_CHECK_UNIFORM"
+
+
+def check_uniform(group, op: str, **tensors: torch.Tensor) -> None:
+    """With ``SYMMTRITON_CHECK_UNIFORM=1``: all ranks compare the shapes and dtypes of this call
+    (a host collective per call: a debugging aid, not for graphs or production) and every rank
+    raises ``ValueError`` naming the ranks that differ. Off by default: a mismatch is otherwise
+    undetectable without communication, and corrupts or times out."""
+    if os.environ.get(CHECK_ENV, "") != "1":
+        return
+    mine = {k: (tuple(t.shape), str(t.dtype)) for k, t in tensors.items()}
+    world = dist.get_world_size(group)
+    seen: list = [None] * world
+    dist.all_gather_object(seen, (op, mine), group=group)
+    if any(s != seen[0] for s in seen):
+        raise ValueError(f"{op}: ranks disagree on the call: " +
+                         "; ".join(f"rank {r}: {s[0]} {s[1]}" for r, s in enumerate(seen)))

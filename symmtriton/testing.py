@@ -103,6 +103,8 @@ class WorkerPool:
 
     def run(self, fn, *args, timeout: float | None = None) -> list:
         """Run ``fn(rank, world_size, *args)`` on every rank; return the results by rank."""
+        if self._procs and not all(p.is_alive() for p in self._procs):
+            self.close(force=True)  # a rank exited (e.g. a test killed it): start afresh
         if not self._procs:
             self._start()
         for q in self._tasks:

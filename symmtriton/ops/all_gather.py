@@ -15,7 +15,8 @@ OP = "all_gather_into_tensor"
 
 
 def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group=None, *,
-                           config: LaunchConfig | None = None) -> torch.Tensor:
+                           config: LaunchConfig | None = None,
+                           timeout_s: float | None = None) -> torch.Tensor:
     """Gather ``input`` from every rank of ``group`` into ``output`` along dim 0 (rank order),
     like ``torch.distributed.all_gather_into_tensor``. Any dtype (a bit copy).
 
@@ -33,6 +34,7 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group=None
     in_place = input.data_ptr() == output.data_ptr() + rank * nbytes
     if not in_place:
         check_distinct(OP, "output", output, "input", input)
+    L.check_uniform(group, OP, output=output, input=input)
     if nbytes == 0:
         return output
     buf = L.find_buffer(group)
@@ -50,7 +52,7 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group=None
     kern = L.kernel("all_gather", "_all_gather_kernel")
     L.launch(buf, OP, kern, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
              input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
-             ctx.err_addr, region, n, L.timeout_ns(),
+             ctx.err_addr, region, n, L.timeout_ns(timeout_s),
              DTYPE=TL_DTYPE[unit], RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2,
              BLOCK_SIZE=cfg.block_size, COPY_OUT=out_off is None, USE_MULTIMEM=use_mm,
              USE_PTX=ctx.use_ptx, ALIGNED=aligned)

@@ -26,7 +26,8 @@ from ._common import TL_DTYPE, torch_all_gather, torch_reduce_scatter
 def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.Tensor,
                                           weight: torch.Tensor, eps: float = 1e-6, group=None,
                                           out: torch.Tensor | None = None, *,
-                                          config: LaunchConfig | None = None) -> torch.Tensor:
+                                          config: LaunchConfig | None = None,
+                                          timeout_s: float | None = None) -> torch.Tensor:
     """Reduce-scatter ``input`` [S, H] (this rank's partial sums) over ``group``, add this rank's
     slice to ``residual`` [S/W, H] in place, RMSNorm it (fp32 statistics) times ``weight`` [H],
     and all-gather the normed rows into ``out`` [S, H] (new tensor when ``None``).
@@ -36,16 +37,17 @@ def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.T
     the buffer (a scratch area: the next collective may overwrite it). Otherwise falls back to
     torch.distributed + torch ops with the same result."""
     return _fused("reduce_scatter_add_rmsnorm_all_gather", input, residual, weight, eps, group,
-                  out, True, config)
+                  out, True, config, timeout_s)
 
 
 def reduce_scatter_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                eps: float = 1e-6, group=None, out: torch.Tensor | None = None, *,
-                               config: LaunchConfig | None = None) -> torch.Tensor:
+                               config: LaunchConfig | None = None,
+                               timeout_s: float | None = None) -> torch.Tensor:
     """As :func:`reduce_scatter_add_rmsnorm_all_gather` without the all-gather: ``out`` is this
     rank's normed shard [S/W, H], for layers that keep the sequence-sharded output."""
     return _fused("reduce_scatter_add_rmsnorm", input, residual, weight, eps, group, out, False,
-                  config)
+                  config, timeout_s)
 
 
 def _validate(op, input, residual, weight, eps, world, out, all_gather):
@@ -79,10 +81,11 @@ def _validate(op, input, residual, weight, eps, world, out, all_gather):
             check_distinct(op, "out", out, "input", input)
 
 
-def _fused(op, input, residual, weight, eps, group, out, all_gather, config):
+def _fused(op, input, residual, weight, eps, group, out, all_gather, config, timeout_s):
     group = L.resolve_group(group)
     world = dist.get_world_size(group)
     _validate(op, input, residual, weight, eps, world, out, all_gather)
+    L.check_uniform(group, op, input=input, residual=residual, weight=weight)
     S, H = input.shape
     s = S // world
     if out is None:
@@ -112,7 +115,7 @@ def _fused(op, input, residual, weight, eps, group, out, all_gather, config):
     L.launch(buf, op, kern, cfg.grid(s, ctx.grid_cap), cfg.num_warps,
              input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(),
              ctx.buf_table, ctx.sig_table, ctx.mc_addr, ctx.err_addr, region, s, H, float(eps),
-             L.timeout_ns(), DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype],
+             L.timeout_ns(timeout_s), DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype],
              RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
              STAGE_IN=in_off is None, ALL_GATHER=all_gather, COPY_OUT=copy_out,
              USE_MULTIMEM=use_mm, USE_PTX=ctx.use_ptx, ALIGNED=aligned)

@@ -15,7 +15,8 @@ OP = "reduce_scatter_tensor"
 
 
 def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group=None, *,
-                          config: LaunchConfig | None = None) -> torch.Tensor:
+                          config: LaunchConfig | None = None,
+                          timeout_s: float | None = None) -> torch.Tensor:
     """Sum ``input`` over the ranks of ``group`` and keep this rank's slice of dim 0 in
     ``output``, like ``torch.distributed.reduce_scatter_tensor`` with ``op=SUM``. bf16, fp16 and
     fp32, accumulated in fp32.
@@ -30,6 +31,7 @@ def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group=None,
     world = dist.get_world_size(group)
     check_gather_shapes(OP, input, output, world, "input", "output")
     check_distinct(OP, "output", output, "input", input)
+    L.check_uniform(group, OP, output=output, input=input)
     n = output.numel()
     if n == 0:
         return output
@@ -46,7 +48,7 @@ def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group=None,
     kern = L.kernel("reduce_scatter", "_reduce_scatter_kernel")
     L.launch(buf, OP, kern, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
              input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
-             ctx.err_addr, region, n, L.timeout_ns(),
+             ctx.err_addr, region, n, L.timeout_ns(timeout_s),
              DTYPE=TL_DTYPE[input.dtype], RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2,
              BLOCK_SIZE=cfg.block_size, STAGE_IN=in_off is None, USE_MULTIMEM=use_mm,
              USE_PTX=ctx.use_ptx, ALIGNED=aligned)
