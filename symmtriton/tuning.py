@@ -163,15 +163,20 @@ _Key = tuple  # (device, world_size, op, dtype, bucket, hidden); hidden is None 
 
 class _Table:
     """The winners of one cache file, loaded once. ``entries``: key -> LaunchConfig;
-    ``records``: key -> the file's record (kept so a rewrite preserves what it does not know)."""
+    ``records``: key -> the file's record (kept so a rewrite preserves what it does not know);
+    ``memo``: lookup arguments -> answer (hits and defaults), so a repeated lookup is one dict
+    access; ``env``: the ``$SYMMTRITON_TUNING_CACHE`` value ``path`` came from."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, env: str | None = None):
         self.path = path
+        self.env = env
         self.entries: dict[_Key, LaunchConfig] = {}
         self.records: dict[_Key, dict] = {}
+        self.memo: dict[tuple, LaunchConfig] = {}
 
 
 _TABLE = _Table(None)
+_MEMO_MAX = 1 << 16
 _WARNED: set = set()
 
 
@@ -246,8 +251,8 @@ def _read_file(path: str) -> tuple[dict, dict, list[str]]:
     return entries, records, problems
 
 
-def _load(path: str) -> _Table:
-    table = _Table(path)
+def _load(path: str, env: str | None) -> _Table:
+    table = _Table(path, env)
     table.entries, table.records, problems = _read_file(path)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -257,9 +262,11 @@ def _load(path: str) -> _Table:
 
 def _table() -> _Table:
     global _TABLE
-    path = cache_path()
-    if _TABLE.path != path:
-        _TABLE = _load(path)
+    env = os.environ.get(CACHE_ENV)
+    if _TABLE.path is None or env != _TABLE.env:
+        path = cache_path()
+        _TABLE = _TABLE if path == _TABLE.path else _load(path, env)
+        _TABLE.env = env
     return _TABLE
 
 
@@ -287,12 +294,20 @@ def lookup_config(op: str, numel: int, dtype: torch.dtype, world: int, *,
     else ``default_config``. Every rank reads the same file, so every rank gets the same config
     (a rank whose file differs would launch another grid: share one cache file, or tune on all
     ranks)."""
-    if op not in OPS:
-        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
-    cfg = cached_config(op, numel, dtype, world, hidden=hidden)
-    if cfg is not None:
-        return cfg
-    return default_config(numel, dtype, world, hidden=hidden)
+    table = _table()
+    memo_key = (op, numel, dtype, world, hidden,
+                torch.cuda.current_device() if torch.cuda.is_initialized() else -1)
+    cfg = table.memo.get(memo_key)
+    if cfg is None:
+        if op not in OPS:
+            raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
+        cfg = table.entries.get(cache_key(op, numel, dtype, world, hidden))
+        if cfg is None:
+            cfg = default_config(numel, dtype, world, hidden=hidden)
+        if len(table.memo) >= _MEMO_MAX:
+            table.memo.clear()
+        table.memo[memo_key] = cfg
+    return cfg
 
 
 def _atomic_write_json(path: str, data) -> None:
@@ -326,6 +341,7 @@ def store_winner(key: _Key, config: LaunchConfig, *, write: bool, extra: dict | 
     table = _table()
     table.entries[key] = config
     table.records[key] = rec
+    table.memo.clear()
     if write:
         _, records, _ = _read_file(table.path)
         records[key] = rec
@@ -465,7 +481,7 @@ def _takes_config(fn) -> bool:
         return False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Workload:
     """The operands of one collective on this rank and the call that runs it.
 
