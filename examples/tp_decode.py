@@ -38,8 +38,9 @@ import _common
 from symmtriton import custom_ops
 from symmtriton.reference import rmsnorm
 
-#: largest allowed |symmtriton - torch.distributed| of the normed hidden states, by dtype
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+#: (atol, rtol) of the normed hidden states, symmtriton vs torch.distributed, by dtype: the
+#: paths round differently (fp32 vs bf16 reduction and residual add, RMSNorm order)
+TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (3e-2, 3e-2)}
 
 
 @dataclass(frozen=True)
@@ -175,45 +176,55 @@ class TorchComm:
         return self.all_gather_normed(residual, norm_weight)
 
 
+class GraphStep:
+    """One decode step captured in a CUDA graph (after warm-up steps on a side stream, which
+    compile the kernels and create the buffers); calling it replays the graph. It keeps the
+    model and the comm alive: the graph reads and writes their tensors by address."""
+
+    def __init__(self, model: Model, comm):
+        self.model, self.comm = model, comm
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.step(comm)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = model.step(comm)
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.out
+
+
 def make_step(model: Model, comm, use_graph: bool):
-    """A function running one decode step: ``model.step`` itself, or the replay of a CUDA graph
-    captured from it (after warm-up steps on a side stream, which compile the kernels)."""
-    if not use_graph:
-        return lambda: model.step(comm)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            model.step(comm)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = model.step(comm)
-
-    def replay():
-        graph.replay()
-        return out
-
-    return replay
+    """A function running one decode step: ``model.step`` itself or a :class:`GraphStep`."""
+    return GraphStep(model, comm) if use_graph else (lambda: model.step(comm))
 
 
 def check(env, model: Model, symm_step, torch_step, steps: int, dtype) -> float:
     """Decode ``steps`` tokens with symmtriton, then feed the same tokens to the
-    torch.distributed model; return the largest difference of the normed hidden states."""
+    torch.distributed model; the normed hidden states of every step must agree within
+    :data:`TOLERANCE`. Returns their largest absolute difference."""
     model.reset()
     fed, hidden = [], []
     for _ in range(steps):
         fed.append(model.tokens.clone())
         hidden.append(symm_step().clone())
     model.reset()
-    diff = 0.0
+    atol, rtol = TOLERANCE[dtype]
+    diff, ok = 0.0, True
     for tokens, expect in zip(fed, hidden):
         model.tokens.copy_(tokens)
-        diff = max(diff, (torch_step().float() - expect.float()).abs().max().item())
+        got, expect = torch_step().float(), expect.float()
+        err = (got - expect).abs()
+        diff = max(diff, err.max().item())
+        ok = ok and bool((err <= atol + rtol * expect.abs()).all())
     _common.synchronize(env)
     diff = _common.max_over_ranks(env, diff)
-    _common.all_ranks_agree(env, diff <= TOLERANCE[dtype],
-                            f"tp_decode: max abs diff {diff:.3g} > tolerance {TOLERANCE[dtype]:g}")
+    _common.all_ranks_agree(env, ok, f"tp_decode: outputs differ beyond atol={atol:g} rtol={rtol:g} "
+                                     f"(max abs diff {diff:.3g})")
     return diff
 
 
@@ -274,7 +285,7 @@ def main() -> None:
         f"  per-token latency (one decode step): {SymmtritonComm.name} {_common.us(t_symm)}, "
         f"{TorchComm.name} {_common.us(t_torch)}; speed-up {t_torch / t_symm:.2f}x\n"
         f"  max abs diff of the normed hidden states over {args.steps} steps: {diff:.3g} "
-        f"(tolerance {TOLERANCE[cfg.dtype]:g}): outputs match"))
+        f"(atol=rtol={TOLERANCE[cfg.dtype][0]:g}): outputs match"))
     _common.finish(env)
 
 
