@@ -81,8 +81,8 @@ class Ctx:
 def context(buf: SymmetricMemoryBuffer) -> Ctx:
     hdl = buf.symm_mem_hdl
     cap = hdl.signal_pad_slots // hdl.world_size  # blocks * world_size barrier slots must fit
-    if hdl.resident_blocks is not None:
-        cap = min(cap, hdl.resident_blocks)
+    if hdl.grid_limit is not None:
+        cap = min(cap, hdl.grid_limit)
     if cap < 1:
         raise RuntimeError(f"signal pad of {hdl.signal_pad_size} bytes cannot hold one barrier "
                            f"for {hdl.world_size} ranks")

@@ -48,8 +48,11 @@ class SymmHandle:
 
     #: processes of this group that share this rank's device (their grids must be co-resident).
     ranks_on_device: int = 1
-    #: blocks of one kernel that are surely resident at once on this device (None: no bound).
-    resident_blocks: int | None = None
+    #: most blocks one kernel may use (None: no bound). Per-block barriers need every rank's
+    #: block b running at the same time: on a GPU shared by several ranks, the blocks surely
+    #: co-resident; in the interpreter, where blocks run one after another and each block's
+    #: barrier is a round trip through Python, a few.
+    grid_limit: int | None = None
 
     @property
     def signal_pad_slots(self) -> int:

@@ -55,7 +55,7 @@ class CudaHandle(SymmHandle):
         # Per-block barriers need every rank's block b running at once. Ranks that share a GPU
         # share its SMs: one block per SM each is surely co-resident, so split the SMs.
         self.ranks_on_device = sum(1 for _, w in infos if w == where)
-        self.resident_blocks = max(1, props.multi_processor_count // self.ranks_on_device)
+        self.grid_limit = max(1, props.multi_processor_count // self.ranks_on_device)
         buffer_ptrs = [p + d for p, d in zip(hdl.buffer_ptrs, deltas)]
         mc = int(hdl.multicast_ptr or 0)
         # A multicast address maps one offset on every rank: usable only if the offsets agree.
