@@ -38,9 +38,11 @@ import _common
 from symmtriton import custom_ops
 from symmtriton.reference import rmsnorm
 
-#: (atol, rtol) of the normed hidden states, symmtriton vs torch.distributed, by dtype: the
-#: paths round differently (fp32 vs bf16 reduction and residual add, RMSNorm order)
-TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bfloat16: (3e-2, 3e-2)}
+#: largest allowed |symmtriton - torch.distributed| of the normed hidden states, as a fraction
+#: of their largest magnitude, by dtype. The paths round differently (the fused op reduces and
+#: adds the residual in fp32, torch.distributed in the element type; RMSNorm sums in another
+#: order), and a residual that differs by one rounding step shifts its whole normed row.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ class Layer:
         self.mlp_norm = 1 + randn(H, scale=0.1, salt=3, sharded=False)
         self.w_gate_up = randn(H, 2 * fl, scale=H ** -0.5, salt=4)
         self.w_down = randn(fl, H, scale=cfg.ffn ** -0.5, salt=5)
-        self.k_cache = torch.zeros(cfg.batch, cfg.max_len, hl, hd, dtype=cfg.dtype, device=device)
+        # [sequence, head, position, head_dim]: attention is two batched matmuls, no permutes
+        self.k_cache = torch.zeros(cfg.batch, hl, cfg.max_len, hd, dtype=cfg.dtype, device=device)
         self.v_cache = torch.zeros_like(self.k_cache)
 
 
@@ -114,12 +117,12 @@ class Model:
         self.residual.copy_(F.embedding(self.tokens[self.rows], self.embed))
         h = comm.all_gather_normed(self.residual, self.layers[0].attn_norm)
         for i, layer in enumerate(self.layers):
-            q, k, v = (h @ layer.wqkv).view(S, 3, hl, hd).unbind(1)
-            layer.k_cache.index_copy_(1, self.pos, k.unsqueeze(1))
-            layer.v_cache.index_copy_(1, self.pos, v.unsqueeze(1))
-            scores = torch.einsum("shd,sthd->sht", q, layer.k_cache).float() * hd ** -0.5
+            q, k, v = (h @ layer.wqkv).view(S, 3, hl, 1, hd).unbind(1)   # each [S, hl, 1, hd]
+            layer.k_cache.index_copy_(2, self.pos, k)
+            layer.v_cache.index_copy_(2, self.pos, v)
+            scores = (q @ layer.k_cache.transpose(-1, -2)).float() * hd ** -0.5  # [S, hl, 1, T]
             scores = scores.masked_fill(self.positions > self.pos, float("-inf"))
-            attn = torch.einsum("sht,sthd->shd", scores.softmax(-1).to(cfg.dtype), layer.v_cache)
+            attn = scores.softmax(-1).to(cfg.dtype) @ layer.v_cache               # [S, hl, 1, hd]
             h = comm.row_parallel(attn.reshape(S, hl * hd), layer.wo, self.residual, layer.mlp_norm)
             gate, up = (h @ layer.w_gate_up).chunk(2, dim=-1)
             next_norm = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
@@ -206,26 +209,23 @@ def make_step(model: Model, comm, use_graph: bool):
 def check(env, model: Model, symm_step, torch_step, steps: int, dtype) -> float:
     """Decode ``steps`` tokens with symmtriton, then feed the same tokens to the
     torch.distributed model; the normed hidden states of every step must agree within
-    :data:`TOLERANCE`. Returns their largest absolute difference."""
+    :data:`TOLERANCE`. Returns their largest absolute difference and the bound it met."""
     model.reset()
     fed, hidden = [], []
     for _ in range(steps):
         fed.append(model.tokens.clone())
         hidden.append(symm_step().clone())
     model.reset()
-    atol, rtol = TOLERANCE[dtype]
-    diff, ok = 0.0, True
+    diff = scale = 0.0
     for tokens, expect in zip(fed, hidden):
         model.tokens.copy_(tokens)
-        got, expect = torch_step().float(), expect.float()
-        err = (got - expect).abs()
-        diff = max(diff, err.max().item())
-        ok = ok and bool((err <= atol + rtol * expect.abs()).all())
+        diff = max(diff, (torch_step().float() - expect.float()).abs().max().item())
+        scale = max(scale, expect.float().abs().max().item())
     _common.synchronize(env)
-    diff = _common.max_over_ranks(env, diff)
-    _common.all_ranks_agree(env, ok, f"tp_decode: outputs differ beyond atol={atol:g} rtol={rtol:g} "
-                                     f"(max abs diff {diff:.3g})")
-    return diff
+    diff, scale = _common.max_over_ranks(env, diff), _common.max_over_ranks(env, scale)
+    bound = TOLERANCE[dtype] * max(scale, 1.0)
+    _common.all_ranks_agree(env, diff <= bound, f"tp_decode: max abs diff {diff:.3g} > tolerance {bound:.3g}")
+    return diff, bound
 
 
 def config_from(args, env, p: argparse.ArgumentParser) -> Config:
@@ -273,7 +273,7 @@ def main() -> None:
     symm_step = make_step(model, symm, graphs)
     torch_step = make_step(model, TorchComm(cfg, env), torch_graph)
 
-    diff = check(env, model, symm_step, torch_step, args.steps, cfg.dtype)
+    diff, bound = check(env, model, symm_step, torch_step, args.steps, cfg.dtype)
     model.reset()
     t_symm = _common.time_per_call(env, symm_step, args.iters, args.warmup)
     t_torch = _common.time_per_call(env, torch_step, args.iters, args.warmup)
@@ -285,7 +285,7 @@ def main() -> None:
         f"  per-token latency (one decode step): {SymmtritonComm.name} {_common.us(t_symm)}, "
         f"{TorchComm.name} {_common.us(t_torch)}; speed-up {t_torch / t_symm:.2f}x\n"
         f"  max abs diff of the normed hidden states over {args.steps} steps: {diff:.3g} "
-        f"(atol=rtol={TOLERANCE[cfg.dtype][0]:g}): outputs match"))
+        f"(tolerance {bound:.3g}): outputs match"))
     _common.finish(env)
 
 
