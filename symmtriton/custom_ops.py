@@ -16,9 +16,10 @@ breaks, and functionalization knows which tensors change. Fake (meta) implementa
 compiler trace shapes without running a collective.
 
 A process group cannot be an operator argument, so the ops take its name
-(``group.group_name``, see :func:`group_name`) and resolve it when they run. Under
-``torch.compile`` read the name (and the world size) outside the traced region or from plain
-attributes, e.g. store ``group_name(group)`` on the module in ``__init__``.
+(``group.group_name``, see :func:`group_name`) and resolve it when they run. Dynamo traces
+``group.group_name`` and ``dist.get_world_size(group)`` as constants, so a module may keep the
+group itself (as :func:`all_gather` and :func:`reduce_scatter` do) or store its name in
+``__init__``.
 
 The ops call :func:`symmtriton.all_gather_into_tensor`, :func:`symmtriton.reduce_scatter_tensor`
 and the fused ops of :mod:`symmtriton.ops.fused` (imported when first called), so they take the
