@@ -1,7 +1,8 @@
 """The one barrier every symmtriton kernel uses: per block, over signal pads.
 
-Protocol. Slot ``[block * WORLD_SIZE + r]`` of rank ``q``'s signal pad (uint32) carries signals
-from rank ``r``'s block ``block`` to rank ``q``'s block ``block``.
+Protocol. Slot ``[block * WORLD_SIZE + r]`` of rank ``q``'s signal pad (uint32, counted after
+the first ``SLOT0`` words) carries signals from rank ``r``'s block ``block`` to rank ``q``'s block
+``block``. The first ``SLOT0`` words hold the host backend's clock (see ``ptx.clock_ns``).
 
 - send: CAS ``0 -> 1`` on slot ``[block * W + RANK]`` of every peer's pad, *release*, system
   scope, retried until it succeeds (a 1 still there is the previous signal, not yet consumed).
@@ -20,12 +21,15 @@ is in flight: the barrier needs no host-side epoch and replays under CUDA graphs
 slot and waits on it alternate strictly, so as long as every rank launches the same grid for
 the same sequence of operations, the k-th send pairs with the k-th wait.
 
-The grid must satisfy ``blocks * WORLD_SIZE <= signal pad slots``; the launchers clamp it.
+The grid must satisfy ``SLOT0 + blocks * WORLD_SIZE <= signal pad words``; the launchers clamp
+it.
 
 Timeout: with ``deadline_ns > 0`` a spin gives up at that time on the global clock; the block
 then stores the bit mask of ranks that did not arrive in ``*err_addr`` (int32, this rank's
-memory, host-readable) and goes on; the host turns it into an error. The abandoned signals are
-left in the pads: a buffer that timed out must be destroyed and recreated.
+memory, host-readable) and goes on; the host turns it into an error. Later barriers that find
+the error word set give up at once, so a launch waits about one timeout, not one per barrier.
+The abandoned signals are left in the pads: a buffer that timed out must be destroyed and
+recreated.
 """
 
 import triton
@@ -33,24 +37,25 @@ import triton.language as tl
 
 from .ptx import clock_ns
 
+#: uint32 words at the start of every signal pad that are not barrier slots (the host clock).
+SLOT0 = tl.constexpr(2)
+
 
 @triton.jit
 def _spin_cas(addrs, todo, CMP: tl.constexpr, VAL: tl.constexpr, SEM: tl.constexpr, deadline_ns,
-              USE_PTX: tl.constexpr):
+              clock_addr, USE_PTX: tl.constexpr):
     """CAS ``CMP -> VAL`` on each lane in ``todo`` until every one succeeded or the deadline
     passed; returns the lanes that succeeded. A lane that succeeded turns into a CAS that cannot
     match (slots hold only 0 or 1), so it is never applied twice."""
     done = ~todo
-    spins = tl.zeros([], dtype=tl.int64)
     expired = 0
     while (tl.min(done.to(tl.int32), axis=0) == 0) & (expired == 0):
         cmp = tl.where(done, -1, CMP)
         val = tl.where(done, -1, VAL)
         old = tl.atomic_cas(addrs, cmp, val, sem=SEM, scope="sys")
         done = done | (old == CMP)
-        spins += 1
         if deadline_ns > 0:
-            expired = (clock_ns(spins, USE_PTX) > deadline_ns).to(tl.int32)
+            expired = (clock_ns(clock_addr, USE_PTX) > deadline_ns).to(tl.int32)
     return done
 
 
@@ -65,13 +70,16 @@ def barrier(sig_table, block_id, err_addr, timeout_ns, RANK: tl.constexpr,
     table = sig_table.to(tl.pointer_type(tl.int64))
     pads = tl.load(table + peers).to(tl.pointer_type(tl.int32))
     own = tl.load(table + RANK).to(tl.pointer_type(tl.int32))
-    slot = block_id * WORLD_SIZE
+    slot = SLOT0 + block_id * WORLD_SIZE
+    err = err_addr.to(tl.pointer_type(tl.int32))
     deadline_ns = tl.full([], 0, tl.int64)
     if timeout_ns > 0:
-        deadline_ns = clock_ns(tl.zeros([], dtype=tl.int64), USE_PTX) + timeout_ns
-    sent = _spin_cas(pads + slot + RANK, valid, 0, 1, "release", deadline_ns, USE_PTX)
-    got = _spin_cas(own + slot + peers, valid, 1, 0, "acquire", deadline_ns, USE_PTX)
+        deadline_ns = clock_ns(own, USE_PTX) + timeout_ns
+        if tl.load(err, volatile=True) != 0:
+            deadline_ns = tl.full([], 1, tl.int64)  # an earlier barrier timed out: do not wait again
+    sent = _spin_cas(pads + slot + RANK, valid, 0, 1, "release", deadline_ns, own, USE_PTX)
+    got = _spin_cas(own + slot + peers, valid, 1, 0, "acquire", deadline_ns, own, USE_PTX)
     missing = tl.sum(tl.where(valid & ~(sent & got), 1 << lanes, 0), axis=0)
     if missing != 0:
-        tl.store(err_addr.to(tl.pointer_type(tl.int32)), missing)
+        tl.store(err, missing)
     tl.debug_barrier()

@@ -20,9 +20,6 @@ branches around the instruction inside a ``{ }`` scope, whose label is local to 
 import triton
 import triton.language as tl
 
-# Interpreter twin of %globaltimer: the interpreter has no clock, so each spin counts as this
-# many nanoseconds (one spin of the barrier loop costs roughly 50-200 us in the interpreter).
-INTERPRETER_NS_PER_SPIN: tl.constexpr = 100_000
 
 
 @triton.jit
@@ -47,13 +44,15 @@ def peer_addr(table_addr, rank):
 
 
 @triton.jit
-def clock_ns(spins, USE_PTX: tl.constexpr):
-    """Nanoseconds on a global clock (``%globaltimer``); the twin counts ``spins`` (int64)."""
+def clock_ns(clock_addr, USE_PTX: tl.constexpr):
+    """Nanoseconds on a global clock: ``%globaltimer``. The twin reads the int64 at
+    ``clock_addr``, which the host backend keeps current from a thread of this process
+    (``time.monotonic_ns``, about every millisecond)."""
     if USE_PTX:
         t = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
                                       is_pure=False, pack=1)
     else:
-        t = spins * INTERPRETER_NS_PER_SPIN
+        t = tl.load(clock_addr.to(tl.pointer_type(tl.int64)), volatile=True)
     return t
 
 

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
+import time
 import uuid
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
@@ -92,6 +96,18 @@ class HostHandle(SymmHandle):
         self._pad_offset = seg.pad_offset
         self._group = group
         self.grid_limit = HOST_GRID_LIMIT
+        # The interpreter has no clock instruction: the barrier's timeout reads this rank's
+        # time from the first 8 bytes of its own signal pad, kept current by a thread.
+        self._clock = np.frombuffer(seg.map, dtype=np.int64, count=1, offset=seg.pad_offset)
+        self._clock[0] = time.monotonic_ns()
+        self._stop = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="symmtriton-host-clock", daemon=True)
+        self._ticker.start()
+
+    def _tick(self) -> None:
+        clock, stop = self._clock, self._stop
+        while not stop.wait(0.001):
+            clock[0] = time.monotonic_ns()
 
     def local_tensor(self) -> torch.Tensor:
         return self._bytes[self.rank][: self.buffer_size]
@@ -106,6 +122,9 @@ class HostHandle(SymmHandle):
         dist.barrier(group=self._group)
 
     def close(self) -> None:
+        self._stop.set()
+        self._ticker.join()
+        self._clock = None
         super().close()
         # Views handed out keep their mapping alive (frombuffer holds the mmap); ours go now.
         self._bytes = []

@@ -1,0 +1,177 @@
+"""Faults and endurance: peers that never arrive or exit, create/destroy cycles, a seeded stress
+loop of random collectives on one scratch buffer."""
+
+import glob
+import os
+import random
+import re
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import symmtriton as st
+from symmtriton import reference
+from symmtriton.backends.host import SHM_DIR, SHM_PREFIX
+from symmtriton.testing import CPU_ENV, WorkerPool, device, random_bits, sync, tagged
+
+TIMEOUT_S = 1.5
+BOUND_S = 30.0  # the interpreter's clock counts spins, not seconds: allow for its slack
+
+
+def _expect_timeout(rank, world, absent):
+    """Ranks in ``absent`` never call; the others must get CollectiveTimeoutError naming them."""
+    buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=1)
+    out = None
+    if rank not in absent:
+        x = torch.ones(64, device=device())
+        y = torch.empty(64 * world, device=device())
+        t0 = time.monotonic()
+        try:
+            st.all_gather_into_tensor(y, x, timeout_s=TIMEOUT_S)
+            st.synchronize()
+            out = ("no error",)
+        except st.CollectiveTimeoutError as e:
+            elapsed = time.monotonic() - t0
+            try:  # the buffer stays failed until it is destroyed
+                st.all_gather_into_tensor(y, x, timeout_s=TIMEOUT_S)
+                again = False
+            except st.CollectiveTimeoutError:
+                again = True
+            out = (all(f"{r}" in str(e).split("ranks")[-1] for r in absent), elapsed, again)
+    dist.barrier()
+    if buf.device.type == "cuda":
+        torch.cuda.synchronize()
+    return out
+
+
+def test_peer_that_never_calls_gives_timeout_error_within_bound(pool):
+    absent = [pool.world_size - 1]
+    res = pool.run(_expect_timeout, absent)
+    for rank, r in enumerate(res):
+        if rank in absent:
+            assert r is None
+        else:
+            named, elapsed, again = r
+            assert named and again and elapsed < BOUND_S
+
+
+def _exit_soon(rank, world):
+    st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=1)
+    dist.barrier()
+    if rank == world - 1:
+        threading.Timer(0.5, os._exit, (0,)).start()  # die right after answering
+        return "exiting"
+    time.sleep(2.0)  # the peer is gone now
+    try:
+        st.all_gather_into_tensor(torch.empty(64 * world, device=device()), torch.ones(64, device=device()),
+                                  timeout_s=TIMEOUT_S)
+        st.synchronize()
+        return "no error"
+    except st.CollectiveTimeoutError as e:
+        return f"timeout: {e}"
+
+
+def test_peer_that_exits_gives_timeout_error():
+    pool = WorkerPool(3, env=CPU_ENV, timeout=120)
+    try:
+        res = pool.run(_exit_soon)
+    finally:
+        pool.close(force=True)  # the survivors' process group still waits for the dead rank
+    assert res[2] == "exiting"
+    for r in res[:2]:
+        # rank 2 is named; a survivor that gave up first may be named too
+        assert r.startswith("timeout:") and re.search(r"waiting for ranks \[[0-9, ]*2\]", r), res
+
+
+def _shm_files():
+    return glob.glob(os.path.join(SHM_DIR, SHM_PREFIX + "*"))
+
+
+def _footprint():
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for line in f if SHM_PREFIX in line)
+    fds = len(os.listdir("/proc/self/fd"))
+    gpu = torch.cuda.mem_get_info()[0] if device().type == "cuda" else 0
+    return maps, fds, gpu
+
+
+def _create_destroy_cycles(rank, world, cycles):
+    M = st.SymmetricMemoryManager
+    M.get_buffer("warm", dist.group.WORLD, size_mb=2)  # first-use allocations out of the way
+    M.destroy()
+    before = _footprint()
+    for i in range(cycles):
+        buf = M.get_buffer("cycle", dist.group.WORLD, size_mb=2)
+        if i % 50 == 0:  # use it now and then
+            t = buf.maybe_get_tensor((world * 16,), torch.float32)["tensor"]
+            st.all_gather_into_tensor(t, torch.full((16,), float(rank), device=device()))
+            sync()
+        M.destroy("cycle")
+    dist.barrier()
+    after = _footprint()
+    return before, after, _shm_files()
+
+
+def test_200_create_destroy_cycles_do_not_grow(pool):
+    for before, after, files in pool.run(_create_destroy_cycles, 200, timeout=600):
+        assert files == []
+        assert after[0] == before[0]  # no shm mapping left behind
+        assert after[1] <= before[1] + 2  # no descriptors leaked
+        assert after[2] >= before[2] - (64 << 20)  # GPU free memory within 64 MiB
+
+
+def _stress(rank, world, seed, steps):
+    rng = random.Random(seed)  # same sequence on every rank: the calls must match
+    buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=8)
+    bad = []
+    for step in range(steps):
+        op = rng.choice(["ag", "rs", "fused"])
+        dtype = rng.choice([torch.bfloat16, torch.float16, torch.float32])
+        zero_copy = rng.random() < 0.5
+        if op == "ag":
+            n = rng.randint(1, 3000)
+            x = random_bits(n, dtype, rank, step)
+            out = buf.maybe_get_tensor((world * n,), dtype)["tensor"] if zero_copy else \
+                torch.empty(world * n, dtype=dtype, device=device())
+            st.all_gather_into_tensor(out, x)
+            sync()
+            ok = torch.equal(out.view(torch.uint8), reference.all_gather(
+                [random_bits(n, dtype, r, step) for r in range(world)]).view(torch.uint8))
+        elif op == "rs":
+            n = rng.randint(1, 3000)
+            x = tagged(world * n, dtype, rank, step)
+            if zero_copy:
+                sym = buf.maybe_get_tensor((world * n,), dtype)["tensor"]
+                sym.copy_(x)
+                x = sym
+            out = torch.empty(n, dtype=dtype, device=device())
+            st.reduce_scatter_tensor(out, x)
+            sync()
+            ok = torch.equal(out, reference.reduce_scatter(
+                [tagged(world * n, dtype, r, step) for r in range(world)], rank))
+        else:
+            s, H = rng.randint(1, 4), rng.choice([8, 40, 1000, 1032])
+            x = tagged(world * s * H, dtype, rank, step).view(world * s, H)
+            if zero_copy:
+                sym = buf.maybe_get_tensor((world * s, H), dtype)["tensor"]
+                sym.copy_(x)
+                x = sym
+            res = tagged(s * H, dtype, rank, step + 1, bound=2).view(s, H)
+            w = torch.ones(H, dtype=dtype, device=device())
+            st.reduce_scatter_add_rmsnorm_all_gather(x, res, w)
+            sync()
+            inputs = [tagged(world * s * H, dtype, r, step).view(world * s, H) for r in range(world)]
+            _, new_res = reference.reduce_scatter_add_rmsnorm(
+                inputs, tagged(s * H, dtype, rank, step + 1, bound=2).view(s, H), w, 1e-6, rank)
+            ok = torch.equal(res, new_res)
+        if not ok:
+            bad.append((step, op, str(dtype), zero_copy))
+    return bad
+
+
+@pytest.mark.parametrize("seed", [7])
+def test_seeded_random_stress_loses_nothing(pool, seed):
+    assert pool.run(_stress, seed, 40, timeout=600) == [[]] * pool.world_size
