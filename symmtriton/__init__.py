@@ -11,6 +11,7 @@ from .memory import SymmetricMemoryBuffer, SymmetricMemoryManager
 from .ops.all_gather import all_gather_into_tensor
 from .ops.fused import reduce_scatter_add_rmsnorm, reduce_scatter_add_rmsnorm_all_gather
 from .ops.reduce_scatter import reduce_scatter_tensor
+from . import custom_ops  # noqa: E402,F401 - registers torch.ops.symmtriton.* for torch.compile
 
 __all__ = [
     "SymmetricMemoryBuffer",
