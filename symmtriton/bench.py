@@ -262,41 +262,17 @@ def init_distributed(backend: str = "auto"):
 # timing
 
 
-class _Skip(Exception):
-    """This implementation cannot run here (agreed on every rank)."""
-
-
-def _graph_time(fn, opts: BenchOptions, dev, group) -> float:
-    stream = torch.cuda.Stream(dev)
-    stream.wait_stream(torch.cuda.current_stream(dev))
-    with torch.cuda.stream(stream):
-        for _ in range(max(1, opts.warmup)):
-            fn()
-    torch.cuda.current_stream(dev).wait_stream(stream)
-    torch.cuda.synchronize(dev)
-    graph, ok = torch.cuda.CUDAGraph(), True
-    try:
-        with torch.cuda.graph(graph):
-            for _ in range(opts.graph_iters):
-                fn()
-    except Exception:  # capture failed: nothing ran, so no peer waits on us
-        ok = False
-    if not tuning.all_ranks_ok(ok, group):
-        raise _Skip("not capturable in a CUDA graph")
-    return tuning.median_time(graph.replay, iters=opts.iters, warmup=1, device=dev,
-                              group=group) / opts.graph_iters
-
-
 def timed(fn, mode: str, opts: BenchOptions, dev, group) -> float | None:
     """Agreed seconds per call of ``fn`` (MAX over ranks), or ``None`` when it failed on some
     rank. ``fn`` must fail alike on every rank (before launching anything) or not at all."""
     ok, t = True, math.inf
     try:
         if mode == "graph":
-            t = _graph_time(fn, opts, dev, group)
+            t = tuning.graph_time(fn, iters=opts.iters, warmup=opts.warmup,
+                                  graph_iters=opts.graph_iters, device=dev, group=group)
         else:
             t = tuning.median_time(fn, iters=opts.iters, warmup=opts.warmup, device=dev, group=group)
-    except _Skip:
+    except tuning.CaptureError:  # agreed inside graph_time
         return None
     except Exception:
         ok = False
@@ -376,6 +352,10 @@ SYMM_MEM_OPS = {
     "reduce_scatter": (("reduce_scatter_out", False),),
     "fused": (("one_shot_all_reduce", False),),
 }
+
+
+#: torch.ops.symm_mem ops that cannot be captured in a CUDA graph.
+SYMM_MEM_NOT_CAPTURABLE = ("_low_contention_all_gather",)
 
 
 def symm_mem_baseline(op: str, shape: Shape, dtype, group, dev):
@@ -497,13 +477,30 @@ def run_sweep(opts: BenchOptions, group) -> tuple[list[dict], list[str]]:
         shape = shape_for(op, nbytes, dtype, world, opts.hidden)
         bkey = (op, dtype, shape.total_bytes, mode)
         if opts.baselines and bkey not in baselines:
+            # A capture the driver invalidates is costly (see tuning._abandon_capture): in graph
+            # mode skip what failed eagerly and what is known not to be capturable.
+            eager = baselines.get((op, dtype, shape.total_bytes, "eager"), {})
+
+            def capturable(key, why_not=None):
+                if mode != "graph":
+                    return True
+                if why_not:
+                    note(f"graph mode: {why_not}")
+                    return False
+                return not eager or eager.get(key) is not None
+
             base = {"baseline": dist_name}
-            base["baseline_s"] = timed(dist_baseline(op, shape, dtype, group, dev), mode, opts, dev, group)
+            gloo = "nccl" not in dist_name
+            base["baseline_s"] = (timed(dist_baseline(op, shape, dtype, group, dev), mode, opts, dev, group)
+                                  if capturable("baseline_s", gloo and f"torch.distributed over {dist_name} "
+                                                "is not capturable: skipped") else None)
             sm_name, sm_fn = symm_mem_baseline(op, shape, dtype, group, dev)
             if sm_name is None:
                 note(f"torch symm_mem baseline for {op}: {sm_fn}")
             base["symm_mem_op"] = sm_name
-            base["symm_mem_s"] = timed(sm_fn, mode, opts, dev, group) if sm_name else None
+            base["symm_mem_s"] = (timed(sm_fn, mode, opts, dev, group) if sm_name and capturable(
+                "symm_mem_s", sm_name in SYMM_MEM_NOT_CAPTURABLE and f"{sm_name} (side stream, host "
+                "barrier) is not capturable: skipped") else None)
             base["copy_s"] = timed(copy_baseline(shape, dev), mode, opts, dev, group)
             baselines[bkey] = base
         base = baselines.get(bkey, {})

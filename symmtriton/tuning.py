@@ -696,6 +696,60 @@ def median_time(fn: Callable[[], object], *, iters: int, warmup: int, device: to
     return statistics.median(times)
 
 
+class CaptureError(RuntimeError):
+    """A CUDA-graph capture failed on some rank (every rank raises it: the outcome is agreed)."""
+
+
+def _abandon_capture(device: torch.device, pool, stream) -> None:
+    """Undo what a failed capture leaves behind. When the driver invalidated the capture,
+    ``CUDAGraph.capture_end`` raises before it tells the caching allocator that the capture
+    ended, and before ``torch.cuda.graph`` restores the current stream: the allocator would then
+    keep routing to the graph's pool and assert at exit (``captures_underway.empty()``)."""
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if end is not None:
+        try:
+            end(device.index, pool)
+        except Exception:  # capture_end got that far itself: nothing to undo
+            pass
+    torch.cuda.set_stream(stream)
+    try:
+        torch.cuda.synchronize(device)
+    except Exception:  # the capture's error, reported once more
+        pass
+
+
+def graph_time(fn: Callable[[], object], *, iters: int, warmup: int, graph_iters: int,
+               device: torch.device, group) -> float:
+    """Seconds per call of ``fn`` inside a CUDA graph on this rank: ``warmup`` (at least one)
+    eager calls on a side stream, ``graph_iters`` calls captured in one graph, then the median
+    of ``iters`` replays (:func:`median_time`) divided by ``graph_iters``. Kernel time without
+    the host's launch cost, which dominates small messages in eager mode.
+
+    Collective: the ranks agree (MIN over ``group``) on whether the capture worked and every
+    rank raises :class:`CaptureError` if it failed anywhere; a failed capture launched nothing,
+    so no peer waits in a barrier."""
+    _check_count("graph_iters", graph_iters)
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            fn()
+    current.wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph, pool, ok = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle(), True
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            for _ in range(graph_iters):
+                fn()
+    except Exception:
+        ok = False
+        _abandon_capture(device, pool, current)
+    if not all_ranks_ok(ok, group):
+        raise CaptureError("not capturable in a CUDA graph on every rank")
+    return median_time(graph.replay, iters=iters, warmup=1, device=device, group=group) / graph_iters
+
+
 # ------------------------------------------------------------------------------------------------
 # tuning
 
@@ -714,6 +768,7 @@ class TuneResult:
     winner: LaunchConfig
     candidates: tuple
     times_s: tuple
+    mode: str = "eager"  # how the candidates were timed: "graph" or "eager"
 
     @property
     def winner_time_s(self) -> float:
@@ -723,7 +778,8 @@ class TuneResult:
 def tune(op: str, numel: int, dtype: torch.dtype, group=None,
          candidates: list[LaunchConfig] | tuple[LaunchConfig, ...] | None = None, *,
          placement: str = "staged", hidden: int | None = None, iters: int | None = None,
-         warmup: int | None = None, measure: Callable[[LaunchConfig, Callable[[], object]], float] | None = None,
+         warmup: int | None = None, mode: str | None = None, graph_iters: int = 10,
+         measure: Callable[[LaunchConfig, Callable[[], object]], float] | None = None,
          persist: bool = True) -> TuneResult:
     """Time ``candidates`` for ``op`` on shards of ``numel`` elements of ``dtype`` (tensor
     level: the AG input, the RS output, the fused residual of ``numel // hidden`` rows of
@@ -731,7 +787,11 @@ def tune(op: str, numel: int, dtype: torch.dtype, group=None,
     same arguments; the protocol is in the module docstring.
 
     ``candidates``: default :func:`candidate_configs` of the launch key. ``iters``/``warmup``:
-    default 20/5 on the GPU, 2/1 on the CPU. ``measure(config, run) -> seconds`` replaces the
+    default 20/5 on the GPU, 2/1 on the CPU. ``mode``: ``"graph"`` (default on the GPU: each
+    candidate timed in a CUDA graph of ``graph_iters`` calls, :func:`graph_time`, so the host's
+    launch cost does not drown the differences; falls back to eager for every candidate, agreed,
+    when the op cannot be captured) or ``"eager"`` (default on the CPU, :func:`median_time`).
+    ``measure(config, run) -> seconds`` replaces the
     timing (tests inject fake timings with it); it must call ``run()`` the same number of times
     on every rank. ``persist``: rank 0 merges the winner into the cache file. Raises
     ``ValueError`` when the arguments differ between ranks (on every rank, before any launch),
@@ -755,13 +815,19 @@ def tune(op: str, numel: int, dtype: torch.dtype, group=None,
         if not isinstance(c, LaunchConfig):
             raise TypeError(f"candidates must be LaunchConfig instances, got {c!r}")
     on_gpu = device().type == "cuda"
+    mode = ("graph" if on_gpu else "eager") if mode is None else mode
+    if mode not in ("graph", "eager"):
+        raise ValueError(f"mode must be 'graph' or 'eager', got {mode!r}")
+    if mode == "graph" and not on_gpu:
+        raise ValueError("mode 'graph' needs the cuda backend (CUDA graphs)")
+    _check_count("graph_iters", graph_iters)
     iters = (20 if on_gpu else 2) if iters is None else _check_count("iters", iters)
     warmup = (5 if on_gpu else 1) if warmup is None else warmup
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
 
     # 1. agree on the arguments before anything is launched.
-    signature = (op, numel, dtype_name(dtype), placement, hidden, iters, warmup,
+    signature = (op, numel, dtype_name(dtype), placement, hidden, iters, warmup, mode, graph_iters,
                  [c.as_dict() for c in candidates], measure is None, persist)
     signatures: list = [None] * world
     dist.all_gather_object(signatures, signature, group=group)
@@ -775,6 +841,15 @@ def tune(op: str, numel: int, dtype: torch.dtype, group=None,
         raise RuntimeError(f"tune: symmetric memory is unavailable ({buf.init_failure_reason}); the "
                            "ops would fall back to torch.distributed, which has nothing to tune")
     wl = make_workload(op, numel, dtype, group, placement=placement, hidden=hidden)
+    dev = wl.tensors["input"].device
+    if measure is None and mode == "graph":
+        try:  # capturability does not depend on the config: probe once with the op's own
+            graph_time(wl.run, iters=1, warmup=1, graph_iters=1, device=dev, group=group)
+        except CaptureError:
+            mode = "eager"
+            if rank == 0:
+                warnings.warn(f"tune: {op} cannot be captured in a CUDA graph here; timing eagerly",
+                              RuntimeWarning, stacklevel=2)
 
     # 2. same candidates, same order, same counts on every rank.
     local = []
@@ -783,9 +858,13 @@ def tune(op: str, numel: int, dtype: torch.dtype, group=None,
         try:
             if measure is not None:
                 t = float(measure(cfg, run))
+            elif mode == "graph":
+                t = graph_time(run, iters=iters, warmup=warmup, graph_iters=graph_iters, device=dev,
+                               group=group)
             else:
-                t = median_time(run, iters=iters, warmup=warmup, device=wl.tensors["input"].device,
-                                group=group)
+                t = median_time(run, iters=iters, warmup=warmup, device=dev, group=group)
+        except CaptureError:  # agreed on every rank
+            t = math.inf
         except ValueError:  # the op rejected the config before launching, on every rank alike
             t = math.inf
         local.append(t if t == t else math.inf)  # NaN -> rejected
@@ -807,9 +886,10 @@ def tune(op: str, numel: int, dtype: torch.dtype, group=None,
 
     # 5. record; rank 0 writes the file; nobody returns before it is there.
     key = cache_key(op, key_numel, key_dtype, world, hidden)
-    extra = {"time_us": round(times[idx] * 1e6, 3), "tuned_numel": key_numel,
+    extra = {"time_us": round(times[idx] * 1e6, 3), "mode": mode, "tuned_numel": key_numel,
              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     store_winner(key, winner, write=persist and rank == 0, extra=extra)
     if persist:
         group_barrier(group)
-    return TuneResult(op, numel, dtype, world, key, winner, candidates, tuple(times))
+    return TuneResult(op, numel, dtype, world, key, winner, candidates, tuple(times),
+                      "measure" if measure is not None else mode)
