@@ -28,6 +28,20 @@ logger = logging.getLogger("symmtriton")
 
 _MIB = 1024 * 1024
 
+#: callbacks ``hook(buf)`` run when a buffer is created, closed or destroyed, so caches derived
+#: from buffers (symmtriton._launch's launch plans) never outlive them.
+_invalidation_hooks: list = []
+
+
+def register_invalidation_hook(hook) -> None:
+    if hook not in _invalidation_hooks:
+        _invalidation_hooks.append(hook)
+
+
+def _invalidate(buf) -> None:
+    for hook in list(_invalidation_hooks):
+        hook(buf)
+
 
 def _element_size(dtype: torch.dtype) -> int:
     if not isinstance(dtype, torch.dtype):
@@ -211,8 +225,10 @@ class SymmetricMemoryBuffer:
             self.symm_mem_hdl.close()
         self.symm_mem_hdl = None
         self.symm_buffer = None
+        self.__dict__.pop("_launch_ctx", None)
         if self.init_failure_reason is None:
             self.init_failure_reason = "destroyed"
+        _invalidate(self)
 
     def __repr__(self) -> str:
         state = "ok" if self.symm_mem_hdl is not None else f"unavailable ({self.init_failure_reason})"
@@ -249,6 +265,7 @@ class SymmetricMemoryManager:
             raise ValueError(f"buffer {key!r} does not exist yet: pass process_group to create it")
         buf = SymmetricMemoryBuffer(cls._default_size_mb if size_mb is None else size_mb, process_group)
         cls._buffers[key] = buf
+        _invalidate(buf)  # the buffer a group's collectives use may change
         return buf
 
     @classmethod
@@ -263,7 +280,8 @@ class SymmetricMemoryManager:
         for k in keys:
             buf = cls._buffers.pop(k, None)
             if buf is not None:
-                buf.close()
+                buf.close()  # runs the invalidation hooks
+        _invalidate(None)
 
     @classmethod
     def buffer_for_group(cls, group) -> SymmetricMemoryBuffer:

@@ -25,6 +25,23 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group=None
     back to ``torch.distributed`` when symmetric memory cannot carry the call.
     ``input`` may be ``output``'s own shard (in place)."""
     group = L.resolve_group(group)
+    try:  # everything the launch decision depends on (see symmtriton._launch, launch plans)
+        key = (OP, group, output.data_ptr(), output.shape, output.stride(), output.dtype,
+               output.device, input.data_ptr(), input.shape, input.stride(), input.dtype,
+               input.device, config, L.timeout_key(timeout_s))
+    except (AttributeError, TypeError):
+        key = None  # not tensors: validation below raises
+    plan = L.get_plan(key) if key is not None else None
+    if plan is not None:
+        L.check_uniform(group, OP, output=output, input=input)
+        if plan.kind == "launch":
+            if config is not None or lookup_config(*plan.extra[0], **plan.extra[1]) is plan.extra[2]:
+                L.launch(plan.buf, OP, plan)
+                return output
+        elif plan.kind == "empty":
+            return output
+        else:
+            return torch_all_gather(output, input, group)
     check_tensor("output", output)
     check_tensor("input", input)
     check_same(OP, output=output, input=input)
@@ -34,26 +51,34 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group=None
     in_place = input.data_ptr() == output.data_ptr() + rank * nbytes
     if not in_place:
         check_distinct(OP, "output", output, "input", input)
-    L.check_uniform(group, OP, output=output, input=input)
+    if plan is None:
+        L.check_uniform(group, OP, output=output, input=input)
     if nbytes == 0:
+        L.put_plan(key, L.Plan("empty"))
         return output
     buf = L.find_buffer(group)
     out_off = buf.byte_offset_of(output) if buf.symm_mem_hdl is not None else None
     region = out_off if out_off is not None else L.region_after(buf, input)
     if not L.symm_usable(buf, input.device, region + world * nbytes):
+        L.put_plan(key, L.Plan("fallback"))
         return torch_all_gather(output, input, group)
     ctx = L.context(buf)
     unit = bit_unit(nbytes, input.data_ptr(), output.data_ptr(), region)
-    n = nbytes // torch.empty((), dtype=unit).element_size()
-    cfg = config or lookup_config("all_gather", n, unit, world)
+    n = nbytes // unit.itemsize
+    lookup = (("all_gather", n, unit, world), {})
+    cfg = config or lookup_config(*lookup[0])
     aligned = L.aligned16(input.data_ptr(), output.data_ptr(), ctx.local_base + region, nbytes)
     use_mm = unit == torch.int32 and L.multimem_eligible(ctx, None, ctx.local_base + region, nbytes,
                                                          input.data_ptr())
     kern = L.kernel("all_gather", "_all_gather_kernel")
-    L.launch(buf, OP, kern, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
-             input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
-             ctx.err_addr, region, n, L.timeout_ns(timeout_s),
-             DTYPE=TL_DTYPE[unit], RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2,
+    plan = L.Plan(
+        "launch", buf, kern, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
+        (input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
+         ctx.err_addr, region, n, L.timeout_ns(timeout_s)),
+        dict(DTYPE=TL_DTYPE[unit], RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2,
              BLOCK_SIZE=cfg.block_size, COPY_OUT=out_off is None, USE_MULTIMEM=use_mm,
-             USE_PTX=ctx.use_ptx, ALIGNED=aligned)
+             USE_PTX=ctx.use_ptx, ALIGNED=aligned),
+        extra=(lookup[0], lookup[1], cfg))
+    L.put_plan(key, plan)
+    L.launch(buf, OP, plan)
     return output

@@ -25,31 +25,56 @@ def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group=None,
     rank, e.g. written there by the preceding GEMM); otherwise it is staged into the buffer in
     the same launch. Falls back to ``torch.distributed`` when symmetric memory cannot carry it."""
     group = L.resolve_group(group)
+    try:  # everything the launch decision depends on (see symmtriton._launch, launch plans)
+        key = (OP, group, output.data_ptr(), output.shape, output.stride(), output.dtype,
+               output.device, input.data_ptr(), input.shape, input.stride(), input.dtype,
+               input.device, config, L.timeout_key(timeout_s))
+    except (AttributeError, TypeError):
+        key = None  # not tensors: validation below raises
+    plan = L.get_plan(key) if key is not None else None
+    if plan is not None:
+        L.check_uniform(group, OP, output=output, input=input)
+        if plan.kind == "launch":
+            if config is not None or lookup_config(*plan.extra[0], **plan.extra[1]) is plan.extra[2]:
+                L.launch(plan.buf, OP, plan)
+                return output
+        elif plan.kind == "empty":
+            return output
+        else:
+            return torch_reduce_scatter(output, input, group)
     check_tensor("output", output, dtypes=REDUCE_DTYPES)
     check_tensor("input", input, dtypes=REDUCE_DTYPES)
     check_same(OP, output=output, input=input)
     world = dist.get_world_size(group)
     check_gather_shapes(OP, input, output, world, "input", "output")
     check_distinct(OP, "output", output, "input", input)
-    L.check_uniform(group, OP, output=output, input=input)
+    if plan is None:
+        L.check_uniform(group, OP, output=output, input=input)
     n = output.numel()
     if n == 0:
+        L.put_plan(key, L.Plan("empty"))
         return output
     esize = output.element_size()
     buf = L.find_buffer(group)
     in_off = buf.byte_offset_of(input) if buf.symm_mem_hdl is not None else None
     region = in_off if in_off is not None else L.region_after(buf, output)
     if not L.symm_usable(buf, input.device, region + world * n * esize):
+        L.put_plan(key, L.Plan("fallback"))
         return torch_reduce_scatter(output, input, group)
     ctx = L.context(buf)
-    cfg = config or lookup_config("reduce_scatter", n, input.dtype, world)
+    lookup = (("reduce_scatter", n, input.dtype, world), {})
+    cfg = config or lookup_config(*lookup[0])
     aligned = L.aligned16(input.data_ptr(), output.data_ptr(), ctx.local_base + region, n * esize)
     use_mm = L.multimem_eligible(ctx, input.dtype, ctx.local_base + region, n * esize)
     kern = L.kernel("reduce_scatter", "_reduce_scatter_kernel")
-    L.launch(buf, OP, kern, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
-             input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
-             ctx.err_addr, region, n, L.timeout_ns(timeout_s),
-             DTYPE=TL_DTYPE[input.dtype], RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2,
+    plan = L.Plan(
+        "launch", buf, kern, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
+        (input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
+         ctx.err_addr, region, n, L.timeout_ns(timeout_s)),
+        dict(DTYPE=TL_DTYPE[input.dtype], RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2,
              BLOCK_SIZE=cfg.block_size, STAGE_IN=in_off is None, USE_MULTIMEM=use_mm,
-             USE_PTX=ctx.use_ptx, ALIGNED=aligned)
+             USE_PTX=ctx.use_ptx, ALIGNED=aligned),
+        extra=(lookup[0], lookup[1], cfg))
+    L.put_plan(key, plan)
+    L.launch(buf, OP, plan)
     return output

@@ -1,0 +1,161 @@
+"""Launch plans (symmtriton._launch): a repeated call reuses its plan and gives the same result;
+a call that differs in anything the plan depends on gets a new plan; bad input still raises after
+a plan was cached; destroying buffers drops the plans."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import symmtriton as st
+import symmtriton._launch as L
+from symmtriton import reference
+from symmtriton.testing import device, random_bits, sync
+
+
+def _count_launches():
+    launches = []
+    real = L.launch
+    L.launch = lambda *a, **k: launches.append(a[2]) or real(*a, **k)
+    return launches, real
+
+
+def _repeat_and_change(rank, world):
+    st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=4)
+    d = device()
+    launches, real = _count_launches()
+    results = {}
+    try:
+        n = 40
+        x = random_bits(n, torch.float32, rank)
+        out = torch.empty(world * n, dtype=torch.float32, device=d)
+        ref = reference.all_gather([random_bits(n, torch.float32, r) for r in range(world)])
+        for i in range(3):
+            out.zero_()
+            st.all_gather_into_tensor(out, x)
+            sync()
+            results[f"ag {i}"] = torch.equal(out.view(torch.int32), ref.view(torch.int32))
+        plans = launches[:]
+        results["one plan reused"] = len(plans) == 3 and plans[0] is plans[1] is plans[2]
+        results["plans cached"] = len(L._PLANS) == 1
+        # changed shape / pointer / dtype / timeout / config: each a new plan
+        x2 = random_bits(n + 2, torch.float32, rank)
+        out2 = torch.empty(world * (n + 2), dtype=torch.float32, device=d)
+        st.all_gather_into_tensor(out2, x2)
+        st.all_gather_into_tensor(out2[: world * n], x)            # same shape, new pointer
+        st.all_gather_into_tensor(out.view(torch.int32), x.view(torch.int32))  # new dtype
+        st.all_gather_into_tensor(out, x, timeout_s=100.0)
+        st.all_gather_into_tensor(out, x, config=st.LaunchConfig(block_size=64, num_warps=1, max_blocks=2))
+        sync()
+        results["ag still right"] = torch.equal(out.view(torch.int32), ref.view(torch.int32))
+        new = launches[3:]
+        results["new plans"] = len({id(p) for p in new}) == 5 and all(p is not plans[0] for p in new)
+        results["ptr arg"] = new[1].args[1] == out2.data_ptr() and plans[0].args[1] == out.data_ptr()
+        results["dtype arg"] = str(new[2].constexprs["DTYPE"]) != "" and new[2].constexprs["DTYPE"] == plans[0].constexprs["DTYPE"]
+        results["timeout arg"] = new[3].args[-1] == 100 * 10**9
+        results["config"] = new[4].constexprs["BLOCK_SIZE"] == 64
+        # reduce-scatter and fused reuse plans too
+        rs_in = torch.stack([random_bits(world * 16, torch.float32, r) for r in range(world)])[rank].contiguous()
+        rs_out = torch.empty(16, dtype=torch.float32, device=d)
+        k = len(launches)
+        for _ in range(2):
+            st.reduce_scatter_tensor(rs_out, rs_in.to(d))
+        results["rs reused"] = launches[k] is launches[k + 1]
+        S, H = 2 * world, 24
+        fin = torch.randn(S, H, generator=torch.Generator().manual_seed(rank)).to(d)
+        w = torch.ones(H, device=d)
+        res = torch.zeros(S // world, H, device=d)
+        outs = []
+        k = len(launches)
+        for _ in range(2):
+            res.zero_()
+            outs.append(st.reduce_scatter_add_rmsnorm_all_gather(fin, res, w))  # new out each call
+        sync()
+        results["fused out=None reused"] = launches[k] is launches[k + 1]
+        results["fused outs equal"] = torch.equal(outs[0], outs[1]) and outs[0].data_ptr() != outs[1].data_ptr()
+        # bad input after a cached plan still raises, before any launch
+        k = len(launches)
+        for call, exc in [
+            (lambda: st.all_gather_into_tensor(out, x.view(torch.int32)), TypeError),
+            (lambda: st.all_gather_into_tensor(out[:-1], x[:-1]), ValueError),
+            (lambda: st.all_gather_into_tensor(out, x, timeout_s=-1.0), ValueError),
+            (lambda: st.reduce_scatter_tensor(rs_out, rs_out), ValueError),
+            (lambda: st.reduce_scatter_add_rmsnorm_all_gather(fin, res, w, eps=-1.0), ValueError),
+            (lambda: st.reduce_scatter_add_rmsnorm_all_gather(fin, res, w, eps=True), ValueError),
+            (lambda: st.all_gather_into_tensor(out, x, group="tp"), TypeError),
+        ]:
+            with pytest.raises(exc):
+                call()
+        results["bad input: no launch"] = len(launches) == k
+        # destroy drops plans and the cached context
+        buf = st.SymmetricMemoryManager.get_buffer("tp")
+        results["ctx cached"] = buf.__dict__.get("_launch_ctx") is not None
+        st.SymmetricMemoryManager.destroy("tp")
+        results["destroy drops plans"] = len(L._PLANS) == 0 and "_launch_ctx" not in buf.__dict__
+        # a new buffer: a new plan (its pointers), still right
+        st.SymmetricMemoryManager.get_buffer("tp2", dist.group.WORLD, size_mb=4)
+        k = len(launches)
+        out.zero_()
+        st.all_gather_into_tensor(out, x)
+        sync()
+        results["after destroy"] = (torch.equal(out.view(torch.int32), ref.view(torch.int32))
+                                    and launches[k] is not plans[0] and launches[k].buf is not buf)
+    finally:
+        L.launch = real
+    return results
+
+
+def test_plans_reused_and_renewed(cpu_pool):
+    for results in cpu_pool(2).run(_repeat_and_change):
+        assert {k: v for k, v in results.items() if v is not True} == {}
+
+
+def _groups(rank, world):
+    """A changed group gets another plan (and another buffer)."""
+    sub = dist.new_group(list(range(world)))
+    launches, real = _count_launches()
+    try:
+        n = 8
+        x = random_bits(n, torch.float32, rank)
+        out = torch.empty(world * n, dtype=torch.float32, device=device())
+        st.all_gather_into_tensor(out, x)
+        st.all_gather_into_tensor(out, x, group=sub)
+        st.all_gather_into_tensor(out, x, group=sub)
+        sync()
+        ref = reference.all_gather([random_bits(n, torch.float32, r) for r in range(world)])
+        return (torch.equal(out.view(torch.int32), ref.view(torch.int32)),
+                launches[0] is not launches[1], launches[1] is launches[2],
+                launches[0].buf is not launches[1].buf)
+    finally:
+        L.launch = real
+        st.SymmetricMemoryManager.destroy()
+        dist.destroy_process_group(sub)
+
+
+def test_changed_group_gets_a_new_plan(cpu_pool):
+    for r in cpu_pool(2).run(_groups):
+        assert r == (True, True, True, True)
+
+
+def test_plan_cache_is_bounded():
+    L.clear_plans()
+    try:
+        for i in range(L.PLAN_CACHE_MAX + 10):
+            L.put_plan(("k", i), L.Plan("empty"))
+        assert len(L._PLANS) == L.PLAN_CACHE_MAX
+        assert L.get_plan(("k", 0)) is None and L.get_plan(("k", L.PLAN_CACHE_MAX + 9)) is not None
+        assert L.get_plan((["unhashable"],)) is None
+    finally:
+        L.clear_plans()
+
+
+def test_timeout_env_is_reparsed_when_it_changes(monkeypatch):
+    monkeypatch.delenv(L.TIMEOUT_ENV, raising=False)
+    assert L.timeout_ns() == int(L.DEFAULT_TIMEOUT_S * 1e9)
+    monkeypatch.setenv(L.TIMEOUT_ENV, "2.5")
+    assert L.timeout_ns() == 2_500_000_000
+    assert L.timeout_key(None) != L.timeout_key(1.0)
+    monkeypatch.setenv(L.TIMEOUT_ENV, "abc")
+    with pytest.raises(ValueError, match="not a number"):
+        L.timeout_ns()
+    monkeypatch.setenv(L.TIMEOUT_ENV, "0")
+    assert L.timeout_ns() == 0
