@@ -35,8 +35,12 @@ class LaunchConfig:
     def grid(self, numel: int, cap: int) -> int:
         """Blocks for ``numel`` elements per shard: one per chunk, at most ``max_blocks`` and at
         most ``cap`` (the launcher's bound: signal-pad slots, co-residency)."""
-        chunks = -(-numel // self.block_size)
-        return max(1, min(chunks, self.max_blocks, cap))
+        return self.row_grid(-(-numel // self.block_size), cap)
+
+    def row_grid(self, rows: int, cap: int) -> int:
+        """Blocks for the fused row kernels, where a chunk is one row (``block_size`` covers it):
+        one block per row, at most ``max_blocks`` and ``cap``."""
+        return max(1, min(rows, self.max_blocks, cap))
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -62,7 +66,7 @@ def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | 
     """
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     vec = max(1, 16 // esize)  # elements per 16-byte access
     if hidden is not None:
         if not 1 <= hidden <= MAX_FUSED_HIDDEN:

@@ -46,7 +46,7 @@ def _invalidate(buf) -> None:
 def _element_size(dtype: torch.dtype) -> int:
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _resolve_group(process_group):

@@ -157,7 +157,7 @@ def _fused(op, input, residual, weight, eps, group, out, all_gather, config, tim
     use_mm = L.multimem_eligible(ctx, input.dtype, ctx.local_base + region, row_bytes)
     kern = L.kernel("fused_rmsnorm", "_fused_rmsnorm_kernel")
     plan = L.Plan(
-        "launch", buf, kern, cfg.grid(s, ctx.grid_cap), cfg.num_warps,
+        "launch", buf, kern, cfg.row_grid(s, ctx.grid_cap), cfg.num_warps,
         (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(),
          ctx.buf_table, ctx.sig_table, ctx.mc_addr, ctx.err_addr, region, s, H, float(eps),
          L.timeout_ns(timeout_s)),
