@@ -109,6 +109,7 @@ def _create_destroy_cycles(rank, world, cycles):
             t = buf.maybe_get_tensor((world * 16,), torch.float32)["tensor"]
             st.all_gather_into_tensor(t, torch.full((16,), float(rank), device=device()))
             sync()
+            del t  # a view handed out keeps its pages mapped until it is gone (by design)
         M.destroy("cycle")
     dist.barrier()
     after = _footprint()
