@@ -9,6 +9,9 @@ import torch.distributed as dist
 
 import triton.language as tl
 
+from .. import _launch as L
+from ..tuning import lookup_config
+
 TL_DTYPE = {
     torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32,
     torch.int8: tl.int8, torch.uint8: tl.uint8, torch.int16: tl.int16, torch.int32: tl.int32,
@@ -36,3 +39,27 @@ def torch_reduce_scatter(output: torch.Tensor, input: torch.Tensor, group) -> to
         warnings.simplefilter("ignore", FutureWarning)
         dist.reduce_scatter_tensor(output, input, group=group)
     return output
+
+
+def call_key(op: str, group, config, timeout_s, output: torch.Tensor, input: torch.Tensor):
+    """Everything the launch decision of a two-tensor collective depends on (the plan-cache key,
+    see symmtriton._launch), or ``None`` when an argument is not a tensor (validation raises)."""
+    try:
+        return (op, group, output.data_ptr(), output.shape, output.stride(), output.dtype,
+                output.device, input.data_ptr(), input.shape, input.stride(), input.dtype,
+                input.device, config, L.timeout_key(timeout_s))
+    except (AttributeError, TypeError):
+        return None
+
+
+def replay(plan, op: str, group, config, fallback, output: torch.Tensor, input: torch.Tensor) -> bool:
+    """Serve a call from its stored ``plan``; ``False`` when the plan is stale (a config tuned
+    since it was made) and the caller must rebuild it."""
+    L.check_uniform(group, op, output=output, input=input)
+    if plan.kind == "launch":
+        if config is None and lookup_config(*plan.extra[0], **plan.extra[1]) is not plan.extra[2]:
+            return False
+        L.launch(plan.buf, op, plan)
+    elif plan.kind == "fallback":
+        fallback(output, input, group)
+    return True

@@ -9,7 +9,7 @@ from .. import _launch as L
 from ..config import LaunchConfig
 from ..tuning import lookup_config
 from ..validation import check_distinct, check_gather_shapes, check_same, check_tensor
-from ._common import TL_DTYPE, bit_unit, torch_all_gather
+from ._common import TL_DTYPE, bit_unit, call_key, replay, torch_all_gather
 
 OP = "all_gather_into_tensor"
 
@@ -25,23 +25,10 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group=None
     back to ``torch.distributed`` when symmetric memory cannot carry the call.
     ``input`` may be ``output``'s own shard (in place)."""
     group = L.resolve_group(group)
-    try:  # everything the launch decision depends on (see symmtriton._launch, launch plans)
-        key = (OP, group, output.data_ptr(), output.shape, output.stride(), output.dtype,
-               output.device, input.data_ptr(), input.shape, input.stride(), input.dtype,
-               input.device, config, L.timeout_key(timeout_s))
-    except (AttributeError, TypeError):
-        key = None  # not tensors: validation below raises
+    key = call_key(OP, group, config, timeout_s, output, input)
     plan = L.get_plan(key) if key is not None else None
-    if plan is not None:
-        L.check_uniform(group, OP, output=output, input=input)
-        if plan.kind == "launch":
-            if config is not None or lookup_config(*plan.extra[0], **plan.extra[1]) is plan.extra[2]:
-                L.launch(plan.buf, OP, plan)
-                return output
-        elif plan.kind == "empty":
-            return output
-        else:
-            return torch_all_gather(output, input, group)
+    if plan is not None and replay(plan, OP, group, config, torch_all_gather, output, input):
+        return output
     check_tensor("output", output)
     check_tensor("input", input)
     check_same(OP, output=output, input=input)
