@@ -65,6 +65,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from ._launch import env_raw
 from .config import CONFIG_KEYS, LaunchConfig, default_config
 
 #: the ops that have launch configs (names as lookup_config receives them).
@@ -262,7 +263,7 @@ def _load(path: str, env: str | None) -> _Table:
 
 def _table() -> _Table:
     global _TABLE
-    env = os.environ.get(CACHE_ENV)
+    env = env_raw(CACHE_ENV)  # per call: one dict lookup (os.environ.get of an unset name: ~4 us)
     if _TABLE.path is None or env != _TABLE.env:
         path = cache_path()
         _TABLE = _TABLE if path == _TABLE.path else _load(path, env)
