@@ -101,13 +101,8 @@ def kernel(module: str, name: str):
 
 
 def resolve_group(group):
-    if group is None:
-        if not dist.is_initialized():
-            raise ValueError("group is None and torch.distributed is not initialized")
-        return dist.group.WORLD
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {group!r}")
-    return group
+    """The collectives' ``group`` argument: a ProcessGroup, or ``None`` for the default group."""
+    return _memory.resolve_group(group, "group")
 
 
 @dataclass(frozen=True)

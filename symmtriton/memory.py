@@ -49,14 +49,15 @@ def _element_size(dtype: torch.dtype) -> int:
     return dtype.itemsize
 
 
-def _resolve_group(process_group):
-    if process_group is None:
+def resolve_group(group, name: str = "process_group"):
+    """``group``, or the default group for ``None``; raises naming the argument ``name``."""
+    if group is None:
         if not dist.is_initialized():
-            raise ValueError("no process_group given and torch.distributed is not initialized")
+            raise ValueError(f"{name} is None and torch.distributed is not initialized")
         return dist.group.WORLD
-    if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got {process_group!r}")
-    return process_group
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed.ProcessGroup or None, got {group!r}")
+    return group
 
 
 class SymmetricMemoryBuffer:
@@ -75,7 +76,7 @@ class SymmetricMemoryBuffer:
     def __init__(self, size_in_mb, process_group):
         if isinstance(size_in_mb, bool) or not isinstance(size_in_mb, (int, float)) or not size_in_mb > 0:
             raise ValueError(f"size_in_mb must be a positive number, got {size_in_mb!r}")
-        self.process_group = _resolve_group(process_group)
+        self.process_group = resolve_group(process_group)
         self.size_in_mb = size_in_mb
         self.nbytes = int(size_in_mb * _MIB)
         self.symm_buffer: torch.Tensor | None = None
@@ -288,7 +289,7 @@ class SymmetricMemoryManager:
         """The buffer collectives on ``group`` use: the first registered buffer of that group
         that is usable, else a new default-sized one under ``"__symmtriton_<group name>"``.
         Every rank runs the same calls, so every rank picks the same buffer."""
-        group = _resolve_group(group)
+        group = resolve_group(group)
         fallback = None
         for buf in cls._buffers.values():
             if buf.process_group is group:
