@@ -22,7 +22,7 @@ import importlib
 import inspect
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -118,7 +118,6 @@ class Ctx:
     err_addr: int
     grid_cap: int
     local_base: int
-    status_np: object = field(default=None, repr=False, compare=False)  # numpy view of buf.status
 
     @property
     def world_p2(self) -> int:
@@ -144,7 +143,7 @@ def context(buf: SymmetricMemoryBuffer) -> Ctx:
                            f"for {hdl.world_size} ranks")
     ctx = Ctx(buf, hdl.rank, hdl.world_size, hdl.buffer_ptrs_dev, hdl.signal_pad_ptrs_dev,
               hdl.multicast_ptr if buf.has_multicast else 0, buf.status.data_ptr(),
-              cap, hdl.buffer_ptrs[hdl.rank], status_view(buf))
+              cap, hdl.buffer_ptrs[hdl.rank])
     buf._launch_ctx = ctx
     return ctx
 

@@ -52,12 +52,19 @@ def call_key(op: str, group, config, timeout_s, output: torch.Tensor, input: tor
         return None
 
 
+def current(plan, config) -> bool:
+    """A launch plan still holds the config a call would get: ``config`` was forced, or the
+    tuner's answer is the one the plan was made with (``plan.extra = (args, kwargs, config)``
+    of that lookup)."""
+    return config is not None or lookup_config(*plan.extra[0], **plan.extra[1]) is plan.extra[2]
+
+
 def replay(plan, op: str, group, config, fallback, output: torch.Tensor, input: torch.Tensor) -> bool:
     """Serve a call from its stored ``plan``; ``False`` when the plan is stale (a config tuned
     since it was made) and the caller must rebuild it."""
     L.check_uniform(group, op, output=output, input=input)
     if plan.kind == "launch":
-        if config is None and lookup_config(*plan.extra[0], **plan.extra[1]) is not plan.extra[2]:
+        if not current(plan, config):
             return False
         L.launch(plan.buf, op, plan)
     elif plan.kind == "fallback":

@@ -20,7 +20,7 @@ from .. import reference
 from ..config import MAX_FUSED_HIDDEN, LaunchConfig
 from ..tuning import lookup_config
 from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
-from ._common import TL_DTYPE, torch_all_gather, torch_reduce_scatter
+from ._common import TL_DTYPE, current, torch_all_gather, torch_reduce_scatter
 
 
 def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.Tensor,
@@ -105,7 +105,7 @@ def _fused(op, input, residual, weight, eps, group, out, all_gather, config, tim
         if out is None:
             out = torch.empty(out_spec, dtype=input.dtype, device=input.device)
         if plan.kind == "launch":
-            if config is not None or lookup_config(*plan.extra[0], **plan.extra[1]) is plan.extra[2]:
+            if current(plan, config):
                 if plan.var_index is None:
                     L.launch(plan.buf, op, plan)
                     return out
@@ -173,9 +173,8 @@ def _fused(op, input, residual, weight, eps, group, out, all_gather, config, tim
 
 def _torch_fused(input, residual, weight, eps, group, out, all_gather, s):
     """The same computation through torch.distributed and torch ops (fp32 accumulation)."""
-    full = input.float() if input.dtype != torch.float32 else input.clone()
     shard = torch.empty((s, input.shape[1]), dtype=torch.float32, device=input.device)
-    torch_reduce_scatter(shard, full.contiguous(), group)
+    torch_reduce_scatter(shard, input.float(), group)  # input is contiguous and only read
     residual.copy_((residual.float() + shard).to(residual.dtype))
     normed = reference.rmsnorm(residual, weight, eps)
     if all_gather:
