@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU tier in one command, for the lent single-GPU machine (see benchmarks/README.md):
-# installs the package, runs `pytest -m gpu` (2 and 4 ranks on one GPU, CUDA graphs) and the
+# installs the package, runs `pytest -m gpu` (2, 4 and 8 ranks on one GPU, CUDA graphs) and the
 # benchmark CLI (W = 1 and W = 4 under MPS), writes logs and results under $OUT, and prints a
 # short summary last. DESIGN.md section 4: multicast stays off, no card settings are touched,
 # MPS is started here and stopped on exit.

@@ -41,12 +41,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 CPU_WORLD_SIZES = (2, 3, 4)
-GPU_WORLD_SIZES = (2, 4)
+GPU_WORLD_SIZES = (2, 4, 8)
 
 
 def pytest_generate_tests(metafunc):
     """``pool`` runs a test on CPU pools of 2, 3 and 4 ranks and, marked ``gpu``, on GPU pools
-    of 2 and 4 ranks sharing the visible GPUs. Use the ``cpu_pool`` fixture for CPU-only tests."""
+    of 2, 4 and 8 ranks sharing the visible GPUs. Use the ``cpu_pool`` fixture for CPU-only tests."""
     if "pool_spec" in metafunc.fixturenames:
         params = [pytest.param(("cpu", w), id=f"cpu-w{w}") for w in CPU_WORLD_SIZES]
         params += [pytest.param(("gpu", w), id=f"gpu-w{w}", marks=pytest.mark.gpu) for w in GPU_WORLD_SIZES]

@@ -98,30 +98,39 @@ def _footprint():
     return maps, fds, gpu
 
 
+def _cycle(rank, world, i):
+    buf = st.SymmetricMemoryManager.get_buffer("cycle", dist.group.WORLD, size_mb=2)
+    if i % 50 == 0:  # use it now and then
+        t = buf.maybe_get_tensor((world * 16,), torch.float32)["tensor"]
+        st.all_gather_into_tensor(t, torch.full((16,), float(rank), device=device()))
+        sync()
+        del t  # a view handed out keeps its pages mapped until it is gone (by design)
+    st.SymmetricMemoryManager.destroy("cycle")
+
+
 def _create_destroy_cycles(rank, world, cycles):
-    M = st.SymmetricMemoryManager
-    M.get_buffer("warm", dist.group.WORLD, size_mb=2)  # first-use allocations out of the way
-    M.destroy()
-    before = _footprint()
-    for i in range(cycles):
-        buf = M.get_buffer("cycle", dist.group.WORLD, size_mb=2)
-        if i % 50 == 0:  # use it now and then
-            t = buf.maybe_get_tensor((world * 16,), torch.float32)["tensor"]
-            st.all_gather_into_tensor(t, torch.full((16,), float(rank), device=device()))
-            sync()
-            del t  # a view handed out keeps its pages mapped until it is gone (by design)
-        M.destroy("cycle")
+    """Footprints after a warm-up cycle (first-use costs: kernel modules, allocator pools), half
+    way and at the end: growth shows as end > mid > before, a one-off cost as before only."""
+    _cycle(rank, world, 0)
     dist.barrier()
-    after = _footprint()
-    return before, after, _shm_files()
+    marks = [_footprint()]
+    for i in range(cycles):
+        _cycle(rank, world, i)
+        if i + 1 in (cycles // 2, cycles):
+            dist.barrier()  # every rank's frees are done before the device-wide reading
+            marks.append(_footprint())
+    return marks, _shm_files()
 
 
 def test_200_create_destroy_cycles_do_not_grow(pool):
-    for before, after, files in pool.run(_create_destroy_cycles, 200, timeout=600):
+    for (before, mid, after), files in pool.run(_create_destroy_cycles, 200, timeout=600):
         assert files == []
-        assert after[0] == before[0]  # no shm mapping left behind
-        assert after[1] <= before[1] + 2  # no descriptors leaked
-        assert after[2] >= before[2] - (64 << 20)  # GPU free memory within 64 MiB
+        assert after[0] == before[0], (before, after)  # no shm mapping left behind
+        assert after[1] <= before[1] + 2, (before, after)  # no descriptors leaked
+        # GPU free memory (device-wide, every rank's): no loss over 200 cycles beyond allocator
+        # rounding, and none at all over the second hundred
+        assert after[2] >= before[2] - (16 << 20), (before, mid, after)
+        assert after[2] >= mid[2] - (2 << 20), (before, mid, after)
 
 
 def _stress(rank, world, seed, steps):

@@ -35,7 +35,7 @@ def _tune_with_fake_times(rank, world, cache):
     with open(cache) as f:
         on_disk = json.load(f)
     return (res.winner, res.times_s, calls, tuning.lookup_config("all_gather", key_numel, key_dtype, world),
-            on_disk)
+            on_disk, tuning.device_name())
 
 
 def test_tuning_agrees_across_ranks_despite_rank_dependent_timings(pool, tmp_path):
@@ -46,14 +46,16 @@ def test_tuning_agrees_across_ranks_despite_rank_dependent_timings(pool, tmp_pat
     expected = AG_CANDIDATES[slowest.index(min(slowest))]
     local_picks = {AG_CANDIDATES[min(range(3), key=lambda i: fake_time(r, i))] for r in range(world)}
     assert len(local_picks) > 1  # local choices would disagree: the test means something
-    for winner, times, calls, looked_up, on_disk in results:
+    gpu = pool.env["SYMMTRITON_BACKEND"] == "cuda"
+    for winner, times, calls, looked_up, on_disk, device_name in results:
+        assert device_name == (torch.cuda.get_device_name() if gpu else "cpu")
         assert winner == expected
         assert list(times) == slowest  # MAX over ranks
         assert calls == list(AG_CANDIDATES)  # every rank ran every candidate, in order
         assert looked_up == expected
         [entry] = on_disk["entries"]
         assert entry["config"] == expected.as_dict() and set(entry["config"]) == set(CONFIG_KEYS)
-        assert (entry["device"], entry["world_size"], entry["op"], entry["dtype"]) == ("cpu", world, "all_gather", "int32")
+        assert (entry["device"], entry["world_size"], entry["op"], entry["dtype"]) == (device_name, world, "all_gather", "int32")
     assert not [p for p in os.listdir(tmp_path) if p != "tuning.json"]  # no temporary files left
 
 
