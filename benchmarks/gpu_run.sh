@@ -2,7 +2,8 @@
 # The GPU tier in one command, for the lent single-GPU machine (see benchmarks/README.md):
 # installs the package, runs `pytest -m gpu` (2, 4 and 8 ranks on one GPU, CUDA graphs) and the
 # benchmark CLI (W = 1 and W = 4 under MPS), writes logs and results under $OUT, and prints a
-# short summary last. DESIGN.md section 4: multicast stays off, no card settings are touched,
+# short summary last (BENCH_ARGS applies to every world size, BENCH_ARGS_W<W> to one).
+# DESIGN.md section 4: multicast stays off, no card settings are touched,
 # MPS is started here and stopped on exit.
 set -u
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
@@ -34,7 +35,8 @@ fi
 if [[ " $STAGES " == *" bench "* ]] && python3 -c 'import symmtriton.bench' 2>/dev/null; then
   for W in ${BENCH_WORLDS:-1 4}; do
     timeout "${BENCH_TIMEOUT:-240}" python3 -m torch.distributed.run --standalone --nproc-per-node="$W" \
-      -m symmtriton.bench --out-dir "$OUT" ${BENCH_ARGS:-} >"$OUT/bench_w$W.log" 2>&1
+      -m symmtriton.bench --out-dir "$OUT" ${BENCH_ARGS:-} $(eval echo "\${BENCH_ARGS_W$W:-}") \
+      >"$OUT/bench_w$W.log" 2>&1
     summary+=("bench W=$W: rc=$?")
   done
 fi

@@ -27,11 +27,11 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
                        timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
                        WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr, COPY_OUT: tl.constexpr,
-                       USE_MULTIMEM: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
+                       USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, USE_PTX)
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
     shard_off = region_off + RANK * as_i64(n) * ESIZE
     c = pid
@@ -43,7 +43,7 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
         store_all(mc_addr, buf_table, shard_off, start, n, vals, BLOCK_SIZE, DTYPE, RANK, WORLD_SIZE,
                   USE_MULTIMEM, ALIGNED)
         c += nprog
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, USE_PTX)
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
     if COPY_OUT:
         local = peer_addr(buf_table, RANK) + region_off
         copy_shards(local, out_addr, n, pid, nprog, DTYPE, BLOCK_SIZE, WORLD_SIZE, ALIGNED)

@@ -1,13 +1,16 @@
 """The one barrier every symmtriton kernel uses: per block, over signal pads.
 
-Protocol. Slot ``[block * WORLD_SIZE + r]`` of rank ``q``'s signal pad (uint32, counted after
-the first ``SLOT0`` words) carries signals from rank ``r``'s block ``block`` to rank ``q``'s block
-``block``. The first ``SLOT0`` words hold the host backend's clock (see ``ptx.clock_ns``).
+Protocol. Slot ``[block * WORLD_SIZE + r]`` of rank ``q``'s signal pad (int32, counted after the
+first ``SLOT0`` words) counts signals from rank ``r``'s block ``block`` to rank ``q``'s block
+``block`` that ``q`` has not consumed yet. The first ``SLOT0`` words hold the host backend's
+clock (see ``ptx.clock_ns``).
 
-- send: CAS ``0 -> 1`` on slot ``[block * W + RANK]`` of every peer's pad, *release*, system
-  scope, retried until it succeeds (a 1 still there is the previous signal, not yet consumed).
-- wait: CAS ``1 -> 0`` on slots ``[block * W + r]`` of this rank's pad for every ``r``, *acquire*,
-  system scope, retried until all succeed.
+- send: atomic ``+1``, *release*, system scope, on slot ``[block * W + RANK]`` of every peer's
+  pad. Nothing waits for its result.
+- wait: atomic reads (``+0``), *acquire*, system scope, of slots ``[block * W + r]`` of this
+  rank's pad, repeated until every one is ``>= 1``;
+- consume: atomic ``-1`` on each of them, relaxed (ordered before this lane's next read of the
+  slot by coherence: the same thread touches the same slot every time).
 
 A ``bar.sync`` (``tl.debug_barrier``) before the send makes every thread's earlier memory
 operations part of what the release publishes; one after the wait makes what the acquire saw
@@ -16,20 +19,27 @@ barrier happens-before everything block ``b`` of every rank does after it. Other
 ordered; kernels are written so that block ``b`` only touches data that block ``b`` of the peers
 touches, and successive launches are ordered by the stream.
 
-Each wait consumes exactly the signal it waits for, so the pads are all zero whenever no kernel
-is in flight: the barrier needs no host-side epoch and replays under CUDA graphs. Sends to a
-slot and waits on it alternate strictly, so as long as every rank launches the same grid for
-the same sequence of operations, the k-th send pairs with the k-th wait.
+A slot is a counter, not a flag, because a fast rank may send barrier ``k + 1`` before the peer
+consumed its signal of barrier ``k`` (it only needs the peer to have *sent* ``k``): the slot then
+holds 2, and never more. Each wait consumes exactly one signal per peer, so the pads are all zero
+whenever no kernel is in flight: the barrier needs no host-side epoch and replays under CUDA
+graphs. As long as every rank launches the same grid for the same sequence of operations, the
+k-th send pairs with the k-th wait. Per barrier a block waits for one memory round trip per
+poll, nothing more (the send and the consume are fire-and-forget).
+
+With ``WORLD_SIZE == 1`` the barrier is one ``bar.sync``: there is no peer to order against (the
+block's threads still are), and stream order covers successive launches.
 
 The grid must satisfy ``SLOT0 + blocks * WORLD_SIZE <= signal pad words``; the launchers clamp
 it.
 
-Timeout: with ``deadline_ns > 0`` a spin gives up at that time on the global clock; the block
-then stores the bit mask of ranks that did not arrive in ``*err_addr`` (int32, this rank's
-memory, host-readable) and goes on; the host turns it into an error. Later barriers that find
-the error word set give up at once, so a launch waits about one timeout, not one per barrier.
-The abandoned signals are left in the pads: a buffer that timed out must be destroyed and
-recreated.
+Timeout: with ``timeout_ns > 0``, a wait that keeps missing a peer for ``CLOCK_EVERY`` polls
+starts a deadline on the global clock (read once every ``CLOCK_EVERY`` polls from then on) and
+gives up once it passes; the block then stores the bit mask of ranks that did not arrive in
+``*err_addr`` (int32, this rank's memory, host-readable) and goes on; the host turns it into an
+error. A later barrier that finds the error word set gives up at its first clock read, so a
+launch waits about one timeout, not one per barrier. The abandoned signals are left in the pads:
+a buffer that timed out must be destroyed and recreated.
 """
 
 import triton
@@ -37,49 +47,58 @@ import triton.language as tl
 
 from .ptx import clock_ns
 
-#: uint32 words at the start of every signal pad that are not barrier slots (the host clock).
+#: int32 words at the start of every signal pad that are not barrier slots (the host clock).
 SLOT0 = tl.constexpr(2)
+#: polls between two clock reads. ``%globaltimer`` reads are slow when many blocks spin on
+#: them: reading it on every poll made a 1 MiB all-gather at 2 ranks x 32 blocks on one H100
+#: (MPS) take 168 us instead of 5 us (benchmarks/results/NOTES.md).
+CLOCK_EVERY = tl.constexpr(64)
 
 
 @triton.jit
-def _spin_cas(addrs, todo, CMP: tl.constexpr, VAL: tl.constexpr, SEM: tl.constexpr, deadline_ns,
-              clock_addr, USE_PTX: tl.constexpr):
-    """CAS ``CMP -> VAL`` on each lane in ``todo`` until every one succeeded or the deadline
-    passed; returns the lanes that succeeded. A lane that succeeded turns into a CAS that cannot
-    match (slots hold only 0 or 1), so it is never applied twice."""
-    done = ~todo
+def _wait_signalled(addrs, todo, err, timeout_ns, clock_addr, SCOPE: tl.constexpr,
+                    USE_PTX: tl.constexpr):
+    """Poll the slots at ``addrs`` (lanes in ``todo``) until each holds a signal or the deadline
+    passed; returns the lanes that got one (not yet consumed). The clock is read once every
+    ``CLOCK_EVERY`` misses, never on the fast path."""
+    got = ~todo
+    deadline_ns = tl.full([], 0, tl.int64)
+    misses = 0
     expired = 0
-    while (tl.min(done.to(tl.int32), axis=0) == 0) & (expired == 0):
-        cmp = tl.where(done, -1, CMP)
-        val = tl.where(done, -1, VAL)
-        old = tl.atomic_cas(addrs, cmp, val, sem=SEM, scope="sys")
-        done = done | (old == CMP)
-        if deadline_ns > 0:
-            expired = (clock_ns(clock_addr, USE_PTX) > deadline_ns).to(tl.int32)
-    return done
+    while (tl.min(got.to(tl.int32), axis=0) == 0) & (expired == 0):
+        old = tl.atomic_add(addrs, 0, mask=~got, sem="acquire", scope=SCOPE)
+        got = got | ((old >= 1) & ~got)
+        misses += 1
+        if (timeout_ns > 0) & (misses % CLOCK_EVERY == 0):
+            now = clock_ns(clock_addr, USE_PTX)
+            if deadline_ns == 0:  # start the clock, unless an earlier wait timed out
+                deadline_ns = now + timeout_ns
+                if tl.load(err, volatile=True) != 0:
+                    deadline_ns = now
+            expired = ((now >= deadline_ns) & (tl.min(got.to(tl.int32), axis=0) == 0)).to(tl.int32)
+    return got
 
 
 @triton.jit
 def barrier(sig_table, block_id, err_addr, timeout_ns, RANK: tl.constexpr,
-            WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, USE_PTX: tl.constexpr):
+            WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, SCOPE: tl.constexpr,
+            USE_PTX: tl.constexpr):
     """Barrier of block ``block_id`` with block ``block_id`` of every rank (module docstring)."""
     tl.debug_barrier()
-    lanes = tl.arange(0, WORLD_P2)
-    valid = lanes < WORLD_SIZE
-    peers = tl.minimum(lanes, WORLD_SIZE - 1)
-    table = sig_table.to(tl.pointer_type(tl.int64))
-    pads = tl.load(table + peers).to(tl.pointer_type(tl.int32))
-    own = tl.load(table + RANK).to(tl.pointer_type(tl.int32))
-    slot = SLOT0 + block_id * WORLD_SIZE
-    err = err_addr.to(tl.pointer_type(tl.int32))
-    deadline_ns = tl.full([], 0, tl.int64)
-    if timeout_ns > 0:
-        deadline_ns = clock_ns(own, USE_PTX) + timeout_ns
-        if tl.load(err, volatile=True) != 0:
-            deadline_ns = tl.full([], 1, tl.int64)  # an earlier barrier timed out: do not wait again
-    sent = _spin_cas(pads + slot + RANK, valid, 0, 1, "release", deadline_ns, own, USE_PTX)
-    got = _spin_cas(own + slot + peers, valid, 1, 0, "acquire", deadline_ns, own, USE_PTX)
-    missing = tl.sum(tl.where(valid & ~(sent & got), 1 << lanes, 0), axis=0)
-    if missing != 0:
-        tl.store(err, missing)
-    tl.debug_barrier()
+    if WORLD_SIZE > 1:
+        lanes = tl.arange(0, WORLD_P2)
+        valid = lanes < WORLD_SIZE
+        peers = tl.minimum(lanes, WORLD_SIZE - 1)
+        table = sig_table.to(tl.pointer_type(tl.int64))
+        pads = tl.load(table + peers).to(tl.pointer_type(tl.int32))
+        own = tl.load(table + RANK).to(tl.pointer_type(tl.int32))
+        slot = SLOT0 + block_id * WORLD_SIZE
+        err = err_addr.to(tl.pointer_type(tl.int32))
+        tl.atomic_add(pads + slot + RANK, 1, mask=valid, sem="release", scope=SCOPE)
+        mine = own + slot + peers
+        got = _wait_signalled(mine, valid, err, timeout_ns, own, SCOPE, USE_PTX)
+        tl.atomic_add(mine, -1, mask=valid & got, sem="relaxed", scope=SCOPE)
+        missing = tl.sum(tl.where(valid & ~got, 1 << lanes, 0), axis=0)
+        if missing != 0:
+            tl.store(err, missing)
+        tl.debug_barrier()

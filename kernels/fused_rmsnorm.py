@@ -49,7 +49,7 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
                           W_DTYPE: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
                           WORLD_P2: tl.constexpr, BLOCK_H: tl.constexpr, STAGE_IN: tl.constexpr,
                           ALL_GATHER: tl.constexpr, COPY_OUT: tl.constexpr,
-                          USE_MULTIMEM: tl.constexpr, USE_PTX: tl.constexpr,
+                          USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
                           ALIGNED: tl.constexpr):
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     pid = tl.program_id(0)
@@ -57,7 +57,7 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
     local = peer_addr(buf_table, RANK) + region_off
     if STAGE_IN:
         _copy_rows(in_addr, local, s, H, pid, nprog, DTYPE, BLOCK_H, WORLD_SIZE, ALIGNED)
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, USE_PTX)
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
     res = as_ptr(res_addr, DTYPE, ALIGNED)
@@ -80,6 +80,6 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
         else:
             tl.store(out + i.to(tl.int64) * H + cols, y, mask=mask)
         i += nprog
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, USE_PTX)
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
     if COPY_OUT:
         _copy_rows(local, out_addr, s, H, pid, nprog, DTYPE, BLOCK_H, WORLD_SIZE, ALIGNED)

@@ -24,7 +24,7 @@ def _reduce_scatter_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err
                            n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
                            WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                            BLOCK_SIZE: tl.constexpr, STAGE_IN: tl.constexpr,
-                           USE_MULTIMEM: tl.constexpr, USE_PTX: tl.constexpr,
+                           USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
                            ALIGNED: tl.constexpr):
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     pid = tl.program_id(0)
@@ -32,7 +32,7 @@ def _reduce_scatter_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err
     if STAGE_IN:
         local = peer_addr(buf_table, RANK) + region_off
         copy_shards(in_addr, local, n, pid, nprog, DTYPE, BLOCK_SIZE, WORLD_SIZE, ALIGNED)
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, USE_PTX)
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
     dst = as_ptr(out_addr, DTYPE, ALIGNED)
     slice_off = region_off + RANK * as_i64(n) * ESIZE
     c = pid
@@ -44,4 +44,4 @@ def _reduce_scatter_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err
                           USE_MULTIMEM, ALIGNED)
         tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
         c += nprog
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, USE_PTX)
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)

@@ -34,6 +34,7 @@ TIMEOUT_ENV = "SYMMTRITON_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0
 ALIGN = 16
 PAD_RESERVED_WORDS = 2  # kernels/barrier.py SLOT0: the host clock
+SCOPE_ENV = "SYMMTRITON_BARRIER_SCOPE"
 MULTIMEM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -118,6 +119,7 @@ class Ctx:
     err_addr: int
     grid_cap: int
     local_base: int
+    scope: str  # memory scope of the barrier's atomics (see barrier_scope)
 
     @property
     def world_p2(self) -> int:
@@ -143,9 +145,20 @@ def context(buf: SymmetricMemoryBuffer) -> Ctx:
                            f"for {hdl.world_size} ranks")
     ctx = Ctx(buf, hdl.rank, hdl.world_size, hdl.buffer_ptrs_dev, hdl.signal_pad_ptrs_dev,
               hdl.multicast_ptr if buf.has_multicast else 0, buf.status.data_ptr(),
-              cap, hdl.buffer_ptrs[hdl.rank])
+              cap, hdl.buffer_ptrs[hdl.rank], barrier_scope(hdl))
     buf._launch_ctx = ctx
     return ctx
+
+
+def barrier_scope(hdl) -> str:
+    """The barrier's memory scope: ``"gpu"`` when every rank of the group runs on this GPU (the
+    smallest scope holding all their threads), else ``"sys"`` (peers on other GPUs). Setting
+    ``$SYMMTRITON_BARRIER_SCOPE=sys`` forces ``"sys"`` everywhere, e.g. to measure the difference."""
+    forced = os.environ.get(SCOPE_ENV, "auto")
+    if forced not in ("auto", "sys"):
+        raise ValueError(f"{SCOPE_ENV} must be 'auto' or 'sys', got {forced!r}")
+    same_gpu = hdl.backend == "cuda" and hdl.ranks_on_device == hdl.world_size
+    return "gpu" if same_gpu and forced == "auto" else "sys"
 
 
 # -- eligibility predicates ---------------------------------------------------------------------

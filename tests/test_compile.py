@@ -5,13 +5,14 @@ must use 16-byte accesses when the launcher promises alignment.
 Compilation runs in a worker without TRITON_INTERPRET (kernels must be real JIT functions)."""
 
 import pytest
+import triton
 import triton.language as tl
 
 from symmtriton.testing import WorkerPool
 
 COMPILE_ENV = {"TRITON_INTERPRET": "0", "SYMMTRITON_BACKEND": "host", "CUDA_VISIBLE_DEVICES": ""}
 
-COMMON = dict(RANK=1, WORLD_SIZE=3, WORLD_P2=4, USE_PTX=True)
+COMMON = dict(RANK=1, WORLD_SIZE=3, WORLD_P2=4, SCOPE="sys", USE_PTX=True)
 KERNELS = {
     "all_gather": ("all_gather", "_all_gather_kernel",
                    dict(DTYPE=tl.int32, BLOCK_SIZE=1024, COPY_OUT=True)),
@@ -23,21 +24,27 @@ KERNELS = {
 }
 
 
-def _compile(rank, world, which, capability, multimem, aligned):
+def _compile(rank, world, which, capability, multimem, aligned, world_size=3, scope="sys"):
     import importlib
 
     from symmtriton.testing import compile_for_target
 
     module, name, extra = KERNELS[which]
     kern = getattr(importlib.import_module(f"symmtriton.kernels.{module}"), name)
-    c = compile_for_target(kern, capability, **COMMON, **extra, USE_MULTIMEM=multimem, ALIGNED=aligned)
+    sizes = dict(WORLD_SIZE=world_size, WORLD_P2=triton.next_power_of_2(world_size), SCOPE=scope)
+    c = compile_for_target(kern, capability, **{**COMMON, **sizes, "RANK": min(COMMON["RANK"], world_size - 1)}, **extra,
+                           USE_MULTIMEM=multimem, ALIGNED=aligned)
     ptx = c.asm["ptx"]
     return {
         "ld_reduce": ptx.count("multimem.ld_reduce"),
         "st": ptx.count("multimem.st"),
         "v4_loads": ptx.count("ld.global.v4") + ptx.count("ld.global.L1::evict_last.v4"),
         "globaltimer": "%globaltimer" in ptx,
-        "atom_cas": "atom" in ptx and "cas" in ptx,
+        # the barrier: release-add send, acquire-add polls, at the scope asked for
+        "signals": f"{scope}.release.add" in ptx and f"{scope}.acquire.add" in ptx,
+        "sys_atoms": ptx.count(".sys."),
+        "atoms": ptx.count("atom."),
+        "bar_sync": ptx.count("bar.sync"),
         "cubin": len(c.asm["cubin"]) > 0,
     }
 
@@ -53,7 +60,7 @@ def compiler():
 @pytest.mark.parametrize("which", sorted(KERNELS))
 def test_multimem_path_compiles_with_multimem_instructions(compiler, which, capability):
     [r] = compiler.run(_compile, which, capability, True, True)
-    assert r["cubin"] and r["atom_cas"] and r["globaltimer"]
+    assert r["cubin"] and r["signals"] and r["globaltimer"]
     if which in ("reduce_scatter", "fused"):
         assert r["ld_reduce"] > 0
     if which in ("all_gather", "fused"):
@@ -65,6 +72,20 @@ def test_peer_path_compiles_without_multimem_and_with_16_byte_loads(compiler, wh
     [r] = compiler.run(_compile, which, 90, False, True)
     assert r["cubin"] and r["ld_reduce"] == 0 and r["st"] == 0
     assert r["v4_loads"] > 0
+
+
+@pytest.mark.parametrize("which", sorted(KERNELS))
+def test_same_gpu_groups_signal_at_gpu_scope(compiler, which):
+    """SCOPE="gpu" (every rank on one GPU): no system-scope operation is left in the kernel."""
+    [r] = compiler.run(_compile, which, 90, False, True, 3, "gpu")
+    assert r["cubin"] and r["signals"] and r["sys_atoms"] == 0
+
+
+@pytest.mark.parametrize("which", sorted(KERNELS))
+def test_single_rank_kernels_have_no_barrier_atomics(compiler, which):
+    """W = 1: the barrier is only the block's bar.sync (no peer to signal, no clock to read)."""
+    [r] = compiler.run(_compile, which, 90, False, True, 1)
+    assert r["cubin"] and r["atoms"] == 0 and not r["globaltimer"] and r["bar_sync"] > 0
 
 
 @pytest.mark.parametrize("which", sorted(KERNELS))

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton import reference
+from symmtriton._launch import PAD_RESERVED_WORDS
 from symmtriton.backends.host import SHM_DIR, SHM_PREFIX
 from symmtriton.testing import CPU_ENV, WorkerPool, device, random_bits, sync, tagged
 
@@ -179,9 +180,18 @@ def _stress(rank, world, seed, steps):
             ok = torch.equal(res, new_res)
         if not ok:
             bad.append((step, op, str(dtype), zero_copy))
-    return bad
+    # a burst with no host sync in between: ranks drift apart by up to a barrier
+    out = buf.maybe_get_tensor((world * 512,), torch.float32)["tensor"]
+    for i in range(12):
+        st.all_gather_into_tensor(out, torch.full((512,), float(i + rank), device=device()))
+        st.reduce_scatter_tensor(torch.empty(512, device=device()), out)
+    sync()
+    dist.barrier()
+    # every signal sent was consumed: the pads are back to all zero (kernels/barrier.py)
+    pad = buf.symm_mem_hdl.signal_pad(rank)[PAD_RESERVED_WORDS:]
+    return bad, int(torch.count_nonzero(pad))
 
 
 @pytest.mark.parametrize("seed", [7])
 def test_seeded_random_stress_loses_nothing(pool, seed):
-    assert pool.run(_stress, seed, 40, timeout=600) == [[]] * pool.world_size
+    assert pool.run(_stress, seed, 40, timeout=600) == [([], 0)] * pool.world_size

@@ -80,6 +80,10 @@ class SymmHandle:
     def _peer_bytes(self, rank: int) -> torch.Tensor:  # pragma: no cover - backend specific
         raise NotImplementedError
 
+    def signal_pad(self, rank: int) -> torch.Tensor:  # pragma: no cover - backend specific
+        """``rank``'s whole signal pad as an int32 tensor (for inspection: kernels own it)."""
+        raise NotImplementedError
+
     def barrier(self) -> None:  # pragma: no cover - backend specific
         raise NotImplementedError
 

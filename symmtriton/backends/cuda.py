@@ -66,6 +66,9 @@ class CudaHandle(SymmHandle):
     def local_tensor(self) -> torch.Tensor:
         return self._tensor
 
+    def signal_pad(self, rank: int) -> torch.Tensor:
+        return self._hdl.get_signal_pad(rank, (self.signal_pad_size // 4,), torch.int32)
+
     def _peer_bytes(self, rank: int) -> torch.Tensor:
         if rank == self.rank:
             return self._tensor

@@ -64,7 +64,7 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group=None
          ctx.err_addr, region, n, L.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[unit], RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2,
              BLOCK_SIZE=cfg.block_size, COPY_OUT=out_off is None, USE_MULTIMEM=use_mm,
-             USE_PTX=ctx.use_ptx, ALIGNED=aligned),
+             SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
         extra=(lookup[0], lookup[1], cfg))
     L.put_plan(key, plan)
     L.launch(buf, OP, plan)

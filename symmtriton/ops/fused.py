@@ -164,7 +164,7 @@ def _fused(op, input, residual, weight, eps, group, out, all_gather, config, tim
         dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype],
              RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
              STAGE_IN=in_off is None, ALL_GATHER=all_gather, COPY_OUT=copy_out,
-             USE_MULTIMEM=use_mm, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
+             USE_MULTIMEM=use_mm, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
         extra=(lookup[0], lookup[1], cfg, out_spec, world), var_index=var_index)
     L.put_plan(key, plan)
     L.launch(buf, op, plan)
