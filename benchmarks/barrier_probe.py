@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton.config import LaunchConfig
-from symmtriton.tuning import graph_time
+from symmtriton.timing import graph_time
 
 
 def main() -> None:

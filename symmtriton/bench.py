@@ -23,9 +23,7 @@ all-reduce). The exit status is 1 when a row's check failed on some rank.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
-import json
 import math
 import os
 import re
@@ -37,24 +35,18 @@ import torch.distributed as dist
 
 import symmtriton
 
-from . import reference, tuning
-from .config import CONFIG_KEYS
+from . import reference, timing, tuning, workloads
 from .memory import SymmetricMemoryManager
 from .ops._common import torch_all_gather, torch_reduce_scatter
 from .testing import device as _device
 from .testing import free_port
+from .bench_report import bus_factor, bytes_moved, efficiency_report, format_table, write_outputs
 from .validation import REDUCE_DTYPES
 
 BUFFER_KEY = "symmtriton_bench"
 MODES = ("eager", "graph")
 #: rows at or above this size get a kernel-efficiency figure on the GPU.
 EFF_MIN_BYTES = 1 << 20
-#: columns of the CSV (and of each JSON row), in order.
-FIELDS = ("size_bytes", "count", "dtype", "op", "placement", "mode", "world_size", "path",
-          *CONFIG_KEYS, "time_us", "algbw_gbs", "busbw_gbs", "check",
-          "baseline", "baseline_us", "speedup", "symm_mem_op", "symm_mem_us", "speedup_symm_mem",
-          "copy_us", "copy_gbs", "efficiency")
-
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
           "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
 
@@ -203,10 +195,10 @@ def parse_options(argv=None) -> BenchOptions:
     try:
         dtype_names = _csv_list(args.dtypes, [tuning.dtype_name(t) for t in REDUCE_DTYPES], "dtypes")
         return BenchOptions(
-            ops=_csv_list(args.ops, tuning.OPS, "ops"),
+            ops=_csv_list(args.ops, workloads.OPS, "ops"),
             dtypes=tuple(tuning.parse_dtype(d) for d in dtype_names),
             modes=_csv_list(args.modes, MODES, "modes"),
-            placements=_csv_list(args.placement, tuning.PLACEMENTS, "placement"),
+            placements=_csv_list(args.placement, workloads.PLACEMENTS, "placement"),
             sizes=sweep_sizes(parse_bytes(args.min_bytes),
                               parse_bytes(args.max_bytes or ("256M" if on_gpu else "64K"))),
             iters=args.iters if args.iters is not None else (50 if on_gpu else 3),
@@ -268,17 +260,17 @@ def timed(fn, mode: str, opts: BenchOptions, dev, group) -> float | None:
     ok, t = True, math.inf
     try:
         if mode == "graph":
-            t = tuning.graph_time(fn, iters=opts.iters, warmup=opts.warmup,
+            t = timing.graph_time(fn, iters=opts.iters, warmup=opts.warmup,
                                   graph_iters=opts.graph_iters, device=dev, group=group)
         else:
-            t = tuning.median_time(fn, iters=opts.iters, warmup=opts.warmup, device=dev, group=group)
-    except tuning.CaptureError:  # agreed inside graph_time
+            t = timing.median_time(fn, iters=opts.iters, warmup=opts.warmup, device=dev, group=group)
+    except timing.CaptureError:  # agreed inside graph_time
         return None
     except Exception:
         ok = False
-    if not tuning.all_ranks_ok(ok, group):
+    if not timing.all_ranks_ok(ok, group):
         return None
-    return tuning.all_reduce_max([t], group)[0]
+    return timing.all_reduce_max([t], group)[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,7 +279,7 @@ def timed(fn, mode: str, opts: BenchOptions, dev, group) -> float | None:
 
 @dataclass(frozen=True)
 class Shape:
-    """One row's operands: ``numel`` per shard (see :class:`symmtriton.tuning.Workload`)."""
+    """One row's operands: ``numel`` per shard (see :class:`symmtriton.workloads.Workload`)."""
 
     numel: int
     hidden: int | None
@@ -306,17 +298,6 @@ def shape_for(op: str, nbytes: int, dtype: torch.dtype, world: int, hidden: int)
     h = min(hidden, max(1, nbytes // (world * esize)))
     rows = max(1, nbytes // (world * esize * h))
     return Shape(rows * h, h, world * rows * h * esize, world * rows * h)
-
-
-def bus_factor(op: str, world: int) -> float:
-    return (world - 1) / world * (2 if op == "fused" else 1)
-
-
-def bytes_moved(op: str, placement: str, total: int, world: int) -> int:
-    """Bytes one rank's kernel moves through its memory (see ``--help``: efficiency)."""
-    base = total + total // world
-    moved = 2 * base if op == "fused" else base
-    return moved + (2 * total if placement == "staged" else 0)
 
 
 def _zeros(shape, dtype, dev):
@@ -342,7 +323,7 @@ def dist_baseline(op: str, shape: Shape, dtype, group, dev):
     def fused():
         torch_reduce_scatter(part, inp, group)
         res.add_(part)
-        torch_all_gather(out, reference.rmsnorm(res, weight, tuning.FUSED_EPS), group)
+        torch_all_gather(out, reference.rmsnorm(res, weight, workloads.FUSED_EPS), group)
     return fused
 
 
@@ -377,13 +358,13 @@ def symm_mem_baseline(op: str, shape: Shape, dtype, group, dev):
             big = symm.empty(world * n, dtype=dtype, device=dev)
         except Exception:
             ok = False
-        if not tuning.all_ranks_ok(ok, group):
+        if not timing.all_ranks_ok(ok, group):
             return None, "symm_mem.empty failed"
         try:
             hdl = symm.rendezvous(big, group)
         except Exception:  # e.g. a group this torch cannot rendezvous on
             hdl = None
-        if not tuning.all_ranks_ok(hdl is not None and (not needs_mc or hdl.multicast_ptr != 0), group):
+        if not timing.all_ranks_ok(hdl is not None and (not needs_mc or hdl.multicast_ptr != 0), group):
             continue
         big.zero_()
         fn_op = getattr(ops, op_name)
@@ -434,7 +415,7 @@ def run_sweep(opts: BenchOptions, group) -> tuple[list[dict], list[str]]:
 
     ops = []
     for op in opts.ops:
-        if tuning.op_available(op):
+        if workloads.op_available(op):
             ops.append(op)
         else:
             note(f"{op}: skipped, symmtriton.reduce_scatter_add_rmsnorm_all_gather does not exist yet")
@@ -477,7 +458,7 @@ def run_sweep(opts: BenchOptions, group) -> tuple[list[dict], list[str]]:
         shape = shape_for(op, nbytes, dtype, world, opts.hidden)
         bkey = (op, dtype, shape.total_bytes, mode)
         if opts.baselines and bkey not in baselines:
-            # A capture the driver invalidates is costly (see tuning._abandon_capture): in graph
+            # A capture the driver invalidates is costly (see timing._abandon_capture): in graph
             # mode skip what failed eagerly and what is known not to be capturable.
             eager = baselines.get((op, dtype, shape.total_bytes, "eager"), {})
 
@@ -506,7 +487,7 @@ def run_sweep(opts: BenchOptions, group) -> tuple[list[dict], list[str]]:
         base = baselines.get(bkey, {})
         if placement == "zero_copy" and path == "fallback":
             continue
-        wl = tuning.make_workload(op, shape.numel, dtype, group, placement=placement, hidden=shape.hidden)
+        wl = workloads.make_workload(op, shape.numel, dtype, group, placement=placement, hidden=shape.hidden)
         key_numel, key_dtype = tuning.launch_key(op, shape.numel, dtype)
         cfg = tuning.lookup_config(op, key_numel, key_dtype, world, hidden=shape.hidden)
         ok = True
@@ -515,7 +496,7 @@ def run_sweep(opts: BenchOptions, group) -> tuple[list[dict], list[str]]:
         except Exception as exc:  # a raise before launch: alike on every rank
             ok = False
             note(f"{op} {placement}: {type(exc).__name__}: {exc}")
-        ok = tuning.all_ranks_ok(ok, group)
+        ok = timing.all_ranks_ok(ok, group)
         wl.reset()
         t = timed(wl.run, mode, opts, dev, group)
         total = shape.total_bytes
@@ -548,35 +529,6 @@ def run_sweep(opts: BenchOptions, group) -> tuple[list[dict], list[str]]:
 # output
 
 
-def _fmt(v, width, prec=2):
-    if v is None:
-        return "-".rjust(width)
-    if isinstance(v, float):
-        return f"{v:{width}.{prec}f}"
-    return str(v).rjust(width)
-
-
-def format_table(rows: list[dict], meta: dict) -> str:
-    """nccl-tests-like text table of ``rows``."""
-    cols = [("size", "size_bytes", 12), ("count", "count", 11), ("type", "dtype", 9), ("op", "op", 15),
-            ("placement", "placement", 10), ("mode", "mode", 6), ("time", "time_us", 10),
-            ("algbw", "algbw_gbs", 8), ("busbw", "busbw_gbs", 8), ("check", "check", 6),
-            ("block", "block_size", 6), ("warps", "num_warps", 5), ("maxblk", "max_blocks", 6),
-            ("base", "baseline_us", 10), ("speedup", "speedup", 8), ("symm_mem", "symm_mem_us", 10),
-            ("copy", "copy_us", 9), ("eff", "efficiency", 6)]
-    units = {"size": "(B)", "count": "(elems)", "time": "(us)", "algbw": "(GB/s)", "busbw": "(GB/s)",
-             "base": "(us)", "symm_mem": "(us)", "copy": "(us)"}
-    lines = [f"# symmtriton-bench: world {meta['world_size']}, device {meta['device']}, "
-             f"backend {meta['backend']}/{meta['dist_backend']}, torch {meta['torch']}, "
-             f"triton {meta['triton']}, {meta['date']}",
-             "# base = torch.distributed, symm_mem = torch.ops.symm_mem, copy = local device copy",
-             "#" + " ".join(h.rjust(w) for h, _, w in cols)[1:],
-             "#" + " ".join(units.get(h, "").rjust(w) for h, _, w in cols)[1:]]
-    for r in rows:
-        lines.append(" " + " ".join(_fmt(r[k], w) for _, k, w in cols)[1:])
-    return "\n".join(lines)
-
-
 def bench_meta(group, opts: BenchOptions, argv) -> dict:
     """Provenance recorded in the JSON (no host names)."""
     import triton
@@ -593,87 +545,6 @@ def bench_meta(group, opts: BenchOptions, argv) -> dict:
         "options": {k: (list(map(tuning.dtype_name, v)) if k == "dtypes" else v)
                     for k, v in asdict(opts).items()},
     }
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "device"
-
-
-def write_outputs(rows, notes, meta, opts: BenchOptions) -> dict:
-    """Write ``<name>.csv``, ``.json`` and (matplotlib permitting) ``.png``; returns the paths."""
-    os.makedirs(opts.out_dir, exist_ok=True)
-    stem = os.path.join(opts.out_dir, opts.name or f"symmtriton_{_slug(meta['device'])}_w{meta['world_size']}")
-    paths = {"csv": stem + ".csv", "json": stem + ".json"}
-    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows({k: ("" if r[k] is None else r[k]) for k in FIELDS} for r in rows)
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "notes": notes, "columns": list(FIELDS), "rows": rows}, f, indent=1)
-        f.write("\n")
-    if opts.plot:
-        png = stem + ".png"
-        try:
-            plot(rows, png, meta)
-            paths["png"] = png
-        except ImportError:
-            print("# note: matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
-    return paths
-
-
-def plot(rows: list[dict], path: str, meta: dict) -> None:
-    """Latency and busbw vs size, one line per implementation, one row of panels per op."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ops = list(dict.fromkeys(r["op"] for r in rows))
-    if not ops:
-        return
-    several_dtypes = len({r["dtype"] for r in rows}) > 1
-    fig, axes = plt.subplots(len(ops), 2, figsize=(13, 4.2 * len(ops)), squeeze=False)
-    for row_axes, op in zip(axes, ops):
-        lines: dict = {}
-        for r in (r for r in rows if r["op"] == op):
-            sfx = f" {r['mode']}" + (f" {r['dtype']}" if several_dtypes else "")
-            impls = [(f"symmtriton {r['placement']}{sfx}", r["time_us"]),
-                     (f"torch.distributed ({r['baseline']}){sfx}", r["baseline_us"]),
-                     (f"torch symm_mem {r['symm_mem_op']}{sfx}", r["symm_mem_us"]),
-                     (f"local copy{sfx}", r["copy_us"])]
-            for label, us in impls:
-                if us:
-                    lines.setdefault(label, {})[r["size_bytes"]] = us
-        factor = bus_factor(op, meta["world_size"])
-        for label, pts in lines.items():
-            sizes = sorted(pts)
-            style = "-" if label.startswith("symmtriton") else "--"
-            row_axes[0].plot(sizes, [pts[s] for s in sizes], style, marker="o", ms=3, label=label)
-            row_axes[1].plot(sizes, [s / (pts[s] * 1e-6) / 1e9 * factor for s in sizes], style,
-                             marker="o", ms=3, label=label)
-        for ax, ylabel in zip(row_axes, ("time per call (us)", "bus bandwidth (GB/s)")):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("size (bytes)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{op}, W={meta['world_size']}, {meta['device']}")
-            ax.grid(True, which="both", alpha=0.3)
-        row_axes[0].set_yscale("log")
-        row_axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def efficiency_report(rows: list[dict]) -> str:
-    """Kernel efficiency of the large GPU rows (bytes moved / time vs the local-copy ceiling)."""
-    out = []
-    for r in rows:
-        if r["efficiency"] is not None:
-            moved = bytes_moved(r["op"], r["placement"], r["size_bytes"], r["world_size"])
-            out.append(f"# efficiency {r['op']} {r['placement']} {r['mode']} {r['size_bytes']} B: "
-                       f"{moved / (r['time_us'] * 1e-6) / 1e9:.0f} GB/s moved vs copy ceiling "
-                       f"{r['copy_gbs']:.0f} GB/s = {100 * r['efficiency']:.0f}%")
-    return "\n".join(out)
 
 
 def main(argv=None) -> int:
@@ -696,7 +567,7 @@ def main(argv=None) -> int:
             print("# wrote " + ", ".join(paths.values()), file=sys.stderr)
             if failed:
                 print("# FAIL: some rows did not match the reference", file=sys.stderr)
-        tuning.group_barrier(group)
+        timing.group_barrier(group)
         return 1 if failed else 0
     finally:
         if _device().type == "cuda":

@@ -161,8 +161,6 @@ def run_distributed(fn, world_size: int, *args, env: dict | None = None, timeout
 # -- helpers for functions that run on the workers ----------------------------------------------
 def device():
     """The device this worker's collectives use (the backend's)."""
-    import torch
-
     from .backends import backend_device, select_backend
 
     return backend_device(select_backend())

@@ -51,13 +51,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import inspect
 import json
 import math
 import os
-import statistics
 import tempfile
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -67,37 +64,16 @@ import torch.distributed as dist
 
 from ._launch import env_raw
 from .config import CONFIG_KEYS, LaunchConfig, default_config
+from .timing import CaptureError, all_reduce_max, graph_time, group_barrier, group_device, median_time
+from .validation import check_count
+from .workloads import check_dtype, check_op, make_workload
 
-#: the ops that have launch configs (names as lookup_config receives them).
-OPS = ("all_gather", "reduce_scatter", "fused")
-#: where tensors of each op's operands may be placed (see :class:`Workload`).
-PLACEMENTS = ("zero_copy", "staged")
 CACHE_ENV = "SYMMTRITON_TUNING_CACHE"
 DEFAULT_CACHE = os.path.join("~", ".cache", "symmtriton", "tuning.json")
 CACHE_VERSION = 1
-#: epsilon the fused workload passes to RMSNorm.
-FUSED_EPS = 1e-6
 
 # ------------------------------------------------------------------------------------------------
 # keys
-
-
-def _check_op(op) -> str:
-    if op not in OPS:
-        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
-    return op
-
-
-def _check_dtype(dtype) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
-    return dtype
-
-
-def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -125,8 +101,8 @@ def launch_key(op: str, numel: int, dtype: torch.dtype) -> tuple[int, torch.dtyp
 
     All-gather copies bits in the widest unit that divides the shard's bytes (int32, int16 or
     uint8; see ``ops/_common.bit_unit``); the reductions launch in their own dtype."""
-    _check_op(op)
-    _check_dtype(dtype)
+    check_op(op)
+    check_dtype(dtype)
     if op != "all_gather":
         return int(numel), dtype
     from .ops._common import bit_unit
@@ -200,14 +176,14 @@ def _parse_record(rec) -> tuple[_Key, LaunchConfig]:
         raise ValueError(f"entry lacks {exc.args[0]!r}: {rec!r}") from None
     if not isinstance(device, str):
         raise ValueError(f"device must be a string, got {device!r}")
-    _check_count("world_size", world)
-    _check_op(op)
-    bucket = _check_count("bucket", bucket)
+    check_count("world_size", world)
+    check_op(op)
+    bucket = check_count("bucket", bucket)
     if bucket & (bucket - 1):
         raise ValueError(f"bucket must be a power of two, got {bucket}")
     hidden = rec.get("hidden")
     if op == "fused":
-        _check_count("hidden", hidden)
+        check_count("hidden", hidden)
     elif hidden is not None:
         raise ValueError(f"hidden applies to fused entries only, got {hidden!r} for {op!r}")
     if not isinstance(cfg, dict) or set(cfg) != set(CONFIG_KEYS):
@@ -300,8 +276,7 @@ def lookup_config(op: str, numel: int, dtype: torch.dtype, world: int, *,
                 torch.cuda.current_device() if torch.cuda.is_initialized() else -1)
     cfg = table.memo.get(memo_key)
     if cfg is None:
-        if op not in OPS:
-            raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
+        check_op(op)
         cfg = table.entries.get(cache_key(op, numel, dtype, world, hidden))
         if cfg is None:
             cfg = default_config(numel, dtype, world, hidden=hidden)
@@ -381,16 +356,16 @@ def candidate_configs(op: str, numel: int, dtype: torch.dtype, world: int, *,
     A deterministic function of its arguments, so every rank builds the same list.
     ``max_candidates`` keeps the default plus evenly spaced others (the Triton interpreter is
     slow: CPU tuning checks the plumbing, not the speed)."""
-    _check_op(op)
-    _check_dtype(dtype)
-    numel = _check_count("numel", numel)
-    world = _check_count("world", world)
+    check_op(op)
+    check_dtype(dtype)
+    numel = check_count("numel", numel)
+    world = check_count("world", world)
     if op != "fused" and hidden is not None:
         raise ValueError(f"hidden applies to the fused op only, got hidden={hidden!r} for {op!r}")
     if op == "fused":
         if hidden is None:
             raise ValueError("candidate_configs: op 'fused' needs hidden (the row length)")
-        _check_count("hidden", hidden)
+        check_count("hidden", hidden)
         if numel % hidden:
             raise ValueError(f"fused: numel {numel} is not a multiple of hidden {hidden}")
     if sm_count is None:
@@ -403,7 +378,7 @@ def candidate_configs(op: str, numel: int, dtype: torch.dtype, world: int, *,
     else:
         out = _chunk_candidates(op, default_config(numel, dtype, world), numel, dtype, grids)
     if max_candidates is not None:
-        _check_count("max_candidates", max_candidates)
+        check_count("max_candidates", max_candidates)
         if len(out) > max_candidates:
             base, rest, k = out[0], out[1:], max_candidates - 1
             if k <= 1:
@@ -453,305 +428,6 @@ def _row_candidates(base: LaunchConfig, rows: int, world: int, grids) -> list[La
 
 
 # ------------------------------------------------------------------------------------------------
-# workloads: one collective's operands on this rank, with rank-tagged data and its reference
-
-
-def fused_op():
-    """``symmtriton.reduce_scatter_add_rmsnorm_all_gather`` or ``None`` when this build lacks it."""
-    import symmtriton
-
-    fn = getattr(symmtriton, "reduce_scatter_add_rmsnorm_all_gather", None)
-    if fn is None:
-        try:
-            from .ops import fused as _fused
-        except ImportError:
-            return None
-        fn = getattr(_fused, "reduce_scatter_add_rmsnorm_all_gather", None)
-    return fn
-
-
-def op_available(op: str) -> bool:
-    """Whether ``op`` exists in this build (``fused`` may not yet)."""
-    return _check_op(op) != "fused" or fused_op() is not None
-
-
-def _takes_config(fn) -> bool:
-    try:
-        return "config" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-@dataclass(frozen=True, eq=False)
-class Workload:
-    """The operands of one collective on this rank and the call that runs it.
-
-    ``numel`` elements of ``dtype`` per shard: the all-gather input, the reduce-scatter output,
-    the fused op's residual (``rows x hidden``; its input is ``[world * rows, hidden]``).
-    ``placement``: ``"zero_copy"`` puts the operand that peers access (AG output, RS input, fused
-    input) in the group's symmetric buffer (``maybe_get_tensor``, byte 0: the scratch area),
-    ``"staged"`` uses ordinary tensors, so the op stages through the buffer. Data are
-    rank-tagged (:func:`symmtriton.testing.tagged`) so :meth:`check` compares exactly."""
-
-    op: str
-    numel: int
-    dtype: torch.dtype
-    placement: str
-    hidden: int
-    group: object
-    rank: int
-    world: int
-    tensors: dict
-
-    @property
-    def total_bytes(self) -> int:
-        """nccl-tests' size: the gathered output (AG), the full input (RS, fused)."""
-        return self.world * self.numel * torch.empty((), dtype=self.dtype).element_size()
-
-    def reset(self) -> None:
-        """Refill the inputs with their tagged values (the fused op updates its residual, and
-        the zero-copy operand is a scratch area other calls may have overwritten)."""
-        from .testing import tagged
-
-        t = self.tensors
-        if self.op == "all_gather":
-            t["input"].copy_(tagged(self.numel, self.dtype, self.rank))
-        else:
-            t["input"].view(-1).copy_(tagged(self.world * self.numel, self.dtype, self.rank))
-        if self.op == "fused":
-            t["residual"].view(-1).copy_(tagged(self.numel, self.dtype, self.rank, salt=1))
-
-    def run(self, config: LaunchConfig | None = None):
-        """One call of the op (``config`` forces the launch config)."""
-        import symmtriton as st
-
-        t = self.tensors
-        kw = {} if config is None else {"config": config}
-        if self.op == "all_gather":
-            return st.all_gather_into_tensor(t["output"], t["input"], self.group, **kw)
-        if self.op == "reduce_scatter":
-            return st.reduce_scatter_tensor(t["output"], t["input"], self.group, **kw)
-        fn = fused_op()
-        if config is not None and not _takes_config(fn):
-            raise RuntimeError("reduce_scatter_add_rmsnorm_all_gather has no config= argument: "
-                               "its launch config cannot be tuned")
-        return fn(t["input"], t["residual"], t["weight"], eps=FUSED_EPS, group=self.group,
-                  out=t["output"], **kw)
-
-    def expected(self) -> torch.Tensor:
-        """The reference result from every rank's tagged inputs (``symmtriton.reference``)."""
-        from . import reference
-        from .testing import tagged
-
-        w, n, dt = self.world, self.numel, self.dtype
-        if self.op == "all_gather":
-            return reference.all_gather([tagged(n, dt, r) for r in range(w)])
-        inputs = [tagged(w * n, dt, r) for r in range(w)]
-        if self.op == "reduce_scatter":
-            return reference.reduce_scatter(inputs, self.rank)
-        h = self.hidden
-        inputs = [x.view(-1, h) for x in inputs]
-        weight = self.tensors["weight"]
-        normed = [reference.reduce_scatter_add_rmsnorm(inputs, tagged(n, dt, r, salt=1).view(-1, h),
-                                                       weight, FUSED_EPS, r)[0] for r in range(w)]
-        return reference.all_gather(normed)
-
-    def check(self, config: LaunchConfig | None = None) -> bool:
-        """Reset, run once, synchronise and compare with :meth:`expected` on this rank: bits
-        for the all-gather, exact values for the reduce-scatter (tagged sums are exact), a
-        1-2 ulp tolerance for the fused op's RMSNorm."""
-        from .testing import sync
-
-        self.reset()
-        self.run(config)
-        sync()
-        got, ref = self.tensors["output"], self.expected().to(self.tensors["output"].device)
-        if self.op == "all_gather":
-            return torch.equal(got.view(-1).view(torch.uint8), ref.view(-1).view(torch.uint8))
-        if self.op == "reduce_scatter":
-            return torch.equal(got, ref)
-        tol = 1e-4 if self.dtype == torch.float32 else 1.0 / 64
-        return torch.allclose(got.float().view(-1), ref.float().view(-1), rtol=tol, atol=tol)
-
-
-def make_workload(op: str, numel: int, dtype: torch.dtype, group=None, *, placement: str = "staged",
-                  hidden: int | None = None) -> Workload:
-    """Allocate and fill the operands of ``op`` for shards of ``numel`` elements (see
-    :class:`Workload`). ``hidden`` (fused only, required there) must divide ``numel``. Raises ``ValueError`` naming the bad value, alike on every rank, when the
-    arguments do not fit (including a zero-copy operand that does not fit the buffer)."""
-    from . import _launch as L
-    from .memory import SymmetricMemoryManager
-    from .testing import device, tagged
-
-    _check_op(op)
-    _check_dtype(dtype)
-    numel = _check_count("numel", numel)
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
-    if op != "fused" and hidden is not None:
-        raise ValueError(f"hidden applies to the fused op only, got hidden={hidden!r} for {op!r}")
-    if op == "fused" and hidden is None:
-        raise ValueError("op 'fused' needs hidden (the row length H of its [S, H] input)")
-    hidden = numel if hidden is None else _check_count("hidden", hidden)
-    if numel % hidden:
-        raise ValueError(f"fused: numel {numel} is not a multiple of hidden {hidden}")
-    if op == "fused" and fused_op() is None:
-        raise RuntimeError("op 'fused' is not available: this build has no "
-                           "symmtriton.reduce_scatter_add_rmsnorm_all_gather")
-    group = L.resolve_group(group)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    dev = device()
-    big = (world * numel,) if op != "fused" else (world * numel // hidden, hidden)
-    placed = None
-    if placement == "zero_copy":
-        buf = SymmetricMemoryManager.buffer_for_group(group)
-        shape = big if op != "all_gather" else (world * numel,)
-        placed = buf.maybe_get_tensor(shape, dtype)["tensor"]
-        if placed is None:
-            raise ValueError(
-                f"placement 'zero_copy': {world * numel} elements of {dtype} do not fit the "
-                f"group's symmetric buffer ({buf!r})")
-    t: dict = {}
-    if op == "all_gather":
-        t["input"] = torch.empty(numel, dtype=dtype, device=dev)
-        t["output"] = placed if placed is not None else torch.empty(world * numel, dtype=dtype, device=dev)
-    elif op == "reduce_scatter":
-        t["input"] = placed if placed is not None else torch.empty(big, dtype=dtype, device=dev)
-        t["output"] = torch.empty(numel, dtype=dtype, device=dev)
-    else:
-        t["input"] = placed if placed is not None else torch.empty(big, dtype=dtype, device=dev)
-        t["residual"] = torch.empty(numel // hidden, hidden, dtype=dtype, device=dev)
-        t["weight"] = tagged(hidden, dtype, 0, salt=2)
-        t["output"] = torch.empty(big, dtype=dtype, device=dev)
-    wl = Workload(op, numel, dtype, placement, hidden, group, rank, world, t)
-    wl.reset()
-    return wl
-
-
-# ------------------------------------------------------------------------------------------------
-# timing
-
-
-def group_device(group) -> torch.device:
-    """Where tensors for host-side collectives on ``group`` live: the current GPU for NCCL
-    groups, the CPU otherwise (gloo)."""
-    backend = str(dist.get_backend(group)).lower()
-    if "nccl" in backend and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def group_barrier(group) -> None:
-    """All ranks of ``group`` reach this point (a one-element all-reduce, completed on the host:
-    unlike ``dist.barrier`` it needs no device ids for NCCL)."""
-    t = torch.zeros(1, device=group_device(group))
-    dist.all_reduce(t, group=group)
-    if t.is_cuda:
-        torch.cuda.synchronize(t.device)
-
-
-def all_reduce_max(values, group) -> list[float]:
-    """Element-wise max of ``values`` (floats; ``inf`` allowed) over ``group``."""
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=group_device(group))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return t.tolist()
-
-
-def all_ranks_ok(ok: bool, group) -> bool:
-    """``True`` on every rank iff ``ok`` is true on every rank of ``group``."""
-    t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=group_device(group))
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
-    return bool(t.item())
-
-
-def median_time(fn: Callable[[], object], *, iters: int, warmup: int, device: torch.device,
-                group=None) -> float:
-    """Median seconds of one ``fn()`` call on this rank: ``warmup`` untimed calls, a barrier on
-    ``group`` (when given) so the ranks start together, then ``iters`` timed calls, each
-    between two CUDA events (GPU) or two ``time.perf_counter`` reads (CPU)."""
-    _check_count("iters", iters)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        if group is not None:
-            group_barrier(group)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(iters)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) * 1e-3 for start, end in events]
-    else:
-        if group is not None:
-            group_barrier(group)
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-class CaptureError(RuntimeError):
-    """A CUDA-graph capture failed on some rank (every rank raises it: the outcome is agreed)."""
-
-
-def _abandon_capture(device: torch.device, pool, stream) -> None:
-    """Undo what a failed capture leaves behind. When the driver invalidated the capture,
-    ``CUDAGraph.capture_end`` raises before it tells the caching allocator that the capture
-    ended, and before ``torch.cuda.graph`` restores the current stream: the allocator would then
-    keep routing to the graph's pool and assert at exit (``captures_underway.empty()``)."""
-    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
-    if end is not None:
-        try:
-            end(device.index, pool)
-        except Exception:  # capture_end got that far itself: nothing to undo
-            pass
-    torch.cuda.set_stream(stream)
-    try:
-        torch.cuda.synchronize(device)
-    except Exception:  # the capture's error, reported once more
-        pass
-
-
-def graph_time(fn: Callable[[], object], *, iters: int, warmup: int, graph_iters: int,
-               device: torch.device, group) -> float:
-    """Seconds per call of ``fn`` inside a CUDA graph on this rank: ``warmup`` (at least one)
-    eager calls on a side stream, ``graph_iters`` calls captured in one graph, then the median
-    of ``iters`` replays (:func:`median_time`) divided by ``graph_iters``. Kernel time without
-    the host's launch cost, which dominates small messages in eager mode.
-
-    Collective: the ranks agree (MIN over ``group``) on whether the capture worked and every
-    rank raises :class:`CaptureError` if it failed anywhere; a failed capture launched nothing,
-    so no peer waits in a barrier."""
-    _check_count("graph_iters", graph_iters)
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        for _ in range(max(1, warmup)):
-            fn()
-    current.wait_stream(side)
-    torch.cuda.synchronize(device)
-    graph, pool, ok = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle(), True
-    try:
-        with torch.cuda.graph(graph, pool=pool):
-            for _ in range(graph_iters):
-                fn()
-    except Exception:
-        ok = False
-        _abandon_capture(device, pool, current)
-    if not all_ranks_ok(ok, group):
-        raise CaptureError("not capturable in a CUDA graph on every rank")
-    return median_time(graph.replay, iters=iters, warmup=1, device=device, group=group) / graph_iters
-
-
-# ------------------------------------------------------------------------------------------------
 # tuning
 
 
@@ -789,9 +465,10 @@ def tune(op: str, numel: int, dtype: torch.dtype, group=None,
 
     ``candidates``: default :func:`candidate_configs` of the launch key. ``iters``/``warmup``:
     default 20/5 on the GPU, 2/1 on the CPU. ``mode``: ``"graph"`` (default on the GPU: each
-    candidate timed in a CUDA graph of ``graph_iters`` calls, :func:`graph_time`, so the host's
-    launch cost does not drown the differences; falls back to eager for every candidate, agreed,
-    when the op cannot be captured) or ``"eager"`` (default on the CPU, :func:`median_time`).
+    candidate timed in a CUDA graph of ``graph_iters`` calls, :func:`.timing.graph_time`, so the
+    host's launch cost does not drown the differences; falls back to eager for every candidate,
+    agreed, when the op cannot be captured) or ``"eager"`` (default on the CPU,
+    :func:`.timing.median_time`).
     ``measure(config, run) -> seconds`` replaces the
     timing (tests inject fake timings with it); it must call ``run()`` the same number of times
     on every rank. ``persist``: rank 0 merges the winner into the cache file. Raises
@@ -801,9 +478,9 @@ def tune(op: str, numel: int, dtype: torch.dtype, group=None,
     from .memory import SymmetricMemoryManager
     from .testing import device
 
-    _check_op(op)
-    _check_dtype(dtype)
-    numel = _check_count("numel", numel)
+    check_op(op)
+    check_dtype(dtype)
+    numel = check_count("numel", numel)
     group = L.resolve_group(group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     key_numel, key_dtype = launch_key(op, numel, dtype)
@@ -821,8 +498,8 @@ def tune(op: str, numel: int, dtype: torch.dtype, group=None,
         raise ValueError(f"mode must be 'graph' or 'eager', got {mode!r}")
     if mode == "graph" and not on_gpu:
         raise ValueError("mode 'graph' needs the cuda backend (CUDA graphs)")
-    _check_count("graph_iters", graph_iters)
-    iters = (20 if on_gpu else 2) if iters is None else _check_count("iters", iters)
+    check_count("graph_iters", graph_iters)
+    iters = (20 if on_gpu else 2) if iters is None else check_count("iters", iters)
     warmup = (5 if on_gpu else 1) if warmup is None else warmup
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")

@@ -52,3 +52,10 @@ def check_distinct(what: str, a_name: str, a: torch.Tensor, b_name: str, b: torc
     a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
     if a0 < b1 and b0 < a1:
         raise ValueError(f"{what}: {a_name} and {b_name} overlap in memory")
+
+
+def check_count(name: str, value) -> int:
+    """``value`` as a positive int; ``ValueError`` naming ``name`` and the value otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from symmtriton import bench, tuning
+from symmtriton import bench, bench_report, tuning
 from symmtriton.config import CONFIG_KEYS
 from symmtriton.testing import CPU_ENV
 
@@ -36,8 +36,8 @@ def test_cli_sweep_with_tuning_in_pool(cpu_pool, tmp_path):
     argv = TINY + ["--ops", "all_gather,reduce_scatter,fused", "--tune", "--name", "tiny"]
     assert cpu_pool(2).run(_bench_main, out, cache, argv, timeout=300) == [0, 0]
     rows, data = _read(out, "tiny")
-    assert list(rows[0]) == list(bench.FIELDS)
-    assert set(CONFIG_KEYS) <= set(bench.FIELDS)
+    assert list(rows[0]) == list(bench_report.FIELDS)
+    assert set(CONFIG_KEYS) <= set(bench_report.FIELDS)
     # 3 ops x 1 size x 1 mode (graph is skipped on the CPU) x 2 placements
     assert [(r["op"], r["placement"], r["mode"]) for r in rows] == [
         (op, p, "eager") for op in ("all_gather", "reduce_scatter", "fused") for p in ("zero_copy", "staged")]
@@ -45,12 +45,12 @@ def test_cli_sweep_with_tuning_in_pool(cpu_pool, tmp_path):
         assert r["check"] == "ok" and r["path"] == "symmetric" and r["world_size"] == "2"
         assert float(r["time_us"]) > 0 and float(r["baseline_us"]) > 0 and float(r["copy_us"]) > 0
         assert r["baseline"] == "gloo" and r["symm_mem_us"] == "" and r["efficiency"] == ""
-        assert abs(float(r["busbw_gbs"]) - float(r["algbw_gbs"]) * bench.bus_factor(r["op"], 2)) < 2e-3
+        assert abs(float(r["busbw_gbs"]) - float(r["algbw_gbs"]) * bench_report.bus_factor(r["op"], 2)) < 2e-3
     assert {r["size_bytes"] for r in rows} == {"1024"}
     meta = data["meta"]
     assert meta["device"] == "cpu" and meta["world_size"] == 2
     assert meta["torch"] == torch.__version__ and meta["triton"] and meta["date"]
-    assert data["columns"] == list(bench.FIELDS) and len(data["rows"]) == len(rows)
+    assert data["columns"] == list(bench_report.FIELDS) and len(data["rows"]) == len(rows)
     assert any("graph mode needs CUDA" in n for n in data["notes"])
     assert not {"host", "hostname", "node"} & set(meta)  # hostname-free
     assert socket.gethostname() not in [v for v in meta.values() if isinstance(v, str)]
@@ -119,14 +119,14 @@ def test_sizes_and_shapes():
     assert fu.hidden == 128 and fu.numel == 128 and fu.total_bytes == 1024
     big = bench.shape_for("fused", 1 << 20, torch.bfloat16, 4, 4096)
     assert big.hidden == 4096 and big.count == 128 * 4096 and (big.count // big.hidden) % 4 == 0
-    assert bench.bus_factor("all_gather", 4) == 0.75 and bench.bus_factor("fused", 4) == 1.5
+    assert bench_report.bus_factor("all_gather", 4) == 0.75 and bench_report.bus_factor("fused", 4) == 1.5
 
 
 def test_table_format():
-    row = {k: None for k in bench.FIELDS}
+    row = {k: None for k in bench_report.FIELDS}
     row.update(size_bytes=1024, count=512, dtype="bfloat16", op="all_gather", placement="staged",
                mode="eager", time_us=12.5, algbw_gbs=0.08, busbw_gbs=0.04, check="ok")
     meta = {"world_size": 2, "device": "cpu", "backend": "host", "dist_backend": "gloo",
             "torch": "x", "triton": "y", "date": "d"}
-    text = bench.format_table([row], meta)
+    text = bench_report.format_table([row], meta)
     assert "busbw" in text and "12.50" in text and "all_gather" in text

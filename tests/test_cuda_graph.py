@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 
 def _graph_replays(rank, world, replays):
     dev = device()
-    buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=32)
+    st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=32)  # collectives find it
     n, s, H = 4096 + 8, 3, 1152
     ag_in = torch.empty(n, dtype=torch.bfloat16, device=dev)
     ag_out = torch.empty(world * n, dtype=torch.bfloat16, device=dev)

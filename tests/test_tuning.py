@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from symmtriton import tuning
 from symmtriton.config import CONFIG_KEYS, LaunchConfig, default_config

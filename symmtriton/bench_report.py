@@ -1,0 +1,141 @@
+"""The benchmark's outputs: the nccl-tests-style table, CSV/JSON files, the PNG plot and the
+kernel-efficiency lines (rows are the dicts :func:`symmtriton.bench.run_sweep` makes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import sys
+
+from .config import CONFIG_KEYS
+
+#: columns of the CSV (and of each JSON row), in order.
+FIELDS = ("size_bytes", "count", "dtype", "op", "placement", "mode", "world_size", "path",
+          *CONFIG_KEYS, "time_us", "algbw_gbs", "busbw_gbs", "check",
+          "baseline", "baseline_us", "speedup", "symm_mem_op", "symm_mem_us", "speedup_symm_mem",
+          "copy_us", "copy_gbs", "efficiency")
+
+
+def bus_factor(op: str, world: int) -> float:
+    return (world - 1) / world * (2 if op == "fused" else 1)
+
+
+def bytes_moved(op: str, placement: str, total: int, world: int) -> int:
+    """Bytes one rank's kernel moves through its memory (see ``--help``: efficiency)."""
+    base = total + total // world
+    moved = 2 * base if op == "fused" else base
+    return moved + (2 * total if placement == "staged" else 0)
+
+
+def _fmt(v, width, prec=2):
+    if v is None:
+        return "-".rjust(width)
+    if isinstance(v, float):
+        return f"{v:{width}.{prec}f}"
+    return str(v).rjust(width)
+
+
+def format_table(rows: list[dict], meta: dict) -> str:
+    """nccl-tests-like text table of ``rows``."""
+    cols = [("size", "size_bytes", 12), ("count", "count", 11), ("type", "dtype", 9), ("op", "op", 15),
+            ("placement", "placement", 10), ("mode", "mode", 6), ("time", "time_us", 10),
+            ("algbw", "algbw_gbs", 8), ("busbw", "busbw_gbs", 8), ("check", "check", 6),
+            ("block", "block_size", 6), ("warps", "num_warps", 5), ("maxblk", "max_blocks", 6),
+            ("base", "baseline_us", 10), ("speedup", "speedup", 8), ("symm_mem", "symm_mem_us", 10),
+            ("copy", "copy_us", 9), ("eff", "efficiency", 6)]
+    units = {"size": "(B)", "count": "(elems)", "time": "(us)", "algbw": "(GB/s)", "busbw": "(GB/s)",
+             "base": "(us)", "symm_mem": "(us)", "copy": "(us)"}
+    lines = [f"# symmtriton-bench: world {meta['world_size']}, device {meta['device']}, "
+             f"backend {meta['backend']}/{meta['dist_backend']}, torch {meta['torch']}, "
+             f"triton {meta['triton']}, {meta['date']}",
+             "# base = torch.distributed, symm_mem = torch.ops.symm_mem, copy = local device copy",
+             "#" + " ".join(h.rjust(w) for h, _, w in cols)[1:],
+             "#" + " ".join(units.get(h, "").rjust(w) for h, _, w in cols)[1:]]
+    for r in rows:
+        lines.append(" " + " ".join(_fmt(r[k], w) for _, k, w in cols)[1:])
+    return "\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "device"
+
+
+def write_outputs(rows, notes, meta, opts) -> dict:
+    """Write ``<name>.csv``, ``.json`` and (matplotlib permitting) ``.png`` under
+    ``opts.out_dir`` (``opts``: a ``BenchOptions``; ``name`` and ``plot`` are read too); returns
+    the paths."""
+    os.makedirs(opts.out_dir, exist_ok=True)
+    stem = os.path.join(opts.out_dir, opts.name or f"symmtriton_{_slug(meta['device'])}_w{meta['world_size']}")
+    paths = {"csv": stem + ".csv", "json": stem + ".json"}
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows({k: ("" if r[k] is None else r[k]) for k in FIELDS} for r in rows)
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "notes": notes, "columns": list(FIELDS), "rows": rows}, f, indent=1)
+        f.write("\n")
+    if opts.plot:
+        png = stem + ".png"
+        try:
+            plot(rows, png, meta)
+            paths["png"] = png
+        except ImportError:
+            print("# note: matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+    return paths
+
+
+def plot(rows: list[dict], path: str, meta: dict) -> None:
+    """Latency and busbw vs size, one line per implementation, one row of panels per op."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    if not ops:
+        return
+    several_dtypes = len({r["dtype"] for r in rows}) > 1
+    fig, axes = plt.subplots(len(ops), 2, figsize=(13, 4.2 * len(ops)), squeeze=False)
+    for row_axes, op in zip(axes, ops):
+        lines: dict = {}
+        for r in (r for r in rows if r["op"] == op):
+            sfx = f" {r['mode']}" + (f" {r['dtype']}" if several_dtypes else "")
+            impls = [(f"symmtriton {r['placement']}{sfx}", r["time_us"]),
+                     (f"torch.distributed ({r['baseline']}){sfx}", r["baseline_us"]),
+                     (f"torch symm_mem {r['symm_mem_op']}{sfx}", r["symm_mem_us"]),
+                     (f"local copy{sfx}", r["copy_us"])]
+            for label, us in impls:
+                if us:
+                    lines.setdefault(label, {})[r["size_bytes"]] = us
+        factor = bus_factor(op, meta["world_size"])
+        for label, pts in lines.items():
+            sizes = sorted(pts)
+            style = "-" if label.startswith("symmtriton") else "--"
+            row_axes[0].plot(sizes, [pts[s] for s in sizes], style, marker="o", ms=3, label=label)
+            row_axes[1].plot(sizes, [s / (pts[s] * 1e-6) / 1e9 * factor for s in sizes], style,
+                             marker="o", ms=3, label=label)
+        for ax, ylabel in zip(row_axes, ("time per call (us)", "bus bandwidth (GB/s)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("size (bytes)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{op}, W={meta['world_size']}, {meta['device']}")
+            ax.grid(True, which="both", alpha=0.3)
+        row_axes[0].set_yscale("log")
+        row_axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def efficiency_report(rows: list[dict]) -> str:
+    """Kernel efficiency of the large GPU rows (bytes moved / time vs the local-copy ceiling)."""
+    out = []
+    for r in rows:
+        if r["efficiency"] is not None:
+            moved = bytes_moved(r["op"], r["placement"], r["size_bytes"], r["world_size"])
+            out.append(f"# efficiency {r['op']} {r['placement']} {r['mode']} {r['size_bytes']} B: "
+                       f"{moved / (r['time_us'] * 1e-6) / 1e9:.0f} GB/s moved vs copy ceiling "
+                       f"{r['copy_gbs']:.0f} GB/s = {100 * r['efficiency']:.0f}%")
+    return "\n".join(out)

@@ -1,0 +1,132 @@
+"""Collective timing helpers shared by the autotuner and the benchmark: host-side barriers and
+reductions over a group, median eager timing, CUDA-graph timing whose capture outcome the ranks
+agree on."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .validation import check_count
+
+def group_device(group) -> torch.device:
+    """Where tensors for host-side collectives on ``group`` live: the current GPU for NCCL
+    groups, the CPU otherwise (gloo)."""
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def group_barrier(group) -> None:
+    """All ranks of ``group`` reach this point (a one-element all-reduce, completed on the host:
+    unlike ``dist.barrier`` it needs no device ids for NCCL)."""
+    t = torch.zeros(1, device=group_device(group))
+    dist.all_reduce(t, group=group)
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
+def all_reduce_max(values, group) -> list[float]:
+    """Element-wise max of ``values`` (floats; ``inf`` allowed) over ``group``."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=group_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
+def all_ranks_ok(ok: bool, group) -> bool:
+    """``True`` on every rank iff ``ok`` is true on every rank of ``group``."""
+    t = torch.tensor([1 if ok else 0], dtype=torch.int32, device=group_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
+def median_time(fn: Callable[[], object], *, iters: int, warmup: int, device: torch.device,
+                group=None) -> float:
+    """Median seconds of one ``fn()`` call on this rank: ``warmup`` untimed calls, a barrier on
+    ``group`` (when given) so the ranks start together, then ``iters`` timed calls, each
+    between two CUDA events (GPU) or two ``time.perf_counter`` reads (CPU)."""
+    check_count("iters", iters)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        if group is not None:
+            group_barrier(group)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) * 1e-3 for start, end in events]
+    else:
+        if group is not None:
+            group_barrier(group)
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class CaptureError(RuntimeError):
+    """A CUDA-graph capture failed on some rank (every rank raises it: the outcome is agreed)."""
+
+
+def _abandon_capture(device: torch.device, pool, stream) -> None:
+    """Undo what a failed capture leaves behind. When the driver invalidated the capture,
+    ``CUDAGraph.capture_end`` raises before it tells the caching allocator that the capture
+    ended, and before ``torch.cuda.graph`` restores the current stream: the allocator would then
+    keep routing to the graph's pool and assert at exit (``captures_underway.empty()``)."""
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if end is not None:
+        try:
+            end(device.index, pool)
+        except Exception:  # capture_end got that far itself: nothing to undo
+            pass
+    torch.cuda.set_stream(stream)
+    try:
+        torch.cuda.synchronize(device)
+    except Exception:  # the capture's error, reported once more
+        pass
+
+
+def graph_time(fn: Callable[[], object], *, iters: int, warmup: int, graph_iters: int,
+               device: torch.device, group) -> float:
+    """Seconds per call of ``fn`` inside a CUDA graph on this rank: ``warmup`` (at least one)
+    eager calls on a side stream, ``graph_iters`` calls captured in one graph, then the median
+    of ``iters`` replays (:func:`median_time`) divided by ``graph_iters``. Kernel time without
+    the host's launch cost, which dominates small messages in eager mode.
+
+    Collective: the ranks agree (MIN over ``group``) on whether the capture worked and every
+    rank raises :class:`CaptureError` if it failed anywhere; a failed capture launched nothing,
+    so no peer waits in a barrier."""
+    check_count("graph_iters", graph_iters)
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for _ in range(max(1, warmup)):
+            fn()
+    current.wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph, pool, ok = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle(), True
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            for _ in range(graph_iters):
+                fn()
+    except Exception:
+        ok = False
+        _abandon_capture(device, pool, current)
+    if not all_ranks_ok(ok, group):
+        raise CaptureError("not capturable in a CUDA graph on every rank")
+    return median_time(graph.replay, iters=iters, warmup=1, device=device, group=group) / graph_iters
