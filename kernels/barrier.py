@@ -5,12 +5,15 @@ first ``SLOT0`` words) counts signals from rank ``r``'s block ``block`` to rank 
 ``block`` that ``q`` has not consumed yet. The first ``SLOT0`` words hold the host backend's
 clock (see ``ptx.clock_ns``).
 
-- send: atomic ``+1``, *release*, system scope, on slot ``[block * W + RANK]`` of every peer's
-  pad. Nothing waits for its result.
-- wait: atomic reads (``+0``), *acquire*, system scope, of slots ``[block * W + r]`` of this
-  rank's pad, repeated until every one is ``>= 1``;
+- send: atomic ``+1``, *release*, on slot ``[block * W + RANK]`` of every peer's pad. Nothing
+  waits for its result.
+- wait: atomic reads (``+0``), *acquire*, of slots ``[block * W + r]`` of this rank's pad,
+  repeated until every one is ``>= 1``;
 - consume: atomic ``-1`` on each of them, relaxed (ordered before this lane's next read of the
   slot by coherence: the same thread touches the same slot every time).
+
+Every atomic has scope ``SCOPE``: ``"gpu"`` when all ranks run on one GPU, else ``"sys"``
+(peers on other GPUs); the launcher picks it (``_launch.barrier_scope``).
 
 A ``bar.sync`` (``tl.debug_barrier``) before the send makes every thread's earlier memory
 operations part of what the release publishes; one after the wait makes what the acquire saw
