@@ -27,7 +27,8 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
                        timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
                        WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr, COPY_OUT: tl.constexpr,
-                       USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
+                       USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
+                       ALIGNED: tl.constexpr):
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from .validation import check_count
 
+
 def group_device(group) -> torch.device:
     """Where tensors for host-side collectives on ``group`` live: the current GPU for NCCL
     groups, the CPU otherwise (gloo)."""

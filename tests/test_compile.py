@@ -31,9 +31,9 @@ def _compile(rank, world, which, capability, multimem, aligned, world_size=3, sc
 
     module, name, extra = KERNELS[which]
     kern = getattr(importlib.import_module(f"symmtriton.kernels.{module}"), name)
-    sizes = dict(WORLD_SIZE=world_size, WORLD_P2=triton.next_power_of_2(world_size), SCOPE=scope)
-    c = compile_for_target(kern, capability, **{**COMMON, **sizes, "RANK": min(COMMON["RANK"], world_size - 1)}, **extra,
-                           USE_MULTIMEM=multimem, ALIGNED=aligned)
+    group = dict(COMMON, WORLD_SIZE=world_size, WORLD_P2=triton.next_power_of_2(world_size),
+                 SCOPE=scope, RANK=min(COMMON["RANK"], world_size - 1))
+    c = compile_for_target(kern, capability, **group, **extra, USE_MULTIMEM=multimem, ALIGNED=aligned)
     ptx = c.asm["ptx"]
     return {
         "ld_reduce": ptx.count("multimem.ld_reduce"),

@@ -56,7 +56,7 @@ class SymmHandle:
 
     @property
     def signal_pad_slots(self) -> int:
-        """Number of uint32 barrier slots in each rank's signal pad."""
+        """32-bit words in each rank's signal pad (the barrier slots follow the reserved ones)."""
         return self.signal_pad_size // 4
 
     def get_buffer(self, rank: int, sizes, dtype: torch.dtype, storage_offset: int = 0) -> torch.Tensor:
