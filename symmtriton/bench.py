@@ -291,7 +291,7 @@ def shape_for(op: str, nbytes: int, dtype: torch.dtype, world: int, hidden: int)
     """The operands nearest ``nbytes`` (rounded down to whole shards; fused: ``[S, H]`` with
     ``H = hidden``, or less when ``nbytes`` holds fewer than ``W`` rows, and ``S`` a multiple of
     ``W``)."""
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     if op != "fused":
         numel = max(1, nbytes // (world * esize))
         return Shape(numel, None, world * numel * esize, world * numel)

@@ -143,7 +143,7 @@ class SymmetricMemoryBuffer:
         self.has_multicast = all(v[1] for v in votes)
         # Error word the barriers write on timeout: host memory the kernels can store to
         # (pinned, so mapped into the GPU's address space), read by the host without a sync.
-        self.status = torch.zeros(4, dtype=torch.int32, pin_memory=self.backend == "cuda")
+        self.status = torch.zeros(4, dtype=torch.int32, device="cpu", pin_memory=self.backend == "cuda")
 
     @staticmethod
     def _release_local(local) -> None:

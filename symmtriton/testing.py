@@ -171,7 +171,7 @@ def tagged(numel: int, dtype, rank: int, salt: int = 0, *, bound: int = 6):
     ranks stay exact in bf16, fp16 and fp32, so reductions can be checked exactly."""
     import torch
 
-    idx = torch.arange(numel, dtype=torch.int64)
+    idx = torch.arange(numel, dtype=torch.int64, device="cpu")
     vals = (idx * 7 + 13 * rank + 5 * salt) % (2 * bound + 1) - bound
     return vals.to(dtype).to(device())
 
@@ -181,9 +181,9 @@ def random_bits(numel: int, dtype, rank: int, salt: int = 0):
     a bit copy must reproduce them exactly."""
     import torch
 
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     g = torch.Generator().manual_seed(1_000_003 * rank + salt)
-    raw = torch.randint(0, 256, (numel * esize,), dtype=torch.uint8, generator=g)
+    raw = torch.randint(0, 256, (numel * esize,), dtype=torch.uint8, generator=g, device="cpu")
     return raw.view(dtype).to(device())
 
 

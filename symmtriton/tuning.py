@@ -107,9 +107,9 @@ def launch_key(op: str, numel: int, dtype: torch.dtype) -> tuple[int, torch.dtyp
         return int(numel), dtype
     from .ops._common import bit_unit
 
-    nbytes = int(numel) * torch.empty((), dtype=dtype).element_size()
+    nbytes = int(numel) * dtype.itemsize
     unit = bit_unit(nbytes)
-    return nbytes // torch.empty((), dtype=unit).element_size(), unit
+    return nbytes // unit.itemsize, unit
 
 
 @functools.lru_cache(maxsize=None)
@@ -389,7 +389,7 @@ def candidate_configs(op: str, numel: int, dtype: torch.dtype, world: int, *,
 
 
 def _chunk_candidates(op, base: LaunchConfig, numel: int, dtype, grids) -> list[LaunchConfig]:
-    esize = torch.empty((), dtype=dtype).element_size()
+    esize = dtype.itemsize
     vec = max(1, 16 // esize)
     max_vecs = 16 if op == "all_gather" else 8
     out = [base]

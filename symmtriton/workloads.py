@@ -82,7 +82,7 @@ class Workload:
     @property
     def total_bytes(self) -> int:
         """nccl-tests' size: the gathered output (AG), the full input (RS, fused)."""
-        return self.world * self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.world * self.numel * self.dtype.itemsize
 
     def reset(self) -> None:
         """Refill the inputs with their tagged values (the fused op updates its residual, and

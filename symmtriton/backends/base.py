@@ -68,7 +68,9 @@ class SymmHandle:
         numel = 1
         for s in sizes:
             numel *= s
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+        itemsize = dtype.itemsize
         end = (storage_offset + numel) * itemsize
         if storage_offset < 0 or end > self.buffer_size:
             raise ValueError(
