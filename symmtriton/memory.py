@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends
+from .backends import cuda as cuda_backend
 from .backends import host as host_backend
 
 logger = logging.getLogger("symmtriton")
@@ -97,59 +98,59 @@ class SymmetricMemoryBuffer:
         return out
 
     def _setup(self) -> None:
-        local, reason = None, None
+        """Allocate, agree, rendezvous, agree. Whatever ends it early (a failed vote, a peer
+        that died and broke a host collective, an interrupt) frees this rank's memory first:
+        a host segment is never left in ``/dev/shm``."""
+        local = hdl = None
+        try:
+            local, reason = self._allocate_local()
+            votes = self._gather((reason, self.nbytes, self.backend))
+            if len({v[1] for v in votes}) != 1 or len({v[2] for v in votes}) != 1:
+                raise ValueError(
+                    "ranks disagree on the symmetric buffer: (bytes, backend) per rank = "
+                    f"{[(v[1], v[2]) for v in votes]}")
+            failed = [f"rank {r}: {v[0]}" for r, v in enumerate(votes) if v[0] is not None]
+            if failed:
+                self._fail("allocation failed on " + "; ".join(failed))
+                return
+            reason = None
+            try:
+                hdl, local = self._rendezvous(local), None  # the handle owns the memory now
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            votes = self._gather((reason, hdl.multicast_ptr != 0 if hdl is not None else False))
+            failed = [f"rank {r}: {v[0]}" for r, v in enumerate(votes) if v[0] is not None]
+            if failed:
+                self._fail("rendezvous failed on " + "; ".join(failed))
+                return
+            # Error word the barriers write on timeout: host memory the kernels can store to
+            # (pinned, so mapped into the GPU's address space), read by the host without a sync.
+            self.status = torch.zeros(4, dtype=torch.int32, device="cpu",
+                                      pin_memory=self.backend == "cuda")
+            self.symm_mem_hdl, self.symm_buffer = hdl, hdl.local_tensor()
+            self.has_multicast = all(v[1] for v in votes)
+            hdl = None
+        finally:
+            if hdl is not None:
+                hdl.close()
+            if isinstance(local, host_backend.HostSegment):
+                local.close()
+
+    def _allocate_local(self):
+        """(this rank's memory, None) or (None, the reason it could not be had)."""
         try:
             if os.environ.get("SYMMTRITON_DISABLE", "") == "1":
                 raise RuntimeError("disabled by SYMMTRITON_DISABLE=1")
             if self.backend == "cuda":
-                from .backends import cuda as cuda_backend
-
-                local = cuda_backend.allocate_local(self.nbytes, self.device)
-            else:
-                local = host_backend.allocate_local(self.nbytes)
+                return cuda_backend.allocate_local(self.nbytes, self.device), None
+            return host_backend.allocate_local(self.nbytes), None
         except Exception as exc:  # any allocation failure becomes a recorded reason
-            reason = f"{type(exc).__name__}: {exc}"
-        votes = self._gather((reason, self.nbytes, self.backend))
-        sizes = {v[1] for v in votes}
-        if len(sizes) != 1 or len({v[2] for v in votes}) != 1:
-            self._release_local(local)
-            raise ValueError(
-                "ranks disagree on the symmetric buffer: (bytes, backend) per rank = "
-                f"{[(v[1], v[2]) for v in votes]}")
-        failed = [f"rank {r}: {v[0]}" for r, v in enumerate(votes) if v[0] is not None]
-        if failed:
-            self._release_local(local)
-            self._fail("allocation failed on " + "; ".join(failed))
-            return
-        hdl, reason = None, None
-        try:
-            if self.backend == "cuda":
-                from .backends import cuda as cuda_backend
+            return None, f"{type(exc).__name__}: {exc}"
 
-                hdl = cuda_backend.rendezvous(local, self.nbytes, self.process_group)
-            else:
-                hdl = host_backend.rendezvous(local, self.process_group)
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-        votes = self._gather((reason, hdl.multicast_ptr != 0 if hdl is not None else False))
-        failed = [f"rank {r}: {v[0]}" for r, v in enumerate(votes) if v[0] is not None]
-        if failed:
-            if hdl is not None:
-                hdl.close()
-            self._fail("rendezvous failed on " + "; ".join(failed))
-            return
-        self.symm_mem_hdl = hdl
-        self.symm_buffer = hdl.local_tensor()
-        self.has_multicast = all(v[1] for v in votes)
-        # Error word the barriers write on timeout: host memory the kernels can store to
-        # (pinned, so mapped into the GPU's address space), read by the host without a sync.
-        self.status = torch.zeros(4, dtype=torch.int32, device="cpu", pin_memory=self.backend == "cuda")
-
-    @staticmethod
-    def _release_local(local) -> None:
-        if isinstance(local, host_backend.HostSegment):
-            local.unlink()
-            local.map.close()
+    def _rendezvous(self, local):
+        if self.backend == "cuda":
+            return cuda_backend.rendezvous(local, self.nbytes, self.process_group)
+        return host_backend.rendezvous(local, self.process_group)
 
     def _fail(self, reason: str) -> None:
         self.init_failure_reason = reason

@@ -1,7 +1,6 @@
 """Faults and endurance: peers that never arrive or exit, create/destroy cycles, a seeded stress
 loop of random collectives on one scratch buffer."""
 
-import glob
 import os
 import random
 import re
@@ -15,7 +14,7 @@ import torch.distributed as dist
 import symmtriton as st
 from symmtriton import reference
 from symmtriton._launch import PAD_RESERVED_WORDS
-from symmtriton.backends.host import SHM_DIR, SHM_PREFIX
+from symmtriton.backends.host import SHM_PREFIX, list_segments
 from symmtriton.testing import CPU_ENV, WorkerPool, device, random_bits, sync, tagged
 
 TIMEOUT_S = 1.5
@@ -88,7 +87,30 @@ def test_peer_that_exits_gives_timeout_error():
 
 
 def _shm_files():
-    return glob.glob(os.path.join(SHM_DIR, SHM_PREFIX + "*"))
+    """This worker's segments: a concurrent job's are none of this test's business."""
+    return list_segments(pid=os.getpid())
+
+
+def _die_before_rendezvous(rank, world):
+    if rank == world - 1:
+        threading.Timer(0.5, os._exit, (0,)).start()  # die right after answering
+        return "exiting"
+    time.sleep(2.0)  # the peer is gone now: the first vote of the set-up fails
+    try:
+        st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=1)
+        return "created", _shm_files()
+    except Exception as e:  # noqa: BLE001 - which error gloo raises is not ours to fix
+        return type(e).__name__, _shm_files()
+
+
+def test_peer_that_dies_before_the_rendezvous_leaves_no_segment():
+    pool = WorkerPool(2, env=CPU_ENV, timeout=120)
+    try:
+        res = pool.run(_die_before_rendezvous)
+    finally:
+        pool.close(force=True)
+    assert res[1] == "exiting"
+    assert res[0][0] != "created" and res[0][1] == [], res
 
 
 def _footprint():
