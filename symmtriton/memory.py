@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import os
-from functools import reduce
-from operator import mul
 
 import torch
 import torch.distributed as dist
@@ -48,6 +47,20 @@ def _element_size(dtype: torch.dtype) -> int:
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
     return dtype.itemsize
+
+
+def _count(name: str, value) -> int:
+    """``value`` as an int >= 0: ints and integer-likes (numpy ints, 0-d integer tensors) pass;
+    a float (even ``10.0``) or bool raises ``TypeError``, a negative value ``ValueError``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return n
 
 
 def resolve_group(group, name: str = "process_group"):
@@ -160,47 +173,55 @@ class SymmetricMemoryBuffer:
 
     # -- the allocation API (every call lays out from byte 0: see the module docstring).
     def _can_allocate(self, numel: int, dtype: torch.dtype) -> bool:
-        """Whether ``numel`` elements of ``dtype`` fit the buffer (``False`` when it is unavailable)."""
-        if self.symm_mem_hdl is None:
-            return False
-        return 0 <= int(numel) * _element_size(dtype) <= self.nbytes
+        """Whether ``numel`` elements of ``dtype`` fit the buffer (``False`` when it is
+        unavailable). ``numel`` is an int or integer-like (numpy ints); a float raises."""
+        nbytes = _count("numel", numel) * _element_size(dtype)
+        return self.symm_mem_hdl is not None and nbytes <= self.nbytes
 
     def _allocate(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         """A 1-D view of ``numel`` elements of ``dtype`` at byte 0. Raises ``ValueError`` when it
         does not fit and ``RuntimeError`` when symmetric memory is unavailable."""
+        nbytes = _count("numel", numel) * _element_size(dtype)
         if self.symm_mem_hdl is None:
             raise RuntimeError(f"symmetric memory unavailable: {self.init_failure_reason}")
-        if not self._can_allocate(numel, dtype):
+        if nbytes > self.nbytes:
             raise ValueError(
-                f"{numel} elements of {dtype} need {int(numel) * _element_size(dtype)} bytes; "
-                f"the buffer holds {self.nbytes}")
-        nbytes = int(numel) * _element_size(dtype)
+                f"{numel} elements of {dtype} need {nbytes} bytes; the buffer holds {self.nbytes}")
         return self.symm_buffer[:nbytes].view(dtype)
 
     def maybe_get_tensor(self, tensor_shape, dtype: torch.dtype) -> dict:
         """``{"tensor": view of tensor_shape at byte 0, "handle": h}``, or both ``None`` when
-        symmetric memory is unavailable or the tensor does not fit."""
-        numel = reduce(mul, tensor_shape, 1)
+        symmetric memory is unavailable or the tensor does not fit. A negative or non-integer
+        dimension raises."""
+        if not isinstance(tensor_shape, (tuple, list, torch.Size)):
+            raise TypeError(f"tensor_shape must be a tuple, list or torch.Size, got {tensor_shape!r}")
+        dims = [_count("tensor_shape entry", d) for d in tensor_shape]
+        numel = math.prod(dims)
         if not self._can_allocate(numel, dtype):
             return {"tensor": None, "handle": None}
-        return {"tensor": self._allocate(numel, dtype).view(*tensor_shape), "handle": self.symm_mem_hdl}
+        return {"tensor": self._allocate(numel, dtype).view(*dims), "handle": self.symm_mem_hdl}
 
     def maybe_get_tensors(self, tensor_specs, alignment: int = 16) -> dict:
-        """Pack ``tensor_specs`` = ``[(numel, dtype), ...]`` one after another from byte 0, each
-        start rounded up to ``alignment`` bytes. Returns ``{"handle": h, "tensors": [(uint8 view,
-        byte offset), ...]}``, or both ``None`` when unavailable or too large."""
-        if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0:
-            raise ValueError(f"alignment must be a positive int, got {alignment!r}")
+        """Pack ``tensor_specs`` = ``[(numel, dtype), ...]`` one after another from byte 0.
+
+        Each start is rounded up to ``max(alignment, dtype.itemsize)`` bytes: ``alignment`` must
+        be a power of two (``ValueError`` otherwise), so every start is a multiple of its dtype's
+        size too and each uint8 view can be viewed as its dtype. Returns ``{"handle": h,
+        "tensors": [(uint8 view, byte offset), ...]}``, or both ``None`` when unavailable or too
+        large."""
+        if isinstance(alignment, bool) or not isinstance(alignment, int):
+            raise TypeError(f"alignment must be an int, got {alignment!r}")
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"alignment must be a power of two, got {alignment!r}")
         layout, offset = [], 0
         for spec in tensor_specs:
             try:
                 numel, dtype = spec
             except (TypeError, ValueError):
                 raise ValueError(f"each tensor spec must be (numel, dtype), got {spec!r}") from None
-            if int(numel) < 0:
-                raise ValueError(f"numel must be >= 0, got {numel!r}")
-            offset = math.ceil(offset / alignment) * alignment
-            nbytes = int(numel) * _element_size(dtype)
+            nbytes = _count("numel", numel) * _element_size(dtype)
+            step = max(alignment, dtype.itemsize)
+            offset = -(-offset // step) * step
             layout.append((offset, nbytes))
             offset += nbytes
         if self.symm_mem_hdl is None or offset > self.nbytes:

@@ -13,6 +13,8 @@ def check_tensor(name: str, t, *, dtypes=None) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, dtypes))}")
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device (no data); pass one on the buffer's device")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (shape {tuple(t.shape)}, stride {t.stride()})")
     if t.dim() == 0:

@@ -2,8 +2,11 @@
 
 import errno
 import fcntl
+import math
 import os
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -87,7 +90,7 @@ def _layout(rank, world):
     buf = M.get_buffer("lay", dist.group.WORLD, size_mb=1)
     specs = [(3, torch.float16), (5, torch.float32), (1, torch.uint8), (7, torch.bfloat16)]
     out = {}
-    for align in (16, 64, 1, 3):
+    for align in (16, 64, 1, 2):
         r = buf.maybe_get_tensors(specs, alignment=align)
         assert r["handle"] is buf.symm_mem_hdl
         out[align] = [(o, t.numel(), t.dtype == torch.uint8,
@@ -104,8 +107,11 @@ def _layout(rank, world):
                       buf.maybe_get_tensors([(2**20 - 8, torch.uint8), (16, torch.uint8)]))
     with pytest.raises(ValueError, match="buffer holds"):
         buf._allocate(2**20 + 1, torch.uint8)
-    with pytest.raises(ValueError, match="alignment"):
-        buf.maybe_get_tensors(specs, alignment=0)
+    for bad in (0, 3, 12, -16):
+        with pytest.raises(ValueError, match=f"power of two, got {bad}"):
+            buf.maybe_get_tensors(specs, alignment=bad)
+    with pytest.raises(TypeError, match="alignment must be an int, got 16.0"):
+        buf.maybe_get_tensors(specs, alignment=16.0)
     with pytest.raises(ValueError, match="numel, dtype"):
         buf.maybe_get_tensors([(3,)])
     return out
@@ -115,8 +121,9 @@ def test_packing_alignment_and_none_forms(pool):
     for out in pool.run(_layout):
         assert out[16] == [(0, 6, True, 0), (16, 20, True, 16), (48, 1, True, 48), (64, 14, True, 64)]
         assert out[64] == [(0, 6, True, 0), (64, 20, True, 64), (128, 1, True, 128), (192, 14, True, 192)]
-        assert out[1] == [(0, 6, True, 0), (6, 20, True, 6), (26, 1, True, 26), (27, 14, True, 27)]
-        assert out[3] == [(0, 6, True, 0), (6, 20, True, 6), (27, 1, True, 27), (30, 14, True, 30)]
+        # below a dtype's size, each start is rounded up to the dtype's size
+        assert out[1] == [(0, 6, True, 0), (8, 20, True, 8), (28, 1, True, 28), (30, 14, True, 30)]
+        assert out[2] == out[1]
         assert out["default_16"] == [0, 16, 48, 64]
         assert out["tensor"] == ((4, 6), torch.bfloat16, True, True)
         assert out["allocate"] == (torch.Size([10]), torch.float32, True)
@@ -260,3 +267,55 @@ def test_segments_of_dead_processes_are_swept(cpu_pool, tmp_path):
         assert left == {"stale": False, "live": True, "locked": True, "foreign": True}
         assert reason is None
     assert len(res[0][2]) == 6  # live, locked, foreign of each rank; the buffers' are unlinked
+
+
+def _api_edges(rank, world):
+    buf = M.get_buffer("edges", dist.group.WORLD, size_mb=1)
+    out = {}
+    # a float64 after one byte, even at alignment 1, starts on 8 bytes: viewable as float64
+    r = buf.maybe_get_tensors([(1, torch.uint8), (3, torch.float64)], alignment=1)
+    view, offset = r["tensors"][1]
+    view.view(torch.float64).copy_(torch.tensor([1.5, -2.0, 3.25], dtype=torch.float64))
+    out["float64"] = (offset, buf._allocate(4, torch.float64)[1:].tolist())
+    with pytest.raises(ValueError, match=r"tensor_shape entry must be >= 0, got -1"):
+        buf.maybe_get_tensor((-1, 4), torch.float32)
+    for bad in ((2.0, 4), (2, 4.5)):
+        with pytest.raises(TypeError, match="tensor_shape entry must be an integer"):
+            buf.maybe_get_tensor(bad, torch.float32)
+    with pytest.raises(TypeError, match="tensor_shape must be a tuple"):
+        buf.maybe_get_tensor(8, torch.float32)
+    for numel in (10.5, 10.0, np.float64(10.0), True):
+        for call in (lambda: buf._can_allocate(numel, torch.float32),
+                     lambda: buf._allocate(numel, torch.float32),
+                     lambda: buf.maybe_get_tensors([(numel, torch.float32)])):
+            with pytest.raises(TypeError, match=re.escape(f"numel must be an integer, got {numel!r}")):
+                call()
+    for call in (lambda: buf._can_allocate(-1, torch.float32), lambda: buf._allocate(-1, torch.float32),
+                 lambda: buf.maybe_get_tensors([(-1, torch.float32)])):
+        with pytest.raises(ValueError, match="numel must be >= 0, got -1"):
+            call()
+    shape = torch.Size([3, 4])
+    f32 = torch.float32
+    out["integer_like"] = (
+        buf._can_allocate(np.int64(10), f32), buf._can_allocate(math.prod(shape), f32),
+        buf._can_allocate(torch.tensor(10), f32), buf._allocate(np.int32(6), f32).numel(),
+        tuple(buf.maybe_get_tensor(shape, torch.float32)["tensor"].shape),
+        tuple(buf.maybe_get_tensor((np.int64(2), 5), torch.float32)["tensor"].shape),
+        buf.maybe_get_tensors([(shape.numel(), torch.float32)])["tensors"][0][0].numel())
+    # meta tensors report their device, not an overlap (both would sit at address 0)
+    meta = dict(dtype=torch.float32, device="meta")
+    S, H = 2 * world, 8
+    small, big = torch.empty(2, **meta), torch.empty(2 * world, **meta)
+    for call in (lambda: st.reduce_scatter_tensor(small, big),
+                 lambda: st.all_gather_into_tensor(big, small),
+                 lambda: st.reduce_scatter_add_rmsnorm_all_gather(
+                     torch.empty(S, H, **meta), torch.empty(2, H, **meta), torch.empty(H, **meta))):
+        with pytest.raises(ValueError, match="is on the meta device"):
+            call()
+    return out
+
+
+def test_api_edges_raise_clear_errors(cpu_pool):
+    for out in cpu_pool(2).run(_api_edges):
+        assert out["float64"] == (8, [1.5, -2.0, 3.25])
+        assert out["integer_like"] == (True, True, True, 6, (3, 4), (2, 5), 48)
