@@ -1,48 +1,117 @@
 #!/usr/bin/env bash
-# The GPU tier in one command, for the lent single-GPU machine (see benchmarks/README.md):
-# installs the package, runs `pytest -m gpu` (2, 4 and 8 ranks on one GPU, CUDA graphs) and the
-# benchmark CLI (W = 1 and W = 4 under MPS), writes logs and results under $OUT, and prints a
-# short summary last (BENCH_ARGS applies to every world size, BENCH_ARGS_W<W> to one).
-# DESIGN.md section 4: multicast stays off, no card settings are touched,
-# MPS is started here and stopped on exit.
+# The GPU tier in one command (benchmarks/README.md). Stages, in this order (STAGES picks some):
+#   tests     pytest -m gpu on the one-rank-per-GPU worlds (gpu-w2-nccl, gpu-w2-gloo; needs 2 GPUs)
+#   examples  every example under torchrun, one rank per GPU (NPROC ranks: the GPU count, at least 2)
+#   bench     symmtriton-bench, NPROC ranks, one per GPU (NCCL), BENCH_ARGS (default: the default sweep)
+#   shared    MPS started: pytest -m gpu on the shared-GPU worlds SHARED_WORLDS (default "4"; all:
+#             "2 4 8"), then the bench with SHARED_BENCH_W ranks on GPU 0; MPS stopped
+# Every stage runs under `timeout` within one budget for the whole script (BUDGET_S, default 480 s:
+# a stage that no longer fits is skipped and said so), so a hang fails fast and the script always
+# ends. For each program the table at the end gives its exit time: seconds from the start of its
+# teardown (symmtriton-exit-mark, printed when SYMMTRITON_EXIT_MARK is set) to the process's end.
+# Logs under $OUT (few files: the device returns at most 8): gpu_run.log (environment, examples,
+# bench output), pytest_gpu.log (both test stages), the bench's CSV/JSON/PNG.
+# DESIGN.md section 4: multicast stays off, no card settings are touched, MPS only in `shared`.
 set -u
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
-export TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1
+export SYMMTRITON_EXIT_MARK=1
+unset TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES  # set per process where ranks share a GPU
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"tests bench"}
+LOG="$OUT/gpu_run.log"
+TLOG="$OUT/pytest_gpu.log"
+: >"$LOG"
+: >"$TLOG"
 cd "$(dirname "$0")/.."
+START=$SECONDS
+BUDGET_S=${BUDGET_S:-480}
+STAGES=${STAGES:-"tests examples bench shared"}
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+NPROC=${NPROC:-$(( NGPU >= 2 ? NGPU : 2 ))}
+SHARED_WORLDS=${SHARED_WORLDS:-"4"}
+SHARED_BENCH_W=${SHARED_BENCH_W:-4}
+PY=${PYTHON:-python3}
 
-python3 -m pip install -e . --no-deps --no-build-isolation -q >"$OUT/install.log" 2>&1 \
-  || { echo "install failed"; tail -20 "$OUT/install.log"; exit 1; }
-{ nvidia-smi; python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'; } >"$OUT/env.txt" 2>&1
+python3 -m pip install -e . --no-deps --no-build-isolation -q >>"$LOG" 2>&1 \
+  || { echo "install failed"; tail -20 "$LOG"; exit 1; }
+{ echo "==== environment"; nvidia-smi -L; nvidia-smi topo -m 2>/dev/null | head -8
+  $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'
+} >>"$LOG" 2>&1
 
-export CUDA_MPS_PIPE_DIRECTORY=/tmp/symmtriton-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/symmtriton-mps-log
-mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-if nvidia-cuda-mps-control -d >/dev/null 2>&1; then
-  trap 'echo quit | nvidia-cuda-mps-control' EXIT
-  echo "MPS started" >>"$OUT/env.txt"
-else
-  echo "MPS not started (ranks time-slice the GPU)" >>"$OUT/env.txt"
-fi
+rows=()
+# run NAME CAP_S LOGFILE RESULT_REGEX CMD...: CMD under timeout (CAP_S, less when the budget is
+# short), output appended to LOGFILE; one row for the table.
+run() {
+  local name=$1 cap=$2 log=$3 pat=$4
+  shift 4
+  local left=$(( BUDGET_S - (SECONDS - START) - 40 ))
+  local limit=$(( cap < left ? cap : left ))
+  if (( limit < 20 )); then rows+=("$name|skipped: budget|-|-|-"); return; fi
+  local tmp t0 t1 rc mark exit_s wall status result
+  tmp=$(mktemp)
+  echo "==== $name (timeout ${limit}s): $*" >>"$log"
+  t0=$(date +%s.%N)
+  timeout -k 30 "$limit" "$@" >"$tmp" 2>&1
+  rc=$?
+  t1=$(date +%s.%N)
+  cat "$tmp" >>"$log"
+  mark=$(grep -ao 'symmtriton-exit-mark [0-9.]*' "$tmp" | awk '{print $2}' | sort -n | head -1)
+  exit_s=-
+  [ -n "$mark" ] && exit_s=$(awk -v a="$t1" -v b="$mark" 'BEGIN { printf "%.1f", a - b }')
+  wall=$(awk -v a="$t1" -v b="$t0" 'BEGIN { printf "%.0f", a - b }')
+  status=$rc
+  { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && status=TIMEOUT
+  result=$(grep -aE "$pat" "$tmp" | tail -1 | cut -c1-110)
+  rows+=("$name|$status|$wall|$exit_s|$result")
+  rm -f "$tmp"
+}
 
-summary=()
+TORCHRUN=($PY -m torch.distributed.run --standalone)
+
 if [[ " $STAGES " == *" tests "* ]]; then
-  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -m gpu -q -p no:cacheprovider ${TESTS:-tests} \
-    >"$OUT/pytest_gpu.log" 2>&1
-  summary+=("pytest -m gpu: rc=$? $(tail -1 "$OUT/pytest_gpu.log")")
+  if (( NGPU >= 2 )); then
+    run "pytest -m gpu, one rank per GPU" 240 "$TLOG" "passed|failed|error|worker pools" \
+      $PY -m pytest -m gpu -q -p no:cacheprovider -k "nccl or gloo" tests
+  else
+    rows+=("pytest -m gpu, one rank per GPU|skipped: $NGPU GPU|-|-|-")
+  fi
 fi
-if [[ " $STAGES " == *" bench "* ]] && python3 -c 'import symmtriton.bench' 2>/dev/null; then
-  for W in ${BENCH_WORLDS:-1 4}; do
-    timeout "${BENCH_TIMEOUT:-240}" python3 -m torch.distributed.run --standalone --nproc-per-node="$W" \
-      -m symmtriton.bench --out-dir "$OUT" ${BENCH_ARGS:-} $(eval echo "\${BENCH_ARGS_W$W:-}") \
-      >"$OUT/bench_w$W.log" 2>&1
-    summary+=("bench W=$W: rc=$?")
+if [[ " $STAGES " == *" examples "* ]]; then
+  for ex in all_gather reduce_scatter symmetric_buffers tp_decode; do
+    run "example $ex (${NPROC} ranks)" 120 "$LOG" "match|passed|speed-up|Error|error" \
+      "${TORCHRUN[@]}" --nproc-per-node="$NPROC" "examples/$ex.py"
   done
 fi
-echo "==== gpu_run summary ($(date -u +%FT%TZ)) ===="
-head -3 "$OUT/env.txt" | tail -1
-grep -E "^(torch|MPS)" "$OUT/env.txt"
-grep -E "passed|failed|error" "$OUT/pytest_gpu.log" 2>/dev/null | tail -5
-for W in ${BENCH_WORLDS:-1 4}; do [ -f "$OUT/bench_w$W.log" ] && tail -25 "$OUT/bench_w$W.log"; done
-printf '%s\n' "${summary[@]}"
+if [[ " $STAGES " == *" bench "* ]]; then
+  run "bench W=$NPROC one rank per GPU" 170 "$LOG" "rows in|FAIL|Error" \
+    "${TORCHRUN[@]}" --nproc-per-node="$NPROC" -m symmtriton.bench --out-dir "$OUT" ${BENCH_ARGS:-}
+fi
+if [[ " $STAGES " == *" shared "* ]]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/symmtriton-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/symmtriton-mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d >>"$LOG" 2>&1; then
+    trap 'echo quit | nvidia-cuda-mps-control' EXIT
+    echo "==== MPS started" >>"$LOG"
+  else
+    echo "==== MPS not started (ranks time-slice the GPU)" >>"$LOG"
+  fi
+  k=$(printf 'gpu-w%s-shared or ' $SHARED_WORLDS)
+  run "pytest -m gpu, shared GPU (W in $SHARED_WORLDS, MPS)" 240 "$TLOG" "passed|failed|error|worker pools" \
+    $PY -m pytest -m gpu -q -p no:cacheprovider -k "${k% or }" tests
+  run "bench W=$SHARED_BENCH_W on one GPU (MPS)" 120 "$LOG" "rows in|FAIL|Error" \
+    env CUDA_VISIBLE_DEVICES=0 "${TORCHRUN[@]}" --nproc-per-node="$SHARED_BENCH_W" -m symmtriton.bench --out-dir "$OUT" --quick \
+    --max-bytes 64M --no-plot ${SHARED_BENCH_ARGS:-}
+fi
+
+{
+  echo "==== gpu_run summary ($(date -u +%FT%TZ), $NGPU GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs), $(( SECONDS - START )) s)"
+  grep -E "^torch " "$LOG" | head -1
+  printf '%-46s %-8s %6s %7s  %s\n' "stage" "rc" "wall_s" "exit_s" "result"
+  for r in "${rows[@]}"; do
+    IFS='|' read -r name status wall exit_s result <<<"$r"
+    flag=""
+    [[ "$exit_s" != - ]] && awk -v e="$exit_s" 'BEGIN { exit !(e > 15) }' && flag=" (exit > 15 s)"
+    printf '%-46s %-8s %6s %7s  %s%s\n' "$name" "$status" "$wall" "$exit_s" "$result" "$flag"
+  done
+  echo "files in $OUT: $(ls "$OUT" | xargs)"
+} | tee -a "$LOG"

@@ -16,6 +16,11 @@ repository root; ``python examples/<name>.py`` alone runs one rank). Where thing
 
 On machines with NVLink multicast hardware that must not use it, export
 ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1``.
+
+Every example ends with :func:`finish` (``symmtriton.testing.teardown``): CUDA graphs made with
+:func:`cuda_graph` are reset first (a graph that captured an NCCL collective keeps its
+communicator alive, and destroying the process group would wait for it forever), then the
+symmetric buffers are destroyed, then the process group.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 
@@ -32,6 +38,7 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton.backends import backend_device, select_backend
+from symmtriton.testing import OVERLAP_ENV, teardown
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: the default buffer key of the examples
@@ -126,7 +133,7 @@ def init_distributed() -> Env:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         shared_gpu = local_world > torch.cuda.device_count()
         if shared_gpu:
-            os.environ.setdefault("TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES", "1")
+            os.environ.setdefault(OVERLAP_ENV, "1")
         dist_backend = "gloo" if shared_gpu else "nccl"
     else:
         dist_backend = "gloo"
@@ -134,24 +141,53 @@ def init_distributed() -> Env:
     dist.init_process_group(dist_backend, rank=rank, world_size=world,
                             store=None if under_torchrun else dist.HashStore(),
                             device_id=device if dist_backend == "nccl" else None)
-    return Env(rank, world, local_rank, device, dist.group.WORLD, dist_backend)
+    env = Env(rank, world, local_rank, device, dist.group.WORLD, dist_backend)
+    _ENV[:] = [env]
+    return env
+
+
+#: the graphs :func:`cuda_graph` made; :func:`finish` resets them before anything else goes.
+_GRAPHS: list = []
+#: this process's :class:`Env` (set by :func:`init_distributed`), for :func:`main_guard`.
+_ENV: list = []
+
+
+def cuda_graph() -> torch.cuda.CUDAGraph:
+    """A new ``torch.cuda.CUDAGraph`` that :func:`finish` resets before it destroys the
+    symmetric buffers and the process group."""
+    graph = torch.cuda.CUDAGraph()
+    _GRAPHS.append(graph)
+    return graph
 
 
 def finish(env: Env) -> None:
-    """Free every symmetric buffer and leave the process group."""
-    synchronize(env)
-    st.SymmetricMemoryManager.destroy()
-    dist.barrier(group=env.group)
-    dist.destroy_process_group()
+    """Reset the graphs of :func:`cuda_graph`, free every symmetric buffer, leave the process
+    group (``symmtriton.testing.teardown``: synchronize, graphs, buffers, CUDA cache, barrier,
+    ``destroy_process_group``). Every rank calls it after its last collective."""
+    graphs = list(_GRAPHS)
+    _GRAPHS.clear()
+    teardown(*graphs, group=env.group)
 
 
 def main_guard(main) -> None:
-    """Run ``main()``; exit with status 1 (after the message) on a failed check."""
+    """Run ``main()``. On a failed check (every rank raises it: the check is agreed) tear down
+    as :func:`finish` does and exit with status 1; on any other error print the traceback and
+    exit at once with status 1 (peers may be waiting in a collective that will not come, so no
+    barrier: torchrun then stops the other ranks)."""
     try:
         main()
     except CheckFailed as exc:
         print(f"rank {os.environ.get('RANK', 0)}: {exc}", file=sys.stderr, flush=True)
+        if _ENV:
+            finish(_ENV[0])
         sys.exit(1)
+    except SystemExit:
+        raise
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 # -- reporting and checks --------------------------------------------------------------------------

@@ -182,7 +182,9 @@ class TorchComm:
 class GraphStep:
     """One decode step captured in a CUDA graph (after warm-up steps on a side stream, which
     compile the kernels and create the buffers); calling it replays the graph. It keeps the
-    model and the comm alive: the graph reads and writes their tensors by address."""
+    model and the comm alive: the graph reads and writes their tensors by address.
+    ``_common.finish`` resets the graph before the process group goes: the torch.distributed
+    step's graph holds NCCL's communicator."""
 
     def __init__(self, model: Model, comm):
         self.model, self.comm = model, comm
@@ -192,7 +194,7 @@ class GraphStep:
             for _ in range(2):
                 model.step(comm)
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
+        self.graph = _common.cuda_graph()  # reset by _common.finish
         with torch.cuda.graph(self.graph):
             self.out = model.step(comm)
 

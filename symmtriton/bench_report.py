@@ -1,5 +1,9 @@
 """The benchmark's outputs: the nccl-tests-style table, CSV/JSON files, the PNG plot and the
-kernel-efficiency lines (rows are the dicts :func:`symmtriton.bench.run_sweep` makes)."""
+kernel-efficiency lines (rows are the dicts :func:`symmtriton.bench.run_sweep` makes).
+
+Files survive an interrupted run: :class:`ResultFiles` writes the JSON (the run's metadata)
+before the first row and the CSV row by row, flushed as each row finishes; the end of the run
+rewrites the JSON with every row and ``"complete": true``."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from .config import CONFIG_KEYS
 FIELDS = ("size_bytes", "count", "dtype", "op", "placement", "mode", "world_size", "path",
           *CONFIG_KEYS, "time_us", "algbw_gbs", "busbw_gbs", "check",
           "baseline", "baseline_us", "speedup", "symm_mem_op", "symm_mem_us", "speedup_symm_mem",
-          "copy_us", "copy_gbs", "efficiency")
+          "copy_us", "copy_gbs", "ceiling", "ceiling_gbs", "efficiency")
 
 
 def bus_factor(op: str, world: int) -> float:
@@ -47,10 +51,11 @@ def format_table(rows: list[dict], meta: dict) -> str:
             ("copy", "copy_us", 9), ("eff", "efficiency", 6)]
     units = {"size": "(B)", "count": "(elems)", "time": "(us)", "algbw": "(GB/s)", "busbw": "(GB/s)",
              "base": "(us)", "symm_mem": "(us)", "copy": "(us)"}
-    lines = [f"# symmtriton-bench: world {meta['world_size']}, device {meta['device']}, "
-             f"backend {meta['backend']}/{meta['dist_backend']}, torch {meta['torch']}, "
+    lines = [f"# symmtriton-bench: world {meta['world_size']} ({meta.get('layout', '?')}), device "
+             f"{meta['device']}, backend {meta['backend']}/{meta['dist_backend']}, torch {meta['torch']}, "
              f"triton {meta['triton']}, {meta['date']}",
-             "# base = torch.distributed, symm_mem = torch.ops.symm_mem, copy = local device copy",
+             "# base = torch.distributed, symm_mem = torch.ops.symm_mem, copy = local device copy, "
+             "eff = efficiency against the row's ceiling (p2p or local copy)",
              "#" + " ".join(h.rjust(w) for h, _, w in cols)[1:],
              "#" + " ".join(units.get(h, "").rjust(w) for h, _, w in cols)[1:]]
     for r in rows:
@@ -62,28 +67,52 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "device"
 
 
-def write_outputs(rows, notes, meta, opts) -> dict:
-    """Write ``<name>.csv``, ``.json`` and (matplotlib permitting) ``.png`` under
-    ``opts.out_dir`` (``opts``: a ``BenchOptions``; ``name`` and ``plot`` are read too); returns
-    the paths."""
-    os.makedirs(opts.out_dir, exist_ok=True)
-    stem = os.path.join(opts.out_dir, opts.name or f"symmtriton_{_slug(meta['device'])}_w{meta['world_size']}")
-    paths = {"csv": stem + ".csv", "json": stem + ".json"}
-    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows({k: ("" if r[k] is None else r[k]) for k in FIELDS} for r in rows)
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump({"meta": meta, "notes": notes, "columns": list(FIELDS), "rows": rows}, f, indent=1)
-        f.write("\n")
-    if opts.plot:
-        png = stem + ".png"
-        try:
-            plot(rows, png, meta)
-            paths["png"] = png
-        except ImportError:
-            print("# note: matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
-    return paths
+def _csv_row(row: dict) -> dict:
+    return {k: ("" if row[k] is None else row[k]) for k in FIELDS}
+
+
+class ResultFiles:
+    """``<stem>.csv``, ``.json`` and (matplotlib permitting) ``.png`` under ``opts.out_dir``
+    (``opts``: a ``BenchOptions``; ``name`` and ``plot`` are read too). Rank 0 only."""
+
+    def __init__(self, opts, meta: dict):
+        os.makedirs(opts.out_dir, exist_ok=True)
+        layout = f"_{meta['layout_slug']}" if meta.get("layout_slug") else ""
+        default = f"symmtriton_{_slug(meta['device'])}_w{meta['world_size']}{layout}"
+        self.stem = os.path.join(opts.out_dir, opts.name or default)
+        self.paths = {"csv": self.stem + ".csv", "json": self.stem + ".json"}
+        self.meta, self.plot = meta, opts.plot
+        self._json([], [], complete=False)
+        self._csv = open(self.paths["csv"], "w", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._csv, fieldnames=FIELDS)
+        self._writer.writeheader()
+        self._csv.flush()
+
+    def _json(self, rows, notes, complete: bool) -> None:
+        tmp = self.paths["json"] + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"meta": self.meta, "complete": complete, "notes": notes, "columns": list(FIELDS),
+                       "rows": rows}, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, self.paths["json"])
+
+    def add(self, row: dict) -> None:
+        """Append one finished row to the CSV, on disk now."""
+        self._writer.writerow(_csv_row(row))
+        self._csv.flush()
+
+    def finish(self, rows: list[dict], notes: list[str]) -> dict:
+        """Close the CSV, write the complete JSON and the plot; returns the paths."""
+        self._csv.close()
+        self._json(rows, notes, complete=True)
+        if self.plot:
+            png = self.stem + ".png"
+            try:
+                plot(rows, png, self.meta)
+                self.paths["png"] = png
+            except ImportError:
+                print("# note: matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+        return self.paths
 
 
 def plot(rows: list[dict], path: str, meta: dict) -> None:
@@ -130,12 +159,17 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
 
 
 def efficiency_report(rows: list[dict]) -> str:
-    """Kernel efficiency of the large GPU rows (bytes moved / time vs the local-copy ceiling)."""
+    """Efficiency of the large GPU rows against their ceiling (see ``--help``: efficiency)."""
     out = []
     for r in rows:
-        if r["efficiency"] is not None:
+        if r["efficiency"] is None:
+            continue
+        head = f"# efficiency {r['op']} {r['placement']} {r['mode']} {r['size_bytes']} B: "
+        if r["ceiling"] == "p2p":
+            out.append(head + f"busbw {r['busbw_gbs']:.0f} GB/s vs peer copy {r['ceiling_gbs']:.0f} GB/s "
+                              f"= {100 * r['efficiency']:.0f}%")
+        else:
             moved = bytes_moved(r["op"], r["placement"], r["size_bytes"], r["world_size"])
-            out.append(f"# efficiency {r['op']} {r['placement']} {r['mode']} {r['size_bytes']} B: "
-                       f"{moved / (r['time_us'] * 1e-6) / 1e9:.0f} GB/s moved vs copy ceiling "
-                       f"{r['copy_gbs']:.0f} GB/s = {100 * r['efficiency']:.0f}%")
+            out.append(head + f"{moved / (r['time_us'] * 1e-6) / 1e9:.0f} GB/s moved vs local copy "
+                              f"{r['ceiling_gbs']:.0f} GB/s = {100 * r['efficiency']:.0f}%")
     return "\n".join(out)

@@ -1,5 +1,5 @@
-"""Run a function on every rank of a real multi-process group: the one launcher the tests,
-benchmarks and GPU scripts share.
+"""Run a function on every rank of a real multi-process group, and tear a finished program down:
+the one launcher and the one teardown the tests, benchmarks, examples and GPU scripts share.
 
 :class:`WorkerPool` spawns ``world_size`` processes once, each joins a process group, and then
 runs submitted functions ``fn(rank, world_size, *args)`` until closed, so tests pay process and
@@ -8,28 +8,51 @@ call with every rank's traceback; a call that does not finish within ``timeout``
 the pool (it restarts on the next call) and raises :class:`TimeoutError` naming the ranks that
 did not answer.
 
+Where the workers run: CPU (:data:`CPU_ENV`: host backend, Triton interpreter, gloo group);
+several ranks sharing GPU 0 (:data:`GPU_ENV`: gloo group, since NCCL refuses such groups, and
+``TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1``); or one rank per GPU
+(:data:`GPU_PER_RANK_ENV` with ``one_rank_per_gpu=True``: rank ``r`` on GPU ``r``, an NCCL or a
+gloo group, and the overlapping-devices variable removed).
+
 Functions must be importable by name (module-level); their module is imported in the workers.
 """
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import queue
 import socket
+import sys
 import time
 import traceback
 
+import torch
+import torch.distributed as dist
+
+from .backends import backend_device, select_backend
+from .memory import SymmetricMemoryManager
+from .timing import group_barrier
+
+#: lets several processes rendezvous symmetric memory on one GPU (torch then skips multicast).
+OVERLAP_ENV = "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"
 #: environment for CPU workers: host backend + Triton interpreter.
 CPU_ENV = {"SYMMTRITON_BACKEND": "host", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-#: environment for workers that share GPUs (several ranks per GPU allowed, multicast off).
-GPU_ENV = {
+#: environment for workers with one GPU each (multicast off: DESIGN.md section 4).
+GPU_PER_RANK_ENV = {
     "SYMMTRITON_BACKEND": "cuda",
-    "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES": "1",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NCCL_NVLS_ENABLE": "0",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
+#: environment for workers that share GPU 0 (several ranks per GPU allowed, multicast off).
+GPU_ENV = {**GPU_PER_RANK_ENV, OVERLAP_ENV: "1"}
+#: when set (to anything), :func:`teardown` prints ``symmtriton-exit-mark <unix time>`` on
+#: stderr as it starts, so a script can measure how long a program takes to exit after its
+#: last operation (benchmarks/gpu_run.sh).
+EXIT_MARK_ENV = "SYMMTRITON_EXIT_MARK"
+DIST_BACKENDS = ("gloo", "nccl")
 
 
 def free_port() -> int:
@@ -38,19 +61,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker_main(rank: int, world_size: int, port: int, env: dict, tasks, results) -> None:
+def _worker_main(rank: int, world_size: int, port: int, env: dict, dist_backend: str,
+                 one_rank_per_gpu: bool, tasks, results) -> None:
     os.environ.update(env)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    import torch
-    import torch.distributed as dist
-
-    if env.get("SYMMTRITON_BACKEND") == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size)
-    from symmtriton.memory import SymmetricMemoryManager
-
+    dev = None
+    if one_rank_per_gpu:
+        dev = torch.device("cuda", rank)
+    elif env.get("SYMMTRITON_BACKEND") == "cuda":
+        dev = torch.device("cuda", 0)
+    if dev is not None:
+        torch.cuda.set_device(dev)
+    dist.init_process_group(dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, device_id=dev if dist_backend == "nccl" else None)
     while True:
         task = tasks.get()
         if task is None:
@@ -61,19 +85,36 @@ def _worker_main(rank: int, world_size: int, port: int, env: dict, tasks, result
         except BaseException:  # report, keep serving
             out = (rank, False, traceback.format_exc())
         finally:
-            SymmetricMemoryManager.destroy()
+            release()
         results.put(out)
-    dist.destroy_process_group()
+    teardown()
 
 
 class WorkerPool:
-    """``world_size`` worker processes in one gloo process group (see the module docstring)."""
+    """``world_size`` worker processes in one process group (see the module docstring).
 
-    def __init__(self, world_size: int, env: dict | None = None, timeout: float = 90.0):
+    ``dist_backend``: ``"gloo"`` or ``"nccl"`` (NCCL needs ``one_rank_per_gpu``: it refuses
+    several ranks on one GPU). ``one_rank_per_gpu``: rank ``r`` uses GPU ``r`` (at least
+    ``world_size`` GPUs must be visible); otherwise every GPU worker uses GPU 0."""
+
+    def __init__(self, world_size: int, env: dict | None = None, timeout: float = 90.0, *,
+                 dist_backend: str = "gloo", one_rank_per_gpu: bool = False):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
-        self.world_size = world_size
         self.env = dict(CPU_ENV if env is None else env)
+        if dist_backend not in DIST_BACKENDS:
+            raise ValueError(f"dist_backend must be one of {', '.join(DIST_BACKENDS)}, got {dist_backend!r}")
+        on_gpu = self.env.get("SYMMTRITON_BACKEND") == "cuda"
+        if one_rank_per_gpu and not (on_gpu and torch.cuda.device_count() >= world_size):
+            raise ValueError(f"one_rank_per_gpu needs SYMMTRITON_BACKEND=cuda and {world_size} GPUs; "
+                             f"env has {self.env.get('SYMMTRITON_BACKEND')!r}, "
+                             f"{torch.cuda.device_count()} GPUs visible")
+        if dist_backend == "nccl" and not one_rank_per_gpu:
+            raise ValueError("dist_backend 'nccl' needs one_rank_per_gpu=True (NCCL refuses several "
+                             "ranks on one GPU)")
+        self.world_size = world_size
+        self.dist_backend = dist_backend
+        self.one_rank_per_gpu = one_rank_per_gpu
         self.timeout = timeout
         self._procs: list = []
 
@@ -84,13 +125,17 @@ class WorkerPool:
         self._results = ctx.Queue()
         self._procs = [
             ctx.Process(target=_worker_main, daemon=True,
-                        args=(r, self.world_size, port, self.env, self._tasks[r], self._results))
+                        args=(r, self.world_size, port, self.env, self.dist_backend,
+                              self.one_rank_per_gpu, self._tasks[r], self._results))
             for r in range(self.world_size)
         ]
         # Children inherit the environment at start, before they import anything (a spawned
-        # child re-imports __main__ first), so TRITON_INTERPRET is set before triton loads.
-        saved = {k: os.environ.get(k) for k in self.env}
+        # child re-imports __main__ first), so TRITON_INTERPRET is set before triton loads. One
+        # rank per GPU must not inherit the overlapping-devices variable from this process.
+        saved = {k: os.environ.get(k) for k in (*self.env, OVERLAP_ENV)}
         os.environ.update(self.env)
+        if self.one_rank_per_gpu:
+            os.environ.pop(OVERLAP_ENV, None)
         try:
             for p in self._procs:
                 p.start()
@@ -152,35 +197,81 @@ class WorkerPool:
         self.close()
 
 
-def run_distributed(fn, world_size: int, *args, env: dict | None = None, timeout: float = 90.0) -> list:
-    """One-shot :class:`WorkerPool` run: start, run ``fn`` once, close."""
-    with WorkerPool(world_size, env=env, timeout=timeout) as pool:
+def run_distributed(fn, world_size: int, *args, env: dict | None = None, timeout: float = 90.0,
+                    **pool_options) -> list:
+    """One-shot :class:`WorkerPool` run: start, run ``fn`` once, close (``pool_options``:
+    ``dist_backend``, ``one_rank_per_gpu``)."""
+    with WorkerPool(world_size, env=env, timeout=timeout, **pool_options) as pool:
         return pool.run(fn, *args)
+
+
+# -- teardown -----------------------------------------------------------------------------------
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def release(*graphs, keys=None) -> None:
+    """Free what a finished piece of work holds, without leaving the process group: wait for
+    this rank's GPU work, reset ``graphs`` (``torch.cuda.CUDAGraph`` or anything with
+    ``reset()``), collect garbage (graphs and buffer views held in reference cycles), destroy
+    the symmetric buffers of ``keys`` (default: every buffer), and return cached GPU memory to
+    the driver.
+
+    The order matters. A CUDA graph that captured an NCCL collective holds a reference on its
+    communicator until the graph is destroyed, and NCCL's communicator teardown waits for
+    those references to go (``ncclCommDestroy`` polls until no graph holds the communicator):
+    destroying the process group while such a graph lives hangs forever. Graphs that replay
+    symmtriton kernels hold the symmetric buffers' addresses: they go before the buffers."""
+    if _cuda_in_use():
+        torch.cuda.synchronize()
+    for graph in graphs:
+        if graph is not None:
+            graph.reset()
+    if _cuda_in_use():
+        gc.collect()  # a graph or a buffer view in a reference cycle (rare; costs ~0.1 s)
+    for key in [None] if keys is None else keys:
+        SymmetricMemoryManager.destroy(key)
+    if _cuda_in_use():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def teardown(*graphs, group=None, destroy_group: bool = True, keys=None) -> None:
+    """End a program's distributed work so the process exits promptly: :func:`release`
+    (``graphs`` first), a barrier on ``group`` (default: WORLD) so no rank leaves while a peer
+    still needs it, then ``destroy_process_group`` (unless ``destroy_group`` is false: the
+    caller did not create the group; ``keys``: see :func:`release`). Call it on every rank, after the last collective. The
+    bench, the worker pool and every example end this way."""
+    if os.environ.get(EXIT_MARK_ENV):
+        print(f"symmtriton-exit-mark {time.time():.3f}", file=sys.stderr, flush=True)
+    release(*graphs, keys=keys)
+    if dist.is_initialized():
+        group_barrier(dist.group.WORLD if group is None else group)
+        if destroy_group:
+            dist.destroy_process_group()
 
 
 # -- helpers for functions that run on the workers ----------------------------------------------
 def device():
     """The device this worker's collectives use (the backend's)."""
-    from .backends import backend_device, select_backend
-
     return backend_device(select_backend())
 
 
 def tagged(numel: int, dtype, rank: int, salt: int = 0, *, bound: int = 6):
     """Rank-tagged integer values in ``[-bound, bound]``: sums over up to ``(256 // bound)``
-    ranks stay exact in bf16, fp16 and fp32, so reductions can be checked exactly."""
-    import torch
+    ranks stay exact in bf16, fp16 and fp32, so reductions can be checked exactly.
 
-    idx = torch.arange(numel, dtype=torch.int64, device="cpu")
-    vals = (idx * 7 + 13 * rank + 5 * salt) % (2 * bound + 1) - bound
-    return vals.to(dtype).to(device())
+    Element ``i`` is ``(7 i + 13 rank + 5 salt) mod (2 bound + 1) - bound``: periodic in ``i``,
+    so one period is built and tiled on the device (no ``numel``-sized int64 temporaries: the
+    bench fills GiB-sized operands with it)."""
+    period = 2 * bound + 1
+    one = (torch.arange(period, dtype=torch.int64, device="cpu") * 7 + 13 * rank + 5 * salt) % period - bound
+    return one.to(dtype).to(device()).repeat(-(-numel // period))[:numel]
 
 
 def random_bits(numel: int, dtype, rank: int, salt: int = 0):
     """Reproducible random bit patterns of ``dtype`` for rank ``rank`` (NaN payloads included):
     a bit copy must reproduce them exactly."""
-    import torch
-
     esize = dtype.itemsize
     g = torch.Generator().manual_seed(1_000_003 * rank + salt)
     raw = torch.randint(0, 256, (numel * esize,), dtype=torch.uint8, generator=g, device="cpu")
@@ -188,8 +279,6 @@ def random_bits(numel: int, dtype, rank: int, salt: int = 0):
 
 
 def sync():
-    import torch
-
     if torch.cuda.is_available() and device().type == "cuda":
         torch.cuda.synchronize()
 

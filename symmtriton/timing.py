@@ -4,6 +4,7 @@ agree on."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from typing import Callable
@@ -46,36 +47,56 @@ def all_ranks_ok(ok: bool, group) -> bool:
     return bool(t.item())
 
 
-def median_time(fn: Callable[[], object], *, iters: int, warmup: int, device: torch.device,
-                group=None) -> float:
-    """Median seconds of one ``fn()`` call on this rank: ``warmup`` untimed calls, a barrier on
-    ``group`` (when given) so the ranks start together, then ``iters`` timed calls, each
-    between two CUDA events (GPU) or two ``time.perf_counter`` reads (CPU)."""
-    check_count("iters", iters)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    for _ in range(warmup):
-        fn()
+def _timed_calls(fn: Callable[[], object], n: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``n`` calls: CUDA events (GPU) or ``time.perf_counter`` (CPU)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        if group is not None:
-            group_barrier(group)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(iters)]
+                  for _ in range(n)]
         for start, end in events:
             start.record()
             fn()
             end.record()
         torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) * 1e-3 for start, end in events]
-    else:
-        if group is not None:
-            group_barrier(group)
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        return [start.elapsed_time(end) * 1e-3 for start, end in events]
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def relative_spread(times: list[float]) -> float:
+    """Interquartile range over the median (0 for fewer than two times)."""
+    if len(times) < 2:
+        return 0.0
+    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return (q3 - q1) / med if med > 0 else 0.0
+
+
+def median_time(fn: Callable[[], object], *, iters: int, warmup: int, device: torch.device,
+                group=None, min_iters: int | None = None, max_spread: float = 0.05) -> float:
+    """Median seconds of one ``fn()`` call on this rank: ``warmup`` untimed calls, a barrier on
+    ``group`` (when given) so the ranks start together, then ``iters`` timed calls, each
+    between two CUDA events (GPU) or two ``time.perf_counter`` reads (CPU).
+
+    With ``group`` and ``min_iters < iters``: ``min_iters`` timed calls first, and the rest only
+    when the largest :func:`relative_spread` over the ranks exceeds ``max_spread``. The ranks
+    agree (MAX over ``group``), so every rank makes the same number of calls: ``fn`` may be a
+    collective."""
+    check_count("iters", iters)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    first = iters if group is None or min_iters is None else min(check_count("min_iters", min_iters), iters)
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    if group is not None:
+        group_barrier(group)
+    times = _timed_calls(fn, first, device)
+    if first < iters and all_reduce_max([relative_spread(times)], group)[0] > max_spread:
+        times += _timed_calls(fn, iters - first, device)
     return statistics.median(times)
 
 
@@ -102,10 +123,11 @@ def _abandon_capture(device: torch.device, pool, stream) -> None:
 
 
 def graph_time(fn: Callable[[], object], *, iters: int, warmup: int, graph_iters: int,
-               device: torch.device, group) -> float:
+               device: torch.device, group, min_iters: int | None = None, max_spread: float = 0.05) -> float:
     """Seconds per call of ``fn`` inside a CUDA graph on this rank: ``warmup`` (at least one)
     eager calls on a side stream, ``graph_iters`` calls captured in one graph, then the median
-    of ``iters`` replays (:func:`median_time`) divided by ``graph_iters``. Kernel time without
+    of ``iters`` replays (:func:`median_time`, with ``min_iters`` and ``max_spread``) divided by
+    ``graph_iters``. Kernel time without
     the host's launch cost, which dominates small messages in eager mode.
 
     Collective: the ranks agree (MIN over ``group``) on whether the capture worked and every
@@ -130,4 +152,26 @@ def graph_time(fn: Callable[[], object], *, iters: int, warmup: int, graph_iters
         _abandon_capture(device, pool, current)
     if not all_ranks_ok(ok, group):
         raise CaptureError("not capturable in a CUDA graph on every rank")
-    return median_time(graph.replay, iters=iters, warmup=1, device=device, group=group) / graph_iters
+    return median_time(graph.replay, iters=iters, warmup=1, device=device, group=group,
+                       min_iters=min_iters, max_spread=max_spread) / graph_iters
+
+
+def agreed_time(fn: Callable[[], object], mode: str, *, device: torch.device, group, **counts) -> float | None:
+    """Seconds per call of ``fn`` agreed over ``group`` (MAX over ranks): :func:`graph_time`
+    when ``mode`` is ``"graph"``, else :func:`median_time` (``counts``: their counts). ``None``
+    when it failed on some rank; ``fn`` must fail alike on every rank (before launching
+    anything) or not at all."""
+    ok, t = True, math.inf
+    try:
+        if mode == "graph":
+            t = graph_time(fn, device=device, group=group, **counts)
+        else:
+            counts.pop("graph_iters", None)
+            t = median_time(fn, device=device, group=group, **counts)
+    except CaptureError:  # agreed inside graph_time
+        return None
+    except Exception:
+        ok = False
+    if not all_ranks_ok(ok, group):
+        return None
+    return all_reduce_max([t], group)[0]

@@ -1,34 +1,75 @@
-"""Shared fixtures: one persistent worker pool per world size (see symmtriton.testing)."""
+"""Shared fixtures: one persistent worker pool per world (see symmtriton.testing).
+
+Worlds (``pool`` runs a test on each; ``gpu_pool`` on the GPU ones only):
+
+* ``cpu-w2``, ``cpu-w3``, ``cpu-w4``: host backend, Triton interpreter, gloo group.
+* ``gpu-w2-nccl``, ``gpu-w2-gloo``: two ranks, one per GPU, with an NCCL and with a gloo
+  group; generated only when at least two GPUs are visible at collection time.
+* ``gpu-w2-shared``, ``gpu-w4-shared``, ``gpu-w8-shared``: 2, 4 and 8 ranks on GPU 0 with a
+  gloo group (NCCL refuses several ranks per GPU); start MPS for them, or the ranks
+  time-slice the GPU (benchmarks/gpu_run.sh does).
+
+GPU worlds are marked ``gpu`` (``pytest -m gpu``) and skipped without CUDA.
+"""
 
 import os
+import sys
+import time
+from typing import NamedTuple
 
 import pytest
 import torch
 
-from symmtriton.testing import CPU_ENV, GPU_ENV, WorkerPool
+from symmtriton.testing import CPU_ENV, EXIT_MARK_ENV, GPU_ENV, GPU_PER_RANK_ENV, WorkerPool
+
+CPU_WORLD_SIZES = (2, 3, 4)
+SHARED_GPU_WORLD_SIZES = (2, 4, 8)
+PER_GPU_BACKENDS = ("nccl", "gloo")
+
+
+class PoolSpec(NamedTuple):
+    kind: str  #: "cpu" or "gpu"
+    world_size: int
+    dist_backend: str = "gloo"
+    one_rank_per_gpu: bool = False
+
+    @property
+    def id(self) -> str:
+        if self.kind == "cpu":
+            return f"cpu-w{self.world_size}"
+        return f"gpu-w{self.world_size}-{self.dist_backend if self.one_rank_per_gpu else 'shared'}"
+
+    @property
+    def env(self) -> dict:
+        if self.kind == "cpu":
+            return CPU_ENV
+        return GPU_PER_RANK_ENV if self.one_rank_per_gpu else GPU_ENV
+
+
+def gpu_specs() -> list:
+    """The GPU worlds this machine runs (decided from the GPUs visible at collection time)."""
+    specs = []
+    if torch.cuda.device_count() >= 2:
+        specs += [PoolSpec("gpu", 2, backend, True) for backend in PER_GPU_BACKENDS]
+    return specs + [PoolSpec("gpu", w) for w in SHARED_GPU_WORLD_SIZES]
+
 
 _POOLS: dict = {}
+_CLOSE_TIMES: list = []
 
 
-@pytest.fixture(scope="session")
-def gpu_pool():
-    """``gpu_pool(world_size)``: workers sharing the visible GPUs (cuda backend)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    return lambda world_size: _pool(world_size, GPU_ENV)
-
-
-def _pool(world_size: int, env: dict) -> WorkerPool:
-    key = (world_size, tuple(sorted(env.items())))
-    if key not in _POOLS:
-        _POOLS[key] = WorkerPool(world_size, env=env, timeout=float(os.environ.get("SYMMTRITON_TEST_TIMEOUT", 120)))
-    return _POOLS[key]
+def _pool(spec: PoolSpec) -> WorkerPool:
+    if spec not in _POOLS:
+        _POOLS[spec] = WorkerPool(spec.world_size, env=spec.env,
+                                  timeout=float(os.environ.get("SYMMTRITON_TEST_TIMEOUT", 120)),
+                                  dist_backend=spec.dist_backend, one_rank_per_gpu=spec.one_rank_per_gpu)
+    return _POOLS[spec]
 
 
 @pytest.fixture(scope="session")
 def cpu_pool():
     """``cpu_pool(world_size)``: a pool of CPU workers (host backend, Triton interpreter)."""
-    return lambda world_size: _pool(world_size, CPU_ENV)
+    return lambda world_size: _pool(PoolSpec("cpu", world_size))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -40,27 +81,49 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-CPU_WORLD_SIZES = (2, 3, 4)
-GPU_WORLD_SIZES = (2, 4, 8)
+def _params(specs) -> list:
+    return [pytest.param(s, id=s.id, marks=pytest.mark.gpu if s.kind == "gpu" else ()) for s in specs]
 
 
 def pytest_generate_tests(metafunc):
-    """``pool`` runs a test on CPU pools of 2, 3 and 4 ranks and, marked ``gpu``, on GPU pools
-    of 2, 4 and 8 ranks sharing the visible GPUs. Use the ``cpu_pool`` fixture for CPU-only tests."""
+    """``pool`` runs a test on every world of the module docstring; ``gpu_pool`` on the GPU
+    worlds only. Use the ``cpu_pool`` fixture for CPU-only tests."""
     if "pool_spec" in metafunc.fixturenames:
-        params = [pytest.param(("cpu", w), id=f"cpu-w{w}") for w in CPU_WORLD_SIZES]
-        params += [pytest.param(("gpu", w), id=f"gpu-w{w}", marks=pytest.mark.gpu) for w in GPU_WORLD_SIZES]
-        metafunc.parametrize("pool_spec", params)
+        cpu = [PoolSpec("cpu", w) for w in CPU_WORLD_SIZES]
+        metafunc.parametrize("pool_spec", _params(cpu + gpu_specs()))
+    if "gpu_pool_spec" in metafunc.fixturenames:
+        metafunc.parametrize("gpu_pool_spec", _params(gpu_specs()))
+
+
+def _checked(spec: PoolSpec) -> WorkerPool:
+    if spec.kind == "gpu" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return _pool(spec)
 
 
 @pytest.fixture
 def pool(pool_spec):
-    kind, world_size = pool_spec
-    if kind == "gpu" and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    return _pool(world_size, CPU_ENV if kind == "cpu" else GPU_ENV)
+    return _checked(pool_spec)
+
+
+@pytest.fixture
+def gpu_pool(gpu_pool_spec):
+    return _checked(gpu_pool_spec)
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for p in _POOLS.values():
+    """Close every pool (each worker runs symmtriton.testing.teardown) and time it."""
+    if os.environ.get(EXIT_MARK_ENV):
+        print(f"symmtriton-exit-mark {time.time():.3f}", file=sys.__stderr__, flush=True)
+    for spec, p in _POOLS.items():
+        t0 = time.monotonic()
         p.close()
+        _CLOSE_TIMES.append((spec.id, time.monotonic() - t0))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _CLOSE_TIMES:
+        slowest = max(_CLOSE_TIMES, key=lambda x: x[1])
+        terminalreporter.write_line(
+            f"worker pools closed: {len(_CLOSE_TIMES)} in {sum(t for _, t in _CLOSE_TIMES):.1f} s "
+            f"(slowest {slowest[0]} {slowest[1]:.1f} s)")

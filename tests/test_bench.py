@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from symmtriton import bench, bench_report, tuning
+from symmtriton import bench, bench_baselines, bench_options, bench_report, timing, tuning
 from symmtriton.config import CONFIG_KEYS
 from symmtriton.testing import CPU_ENV
 
@@ -45,10 +45,12 @@ def test_cli_sweep_with_tuning_in_pool(cpu_pool, tmp_path):
         assert r["check"] == "ok" and r["path"] == "symmetric" and r["world_size"] == "2"
         assert float(r["time_us"]) > 0 and float(r["baseline_us"]) > 0 and float(r["copy_us"]) > 0
         assert r["baseline"] == "gloo" and r["symm_mem_us"] == "" and r["efficiency"] == ""
+        assert r["ceiling"] == "local" and float(r["ceiling_gbs"]) == float(r["copy_gbs"])
         assert abs(float(r["busbw_gbs"]) - float(r["algbw_gbs"]) * bench_report.bus_factor(r["op"], 2)) < 2e-3
     assert {r["size_bytes"] for r in rows} == {"1024"}
     meta = data["meta"]
-    assert meta["device"] == "cpu" and meta["world_size"] == 2
+    assert meta["device"] == "cpu" and meta["world_size"] == 2 and data["complete"] is True
+    assert meta["devices"] == ["cpu", "cpu"] and meta["layout"] == "cpu" and meta["p2p_gbs"] is None
     assert meta["torch"] == torch.__version__ and meta["triton"] and meta["date"]
     assert data["columns"] == list(bench_report.FIELDS) and len(data["rows"]) == len(rows)
     assert any("graph mode needs CUDA" in n for n in data["notes"])
@@ -78,9 +80,10 @@ def test_cli_through_torchrun(tmp_path):
 
 
 def test_help_documents_the_options():
-    text = bench.build_parser().format_help()
+    text = bench_options.build_parser().format_help()
     for opt in ("--ops", "--dtypes", "--modes", "--placement", "--min-bytes", "--max-bytes", "--iters",
-                "--warmup", "--tune", "--backend", "--out-dir", "busbw", "torchrun"):
+                "--warmup", "--tune", "--backend", "--out-dir", "busbw", "torchrun", "--quick",
+                "--step", "--min-iters", "--max-spread", "p2p", "4G"):
         assert opt in text
 
 
@@ -92,32 +95,37 @@ def test_help_documents_the_options():
     (["--min-bytes", "4K", "--max-bytes", "1K"], "4096"),
     (["--max-bytes", "12Q"], "12Q"),
     (["--iters", "0"], "--iters"),
+    (["--step", "1"], "--step"),
+    (["--max-spread", "-1"], "--max-spread"),
 ])
 def test_bad_options_exit_with_usage(argv, match, capsys):
     with pytest.raises(SystemExit) as exc:
-        bench.parse_options(argv)
+        bench_options.parse_options(argv)
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
 
 
 def test_option_defaults_on_the_cpu():
-    opts = bench.parse_options([])
+    opts = bench_options.parse_options([])
     assert opts.ops == ("all_gather", "reduce_scatter", "fused")
     assert opts.dtypes == (torch.bfloat16,) and opts.modes == ("eager", "graph")
     assert opts.placements == ("zero_copy", "staged")
-    assert opts.sizes[0] == 1024 and opts.sizes[-1] == 64 * 1024 and len(opts.sizes) == 7
+    assert opts.sizes == (1024, 4096, 16384, 65536) and opts.iters == 3 and opts.min_iters == 3
+    quick = bench_options.parse_options(["--quick", "--max-bytes", "256M"])
+    assert quick.sizes == (4 << 10, 64 << 10, 1 << 20, 16 << 20, 256 << 20) and quick.warmup == 3
+    assert bench_options.parse_options(["--max-bytes", "4G", "--step", "2"]).sizes[-1] == 4 << 30
     assert opts.out_dir == os.path.join("benchmarks", "results")
 
 
 def test_sizes_and_shapes():
-    assert bench.parse_bytes("64K") == 65536 and bench.parse_bytes("1MB") == 1 << 20
-    assert bench.parse_bytes("256MiB") == 256 << 20 and bench.parse_bytes("100") == 100
-    assert bench.sweep_sizes(1024, 5000) == (1024, 2048, 4096)
-    ag = bench.shape_for("all_gather", 1024, torch.bfloat16, 3, 4096)
+    assert bench_options.parse_bytes("64K") == 65536 and bench_options.parse_bytes("1MB") == 1 << 20
+    assert bench_options.parse_bytes("256MiB") == 256 << 20 and bench_options.parse_bytes("100") == 100
+    assert bench_options.sweep_sizes(1024, 5000) == (1024, 2048, 4096)
+    ag = bench_baselines.shape_for("all_gather", 1024, torch.bfloat16, 3, 4096)
     assert (ag.numel, ag.total_bytes, ag.count) == (170, 1020, 510)
-    fu = bench.shape_for("fused", 1024, torch.bfloat16, 4, 4096)  # too small for 4 rows of 4096
+    fu = bench_baselines.shape_for("fused", 1024, torch.bfloat16, 4, 4096)  # too small for 4 rows of 4096
     assert fu.hidden == 128 and fu.numel == 128 and fu.total_bytes == 1024
-    big = bench.shape_for("fused", 1 << 20, torch.bfloat16, 4, 4096)
+    big = bench_baselines.shape_for("fused", 1 << 20, torch.bfloat16, 4, 4096)
     assert big.hidden == 4096 and big.count == 128 * 4096 and (big.count // big.hidden) % 4 == 0
     assert bench_report.bus_factor("all_gather", 4) == 0.75 and bench_report.bus_factor("fused", 4) == 1.5
 
@@ -130,3 +138,25 @@ def test_table_format():
             "torch": "x", "triton": "y", "date": "d"}
     text = bench_report.format_table([row], meta)
     assert "busbw" in text and "12.50" in text and "all_gather" in text
+
+
+def test_rows_reach_the_csv_as_they_finish(tmp_path):
+    opts = bench_options.parse_options(["--out-dir", str(tmp_path), "--name", "live", "--no-plot"])
+    meta = {"device": "cpu", "world_size": 2, "layout": "cpu"}
+    files = bench_report.ResultFiles(opts, meta)
+    row = {k: None for k in bench_report.FIELDS}
+    row.update(size_bytes=1024, op="all_gather", check="ok", time_us=3.5)
+    files.add(row)  # an interrupted run stops here: the row and the metadata are on disk
+    with open(tmp_path / "live.csv", newline="") as f:
+        assert [(r["size_bytes"], r["time_us"]) for r in csv.DictReader(f)] == [("1024", "3.5")]
+    data = json.loads((tmp_path / "live.json").read_text())
+    assert data["complete"] is False and data["meta"] == meta and data["rows"] == []
+    paths = files.finish([row], ["a note"])
+    data = json.loads((tmp_path / "live.json").read_text())
+    assert data["complete"] is True and len(data["rows"]) == 1 and set(paths) == {"csv", "json"}
+
+
+def test_relative_spread():
+    assert timing.relative_spread([1.0]) == 0.0
+    assert timing.relative_spread([1.0, 1.0, 1.0, 1.0]) == 0.0
+    assert abs(timing.relative_spread([1.0, 2.0, 3.0, 4.0, 5.0]) - 2.0 / 3.0) < 1e-12

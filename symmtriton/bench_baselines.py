@@ -1,0 +1,244 @@
+"""What the benchmark compares symmtriton with: torch.distributed, PyTorch's symmetric-memory ops,
+a local device copy, and (ranks on different GPUs) the copy bandwidth to a peer GPU; plus the
+operand shapes of a row and where the ranks run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._symmetric_memory as symm
+
+from . import reference, timing, workloads
+from .ops._common import torch_all_gather, torch_reduce_scatter
+from .testing import device
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One row's operands: ``numel`` per shard (see :class:`symmtriton.workloads.Workload`)."""
+
+    numel: int
+    hidden: int | None
+    total_bytes: int
+    count: int
+
+
+def shape_for(op: str, nbytes: int, dtype: torch.dtype, world: int, hidden: int) -> Shape:
+    """The operands nearest ``nbytes`` (rounded down to whole shards; fused: ``[S, H]`` with
+    ``H = hidden``, or less when ``nbytes`` holds fewer than ``W`` rows, and ``S`` a multiple of
+    ``W``)."""
+    esize = dtype.itemsize
+    if op != "fused":
+        numel = max(1, nbytes // (world * esize))
+        return Shape(numel, None, world * numel * esize, world * numel)
+    h = min(hidden, max(1, nbytes // (world * esize)))
+    rows = max(1, nbytes // (world * esize * h))
+    return Shape(rows * h, h, world * rows * h * esize, world * rows * h)
+
+
+def _zeros(shape, dtype, dev):
+    return torch.zeros(shape, dtype=dtype, device=dev)
+
+
+def dist_baseline(op: str, shape: Shape, dtype, group, dev):
+    """torch.distributed's version of ``op`` on ordinary tensors (fused: reduce-scatter, add,
+    RMSNorm, all-gather, unfused)."""
+    world = dist.get_world_size(group)
+    n = shape.numel
+    if op == "all_gather":
+        inp, out = _zeros(n, dtype, dev), torch.empty(world * n, dtype=dtype, device=dev)
+        return lambda: torch_all_gather(out, inp, group)
+    if op == "reduce_scatter":
+        inp, out = _zeros(world * n, dtype, dev), torch.empty(n, dtype=dtype, device=dev)
+        return lambda: torch_reduce_scatter(out, inp, group)
+    h = shape.hidden
+    inp, res = _zeros((world * n // h, h), dtype, dev), _zeros((n // h, h), dtype, dev)
+    weight, part = torch.ones(h, dtype=dtype, device=dev), torch.empty((n // h, h), dtype=dtype, device=dev)
+    out = torch.empty((world * n // h, h), dtype=dtype, device=dev)
+
+    def fused():
+        torch_reduce_scatter(part, inp, group)
+        res.add_(part)
+        torch_all_gather(out, reference.rmsnorm(res, weight, workloads.FUSED_EPS), group)
+    return fused
+
+
+#: torch.ops.symm_mem ops tried per op, in order: (name, needs multicast).
+SYMM_MEM_OPS = {
+    "all_gather": (("multimem_all_gather_out", True), ("_low_contention_all_gather", False)),
+    "reduce_scatter": (("reduce_scatter_out", False),),
+    "fused": (("one_shot_all_reduce", False),),
+}
+#: torch.ops.symm_mem ops that cannot be captured in a CUDA graph.
+SYMM_MEM_NOT_CAPTURABLE = ("_low_contention_all_gather",)
+
+
+def symm_mem_baseline(op: str, shape: Shape, dtype, group, dev):
+    """``(name, fn)`` running PyTorch's symmetric-memory version of ``op`` (fused: the
+    one-shot all-reduce of the same input, communication only), or ``(None, why)``. Every step
+    that can fail is agreed over the group before the next collective step."""
+    ops = getattr(torch.ops, "symm_mem", None)
+    if dev.type != "cuda" or ops is None:
+        return None, "torch symm_mem ops need CUDA"
+    world, name = dist.get_world_size(group), group.group_name
+    n = shape.numel
+    for op_name, needs_mc in SYMM_MEM_OPS[op]:
+        if not hasattr(ops, op_name):
+            continue
+        ok, big = True, None
+        try:
+            big = symm.empty(world * n, dtype=dtype, device=dev)
+        except Exception:
+            ok = False
+        if not timing.all_ranks_ok(ok, group):
+            return None, "symm_mem.empty failed"
+        try:
+            hdl = symm.rendezvous(big, group)
+        except Exception:  # e.g. a group this torch cannot rendezvous on
+            hdl = None
+        if not timing.all_ranks_ok(hdl is not None and (not needs_mc or hdl.multicast_ptr != 0), group):
+            continue
+        big.zero_()
+        fn_op = getattr(ops, op_name)
+        if op_name == "multimem_all_gather_out":
+            inp = _zeros(n, dtype, dev)
+            fn = (lambda i=inp, o=big: fn_op(i, name, o))
+        elif op_name == "_low_contention_all_gather":
+            fn = (lambda i=big[:n]: fn_op(i, name))
+        elif op_name == "reduce_scatter_out":
+            out = torch.empty(n, dtype=dtype, device=dev)
+            fn = (lambda i=big, o=out: fn_op(i, name, False, o))
+        else:  # one_shot_all_reduce
+            fn = (lambda i=big: fn_op(i, "sum", name))
+        return op_name, fn
+    return None, f"no usable torch.ops.symm_mem op for {op}"
+
+
+def copy_baseline(nbytes: int, dev):
+    src = torch.zeros(nbytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+class Baselines:
+    """Baseline times per (op, dtype, size, mode), each measured once, in the same order on every
+    rank. torch symm_mem operands are made once per (op, dtype, size) for both modes; local
+    copies are timed once per (size, mode). In graph mode, what failed eagerly and what is known
+    not to be capturable is skipped: a capture the driver invalidates is costly (see
+    ``timing._abandon_capture``)."""
+
+    def __init__(self, opts, group, note):
+        """``opts``: the bench's options (``BenchOptions``); ``note(msg)`` records a note."""
+        self.opts, self.group, self.note = opts, group, note
+        self.dev = device()
+        self.dist_name = str(dist.get_backend(group))
+        self.times: dict = {}
+        self._copies: dict = {}
+        self._symm_key, self._symm = None, (None, None)
+
+    def get(self, op, dtype, shape, mode, warmup) -> dict:
+        key = (op, dtype, shape.total_bytes, mode)
+        if not self.opts.baselines:
+            return {}
+        if key not in self.times:
+            self.times[key] = self._measure(op, dtype, shape, mode, warmup)
+        return self.times[key]
+
+    def _measure(self, op, dtype, shape, mode, warmup) -> dict:
+        eager = self.times.get((op, dtype, shape.total_bytes, "eager"), {})
+
+        def capturable(name, why_not=None):
+            if mode != "graph":
+                return True
+            if why_not:
+                self.note(f"graph mode: {why_not}")
+                return False
+            return not eager or eager.get(name) is not None
+
+        def run(fn):
+            return timing.agreed_time(fn, mode, device=self.dev, group=self.group, **self.opts.counts(warmup))
+
+        gloo = "nccl" not in self.dist_name
+        base = {"baseline": self.dist_name, "baseline_s": None, "symm_mem_s": None}
+        if capturable("baseline_s", gloo and f"torch.distributed over {self.dist_name} is not capturable: skipped"):
+            base["baseline_s"] = run(dist_baseline(op, shape, dtype, self.group, self.dev))
+        if self._symm_key != (op, dtype, shape.total_bytes):
+            self._symm_key, self._symm = None, (None, None)  # free the previous operands first
+            self._symm = symm_mem_baseline(op, shape, dtype, self.group, self.dev)
+            self._symm_key = (op, dtype, shape.total_bytes)
+        sm_name, sm_fn = self._symm
+        if sm_name is None:
+            self.note(f"torch symm_mem baseline for {op}: {sm_fn}")
+        base["symm_mem_op"] = sm_name
+        if sm_name and capturable("symm_mem_s", sm_name in SYMM_MEM_NOT_CAPTURABLE and
+                                  f"{sm_name} (side stream, host barrier) is not capturable: skipped"):
+            base["symm_mem_s"] = run(sm_fn)
+        copy_key = (shape.total_bytes, mode)
+        if copy_key not in self._copies:
+            self._copies[copy_key] = run(copy_baseline(shape.total_bytes, self.dev))
+        base["copy_s"] = self._copies[copy_key]
+        return base
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where the ranks of a group run."""
+
+    devices: tuple  #: each rank's device name, by rank
+    gpus: int  #: distinct GPUs the group uses (0 on the CPU)
+    layout: str  #: "cpu", "one rank per GPU" or "shared: W ranks on G GPU(s)"
+
+    @property
+    def across_gpus(self) -> bool:
+        """Peers on other GPUs: their traffic crosses the GPU interconnect."""
+        return self.gpus > 1
+
+    @property
+    def slug(self) -> str:
+        return "" if self.gpus == 0 else ("pergpu" if self.layout == "one rank per GPU" else "shared")
+
+
+def topology(group, dev) -> Topology:
+    """Every rank's device (name and UUID, exchanged over ``group``) and the layout they make."""
+    world = dist.get_world_size(group)
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        mine = (props.name, str(getattr(props, "uuid", "")) or f"{props.pci_bus_id}:{dev.index}")
+    else:
+        mine = ("cpu", None)
+    seen: list = [None] * world
+    dist.all_gather_object(seen, mine, group=group)
+    if dev.type != "cuda":
+        return Topology(tuple(n for n, _ in seen), 0, "cpu")
+    gpus = len({u for _, u in seen})
+    layout = "one rank per GPU" if gpus == world else f"shared: {world} ranks on {gpus} GPU(s)"
+    return Topology(tuple(n for n, _ in seen), gpus, layout)
+
+
+def peer_copy_gbs(buf, topo: Topology, group, *, nbytes: int = 256 << 20, iters: int = 10) -> float | None:
+    """GB/s of a copy-engine copy from this GPU into the next rank's symmetric buffer (a peer
+    GPU's memory, through the buffer's peer mapping), every rank copying at once as in a
+    collective: the median over ``iters`` copies, the slowest rank's. The ceiling of rows whose
+    ranks are on different GPUs (each rank's busbw crosses the interconnect once). ``None``
+    unless every rank has its own GPU and the buffer is symmetric. Collective."""
+    world = dist.get_world_size(group)
+    usable = topo.layout == "one rank per GPU" and world > 1 and buf.symm_mem_hdl is not None
+    if not timing.all_ranks_ok(usable, group):
+        return None
+    hdl, rank = buf.symm_mem_hdl, dist.get_rank(group)
+    n = min(nbytes, buf.nbytes)
+    dst = hdl.get_buffer((rank + 1) % world, (n,), torch.uint8)
+    src = torch.ones(n, dtype=torch.uint8, device=dst.device)
+    t = timing.median_time(lambda: dst.copy_(src), iters=iters, warmup=2, device=dst.device, group=group)
+    timing.group_barrier(group)  # no peer overwrites a buffer before every copy into it is done
+    return n / timing.all_reduce_max([t], group)[0] / 1e9
+
+
+def nccl_version() -> str | None:
+    try:
+        v = torch.cuda.nccl.version()
+    except Exception:  # a CPU build
+        return None
+    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)

@@ -1,0 +1,214 @@
+"""The benchmark's command line: parsing and validating ``symmtriton-bench``'s options."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass
+
+from . import tuning, workloads
+from .testing import device as _device
+from .validation import REDUCE_DTYPES
+
+MODES = ("eager", "graph")
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
+          "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+#: ``--quick``: sizes 4K, 64K, 1M, 16M, 256M (GPU) and at most 20 timed calls per row.
+QUICK = {"min_bytes": "4K", "step": 16, "iters": 20, "warmup": 3}
+
+
+def parse_bytes(text: str) -> int:
+    """``"64K"``, ``"1MB"``, ``"256MiB"``, ``"4G"``, ``"4096"`` -> bytes (K = 1024, as nccl-tests)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"not a byte size: {text!r} (examples: 1024, 64K, 1MB, 256M, 4G)")
+    value = int(m.group(1)) * _UNITS[m.group(2).upper()]
+    if value < 1:
+        raise ValueError(f"byte size must be >= 1, got {text!r}")
+    return value
+
+
+def _csv_list(text: str, allowed, what: str) -> tuple:
+    items = tuple(x.strip() for x in str(text).split(",") if x.strip())
+    if not items:
+        raise ValueError(f"--{what}: empty list")
+    for x in items:
+        if x not in allowed:
+            raise ValueError(f"--{what}: {x!r} is not one of {', '.join(allowed)}")
+    return tuple(dict.fromkeys(items))
+
+
+def sweep_sizes(min_bytes: int, max_bytes: int, step: int = 2) -> tuple[int, ...]:
+    """``min_bytes, step*min_bytes, ...`` up to ``max_bytes``."""
+    if min_bytes < 1 or max_bytes < min_bytes:
+        raise ValueError(f"need 1 <= min-bytes <= max-bytes, got {min_bytes} and {max_bytes}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 2:
+        raise ValueError(f"--step must be an int >= 2, got {step!r}")
+    out, s = [], min_bytes
+    while s <= max_bytes:
+        out.append(s)
+        s *= step
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Validated command-line options (see ``--help``)."""
+
+    ops: tuple
+    dtypes: tuple
+    modes: tuple
+    placements: tuple
+    sizes: tuple
+    iters: int
+    min_iters: int
+    max_spread: float
+    warmup: int
+    graph_iters: int
+    hidden: int
+    out_dir: str
+    name: str | None
+    tune: bool
+    baselines: bool
+    plot: bool
+    backend: str
+    buffer_mb: float | None
+
+    def __post_init__(self):
+        for key in ("iters", "min_iters", "graph_iters", "hidden"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        if self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        if not self.max_spread >= 0:
+            raise ValueError(f"--max-spread must be >= 0, got {self.max_spread}")
+        if self.buffer_mb is not None and not self.buffer_mb > 0:
+            raise ValueError(f"--buffer-mb must be > 0, got {self.buffer_mb}")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"--backend must be auto, nccl or gloo, got {self.backend!r}")
+
+    def counts(self, warmup: int) -> dict:
+        """Keyword counts of ``symmtriton.timing.agreed_time`` for a row warmed up ``warmup`` times."""
+        return {"iters": self.iters, "warmup": warmup, "min_iters": self.min_iters,
+                "max_spread": self.max_spread, "graph_iters": self.graph_iters}
+
+
+EPILOG = """\
+columns (CSV/JSON; the table shows most of them):
+  size_bytes   nccl-tests size: gathered output (all_gather), full input (reduce_scatter, fused)
+  count        elements in size_bytes
+  path         symmetric (Triton kernels) or fallback (symmetric memory unavailable)
+  block_size, num_warps, max_blocks   launch config used (tuned winner or default)
+  time_us      median per call, MAX over ranks; algbw = size/time; busbw = algbw*(W-1)/W
+               (fused: *2(W-1)/W), as nccl-tests reports them
+  check        ok / FAIL against symmtriton.reference on rank-tagged data (all ranks agree);
+               skip above 1 GiB (the references would need several times the size)
+  baseline_us  torch.distributed (NCCL or gloo), speedup = baseline_us / time_us
+  symm_mem_us  torch.ops.symm_mem (op in symm_mem_op), when this torch has one that runs
+  copy_us      a device copy of size_bytes on this GPU; copy_gbs counts read + write
+  ceiling      what efficiency compares with: p2p (ranks on different GPUs: a copy to the
+               next rank's GPU, measured once at start, ceiling_gbs) or local (copy_gbs)
+  efficiency   GPU, size >= 1 MiB. p2p: busbw / ceiling_gbs. local: (bytes the kernel moves
+               through this rank's memory / time) / copy_gbs; bytes moved = size + size/W,
+               + 2 x size when staged (fused: twice size + size/W)
+
+timing: each row runs --min-iters calls first and stops there when the ranks agree that the
+interquartile range is within --max-spread of the median; otherwise it runs up to --iters.
+
+examples:
+  torchrun --nproc-per-node 2 -m symmtriton.bench                  # one rank per GPU, NCCL
+  torchrun --nproc-per-node 2 -m symmtriton.bench --quick          # 5 sizes, under a minute
+  torchrun --nproc-per-node 2 -m symmtriton.bench --ops all_gather,reduce_scatter --modes graph \\
+      --min-bytes 256M --max-bytes 4G --step 2                     # where NCCL peaks
+  torchrun --nproc-per-node 2 -m symmtriton.bench --max-bytes 4K --iters 2 --warmup 1  # CPU
+  symmtriton-bench --tune --modes graph          # tune the swept sizes, then benchmark
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="symmtriton-bench",
+        description="Benchmark symmtriton's collectives (all-gather, reduce-scatter, fused "
+                    "reduce-scatter + add + RMSNorm + all-gather) against torch.distributed, "
+                    "PyTorch's symmetric-memory ops and copy ceilings. Run on every rank, "
+                    "e.g. torchrun --nproc-per-node 8 -m symmtriton.bench.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    p.add_argument("--ops", default="all_gather,reduce_scatter,fused",
+                   help="comma list of all_gather, reduce_scatter, fused (default: all)")
+    p.add_argument("--dtypes", default="bfloat16",
+                   help="comma list of bfloat16, float16, float32 (default: bfloat16)")
+    p.add_argument("--modes", default="eager,graph",
+                   help="comma list of eager, graph (graph: CUDA graph replays; GPU only, skipped "
+                        "on the CPU) (default: eager,graph)")
+    p.add_argument("--placement", default="zero_copy,staged",
+                   help="comma list: zero_copy (operand already in the symmetric buffer: AG "
+                        "output, RS input, fused input), staged (ordinary tensors) "
+                        "(default: both)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"sizes {QUICK['min_bytes']} to --max-bytes in x{QUICK['step']} steps, at most "
+                        f"{QUICK['iters']} timed calls, {QUICK['warmup']} warm-up calls (explicit "
+                        "options win)")
+    p.add_argument("--min-bytes", default=None, help="smallest size (default 1K)")
+    p.add_argument("--max-bytes", default=None,
+                   help="largest size (default 256M on the GPU, 64K on the CPU; up to 4G and "
+                        "more for bus bandwidth where NCCL peaks)")
+    p.add_argument("--step", type=int, default=None, help="size factor between rows (default 4)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="most timed calls per row, median reported (default 50 GPU, 3 CPU)")
+    p.add_argument("--min-iters", type=int, default=None,
+                   help="timed calls before the spread test (default 10, at most --iters)")
+    p.add_argument("--max-spread", type=float, default=0.05,
+                   help="stop after --min-iters calls when (p75 - p25) / median is at most this "
+                        "on every rank (default 0.05; 0 always runs --iters)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls before timing (default 10 GPU, 1 CPU; at most 3 above 64 MiB)")
+    p.add_argument("--graph-iters", type=int, default=10,
+                   help="calls captured in one CUDA graph in graph mode (default 10)")
+    p.add_argument("--hidden", type=int, default=4096,
+                   help="hidden size H of the fused op's [S, H] input (default 4096; smaller "
+                        "when a size holds fewer than W rows)")
+    p.add_argument("--out-dir", default=os.path.join("benchmarks", "results"),
+                   help="where rank 0 writes CSV, JSON and PNG (default benchmarks/results)")
+    p.add_argument("--name", default=None,
+                   help="file stem (default symmtriton_<device>_w<world size>[_pergpu|_shared])")
+    p.add_argument("--tune", action="store_true",
+                   help="autotune every swept op/dtype/size first and write the tuning cache "
+                        "($SYMMTRITON_TUNING_CACHE, default ~/.cache/symmtriton/tuning.json)")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="skip torch.distributed, torch symm_mem and copy timings")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="do not write the PNG")
+    p.add_argument("--backend", default="auto", choices=("auto", "nccl", "gloo"),
+                   help="process-group backend when this command creates the group (default: "
+                        "gloo without CUDA or when ranks share a GPU, else nccl)")
+    p.add_argument("--buffer-mb", type=float, default=None,
+                   help="symmetric buffer size in MiB (default: 3 x max size, at least 1)")
+    return p
+
+
+def parse_options(argv=None) -> BenchOptions:
+    """Parse and validate ``argv`` (``ValueError`` names the bad value)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    on_gpu = _device().type == "cuda"
+    quick = QUICK if args.quick else {}
+    iters = args.iters if args.iters is not None else min(50 if on_gpu else 3, quick.get("iters", 1 << 30))
+    try:
+        dtype_names = _csv_list(args.dtypes, [tuning.dtype_name(t) for t in REDUCE_DTYPES], "dtypes")
+        return BenchOptions(
+            ops=_csv_list(args.ops, workloads.OPS, "ops"),
+            dtypes=tuple(tuning.parse_dtype(d) for d in dtype_names),
+            modes=_csv_list(args.modes, MODES, "modes"),
+            placements=_csv_list(args.placement, workloads.PLACEMENTS, "placement"),
+            sizes=sweep_sizes(parse_bytes(args.min_bytes or quick.get("min_bytes", "1K")),
+                              parse_bytes(args.max_bytes or ("256M" if on_gpu else "64K")),
+                              args.step if args.step is not None else quick.get("step", 4)),
+            iters=iters,
+            min_iters=args.min_iters if args.min_iters is not None else min(10, max(iters, 1)),
+            max_spread=args.max_spread,
+            warmup=args.warmup if args.warmup is not None else quick.get("warmup", 10 if on_gpu else 1),
+            graph_iters=args.graph_iters, hidden=args.hidden, out_dir=args.out_dir, name=args.name,
+            tune=args.tune, baselines=args.baselines, plot=args.plot, backend=args.backend,
+            buffer_mb=args.buffer_mb)
+    except ValueError as exc:
+        parser.error(str(exc))  # usage + message, exit status 2
