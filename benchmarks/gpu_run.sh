@@ -32,7 +32,7 @@ SHARED_WORLDS=${SHARED_WORLDS:-"4"}
 SHARED_BENCH_W=${SHARED_BENCH_W:-4}
 PY=${PYTHON:-python3}
 
-python3 -m pip install -e . --no-deps --no-build-isolation -q >>"$LOG" 2>&1 \
+[ -n "${SKIP_INSTALL:-}" ] || $PY -m pip install -e . --no-deps --no-build-isolation -q >>"$LOG" 2>&1 \
   || { echo "install failed"; tail -20 "$LOG"; exit 1; }
 { echo "==== environment"; nvidia-smi -L; nvidia-smi topo -m 2>/dev/null | head -8
   $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda)'

@@ -1,12 +1,16 @@
-"""Every example runs on CPU with 2 ranks under torchrun (host backend, Triton interpreter) and
-prints its result line; ``--help`` of each works."""
+"""Every example runs on CPU with 2 ranks under torchrun (host backend, Triton interpreter),
+prints its result line and exits within 15 s of starting its teardown; ``--help`` of each works."""
 
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from symmtriton.testing import EXIT_MARK_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -27,7 +31,7 @@ CASES = {
 def _env() -> dict:
     env = dict(os.environ)
     env.update({"CUDA_VISIBLE_DEVICES": "", "SYMMTRITON_BACKEND": "host", "TRITON_INTERPRET": "1",
-                "OMP_NUM_THREADS": "1"})
+                "OMP_NUM_THREADS": "1", EXIT_MARK_ENV: "1"})
     return env
 
 
@@ -58,6 +62,8 @@ def test_example_runs_on_two_cpu_ranks(name):
     lines = r.stdout.splitlines()
     assert any(expect in line for line in lines), r.stdout
     assert any(line.startswith(name) and "world=2" in line for line in lines), r.stdout
+    marks = [float(m) for m in re.findall(r"symmtriton-exit-mark ([0-9.]+)", r.stderr)]
+    assert len(marks) == 2 and time.time() - min(marks) < 15, (marks, time.time())
 
 
 @pytest.mark.parametrize("flags, message", [
