@@ -269,7 +269,8 @@ def tagged(numel: int, dtype, rank: int, salt: int = 0, *, bound: int = 6):
     so one period is built and tiled on the device (no ``numel``-sized int64 temporaries: the
     bench fills GiB-sized operands with it)."""
     period = 2 * bound + 1
-    one = (torch.arange(period, dtype=torch.int64, device="cpu") * 7 + 13 * rank + 5 * salt) % period - bound
+    one = torch.arange(period, dtype=torch.int64, device="cpu")
+    one = (one * 7 + 13 * rank + 5 * salt) % period - bound
     return one.to(dtype).to(device()).repeat(-(-numel // period))[:numel]
 
 
