@@ -23,3 +23,23 @@ def copy_shards(src_addr, dst_addr, n, pid, nprog, DTYPE: tl.constexpr, BLOCK_SI
             shard = r * as_i64(n)
             tl.store(dst + shard + offs, tl.load(src + shard + offs, mask=mask), mask=mask)
         c += nprog
+
+
+@triton.jit
+def copy_units(src_addr, dst_addr, n, per_slice, stride, pid, nprog, DTYPE: tl.constexpr,
+               BLOCK: tl.constexpr, SLICES: tl.constexpr, ALIGNED: tl.constexpr):
+    """Copy units ``u = q * per_slice + j`` (every ``q < SLICES``, every ``j = pid (mod nprog)``,
+    ``j < per_slice``) of ``n`` elements; unit ``u`` is elements ``[u * stride, u * stride +
+    stride)`` (``stride <= BLOCK``: a chunk of the all-reduce, a row of a fused op), tails masked.
+    The units block ``pid`` of every rank touches remotely in the all-reduce kernels, so a
+    per-block barrier orders this copy against them."""
+    src = as_ptr(src_addr, DTYPE, ALIGNED)
+    dst = as_ptr(dst_addr, DTYPE, ALIGNED)
+    cols = tl.arange(0, BLOCK)
+    j = pid
+    while j < per_slice:  # see ptx.py on loops
+        for q in tl.static_range(SLICES):
+            offs = (q * as_i64(per_slice) + j) * stride + cols
+            mask = (cols < stride) & (offs < n)
+            tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+        j += nprog

@@ -9,6 +9,7 @@ from ._launch import CollectiveTimeoutError, synchronize
 from .config import LaunchConfig, default_config
 from .memory import SymmetricMemoryBuffer, SymmetricMemoryManager
 from .ops.all_gather import all_gather_into_tensor
+from .ops.all_reduce import all_reduce, all_reduce_add_rmsnorm
 from .ops.fused import reduce_scatter_add_rmsnorm, reduce_scatter_add_rmsnorm_all_gather
 from .ops.reduce_scatter import reduce_scatter_tensor
 from . import custom_ops  # noqa: E402,F401 - registers torch.ops.symmtriton.* for torch.compile
@@ -24,5 +25,7 @@ __all__ = [
     "default_config",
     "CollectiveTimeoutError",
     "synchronize",
+    "all_reduce",
+    "all_reduce_add_rmsnorm",
 ]
 __version__ = "0.1.0"

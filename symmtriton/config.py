@@ -79,3 +79,23 @@ def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | 
     per_thread = 4 * vec  # 4 x 16-byte accesses in flight per thread and peer
     num_warps = max(1, min(8, block // (32 * per_thread)))
     return LaunchConfig(block_size=block, num_warps=num_warps, max_blocks=264)
+
+
+#: all-reduce algorithms (the kernels' ``TWO_SHOT`` constexpr), see :func:`all_reduce_algorithm`.
+ALL_REDUCE_ALGORITHMS = ("one_shot", "two_shot")
+#: largest tensor (bytes) :func:`all_reduce_algorithm` sends one-shot at 2 ranks; halved per
+#: doubling of the world (one-shot reads ``world x`` the tensor per rank). UNTUNED: a first
+#: guess from the published crossovers of custom all-reduces (vLLM, SGLang: one-shot up to a few
+#: hundred KiB at 2-8 GPUs), to be replaced by measurements.
+ALL_REDUCE_ONE_SHOT_MAX_BYTES = 512 * 1024
+
+
+def all_reduce_algorithm(nbytes: int, world: int) -> str:
+    """``"one_shot"`` (every rank reduces the whole tensor: one round of loads) for small tensors
+    and one rank, ``"two_shot"`` (reduce-scatter + all-gather in one launch: each rank reads and
+    writes ``1/world`` of the tensor per peer) above an untuned threshold. A pure function of
+    values every rank shares, so every rank picks the same."""
+    if nbytes < 0 or world < 1:
+        raise ValueError(f"nbytes must be >= 0 and world >= 1, got {nbytes}, {world}")
+    limit = ALL_REDUCE_ONE_SHOT_MAX_BYTES * 2 // max(2, _next_pow2(world))
+    return "one_shot" if world == 1 or nbytes <= limit else "two_shot"

@@ -199,3 +199,49 @@ def reduce_scatter(input: torch.Tensor, group=None) -> torch.Tensor:
     output = input.new_empty((input.shape[0] // world, *input.shape[1:]))
     reduce_scatter_tensor(output, input, group_name(group))
     return output
+
+
+# -- all-reduce (tensor parallelism without sequence parallelism) ----------------------------------
+__all__ += ["all_reduce_", "all_reduce_out", "all_reduce_add_rmsnorm"]
+
+
+@torch.library.custom_op(f"{NAMESPACE}::all_reduce_", mutates_args=("tensor",))
+def all_reduce_(tensor: torch.Tensor, group_name: str) -> None:
+    """:func:`symmtriton.all_reduce` (sum, in place) on the group named ``group_name``."""
+    from .ops.all_reduce import all_reduce as impl
+
+    impl(tensor, resolve_group(group_name))
+
+
+@all_reduce_.register_fake
+def _all_reduce__fake(tensor, group_name):
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::all_reduce_out", mutates_args=("out",))
+def all_reduce_out(tensor: torch.Tensor, group_name: str, out: torch.Tensor) -> None:
+    """:func:`symmtriton.all_reduce` with ``out`` (``tensor`` is only read)."""
+    from .ops.all_reduce import all_reduce as impl
+
+    impl(tensor, resolve_group(group_name), out=out)
+
+
+@all_reduce_out.register_fake
+def _all_reduce_out_fake(tensor, group_name, out):
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::all_reduce_add_rmsnorm", mutates_args=("residual", "out"))
+def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                           eps: float, group_name: str, out: torch.Tensor) -> None:
+    """:func:`symmtriton.all_reduce_add_rmsnorm`: all-reduce ``input`` ``[S, H]``, add the sum to
+    ``residual`` ``[S, H]`` (updated in place), RMSNorm it with ``weight`` and ``eps`` into
+    ``out``."""
+    from .ops.all_reduce import all_reduce_add_rmsnorm as impl
+
+    impl(input, residual, weight, eps=eps, group=resolve_group(group_name), out=out)
+
+
+@all_reduce_add_rmsnorm.register_fake
+def _all_reduce_add_rmsnorm_fake(input, residual, weight, eps, group_name, out):
+    return None

@@ -30,3 +30,16 @@ def reduce_scatter_add_rmsnorm(inputs: list[torch.Tensor], residual: torch.Tenso
     total = torch.stack([t.float() for t in inputs]).sum(0).chunk(len(inputs), dim=0)[rank]
     new_residual = (residual.float() + total).to(residual.dtype)
     return rmsnorm(new_residual, weight, eps), new_residual
+
+
+def all_reduce(inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The fp64 sum of ``inputs``, cast back to their dtype."""
+    return torch.stack([t.double() for t in inputs]).sum(0).to(inputs[0].dtype)
+
+
+def all_reduce_add_rmsnorm(inputs: list[torch.Tensor], residual: torch.Tensor,
+                           weight: torch.Tensor, eps: float):
+    """(normed rows, updated residual): residual + the fp32 sum of ``inputs``, rounded to the
+    residual's dtype, then RMSNorm."""
+    new_residual = (residual.float() + torch.stack([t.float() for t in inputs]).sum(0)).to(residual.dtype)
+    return rmsnorm(new_residual, weight, eps), new_residual

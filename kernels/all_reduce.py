@@ -1,0 +1,69 @@
+"""All-reduce (sum) of ``n`` elements: one-shot or two-shot, in one launch.
+
+The ``n`` elements are cut into chunks of ``BLOCK_SIZE``; the chunks into ``SLICES`` slices of
+``cps`` chunks each (one-shot: one slice; two-shot: one per rank, slice ``q`` reduced by rank
+``q``). Block ``b`` handles the chunks ``q * cps + j`` with ``j % blocks == b``, on every rank
+and in every phase, so a per-block barrier orders everything a chunk goes through. The region
+(``region_off`` in every rank's buffer) holds each rank's input. Phases of
+``_all_reduce_kernel``:
+
+1. with ``STAGE_IN``: copy this block's chunks of the local input into the region;
+2. start barrier: every rank's chunks are in the region;
+3. one-shot: load each chunk from every rank (``multimem.ld_reduce`` once, or one load per peer),
+   sum in fp32, store the sum locally (to ``out``, or with ``COPY_OUT`` to the result area
+   ``res_off`` of this rank's buffer). Two-shot: the same for the chunks of slice ``RANK`` only,
+   then store the sum at ``res_off`` on every rank (``multimem.st`` or one store per peer). The
+   result area is the region itself (in place, staged) or another area of the buffer at the same
+   offset on every rank; a chunk of slice ``q`` is read and written only by rank ``q``'s block
+   ``b``, after it read it, so writing over the region is safe;
+4. end barrier: the sums of every slice have landed on every rank, and nobody reads this rank's
+   region any more (it may be overwritten, e.g. by the next GEMM, once the launch is complete);
+5. with ``COPY_OUT``: copy this block's chunks from the result area to ``out``.
+"""
+
+import triton
+import triton.language as tl
+
+from .barrier import barrier
+from .common import copy_units
+from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
+
+
+@triton.jit
+def _all_reduce_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_addr, region_off,
+                       res_off, n, cps, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
+                       WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                       TWO_SHOT: tl.constexpr, STAGE_IN: tl.constexpr, COPY_OUT: tl.constexpr,
+                       USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
+                       ALIGNED: tl.constexpr):
+    SLICES: tl.constexpr = WORLD_SIZE if TWO_SHOT else 1
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    local = peer_addr(buf_table, RANK)
+    if STAGE_IN:
+        copy_units(in_addr, local + region_off, n, cps, BLOCK_SIZE, pid, nprog, DTYPE, BLOCK_SIZE,
+                   SLICES, ALIGNED)
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    if COPY_OUT:
+        dst = as_ptr(local + res_off, DTYPE, ALIGNED)
+    else:
+        dst = as_ptr(out_addr, DTYPE, ALIGNED)
+    first = tl.zeros([], dtype=tl.int64)  # the first chunk of this rank's slice
+    if TWO_SHOT:
+        first += RANK * as_i64(cps)
+    j = pid
+    while j < cps:  # see ptx.py on loops
+        start = (first + j) * BLOCK_SIZE
+        acc = load_reduce(mc_addr, buf_table, region_off, start, n, BLOCK_SIZE, DTYPE, WORLD_SIZE,
+                          USE_MULTIMEM, ALIGNED)
+        if TWO_SHOT:
+            store_all(mc_addr, buf_table, res_off, start, n, acc.to(DTYPE), BLOCK_SIZE, DTYPE,
+                      RANK, WORLD_SIZE, USE_MULTIMEM, ALIGNED)
+        else:
+            offs = start + tl.arange(0, BLOCK_SIZE)
+            tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
+        j += nprog
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    if COPY_OUT:
+        copy_units(local + res_off, out_addr, n, cps, BLOCK_SIZE, pid, nprog, DTYPE, BLOCK_SIZE,
+                   SLICES, ALIGNED)

@@ -1,0 +1,196 @@
+"""all_reduce against the pure-torch reference on CPU and GPU pools, both algorithms.
+
+Inputs are rank-tagged small integers, so every sum is exact in bf16, fp16 and fp32."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import symmtriton as st
+from symmtriton import _launch as L
+from symmtriton import reference
+from symmtriton.config import LaunchConfig, all_reduce_algorithm
+from symmtriton.testing import device, sync, tagged
+
+#: odd counts, a tail inside one chunk, several chunks per slice (with the small config below)
+SIZES = (1, 7, 37, 1000, 2 * 1024 + 3)
+SMALL = LaunchConfig(block_size=256, num_warps=1, max_blocks=3)  # several chunks per block
+MODES = ("staged", "staged_out", "zero_copy_in_place", "zero_copy_out", "out_in_buffer")
+
+
+def _ar_cases(rank, world, dtype_name, algorithm, modes, sizes, config):
+    dtype = getattr(torch, dtype_name)
+    buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=4)
+    bad = []
+    for salt, n in enumerate(sizes):
+        shape = (n,) if n % 3 else (3, n // 3)
+        ref = reference.all_reduce([tagged(n, dtype, r, salt).view(shape) for r in range(world)])
+        for mode in modes:
+            x = tagged(n, dtype, rank, salt).view(shape)
+            out = None
+            if mode.startswith("zero_copy"):
+                specs = buf.maybe_get_tensors([(n, dtype), (n, dtype)])["tensors"]
+                x = specs[0][0].view(dtype).view(shape).copy_(x)
+                if mode == "zero_copy_out":
+                    out = torch.full(shape, 99, dtype=dtype, device=device())
+            elif mode == "out_in_buffer":
+                out = buf.maybe_get_tensor(shape, dtype)["tensor"]
+            elif mode == "staged_out":
+                out = torch.full(shape, 99, dtype=dtype, device=device())
+            before = x.clone()
+            got = st.all_reduce(x, out=out, config=config, algorithm=algorithm)
+            sync()
+            want_obj = x if out is None else out
+            ok = got is want_obj and torch.equal(got, ref)
+            if out is not None:
+                ok = ok and torch.equal(x, before)  # tensor unchanged
+            if not ok:
+                bad.append((n, mode))
+    return bad
+
+
+@pytest.mark.parametrize("algorithm", ["one_shot", "two_shot"])
+def test_all_reduce_exact(pool, algorithm):
+    assert pool.run(_ar_cases, "bfloat16", algorithm, MODES, SIZES, SMALL) == [[]] * pool.world_size
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_all_reduce_other_dtypes_default_config(pool, dtype):
+    for algorithm in ("one_shot", "two_shot"):
+        got = pool.run(_ar_cases, dtype, algorithm, ("staged", "zero_copy_in_place"), (5, 1000), None)
+        assert got == [[]] * pool.world_size, algorithm
+
+
+def _repeat_and_default(rank, world):
+    """A repeated call replays its plan; the default algorithm works; empty and 0-d tensors."""
+    x0 = tagged(4099, torch.float32, rank)
+    ref = reference.all_reduce([tagged(4099, torch.float32, r) for r in range(world)])
+    x = x0.clone()
+    out = torch.empty_like(x)
+    ok = []
+    for _ in range(3):
+        st.all_reduce(x, out=out)
+        sync()
+        ok.append(torch.equal(out, ref))
+    scalar = torch.tensor(float(rank + 1), device=device())
+    st.all_reduce(scalar)
+    empty = torch.empty(0, 4, device=device())
+    ok.append(st.all_reduce(empty) is empty)
+    sync()
+    ok.append(scalar.item() == world * (world + 1) / 2)
+    return ok
+
+
+def test_all_reduce_replay_and_default(pool):
+    for ok in pool.run(_repeat_and_default):
+        assert all(ok), ok
+
+
+def _fallback(rank, world):
+    os.environ["SYMMTRITON_DISABLE"] = "1"
+    try:
+        st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD)
+    finally:
+        os.environ.pop("SYMMTRITON_DISABLE")
+    out = []
+    for n in (7, 1000):
+        ref = reference.all_reduce([tagged(n, torch.bfloat16, r) for r in range(world)])
+        x = tagged(n, torch.bfloat16, rank)
+        y = torch.empty_like(x)
+        out.append(torch.equal(st.all_reduce(x, out=y), ref) and torch.equal(st.all_reduce(x), ref))
+    return out
+
+
+def test_all_reduce_fallback_matches(pool):
+    for res in pool.run(_fallback):
+        assert res == [True, True]
+
+
+def _bad_inputs(rank, world):
+    st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=4)
+    x = torch.zeros(8, device=device())
+    cases = {
+        "not a tensor": (lambda: st.all_reduce([1.0]), TypeError, "tensor must be a torch.Tensor"),
+        "int dtype": (lambda: st.all_reduce(torch.zeros(4, dtype=torch.int32)), TypeError, "int32"),
+        "strided": (lambda: st.all_reduce(torch.zeros(4, 4)[:, 0]), ValueError, "contiguous"),
+        "out dtype": (lambda: st.all_reduce(x, out=torch.zeros(8, dtype=torch.float16)), TypeError,
+                      "out.dtype"),
+        "out shape": (lambda: st.all_reduce(x, out=torch.zeros(9)), ValueError, "out shape (9,)"),
+        "overlap": (lambda: st.all_reduce(x[:4], out=x[2:6]), ValueError, "overlap"),
+        "algorithm": (lambda: st.all_reduce(x, algorithm="three_shot"), ValueError, "'three_shot'"),
+    }
+    launches = []
+    real = L.launch
+    L.launch = lambda *a, **k: launches.append(a[1]) or real(*a, **k)
+    res = {}
+    try:
+        for name, (call, exc, fragment) in cases.items():
+            try:
+                call()
+                res[name] = "no error"
+            except exc as e:
+                res[name] = fragment in str(e) or str(e)
+    finally:
+        L.launch = real
+    res["no launch"] = launches == []
+    return res
+
+
+def test_all_reduce_bad_inputs_raise_before_launch(cpu_pool):
+    for res in cpu_pool(2).run(_bad_inputs):
+        assert {k: v for k, v in res.items() if v is not True} == {}
+
+
+def test_algorithm_choice():
+    assert all_reduce_algorithm(4096, 2) == "one_shot"
+    assert all_reduce_algorithm(256 << 20, 2) == "two_shot"
+    assert all_reduce_algorithm(256 << 20, 1) == "one_shot"
+    assert all_reduce_algorithm(400 << 10, 8) == "two_shot"  # one-shot reads world x the tensor
+    with pytest.raises(ValueError, match="nbytes"):
+        all_reduce_algorithm(-1, 2)
+
+
+def _graph_replays(rank, world, replays):
+    buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=64)
+    n = (1 << 20) + 5
+    x = torch.empty(n, dtype=torch.bfloat16, device=device())
+    refs = {salt: reference.all_reduce([tagged(n, torch.bfloat16, r, salt) for r in range(world)])
+            for salt in range(2)}
+    sym = buf.maybe_get_tensor((n,), torch.bfloat16)["tensor"]
+    outs = {a: torch.empty_like(x) for a in ("one_shot", "two_shot")}
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+
+    def body():
+        for algo, out in outs.items():
+            st.all_reduce(x, out=out, algorithm=algo)
+        st.all_reduce(sym)  # in place, zero-copy
+
+    with torch.cuda.stream(stream):
+        body()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        body()
+    bad = []
+    for i in range(replays):
+        salt = i % 2
+        x.copy_(tagged(n, torch.bfloat16, rank, salt))
+        sym.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        for algo, out in outs.items():
+            if not torch.equal(out, refs[salt]):
+                bad.append((i, algo))
+        if not torch.equal(sym, refs[salt]):
+            bad.append((i, "in place"))
+    st.synchronize()
+    return bad
+
+
+@pytest.mark.gpu
+def test_all_reduce_cuda_graph_replay(gpu_pool):
+    for w in (2, 4):
+        assert gpu_pool(w).run(_graph_replays, 20, timeout=600) == [[]] * w
