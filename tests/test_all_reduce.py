@@ -59,7 +59,8 @@ def test_all_reduce_exact(pool, algorithm):
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_all_reduce_other_dtypes_default_config(pool, dtype):
     for algorithm in ("one_shot", "two_shot"):
-        got = pool.run(_ar_cases, dtype, algorithm, ("staged", "zero_copy_in_place"), (5, 1000), None)
+        modes = ("staged", "zero_copy_in_place")
+        got = pool.run(_ar_cases, dtype, algorithm, modes, (5, 1000), None)
         assert got == [[]] * pool.world_size, algorithm
 
 

@@ -96,8 +96,8 @@ def all_reduce(tensor: torch.Tensor, group=None, *, out: torch.Tensor | None = N
     use_mm = L.multimem_eligible(ctx, tensor.dtype, base + region, base + res, n * esize,
                                  cfg.block_size * esize)
     plan = L.Plan(
-        "launch", buf, L.kernel("all_reduce", "_all_reduce_kernel"), cfg.row_grid(cps, ctx.grid_cap),
-        cfg.num_warps,
+        "launch", buf, L.kernel("all_reduce", "_all_reduce_kernel"),
+        cfg.row_grid(cps, ctx.grid_cap), cfg.num_warps,
         (tensor.data_ptr(), dst.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
          ctx.err_addr, region, res, n, cps, L.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[tensor.dtype], RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2,
@@ -168,7 +168,8 @@ def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: 
     res = region
     if algo == "two_shot" and in_off is not None:
         res = L.region_after(buf, input, residual, weight, out)
-    if H > MAX_FUSED_HIDDEN or not L.symm_usable(buf, input.device, max(region, res) + S * H * esize):
+    end = max(region, res) + S * H * esize
+    if H > MAX_FUSED_HIDDEN or not L.symm_usable(buf, input.device, end):
         L.put_plan(key, L.Plan("fallback"))
         return _torch_fused(input, residual, weight, eps, group, out)
     ctx = L.context(buf)

@@ -1,0 +1,98 @@
+"""All-reduce + residual add + RMSNorm over rows, one-shot or two-shot, in one launch.
+
+``input`` is ``[S, H]`` per rank (partial sums); ``residual`` ``[S, H]`` is the same on every
+rank. Rows are cut into ``SLICES`` slices of ``rps`` rows (one-shot: one slice of all ``S``
+rows; two-shot: one per rank, slice ``q`` reduced by rank ``q``). Block ``b`` handles rows
+``q * rps + j`` with ``j % blocks == b`` on every rank and in every phase, so a per-block
+barrier orders everything a row goes through. The region (``region_off`` in every rank's
+buffer) holds each rank's input. Phases of ``_all_reduce_rmsnorm_kernel``:
+
+1. with ``STAGE_IN``: copy this block's rows of the local input into the region;
+2. start barrier: every rank's rows are in the region;
+3. reduce row ``i`` of the slice over all ranks in fp32 (``multimem.ld_reduce`` once, or one
+   load per peer), add the residual row and round to the residual's dtype: ``x``.
+   One-shot (every row): store ``x`` to the residual and ``rmsnorm(x) * weight`` (fp32
+   statistics) to ``out``. Two-shot (rows of slice ``RANK``): store ``x`` at row ``i`` of the
+   result area (``res_off`` in every rank's buffer; the region itself when the input was staged,
+   since only this rank's block ``b`` reads that row of the region and it has read it already;
+   another area when the input is zero-copy, which is left unchanged) on every rank
+   (``multimem.st`` or one store per peer);
+4. end barrier: every slice's ``x`` rows have landed on every rank, and nobody reads this rank's
+   region any more (it may be overwritten once the launch is complete);
+5. two-shot only: for this block's rows of every slice, read ``x`` from the local result area, store
+   it to the residual and ``rmsnorm(x) * weight`` to ``out`` (every rank normalises every row:
+   the norm is cheap next to a second all-gather).
+
+A row is one chunk: ``BLOCK_H`` (a power of two >= H) covers it, the tail masked.
+"""
+
+import triton
+import triton.language as tl
+
+from .barrier import barrier
+from .common import copy_units
+from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
+
+
+@triton.jit
+def _finish_row(x, row, res, out, w, cols, mask, H, eps):
+    """Store the reduced row ``x`` (residual dtype) to the residual and its RMSNorm (fp32
+    statistics) times ``w`` to ``out``."""
+    off = row * H + cols
+    tl.store(res + off, x, mask=mask)
+    xf = tl.where(mask, x.to(tl.float32), 0.0)
+    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
+    tl.store(out + off, (xf * rstd * w).to(x.dtype), mask=mask)
+
+
+@triton.jit
+def _all_reduce_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_table, mc_addr,
+                               err_addr, region_off, res_off, S, H, rps, eps, timeout_ns,
+                               DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, RANK: tl.constexpr,
+                               WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
+                               BLOCK_H: tl.constexpr, TWO_SHOT: tl.constexpr,
+                               STAGE_IN: tl.constexpr, USE_MULTIMEM: tl.constexpr,
+                               SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
+    ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
+    SLICES: tl.constexpr = WORLD_SIZE if TWO_SHOT else 1
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    local = peer_addr(buf_table, RANK) + region_off
+    if STAGE_IN:
+        copy_units(in_addr, local, as_i64(S) * H, rps, H, pid, nprog, DTYPE, BLOCK_H, SLICES,
+                   ALIGNED)
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    res = as_ptr(res_addr, DTYPE, ALIGNED)
+    out = as_ptr(out_addr, DTYPE, ALIGNED)
+    w = tl.load(as_ptr(w_addr, W_DTYPE, ALIGNED) + cols, mask=mask, other=0.0).to(tl.float32)
+    first = tl.zeros([], dtype=tl.int64)  # the first row of this rank's slice
+    if TWO_SHOT:
+        first += RANK * as_i64(rps)
+    j = pid
+    while j < rps:  # see ptx.py on loops
+        row = first + j
+        if row < S:
+            row_off = region_off + row * H * ESIZE
+            acc = load_reduce(mc_addr, buf_table, row_off, 0, H, BLOCK_H, DTYPE, WORLD_SIZE,
+                              USE_MULTIMEM, ALIGNED)
+            r0 = tl.load(res + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+            x = (acc + r0).to(DTYPE)
+            if TWO_SHOT:
+                store_all(mc_addr, buf_table, res_off + row * H * ESIZE, 0, H, x, BLOCK_H, DTYPE,
+                          RANK, WORLD_SIZE, USE_MULTIMEM, ALIGNED)
+            else:
+                _finish_row(x, row, res, out, w, cols, mask, H, eps)
+        j += nprog
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    if TWO_SHOT:
+        src = as_ptr(peer_addr(buf_table, RANK) + res_off, DTYPE, ALIGNED)
+        j = pid
+        while j < rps:
+            for q in tl.static_range(WORLD_SIZE):
+                row = q * as_i64(rps) + j
+                if row < S:
+                    x = tl.load(src + row * H + cols, mask=mask)
+                    _finish_row(x, row, res, out, w, cols, mask, H, eps)
+            j += nprog
