@@ -5,6 +5,7 @@ reduce-scatter + residual add + RMSNorm + all-gather against torch.distributed c
     TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1 torchrun --nproc-per-node=2 examples/tp_decode.py
                                                                    # 2 ranks on 1 GPU (start MPS to time)
     SYMMTRITON_BACKEND=host torchrun --nproc-per-node=2 examples/tp_decode.py --steps 3 --iters 2
+    torchrun --nproc-per-node=2 examples/tp_decode.py --mode ar    # no sequence parallelism
 
 The model is a stack of pre-norm transformer blocks (attention over a KV cache, gated-SiLU MLP,
 no positional encoding), tensor-parallel over the ranks: attention heads and MLP columns are
@@ -18,7 +19,13 @@ row-parallel matmul and the next column-parallel one runs
                         symmetric buffer, so the reduce-scatter reads them without a copy)
     torch.distributed:  reduce_scatter_tensor, residual add, RMSNorm, all_gather_into_tensor
 
-with the same weights. On GPU one decode step is captured in a CUDA graph and replayed (the
+with the same weights. ``--mode ar`` runs the layout without sequence parallelism instead: the
+residual stream is replicated (every rank holds all ``batch`` rows) and the layer boundary is
+
+    symmtriton:         torch.ops.symmtriton.all_reduce_add_rmsnorm (one kernel, zero-copy)
+    torch.distributed:  all_reduce, residual add, torch.nn.functional.rms_norm
+
+On GPU one decode step is captured in a CUDA graph and replayed (the
 torch.distributed path too when its group is NCCL; gloo cannot be captured). The check feeds
 the torch.distributed model the tokens the symmtriton model decoded, compares the final normed
 hidden states of every step (bf16 tolerance on GPU, fp32 on CPU), and rank 0 prints the
@@ -84,7 +91,7 @@ class Model:
     """The tensor-parallel decoder of one rank plus its decode state (static tensors, so a
     captured step replays on new tokens)."""
 
-    def __init__(self, cfg: Config, env: _common.Env, seed: int):
+    def __init__(self, cfg: Config, env: _common.Env, seed: int, sequence_parallel: bool = True):
         self.cfg, self.env = cfg, env
         dev = env.device
         g = torch.Generator(device=dev).manual_seed(seed)
@@ -94,8 +101,9 @@ class Model:
         self.final_norm = (1 + 0.1 * torch.randn(cfg.hidden, generator=g, device=dev)).to(cfg.dtype)
         self.prompt = torch.randint(0, cfg.vocab, (cfg.batch,), generator=g, device=dev)
         self.layers = [Layer(cfg, env.world_size, env.rank, i, dev, seed) for i in range(cfg.layers)]
-        s = cfg.batch // env.world_size
-        self.rows = slice(env.rank * s, (env.rank + 1) * s)  # this rank's tokens
+        s = cfg.batch // env.world_size if sequence_parallel else cfg.batch
+        # this rank's tokens (all of them when the residual is replicated)
+        self.rows = slice(env.rank * s, (env.rank + 1) * s) if sequence_parallel else slice(None)
         self.residual = torch.zeros(s, cfg.hidden, dtype=cfg.dtype, device=dev)
         self.tokens = torch.zeros(cfg.batch, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
@@ -176,6 +184,37 @@ class TorchComm:
         torch.matmul(x, w, out=self.partial)
         dist.reduce_scatter_tensor(self.shard, self.partial, group=self.group)
         residual.add_(self.shard)
+        return self.all_gather_normed(residual, norm_weight)
+
+
+class SymmtritonAllReduceComm(SymmtritonComm):
+    """``--mode ar``: replicated residual; row-parallel matmul into the symmetric buffer, then
+    the fused all-reduce + add + RMSNorm custom op."""
+
+    name = "symmtriton all_reduce_add_rmsnorm"
+
+    def all_gather_normed(self, residual, weight):
+        return rmsnorm(residual, weight, self.cfg.eps)  # replicated: nothing to gather
+
+    def row_parallel(self, x, w, residual, norm_weight):
+        torch.matmul(x, w, out=self.partial)
+        torch.ops.symmtriton.all_reduce_add_rmsnorm(
+            self.partial, residual, norm_weight, self.cfg.eps, self.group_name, self.out)
+        return self.out
+
+
+class TorchAllReduceComm(TorchComm):
+    """``--mode ar`` through torch.distributed: all_reduce, add, ``F.rms_norm``."""
+
+    name = "torch.distributed all_reduce + add + rms_norm"
+
+    def all_gather_normed(self, residual, weight):
+        return F.rms_norm(residual, (self.cfg.hidden,), weight, self.cfg.eps)
+
+    def row_parallel(self, x, w, residual, norm_weight):
+        torch.matmul(x, w, out=self.partial)
+        dist.all_reduce(self.partial, group=self.group)
+        residual.add_(self.partial)
         return self.all_gather_normed(residual, norm_weight)
 
 
@@ -263,17 +302,22 @@ def main() -> None:
     p.add_argument("--eps", type=float, default=1e-6, help="RMSNorm epsilon (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="weights and prompt seed (default %(default)s)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run the decode steps eagerly on GPU")
+    p.add_argument("--mode", choices=("sp", "ar"), default="sp",
+                   help="sp: sequence-parallel residual, fused reduce-scatter + all-gather; ar: "
+                        "replicated residual, fused all-reduce (default %(default)s)")
     args = p.parse_args()
     env = _common.init_distributed()
     cfg = config_from(args, env, p)
 
-    model = Model(cfg, env, args.seed)
-    symm = SymmtritonComm(cfg, env, _common.buffer(env, args))
+    model = Model(cfg, env, args.seed, sequence_parallel=args.mode == "sp")
+    symm_cls, torch_cls = ((SymmtritonComm, TorchComm) if args.mode == "sp"
+                           else (SymmtritonAllReduceComm, TorchAllReduceComm))
+    symm = symm_cls(cfg, env, _common.buffer(env, args))
     graphs = env.on_gpu and not args.no_cuda_graphs
     torch_graph = graphs and env.dist_backend == "nccl"
     model.reset()
     symm_step = make_step(model, symm, graphs)
-    torch_step = make_step(model, TorchComm(cfg, env), torch_graph)
+    torch_step = make_step(model, torch_cls(cfg, env), torch_graph)
 
     diff, bound = check(env, model, symm_step, torch_step, args.steps, cfg.dtype)
     model.reset()
@@ -283,9 +327,10 @@ def main() -> None:
                   (False, False): "off"}[(graphs, torch_graph)]
     _common.log(env, (
         f"tp_decode {env.describe()} layers={cfg.layers} hidden={cfg.hidden} heads={cfg.heads} "
-        f"ffn={cfg.ffn} batch={cfg.batch} {str(cfg.dtype).removeprefix('torch.')} cuda_graphs={graph_note}\n"
-        f"  per-token latency (one decode step): {SymmtritonComm.name} {_common.us(t_symm)}, "
-        f"{TorchComm.name} {_common.us(t_torch)}; speed-up {t_torch / t_symm:.2f}x\n"
+        f"ffn={cfg.ffn} batch={cfg.batch} {str(cfg.dtype).removeprefix('torch.')} cuda_graphs={graph_note} "
+        f"mode={args.mode}\n"
+        f"  per-token latency (one decode step): {symm_cls.name} {_common.us(t_symm)}, "
+        f"{torch_cls.name} {_common.us(t_torch)}; speed-up {t_torch / t_symm:.2f}x\n"
         f"  max abs diff of the normed hidden states over {args.steps} steps: {diff:.3g} "
         f"(tolerance {bound:.3g}): outputs match"))
     _common.finish(env)
