@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier
-from .common import copy_units
+from .common import copy_units, row_operands
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
 
 
@@ -62,11 +62,8 @@ def _all_reduce_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, s
         copy_units(in_addr, local, as_i64(S) * H, rps, H, pid, nprog, DTYPE, BLOCK_H, SLICES,
                    ALIGNED)
     barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
-    cols = tl.arange(0, BLOCK_H)
-    mask = cols < H
-    res = as_ptr(res_addr, DTYPE, ALIGNED)
-    out = as_ptr(out_addr, DTYPE, ALIGNED)
-    w = tl.load(as_ptr(w_addr, W_DTYPE, ALIGNED) + cols, mask=mask, other=0.0).to(tl.float32)
+    cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, BLOCK_H,
+                                           ALIGNED)
     first = tl.zeros([], dtype=tl.int64)  # the first row of this rank's slice
     if TWO_SHOT:
         first += RANK * as_i64(rps)

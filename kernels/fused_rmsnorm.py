@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier
+from .common import row_operands
 from .ptx import as_ptr, load_reduce, peer_addr, store_all
 
 
@@ -58,11 +59,8 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
     if STAGE_IN:
         _copy_rows(in_addr, local, s, H, pid, nprog, DTYPE, BLOCK_H, WORLD_SIZE, ALIGNED)
     barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
-    cols = tl.arange(0, BLOCK_H)
-    mask = cols < H
-    res = as_ptr(res_addr, DTYPE, ALIGNED)
-    out = as_ptr(out_addr, DTYPE, ALIGNED)
-    w = tl.load(as_ptr(w_addr, W_DTYPE, ALIGNED) + cols, mask=mask, other=0.0).to(tl.float32)
+    cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, BLOCK_H,
+                                           ALIGNED)
     i = pid
     while i < s:
         row_off = region_off + (RANK * s + i).to(tl.int64) * H * ESIZE

@@ -312,3 +312,42 @@ def compile_for_target(kernel, capability: int, **constexprs):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32))
+
+
+def buffer_without_symmetric_memory(key: str = "tp", group=None):
+    """``SymmetricMemoryManager.get_buffer(key)`` created with symmetric memory switched off
+    (``SYMMTRITON_DISABLE=1`` while it is made): the collectives then take their
+    torch.distributed fallback."""
+    import os
+
+    import torch.distributed as dist
+
+    from .memory import SymmetricMemoryManager
+
+    os.environ["SYMMTRITON_DISABLE"] = "1"
+    try:
+        return SymmetricMemoryManager.get_buffer(key, group or dist.group.WORLD)
+    finally:
+        os.environ.pop("SYMMTRITON_DISABLE")
+
+
+def errors_without_launch(cases: dict) -> dict:
+    """Run ``cases`` (name -> (call, exception type, text the message must hold)); returns name ->
+    ``True`` or what went wrong, plus ``"no launch"``: whether no kernel was launched meanwhile."""
+    from . import _launch as L
+
+    launches = []
+    real = L.launch
+    L.launch = lambda *a, **k: launches.append(a[1]) or real(*a, **k)
+    res = {}
+    try:
+        for name, (call, exc, fragment) in cases.items():
+            try:
+                call()
+                res[name] = "no error"
+            except exc as e:
+                res[name] = fragment in str(e) or str(e)
+    finally:
+        L.launch = real
+    res["no launch"] = launches == []
+    return res

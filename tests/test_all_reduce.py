@@ -2,17 +2,15 @@
 
 Inputs are rank-tagged small integers, so every sum is exact in bf16, fp16 and fp32."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 
 import symmtriton as st
-from symmtriton import _launch as L
 from symmtriton import reference
 from symmtriton.config import LaunchConfig, all_reduce_algorithm
-from symmtriton.testing import device, sync, tagged
+from symmtriton.testing import (buffer_without_symmetric_memory, device, errors_without_launch, sync,
+                                tagged)
 
 #: odd counts, a tail inside one chunk, several chunks per slice (with the small config below)
 SIZES = (1, 7, 37, 1000, 2 * 1024 + 3)
@@ -90,11 +88,7 @@ def test_all_reduce_replay_and_default(pool):
 
 
 def _fallback(rank, world):
-    os.environ["SYMMTRITON_DISABLE"] = "1"
-    try:
-        st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD)
-    finally:
-        os.environ.pop("SYMMTRITON_DISABLE")
+    buffer_without_symmetric_memory()
     out = []
     for n in (7, 1000):
         ref = reference.all_reduce([tagged(n, torch.bfloat16, r) for r in range(world)])
@@ -122,21 +116,7 @@ def _bad_inputs(rank, world):
         "overlap": (lambda: st.all_reduce(x[:4], out=x[2:6]), ValueError, "overlap"),
         "algorithm": (lambda: st.all_reduce(x, algorithm="three_shot"), ValueError, "'three_shot'"),
     }
-    launches = []
-    real = L.launch
-    L.launch = lambda *a, **k: launches.append(a[1]) or real(*a, **k)
-    res = {}
-    try:
-        for name, (call, exc, fragment) in cases.items():
-            try:
-                call()
-                res[name] = "no error"
-            except exc as e:
-                res[name] = fragment in str(e) or str(e)
-    finally:
-        L.launch = real
-    res["no launch"] = launches == []
-    return res
+    return errors_without_launch(cases)
 
 
 def test_all_reduce_bad_inputs_raise_before_launch(cpu_pool):

@@ -4,16 +4,14 @@ Inputs and residuals are rank-tagged small integers: the updated residual is exa
 bit for bit; the normed output is checked with per-dtype tolerances (rsqrt and the row sum are
 rounded)."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 
 import symmtriton as st
-from symmtriton import _launch as L
 from symmtriton import reference
-from symmtriton.testing import device, sync, tagged
+from symmtriton.testing import (buffer_without_symmetric_memory, device, errors_without_launch, sync,
+                                tagged)
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1e-2)}
 #: (S, H): odd rows (fewer rows than ranks too) and odd hidden sizes
@@ -96,11 +94,7 @@ def test_all_reduce_rmsnorm_replay(pool):
 
 
 def _fallback(rank, world):
-    os.environ["SYMMTRITON_DISABLE"] = "1"
-    try:
-        st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD)
-    finally:
-        os.environ.pop("SYMMTRITON_DISABLE")
+    buffer_without_symmetric_memory()
     return [_case(rank, world, dtype, 3, 1000, 2, mode, None)
             for dtype in (torch.float32, torch.bfloat16) for mode in ("staged", "out")]
 
@@ -129,21 +123,7 @@ def _bad_inputs(rank, world):
         "block too small": (lambda: f(x, r, w, config=st.LaunchConfig(4, 1, 1)), ValueError,
                             "block_size 4"),
     }
-    launches = []
-    real = L.launch
-    L.launch = lambda *a, **k: launches.append(a[1]) or real(*a, **k)
-    res = {}
-    try:
-        for name, (call, exc, fragment) in cases.items():
-            try:
-                call()
-                res[name] = "no error"
-            except exc as e:
-                res[name] = fragment in str(e) or str(e)
-    finally:
-        L.launch = real
-    res["no launch"] = launches == []
-    return res
+    return errors_without_launch(cases)
 
 
 def test_all_reduce_rmsnorm_bad_inputs_raise_before_launch(cpu_pool):
