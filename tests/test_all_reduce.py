@@ -7,10 +7,11 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
+from symmtriton import custom_ops as co
 from symmtriton import reference
 from symmtriton.config import LaunchConfig, all_reduce_algorithm
-from symmtriton.testing import (buffer_without_symmetric_memory, device, errors_without_launch, sync,
-                                tagged)
+from symmtriton.testing import (buffer_without_symmetric_memory, device, errors_without_launch,
+                                sync, tagged)
 
 #: odd counts, a tail inside one chunk, several chunks per slice (with the small config below)
 SIZES = (1, 7, 37, 1000, 2 * 1024 + 3)
@@ -175,3 +176,50 @@ def _graph_replays(rank, world, replays):
 def test_all_reduce_cuda_graph_replay(gpu_pool):
     for w in (2, 4):
         assert gpu_pool(w).run(_graph_replays, 20, timeout=600) == [[]] * w
+
+
+# -- custom ops (torch.library) and torch.compile ----------------------------------------------
+@pytest.mark.parametrize("name,mutated", [("all_reduce_", {"tensor"}), ("all_reduce_out", {"out"}),
+                                          ("all_reduce_add_rmsnorm", {"residual", "out"})])
+def test_custom_ops_registered_with_mutation_annotations(name, mutated):
+    schema = getattr(torch.ops.symmtriton, name).default._schema
+    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert written == mutated
+    assert len(schema.returns) == 0
+
+
+def _layer(x, residual, weight, group_name):
+    """A tensor-parallel boundary as a model writes it: fused all-reduce + add + RMSNorm, then an
+    in-place all-reduce and an out-of-place one."""
+    out = torch.empty_like(x)
+    torch.ops.symmtriton.all_reduce_add_rmsnorm(x * 2, residual, weight, 1e-6, group_name, out)
+    y = out + 1
+    torch.ops.symmtriton.all_reduce_(y, group_name)
+    z = torch.empty_like(y)
+    torch.ops.symmtriton.all_reduce_out(y, group_name, z)
+    return z
+
+
+def _compiled_matches_eager(rank, world):
+    torch._dynamo.reset()
+    st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=4)
+    name = co.group_name(dist.group.WORLD)
+    S, H = 3, 40
+    x = tagged(S * H, torch.float32, rank).view(S, H)
+    res0 = tagged(S * H, torch.float32, 0, 1, bound=3).view(S, H)
+    weight = torch.ones(H, device=device())
+    res_eager, res_compiled = res0.clone(), res0.clone()
+    eager = _layer(x, res_eager, weight, name)
+    layer = torch.compile(_layer, backend="aot_eager", fullgraph=True)
+    compiled = layer(x, res_compiled, weight, name)
+    sync()
+    inputs = [2 * tagged(S * H, torch.float32, r).view(S, H) for r in range(world)]
+    normed, new_res = reference.all_reduce_add_rmsnorm(inputs, res0, weight, 1e-6)
+    expect = (normed + 1) * world * world
+    return (torch.equal(res_eager, new_res) and torch.equal(res_compiled, new_res),
+            torch.allclose(eager, expect, rtol=1e-5, atol=1e-4), torch.equal(compiled, eager))
+
+
+def test_custom_ops_eager_and_compiled_fullgraph(cpu_pool):
+    for res in cpu_pool(2).run(_compiled_matches_eager):
+        assert res == (True, True, True)

@@ -10,8 +10,8 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton import reference
-from symmtriton.testing import (buffer_without_symmetric_memory, device, errors_without_launch, sync,
-                                tagged)
+from symmtriton.testing import (buffer_without_symmetric_memory, device, errors_without_launch,
+                                sync, tagged)
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1e-2)}
 #: (S, H): odd rows (fewer rows than ranks too) and odd hidden sizes

@@ -37,7 +37,11 @@ def all_reduce(tensor: torch.Tensor, group=None, *, out: torch.Tensor | None = N
     """Sum ``tensor`` over the ranks of ``group`` (like ``torch.distributed.all_reduce`` with
     ``op=SUM``), in place, or into ``out`` (same shape and dtype; ``tensor`` is then left
     unchanged). bf16, fp16 and fp32 of any shape, accumulated in fp32. ``algorithm``:
-    ``"one_shot"`` or ``"two_shot"`` (default: by size and world size); the same on every rank."""
+    ``"one_shot"`` or ``"two_shot"`` (default: by size and world size); the same on every rank.
+
+    Every rank must lay out the symmetric buffer alike: a zero-copy ``tensor``, or an ``out``
+    placed in the buffer, at the same offset on every rank (two-shot stores the sums there on
+    every rank)."""
     group = L.resolve_group(group)
     try:  # everything the launch decision depends on (see symmtriton._launch, launch plans)
         key = (OP, group, _desc(tensor), _desc(out), config, algorithm, L.timeout_key(timeout_s))
@@ -119,6 +123,7 @@ def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: 
     when ``None``; it must not overlap ``input``, which is only read). ``algorithm`` as for
     :func:`all_reduce`."""
     group = L.resolve_group(group)
+    new_out = out is None
     try:  # everything the launch decision depends on (see symmtriton._launch, launch plans)
         key = (OP_FUSED, group, _desc(input), _desc(residual), _desc(weight), _desc(out),
                type(eps), eps, config, algorithm, L.timeout_key(timeout_s))
@@ -155,7 +160,7 @@ def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: 
     if config is not None and config.block_size < H:
         raise ValueError(f"{OP_FUSED}: config.block_size {config.block_size} must cover the row "
                          f"(H={H})")
-    var_index = 1 if out is None else None  # a new ``out`` per call: its pointer varies
+    var_index = 1 if new_out else None  # a new ``out`` per call: its pointer varies
     if out is None:
         out = torch.empty_like(input)
     if S == 0 or H == 0:
@@ -179,7 +184,8 @@ def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: 
     aligned = (L.aligned16(input.data_ptr(), out.data_ptr(), residual.data_ptr(), base + region,
                            base + res, row_bytes)
                and L.aligned16(weight.data_ptr(), H * weight.element_size()))
-    use_mm = L.multimem_eligible(ctx, input.dtype, base + region, base + res, row_bytes)
+    use_mm = L.multimem_eligible(ctx, input.dtype, base + region, base + res, row_bytes,
+                                 cfg.block_size * esize)
     plan = L.Plan(
         "launch", buf, L.kernel("all_reduce_rmsnorm", "_all_reduce_rmsnorm_kernel"),
         cfg.row_grid(rps, ctx.grid_cap), cfg.num_warps,
