@@ -73,3 +73,14 @@ def test_example_runs_on_two_cpu_ranks(name):
 def test_example_rejects_bad_flags(flags, message):
     r = _run([str(EXAMPLES / "tp_decode.py"), *flags], timeout=60)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_tp_decode_all_reduce_mode_runs_on_two_cpu_ranks():
+    """``--mode ar``: replicated residual, all_reduce_add_rmsnorm against all_reduce + add +
+    rms_norm."""
+    flags, expect = CASES["tp_decode"]
+    r = _run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+              str(EXAMPLES / "tp_decode.py"), *flags, "--mode", "ar"])
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr[-4000:]}"
+    assert any(expect in line for line in r.stdout.splitlines()), r.stdout
+    assert "mode=ar" in r.stdout and "all_reduce_add_rmsnorm" in r.stdout, r.stdout
