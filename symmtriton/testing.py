@@ -351,3 +351,20 @@ def errors_without_launch(cases: dict) -> dict:
         L.launch = real
     res["no launch"] = launches == []
     return res
+
+
+def captured(body):
+    """``body()`` run once on a side stream (compiles kernels, makes plans), then captured in a
+    new CUDA graph, which is returned (``graph.replay()`` runs ``body`` again)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        body()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        body()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph

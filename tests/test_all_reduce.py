@@ -10,8 +10,8 @@ import symmtriton as st
 from symmtriton import custom_ops as co
 from symmtriton import reference
 from symmtriton.config import LaunchConfig, all_reduce_algorithm
-from symmtriton.testing import (buffer_without_symmetric_memory, device, errors_without_launch,
-                                sync, tagged)
+from symmtriton.testing import (buffer_without_symmetric_memory, captured, device,
+                                errors_without_launch, sync, tagged)
 
 #: odd counts, a tail inside one chunk, several chunks per slice (with the small config below)
 SIZES = (1, 7, 37, 1000, 2 * 1024 + 3)
@@ -142,20 +142,13 @@ def _graph_replays(rank, world, replays):
             for salt in range(2)}
     sym = buf.maybe_get_tensor((n,), torch.bfloat16)["tensor"]
     outs = {a: torch.empty_like(x) for a in ("one_shot", "two_shot")}
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
 
     def body():
         for algo, out in outs.items():
             st.all_reduce(x, out=out, algorithm=algo)
         st.all_reduce(sym)  # in place, zero-copy
 
-    with torch.cuda.stream(stream):
-        body()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        body()
+    graph = captured(body)
     bad = []
     for i in range(replays):
         salt = i % 2

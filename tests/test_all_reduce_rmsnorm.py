@@ -10,8 +10,8 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton import reference
-from symmtriton.testing import (buffer_without_symmetric_memory, device, errors_without_launch,
-                                sync, tagged)
+from symmtriton.testing import (buffer_without_symmetric_memory, captured, device,
+                                errors_without_launch, sync, tagged)
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1e-2)}
 #: (S, H): odd rows (fewer rows than ranks too) and odd hidden sizes
@@ -143,15 +143,7 @@ def _graph_replays(rank, world, replays):
         for algo, out in outs.items():
             st.all_reduce_add_rmsnorm(x, residual, weight, out=out, algorithm=algo)
 
-    body()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph, stream=stream):
-            body()
-    torch.cuda.current_stream().wait_stream(stream)
+    graph = captured(body)
     bad = []
     for i in range(replays):
         inputs = [tagged(S * H, torch.bfloat16, r, i).view(S, H) for r in range(world)]
