@@ -5,7 +5,8 @@ a few sizes, eager (200 calls, each between two CUDA events) and in a CUDA graph
 graph, 20 replays = 200 ops), under barrier variants (``--variants``, default all):
 
   lib_on / lib_off  the library ops, default timeout (300 s) / ``timeout_s=0``
-  a    today's barrier (kernels/barrier.py), timeout on: error word in pinned host memory
+  a    the barrier as of commit e4ca5a5 (counter slots; whole-block loop, %globaltimer every 64
+       misses, then one load of the error word in pinned host memory), timeout on
   a0   today's barrier, timeout 0 (the runtime check skips the clock)
   b    today's barrier, timeout on, error word in device memory (no PCIe read)
   c    today's loop, poll budget instead of %globaltimer, error word in host memory
@@ -45,14 +46,14 @@ import triton.language as tl
 
 import symmtriton as st
 from symmtriton import _launch as L
-from symmtriton.kernels.barrier import SLOT0, barrier
 from symmtriton.kernels.ptx import clock_ns
 from symmtriton.tuning import lookup_config
 
 VARIANTS = {"a": 0, "a0": 0, "b": 0, "c": 1, "bc": 1, "d": 2, "a8k": 3, "e": 4, "e0": 5,
             "f": 6, "g": 7}
 EPOCH_VARIANTS = (4, 5, 6, 7)
-SYNC_BYTES = 1 << 20  # epoch flags at the end of the buffer
+SYNC_BYTES = 1 << 20  # flags at the end of the buffer: counter slots, then epoch slots
+EPOCH_OFF = tl.constexpr(1 << 19)  # epoch slots' offset in it
 
 
 @triton.jit
@@ -82,17 +83,19 @@ def _cwait(addrs, todo, err, timeout_ns, clock_addr, SCOPE: tl.constexpr, CLOCK:
 
 
 @triton.jit
-def _cbarrier(sig_table, block_id, err, timeout_ns, RANK: tl.constexpr, W: tl.constexpr,
-              WP2: tl.constexpr, SCOPE: tl.constexpr, CLOCK: tl.constexpr, EVERY: tl.constexpr,
-              TIMEOUT: tl.constexpr):
+def _cbarrier(buf_table, sync_off, block_id, err, timeout_ns, RANK: tl.constexpr,
+              W: tl.constexpr, WP2: tl.constexpr, SCOPE: tl.constexpr, CLOCK: tl.constexpr,
+              EVERY: tl.constexpr, TIMEOUT: tl.constexpr):
+    """The barrier of kernels/barrier.py before this probe (counter slots: +1 release, wait
+    >= 1 acquire by the whole block, -1 relaxed), slots in the buffer's tail, with knobs."""
     tl.debug_barrier()
     lanes = tl.arange(0, WP2)
     valid = lanes < W
     peers = tl.minimum(lanes, W - 1)
-    table = sig_table.to(tl.pointer_type(tl.int64))
-    pads = tl.load(table + peers).to(tl.pointer_type(tl.int32))
-    own = tl.load(table + RANK).to(tl.pointer_type(tl.int32))
-    slot = SLOT0 + block_id * W
+    table = buf_table.to(tl.pointer_type(tl.int64))
+    pads = (tl.load(table + peers) + sync_off).to(tl.pointer_type(tl.int32))
+    own = (tl.load(table + RANK) + sync_off).to(tl.pointer_type(tl.int32))
+    slot = 2 + block_id * W
     tl.atomic_add(pads + slot + RANK, 1, mask=valid, sem="release", scope=SCOPE)
     mine = own + slot + peers
     got = _cwait(mine, valid, err, timeout_ns, own, SCOPE, CLOCK, EVERY, TIMEOUT)
@@ -185,15 +188,17 @@ def _bar(sig_table, buf_table, sync_off, pid, e, err_addr, timeout_ns, RANK: tl.
          W: tl.constexpr, WP2: tl.constexpr, SCOPE: tl.constexpr, V: tl.constexpr):
     err = err_addr.to(tl.pointer_type(tl.int32))
     if V == 0:
-        barrier(sig_table, pid, err_addr, timeout_ns, RANK, W, WP2, SCOPE, True)
+        _cbarrier(buf_table, sync_off, pid, err, timeout_ns, RANK, W, WP2, SCOPE, True, 64, True)
     elif V == 1:
-        _cbarrier(sig_table, pid, err, timeout_ns, RANK, W, WP2, SCOPE, False, 64, True)
+        _cbarrier(buf_table, sync_off, pid, err, timeout_ns, RANK, W, WP2, SCOPE, False, 64, True)
     elif V == 2:
-        _cbarrier(sig_table, pid, err, timeout_ns, RANK, W, WP2, SCOPE, True, 64, False)
+        _cbarrier(buf_table, sync_off, pid, err, timeout_ns, RANK, W, WP2, SCOPE, True, 64, False)
     elif V == 3:
-        _cbarrier(sig_table, pid, err, timeout_ns, RANK, W, WP2, SCOPE, True, 8192, True)
+        _cbarrier(buf_table, sync_off, pid, err, timeout_ns, RANK, W, WP2, SCOPE, True, 8192,
+                  True)
     else:
-        _ebarrier(buf_table, sync_off, pid, e, err_addr, timeout_ns, RANK, W, WP2, SCOPE, V)
+        _ebarrier(buf_table, sync_off + EPOCH_OFF, pid, e, err_addr, timeout_ns, RANK, W, WP2,
+                  SCOPE, V)
 
 
 @triton.jit
