@@ -4,7 +4,8 @@ One torchrun times all-gather (push, zero-copy) and reduce-scatter (pull, zero-c
 a few sizes, eager (200 calls, each between two CUDA events) and in a CUDA graph (10 ops per
 graph, 20 replays = 200 ops), under barrier variants (``--variants``, default all):
 
-  lib_on / lib_off  the library ops, default timeout (300 s) / ``timeout_s=0``
+  lib_on / lib_off  the library ops as of the commit run, default timeout (300 s) /
+                    ``timeout_s=0`` (last, so a hang there loses only these rows)
   a    the barrier as of commit e4ca5a5 (counter slots; whole-block loop, %globaltimer every 64
        misses, then one load of the error word in pinned host memory), timeout on
   a0   today's barrier, timeout 0 (the runtime check skips the clock)
@@ -300,7 +301,8 @@ def _report(cells: dict, args, world: int, dev, scope: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="4096,1048576,67108864", help="bytes per rank's region")
-    p.add_argument("--variants", default="lib_on,lib_off," + ",".join(VARIANTS))
+    # the library's rows last: a hang there (watchdog) loses only them
+    p.add_argument("--variants", default=",".join(VARIANTS) + ",lib_on,lib_off")
     p.add_argument("--timeout", type=float, default=5.0, help="probe variants' bound, seconds")
     args = p.parse_args()
     local = int(os.environ.get("LOCAL_RANK", "0"))
