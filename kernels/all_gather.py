@@ -2,12 +2,16 @@
 
 Phases of ``_all_gather_kernel`` (block ``b`` handles chunks ``c`` with ``c % blocks == b``):
 
-1. start barrier: every peer's block ``b`` has begun this launch, so its stream finished all
-   earlier work and nothing still reads the region chunk ``c`` of its buffer is about to get;
+1. start barrier (relaxed: no data follows the signal): every peer's block ``b`` has begun
+   this launch, so its stream finished all earlier work and nothing still reads the region
+   chunk ``c`` of its buffer is about to get;
 2. push: load chunk ``c`` of the local input, store it at shard ``RANK`` of the region on every
    rank (``multimem.st`` once to all, or one store per peer);
-3. end barrier: chunk ``c`` of every shard has landed in this rank's region;
+3. end barrier (release / acquire): chunk ``c`` of every shard has landed in this rank's region;
 4. with ``COPY_OUT``: copy chunk ``c`` of every shard from the region to the output tensor.
+
+A block whose barrier fails (timeout, ranks out of step: kernels/barrier.py) skips the phases
+after it.
 
 After the launch the region may be reused by the next operation on the stream: every peer that
 writes it again first passes that operation's start barrier, which this rank reaches only after
@@ -17,14 +21,14 @@ this launch is complete.
 import triton
 import triton.language as tl
 
-from .barrier import barrier
+from .barrier import barrier, call_end, call_seq
 from .common import copy_shards
 from .ptx import as_i64, as_ptr, peer_addr, store_all
 
 
 @triton.jit
-def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_addr, region_off, n,
-                       timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
+def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_addr, seq_cap,
+                       region_off, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
                        WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr, COPY_OUT: tl.constexpr,
                        USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
@@ -32,11 +36,13 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
+    bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
+                  WORLD_P2, SCOPE, USE_PTX, False, False)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
     shard_off = region_off + RANK * as_i64(n) * ESIZE
-    c = pid
     nchunks = tl.cdiv(n, BLOCK_SIZE)
+    c = tl.where(bad != 0, nchunks, pid)
     while c < nchunks:  # chunks c = pid (mod nprog); see ptx.py on loops
         start = c * BLOCK_SIZE
         offs = start + tl.arange(0, BLOCK_SIZE)
@@ -44,7 +50,10 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
         store_all(mc_addr, buf_table, shard_off, start, n, vals, BLOCK_SIZE, DTYPE, RANK, WORLD_SIZE,
                   USE_MULTIMEM, ALIGNED)
         c += nprog
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    bad = barrier(sig_table, pid, seq, bad, err_addr, timeout_ns, seq_cap, 1, RANK, WORLD_SIZE,
+                  WORLD_P2, SCOPE, USE_PTX, True, True)
     if COPY_OUT:
         local = peer_addr(buf_table, RANK) + region_off
-        copy_shards(local, out_addr, n, pid, nprog, DTYPE, BLOCK_SIZE, WORLD_SIZE, ALIGNED)
+        copy_shards(local, out_addr, n, BLOCK_SIZE, nchunks, pid, nprog, bad, DTYPE, BLOCK_SIZE,
+                    WORLD_SIZE, ALIGNED)
+    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

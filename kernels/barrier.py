@@ -1,107 +1,145 @@
-"""The one barrier every symmtriton kernel uses: per block, over signal pads.
+"""The one barrier every symmtriton kernel uses: per block, over signal pads, with call
+sequence numbers.
 
-Protocol. Slot ``[block * WORLD_SIZE + r]`` of rank ``q``'s signal pad (int32, counted after the
-first ``SLOT0`` words) counts signals from rank ``r``'s block ``block`` to rank ``q``'s block
-``block`` that ``q`` has not consumed yet. The first ``SLOT0`` words hold the host backend's
-clock (see ``ptx.clock_ns``).
+Pad layout (int32 words of each rank's signal pad; numbers in ``kernels/protocol.py``):
+``ERR_WORD`` (this rank's error word, device copy), ``cap`` call-sequence counters from
+``SEQ0``, then the barrier slots from ``slot0 = SEQ0 + cap``: slot ``[slot0 + b * W + r]`` of
+rank ``q`` holds the last barrier value rank ``r``'s block ``b`` stored there. Nothing is ever
+reset: every value only grows, so CUDA graphs replay with no host-side step.
 
-- send: atomic ``+1``, *release*, on slot ``[block * W + RANK]`` of every peer's pad. Nothing
-  waits for its result.
-- wait: atomic reads (``+0``), *acquire*, of slots ``[block * W + r]`` of this rank's pad,
-  repeated until every one is ``>= 1``;
-- consume: atomic ``-1`` on each of them, relaxed (ordered before this lane's next read of the
-  slot by coherence: the same thread touches the same slot every time).
+Call sequence. Every launch of a collective on a buffer is one *call*. Block ``b`` reads its
+counter ``seq = counter[b]`` (:func:`call_seq`); every launch advances every counter by one
+(:func:`call_end`: block ``b`` stores ``seq + 1`` to ``counter[b + k * blocks]`` for every
+``k >= 0`` below ``cap``, indices no other block of the launch reads), so all counters hold the
+number of calls made, whatever the grids, and every block of a launch reads the same ``seq``.
+A call that fails on the host before launching adds ``SKIP_BUMP`` (2) to every counter
+(``_launch.call_failed``, stream-ordered), so the ranks' counters then differ by two calls.
 
-Every atomic has scope ``SCOPE``: ``"gpu"`` when all ranks run on one GPU, else ``"sys"``
-(peers on other GPUs); the launcher picks it (``_launch.barrier_scope``).
+Barrier ``k`` of call ``seq`` (``k`` = 0 start, 1 end) uses the value ``v = seq * 2 + k + 1``:
 
-A ``bar.sync`` (``tl.debug_barrier``) before the send makes every thread's earlier memory
-operations part of what the release publishes; one after the wait makes what the acquire saw
-visible to every thread of the block. So: everything block ``b`` of any rank did before the
-barrier happens-before everything block ``b`` of every rank does after it. Other blocks are not
-ordered; kernels are written so that block ``b`` only touches data that block ``b`` of the peers
-touches, and successive launches are ordered by the stream.
+- arrive: one thread stores ``v`` into slot ``[slot0 + b * W + RANK]`` of every rank's pad,
+  *release* at the barrier's scope when this block wrote data the peers read after the barrier
+  (the ``bar.sync`` before the store makes the whole block's writes part of it), *relaxed* when
+  no data follows the signal (the peer then only writes memory this rank no longer reads: the
+  writes this rank's stream did before the launch are complete);
+- wait: that thread polls this rank's slots ``[slot0 + b * W + r]`` until each is ``>= v``,
+  *acquire* when this block then reads data the peers wrote before arriving, else relaxed; the
+  ``bar.sync`` after hands what the acquire saw to the whole block.
 
-A slot is a counter, not a flag, because a fast rank may send barrier ``k + 1`` before the peer
-consumed its signal of barrier ``k`` (it only needs the peer to have *sent* ``k``): the slot then
-holds 2, and never more. Each wait consumes exactly one signal per peer, so the pads are all zero
-whenever no kernel is in flight: the barrier needs no host-side epoch and replays under CUDA
-graphs. As long as every rank launches the same grid for the same sequence of operations, the
-k-th send pairs with the k-th wait. Per barrier a block waits for one memory round trip per
-poll, nothing more (the send and the consume are fire-and-forget).
+A peer can be ahead of this rank by at most one call (it cannot pass a barrier this rank has
+not arrived at), so a slot ``>= (seq + 2) * 2 + 1`` means the ranks are out of step (a rank
+skipped a call, or launched an extra one): the block records ``MISMATCH_BIT`` and the ranks'
+bits in its error word, overwrites every slot it owns on every peer (all blocks) with a value
+``POISON`` ahead, so every peer's blocks see a mismatch too, and abandons the call (its data
+phases are skipped). No call is ever paired with another rank's different call.
 
-With ``WORLD_SIZE == 1`` the barrier is one ``bar.sync``: there is no peer to order against (the
-block's threads still are), and stream order covers successive launches.
+Every signal and poll has scope ``SCOPE``: ``"gpu"`` when all ranks run on one GPU, else
+``"sys"``; the launcher picks it (``_launch.barrier_scope``). One thread per block sends and
+polls (``ptx.signal_wait``); other blocks are not ordered: a kernel's block ``b`` touches only
+data that block ``b`` of the peers touches, and successive launches are ordered by the stream.
 
-The grid must satisfy ``SLOT0 + blocks * WORLD_SIZE <= signal pad words``; the launchers clamp
-it.
+Buffer reuse: what block ``b`` did before barrier ``k`` of a call happens-before what block
+``b`` of every rank does after it. The start barrier lets peers write into this rank's region
+(its earlier reads are over: they were in earlier launches or before the barrier); the end
+barrier makes pushed data visible and ends the peers' reads of this rank's region, so the
+region (a zero-copy operand included) may be written by anything after the launch on this
+rank's stream. A signal of call ``seq`` is overwritten only by a later call of the same block
+and rank, which can only come after this rank arrived at the barrier that consumed it.
+
+With ``WORLD_SIZE == 1`` the barrier is one ``bar.sync`` and there are no counters.
 
 Timeout: with ``timeout_ns > 0``, a wait that keeps missing a peer for ``CLOCK_EVERY`` polls
-starts a deadline on the global clock (read once every ``CLOCK_EVERY`` polls from then on) and
-gives up once it passes; the block then stores the bit mask of ranks that did not arrive in
-``*err_addr`` (int32, this rank's memory, host-readable) and goes on; the host turns it into an
-error. A later barrier that finds the error word set gives up at its first clock read, so a
-launch waits about one timeout, not one per barrier. The abandoned signals are left in the pads:
-a buffer that timed out must be destroyed and recreated.
+reads the global clock (``%globaltimer``; never on the fast path) to start a deadline, at
+once expired when this rank's error word is already set (device memory: a later barrier after
+an error gives up at its first clock read, so a launch waits about one timeout, not one per
+barrier), and gives up once it passes. The bit mask of the late ranks then goes to ``*err_addr``
+(int32, pinned host memory: only ever written by the device, never read) and to the pad's
+``ERR_WORD``; the host turns it into an error. The buffer must be destroyed after an error.
 """
 
 import triton
 import triton.language as tl
 
-from .ptx import clock_ns
+from . import protocol as P
+from .ptx import signal_wait
 
-#: int32 words at the start of every signal pad that are not barrier slots (the host clock).
-SLOT0 = tl.constexpr(2)
-#: polls between two clock reads. ``%globaltimer`` reads are slow when many blocks spin on
-#: them: reading it on every poll made a 1 MiB all-gather at 2 ranks x 32 blocks on one H100
-#: (MPS) take 168 us instead of 5 us (benchmarks/results/NOTES.md).
-CLOCK_EVERY = tl.constexpr(64)
-
-
-@triton.jit
-def _wait_signalled(addrs, todo, err, timeout_ns, clock_addr, SCOPE: tl.constexpr,
-                    USE_PTX: tl.constexpr):
-    """Poll the slots at ``addrs`` (lanes in ``todo``) until each holds a signal or the deadline
-    passed; returns the lanes that got one (not yet consumed). The clock is read once every
-    ``CLOCK_EVERY`` misses, never on the fast path."""
-    got = ~todo
-    deadline_ns = tl.full([], 0, tl.int64)
-    misses = 0
-    expired = 0
-    while (tl.min(got.to(tl.int32), axis=0) == 0) & (expired == 0):
-        old = tl.atomic_add(addrs, 0, mask=~got, sem="acquire", scope=SCOPE)
-        got = got | ((old >= 1) & ~got)
-        misses += 1
-        if (timeout_ns > 0) & (misses % CLOCK_EVERY == 0):
-            now = clock_ns(clock_addr, USE_PTX)
-            if deadline_ns == 0:  # start the clock, unless an earlier wait timed out
-                deadline_ns = now + timeout_ns
-                if tl.load(err, volatile=True) != 0:
-                    deadline_ns = now
-            expired = (now >= deadline_ns).to(tl.int32)  # the loop ends anyway once all got one
-    return got
+ERR_WORD = tl.constexpr(P.ERR_WORD)
+SEQ0 = tl.constexpr(P.SEQ0)
+NB = tl.constexpr(P.BARRIERS_PER_CALL)
+MISMATCH_BIT = tl.constexpr(P.MISMATCH_BIT)
+POISON = tl.constexpr(P.POISON)
+#: counters one block advances per pass of :func:`call_end`.
+SEQ_CHUNK = tl.constexpr(128)
 
 
 @triton.jit
-def barrier(sig_table, block_id, err_addr, timeout_ns, RANK: tl.constexpr,
-            WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, SCOPE: tl.constexpr,
-            USE_PTX: tl.constexpr):
-    """Barrier of block ``block_id`` with block ``block_id`` of every rank (module docstring)."""
+def _own_pad(sig_table, RANK: tl.constexpr):
+    return tl.load(sig_table.to(tl.pointer_type(tl.int64)) + RANK)
+
+
+@triton.jit
+def call_seq(sig_table, pid, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
+    """This launch's call number, read from block ``pid``'s counter (0 when ``WORLD_SIZE`` is
+    1: no counters)."""
+    seq = tl.full([], 0, tl.int32)
+    if WORLD_SIZE > 1:
+        seq = tl.load(_own_pad(sig_table, RANK).to(tl.pointer_type(tl.int32)) + SEQ0 + pid)
+    return seq
+
+
+@triton.jit
+def call_end(sig_table, pid, seq, seq_cap, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
+    """Advance the counters ``pid + k * blocks`` below ``seq_cap`` to ``seq + 1``: together the
+    blocks of a launch advance every counter once."""
+    if WORLD_SIZE > 1:
+        counters = _own_pad(sig_table, RANK).to(tl.pointer_type(tl.int32)) + SEQ0
+        step = tl.num_programs(0)
+        k = 0
+        while pid + k * step < seq_cap:  # see ptx.py on loops
+            idx = pid + (k + tl.arange(0, SEQ_CHUNK)) * step
+            tl.store(counters + idx, seq + 1, mask=idx < seq_cap)
+            k += SEQ_CHUNK
+
+
+@triton.jit
+def _abandon(sig_table, status, value, err_addr, own, seq_cap, RANK: tl.constexpr,
+             WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, SCOPE: tl.constexpr):
+    """Record ``status`` in both error words; after a mismatch, poison every slot this rank
+    owns on every peer (all blocks), so each peer's blocks see the mismatch too."""
+    tl.store(err_addr.to(tl.pointer_type(tl.int32)), status)
+    tl.store(own.to(tl.pointer_type(tl.int32)) + ERR_WORD, status)
+    if (status & MISMATCH_BIT) != 0:
+        lanes = tl.arange(0, WORLD_P2)
+        peers = tl.minimum(lanes, WORLD_SIZE - 1)
+        pads = tl.load(sig_table.to(tl.pointer_type(tl.int64)) + peers)
+        slots = (pads + (SEQ0 + seq_cap + RANK) * 4).to(tl.pointer_type(tl.int32))
+        b = 0
+        while b < seq_cap:
+            tl.atomic_xchg(slots + b * WORLD_SIZE, value + POISON, mask=lanes < WORLD_SIZE,
+                           sem="relaxed", scope=SCOPE)
+            b += 1
+
+
+@triton.jit
+def barrier(sig_table, pid, seq, status, err_addr, timeout_ns, seq_cap, K: tl.constexpr,
+            RANK: tl.constexpr, WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
+            SCOPE: tl.constexpr, USE_PTX: tl.constexpr, RELEASE: tl.constexpr,
+            ACQUIRE: tl.constexpr):
+    """Barrier ``K`` of call ``seq`` of block ``pid`` with block ``pid`` of every rank (module
+    docstring). ``status``: the block's error so far (0 = none); a block with an error skips
+    the barrier. Returns the block's error after it (0 = every rank arrived, in step)."""
+    status = status + tl.zeros([], tl.int32)
     tl.debug_barrier()
     if WORLD_SIZE > 1:
-        lanes = tl.arange(0, WORLD_P2)
-        valid = lanes < WORLD_SIZE
-        peers = tl.minimum(lanes, WORLD_SIZE - 1)
-        table = sig_table.to(tl.pointer_type(tl.int64))
-        pads = tl.load(table + peers).to(tl.pointer_type(tl.int32))
-        own = tl.load(table + RANK).to(tl.pointer_type(tl.int32))
-        slot = SLOT0 + block_id * WORLD_SIZE
-        err = err_addr.to(tl.pointer_type(tl.int32))
-        tl.atomic_add(pads + slot + RANK, 1, mask=valid, sem="release", scope=SCOPE)
-        mine = own + slot + peers
-        got = _wait_signalled(mine, valid, err, timeout_ns, own, SCOPE, USE_PTX)
-        tl.atomic_add(mine, -1, mask=valid & got, sem="relaxed", scope=SCOPE)
-        missing = tl.sum(tl.where(valid & ~got, 1 << lanes, 0), axis=0)
-        if missing != 0:
-            tl.store(err, missing)
-        tl.debug_barrier()
+        if status == 0:
+            own = _own_pad(sig_table, RANK)
+            slot0 = SEQ0 + seq_cap
+            value = seq * NB + (K + 1)
+            status = signal_wait(sig_table, (slot0 + pid * WORLD_SIZE + RANK) * 4,
+                                 own + (slot0 + pid * WORLD_SIZE) * 4, value, (seq + 2) * NB + 1,
+                                 own + ERR_WORD * 4, timeout_ns, own, WORLD_SIZE, WORLD_P2, SCOPE,
+                                 RELEASE, ACQUIRE, MISMATCH_BIT, USE_PTX)
+            if status != 0:
+                _abandon(sig_table, status, value, err_addr, own, seq_cap, RANK, WORLD_SIZE,
+                         WORLD_P2, SCOPE)
+    return status

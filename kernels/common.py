@@ -7,20 +7,25 @@ from .ptx import as_i64, as_ptr
 
 
 @triton.jit
-def copy_shards(src_addr, dst_addr, n, pid, nprog, DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                WORLD_SIZE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Copy ``WORLD_SIZE`` shards of ``n`` elements, chunk ``c`` of every shard by block
-    ``c % nprog``: exactly the chunks that block of every rank reads or writes remotely, so a
-    per-block barrier is enough to order the copy against the remote phase."""
+def copy_shards(src_addr, dst_addr, shard_len, chunk_len, nchunks, pid, nprog, skip,
+                DTYPE: tl.constexpr, BLOCK: tl.constexpr, WORLD_SIZE: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    """Copy ``WORLD_SIZE`` shards of ``shard_len`` elements; a shard is ``nchunks`` chunks of
+    ``chunk_len <= BLOCK`` elements (the last one may be short), chunk ``c`` of every shard
+    copied by block ``c % nprog``: exactly the chunks that block of every rank reads or writes
+    remotely, so a per-block barrier orders the copy against the remote phase. Chunks are
+    ``BLOCK_SIZE``-element pieces of a flat shard (all-gather, reduce-scatter) or rows of
+    ``H`` elements (the fused kernel). Nothing is copied when ``skip`` is nonzero (a block
+    that abandoned the call)."""
     src = as_ptr(src_addr, DTYPE, ALIGNED)
     dst = as_ptr(dst_addr, DTYPE, ALIGNED)
-    c = pid
-    nchunks = tl.cdiv(n, BLOCK_SIZE)
+    cols = tl.arange(0, BLOCK)
+    c = tl.where(skip != 0, nchunks, pid)
     while c < nchunks:  # chunks c = pid (mod nprog); see ptx.py on loops
-        offs = c * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        mask = offs < n
+        offs = as_i64(c) * chunk_len + cols
+        mask = (cols < chunk_len) & (offs < shard_len)
         for r in tl.static_range(WORLD_SIZE):
-            shard = r * as_i64(n)
+            shard = r * as_i64(shard_len)
             tl.store(dst + shard + offs, tl.load(src + shard + offs, mask=mask), mask=mask)
         c += nprog
 

@@ -6,16 +6,20 @@ rows ``RANK*s + i``. Phases of ``_fused_rmsnorm_kernel``:
 
 1. with ``STAGE_IN``: copy rows ``q*s + i`` (every ``q``) of the local input into the region:
    exactly the rows block ``b`` of the peers reads from this rank;
-2. start barrier: those rows are in place on every rank;
+2. start barrier (release / acquire): those rows are in place on every rank;
 3. per row: reduce row ``RANK*s + i`` over all ranks in fp32 (``multimem.ld_reduce`` or one load
    per peer), add the residual row and round to the residual's dtype (stored back: the
    residual is updated in place), RMSNorm in fp32 statistics, times ``weight``;
    with ``ALL_GATHER`` store the normed row at the same row of the region on every rank
    (``multimem.st`` or one store per peer) — this overwrites input rows that only this rank's
    block ``b`` reads, and it has read them already — else store it to the local output;
-4. end barrier: every peer's normed rows ``q*s + i`` have landed here and nobody reads this
+4. end barrier (release / acquire with ``ALL_GATHER``, else relaxed: only reads came before
+   it): every peer's normed rows ``q*s + i`` have landed here and nobody reads this
    rank's rows any more;
 5. with ``COPY_OUT``: copy rows ``q*s + i`` (every ``q``) from the region to the output.
+
+A block whose barrier fails (timeout, ranks out of step: kernels/barrier.py) skips the phases
+after it.
 
 A row is one chunk: ``BLOCK_H`` (a power of two >= H) covers it, the tail masked.
 """
@@ -23,30 +27,15 @@ A row is one chunk: ``BLOCK_H`` (a power of two >= H) covers it, the tail masked
 import triton
 import triton.language as tl
 
-from .barrier import barrier
-from .common import row_operands
-from .ptx import as_ptr, load_reduce, peer_addr, store_all
-
-
-@triton.jit
-def _copy_rows(src_addr, dst_addr, s, H, pid, nprog, DTYPE: tl.constexpr, BLOCK_H: tl.constexpr,
-               WORLD_SIZE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Copy rows ``q*s + i`` for every ``q`` and every ``i = pid (mod nprog)``."""
-    src = as_ptr(src_addr, DTYPE, ALIGNED)
-    dst = as_ptr(dst_addr, DTYPE, ALIGNED)
-    cols = tl.arange(0, BLOCK_H)
-    mask = cols < H
-    i = pid
-    while i < s:
-        for q in tl.static_range(WORLD_SIZE):
-            row = (q * s + i).to(tl.int64) * H
-            tl.store(dst + row + cols, tl.load(src + row + cols, mask=mask), mask=mask)
-        i += nprog
+from .barrier import barrier, call_end, call_seq
+from .common import copy_shards, row_operands
+from .ptx import load_reduce, peer_addr, store_all
 
 
 @triton.jit
 def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_table, mc_addr,
-                          err_addr, region_off, s, H, eps, timeout_ns, DTYPE: tl.constexpr,
+                          err_addr, seq_cap, region_off, s, H, eps, timeout_ns,
+                          DTYPE: tl.constexpr,
                           W_DTYPE: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
                           WORLD_P2: tl.constexpr, BLOCK_H: tl.constexpr, STAGE_IN: tl.constexpr,
                           ALL_GATHER: tl.constexpr, COPY_OUT: tl.constexpr,
@@ -56,12 +45,15 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     local = peer_addr(buf_table, RANK) + region_off
+    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     if STAGE_IN:
-        _copy_rows(in_addr, local, s, H, pid, nprog, DTYPE, BLOCK_H, WORLD_SIZE, ALIGNED)
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+        copy_shards(in_addr, local, s * H, H, s, pid, nprog, 0, DTYPE, BLOCK_H, WORLD_SIZE,
+                    ALIGNED)
+    bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
+                  WORLD_P2, SCOPE, USE_PTX, True, True)
     cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, BLOCK_H,
                                            ALIGNED)
-    i = pid
+    i = tl.where(bad != 0, s, pid)
     while i < s:
         row_off = region_off + (RANK * s + i).to(tl.int64) * H * ESIZE
         acc = load_reduce(mc_addr, buf_table, row_off, 0, H, BLOCK_H, DTYPE, WORLD_SIZE,
@@ -78,6 +70,9 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
         else:
             tl.store(out + i.to(tl.int64) * H + cols, y, mask=mask)
         i += nprog
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    bad = barrier(sig_table, pid, seq, bad, err_addr, timeout_ns, seq_cap, 1, RANK, WORLD_SIZE,
+                  WORLD_P2, SCOPE, USE_PTX, ALL_GATHER, ALL_GATHER)
     if COPY_OUT:
-        _copy_rows(local, out_addr, s, H, pid, nprog, DTYPE, BLOCK_H, WORLD_SIZE, ALIGNED)
+        copy_shards(local, out_addr, s * H, H, s, pid, nprog, bad, DTYPE, BLOCK_H, WORLD_SIZE,
+                    ALIGNED)
+    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

@@ -4,24 +4,29 @@ Phases of ``_reduce_scatter_kernel`` (block ``b`` handles chunks ``c`` with ``c 
 
 1. with ``STAGE_IN``: copy chunk ``c`` of every slice of the local input into the region
    (only chunks that block ``b`` of the peers reads);
-2. start barrier: chunk ``c`` of every slice is in place on every rank;
+2. start barrier (release / acquire: the staged or zero-copy input is read after it): chunk
+   ``c`` of every slice is in place on every rank;
 3. reduce: load chunk ``c`` of slice ``RANK`` from every rank (``multimem.ld_reduce`` once, or
    one load per peer), accumulate in fp32, store to the local output;
-4. end barrier: no peer reads this rank's chunk ``c`` any more, so the region (a zero-copy input
-   written by, say, the next GEMM) may be overwritten once the launch is complete.
+4. end barrier (relaxed: only reads came before it, and their values are used): no peer reads
+   this rank's chunk ``c`` any more, so the region (a zero-copy input written by, say, the next
+   GEMM) may be overwritten once the launch is complete.
+
+A block whose barrier fails (timeout, ranks out of step: kernels/barrier.py) skips the phases
+after it.
 """
 
 import triton
 import triton.language as tl
 
-from .barrier import barrier
+from .barrier import barrier, call_end, call_seq
 from .common import copy_shards
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr
 
 
 @triton.jit
-def _reduce_scatter_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_addr, region_off,
-                           n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
+def _reduce_scatter_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_addr, seq_cap,
+                           region_off, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
                            WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                            BLOCK_SIZE: tl.constexpr, STAGE_IN: tl.constexpr,
                            USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
@@ -29,14 +34,17 @@ def _reduce_scatter_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    nchunks = tl.cdiv(n, BLOCK_SIZE)
+    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     if STAGE_IN:
         local = peer_addr(buf_table, RANK) + region_off
-        copy_shards(in_addr, local, n, pid, nprog, DTYPE, BLOCK_SIZE, WORLD_SIZE, ALIGNED)
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+        copy_shards(in_addr, local, n, BLOCK_SIZE, nchunks, pid, nprog, 0, DTYPE, BLOCK_SIZE,
+                    WORLD_SIZE, ALIGNED)
+    bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
+                  WORLD_P2, SCOPE, USE_PTX, True, True)
     dst = as_ptr(out_addr, DTYPE, ALIGNED)
     slice_off = region_off + RANK * as_i64(n) * ESIZE
-    c = pid
-    nchunks = tl.cdiv(n, BLOCK_SIZE)
+    c = tl.where(bad != 0, nchunks, pid)
     while c < nchunks:  # chunks c = pid (mod nprog); see ptx.py on loops
         start = c * BLOCK_SIZE
         offs = start + tl.arange(0, BLOCK_SIZE)
@@ -44,4 +52,6 @@ def _reduce_scatter_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err
                           USE_MULTIMEM, ALIGNED)
         tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
         c += nprog
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    barrier(sig_table, pid, seq, bad, err_addr, timeout_ns, seq_cap, 1, RANK, WORLD_SIZE,
+            WORLD_P2, SCOPE, USE_PTX, False, False)
+    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

@@ -28,18 +28,23 @@ import torch
 import torch.distributed as dist
 
 from . import memory as _memory
+from .kernels import protocol as _protocol
 from .memory import SymmetricMemoryBuffer, SymmetricMemoryManager
 
 TIMEOUT_ENV = "SYMMTRITON_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0
 ALIGN = 16
-PAD_RESERVED_WORDS = 2  # kernels/barrier.py SLOT0: the host clock
 SCOPE_ENV = "SYMMTRITON_BARRIER_SCOPE"
 MULTIMEM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 class CollectiveTimeoutError(RuntimeError):
     """A barrier gave up waiting: some ranks did not reach the collective in time."""
+
+
+class CollectiveMismatchError(CollectiveTimeoutError):
+    """The ranks are out of step: a rank skipped a call (e.g. one that raised on that rank only)
+    or made an extra one, so calls would have paired with another rank's different call."""
 
 
 _ENV_DATA = getattr(os.environ, "_data", None)
@@ -136,8 +141,8 @@ def context(buf: SymmetricMemoryBuffer) -> Ctx:
     if ctx is not None and ctx.buf is buf:
         return ctx
     hdl = buf.symm_mem_hdl
-    # SLOT0 + blocks * world_size barrier slots must fit (kernels/barrier.py)
-    cap = (hdl.signal_pad_slots - PAD_RESERVED_WORDS) // hdl.world_size
+    # a counter and world_size barrier slots per block must fit (kernels/protocol.py)
+    cap = _protocol.grid_cap(hdl.signal_pad_slots, hdl.world_size)
     if hdl.grid_limit is not None:
         cap = min(cap, hdl.grid_limit)
     if cap < 1:
@@ -226,6 +231,12 @@ def check_status(buf: SymmetricMemoryBuffer, op: str) -> None:
 
 def _raise_timeout(buf: SymmetricMemoryBuffer, op: str, missing: int) -> None:
     ranks = [r for r in range(buf.world_size) if missing >> r & 1]
+    if missing & _protocol.MISMATCH_BIT:
+        raise CollectiveMismatchError(
+            f"{op}: rank {buf.rank} is out of step with ranks {ranks}: a rank skipped a call "
+            "(one that raised on that rank only) or made an extra one; results of that call are "
+            "invalid. Destroy the buffer (SymmetricMemoryManager.destroy) before using "
+            "symmetric memory again")
     raise CollectiveTimeoutError(
         f"{op}: rank {buf.rank} timed out in a barrier waiting for ranks {ranks} "
         f"({TIMEOUT_ENV} or timeout=); results of that call are invalid. Destroy the buffer "

@@ -1,8 +1,12 @@
 """Compile tier: the kernels compiled for sm_90 and sm_100 by Triton's bundled ptxas on this
 (GPU-less) machine. The multimem path must contain the multimem instructions; the peer path
-must use 16-byte accesses when the launcher promises alignment.
+must use 16-byte accesses when the launcher promises alignment; every barrier is one
+single-thread signal-and-wait loop whose clock read sits behind the poll counter (never on the
+fast path), at the scope asked for.
 
 Compilation runs in a worker without TRITON_INTERPRET (kernels must be real JIT functions)."""
+
+import re
 
 import pytest
 import triton
@@ -40,8 +44,13 @@ def _compile(rank, world, which, capability, multimem, aligned, world_size=3, sc
         "st": ptx.count("multimem.st"),
         "v4_loads": ptx.count("ld.global.v4") + ptx.count("ld.global.L1::evict_last.v4"),
         "globaltimer": "%globaltimer" in ptx,
-        # the barrier: release-add send, acquire-add polls, at the scope asked for
-        "signals": f"{scope}.release.add" in ptx and f"{scope}.acquire.add" in ptx,
+        # the barrier: a release store and acquire polls (kernels/barrier.py), at the scope asked
+        # for, in one loop per barrier (ptx.signal_wait: one copy, run by one thread)
+        "signals": f"st.release.{scope}.global" in ptx and f"ld.acquire.{scope}.global" in ptx,
+        "waits": ptx.count("SEND:"),
+        # every clock read comes after the poll counter's test, in the same loop
+        "clock_gated": len(re.findall(r"and\.b32 q, n, \d+;[^}]*?%globaltimer", ptx)),
+        "clock_reads": ptx.count("%globaltimer"),
         "sys_atoms": ptx.count(".sys."),
         "atoms": ptx.count("atom."),
         "bar_sync": ptx.count("bar.sync"),
@@ -61,6 +70,7 @@ def compiler():
 def test_multimem_path_compiles_with_multimem_instructions(compiler, which, capability):
     [r] = compiler.run(_compile, which, capability, True, True)
     assert r["cubin"] and r["signals"] and r["globaltimer"]
+    assert r["waits"] == 2 and r["clock_reads"] == r["clock_gated"] == 2
     if which in ("reduce_scatter", "fused"):
         assert r["ld_reduce"] > 0
     if which in ("all_gather", "fused"):

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _launch as L
+from .._calls import counts_calls
 from .. import reference
 from ..config import MAX_FUSED_HIDDEN, LaunchConfig
 from ..tuning import lookup_config
@@ -23,6 +24,7 @@ from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
 from ._common import TL_DTYPE, current, torch_all_gather, torch_reduce_scatter
 
 
+@counts_calls
 def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.Tensor,
                                           weight: torch.Tensor, eps: float = 1e-6, group=None,
                                           out: torch.Tensor | None = None, *,
@@ -40,6 +42,7 @@ def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.T
                   out, True, config, timeout_s)
 
 
+@counts_calls
 def reduce_scatter_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                eps: float = 1e-6, group=None, out: torch.Tensor | None = None, *,
                                config: LaunchConfig | None = None,
@@ -159,8 +162,8 @@ def _fused(op, input, residual, weight, eps, group, out, all_gather, config, tim
     plan = L.Plan(
         "launch", buf, kern, cfg.row_grid(s, ctx.grid_cap), cfg.num_warps,
         (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(),
-         ctx.buf_table, ctx.sig_table, ctx.mc_addr, ctx.err_addr, region, s, H, float(eps),
-         L.timeout_ns(timeout_s)),
+         ctx.buf_table, ctx.sig_table, ctx.mc_addr, ctx.err_addr, ctx.grid_cap, region, s, H,
+         float(eps), L.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype],
              RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
              STAGE_IN=in_off is None, ALL_GATHER=all_gather, COPY_OUT=copy_out,

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _launch as L
+from .._calls import counts_calls
 from ..config import LaunchConfig
 from ..tuning import lookup_config
 from ..validation import REDUCE_DTYPES, check_distinct, check_gather_shapes, check_same, check_tensor
@@ -14,6 +15,7 @@ from ._common import TL_DTYPE, call_key, replay, torch_reduce_scatter
 OP = "reduce_scatter_tensor"
 
 
+@counts_calls
 def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group=None, *,
                           config: LaunchConfig | None = None,
                           timeout_s: float | None = None) -> torch.Tensor:
@@ -57,7 +59,7 @@ def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group=None,
     plan = L.Plan(
         "launch", buf, kern, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
         (input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
-         ctx.err_addr, region, n, L.timeout_ns(timeout_s)),
+         ctx.err_addr, ctx.grid_cap, region, n, L.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2,
              BLOCK_SIZE=cfg.block_size, STAGE_IN=in_off is None, USE_MULTIMEM=use_mm,
              SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
