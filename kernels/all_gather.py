@@ -2,9 +2,10 @@
 
 Phases of ``_all_gather_kernel`` (block ``b`` handles chunks ``c`` with ``c % blocks == b``):
 
-1. start barrier (relaxed: no data follows the signal): every peer's block ``b`` has begun
-   this launch, so its stream finished all earlier work and nothing still reads the region
-   chunk ``c`` of its buffer is about to get;
+1. start barrier (relaxed arrive: no data precedes it; acquire poll: the pushes after it must
+   not overtake the peers' reads before it): every peer's block ``b`` has begun this launch,
+   so its stream finished all earlier work and nothing still reads the region chunk ``c`` of
+   its buffer is about to get;
 2. push: load chunk ``c`` of the local input, store it at shard ``RANK`` of the region on every
    rank (``multimem.st`` once to all, or one store per peer);
 3. end barrier (release / acquire): chunk ``c`` of every shard has landed in this rank's region;
@@ -38,7 +39,7 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
     nprog = tl.num_programs(0)
     seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
-                  WORLD_P2, SCOPE, USE_PTX, False, False)
+                  WORLD_P2, SCOPE, USE_PTX, False, True)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
     shard_off = region_off + RANK * as_i64(n) * ESIZE
     nchunks = tl.cdiv(n, BLOCK_SIZE)

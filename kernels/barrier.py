@@ -23,8 +23,9 @@ Barrier ``k`` of call ``seq`` (``k`` = 0 start, 1 end) uses the value ``v = seq 
   no data follows the signal (the peer then only writes memory this rank no longer reads: the
   writes this rank's stream did before the launch are complete);
 - wait: that thread polls this rank's slots ``[slot0 + b * W + r]`` until each is ``>= v``,
-  *acquire* when this block then reads data the peers wrote before arriving, else relaxed; the
-  ``bar.sync`` after hands what the acquire saw to the whole block.
+  *acquire* when this block then touches memory the peers used before arriving (reads data
+  they wrote, or writes a region they read), relaxed when nothing follows; the ``bar.sync``
+  after hands what the acquire saw to the whole block.
 
 A peer can be ahead of this rank by at most one call (it cannot pass a barrier this rank has
 not arrived at), so a slot ``>= (seq + 2) * 2 + 1`` means the ranks are out of step (a rank
