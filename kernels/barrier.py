@@ -13,26 +13,28 @@ counter ``seq = counter[b]`` (:func:`call_seq`); every launch advances every cou
 ``k >= 0`` below ``cap``, indices no other block of the launch reads), so all counters hold the
 number of calls made, whatever the grids, and every block of a launch reads the same ``seq``.
 A call that fails on the host before launching adds ``SKIP_BUMP`` (2) to every counter
-(``_launch.call_failed``, stream-ordered), so the ranks' counters then differ by two calls.
+(``_calls.call_failed``, stream-ordered), so the ranks' counters then differ by two calls.
 
 Barrier ``k`` of call ``seq`` (``k`` = 0 start, 1 end) uses the value ``v = seq * 2 + k + 1``:
 
 - arrive: one thread stores ``v`` into slot ``[slot0 + b * W + RANK]`` of every rank's pad,
   *release* at the barrier's scope when this block wrote data the peers read after the barrier
   (the ``bar.sync`` before the store makes the whole block's writes part of it), *relaxed* when
-  no data follows the signal (the peer then only writes memory this rank no longer reads: the
-  writes this rank's stream did before the launch are complete);
+  the block wrote nothing the peers read (before the start barrier of a push, whose data came
+  from earlier launches, complete; after reads only, whose values the block already used);
 - wait: that thread polls this rank's slots ``[slot0 + b * W + r]`` until each is ``>= v``,
   *acquire* when this block then touches memory the peers used before arriving (reads data
   they wrote, or writes a region they read), relaxed when nothing follows; the ``bar.sync``
   after hands what the acquire saw to the whole block.
 
 A peer can be ahead of this rank by at most one call (it cannot pass a barrier this rank has
-not arrived at), so a slot ``>= (seq + 2) * 2 + 1`` means the ranks are out of step (a rank
-skipped a call, or launched an extra one): the block records ``MISMATCH_BIT`` and the ranks'
-bits in its error word, overwrites every slot it owns on every peer (all blocks) with a value
-``POISON`` ahead, so every peer's blocks see a mismatch too, and abandons the call (its data
-phases are skipped). No call is ever paired with another rank's different call.
+not arrived at), so a slot ``>= (seq + 2) * 2 + 1`` means the ranks are out of step (a call
+raised on some ranks only, and counted twice there): the block records ``MISMATCH_BIT`` and
+the ranks' bits in its error word, overwrites every slot it owns on every peer (all blocks)
+with a value ``POISON`` ahead, so every peer's blocks see a mismatch too, and abandons the call
+(its data phases are skipped). Such a call is never paired with another rank's next call:
+every rank's call raises. (Ranks that launch *different* collectives in the same order are not
+told apart: ``SYMMTRITON_CHECK_UNIFORM`` is for that.)
 
 Every signal and poll has scope ``SCOPE``: ``"gpu"`` when all ranks run on one GPU, else
 ``"sys"``; the launcher picks it (``_launch.barrier_scope``). One thread per block sends and
@@ -49,8 +51,8 @@ and rank, which can only come after this rank arrived at the barrier that consum
 
 With ``WORLD_SIZE == 1`` the barrier is one ``bar.sync`` and there are no counters.
 
-Timeout: with ``timeout_ns > 0``, a wait that keeps missing a peer for ``CLOCK_EVERY`` polls
-reads the global clock (``%globaltimer``; never on the fast path) to start a deadline, at
+Timeout: with ``timeout_ns > 0``, a wait that keeps missing a peer for ``ptx.CLOCK_EVERY``
+polls (8192; the interpreter's twin: 64) reads the global clock (``%globaltimer``; never on the fast path) to start a deadline, at
 once expired when this rank's error word is already set (device memory: a later barrier after
 an error gives up at its first clock read, so a launch waits about one timeout, not one per
 barrier), and gives up once it passes. The bit mask of the late ranks then goes to ``*err_addr``
