@@ -48,6 +48,7 @@ def _compile(rank, world, which, capability, multimem, aligned, world_size=3, sc
         # for, in one loop per barrier (ptx.signal_wait: one copy, run by one thread)
         "signals": f"st.release.{scope}.global" in ptx and f"ld.acquire.{scope}.global" in ptx,
         "waits": ptx.count("SEND:"),
+        "relaxed_signals": ptx.count(f"st.relaxed.{scope}.global"),
         # every clock read comes after the poll counter's test, in the same loop
         "clock_gated": len(re.findall(r"and\.b32 q, n, \d+;[^}]*?%globaltimer", ptx)),
         "clock_reads": ptx.count("%globaltimer"),
@@ -82,6 +83,15 @@ def test_peer_path_compiles_without_multimem_and_with_16_byte_loads(compiler, wh
     [r] = compiler.run(_compile, which, 90, False, True)
     assert r["cubin"] and r["ld_reduce"] == 0 and r["st"] == 0
     assert r["v4_loads"] > 0
+
+
+@pytest.mark.parametrize("which, relaxed", [("all_gather", 1), ("reduce_scatter", 1),
+                                            ("fused", 0)])
+def test_signals_are_relaxed_where_no_data_precedes_them(compiler, which, relaxed):
+    """All-gather's start signal and reduce-scatter's end signal publish no data: relaxed
+    stores; every other signal is a release (kernels/barrier.py)."""
+    [r] = compiler.run(_compile, which, 90, False, True)
+    assert r["waits"] == 2 and r["relaxed_signals"] == relaxed
 
 
 @pytest.mark.parametrize("which", sorted(KERNELS))
