@@ -17,15 +17,15 @@ A call that fails on the host before launching adds ``SKIP_BUMP`` (2) to every c
 
 Barrier ``k`` of call ``seq`` (``k`` = 0 start, 1 end) uses the value ``v = seq * 2 + k + 1``:
 
-- arrive: one thread stores ``v`` into slot ``[slot0 + b * W + RANK]`` of every rank's pad,
+- arrive: the block stores ``v`` into slot ``[slot0 + b * W + RANK]`` of every rank's pad,
   *release* at the barrier's scope when this block wrote data the peers read after the barrier
   (the ``bar.sync`` before the store makes the whole block's writes part of it), *relaxed* when
   the block wrote nothing the peers read (before the start barrier of a push, whose data came
   from earlier launches, complete; after reads only, whose values the block already used);
-- wait: that thread polls this rank's slots ``[slot0 + b * W + r]`` until each is ``>= v``,
+- wait: the block polls this rank's slots ``[slot0 + b * W + r]`` until each is ``>= v``,
   *acquire* when this block then touches memory the peers used before arriving (reads data
-  they wrote, or writes a region they read), relaxed when nothing follows; the ``bar.sync``
-  after hands what the acquire saw to the whole block.
+  they wrote, or writes a region they read), relaxed when nothing follows; the reductions
+  of the loop (``bar.sync``) hand what the acquire saw to the whole block.
 
 A peer can be ahead of this rank by at most one call (it cannot pass a barrier this rank has
 not arrived at), so a slot ``>= (seq + 2) * 2 + 1`` means the ranks are out of step (a call
@@ -37,8 +37,8 @@ every rank's call raises. (Ranks that launch *different* collectives in the same
 told apart: ``SYMMTRITON_CHECK_UNIFORM`` is for that.)
 
 Every signal and poll has scope ``SCOPE``: ``"gpu"`` when all ranks run on one GPU, else
-``"sys"``; the launcher picks it (``_launch.barrier_scope``). One thread per block sends and
-polls (``ptx.signal_wait``); other blocks are not ordered: a kernel's block ``b`` touches only
+``"sys"``; the launcher picks it (``_launch.barrier_scope``). Each block signals and polls
+with one lane per rank (``ptx.signal_wait``); other blocks are not ordered: a kernel's block ``b`` touches only
 data that block ``b`` of the peers touches, and successive launches are ordered by the stream.
 
 Buffer reuse: what block ``b`` did before barrier ``k`` of a call happens-before what block
@@ -52,7 +52,7 @@ and rank, which can only come after this rank arrived at the barrier that consum
 With ``WORLD_SIZE == 1`` the barrier is one ``bar.sync`` and there are no counters.
 
 Timeout: with ``timeout_ns > 0``, a wait that keeps missing a peer for ``ptx.CLOCK_EVERY``
-polls (8192; the interpreter's twin: 64) reads the global clock (``%globaltimer``; never on the fast path) to start a deadline, at
+polls (64) reads the global clock (``%globaltimer``; never on the fast path) to start a deadline, at
 once expired when this rank's error word is already set (device memory: a later barrier after
 an error gives up at its first clock read, so a launch waits about one timeout, not one per
 barrier), and gives up once it passes. The bit mask of the late ranks then goes to ``*err_addr``
@@ -118,8 +118,8 @@ def _abandon(sig_table, status, value, err_addr, own, seq_cap, RANK: tl.constexp
         slots = (pads + (SEQ0 + seq_cap + RANK) * 4).to(tl.pointer_type(tl.int32))
         b = 0
         while b < seq_cap:
-            tl.atomic_xchg(slots + b * WORLD_SIZE, value + POISON, mask=lanes < WORLD_SIZE,
-                           sem="relaxed", scope=SCOPE)
+            tl.atomic_max(slots + b * WORLD_SIZE, value + POISON, mask=lanes < WORLD_SIZE,
+                          sem="relaxed", scope=SCOPE)
             b += 1
 
 

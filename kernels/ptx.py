@@ -19,7 +19,6 @@ branches around the instruction inside a ``{ }`` scope, whose label is local to 
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import num_threads
 
 
 @triton.jit
@@ -59,44 +58,11 @@ def clock_ns(clock_addr, USE_PTX: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 # Barrier signals (kernels/barrier.py owns the protocol; these move the values).
 # ---------------------------------------------------------------------------------------------
-#: polls between two clock reads in the PTX wait, so a wait that ends within 8192 polls never
-#: reads the clock (benchmarks/barrier_probe.py measures the variants: clock every 64 vs 8192
-#: misses, one polling thread); the twin reads the host clock every ``TWIN_CLOCK_EVERY`` polls.
-CLOCK_EVERY = tl.constexpr(8192)
-TWIN_CLOCK_EVERY = tl.constexpr(64)
-
-
-@triton.constexpr_function
-def _signal_wait_asm(scope, release, acquire, every, mismatch_bit):
-    """One thread: store ``$5`` at byte ``$3`` of every pad in the table ``$2`` (``$7`` ranks),
-    then poll the ``$7`` int32 slots at ``$4`` until each is >= ``$5`` (signed difference);
-    slots >= ``$6`` set their rank's bit and ``mismatch_bit`` in the result. With ``$8`` > 0 ns,
-    every ``every`` polls read ``%globaltimer``; the first read starts the deadline (at once if
-    the error word ``$9`` is set); past it, each remaining slot gets one more poll and its
-    rank's bit if still short. Lanes other than ``$1 == 0`` return 0 at once."""
-    st = f"st.{'release' if release else 'relaxed'}.{scope}.global.u32"
-    ld = f"ld.{'acquire' if acquire else 'relaxed'}.{scope}.global.u32"
-    return f"""{{ .reg .pred p, x; .reg .u32 r, n, q; .reg .s32 v, d; .reg .u64 a, b, t, dl;
-    mov.u32 $0, 0; setp.ne.u32 p, $1, 0; @p bra DONE;
-    mov.u32 r, 0;
-    SEND: setp.ge.u32 p, r, $7; @p bra SENT;
-    mul.wide.u32 b, r, 8; add.u64 b, b, $2; ld.global.u64 b, [b]; add.u64 b, b, $3;
-    {st} [b], $5; add.u32 r, r, 1; bra SEND;
-    SENT: mov.u32 r, 0; mov.u32 n, 0; mov.u64 dl, 0; setp.ne.u32 x, r, r; mov.u64 a, $4;
-    PEER: setp.ge.u32 p, r, $7; @p bra DONE;
-    POLL: {ld} v, [a]; sub.s32 d, v, $5; setp.ge.s32 p, d, 0; @p bra GOT;
-    @x bra MISS;
-    add.u32 n, n, 1; and.b32 q, n, {every - 1}; setp.ne.u32 p, q, 0; @p bra POLL;
-    setp.eq.u64 p, $8, 0; @p bra POLL;
-    mov.u64 t, %globaltimer; setp.ne.u64 p, dl, 0; @p bra CMP;
-    add.u64 dl, t, $8; ld.relaxed.gpu.global.u32 q, [$9]; setp.ne.u32 p, q, 0; @p mov.u64 dl, t;
-    CMP: setp.lt.u64 p, t, dl; @p bra POLL;
-    setp.eq.u32 x, r, r;
-    MISS: mov.u32 q, 1; shl.b32 q, q, r; or.b32 $0, $0, q; bra NEXT;
-    GOT: sub.s32 d, v, $6; setp.lt.s32 p, d, 0; @p bra NEXT;
-    mov.u32 q, 1; shl.b32 q, q, r; or.b32 $0, $0, q; or.b32 $0, $0, {mismatch_bit};
-    NEXT: add.u64 a, a, 4; add.u32 r, r, 1; bra PEER;
-    DONE: }}"""
+#: misses between two clock reads in a wait. Measured on 2x H100 (variants b vs d of
+#: benchmarks/results/barrier_probe_h100x2.txt): reading ``%globaltimer`` every 64 misses costs
+#: nothing measurable once the error word is in device memory; the old 0.3-1.3 ms stalls came
+#: from loading the error word from pinned host memory (variants a, c).
+CLOCK_EVERY = tl.constexpr(64)
 
 
 @triton.jit
@@ -108,58 +74,50 @@ def signal_wait(table_addr, slot_off, own_slots, value, ahead, err_word, timeout
     pad addresses), *release* or relaxed, then wait until each of the ``WORLD_SIZE`` int32
     slots at ``own_slots`` holds a value ``>= value`` (signed difference), *acquire* or
     relaxed, at ``SCOPE``. Returns, the same in every thread, a bit mask: rank ``r``'s bit for
-    a slot still short at the deadline (``timeout_ns`` > 0; the clock starts after
-    ``CLOCK_EVERY`` misses, at once expired if the int32 at ``err_word`` is set), or for a
-    slot ``>= ahead``, then with ``MISMATCH_BIT``. 0: every rank arrived, none ahead.
+    a slot still short at the deadline (``timeout_ns`` > 0; the clock, ``clock_ns``, is read
+    every ``CLOCK_EVERY`` misses; the first read starts the deadline, at once expired if the
+    int32 at ``err_word``, device memory, is set), or for a slot ``>= ahead``, then with
+    ``MISMATCH_BIT``. 0: every rank arrived, none ahead.
 
-    PTX: one thread sends and polls in one inline-asm loop (no per-poll reduction or
-    ``bar.sync``); the caller's ``bar.sync`` before makes the block's writes part of what the
-    release publishes, the reduction after (a ``bar.sync``) hands what the acquire saw to
-    every thread. Twin: the whole block polls every slot at once, clock from ``clock_addr``."""
-    if USE_PTX:
-        # one lane per thread: exactly one thread holds lane 0 and runs the loop
-        LANES: tl.constexpr = num_threads()
-        lanes = tl.arange(0, LANES)
-        z = tl.zeros([LANES], tl.int64)
-        zi = tl.zeros([LANES], tl.int32)
-        res = tl.inline_asm_elementwise(
-            _signal_wait_asm(SCOPE, RELEASE, ACQUIRE, CLOCK_EVERY, MISMATCH_BIT),
-            "=r,r,l,l,l,r,r,r,l,l",
-            [lanes, z + table_addr, z + slot_off, z + own_slots, zi + value, zi + ahead,
-             zi + WORLD_SIZE, z + timeout_ns, z + err_word],
-            dtype=tl.int32, is_pure=False, pack=1)
-        status = tl.max(res, axis=0)
+    The whole block runs the loop, one lane per rank (a single polling thread in one inline-PTX
+    loop measured slower on 2x H100: 9.1 vs 6.9 us per 4 KiB all-gather in a graph, variants
+    e/f vs b of the probe). The caller's ``bar.sync`` before makes the block's writes part of
+    what the release publishes; the loop's reductions hand what the acquire saw to every
+    thread. The same code runs in the interpreter (``USE_PTX`` only picks the clock)."""
+    lanes = tl.arange(0, WORLD_P2)
+    valid = lanes < WORLD_SIZE
+    peers = tl.minimum(lanes, WORLD_SIZE - 1)
+    table = table_addr.to(tl.pointer_type(tl.int64))
+    dst = (tl.load(table + peers) + slot_off).to(tl.pointer_type(tl.int32))
+    if RELEASE:
+        tl.atomic_xchg(dst, value, mask=valid, sem="release", scope=SCOPE)
     else:
-        lanes = tl.arange(0, WORLD_P2)
-        valid = lanes < WORLD_SIZE
-        peers = tl.minimum(lanes, WORLD_SIZE - 1)
-        table = table_addr.to(tl.pointer_type(tl.int64))
-        dst = (tl.load(table + peers) + slot_off).to(tl.pointer_type(tl.int32))
-        tl.atomic_xchg(dst, value, mask=valid, sem="release" if RELEASE else "relaxed",
-                       scope=SCOPE)
-        slots = own_slots.to(tl.pointer_type(tl.int32)) + peers
-        got = ~valid
-        seen = tl.zeros([WORLD_P2], tl.int32)
-        deadline_ns = tl.full([], 0, tl.int64)
-        polls = 0
-        expired = 0
-        while (tl.min(got.to(tl.int32), axis=0) == 0) & (expired == 0):
-            v = tl.atomic_add(slots, 0, mask=~got, sem="acquire" if ACQUIRE else "relaxed",
-                              scope=SCOPE)
-            new = ((v - value) >= 0) & ~got
-            seen = tl.where(new, v, seen)
-            got = got | new
-            polls += 1
-            if (timeout_ns > 0) & (polls % TWIN_CLOCK_EVERY == 0):
-                now = clock_ns(clock_addr, False)
-                if deadline_ns == 0:
-                    deadline_ns = now + timeout_ns
-                    if tl.load(err_word.to(tl.pointer_type(tl.int32)), volatile=True) != 0:
-                        deadline_ns = now
-                expired = (now >= deadline_ns).to(tl.int32)
-        bits = tl.where(valid & (~got | ((seen - ahead) >= 0)), 1 << lanes, 0)
-        early = tl.sum(tl.where(valid & got & ((seen - ahead) >= 0), 1, 0), axis=0)
-        status = tl.sum(bits, axis=0) | tl.where(early > 0, MISMATCH_BIT, 0)
+        tl.atomic_xchg(dst, value, mask=valid, sem="relaxed", scope=SCOPE)
+    slots = own_slots.to(tl.pointer_type(tl.int32)) + peers
+    got = ~valid
+    seen = tl.zeros([WORLD_P2], tl.int32)
+    deadline_ns = tl.full([], 0, tl.int64)
+    misses = 0
+    expired = 0
+    while (tl.min(got.to(tl.int32), axis=0) == 0) & (expired == 0):
+        if ACQUIRE:
+            v = tl.atomic_add(slots, 0, mask=~got, sem="acquire", scope=SCOPE)
+        else:
+            v = tl.atomic_add(slots, 0, mask=~got, sem="relaxed", scope=SCOPE)
+        new = ((v - value) >= 0) & ~got
+        seen = tl.where(new, v, seen)
+        got = got | new
+        misses += 1
+        if (timeout_ns > 0) & (misses % CLOCK_EVERY == 0):
+            now = clock_ns(clock_addr, USE_PTX)
+            if deadline_ns == 0:
+                deadline_ns = now + timeout_ns
+                if tl.load(err_word.to(tl.pointer_type(tl.int32)), volatile=True) != 0:
+                    deadline_ns = now
+            expired = (now >= deadline_ns).to(tl.int32)
+    early = valid & got & ((seen - ahead) >= 0)
+    bits = tl.sum(tl.where((valid & ~got) | early, 1 << lanes, 0), axis=0)
+    status = bits | tl.where(tl.sum(early.to(tl.int32), axis=0) > 0, MISMATCH_BIT, 0)
     tl.debug_barrier()
     return status
 

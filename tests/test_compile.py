@@ -1,8 +1,8 @@
 """Compile tier: the kernels compiled for sm_90 and sm_100 by Triton's bundled ptxas on this
 (GPU-less) machine. The multimem path must contain the multimem instructions; the peer path
 must use 16-byte accesses when the launcher promises alignment; every barrier is one
-single-thread signal-and-wait loop whose clock read sits behind the poll counter (never on the
-fast path), at the scope asked for.
+signal-and-wait loop whose clock read sits behind the miss counter (never on the fast path), at
+the scope asked for.
 
 Compilation runs in a worker without TRITON_INTERPRET (kernels must be real JIT functions)."""
 
@@ -44,13 +44,17 @@ def _compile(rank, world, which, capability, multimem, aligned, world_size=3, sc
         "st": ptx.count("multimem.st"),
         "v4_loads": ptx.count("ld.global.v4") + ptx.count("ld.global.L1::evict_last.v4"),
         "globaltimer": "%globaltimer" in ptx,
-        # the barrier: a release store and acquire polls (kernels/barrier.py), at the scope asked
-        # for, in one loop per barrier (ptx.signal_wait: one copy, run by one thread)
-        "signals": f"st.release.{scope}.global" in ptx and f"ld.acquire.{scope}.global" in ptx,
-        "waits": ptx.count("SEND:"),
-        "relaxed_signals": ptx.count(f"st.relaxed.{scope}.global"),
-        # every clock read comes after the poll counter's test, in the same loop
-        "clock_gated": len(re.findall(r"and\.b32 q, n, \d+;[^}]*?%globaltimer", ptx)),
+        # the barrier (kernels/barrier.py): a release exchange, acquire polls, at the scope asked
+        # for; one poll site per barrier
+        "signals": (f"atom.global.{scope}.release.exch" in ptx
+                    and f"atom.global.{scope}.acquire.add" in ptx),
+        "waits": ptx.count(f"atom.global.{scope}.acquire.add")
+        + ptx.count(f"atom.global.{scope}.relaxed.add"),
+        "relaxed_signals": ptx.count(f"atom.global.{scope}.relaxed.exch"),
+        # every clock read comes after a poll and behind the miss counter's test (% 64)
+        "clock_gated": len(re.findall(r"\.add\.u32 [^;]*;(?:(?!\.add\.u32 )[\s\S])*?"
+                                      r"and\.b32 [^;]*, 63;(?:(?!\.add\.u32 )[\s\S])*?%globaltimer",
+                                      ptx)),
         "clock_reads": ptx.count("%globaltimer"),
         "sys_atoms": ptx.count(".sys."),
         "atoms": ptx.count("atom."),
