@@ -2,7 +2,8 @@
 
 One torchrun times all-gather (push, zero-copy) and reduce-scatter (pull, zero-copy, bf16) at
 a few sizes, eager (200 calls, each between two CUDA events) and in a CUDA graph (10 ops per
-graph, 20 replays = 200 ops), under barrier variants (``--variants``, default all):
+graph, 20 replays = 200 ops), under barrier variants (``--variants``; the default omits c, bc,
+a0, a8k, e0 and f, measured in benchmarks/results/barrier_probe_h100x2.txt):
 
   lib_on / lib_off  the library ops as of the commit run, default timeout (300 s) /
                     ``timeout_s=0`` (last, so a hang there loses only these rows)
@@ -19,6 +20,9 @@ graph, 20 replays = 200 ops), under barrier variants (``--variants``, default al
   e0   as e, timeout compiled out
   f    as e, relaxed arrive after fence.acq_rel.sys, ld.relaxed polling, one fence after
   g    epoch flags, pure-tl whole-block loop (the interpreter twin), poll budget
+  n    the library's barrier as of the commit run (kernels/barrier.py: call-sequence values,
+       whole-block loop, device error word, clock every 64 misses), timeout 300 s
+  n0   the same, timeout 0
 
 Epoch variants (e, e0, f, g) keep flags in the tail of the symmetric buffer and per-block epochs
 in a local device array; they never reset anything, and use ``--timeout`` (default 5 s: the fast
@@ -47,12 +51,14 @@ import triton.language as tl
 
 import symmtriton as st
 from symmtriton import _launch as L
+from symmtriton.kernels.barrier import barrier as lib_barrier
+from symmtriton.kernels.barrier import call_end, call_seq
 from symmtriton.kernels.ptx import clock_ns
 from symmtriton.testing import teardown
 from symmtriton.tuning import lookup_config
 
 VARIANTS = {"a": 0, "a0": 0, "b": 0, "c": 1, "bc": 1, "d": 2, "a8k": 3, "e": 4, "e0": 5,
-            "f": 6, "g": 7}
+            "f": 6, "g": 7, "n": 8, "n0": 8}
 EPOCH_VARIANTS = (4, 5, 6, 7)
 SYNC_BYTES = 1 << 20  # flags at the end of the buffer: counter slots, then epoch slots
 EPOCH_OFF = tl.constexpr(1 << 19)  # epoch slots' offset in it
@@ -205,7 +211,7 @@ def _bar(sig_table, buf_table, sync_off, pid, e, err_addr, timeout_ns, RANK: tl.
 
 @triton.jit
 def _probe_kernel(x_addr, out_addr, buf_table, sig_table, err_addr, ep_addr, sync_off, n,
-                  timeout_ns, RANK: tl.constexpr, W: tl.constexpr, WP2: tl.constexpr,
+                  timeout_ns, seq_cap, RANK: tl.constexpr, W: tl.constexpr, WP2: tl.constexpr,
                   BLOCK: tl.constexpr, SCOPE: tl.constexpr, V: tl.constexpr, RS: tl.constexpr):
     """AG: push int32 shard ``x`` to offset ``RANK * n`` of every rank's buffer. RS: sum bf16
     slice ``RANK`` of every rank's buffer into ``out``. Zero-copy, two barriers."""
@@ -213,9 +219,20 @@ def _probe_kernel(x_addr, out_addr, buf_table, sig_table, err_addr, ep_addr, syn
     nprog = tl.num_programs(0)
     ep = ep_addr.to(tl.pointer_type(tl.int32)) + pid
     e = 0
-    if V >= 4:
+    seq = 0
+    if V // 4 == 1:
         e = tl.load(ep)
-    _bar(sig_table, buf_table, sync_off, pid, e + 1, err_addr, timeout_ns, RANK, W, WP2, SCOPE, V)
+    if V == 8:
+        seq = call_seq(sig_table, pid, RANK, W)
+        if RS:
+            lib_barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, W, WP2,
+                        SCOPE, True, True, True)
+        else:
+            lib_barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, W, WP2,
+                        SCOPE, True, False, True)
+    else:
+        _bar(sig_table, buf_table, sync_off, pid, e + 1, err_addr, timeout_ns, RANK, W, WP2,
+             SCOPE, V)
     table = buf_table.to(tl.pointer_type(tl.int64))
     c = pid
     nchunks = tl.cdiv(n, BLOCK)
@@ -236,8 +253,18 @@ def _probe_kernel(x_addr, out_addr, buf_table, sig_table, err_addr, ep_addr, syn
                 dst = tl.load(table + peer).to(tl.pointer_type(tl.int32)) + RANK * n
                 tl.store(dst + offs, vals, mask=mask)
         c += nprog
-    _bar(sig_table, buf_table, sync_off, pid, e + 2, err_addr, timeout_ns, RANK, W, WP2, SCOPE, V)
-    if V >= 4:
+    if V == 8:
+        if RS:
+            lib_barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 1, RANK, W, WP2,
+                        SCOPE, True, False, False)
+        else:
+            lib_barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 1, RANK, W, WP2,
+                        SCOPE, True, True, True)
+        call_end(sig_table, pid, seq, seq_cap, RANK, W)
+    else:
+        _bar(sig_table, buf_table, sync_off, pid, e + 2, err_addr, timeout_ns, RANK, W, WP2,
+             SCOPE, V)
+    if V // 4 == 1:
         tl.store(ep, e + 2)
 
 
@@ -303,7 +330,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="4096,1048576,67108864", help="bytes per rank's region")
     # the library's rows last: a hang there (watchdog) loses only them
-    p.add_argument("--variants", default=",".join(VARIANTS) + ",lib_on,lib_off")
+    p.add_argument("--variants", default="a,b,d,e,g,n,n0,lib_on,lib_off",
+                   help="comma list of " + ", ".join(VARIANTS) + ", lib_on, lib_off")
     p.add_argument("--timeout", type=float, default=5.0, help="probe variants' bound, seconds")
     args = p.parse_args()
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -358,13 +386,13 @@ def main() -> None:
                 else:
                     V = VARIANTS[v]
                     err = derr.data_ptr() if v in ("b", "bc") else ctx.err_addr
-                    tns = 0 if v == "a0" else int(
+                    tns = 0 if v in ("a0", "n0") else int(
                         (args.timeout if V in EPOCH_VARIANTS else 300.0) * 1e9)
                     xa = inp.data_ptr() if rs else x.data_ptr()
                     # the library's launch path (a Plan: Triton's launcher called directly)
                     plan = L.Plan("launch", buf, _probe_kernel, grid, cfg.num_warps,
                                   (xa, out.data_ptr(), ctx.buf_table, ctx.sig_table, err,
-                                   ep.data_ptr(), sync_off, n, tns),
+                                   ep.data_ptr(), sync_off, n, tns, ctx.grid_cap),
                                   dict(RANK=rank, W=world, WP2=ctx.world_p2, BLOCK=cfg.block_size,
                                        SCOPE=ctx.scope, V=V, RS=rs))
 
