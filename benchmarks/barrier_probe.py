@@ -210,6 +210,18 @@ def _bar(sig_table, buf_table, sync_off, pid, e, err_addr, timeout_ns, RANK: tl.
 
 
 @triton.jit
+def _lib_bar(sig_table, pid, seq, err_addr, timeout_ns, seq_cap, K: tl.constexpr,
+             RANK: tl.constexpr, W: tl.constexpr, WP2: tl.constexpr, SCOPE: tl.constexpr,
+             RS: tl.constexpr):
+    """Barrier ``K`` of the library's protocol with the orderings its kernels use: all-gather
+    relaxed/acquire then release/acquire, reduce-scatter release/acquire then relaxed/relaxed."""
+    REL: tl.constexpr = (K == 1) != RS
+    ACQ: tl.constexpr = (K == 0) or not RS
+    lib_barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, K, RANK, W, WP2, SCOPE,
+                True, REL, ACQ)
+
+
+@triton.jit
 def _probe_kernel(x_addr, out_addr, buf_table, sig_table, err_addr, ep_addr, sync_off, n,
                   timeout_ns, seq_cap, RANK: tl.constexpr, W: tl.constexpr, WP2: tl.constexpr,
                   BLOCK: tl.constexpr, SCOPE: tl.constexpr, V: tl.constexpr, RS: tl.constexpr):
@@ -224,12 +236,7 @@ def _probe_kernel(x_addr, out_addr, buf_table, sig_table, err_addr, ep_addr, syn
         e = tl.load(ep)
     if V == 8:
         seq = call_seq(sig_table, pid, RANK, W)
-        if RS:
-            lib_barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, W, WP2,
-                        SCOPE, True, True, True)
-        else:
-            lib_barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, W, WP2,
-                        SCOPE, True, False, True)
+        _lib_bar(sig_table, pid, seq, err_addr, timeout_ns, seq_cap, 0, RANK, W, WP2, SCOPE, RS)
     else:
         _bar(sig_table, buf_table, sync_off, pid, e + 1, err_addr, timeout_ns, RANK, W, WP2,
              SCOPE, V)
@@ -254,12 +261,7 @@ def _probe_kernel(x_addr, out_addr, buf_table, sig_table, err_addr, ep_addr, syn
                 tl.store(dst + offs, vals, mask=mask)
         c += nprog
     if V == 8:
-        if RS:
-            lib_barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 1, RANK, W, WP2,
-                        SCOPE, True, False, False)
-        else:
-            lib_barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 1, RANK, W, WP2,
-                        SCOPE, True, True, True)
+        _lib_bar(sig_table, pid, seq, err_addr, timeout_ns, seq_cap, 1, RANK, W, WP2, SCOPE, RS)
         call_end(sig_table, pid, seq, seq_cap, RANK, W)
     else:
         _bar(sig_table, buf_table, sync_off, pid, e + 2, err_addr, timeout_ns, RANK, W, WP2,
