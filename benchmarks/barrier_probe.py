@@ -158,8 +158,8 @@ def _thread0(ASM: tl.constexpr, own, e, W: tl.constexpr, timeout_ns, err_addr, b
 
 
 @triton.jit
-def _ebarrier(buf_table, sync_off, pid, e, err_addr, timeout_ns, RANK: tl.constexpr, W: tl.constexpr,
-              WP2: tl.constexpr, SCOPE: tl.constexpr, V: tl.constexpr):
+def _ebarrier(buf_table, sync_off, pid, e, err_addr, timeout_ns, RANK: tl.constexpr,
+              W: tl.constexpr, WP2: tl.constexpr, SCOPE: tl.constexpr, V: tl.constexpr):
     """Epoch barrier: slot ``[pid * W + r]`` of a rank's flag area holds the last epoch rank
     ``r``'s block ``pid`` reached; wait until every slot is >= ``e``."""
     tl.debug_barrier()
@@ -405,7 +405,8 @@ def main() -> None:
                     if rs:
                         ok = bool((out.float() == want).all())
                     else:
-                        ok = bool(all((out[r * n:(r + 1) * n] == r + 1).all() for r in range(world)))
+                        ok = bool(all((out[r * n:(r + 1) * n] == r + 1).all()
+                                      for r in range(world)))
                     ok = ok and int(derr[0]) == 0 and int(buf.status[0]) == 0
                     med = statistics.median(ts)
                     cells[(v, op, nbytes, graph)] = (med, max(ts) / med,

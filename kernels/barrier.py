@@ -38,8 +38,9 @@ told apart: ``SYMMTRITON_CHECK_UNIFORM`` is for that.)
 
 Every signal and poll has scope ``SCOPE``: ``"gpu"`` when all ranks run on one GPU, else
 ``"sys"``; the launcher picks it (``_launch.barrier_scope``). Each block signals and polls
-with one lane per rank (``ptx.signal_wait``); other blocks are not ordered: a kernel's block ``b`` touches only
-data that block ``b`` of the peers touches, and successive launches are ordered by the stream.
+with one lane per rank (``ptx.signal_wait``); other blocks are not ordered: a kernel's block
+``b`` touches only data that block ``b`` of the peers touches, and successive launches are
+ordered by the stream.
 
 Buffer reuse: what block ``b`` did before barrier ``k`` of a call happens-before what block
 ``b`` of every rank does after it. The start barrier lets peers write into this rank's region
