@@ -24,14 +24,14 @@ and in every phase, so a per-block barrier orders everything a chunk goes throug
 import triton
 import triton.language as tl
 
-from .barrier import barrier
+from .barrier import barrier, call_end, call_seq
 from .common import copy_units
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
 
 
 @triton.jit
-def _all_reduce_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_addr, region_off,
-                       res_off, n, cps, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
+def _all_reduce_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_addr, seq_cap,
+                       region_off, res_off, n, cps, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
                        WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                        TWO_SHOT: tl.constexpr, STAGE_IN: tl.constexpr, COPY_OUT: tl.constexpr,
                        USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
@@ -40,10 +40,12 @@ def _all_reduce_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     local = peer_addr(buf_table, RANK)
+    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     if STAGE_IN:
         copy_units(in_addr, local + region_off, n, cps, BLOCK_SIZE, pid, nprog, DTYPE, BLOCK_SIZE,
                    SLICES, ALIGNED)
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
+                  WORLD_P2, SCOPE, USE_PTX, True, True)
     if COPY_OUT:
         dst = as_ptr(local + res_off, DTYPE, ALIGNED)
     else:
@@ -51,7 +53,7 @@ def _all_reduce_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
     first = tl.zeros([], dtype=tl.int64)  # the first chunk of this rank's slice
     if TWO_SHOT:
         first += RANK * as_i64(cps)
-    j = pid
+    j = tl.where(bad != 0, cps, pid)
     while j < cps:  # see ptx.py on loops
         start = (first + j) * BLOCK_SIZE
         acc = load_reduce(mc_addr, buf_table, region_off, start, n, BLOCK_SIZE, DTYPE, WORLD_SIZE,
@@ -63,7 +65,9 @@ def _all_reduce_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
             offs = start + tl.arange(0, BLOCK_SIZE)
             tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
         j += nprog
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    barrier(sig_table, pid, seq, bad, err_addr, timeout_ns, seq_cap, 1, RANK, WORLD_SIZE,
+            WORLD_P2, SCOPE, USE_PTX, True, True)
     if COPY_OUT:
         copy_units(local + res_off, out_addr, n, cps, BLOCK_SIZE, pid, nprog, DTYPE, BLOCK_SIZE,
                    SLICES, ALIGNED)
+    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

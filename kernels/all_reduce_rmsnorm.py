@@ -29,7 +29,7 @@ A row is one chunk: ``BLOCK_H`` (a power of two >= H) covers it, the tail masked
 import triton
 import triton.language as tl
 
-from .barrier import barrier
+from .barrier import barrier, call_end, call_seq
 from .common import copy_units, row_operands
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
 
@@ -47,7 +47,8 @@ def _finish_row(x, row, res, out, w, cols, mask, H, eps):
 
 @triton.jit
 def _all_reduce_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_table, mc_addr,
-                               err_addr, region_off, res_off, S, H, rps, eps, timeout_ns,
+                               err_addr, seq_cap, region_off, res_off, S, H, rps, eps,
+                               timeout_ns,
                                DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, RANK: tl.constexpr,
                                WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                                BLOCK_H: tl.constexpr, TWO_SHOT: tl.constexpr,
@@ -58,16 +59,18 @@ def _all_reduce_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, s
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     local = peer_addr(buf_table, RANK) + region_off
+    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     if STAGE_IN:
         copy_units(in_addr, local, as_i64(S) * H, rps, H, pid, nprog, DTYPE, BLOCK_H, SLICES,
                    ALIGNED)
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
+                  WORLD_P2, SCOPE, USE_PTX, True, True)
     cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, BLOCK_H,
                                            ALIGNED)
     first = tl.zeros([], dtype=tl.int64)  # the first row of this rank's slice
     if TWO_SHOT:
         first += RANK * as_i64(rps)
-    j = pid
+    j = tl.where(bad != 0, rps, pid)
     while j < rps:  # see ptx.py on loops
         row = first + j
         if row < S:
@@ -82,10 +85,11 @@ def _all_reduce_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, s
             else:
                 _finish_row(x, row, res, out, w, cols, mask, H, eps)
         j += nprog
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    bad = barrier(sig_table, pid, seq, bad, err_addr, timeout_ns, seq_cap, 1, RANK, WORLD_SIZE,
+                  WORLD_P2, SCOPE, USE_PTX, True, True)
     if TWO_SHOT:
         src = as_ptr(peer_addr(buf_table, RANK) + res_off, DTYPE, ALIGNED)
-        j = pid
+        j = tl.where(bad != 0, rps, pid)
         while j < rps:
             for q in tl.static_range(WORLD_SIZE):
                 row = q * as_i64(rps) + j
@@ -93,3 +97,4 @@ def _all_reduce_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, s
                     x = tl.load(src + row * H + cols, mask=mask)
                     _finish_row(x, row, res, out, w, cols, mask, H, eps)
             j += nprog
+    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

@@ -35,7 +35,8 @@ def _compile(rank, world, which, two_shot, capability, multimem, aligned, ones=F
         "ld_reduce": ptx.count("multimem.ld_reduce"),
         "st": ptx.count("multimem.st"),
         "v4_loads": ptx.count("ld.global.v4") + ptx.count("ld.global.L1::evict_last.v4"),
-        "signals": "sys.release.add" in ptx and "sys.acquire.add" in ptx,
+        # the barrier (kernels/barrier.py): a release exchange and acquire polls
+        "signals": "sys.release.exch" in ptx and "sys.acquire.add" in ptx,
         "cubin": len(c.asm["cubin"]) > 0,
     }
 
