@@ -265,12 +265,12 @@ def tagged(numel: int, dtype, rank: int, salt: int = 0, *, bound: int = 6):
     """Rank-tagged integer values in ``[-bound, bound]``: sums over up to ``(256 // bound)``
     ranks stay exact in bf16, fp16 and fp32, so reductions can be checked exactly.
 
-    Element ``i`` is ``(7 i + 13 rank + 5 salt) mod (2 bound + 1) - bound``: periodic in ``i``,
+    Element ``i`` is ``(7 i + rank + 5 salt) mod (2 bound + 1) - bound``: periodic in ``i``,
     so one period is built and tiled on the device (no ``numel``-sized int64 temporaries: the
     bench fills GiB-sized operands with it)."""
     period = 2 * bound + 1
     one = torch.arange(period, dtype=torch.int64, device="cpu")
-    one = (one * 7 + 13 * rank + 5 * salt) % period - bound
+    one = (one * 7 + rank + 5 * salt) % period - bound
     return one.to(dtype).to(device()).repeat(-(-numel // period))[:numel]
 
 
