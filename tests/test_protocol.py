@@ -123,8 +123,9 @@ def _graph_replays(rank, world, replays):
     buf = st.SymmetricMemoryManager.get_buffer("proto", dist.group.WORLD, size_mb=8)
     n = 2048 + 8
     ag_in = torch.empty(n, dtype=torch.bfloat16, device=dev)
-    ag_out = buf.maybe_get_tensor((world * n,), torch.bfloat16)["tensor"]  # zero-copy
-    rs_in = torch.empty(world * n, dtype=torch.bfloat16, device=dev)
+    # both zero-copy, side by side: a staged RS would stage at byte 0, over ag_out (scratch rule)
+    views = buf.maybe_get_tensors([(world * n, torch.bfloat16)] * 2)["tensors"]
+    ag_out, rs_in = (v.view(torch.bfloat16) for v, _ in views)
     rs_out = torch.empty(n, dtype=torch.bfloat16, device=dev)
 
     def step():
