@@ -61,3 +61,61 @@ def row_operands(res_addr, out_addr, w_addr, H, DTYPE: tl.constexpr, W_DTYPE: tl
     out = as_ptr(out_addr, DTYPE, ALIGNED)
     w = tl.load(as_ptr(w_addr, W_DTYPE, ALIGNED) + cols, mask=mask, other=0.0).to(tl.float32)
     return cols, mask, res, out, w
+
+
+# -- variable counts (all_gather_v, reduce_scatter_v) --------------------------------------------
+#: bits of the counts error word (the buffer's status word ``COUNTS_ERROR_WORD``, see
+#: symmtriton/ops/_vcounts.py): a negative count, a count above its per-rank capacity, and a
+#: sum above the total capacity.
+COUNT_NEGATIVE = tl.constexpr(1)
+COUNT_OVER_EACH = tl.constexpr(2)
+COUNT_OVER_TOTAL = tl.constexpr(4)
+
+
+@triton.jit
+def lane(vec, r):
+    """Element ``r`` of the small per-rank vector ``vec`` (a scalar)."""
+    return tl.sum(tl.where(tl.arange(0, vec.shape[0]) == r, vec, 0), axis=0)
+
+
+@triton.jit
+def clamped_counts(counts_addr, err_addr, pid, cap_each, cap_total, COUNTS_DTYPE: tl.constexpr,
+                   WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr):
+    """Read the ``WORLD_SIZE`` counts at ``counts_addr`` (read when the kernel runs: a CUDA graph
+    replays with new counts) and clamp them so nothing moves out of bounds: a count lies in
+    ``[0, cap_each]``, and rank ``r``'s rows ``[start_r, start_r + n_r)`` end by ``cap_total``.
+    Returns ``(start, n)``, int64 vectors over rank lanes. Block 0 stores the error bits
+    (``COUNT_*``) in the int32 at ``err_addr`` when clamping changed anything."""
+    lanes = tl.arange(0, WORLD_P2)
+    valid = lanes < WORLD_SIZE
+    src = counts_addr.to(tl.pointer_type(COUNTS_DTYPE))
+    raw = tl.load(src + lanes, mask=valid, other=0).to(tl.int64)
+    cnt = tl.minimum(tl.maximum(raw, 0), cap_each)
+    before = tl.sum(tl.where(lanes[None, :] < lanes[:, None], cnt[None, :], 0), axis=1)
+    start = tl.minimum(before, cap_total)
+    n = tl.minimum(before + cnt, cap_total) - start
+    code = (tl.max(tl.where(raw < 0, COUNT_NEGATIVE, 0), axis=0)
+            | tl.max(tl.where(raw > cap_each, COUNT_OVER_EACH, 0), axis=0)
+            | tl.where(tl.sum(cnt, axis=0) > cap_total, COUNT_OVER_TOTAL, 0))
+    if (pid == 0) & (code != 0):
+        tl.store(err_addr.to(tl.pointer_type(tl.int32)), code.to(tl.int32))
+    return start, n
+
+
+@triton.jit
+def copy_slices(src_addr, dst_addr, start, n, row, pid, nprog, DTYPE: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, WORLD_SIZE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Copy rank ``r``'s rows ``[start_r, start_r + n_r)`` (``row`` elements each) for every
+    rank, chunk ``c`` of each slice (counted from the slice's first row) by block ``c % nprog``:
+    the chunks that block of every rank moves remotely, as in :func:`copy_shards`."""
+    src = as_ptr(src_addr, DTYPE, ALIGNED)
+    dst = as_ptr(dst_addr, DTYPE, ALIGNED)
+    for r in tl.static_range(WORLD_SIZE):
+        first = lane(start, r) * row
+        count = lane(n, r) * row
+        c = pid
+        while c * BLOCK_SIZE < count:  # chunks c = pid (mod nprog); see ptx.py on loops
+            offs = c * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+            mask = offs < count
+            tl.store(dst + first + offs, tl.load(src + first + offs, mask=mask), mask=mask)
+            c += nprog

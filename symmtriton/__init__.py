@@ -12,6 +12,8 @@ from .ops.all_gather import all_gather_into_tensor
 from .ops.all_reduce import all_reduce, all_reduce_add_rmsnorm
 from .ops.fused import reduce_scatter_add_rmsnorm, reduce_scatter_add_rmsnorm_all_gather
 from .ops.reduce_scatter import reduce_scatter_tensor
+from .ops.all_gather_v import all_gather_v
+from .ops.reduce_scatter_v import reduce_scatter_v
 from . import custom_ops  # noqa: E402,F401 - registers torch.ops.symmtriton.* for torch.compile
 
 __all__ = [
@@ -27,5 +29,7 @@ __all__ = [
     "synchronize",
     "all_reduce",
     "all_reduce_add_rmsnorm",
+    "all_gather_v",
+    "reduce_scatter_v",
 ]
 __version__ = "0.1.0"

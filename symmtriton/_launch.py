@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import counts as _counts
 from . import memory as _memory
 from .kernels import protocol as _protocol
 from .memory import SymmetricMemoryBuffer, SymmetricMemoryManager
@@ -227,6 +228,7 @@ def check_status(buf: SymmetricMemoryBuffer, op: str) -> None:
     missing = int(status[0])
     if missing:
         _raise_timeout(buf, op, missing)
+    _counts.check_error(buf, status, op)
 
 
 def _raise_timeout(buf: SymmetricMemoryBuffer, op: str, missing: int) -> None:

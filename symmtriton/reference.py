@@ -43,3 +43,16 @@ def all_reduce_add_rmsnorm(inputs: list[torch.Tensor], residual: torch.Tensor,
     residual's dtype, then RMSNorm."""
     new_residual = (residual.float() + torch.stack([t.float() for t in inputs]).sum(0)).to(residual.dtype)
     return rmsnorm(new_residual, weight, eps), new_residual
+
+
+def all_gather_v(inputs: list[torch.Tensor], counts: list[int]) -> torch.Tensor:
+    """Rank ``r``'s first ``counts[r]`` rows of ``inputs[r]``, concatenated in rank order."""
+    return torch.cat([t[:c] for t, c in zip(inputs, counts)], dim=0)
+
+
+def reduce_scatter_v(inputs: list[torch.Tensor], counts: list[int], rank: int) -> torch.Tensor:
+    """Rows ``sum(counts[:rank]) .. + counts[rank]`` of the fp64 sum of ``inputs`` (each with
+    ``sum(counts)`` valid rows), cast back to their dtype."""
+    start = sum(counts[:rank])
+    total = torch.stack([t[:sum(counts)].double() for t in inputs]).sum(0)
+    return total[start:start + counts[rank]].to(inputs[0].dtype)

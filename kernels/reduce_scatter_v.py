@@ -1,0 +1,60 @@
+"""Variable-count reduce-scatter (sum) along dim 0 (expert parallelism: combine).
+
+Every rank holds ``sum(counts)`` rows in rank order; rank ``r`` receives rows
+``[sum(counts[:r]), + counts[r])`` summed over the ranks, in fp32. ``counts`` is read when the
+kernel runs, so a captured CUDA graph replays with new counts; the grid is derived from the
+capacities only.
+
+Phases of ``_reduce_scatter_v_kernel`` (block ``b`` handles chunks ``c`` with
+``c % blocks == b``, counted from the first row of a rank's slice):
+
+0. clamp the counts (``common.clamped_counts``: nothing moves out of bounds; block 0 records an
+   overflow in the counts error word);
+1. with ``STAGE_IN``: copy chunk ``c`` of every rank's slice of the local input into the region
+   (only chunks that block ``b`` of the peers reads);
+2. start barrier: chunk ``c`` of every slice is in place on every rank;
+3. reduce: load chunk ``c`` of slice ``RANK`` from every rank, accumulate in fp32, store to the
+   output;
+4. end barrier: no peer reads this rank's chunk ``c`` any more, so the region may be overwritten
+   once the launch is complete.
+
+Rows of the output past ``counts[RANK]`` are never written.
+"""
+
+import triton
+import triton.language as tl
+
+from .barrier import barrier
+from .common import clamped_counts, copy_slices, lane
+from .ptx import as_ptr, load_reduce, peer_addr
+
+
+@triton.jit
+def _reduce_scatter_v_kernel(in_addr, out_addr, counts_addr, buf_table, sig_table, err_addr,
+                             count_err_addr, region_off, row, cap_in, cap_out, timeout_ns,
+                             DTYPE: tl.constexpr, COUNTS_DTYPE: tl.constexpr, RANK: tl.constexpr,
+                             WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
+                             BLOCK_SIZE: tl.constexpr, STAGE_IN: tl.constexpr,
+                             SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
+    ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    start, n = clamped_counts(counts_addr, count_err_addr, pid, cap_out, cap_in, COUNTS_DTYPE,
+                              WORLD_SIZE, WORLD_P2)
+    if STAGE_IN:
+        local = peer_addr(buf_table, RANK) + region_off
+        copy_slices(in_addr, local, start, n, row, pid, nprog, DTYPE, BLOCK_SIZE, WORLD_SIZE,
+                    ALIGNED)
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    dst = as_ptr(out_addr, DTYPE, ALIGNED)
+    count = lane(n, RANK) * row
+    slice_off = region_off + lane(start, RANK) * row * ESIZE
+    c = pid
+    while c * BLOCK_SIZE < count:  # chunks c = pid (mod nprog); see ptx.py on loops
+        first = c * BLOCK_SIZE
+        offs = first + tl.arange(0, BLOCK_SIZE)
+        acc = load_reduce(0, buf_table, slice_off, first, count, BLOCK_SIZE, DTYPE, WORLD_SIZE,
+                          False, ALIGNED)
+        tl.store(dst + offs, acc.to(DTYPE), mask=offs < count)
+        c += nprog
+    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
