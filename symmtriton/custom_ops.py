@@ -8,6 +8,8 @@ Importing this module registers, under the namespace ``symmtriton``::
                                                               group_name, out) -> ()
     torch.ops.symmtriton.reduce_scatter_add_rmsnorm(input, residual, weight, eps, group_name,
                                                    out) -> ()
+    torch.ops.symmtriton.all_gather_v(output[], input[], counts, group_name) -> ()
+    torch.ops.symmtriton.reduce_scatter_v(output, input, counts, group_name) -> ()
 
 Each op writes its result into its output tensor (``output`` / ``out``; the fused ops also
 update ``residual`` in place) and returns nothing: the schema marks exactly those arguments as
@@ -49,6 +51,8 @@ __all__ = [
     "reduce_scatter_tensor",
     "reduce_scatter_add_rmsnorm_all_gather",
     "reduce_scatter_add_rmsnorm",
+    "all_gather_v",
+    "reduce_scatter_v",
     "group_name",
     "resolve_group",
     "fused_available",
@@ -244,4 +248,35 @@ def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: 
 
 @all_reduce_add_rmsnorm.register_fake
 def _all_reduce_add_rmsnorm_fake(input, residual, weight, eps, group_name, out):
+    return None
+
+
+# -- variable-count collectives (expert parallelism) -------------------------------------------
+@torch.library.custom_op(f"{NAMESPACE}::all_gather_v", mutates_args=("output",))
+def all_gather_v(output: list[torch.Tensor], input: list[torch.Tensor], counts: torch.Tensor,
+                 group_name: str) -> None:
+    """:func:`symmtriton.all_gather_v` of the tensor pairs ``output[i]``/``input[i]`` (one
+    launch) on the group named ``group_name``; writes every ``output[i]``."""
+    from .ops.all_gather_v import all_gather_v as impl
+
+    impl(list(output), list(input), counts, resolve_group(group_name))
+
+
+@all_gather_v.register_fake
+def _all_gather_v_fake(output, input, counts, group_name):
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::reduce_scatter_v", mutates_args=("output",))
+def reduce_scatter_v(output: torch.Tensor, input: torch.Tensor, counts: torch.Tensor,
+                     group_name: str) -> None:
+    """:func:`symmtriton.reduce_scatter_v` (sum) on the group named ``group_name``; writes
+    ``output``."""
+    from .ops.reduce_scatter_v import reduce_scatter_v as impl
+
+    impl(output, input, counts, resolve_group(group_name))
+
+
+@reduce_scatter_v.register_fake
+def _reduce_scatter_v_fake(output, input, counts, group_name):
     return None

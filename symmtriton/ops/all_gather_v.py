@@ -71,7 +71,10 @@ def _validate(outs, ins, counts, world) -> None:
     for i, (o, t) in enumerate(zip(outs, ins)):
         check_tensor(f"output[{i}]", o)
         check_tensor(f"input[{i}]", t)
-        check_same(OP, **{f"output[{i}]": o, f"input[{i}]": t, "output[0]": outs[0]})
+        check_same(OP, **{f"output[{i}]": o, f"input[{i}]": t})
+        if o.device != outs[0].device:
+            raise ValueError(f"{OP}: output[{i}] is on {o.device} but output[0] is on "
+                             f"{outs[0].device}")
         if o.shape[1:] != t.shape[1:]:
             raise ValueError(f"{OP}: output[{i}] rows {tuple(o.shape[1:])} differ from input[{i}] "
                              f"rows {tuple(t.shape[1:])}")
