@@ -8,7 +8,7 @@ import triton.language as tl
 
 import symmtriton as st
 from symmtriton import reference
-from symmtriton.testing import WorkerPool, device, random_bits, sync
+from symmtriton.testing import WorkerPool, captured, device, random_bits, sync
 
 CAP = 4  # rows each rank may send
 SENTINEL = -7
@@ -194,3 +194,61 @@ def test_all_gather_v_compiles_for_sm90():
                             "CUDA_VISIBLE_DEVICES": ""}, timeout=600) as pool:
         assert pool.run(_compile, False) == [True]
         assert pool.run(_compile, True) == [True]
+
+
+def _graph_replays(rank, world):
+    """Captured once, replayed with new counts written into the same tensor (and new inputs)."""
+    buf = st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=4)
+    outs, ins = _outputs(buf, world, "staged"), _inputs(rank, 0)
+    counts = torch.ones(world, dtype=torch.int64, device=device())
+    graph = captured(lambda: st.all_gather_v(outs, ins, counts))
+    failures = []
+    for salt, sched in enumerate(_schedule(world) * 2):
+        counts.copy_(torch.tensor(sched))
+        for t, new in zip(ins, _inputs(rank, salt)):
+            t.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, o in enumerate(outs):
+            ref = reference.all_gather_v([_inputs(r, salt)[i] for r in range(world)], sched)
+            if not _equal_bits(o[:sum(sched)], ref):
+                failures.append((sched, i))
+    counts.fill_(CAP + 1)  # overflow inside the graph: seen by st.synchronize
+    graph.replay()
+    try:
+        st.synchronize()
+        failures.append("no error")
+    except ValueError as exc:
+        if f"counts {[CAP + 1] * world}" not in str(exc):
+            failures.append(str(exc))
+    return failures
+
+
+@pytest.mark.gpu
+def test_all_gather_v_graph_replay_with_changing_counts(gpu_pool):
+    assert gpu_pool(2).run(_graph_replays) == [[]] * 2
+
+
+def _compiled(rank, world):
+    """``torch.ops.symmtriton.all_gather_v`` under ``torch.compile(fullgraph=True)``."""
+    from symmtriton import custom_ops as co
+
+    name = co.group_name(dist.group.WORLD)
+    st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=1)
+
+    def fn(outs, ins, counts):
+        torch.ops.symmtriton.all_gather_v(outs, ins, counts, name)
+        return outs[0].clone(), outs[1].clone()
+
+    outs = _outputs(None, world, "staged")
+    counts = torch.tensor(_schedule(world)[0], device=device())
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(outs[:2], _inputs(rank, 0)[:2], counts)
+    total = int(counts.sum())
+    return [_equal_bits(g[:total], reference.all_gather_v([_inputs(r, 0)[i] for r in range(world)],
+                                                          counts.tolist())) for i, g in enumerate(got)]
+
+
+def test_all_gather_v_custom_op_compiles(cpu_pool):
+    schema = torch.ops.symmtriton.all_gather_v.default._schema
+    assert [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write] == ["output"]
+    assert cpu_pool(2).run(_compiled) == [[True, True]] * 2

@@ -8,7 +8,7 @@ import triton.language as tl
 
 import symmtriton as st
 from symmtriton import reference
-from symmtriton.testing import WorkerPool, device, sync, tagged
+from symmtriton.testing import WorkerPool, captured, device, sync, tagged
 
 CAP = 3  # rows each rank may receive
 ROW = (2, 5)
@@ -178,3 +178,61 @@ def test_reduce_scatter_v_compiles_for_sm90():
                             "CUDA_VISIBLE_DEVICES": ""}, timeout=600) as pool:
         assert pool.run(_compile, False) == [True]
         assert pool.run(_compile, True) == [True]
+
+
+def _graph_replays(rank, world):
+    """Captured once, replayed with new counts written into the same tensor (and new inputs)."""
+    st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=4)
+    inp = _rows(rank, 0, torch.bfloat16, world).clone()
+    out = torch.zeros(CAP, *ROW, dtype=torch.bfloat16, device=device())
+    counts = torch.ones(world, dtype=torch.int32, device=device())
+    graph = captured(lambda: st.reduce_scatter_v(out, inp, counts))
+    failures = []
+    for salt, sched in enumerate(_schedule(world) * 2):
+        counts.copy_(torch.tensor(sched))
+        inp.copy_(_rows(rank, salt, torch.bfloat16, world))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = reference.reduce_scatter_v([_rows(r, salt, torch.bfloat16, world)
+                                          for r in range(world)], sched, rank)
+        if not torch.equal(out[:sched[rank]], ref):
+            failures.append(sched)
+    counts.fill_(-1)  # overflow inside the graph: seen by st.synchronize
+    graph.replay()
+    try:
+        st.synchronize()
+        failures.append("no error")
+    except ValueError as exc:
+        if f"counts {[-1] * world}" not in str(exc):
+            failures.append(str(exc))
+    return failures
+
+
+@pytest.mark.gpu
+def test_reduce_scatter_v_graph_replay_with_changing_counts(gpu_pool):
+    assert gpu_pool(2).run(_graph_replays) == [[]] * 2
+
+
+def _compiled(rank, world):
+    """``torch.ops.symmtriton.reduce_scatter_v`` under ``torch.compile(fullgraph=True)``."""
+    from symmtriton import custom_ops as co
+
+    name = co.group_name(dist.group.WORLD)
+    st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=1)
+
+    def fn(out, inp, counts):
+        torch.ops.symmtriton.reduce_scatter_v(out, inp, counts, name)
+        return out * 1
+
+    sched = _schedule(world)[0]
+    out = torch.zeros(CAP, *ROW, device=device())
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(
+        out, _rows(rank, 0, torch.float32, world), torch.tensor(sched, device=device()))
+    ref = reference.reduce_scatter_v([_rows(r, 0, torch.float32, world) for r in range(world)], sched, rank)
+    return torch.equal(got[:sched[rank]], ref)
+
+
+def test_reduce_scatter_v_custom_op_compiles(cpu_pool):
+    schema = torch.ops.symmtriton.reduce_scatter_v.default._schema
+    assert [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write] == ["output"]
+    assert cpu_pool(2).run(_compiled) == [True] * 2
