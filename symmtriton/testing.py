@@ -368,3 +368,58 @@ def captured(body):
         body()
     torch.cuda.current_stream().wait_stream(stream)
     return graph
+
+
+def replay_with_counts(graph, counts, schedules, refill, check, bad_counts) -> list:
+    """Replay ``graph`` (a variable-count collective captured once) for each schedule: write it
+    into ``counts``, ``refill(i)`` the inputs, replay, and ``check(i, schedule)`` the results;
+    then replay with ``bad_counts``, which ``symmtriton.synchronize`` must report as a
+    ``ValueError`` naming them. Returns the failures (empty when all went right)."""
+    import torch
+
+    import symmtriton as st
+
+    failures = []
+    for i, sched in enumerate(schedules):
+        counts.copy_(torch.tensor(sched))
+        refill(i)
+        graph.replay()
+        torch.cuda.synchronize()
+        if not check(i, sched):
+            failures.append(sched)
+    counts.copy_(torch.tensor(bad_counts))
+    graph.replay()
+    try:
+        st.synchronize()
+        failures.append("no counts error")
+    except ValueError as exc:
+        if f"counts {list(bad_counts)}" not in str(exc):
+            failures.append(str(exc))
+    return failures
+
+
+def raised_by(fn, cases: dict) -> dict:
+    """``{name: exception class name or None}`` for ``fn(*args)`` over ``cases`` ``{name: args}``
+    (validation tests: each call must raise before launching anything)."""
+    raised = {}
+    for name, args in cases.items():
+        try:
+            fn(*args)
+            raised[name] = None
+        except (TypeError, ValueError) as exc:
+            raised[name] = type(exc).__name__
+    return raised
+
+
+def value_error_of(fn) -> str:
+    """The message of the ``ValueError`` that ``fn()`` raises, at once or (GPU: launches are
+    asynchronous) at the following ``symmtriton.synchronize()``; ``""`` when none does."""
+    import symmtriton as st
+
+    try:
+        fn()
+        sync()
+        st.synchronize()
+    except ValueError as exc:
+        return str(exc)
+    return ""

@@ -8,7 +8,7 @@ import triton.language as tl
 
 import symmtriton as st
 from symmtriton import reference
-from symmtriton.testing import WorkerPool, captured, device, random_bits, sync
+from symmtriton.testing import WorkerPool, captured, device, raised_by, random_bits, replay_with_counts, sync, tagged, value_error_of
 
 CAP = 4  # rows each rank may send
 SENTINEL = -7
@@ -120,23 +120,15 @@ def _overflow(rank, world):
                        ([CAP + 1] + [0] * (world - 1), "exceeds the input capacity"),
                        ([-1] + [1] * (world - 1), "is negative")):
         counts = torch.tensor(sched, dtype=torch.int32, device=device())
-        try:
-            st.all_gather_v(out, inp, counts)
-            sync()
-            st.synchronize()
-            msg = ""
-        except ValueError as exc:
-            msg = str(exc)
+        msg = value_error_of(lambda: st.all_gather_v(out, inp, counts))
         clamped = [min(max(c, 0), CAP) for c in sched]
         ref = reference.all_gather_v(inputs, clamped)[:cap_out]
         results.append(f"counts {sched}" in msg and why in msg
                        and torch.equal(out[:ref.shape[0]].cpu(), ref)
                        and bool((backing[cap_out:] == SENTINEL).all()))
     counts = torch.ones(world, dtype=torch.int32, device=device())
-    st.all_gather_v(backing[:world], inp, counts)  # the error word was cleared
-    sync()
-    st.synchronize()
-    results.append(torch.equal(backing[:world].cpu(), torch.stack([t[0] for t in inputs])))
+    cleared = value_error_of(lambda: st.all_gather_v(backing[:world], inp, counts)) == ""
+    results.append(cleared and torch.equal(backing[:world].cpu(), torch.stack([t[0] for t in inputs])))
     return results
 
 
@@ -162,14 +154,7 @@ def _bad_inputs(rank, world):
         "overlap": (out, out[:2], counts),
         "non-contiguous": (out, torch.empty(4, 2, device=d).t(), counts),
     }
-    raised = {}
-    for name, (o, i, c) in cases.items():
-        try:
-            st.all_gather_v(o, i, c)
-            raised[name] = None
-        except (TypeError, ValueError) as exc:
-            raised[name] = type(exc).__name__
-    return raised
+    return raised_by(st.all_gather_v, cases)
 
 
 def test_all_gather_v_validates_before_launch(cpu_pool):
@@ -202,26 +187,17 @@ def _graph_replays(rank, world):
     outs, ins = _outputs(buf, world, "staged"), _inputs(rank, 0)
     counts = torch.ones(world, dtype=torch.int64, device=device())
     graph = captured(lambda: st.all_gather_v(outs, ins, counts))
-    failures = []
-    for salt, sched in enumerate(_schedule(world) * 2):
-        counts.copy_(torch.tensor(sched))
+
+    def refill(salt):
         for t, new in zip(ins, _inputs(rank, salt)):
             t.copy_(new)
-        graph.replay()
-        torch.cuda.synchronize()
-        for i, o in enumerate(outs):
-            ref = reference.all_gather_v([_inputs(r, salt)[i] for r in range(world)], sched)
-            if not _equal_bits(o[:sum(sched)], ref):
-                failures.append((sched, i))
-    counts.fill_(CAP + 1)  # overflow inside the graph: seen by st.synchronize
-    graph.replay()
-    try:
-        st.synchronize()
-        failures.append("no error")
-    except ValueError as exc:
-        if f"counts {[CAP + 1] * world}" not in str(exc):
-            failures.append(str(exc))
-    return failures
+
+    def check(salt, sched):
+        return all(_equal_bits(o[:sum(sched)], reference.all_gather_v(
+            [_inputs(r, salt)[i] for r in range(world)], sched)) for i, o in enumerate(outs))
+
+    return replay_with_counts(graph, counts, _schedule(world) * 2, refill, check,
+                              [CAP + 1] * world)
 
 
 @pytest.mark.gpu
@@ -230,7 +206,8 @@ def test_all_gather_v_graph_replay_with_changing_counts(gpu_pool):
 
 
 def _compiled(rank, world):
-    """``torch.ops.symmtriton.all_gather_v`` under ``torch.compile(fullgraph=True)``."""
+    """Dispatch and combine as ``torch.ops.symmtriton.{all_gather_v, reduce_scatter_v}`` under
+    ``torch.compile(fullgraph=True)``."""
     from symmtriton import custom_ops as co
 
     name = co.group_name(dist.group.WORLD)
@@ -238,17 +215,31 @@ def _compiled(rank, world):
 
     def fn(outs, ins, counts):
         torch.ops.symmtriton.all_gather_v(outs, ins, counts, name)
-        return outs[0].clone(), outs[1].clone()
+        back = torch.zeros(CAP, 2, dtype=torch.float32, device=outs[0].device)
+        torch.ops.symmtriton.reduce_scatter_v(back, outs[1].float(), counts, name)
+        return outs[0].clone(), outs[1].clone(), back
 
     outs = _outputs(None, world, "staged")
-    counts = torch.tensor(_schedule(world)[0], device=device())
-    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(outs[:2], _inputs(rank, 0)[:2], counts)
-    total = int(counts.sum())
-    return [_equal_bits(g[:total], reference.all_gather_v([_inputs(r, 0)[i] for r in range(world)],
-                                                          counts.tolist())) for i, g in enumerate(got)]
+    sched = _schedule(world)[0]
+    ins = [_inputs(rank, 0)[0], tagged(CAP * 2, torch.int64, rank).view(CAP, 2)]
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(outs[:2], ins,
+                                                                  torch.tensor(sched, device=device()))
+    refs = [reference.all_gather_v([_inputs(r, 0)[0] for r in range(world)], sched),
+            reference.all_gather_v([tagged(CAP * 2, torch.int64, r).view(CAP, 2)
+                                    for r in range(world)], sched)]
+    # every rank sent the same gathered rows back: the sum is world x this rank's slice
+    start = sum(sched[:rank])
+    combined = world * refs[1][start:start + sched[rank]].float()
+    return [_equal_bits(g[:sum(sched)], ref) for g, ref in zip(got, refs)] + \
+        [torch.equal(got[2][:sched[rank]], combined)]
 
 
-def test_all_gather_v_custom_op_compiles(cpu_pool):
-    schema = torch.ops.symmtriton.all_gather_v.default._schema
+@pytest.mark.parametrize("op", ["all_gather_v", "reduce_scatter_v"])
+def test_v_custom_ops_mark_output_mutated(op):
+    schema = getattr(torch.ops.symmtriton, op).default._schema
     assert [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write] == ["output"]
-    assert cpu_pool(2).run(_compiled) == [[True, True]] * 2
+    assert len(schema.returns) == 0
+
+
+def test_v_custom_ops_compile_fullgraph(cpu_pool):
+    assert cpu_pool(2).run(_compiled) == [[True, True, True]] * 2

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton import reference
-from symmtriton.testing import device, tagged
+from symmtriton.testing import captured, device, tagged
 
 pytestmark = pytest.mark.gpu
 
@@ -37,16 +37,7 @@ def _graph_replays(rank, world, replays):
         f_res.copy_(tagged(s * H, torch.bfloat16, rank, salt, bound=2).view(s, H))
 
     fill(0)
-    step()  # eager warm-up: compiles kernels, creates nothing new inside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(3):  # repeated collectives inside one graph
-                step()
-    torch.cuda.current_stream().wait_stream(stream)
+    graph = captured(lambda: [step() for _ in range(3)])  # repeated collectives in one graph
     bad = []
     for it in range(replays):
         salt = it + 1

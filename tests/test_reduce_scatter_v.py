@@ -8,7 +8,7 @@ import triton.language as tl
 
 import symmtriton as st
 from symmtriton import reference
-from symmtriton.testing import WorkerPool, captured, device, sync, tagged
+from symmtriton.testing import WorkerPool, captured, device, raised_by, replay_with_counts, sync, tagged, value_error_of
 
 CAP = 3  # rows each rank may receive
 ROW = (2, 5)
@@ -101,13 +101,7 @@ def _overflow(rank, world):
                        ([1] * (world - 1) + [-2], "is negative")):
         counts = torch.tensor(sched, dtype=torch.int64, device=device())
         out.fill_(SENTINEL)
-        try:
-            st.reduce_scatter_v(out, inp, counts)
-            sync()
-            st.synchronize()
-            msg = ""
-        except ValueError as exc:
-            msg = str(exc)
+        msg = value_error_of(lambda: st.reduce_scatter_v(out, inp, counts))
         clamped, before = [], 0  # the kernels' clamping rule
         for c in sched:
             c = min(max(c, 0), CAP)
@@ -121,10 +115,8 @@ def _overflow(rank, world):
                        and bool((out[clamped[rank]:] == SENTINEL).all())
                        and bool((backing[CAP:] == SENTINEL).all()))
     counts = torch.ones(world, dtype=torch.int64, device=device())
-    st.reduce_scatter_v(out, inp, counts)  # the error word was cleared
-    sync()
-    st.synchronize()
-    results.append(torch.equal(out[:1].cpu(), total[rank:rank + 1]))
+    cleared = value_error_of(lambda: st.reduce_scatter_v(out, inp, counts)) == ""
+    results.append(cleared and torch.equal(out[:1].cpu(), total[rank:rank + 1]))
     return results
 
 
@@ -145,14 +137,7 @@ def _bad_inputs(rank, world):
         "overlap": (inp[:2], inp, counts),
         "list": ([out], [inp], counts),
     }
-    raised = {}
-    for name, (o, i, c) in cases.items():
-        try:
-            st.reduce_scatter_v(o, i, c)
-            raised[name] = None
-        except (TypeError, ValueError) as exc:
-            raised[name] = type(exc).__name__
-    return raised
+    return raised_by(st.reduce_scatter_v, cases)
 
 
 def test_reduce_scatter_v_validates_before_launch(cpu_pool):
@@ -187,52 +172,18 @@ def _graph_replays(rank, world):
     out = torch.zeros(CAP, *ROW, dtype=torch.bfloat16, device=device())
     counts = torch.ones(world, dtype=torch.int32, device=device())
     graph = captured(lambda: st.reduce_scatter_v(out, inp, counts))
-    failures = []
-    for salt, sched in enumerate(_schedule(world) * 2):
-        counts.copy_(torch.tensor(sched))
-        inp.copy_(_rows(rank, salt, torch.bfloat16, world))
-        graph.replay()
-        torch.cuda.synchronize()
+
+    def check(salt, sched):
         ref = reference.reduce_scatter_v([_rows(r, salt, torch.bfloat16, world)
                                           for r in range(world)], sched, rank)
-        if not torch.equal(out[:sched[rank]], ref):
-            failures.append(sched)
-    counts.fill_(-1)  # overflow inside the graph: seen by st.synchronize
-    graph.replay()
-    try:
-        st.synchronize()
-        failures.append("no error")
-    except ValueError as exc:
-        if f"counts {[-1] * world}" not in str(exc):
-            failures.append(str(exc))
-    return failures
+        return torch.equal(out[:sched[rank]], ref)
+
+    return replay_with_counts(graph, counts, _schedule(world) * 2,
+                              lambda salt: inp.copy_(_rows(rank, salt, torch.bfloat16, world)),
+                              check, [-1] * world)
 
 
 @pytest.mark.gpu
 def test_reduce_scatter_v_graph_replay_with_changing_counts(gpu_pool):
     assert gpu_pool(2).run(_graph_replays) == [[]] * 2
 
-
-def _compiled(rank, world):
-    """``torch.ops.symmtriton.reduce_scatter_v`` under ``torch.compile(fullgraph=True)``."""
-    from symmtriton import custom_ops as co
-
-    name = co.group_name(dist.group.WORLD)
-    st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=1)
-
-    def fn(out, inp, counts):
-        torch.ops.symmtriton.reduce_scatter_v(out, inp, counts, name)
-        return out * 1
-
-    sched = _schedule(world)[0]
-    out = torch.zeros(CAP, *ROW, device=device())
-    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(
-        out, _rows(rank, 0, torch.float32, world), torch.tensor(sched, device=device()))
-    ref = reference.reduce_scatter_v([_rows(r, 0, torch.float32, world) for r in range(world)], sched, rank)
-    return torch.equal(got[:sched[rank]], ref)
-
-
-def test_reduce_scatter_v_custom_op_compiles(cpu_pool):
-    schema = torch.ops.symmtriton.reduce_scatter_v.default._schema
-    assert [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write] == ["output"]
-    assert cpu_pool(2).run(_compiled) == [True] * 2
