@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier
-from .common import clamped_counts, copy_slices, lane
+from .common import clamped_counts, copy_slices, lane, row_elems
 from .ptx import as_ptr, peer_addr, store_all
 
 #: int64 columns of a tensor's row in the table.
@@ -54,7 +54,7 @@ def _all_gather_v_kernel(desc_addr, counts_addr, buf_table, sig_table, err_addr,
         src = as_ptr(tl.load(desc + t * DESC_COLS), DTYPE, ALIGNED)
         region_off = tl.load(desc + t * DESC_COLS + 2)
         row = tl.load(desc + t * DESC_COLS + 3)
-        count = lane(n, RANK) * row
+        count = row_elems(lane(n, RANK), row, DTYPE, ALIGNED)
         slice_off = region_off + lane(start, RANK) * row * ESIZE
         c = pid
         while c * BLOCK_SIZE < count:  # chunks c = pid (mod nprog); see ptx.py on loops

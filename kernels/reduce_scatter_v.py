@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier
-from .common import clamped_counts, copy_slices, lane
+from .common import clamped_counts, copy_slices, lane, row_elems
 from .ptx import as_ptr, load_reduce, peer_addr
 
 
@@ -47,7 +47,7 @@ def _reduce_scatter_v_kernel(in_addr, out_addr, counts_addr, buf_table, sig_tabl
                     ALIGNED)
     barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
     dst = as_ptr(out_addr, DTYPE, ALIGNED)
-    count = lane(n, RANK) * row
+    count = row_elems(lane(n, RANK), row, DTYPE, ALIGNED)
     slice_off = region_off + lane(start, RANK) * row * ESIZE
     c = pid
     while c * BLOCK_SIZE < count:  # chunks c = pid (mod nprog); see ptx.py on loops

@@ -155,7 +155,8 @@ def _compile(rank, world, ones):
                            COUNTS_DTYPE=tl.int32, RANK=1, WORLD_SIZE=3, WORLD_P2=4,
                            BLOCK_SIZE=2048, STAGE_IN=True, SCOPE="sys", USE_PTX=True,
                            ALIGNED=not ones, **extra)
-    return len(c.asm["cubin"]) > 0 and "multimem" not in c.asm["ptx"]
+    ptx = c.asm["ptx"]  # aligned: 16-byte loads of the rows (common.row_elems)
+    return len(c.asm["cubin"]) > 0 and "multimem" not in ptx and ("ld.global.v4" in ptx) != ones
 
 
 def test_reduce_scatter_v_compiles_for_sm90():
