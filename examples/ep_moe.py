@@ -108,7 +108,7 @@ def graphed(env, fn):
         return fn
     fn()
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
+    graph = _common.cuda_graph()  # reset by _common.finish (before the NCCL group goes)
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
