@@ -127,8 +127,9 @@ def _overflow(rank, world):
                        and torch.equal(out[:ref.shape[0]].cpu(), ref)
                        and bool((backing[cap_out:] == SENTINEL).all()))
     counts = torch.ones(world, dtype=torch.int32, device=device())
-    cleared = value_error_of(lambda: st.all_gather_v(backing[:world], inp, counts)) == ""
-    results.append(cleared and torch.equal(backing[:world].cpu(), torch.stack([t[0] for t in inputs])))
+    first_rows = torch.empty(world, 5, dtype=torch.int32, device=device())
+    cleared = value_error_of(lambda: st.all_gather_v(first_rows, inp, counts)) == ""
+    results.append(cleared and torch.equal(first_rows.cpu(), torch.stack([t[0] for t in inputs])))
     return results
 
 
