@@ -14,21 +14,24 @@ counted from the first row of a rank's slice):
 
 0. clamp the counts (``common.clamped_counts``: nothing moves out of bounds; block 0 records an
    overflow in the counts error word);
-1. start barrier: every peer's block ``b`` has begun this launch, so nothing still reads the
-   region chunks it is about to get;
+1. start barrier (relaxed arrive, acquire poll, as ``_all_gather_kernel``'s): every peer's
+   block ``b`` has begun this launch, so nothing still reads the region chunks it is about to
+   get;
 2. push, for every tensor: load chunk ``c`` of this rank's rows, store it at this rank's slice of
    the region on every rank (one store per peer);
-3. end barrier: chunk ``c`` of every rank's slice has landed in this rank's regions;
+3. end barrier (release / acquire): chunk ``c`` of every rank's slice has landed in this
+   rank's regions;
 4. for every staged tensor: copy chunk ``c`` of every slice from the region to the output.
 
-After the launch the regions may be reused by the next operation on the stream, as for
+A block whose barrier fails (timeout, ranks out of step: kernels/barrier.py) moves nothing
+after it. After the launch the regions may be reused by the next operation on the stream, as for
 ``_all_gather_kernel``. Rows of the output past ``sum(counts)`` are never written.
 """
 
 import triton
 import triton.language as tl
 
-from .barrier import barrier
+from .barrier import barrier, call_end, call_seq
 from .common import clamped_counts, copy_slices, lane, row_elems
 from .ptx import as_ptr, peer_addr, store_all
 
@@ -38,8 +41,8 @@ DESC_COLS = tl.constexpr(5)
 
 @triton.jit
 def _all_gather_v_kernel(desc_addr, counts_addr, buf_table, sig_table, err_addr, count_err_addr,
-                         cap_in, cap_out, timeout_ns, NT: tl.constexpr, DTYPE: tl.constexpr,
-                         COUNTS_DTYPE: tl.constexpr, RANK: tl.constexpr,
+                         seq_cap, cap_in, cap_out, timeout_ns, NT: tl.constexpr,
+                         DTYPE: tl.constexpr, COUNTS_DTYPE: tl.constexpr, RANK: tl.constexpr,
                          WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
                          ALIGNED: tl.constexpr):
@@ -49,7 +52,10 @@ def _all_gather_v_kernel(desc_addr, counts_addr, buf_table, sig_table, err_addr,
     start, n = clamped_counts(counts_addr, count_err_addr, pid, cap_in, cap_out, COUNTS_DTYPE,
                               WORLD_SIZE, WORLD_P2)
     desc = desc_addr.to(tl.pointer_type(tl.int64))
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
+    bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
+                  WORLD_P2, SCOPE, USE_PTX, False, True)
+    n = tl.where(bad != 0, 0, n)  # a block that abandoned the call moves nothing
     for t in tl.static_range(NT):
         src = as_ptr(tl.load(desc + t * DESC_COLS), DTYPE, ALIGNED)
         region_off = tl.load(desc + t * DESC_COLS + 2)
@@ -64,10 +70,13 @@ def _all_gather_v_kernel(desc_addr, counts_addr, buf_table, sig_table, err_addr,
             store_all(0, buf_table, slice_off, first, count, vals, BLOCK_SIZE, DTYPE, RANK,
                       WORLD_SIZE, False, ALIGNED)
             c += nprog
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    bad = barrier(sig_table, pid, seq, bad, err_addr, timeout_ns, seq_cap, 1, RANK, WORLD_SIZE,
+                  WORLD_P2, SCOPE, USE_PTX, True, True)
+    n = tl.where(bad != 0, 0, n)
     for t in tl.static_range(NT):
         if tl.load(desc + t * DESC_COLS + 4) != 0:
             local = peer_addr(buf_table, RANK) + tl.load(desc + t * DESC_COLS + 2)
             copy_slices(local, tl.load(desc + t * DESC_COLS + 1), start, n,
                         tl.load(desc + t * DESC_COLS + 3), pid, nprog, DTYPE, BLOCK_SIZE,
                         WORLD_SIZE, ALIGNED)
+    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

@@ -12,26 +12,28 @@ Phases of ``_reduce_scatter_v_kernel`` (block ``b`` handles chunks ``c`` with
    overflow in the counts error word);
 1. with ``STAGE_IN``: copy chunk ``c`` of every rank's slice of the local input into the region
    (only chunks that block ``b`` of the peers reads);
-2. start barrier: chunk ``c`` of every slice is in place on every rank;
+2. start barrier (release / acquire, as ``_reduce_scatter_kernel``'s): chunk ``c`` of every
+   slice is in place on every rank;
 3. reduce: load chunk ``c`` of slice ``RANK`` from every rank, accumulate in fp32, store to the
    output;
-4. end barrier: no peer reads this rank's chunk ``c`` any more, so the region may be overwritten
-   once the launch is complete.
+4. end barrier (relaxed): no peer reads this rank's chunk ``c`` any more, so the region may be
+   overwritten once the launch is complete.
 
+A block whose barrier fails (timeout, ranks out of step: kernels/barrier.py) skips the reduce.
 Rows of the output past ``counts[RANK]`` are never written.
 """
 
 import triton
 import triton.language as tl
 
-from .barrier import barrier
+from .barrier import barrier, call_end, call_seq
 from .common import clamped_counts, copy_slices, lane, row_elems
 from .ptx import as_ptr, load_reduce, peer_addr
 
 
 @triton.jit
 def _reduce_scatter_v_kernel(in_addr, out_addr, counts_addr, buf_table, sig_table, err_addr,
-                             count_err_addr, region_off, row, cap_in, cap_out, timeout_ns,
+                             count_err_addr, seq_cap, region_off, row, cap_in, cap_out, timeout_ns,
                              DTYPE: tl.constexpr, COUNTS_DTYPE: tl.constexpr, RANK: tl.constexpr,
                              WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, STAGE_IN: tl.constexpr,
@@ -39,15 +41,17 @@ def _reduce_scatter_v_kernel(in_addr, out_addr, counts_addr, buf_table, sig_tabl
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     start, n = clamped_counts(counts_addr, count_err_addr, pid, cap_out, cap_in, COUNTS_DTYPE,
                               WORLD_SIZE, WORLD_P2)
     if STAGE_IN:
         local = peer_addr(buf_table, RANK) + region_off
         copy_slices(in_addr, local, start, n, row, pid, nprog, DTYPE, BLOCK_SIZE, WORLD_SIZE,
                     ALIGNED)
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
+                  WORLD_P2, SCOPE, USE_PTX, True, True)
     dst = as_ptr(out_addr, DTYPE, ALIGNED)
-    count = row_elems(lane(n, RANK), row, DTYPE, ALIGNED)
+    count = row_elems(lane(tl.where(bad != 0, 0, n), RANK), row, DTYPE, ALIGNED)
     slice_off = region_off + lane(start, RANK) * row * ESIZE
     c = pid
     while c * BLOCK_SIZE < count:  # chunks c = pid (mod nprog); see ptx.py on loops
@@ -57,4 +61,6 @@ def _reduce_scatter_v_kernel(in_addr, out_addr, counts_addr, buf_table, sig_tabl
                           False, ALIGNED)
         tl.store(dst + offs, acc.to(DTYPE), mask=offs < count)
         c += nprog
-    barrier(sig_table, pid, err_addr, timeout_ns, RANK, WORLD_SIZE, WORLD_P2, SCOPE, USE_PTX)
+    barrier(sig_table, pid, seq, bad, err_addr, timeout_ns, seq_cap, 1, RANK, WORLD_SIZE,
+            WORLD_P2, SCOPE, USE_PTX, False, False)
+    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

@@ -27,7 +27,8 @@ def check_counts(op: str, counts, world: int, device: torch.device) -> torch.Ten
     if not isinstance(counts, torch.Tensor):
         raise TypeError(f"{op}: counts must be a torch.Tensor, got {type(counts).__name__}")
     if counts.dtype not in COUNTS_DTYPES:
-        raise TypeError(f"{op}: counts has dtype {counts.dtype}; supported: torch.int32, torch.int64")
+        raise TypeError(f"{op}: counts has dtype {counts.dtype}; supported: torch.int32, "
+                        "torch.int64")
     if tuple(counts.shape) != (world,):
         raise ValueError(f"{op}: counts shape {tuple(counts.shape)} must be ({world},) "
                          f"(one count per rank of the group)")

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _launch as L
+from .._calls import counts_calls
 from .. import counts as C
 from ..config import LaunchConfig
 from ..tuning import lookup_config
@@ -21,6 +22,7 @@ MAX_TENSORS = 4
 EACH, TOTAL = "the input capacity (input.shape[0])", "the output capacity (output.shape[0])"
 
 
+@counts_calls
 def all_gather_v(output, input, counts: torch.Tensor, group=None, *,
                  config: LaunchConfig | None = None, timeout_s: float | None = None):
     """Gather a variable number of rows from every rank of ``group``: rank ``r`` sends its first
@@ -122,7 +124,8 @@ def _prepare(group, config, timeout_s, outs, ins, counts, world):
     plan = L.Plan(
         "launch", buf, kern, cfg.grid(shard, ctx.grid_cap), cfg.num_warps,
         (table.data_ptr(), counts.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
-         ctx.err_addr + 4 * C.COUNTS_ERROR_WORD, cap_in, cap_out, L.timeout_ns(timeout_s)),
+         ctx.err_addr + 4 * C.COUNTS_ERROR_WORD,
+         ctx.grid_cap, cap_in, cap_out, L.timeout_ns(timeout_s)),
         dict(NT=len(outs), DTYPE=TL_DTYPE[unit], COUNTS_DTYPE=TL_COUNTS[counts.dtype],
              RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2, BLOCK_SIZE=cfg.block_size,
              SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from .. import _launch as L
+from .._calls import counts_calls
 from .. import counts as C
 from ..config import LaunchConfig
 from ..tuning import lookup_config
@@ -19,6 +20,7 @@ OP = "reduce_scatter_v"
 EACH, TOTAL = "the output capacity (output.shape[0])", "the input capacity (input.shape[0])"
 
 
+@counts_calls
 def reduce_scatter_v(output: torch.Tensor, input: torch.Tensor, counts: torch.Tensor, group=None,
                      *, config: LaunchConfig | None = None,
                      timeout_s: float | None = None) -> torch.Tensor:
@@ -79,7 +81,8 @@ def _prepare(group, config, timeout_s, output, input, counts, world):
     return L.Plan(
         "launch", buf, kern, cfg.grid(slice_max, ctx.grid_cap), cfg.num_warps,
         (input.data_ptr(), output.data_ptr(), counts.data_ptr(), ctx.buf_table, ctx.sig_table,
-         ctx.err_addr, ctx.err_addr + 4 * C.COUNTS_ERROR_WORD, region, row, cap_in, cap_out,
+         ctx.err_addr, ctx.err_addr + 4 * C.COUNTS_ERROR_WORD,
+         ctx.grid_cap, region, row, cap_in, cap_out,
          L.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], COUNTS_DTYPE=TL_COUNTS[counts.dtype], RANK=ctx.rank,
              WORLD_SIZE=world, WORLD_P2=ctx.world_p2, BLOCK_SIZE=cfg.block_size,
