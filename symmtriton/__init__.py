@@ -5,7 +5,6 @@ from ._interpret import ensure_interpreter_choice
 ensure_interpreter_choice()  # before anything imports triton
 
 
-from ._launch import CollectiveTimeoutError, synchronize
 from .config import LaunchConfig, default_config
 from .memory import SymmetricMemoryBuffer, SymmetricMemoryManager
 from .ops.all_gather import all_gather_into_tensor
@@ -14,6 +13,7 @@ from .ops.fused import reduce_scatter_add_rmsnorm, reduce_scatter_add_rmsnorm_al
 from .ops.reduce_scatter import reduce_scatter_tensor
 from .ops.all_gather_v import all_gather_v
 from .ops.reduce_scatter_v import reduce_scatter_v
+from .sync import CollectiveTimeoutError, synchronize
 from . import custom_ops  # noqa: E402,F401 - registers torch.ops.symmtriton.* for torch.compile
 
 __all__ = [

@@ -13,11 +13,13 @@ import logging
 import os
 import sys
 
+from . import env
+
 
 def ensure_interpreter_choice() -> None:
     if "TRITON_INTERPRET" in os.environ:
         return
-    backend = os.environ.get("SYMMTRITON_BACKEND", "").strip().lower()
+    backend = env.backend()
     if backend == "cuda":
         return
     if backend != "host":

@@ -40,7 +40,7 @@ import triton
 
 import symmtriton
 
-from . import timing, tuning, workloads
+from . import timing, tuner, tuning, workloads
 from .backends import select_backend
 from .bench_baselines import Baselines, nccl_version, peer_copy_gbs, shape_for, topology
 from .bench_options import BenchOptions, parse_options
@@ -102,10 +102,10 @@ def tune_sweep(opts: BenchOptions, group, ops, note, log) -> None:
             for nbytes in opts.sizes:
                 shape = shape_for(op, nbytes, dtype, world, opts.hidden)
                 key_numel, key_dtype = tuning.launch_key(op, shape.numel, dtype)
-                cands = tuning.candidate_configs(op, key_numel, key_dtype, world, hidden=shape.hidden,
+                cands = tuner.candidate_configs(op, key_numel, key_dtype, world, hidden=shape.hidden,
                                                  max_candidates=None if dev.type == "cuda" else 2)
                 try:
-                    res = tuning.tune(op, shape.numel, dtype, group, cands, hidden=shape.hidden,
+                    res = tuner.tune(op, shape.numel, dtype, group, cands, hidden=shape.hidden,
                                       iters=opts.iters, warmup=opts.warmup)
                 except (RuntimeError, ValueError) as exc:
                     note(f"tuning {op} skipped: {exc}")
@@ -170,12 +170,7 @@ def run_sweep(opts: BenchOptions, group, *, p2p_gbs: float | None = None, on_row
             notes.append(msg)
             _log(rank, f"# note: {msg}", err=True)
 
-    ops = []
-    for op in opts.ops:
-        if workloads.op_available(op):
-            ops.append(op)
-        else:
-            note(f"{op}: skipped, symmtriton.reduce_scatter_add_rmsnorm_all_gather does not exist yet")
+    ops = list(opts.ops)
     modes = list(opts.modes)
     if "graph" in modes and dev.type != "cuda":
         modes.remove("graph")

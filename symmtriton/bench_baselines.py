@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm
 
 from . import reference, timing, workloads
-from .ops._common import torch_all_gather, torch_reduce_scatter
+from .ops.fallback import torch_all_gather, torch_reduce_scatter
 from .testing import device
 
 

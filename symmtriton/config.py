@@ -1,8 +1,9 @@
 """Launch configurations: the one place that says how a collective is launched.
 
 A :class:`LaunchConfig` is data (block size in elements, warps, the most blocks); one
-:func:`default_config` picks it from the size, dtype and world size; the tuner
-(:mod:`symmtriton.tuning`) may replace it with a measured winner that every rank agreed on.
+:func:`default_config` picks it from the size, dtype and world size; the tuning cache
+(:mod:`symmtriton.tuning`, filled by the tuner :mod:`symmtriton.tuner`) may replace it with a
+measured winner that every rank agreed on.
 Every rank must launch the same grid for the same operation (the barrier is per block), so a
 config is a pure function of values that are the same on every rank.
 """
@@ -16,6 +17,45 @@ import torch
 
 #: keys of a config, spelled the same in the tuner cache, the bench CSV and the code.
 CONFIG_KEYS = ("block_size", "num_warps", "max_blocks")
+
+#: The op vocabulary of launch configs, one name per kernel: the tuning cache's ``"op"``, the
+#: bench's ``--ops``, the tuner's ``op``. Public functions that share a kernel share its name.
+OPS = ("all_gather", "reduce_scatter", "fused")
+#: public function -> the config name of its kernel (kernels/<file>.py).
+CONFIG_OP = {
+    "all_gather_into_tensor": "all_gather",                  # kernels/all_gather.py
+    "reduce_scatter_tensor": "reduce_scatter",               # kernels/reduce_scatter.py
+    "reduce_scatter_add_rmsnorm_all_gather": "fused",        # kernels/fused_rmsnorm.py
+    "reduce_scatter_add_rmsnorm": "fused",                   # kernels/fused_rmsnorm.py
+}
+
+
+def check_op(op) -> str:
+    """``op`` if it is a config op name (:data:`OPS`); ``ValueError`` naming it otherwise."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
+    return op
+
+
+def check_dtype(dtype) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    return dtype
+
+
+def size_bucket(numel: int) -> int:
+    """``numel`` rounded up to a power of two (1 for 0 and 1): the tuning cache's size key, and
+    the default row block."""
+    return 1 << max(0, int(numel) - 1).bit_length()
+
+
+def bit_unit(nbytes: int, *addrs: int) -> torch.dtype:
+    """The widest integer type (<= 4 bytes) that divides ``nbytes`` and every address: the unit
+    the all-gather's bit copy moves (and the dtype its config is keyed by)."""
+    for dtype, size in ((torch.int32, 4), (torch.int16, 2)):
+        if nbytes % size == 0 and all(a % size == 0 for a in addrs):
+            return dtype
+    return torch.uint8
 
 
 @dataclass(frozen=True)
@@ -46,10 +86,6 @@ class LaunchConfig:
         return dataclasses.asdict(self)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
 #: widest row the fused kernels hold in one block (fp32 statistics in registers).
 MAX_FUSED_HIDDEN = 65536
 
@@ -71,11 +107,11 @@ def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | 
     if hidden is not None:
         if not 1 <= hidden <= MAX_FUSED_HIDDEN:
             raise ValueError(f"hidden must be in [1, {MAX_FUSED_HIDDEN}], got {hidden}")
-        block = max(vec, _next_pow2(hidden))
+        block = max(vec, size_bucket(hidden))
         return LaunchConfig(block_size=block, num_warps=max(1, min(32, block // (32 * 16))),
                             max_blocks=264)
     chunk_bytes = 16 * 1024
-    block = max(vec * 32, min(_next_pow2(max(numel, 1)), chunk_bytes // esize))
+    block = max(vec * 32, min(size_bucket(max(numel, 1)), chunk_bytes // esize))
     per_thread = 4 * vec  # 4 x 16-byte accesses in flight per thread and peer
     num_warps = max(1, min(8, block // (32 * per_thread)))
     return LaunchConfig(block_size=block, num_warps=num_warps, max_blocks=264)

@@ -18,14 +18,15 @@ breaks, and functionalization knows which tensors change. Fake (meta) implementa
 compiler trace shapes without running a collective.
 
 A process group cannot be an operator argument, so the ops take its name
-(``group.group_name``, see :func:`group_name`) and resolve it when they run. Dynamo traces
+(``group.group_name``, see :func:`group_name`) and look the group up when they run
+(:func:`group_from_name`). Dynamo traces
 ``group.group_name`` and ``dist.get_world_size(group)`` as constants, so a module may keep the
 group itself (as :func:`all_gather` and :func:`reduce_scatter` do) or store its name in
 ``__init__``.
 
-The ops call :func:`symmtriton.all_gather_into_tensor`, :func:`symmtriton.reduce_scatter_tensor`
-and the fused ops of :mod:`symmtriton.ops.fused` (imported when first called), so they take the
-same zero-copy / staged / ``torch.distributed`` fallback paths and raise the same errors.
+The ops call the eager functions of :mod:`symmtriton.ops` (which, under ``torch.compile``,
+dispatch back to these ops), so they take the same zero-copy / staged / ``torch.distributed``
+fallback paths and raise the same errors.
 
 Python-level conveniences that allocate their result: :func:`all_gather` and
 :func:`reduce_scatter`. Under ``torch.compile`` the functionalized graph may hand an op a fresh
@@ -35,15 +36,17 @@ the symmetric buffer can become a staged one there (the result is the same).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
+from .memory import resolve_group
+from .ops import fused
+from .ops.all_gather import all_gather_into_tensor as _all_gather_into_tensor
+from .ops.driver import group_name
+from .ops.reduce_scatter import reduce_scatter_tensor as _reduce_scatter_tensor
+
 NAMESPACE = "symmtriton"
-_FUSED_MODULE = "symmtriton.ops.fused"
 
 __all__ = [
     "NAMESPACE",
@@ -54,26 +57,14 @@ __all__ = [
     "all_gather_v",
     "reduce_scatter_v",
     "group_name",
-    "resolve_group",
-    "fused_available",
+    "group_from_name",
     "all_gather",
     "reduce_scatter",
 ]
 
 
 # -- group names ----------------------------------------------------------------------------------
-def group_name(group=None) -> str:
-    """The name the ops take for ``group`` (``None``: the default group)."""
-    if group is None:
-        if not dist.is_initialized():
-            raise ValueError("group is None and torch.distributed is not initialized")
-        group = dist.group.WORLD
-    if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {group!r}")
-    return group.group_name
-
-
-def resolve_group(name: str) -> dist.ProcessGroup:
+def group_from_name(name: str) -> dist.ProcessGroup:
     """The process group registered under ``name`` (the inverse of :func:`group_name`)."""
     if not isinstance(name, str):
         raise TypeError(f"group_name must be a str, got {type(name).__name__} {name!r}")
@@ -83,32 +74,12 @@ def resolve_group(name: str) -> dist.ProcessGroup:
         raise ValueError(f"no process group is registered under group_name {name!r}: {exc}") from None
 
 
-# -- the fused ops are optional: symmtriton.ops.fused is imported when first called -----------
-def fused_available() -> bool:
-    """Whether :mod:`symmtriton.ops.fused` exists in this installation."""
-    return importlib.util.find_spec(_FUSED_MODULE) is not None
-
-
-def _fused(fn_name: str):
-    try:
-        module = importlib.import_module(_FUSED_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != _FUSED_MODULE:
-            raise
-        raise NotImplementedError(
-            f"torch.ops.{NAMESPACE}.{fn_name} needs {_FUSED_MODULE}, which this installation "
-            "does not have") from None
-    return getattr(module, fn_name)
-
-
 # -- the ops ----------------------------------------------------------------------------------------
 @torch.library.custom_op(f"{NAMESPACE}::all_gather_into_tensor", mutates_args=("output",))
 def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group_name: str) -> None:
     """:func:`symmtriton.all_gather_into_tensor` on the group named ``group_name``; writes
     ``output``."""
-    from .ops.all_gather import all_gather_into_tensor as impl
-
-    impl(output, input, resolve_group(group_name))
+    _all_gather_into_tensor(output, input, group_from_name(group_name))
 
 
 @all_gather_into_tensor.register_fake
@@ -120,9 +91,7 @@ def _all_gather_into_tensor_fake(output, input, group_name):
 def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group_name: str) -> None:
     """:func:`symmtriton.reduce_scatter_tensor` (sum) on the group named ``group_name``; writes
     ``output``."""
-    from .ops.reduce_scatter import reduce_scatter_tensor as impl
-
-    impl(output, input, resolve_group(group_name))
+    _reduce_scatter_tensor(output, input, group_from_name(group_name))
 
 
 @reduce_scatter_tensor.register_fake
@@ -138,8 +107,8 @@ def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.T
     """``symmtriton.ops.fused.reduce_scatter_add_rmsnorm_all_gather``: reduce-scatter ``input``
     ``[S, H]``, add the shard to ``residual`` ``[S/W, H]`` (updated in place), RMSNorm it with
     ``weight`` ``[H]`` and ``eps``, and all-gather the normed rows into ``out`` ``[S, H]``."""
-    impl = _fused("reduce_scatter_add_rmsnorm_all_gather")
-    impl(input, residual, weight, eps=eps, group=resolve_group(group_name), out=out)
+    fused.reduce_scatter_add_rmsnorm_all_gather(input, residual, weight, eps,
+                                                group_from_name(group_name), out)
 
 
 @reduce_scatter_add_rmsnorm_all_gather.register_fake
@@ -154,8 +123,8 @@ def reduce_scatter_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weig
     """``symmtriton.ops.fused.reduce_scatter_add_rmsnorm``: like
     :func:`reduce_scatter_add_rmsnorm_all_gather` without the all-gather; ``out`` is the normed
     shard ``[S/W, H]``."""
-    impl = _fused("reduce_scatter_add_rmsnorm")
-    impl(input, residual, weight, eps=eps, group=resolve_group(group_name), out=out)
+    fused.reduce_scatter_add_rmsnorm(input, residual, weight, eps, group_from_name(group_name),
+                                     out)
 
 
 @reduce_scatter_add_rmsnorm.register_fake
@@ -165,11 +134,7 @@ def _reduce_scatter_add_rmsnorm_fake(input, residual, weight, eps, group_name, o
 
 # -- conveniences that allocate the result ---------------------------------------------------------
 def _world_size(group) -> int:
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {group!r}")
-    if group is None and not dist.is_initialized():
-        raise ValueError("group is None and torch.distributed is not initialized")
-    return dist.get_world_size(group)
+    return dist.get_world_size(resolve_group(group, "group"))
 
 
 def _check_tensor(name: str, t) -> None:

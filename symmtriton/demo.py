@@ -13,17 +13,15 @@ import argparse
 import time
 
 import torch
+import torch.distributed as dist
 
-from .testing import CPU_ENV, GPU_ENV, WorkerPool
+import symmtriton as st
+
+from . import reference
+from .testing import CPU_ENV, GPU_ENV, WorkerPool, device, sync, tagged
 
 
 def _demo(rank, world, numel, hidden, iters):
-    import torch.distributed as dist
-
-    import symmtriton as st
-    from symmtriton import reference
-    from symmtriton.testing import device, sync, tagged
-
     buf = st.SymmetricMemoryManager.get_buffer("demo", dist.group.WORLD, size_mb=64)
     dtype = torch.bfloat16
     rows = []

@@ -1,61 +1,31 @@
-"""Benchmark and tuning workloads: one collective's operands on this rank, filled with
-rank-tagged data, the call that runs it and the exact reference it must match."""
+"""Benchmark and tuning workloads (a tool, for :mod:`symmtriton.bench` and :mod:`symmtriton.tuner`):
+one collective's operands on this rank, filled with rank-tagged data
+(:func:`symmtriton.testing.tagged`), the call that runs it and the exact reference
+(:mod:`symmtriton.reference`) it must match. Ops are named by their config name
+(:data:`symmtriton.config.OPS`)."""
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .config import LaunchConfig
+from . import reference
+from .config import OPS, LaunchConfig, check_dtype, check_op
+from .context import find_buffer
+from .memory import resolve_group
+from .ops.all_gather import all_gather_into_tensor
+from .ops.fused import reduce_scatter_add_rmsnorm_all_gather
+from .ops.reduce_scatter import reduce_scatter_tensor
+from .testing import device, sync, tagged
 from .validation import check_count
 
-#: the ops that have launch configs (names as lookup_config receives them).
-OPS = ("all_gather", "reduce_scatter", "fused")
+__all__ = ["OPS", "PLACEMENTS", "FUSED_EPS", "Workload", "make_workload"]
 #: where tensors of each op's operands may be placed (see :class:`Workload`).
 PLACEMENTS = ("zero_copy", "staged")
 #: epsilon the fused workload passes to RMSNorm.
 FUSED_EPS = 1e-6
-
-
-def check_op(op) -> str:
-    if op not in OPS:
-        raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
-    return op
-
-
-def check_dtype(dtype) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
-    return dtype
-
-
-def fused_op():
-    """``symmtriton.reduce_scatter_add_rmsnorm_all_gather`` or ``None`` when this build lacks it."""
-    import symmtriton
-
-    fn = getattr(symmtriton, "reduce_scatter_add_rmsnorm_all_gather", None)
-    if fn is None:
-        try:
-            from .ops import fused as _fused
-        except ImportError:
-            return None
-        fn = getattr(_fused, "reduce_scatter_add_rmsnorm_all_gather", None)
-    return fn
-
-
-def op_available(op: str) -> bool:
-    """Whether ``op`` exists in this build (``fused`` may not yet)."""
-    return check_op(op) != "fused" or fused_op() is not None
-
-
-def _takes_config(fn) -> bool:
-    try:
-        return "config" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,8 +57,6 @@ class Workload:
     def reset(self) -> None:
         """Refill the inputs with their tagged values (the fused op updates its residual, and
         the zero-copy operand is a scratch area other calls may have overwritten)."""
-        from .testing import tagged
-
         t = self.tensors
         if self.op == "all_gather":
             t["input"].copy_(tagged(self.numel, self.dtype, self.rank))
@@ -99,26 +67,17 @@ class Workload:
 
     def run(self, config: LaunchConfig | None = None):
         """One call of the op (``config`` forces the launch config)."""
-        import symmtriton as st
-
         t = self.tensors
-        kw = {} if config is None else {"config": config}
         if self.op == "all_gather":
-            return st.all_gather_into_tensor(t["output"], t["input"], self.group, **kw)
+            return all_gather_into_tensor(t["output"], t["input"], self.group, config=config)
         if self.op == "reduce_scatter":
-            return st.reduce_scatter_tensor(t["output"], t["input"], self.group, **kw)
-        fn = fused_op()
-        if config is not None and not _takes_config(fn):
-            raise RuntimeError("reduce_scatter_add_rmsnorm_all_gather has no config= argument: "
-                               "its launch config cannot be tuned")
-        return fn(t["input"], t["residual"], t["weight"], eps=FUSED_EPS, group=self.group,
-                  out=t["output"], **kw)
+            return reduce_scatter_tensor(t["output"], t["input"], self.group, config=config)
+        return reduce_scatter_add_rmsnorm_all_gather(t["input"], t["residual"], t["weight"],
+                                                     eps=FUSED_EPS, group=self.group,
+                                                     out=t["output"], config=config)
 
     def expected(self) -> torch.Tensor:
         """The reference result from every rank's tagged inputs (``symmtriton.reference``)."""
-        from . import reference
-        from .testing import tagged
-
         w, n, dt = self.world, self.numel, self.dtype
         if self.op == "all_gather":
             return reference.all_gather([tagged(n, dt, r) for r in range(w)])
@@ -136,8 +95,6 @@ class Workload:
         """Reset, run once, synchronise and compare with :meth:`expected` on this rank: bits
         for the all-gather, exact values for the reduce-scatter (tagged sums are exact), a
         1-2 ulp tolerance for the fused op's RMSNorm."""
-        from .testing import sync
-
         self.reset()
         self.run(config)
         sync()
@@ -155,10 +112,6 @@ def make_workload(op: str, numel: int, dtype: torch.dtype, group=None, *, placem
     """Allocate and fill the operands of ``op`` for shards of ``numel`` elements (see
     :class:`Workload`). ``hidden`` (fused only, required there) must divide ``numel``. Raises ``ValueError`` naming the bad value, alike on every rank, when the
     arguments do not fit (including a zero-copy operand that does not fit the buffer)."""
-    from . import _launch as L
-    from .memory import SymmetricMemoryManager
-    from .testing import device, tagged
-
     check_op(op)
     check_dtype(dtype)
     numel = check_count("numel", numel)
@@ -171,16 +124,13 @@ def make_workload(op: str, numel: int, dtype: torch.dtype, group=None, *, placem
     hidden = numel if hidden is None else check_count("hidden", hidden)
     if numel % hidden:
         raise ValueError(f"fused: numel {numel} is not a multiple of hidden {hidden}")
-    if op == "fused" and fused_op() is None:
-        raise RuntimeError("op 'fused' is not available: this build has no "
-                           "symmtriton.reduce_scatter_add_rmsnorm_all_gather")
-    group = L.resolve_group(group)
+    group = resolve_group(group, "group")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     dev = device()
     big = (world * numel,) if op != "fused" else (world * numel // hidden, hidden)
     placed = None
     if placement == "zero_copy":
-        buf = SymmetricMemoryManager.buffer_for_group(group)
+        buf = find_buffer(group)
         shape = big if op != "all_gather" else (world * numel,)
         placed = buf.maybe_get_tensor(shape, dtype)["tensor"]
         if placed is None:

@@ -4,7 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from symmtriton._launch import SCOPE_ENV, barrier_scope
+from symmtriton.context import barrier_scope
+from symmtriton.env import BARRIER_SCOPE as SCOPE_ENV
 
 
 def _hdl(backend, world, on_device):

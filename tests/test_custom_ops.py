@@ -12,6 +12,7 @@ import torch.distributed as dist
 import symmtriton as st
 from symmtriton import custom_ops as co
 from symmtriton import reference
+from symmtriton.ops import fused
 from symmtriton.testing import device, random_bits, sync, tagged
 
 OPS = ("all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter_add_rmsnorm_all_gather",
@@ -19,11 +20,6 @@ OPS = ("all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter_add_rm
 MUTATED = {"all_gather_into_tensor": {"output"}, "reduce_scatter_tensor": {"output"},
            "reduce_scatter_add_rmsnorm_all_gather": {"residual", "out"},
            "reduce_scatter_add_rmsnorm": {"residual", "out"}}
-
-
-def _needs_fused():
-    if not co.fused_available():
-        pytest.skip("symmtriton.ops.fused is not in this installation yet")
 
 
 # -- registration (no process group needed) -------------------------------------------------------
@@ -38,7 +34,7 @@ def test_op_registered_with_mutation_annotations(name):
 
 def test_group_name_arguments_are_validated():
     with pytest.raises(TypeError, match="group_name must be a str"):
-        co.resolve_group(3)
+        co.group_from_name(3)
     with pytest.raises(TypeError, match="ProcessGroup"):
         co.group_name("tp")
     with pytest.raises(TypeError, match="ProcessGroup"):
@@ -88,7 +84,6 @@ def test_custom_ops_match_plain_functions(pool):
 
 
 def _fused_eager_cases(rank, world, dtype_name):
-    from symmtriton.ops import fused
 
     dtype = getattr(torch, dtype_name)
     group = dist.group.WORLD
@@ -112,7 +107,6 @@ def _fused_eager_cases(rank, world, dtype_name):
 
 
 def test_fused_custom_ops_match_plain_functions(pool):
-    _needs_fused()
     for rank, ok in enumerate(pool.run(_fused_eager_cases, "bfloat16")):
         assert all(ok.values()), f"rank {rank}: {ok}"
 
@@ -214,8 +208,48 @@ def test_compile_fullgraph_all_gather_reduce_scatter(pool):
 
 
 def test_compile_fullgraph_fused(pool):
-    _needs_fused()
     for rank, r in enumerate(pool.run(_compile_case, True)):
         assert r["graph_breaks"] == 0 and r["graphs"] == 1, f"rank {rank}: {r}"
         assert r["ops_seen"]["reduce_scatter_add_rmsnorm_all_gather"] == 1, r["ops_seen"]
         assert r["matches_eager"] and r["residual_updated"], f"rank {rank}: {r}"
+
+
+# -- the public functions under torch.compile trace as the custom ops ------------------------------
+def _public(x, rs_in, f_in, residual, weight):
+    """Every public collective, as model code calls it (outputs allocated by the caller or not)."""
+    ag = x.new_empty((2 * x.shape[0],))
+    st.all_gather_into_tensor(ag, x)
+    rs = rs_in.new_empty((rs_in.shape[0] // 2,))
+    st.reduce_scatter_tensor(rs, rs_in)
+    normed = st.reduce_scatter_add_rmsnorm_all_gather(f_in, residual, weight)
+    shard = st.reduce_scatter_add_rmsnorm(f_in, residual, weight, 1e-6, None)
+    return ag * 2, rs + 1, normed, shard
+
+
+def _public_compile_case(rank, world, backend):
+    torch._dynamo.reset()
+    H = 8
+    args = lambda: (tagged(4, torch.float32, rank), tagged(4 * world, torch.float32, rank, 1),  # noqa: E731
+                    tagged(world * H, torch.float32, rank, 2).view(world, H),
+                    tagged(H, torch.float32, rank, 3).view(1, H), 1 + torch.arange(H, device=device()) % 3 / 2.0)
+    explain = torch._dynamo.explain(_public)(*args())
+    text = "\n".join(str(g.graph) for g in explain.graphs)
+    torch._dynamo.reset()
+    eager_args, compiled_args = args(), args()
+    eager = _public(*eager_args)
+    got = torch.compile(_public, backend=backend, fullgraph=True)(*compiled_args)
+    sync()
+    return {
+        "graph_breaks": explain.graph_break_count,
+        "ops_seen": {op: text.count(f"symmtriton.{op}") for op in OPS},
+        "same": all(torch.allclose(g, e, rtol=1e-5, atol=1e-5) for g, e in zip(got, eager)),
+        "residual": torch.equal(compiled_args[3], eager_args[3]),
+    }
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_public_functions_trace_as_custom_ops(cpu_pool, backend):
+    for rank, r in enumerate(cpu_pool(2).run(_public_compile_case, backend)):
+        assert r["graph_breaks"] == 0, f"rank {rank}: {r}"
+        assert r["ops_seen"] == {op: 1 for op in OPS}, f"rank {rank}: {r}"
+        assert r["same"] and r["residual"], f"rank {rank}: {r}"

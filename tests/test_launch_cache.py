@@ -1,4 +1,4 @@
-"""Launch plans (symmtriton._launch): a repeated call reuses its plan and gives the same result;
+"""Launch plans (symmtriton.ops.driver): a repeated call reuses its plan and gives the same result;
 a call that differs in anything the plan depends on gets a new plan; bad input still raises after
 a plan was cached; destroying buffers drops the plans."""
 
@@ -7,15 +7,17 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
-import symmtriton._launch as L
+from symmtriton import env
+from symmtriton.launch import Launch
+from symmtriton.ops import driver as L
 from symmtriton import reference
 from symmtriton.testing import device, random_bits, sync
 
 
 def _count_launches():
     launches = []
-    real = L.launch
-    L.launch = lambda *a, **k: launches.append(a[2]) or real(*a, **k)
+    real = Launch.launch
+    Launch.launch = lambda kl, var=None: launches.append(kl) or real(kl, var)
     return launches, real
 
 
@@ -100,7 +102,7 @@ def _repeat_and_change(rank, world):
         results["after destroy"] = (torch.equal(out.view(torch.int32), ref.view(torch.int32))
                                     and launches[k] is not plans[0] and launches[k].buf is not buf)
     finally:
-        L.launch = real
+        Launch.launch = real
     return results
 
 
@@ -126,7 +128,7 @@ def _groups(rank, world):
                 launches[0] is not launches[1], launches[1] is launches[2],
                 launches[0].buf is not launches[1].buf)
     finally:
-        L.launch = real
+        Launch.launch = real
         st.SymmetricMemoryManager.destroy()
         dist.destroy_process_group(sub)
 
@@ -140,7 +142,7 @@ def test_plan_cache_is_bounded():
     L.clear_plans()
     try:
         for i in range(L.PLAN_CACHE_MAX + 10):
-            L.put_plan(("k", i), L.Plan("empty"))
+            L.put_plan(("k", i), L.OutputPlan())
         assert len(L._PLANS) == L.PLAN_CACHE_MAX
         assert L.get_plan(("k", 0)) is None and L.get_plan(("k", L.PLAN_CACHE_MAX + 9)) is not None
         assert L.get_plan((["unhashable"],)) is None
@@ -149,13 +151,13 @@ def test_plan_cache_is_bounded():
 
 
 def test_timeout_env_is_reparsed_when_it_changes(monkeypatch):
-    monkeypatch.delenv(L.TIMEOUT_ENV, raising=False)
-    assert L.timeout_ns() == int(L.DEFAULT_TIMEOUT_S * 1e9)
-    monkeypatch.setenv(L.TIMEOUT_ENV, "2.5")
-    assert L.timeout_ns() == 2_500_000_000
-    assert L.timeout_key(None) != L.timeout_key(1.0)
-    monkeypatch.setenv(L.TIMEOUT_ENV, "abc")
+    monkeypatch.delenv(env.TIMEOUT_S, raising=False)
+    assert env.timeout_ns() == int(env.DEFAULT_TIMEOUT_S * 1e9)
+    monkeypatch.setenv(env.TIMEOUT_S, "2.5")
+    assert env.timeout_ns() == 2_500_000_000
+    assert env.timeout_key(None) != env.timeout_key(1.0)
+    monkeypatch.setenv(env.TIMEOUT_S, "abc")
     with pytest.raises(ValueError, match="not a number"):
-        L.timeout_ns()
-    monkeypatch.setenv(L.TIMEOUT_ENV, "0")
-    assert L.timeout_ns() == 0
+        env.timeout_ns()
+    monkeypatch.setenv(env.TIMEOUT_S, "0")
+    assert env.timeout_ns() == 0

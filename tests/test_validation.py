@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
-import symmtriton._launch as L
+from symmtriton import env
+from symmtriton.launch import Launch
 from symmtriton import reference
 from symmtriton.testing import device, random_bits, sync
 
@@ -57,8 +58,8 @@ def _cases(world):
 def _bad_inputs(rank, world):
     buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=4)
     launches = []
-    real_launch = L.launch
-    L.launch = lambda *a, **k: launches.append(a[1]) or real_launch(*a, **k)
+    real_launch = Launch.launch
+    Launch.launch = lambda kl, var=None: launches.append(kl.op) or real_launch(kl, var)
     results = {}
     try:
         for name, call, exc, fragment in _cases(world):
@@ -74,7 +75,7 @@ def _bad_inputs(rank, world):
         ref = reference.all_gather([random_bits(n, torch.float32, r) for r in range(world)])
         results["usable after"] = torch.equal(out.view(torch.int32), ref.view(torch.int32)) and bool(launches)
     finally:
-        L.launch = real_launch
+        Launch.launch = real_launch
     return results, buf.symm_mem_hdl is not None
 
 
@@ -88,14 +89,14 @@ def test_bad_inputs_raise_before_any_launch(pool):
 
 
 def _mismatched_sizes(rank, world):
-    os.environ[L.CHECK_ENV] = "1"
+    os.environ[env.CHECK_UNIFORM] = "1"
     try:
         x = torch.zeros(8 + rank, device=device())
         with pytest.raises(ValueError, match="ranks disagree") as info:
             st.all_gather_into_tensor(torch.zeros(world * (8 + rank), device=device()), x)
         return "rank 1" in str(info.value)
     finally:
-        os.environ.pop(L.CHECK_ENV)
+        os.environ.pop(env.CHECK_UNIFORM)
 
 
 def test_sizes_that_differ_between_ranks_are_detected_when_checking(cpu_pool):

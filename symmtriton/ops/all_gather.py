@@ -1,18 +1,79 @@
-"""``all_gather_into_tensor``: host side of kernels/all_gather.py."""
+"""``all_gather_into_tensor``: host side of kernels/all_gather.py (validate, plan, launch)."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from .. import _launch as L
-from .._calls import counts_calls
-from ..config import LaunchConfig
-from ..tuning import lookup_config
+from .. import env
+from ..config import CONFIG_OP, LaunchConfig, bit_unit
+from ..context import aligned16, context, find_buffer, multimem_eligible, offset_in, region_after, symm_usable
+from ..kernels.all_gather import _all_gather_kernel
+from ..launch import Launch
 from ..validation import check_distinct, check_gather_shapes, check_same, check_tensor
-from ._common import TL_DTYPE, bit_unit, call_key, replay, torch_all_gather
+from .driver import TL_DTYPE, Collective, OutputPlan, call, choose_config, compiling, group_name
+from .fallback import torch_all_gather
 
-OP = "all_gather_into_tensor"
+
+class AllGather(Collective):
+    name = "all_gather_into_tensor"
+    config_op = CONFIG_OP[name]
+
+    def key(self, group, config, timeout_s, args):
+        output, input = args
+        return (self.name, group, output.data_ptr(), output.shape, output.stride(), output.dtype,
+                output.device, input.data_ptr(), input.shape, input.stride(), input.dtype,
+                input.device, config, env.timeout_key(timeout_s))
+
+    def uniform(self, args):
+        return {"output": args[0], "input": args[1]}
+
+    def validate(self, group, args):
+        output, input = args
+        check_tensor("output", output)
+        check_tensor("input", input)
+        check_same(self.name, output=output, input=input)
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        check_gather_shapes(self.name, output, input, world, "output", "input")
+        nbytes = input.numel() * input.element_size()
+        if input.data_ptr() != output.data_ptr() + rank * nbytes:  # else in place: allowed
+            check_distinct(self.name, "output", output, "input", input)
+
+    def prepare(self, group, config, timeout_s, args):
+        output, input = args
+        world = dist.get_world_size(group)
+        nbytes = input.numel() * input.element_size()
+        if nbytes == 0:
+            return OutputPlan()
+        buf = find_buffer(group)
+        out_off = offset_in(buf, output)
+        region = out_off if out_off is not None else region_after(buf, input)
+        if not symm_usable(buf, input.device, region + world * nbytes):
+            return OutputPlan(fallback=torch_all_gather, group=group)
+        ctx = context(buf)
+        unit = bit_unit(nbytes, input.data_ptr(), output.data_ptr(), region)
+        n = nbytes // unit.itemsize
+        choice = choose_config(config, self.config_op, n, unit, world)
+        return OutputPlan(_kernel_launch(ctx, choice.config, output, input, unit, n, region,
+                                         out_off is None, timeout_s), choice)
+
+
+def _kernel_launch(ctx, cfg: LaunchConfig, output, input, unit, n, region, copy_out, timeout_s):
+    """The launch of ``_all_gather_kernel``: its arguments, listed here only."""
+    nbytes = n * unit.itemsize
+    aligned = aligned16(input.data_ptr(), output.data_ptr(), ctx.local_base + region, nbytes)
+    use_mm = unit == torch.int32 and multimem_eligible(ctx, None, ctx.local_base + region, nbytes,
+                                                       input.data_ptr())
+    return Launch(
+        OP.name, ctx.buf, _all_gather_kernel, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
+        (input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
+         ctx.err_addr, region, n, env.timeout_ns(timeout_s)),
+        dict(DTYPE=TL_DTYPE[unit], RANK=ctx.rank, WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2,
+             BLOCK_SIZE=cfg.block_size, COPY_OUT=copy_out, USE_MULTIMEM=use_mm,
+             SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned))
+
+
+OP = AllGather()
 
 
 @counts_calls
@@ -25,49 +86,9 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group=None
     Zero-copy when ``output`` lies in the group's symmetric buffer (at the same offset on every
     rank); otherwise the result is staged in the buffer and copied out in the same launch. Falls
     back to ``torch.distributed`` when symmetric memory cannot carry the call.
-    ``input`` may be ``output``'s own shard (in place)."""
-    group = L.resolve_group(group)
-    key = call_key(OP, group, config, timeout_s, output, input)
-    plan = L.get_plan(key) if key is not None else None
-    if plan is not None and replay(plan, OP, group, config, torch_all_gather, output, input):
+    ``input`` may be ``output``'s own shard (in place). Under ``torch.compile`` it traces as
+    ``torch.ops.symmtriton.all_gather_into_tensor`` (``config``/``timeout_s``: eager only)."""
+    if compiling():
+        torch.ops.symmtriton.all_gather_into_tensor(output, input, group_name(group))
         return output
-    check_tensor("output", output)
-    check_tensor("input", input)
-    check_same(OP, output=output, input=input)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    check_gather_shapes(OP, output, input, world, "output", "input")
-    nbytes = input.numel() * input.element_size()
-    in_place = input.data_ptr() == output.data_ptr() + rank * nbytes
-    if not in_place:
-        check_distinct(OP, "output", output, "input", input)
-    if plan is None:
-        L.check_uniform(group, OP, output=output, input=input)
-    if nbytes == 0:
-        L.put_plan(key, L.Plan("empty"))
-        return output
-    buf = L.find_buffer(group)
-    out_off = buf.byte_offset_of(output) if buf.symm_mem_hdl is not None else None
-    region = out_off if out_off is not None else L.region_after(buf, input)
-    if not L.symm_usable(buf, input.device, region + world * nbytes):
-        L.put_plan(key, L.Plan("fallback"))
-        return torch_all_gather(output, input, group)
-    ctx = L.context(buf)
-    unit = bit_unit(nbytes, input.data_ptr(), output.data_ptr(), region)
-    n = nbytes // unit.itemsize
-    lookup = (("all_gather", n, unit, world), {})
-    cfg = config or lookup_config(*lookup[0])
-    aligned = L.aligned16(input.data_ptr(), output.data_ptr(), ctx.local_base + region, nbytes)
-    use_mm = unit == torch.int32 and L.multimem_eligible(ctx, None, ctx.local_base + region, nbytes,
-                                                         input.data_ptr())
-    kern = L.kernel("all_gather", "_all_gather_kernel")
-    plan = L.Plan(
-        "launch", buf, kern, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
-        (input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
-         ctx.err_addr, ctx.grid_cap, region, n, L.timeout_ns(timeout_s)),
-        dict(DTYPE=TL_DTYPE[unit], RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2,
-             BLOCK_SIZE=cfg.block_size, COPY_OUT=out_off is None, USE_MULTIMEM=use_mm,
-             SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
-        extra=(lookup[0], lookup[1], cfg))
-    L.put_plan(key, plan)
-    L.launch(buf, OP, plan)
-    return output
+    return call(OP, group, config, timeout_s, (output, input))

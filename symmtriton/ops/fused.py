@@ -1,4 +1,5 @@
-"""Fused tensor-parallel collectives: host side of kernels/fused_rmsnorm.py.
+"""Fused tensor-parallel collectives: host side of kernels/fused_rmsnorm.py (validate, plan,
+launch); config name ``"fused"`` (both ops share the kernel).
 
 ``reduce_scatter_add_rmsnorm_all_gather`` is what a sequence-parallel transformer layer runs
 between its row-parallel output projection and the next column-parallel matmul::
@@ -6,54 +7,31 @@ between its row-parallel output projection and the next column-parallel matmul::
     shard    = reduce_scatter(input)            # [S/W, H], fp32 accumulation
     residual = residual + shard                 # in place, rounded to residual.dtype
     out      = all_gather(rmsnorm(residual) * weight)   # [S, H], fp32 statistics
+
+``reduce_scatter_add_rmsnorm`` stops before the all-gather (``out`` = the normed shard).
 """
 
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .. import _launch as L
-from .._calls import counts_calls
-from .. import reference
-from ..config import MAX_FUSED_HIDDEN, LaunchConfig
-from ..tuning import lookup_config
+from .. import env
+from ..config import CONFIG_OP, MAX_FUSED_HIDDEN, LaunchConfig
+from ..context import aligned16, context, find_buffer, multimem_eligible, offset_in, region_after, symm_usable
+from ..kernels.fused_rmsnorm import _fused_rmsnorm_kernel
+from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
-from ._common import TL_DTYPE, current, torch_all_gather, torch_reduce_scatter
+from .driver import (STALE, TL_DTYPE, Collective, ConfigChoice, call, choose_config, compiling,
+                     group_name, tensor_desc)
+from .fallback import torch_fused_rmsnorm
 
 
-@counts_calls
-def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.Tensor,
-                                          weight: torch.Tensor, eps: float = 1e-6, group=None,
-                                          out: torch.Tensor | None = None, *,
-                                          config: LaunchConfig | None = None,
-                                          timeout_s: float | None = None) -> torch.Tensor:
-    """Reduce-scatter ``input`` [S, H] (this rank's partial sums) over ``group``, add this rank's
-    slice to ``residual`` [S/W, H] in place, RMSNorm it (fp32 statistics) times ``weight`` [H],
-    and all-gather the normed rows into ``out`` [S, H] (new tensor when ``None``).
-
-    One launch when symmetric memory can carry it. Zero-copy when ``input`` lies in the group's
-    symmetric buffer (e.g. written there by the GEMM); ``out=input`` then leaves the result in
-    the buffer (a scratch area: the next collective may overwrite it). Otherwise falls back to
-    torch.distributed + torch ops with the same result."""
-    return _fused("reduce_scatter_add_rmsnorm_all_gather", input, residual, weight, eps, group,
-                  out, True, config, timeout_s)
-
-
-@counts_calls
-def reduce_scatter_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                               eps: float = 1e-6, group=None, out: torch.Tensor | None = None, *,
-                               config: LaunchConfig | None = None,
-                               timeout_s: float | None = None) -> torch.Tensor:
-    """As :func:`reduce_scatter_add_rmsnorm_all_gather` without the all-gather: ``out`` is this
-    rank's normed shard [S/W, H], for layers that keep the sequence-sharded output."""
-    return _fused("reduce_scatter_add_rmsnorm", input, residual, weight, eps, group, out, False,
-                  config, timeout_s)
-
-
-def _validate(op, input, residual, weight, eps, world, out, all_gather):
+def validate(op: str, input, residual, weight, eps, world: int, out, all_gather: bool) -> None:
+    """Raise ``TypeError``/``ValueError`` naming the bad value (before any launch)."""
     check_tensor("input", input, dtypes=REDUCE_DTYPES)
     check_tensor("residual", residual, dtypes=REDUCE_DTYPES)
     check_tensor("weight", weight, dtypes=REDUCE_DTYPES)
@@ -84,102 +62,161 @@ def _validate(op, input, residual, weight, eps, world, out, all_gather):
             check_distinct(op, "out", out, "input", input)
 
 
-def _desc(t):
-    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
-
-
 def _same_int_class(a: int, b: int) -> bool:
     """``a`` and ``b`` specialise a Triton int argument alike (16-divisibility, 32-bit range)."""
     return (a % 16 == 0) == (b % 16 == 0) and (-2**31 <= a < 2**31) == (-2**31 <= b < 2**31)
 
 
-def _fused(op, input, residual, weight, eps, group, out, all_gather, config, timeout_s):
-    group = L.resolve_group(group)
-    new_out = out is None
-    try:  # everything the launch decision depends on (see symmtriton._launch, launch plans)
-        key = (op, group, _desc(input), _desc(residual), _desc(weight), _desc(out),
-               type(eps), eps, config, L.timeout_key(timeout_s))
-    except (AttributeError, TypeError):
-        key = None  # not tensors: validation below raises
-    plan = L.get_plan(key) if key is not None else None
-    if plan is not None:
-        L.check_uniform(group, op, input=input, residual=residual, weight=weight)
-        out_spec = plan.extra[3]
+@dataclass(eq=False)
+class FusedPlan:
+    """The plan of a fused call (args ``(input, residual, weight, eps, out)``): launch
+    ``kernel``, or run the torch fallback (``fallback``), or neither (empty input). With
+    ``out=None`` the call allocates ``out_shape`` per call and passes its pointer to the kernel
+    (``kernel.var_index``); ``fresh_out`` is the ``out`` that :meth:`FusedRmsnorm.prepare`
+    allocated to decide the plan, used by the first run."""
+
+    all_gather: bool
+    out_shape: tuple
+    group: object
+    kernel: Launch | None = None
+    choice: ConfigChoice | None = None
+    fallback: bool = False
+    fresh_out: torch.Tensor | None = None
+
+    def run(self, args, config):
+        input, residual, weight, eps, out = args
         if out is None:
-            out = torch.empty(out_spec, dtype=input.dtype, device=input.device)
-        if plan.kind == "launch":
-            if current(plan, config):
-                if plan.var_index is None:
-                    L.launch(plan.buf, op, plan)
-                    return out
-                optr = out.data_ptr()
-                if _same_int_class(optr, plan.args[plan.var_index]):
-                    L.launch(plan.buf, op, plan, optr)
-                    return out
-        elif plan.kind == "empty":
-            return out
-        else:
-            return _torch_fused(input, residual, weight, eps, group, out, all_gather,
-                                input.shape[0] // plan.extra[4])
-    world = dist.get_world_size(group)
-    _validate(op, input, residual, weight, eps, world, out, all_gather)
-    if plan is None:
-        L.check_uniform(group, op, input=input, residual=residual, weight=weight)
-    S, H = input.shape
-    s = S // world
-    out_spec = (S, H) if all_gather else (s, H)
-    var_index = 1 if new_out else None  # a new ``out`` per call: its pointer varies
-    if out is None:
-        out = torch.empty(out_spec, dtype=input.dtype, device=input.device)
-    if S == 0 or H == 0:
-        L.put_plan(key, L.Plan("empty", extra=(None, None, None, out_spec, world)))
+            out, self.fresh_out = self.fresh_out, None
+            if out is None:
+                out = torch.empty(self.out_shape, dtype=input.dtype, device=input.device)
+        kl = self.kernel
+        if kl is not None:
+            if not self.choice.current():
+                return STALE
+            if kl.var_index is None:
+                kl.launch()
+            elif _same_int_class(out.data_ptr(), kl.args[kl.var_index]):
+                kl.launch(out.data_ptr())
+            else:
+                return STALE
+        elif self.fallback:
+            torch_fused_rmsnorm(input, residual, weight, eps, self.group, out, self.all_gather)
         return out
-    esize = input.element_size()
-    buf = L.find_buffer(group)
-    in_off = buf.byte_offset_of(input) if buf.symm_mem_hdl is not None else None
-    out_off = buf.byte_offset_of(out) if buf.symm_mem_hdl is not None and all_gather else None
-    if var_index is not None and out_off is not None:
-        var_index = None  # cannot happen (a new tensor is not in the buffer); plan nothing
-        key = None
-    if in_off is not None:
-        region = in_off
-    elif out_off is not None:
-        region = out_off  # stage the input where the result should land
-    else:
-        region = L.region_after(buf, residual, weight, out)
-    copy_out = all_gather and out_off != region
-    if H > MAX_FUSED_HIDDEN or not L.symm_usable(buf, input.device, region + S * H * esize):
-        L.put_plan(key, L.Plan("fallback", extra=(None, None, None, out_spec, world)))
-        return _torch_fused(input, residual, weight, eps, group, out, all_gather, s)
-    ctx = L.context(buf)
-    lookup = (("fused", s * H, input.dtype, world), {"hidden": H})
-    cfg = config or lookup_config(*lookup[0], **lookup[1])
-    row_bytes = H * esize
+
+
+class FusedRmsnorm(Collective):
+    def __init__(self, name: str, all_gather: bool):
+        self.name = name
+        self.config_op = CONFIG_OP[name]
+        self.all_gather = all_gather
+
+    def key(self, group, config, timeout_s, args):
+        input, residual, weight, eps, out = args
+        return (self.name, group, tensor_desc(input), tensor_desc(residual), tensor_desc(weight),
+                tensor_desc(out), type(eps), eps, config, env.timeout_key(timeout_s))
+
+    def uniform(self, args):
+        return {"input": args[0], "residual": args[1], "weight": args[2]}
+
+    def validate(self, group, args):
+        input, residual, weight, eps, out = args
+        validate(self.name, input, residual, weight, eps, dist.get_world_size(group), out,
+                 self.all_gather)
+
+    def prepare(self, group, config, timeout_s, args):
+        input, residual, weight, eps, out = args
+        world = dist.get_world_size(group)
+        S, H = input.shape
+        plan = FusedPlan(self.all_gather, (S, H) if self.all_gather else (S // world, H), group)
+        new_out = out is None
+        if new_out:
+            out = plan.fresh_out = torch.empty(plan.out_shape, dtype=input.dtype, device=input.device)
+        if S == 0 or H == 0:
+            return plan
+        buf = find_buffer(group)
+        in_off = offset_in(buf, input)
+        # a new ``out`` is never in the buffer: its pointer varies per call (``var_index``)
+        out_off = offset_in(buf, out) if self.all_gather and not new_out else None
+        if in_off is not None:
+            region = in_off
+        elif out_off is not None:
+            region = out_off  # stage the input where the result should land
+        else:
+            region = region_after(buf, residual, weight, out)
+        if H > MAX_FUSED_HIDDEN or not symm_usable(buf, input.device,
+                                                   region + S * H * input.element_size()):
+            plan.fallback = True
+            return plan
+        ctx = context(buf)
+        plan.choice = choose_config(config, self.config_op, (S // world) * H, input.dtype, world,
+                                    hidden=H)
+        plan.kernel = _kernel_launch(self.name, ctx, plan.choice.config, args, out, region,
+                                     in_off is None, self.all_gather and out_off != region,
+                                     self.all_gather, 1 if new_out else None, timeout_s)
+        return plan
+
+
+def _kernel_launch(op, ctx, cfg: LaunchConfig, args, out, region, stage_in, copy_out, all_gather,
+                   var_index, timeout_s):
+    """The launch of ``_fused_rmsnorm_kernel``: its arguments, listed here only."""
+    input, residual, weight, eps, _ = args
+    S, H = input.shape
+    row_bytes = H * input.element_size()
     addrs = (input.data_ptr(), out.data_ptr(), residual.data_ptr(), ctx.local_base + region)
-    aligned = L.aligned16(*addrs, row_bytes) and L.aligned16(weight.data_ptr(), H * weight.element_size())
-    use_mm = L.multimem_eligible(ctx, input.dtype, ctx.local_base + region, row_bytes)
-    kern = L.kernel("fused_rmsnorm", "_fused_rmsnorm_kernel")
-    plan = L.Plan(
-        "launch", buf, kern, cfg.row_grid(s, ctx.grid_cap), cfg.num_warps,
+    aligned = aligned16(*addrs, row_bytes) and aligned16(weight.data_ptr(), H * weight.element_size())
+    use_mm = multimem_eligible(ctx, input.dtype, ctx.local_base + region, row_bytes)
+    s = S // ctx.world
+    return Launch(
+        op, ctx.buf, _fused_rmsnorm_kernel, cfg.row_grid(s, ctx.grid_cap), cfg.num_warps,
         (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(),
-         ctx.buf_table, ctx.sig_table, ctx.mc_addr, ctx.err_addr, ctx.grid_cap, region, s, H,
-         float(eps), L.timeout_ns(timeout_s)),
+         ctx.buf_table, ctx.sig_table, ctx.mc_addr, ctx.err_addr, region, s, H, float(eps),
+         env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype],
-             RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
-             STAGE_IN=in_off is None, ALL_GATHER=all_gather, COPY_OUT=copy_out,
+             RANK=ctx.rank, WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
+             STAGE_IN=stage_in, ALL_GATHER=all_gather, COPY_OUT=copy_out,
              USE_MULTIMEM=use_mm, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
-        extra=(lookup[0], lookup[1], cfg, out_spec, world), var_index=var_index)
-    L.put_plan(key, plan)
-    L.launch(buf, op, plan)
+        var_index=var_index)
+
+
+RS_ADD_RMSNORM_AG = FusedRmsnorm("reduce_scatter_add_rmsnorm_all_gather", all_gather=True)
+RS_ADD_RMSNORM = FusedRmsnorm("reduce_scatter_add_rmsnorm", all_gather=False)
+
+
+def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.Tensor,
+                                          weight: torch.Tensor, eps: float = 1e-6, group=None,
+                                          out: torch.Tensor | None = None, *,
+                                          config: LaunchConfig | None = None,
+                                          timeout_s: float | None = None) -> torch.Tensor:
+    """Reduce-scatter ``input`` [S, H] (this rank's partial sums) over ``group``, add this rank's
+    slice to ``residual`` [S/W, H] in place, RMSNorm it (fp32 statistics) times ``weight`` [H],
+    and all-gather the normed rows into ``out`` [S, H] (new tensor when ``None``).
+
+    One launch when symmetric memory can carry it. Zero-copy when ``input`` lies in the group's
+    symmetric buffer (e.g. written there by the GEMM); ``out=input`` then leaves the result in
+    the buffer (a scratch area: the next collective may overwrite it). Otherwise falls back to
+    torch.distributed + torch ops with the same result. Under ``torch.compile`` it traces as
+    ``torch.ops.symmtriton.reduce_scatter_add_rmsnorm_all_gather``."""
+    if compiling():
+        return _traced(RS_ADD_RMSNORM_AG, input, residual, weight, eps, group, out)
+    return call(RS_ADD_RMSNORM_AG, group, config, timeout_s, (input, residual, weight, eps, out))
+
+
+def reduce_scatter_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                               eps: float = 1e-6, group=None, out: torch.Tensor | None = None, *,
+                               config: LaunchConfig | None = None,
+                               timeout_s: float | None = None) -> torch.Tensor:
+    """As :func:`reduce_scatter_add_rmsnorm_all_gather` without the all-gather: ``out`` is this
+    rank's normed shard [S/W, H], for layers that keep the sequence-sharded output."""
+    if compiling():
+        return _traced(RS_ADD_RMSNORM, input, residual, weight, eps, group, out)
+    return call(RS_ADD_RMSNORM, group, config, timeout_s, (input, residual, weight, eps, out))
+
+
+def _traced(op: FusedRmsnorm, input, residual, weight, eps, group, out):
+    """Under ``torch.compile``: the custom op ``torch.ops.symmtriton.<op.name>``."""
+    if out is None:
+        world = dist.get_world_size(group)
+        rows = input.shape[0] if op.all_gather else input.shape[0] // world
+        out = input.new_empty((rows, input.shape[1]))
+    getattr(torch.ops.symmtriton, op.name)(input, residual, weight, eps, group_name(group), out)
     return out
-
-
-def _torch_fused(input, residual, weight, eps, group, out, all_gather, s):
-    """The same computation through torch.distributed and torch ops (fp32 accumulation)."""
-    shard = torch.empty((s, input.shape[1]), dtype=torch.float32, device=input.device)
-    torch_reduce_scatter(shard, input.float(), group)  # input is contiguous and only read
-    residual.copy_((residual.float() + shard).to(residual.dtype))
-    normed = reference.rmsnorm(residual, weight, eps)
-    if all_gather:
-        return torch_all_gather(out, normed, group)
-    return out.copy_(normed)

@@ -1,0 +1,118 @@
+"""What a kernel needs from a group's buffer, computed once per buffer (:func:`context`), and
+the predicates that choose a path: symmetric memory usable, multimem eligible, 16-byte aligned,
+where a staging region goes.
+
+The cross-rank launch invariant, stated once: every rank must launch the same grid with the
+same constexprs for the same call (the barrier is per block). So every decision here depends
+only on values alike on every rank (shapes, dtypes, the buffer layout, ``multicast_ptr`` agreed
+at rendezvous, the signal-pad size) or is folded into flags the kernel tests per rank without
+changing the grid (``ALIGNED``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import env
+from .memory import SymmetricMemoryBuffer, SymmetricMemoryManager
+from .validation import REDUCE_DTYPES
+
+ALIGN = 16
+PAD_RESERVED_WORDS = 2  # kernels/barrier.py SLOT0: the host clock
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """The integers a kernel needs from a buffer, plus the host-visible error word."""
+
+    buf: SymmetricMemoryBuffer
+    rank: int
+    world: int
+    buf_table: int
+    sig_table: int
+    mc_addr: int
+    err_addr: int
+    grid_cap: int
+    local_base: int
+    scope: str  # memory scope of the barrier's atomics (see barrier_scope)
+
+    @property
+    def world_p2(self) -> int:
+        return 1 << (self.world - 1).bit_length()
+
+    @property
+    def use_ptx(self) -> bool:
+        return self.buf.backend == "cuda" and not env.interpreting()
+
+
+def context(buf: SymmetricMemoryBuffer) -> Ctx:
+    """The buffer's launch context: computed once, kept on the buffer until it is closed."""
+    ctx = buf.__dict__.get("_launch_ctx")
+    if ctx is not None and ctx.buf is buf:
+        return ctx
+    hdl = buf.symm_mem_hdl
+    # SLOT0 + blocks * world_size barrier slots must fit (kernels/barrier.py)
+    cap = (hdl.signal_pad_slots - PAD_RESERVED_WORDS) // hdl.world_size
+    if hdl.grid_limit is not None:
+        cap = min(cap, hdl.grid_limit)
+    if cap < 1:
+        raise RuntimeError(f"signal pad of {hdl.signal_pad_size} bytes cannot hold one barrier "
+                           f"for {hdl.world_size} ranks")
+    ctx = Ctx(buf, hdl.rank, hdl.world_size, hdl.buffer_ptrs_dev, hdl.signal_pad_ptrs_dev,
+              hdl.multicast_ptr if buf.has_multicast else 0, buf.status.data_ptr(),
+              cap, hdl.buffer_ptrs[hdl.rank], barrier_scope(hdl))
+    buf._launch_ctx = ctx
+    return ctx
+
+
+def barrier_scope(hdl) -> str:
+    """The barrier's memory scope: ``"gpu"`` when every rank of the group runs on this GPU (the
+    smallest scope holding all their threads), else ``"sys"`` (peers on other GPUs).
+    ``$SYMMTRITON_BARRIER_SCOPE=sys`` forces ``"sys"`` everywhere (e.g. to measure the
+    difference: 1-2 us per op at small sizes, 4 ranks on one H100, benchmarks/results/NOTES.md)."""
+    forced_sys = env.barrier_scope_forced()
+    same_gpu = hdl.backend == "cuda" and hdl.ranks_on_device == hdl.world_size
+    return "gpu" if same_gpu and not forced_sys else "sys"
+
+
+def find_buffer(group) -> SymmetricMemoryBuffer:
+    """The buffer the collectives of ``group`` use (created on first use)."""
+    return SymmetricMemoryManager.buffer_for_group(group)
+
+
+# -- eligibility predicates ---------------------------------------------------------------------
+def symm_usable(buf: SymmetricMemoryBuffer, device: torch.device, region_bytes_end: int) -> bool:
+    """Symmetric memory can carry this call: the buffer rendezvoused, the tensors live where
+    the buffer does, and the region fits."""
+    return (buf.symm_mem_hdl is not None and device == buf.device
+            and region_bytes_end <= buf.nbytes)
+
+
+def multimem_eligible(ctx: Ctx, dtype: torch.dtype | None, *addrs_and_sizes: int) -> bool:
+    """The multimem path applies: every rank has multicast, ``dtype`` reduces in multimem (None:
+    a bit copy, any dtype), and every address and byte count is a multiple of 16."""
+    return (ctx.mc_addr != 0 and (dtype is None or dtype in REDUCE_DTYPES)
+            and aligned16(*addrs_and_sizes))
+
+
+def aligned16(*values: int) -> bool:
+    return all(v % ALIGN == 0 for v in values)
+
+
+def offset_in(buf: SymmetricMemoryBuffer, t: torch.Tensor) -> int | None:
+    """``t``'s byte offset in ``buf`` (``None``: not in it, or the buffer has no memory)."""
+    return buf.byte_offset_of(t) if buf.symm_mem_hdl is not None else None
+
+
+def region_after(buf: SymmetricMemoryBuffer, *tensors: torch.Tensor) -> int:
+    """First 16-byte-aligned buffer offset past every tensor that lies in the buffer (0 when
+    none does), so a staging region never overlaps an operand. Deterministic across ranks when
+    the ranks lay the buffer out alike, as the scratch API does."""
+    end = 0
+    for t in tensors:
+        off = buf.byte_offset_of(t)
+        if off is not None:
+            end = max(end, off + t.numel() * t.element_size())
+    return -(-end // ALIGN) * ALIGN

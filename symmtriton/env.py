@@ -1,0 +1,126 @@
+"""Every ``SYMMTRITON_*`` environment variable: its name, its default and its parser, here and
+nowhere else (README, "Environment", lists the same table).
+
+=============================  =======  =======================================================
+variable                       default  meaning
+=============================  =======  =======================================================
+``SYMMTRITON_BACKEND``         auto     ``cuda`` or ``host``: force the memory backend
+``SYMMTRITON_DISABLE``         unset    ``1``: no symmetric memory (torch.distributed fallback)
+``SYMMTRITON_TIMEOUT_S``       300      barrier bound in seconds; ``0`` waits forever
+``SYMMTRITON_BARRIER_SCOPE``   auto     ``sys``: system-scope barrier atomics even on one GPU
+``SYMMTRITON_CHECK_UNIFORM``   unset    ``1``: ranks compare every call's shapes (debugging)
+``SYMMTRITON_DIRECT_LAUNCH``   1        ``0``: launch through ``JITFunction.run`` every time
+``SYMMTRITON_TUNING_CACHE``    ~/...    the tuned-config file (``~/.cache/symmtriton/tuning.json``)
+=============================  =======  =======================================================
+
+Only ``os`` is imported: :mod:`symmtriton._interpret` reads ``SYMMTRITON_BACKEND`` before torch
+or triton load. Per-call readers (:func:`timeout_key`, :func:`check_uniform`,
+:func:`tuning_cache_raw`) cost one dict lookup (:func:`raw`).
+"""
+
+from __future__ import annotations
+
+import os
+
+BACKEND = "SYMMTRITON_BACKEND"
+DISABLE = "SYMMTRITON_DISABLE"
+TIMEOUT_S = "SYMMTRITON_TIMEOUT_S"
+BARRIER_SCOPE = "SYMMTRITON_BARRIER_SCOPE"
+CHECK_UNIFORM = "SYMMTRITON_CHECK_UNIFORM"
+DIRECT_LAUNCH = "SYMMTRITON_DIRECT_LAUNCH"
+TUNING_CACHE = "SYMMTRITON_TUNING_CACHE"
+#: every variable above (README's table lists the same names; tests/test_layering.py checks it).
+ALL = (BACKEND, DISABLE, TIMEOUT_S, BARRIER_SCOPE, CHECK_UNIFORM, DIRECT_LAUNCH, TUNING_CACHE)
+
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_TUNING_CACHE = os.path.join("~", ".cache", "symmtriton", "tuning.json")
+
+_ENV_DATA = getattr(os.environ, "_data", None)
+if os.name == "posix" and isinstance(_ENV_DATA, dict):
+    def raw(name: str):
+        """The raw value of environment variable ``name`` (bytes) or ``None``: a change
+        detector for per-call paths. ``os.environ.get`` of a missing variable raises and catches
+        a KeyError inside (microseconds); this is one dict lookup."""
+        return _ENV_DATA.get(name.encode())
+else:  # pragma: no cover - non-CPython/POSIX environ
+    def raw(name: str):
+        return os.environ.get(name)
+
+
+def interpreting() -> bool:
+    """Triton runs kernels in its interpreter (``TRITON_INTERPRET``, set by _interpret.py)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def backend() -> str:
+    """``$SYMMTRITON_BACKEND`` lower-cased, ``""`` when unset (symmtriton.backends checks it)."""
+    return os.environ.get(BACKEND, "").strip().lower()
+
+
+def disabled() -> bool:
+    """``$SYMMTRITON_DISABLE=1``: never allocate symmetric memory."""
+    return os.environ.get(DISABLE, "") == "1"
+
+
+# -- the barrier's timeout ------------------------------------------------------------------------
+#: (raw value of $SYMMTRITON_TIMEOUT_S, its bound in ns): the last parse, reused while it holds.
+_TIMEOUT: list = [object(), 0]
+
+
+def timeout_key(timeout_s: float | None):
+    """What a call's barrier bound depends on, for plan keys: the argument, else the environment
+    value (not parsed: parsing, and its errors, stay in :func:`timeout_ns`)."""
+    return timeout_s if timeout_s is not None else ("env", raw(TIMEOUT_S))
+
+
+def timeout_ns(timeout_s: float | None = None) -> int:
+    """Barrier bound in ns: the argument, else ``$SYMMTRITON_TIMEOUT_S``, else 300 s; 0 = wait
+    forever. The environment is parsed once per distinct value."""
+    if timeout_s is None:
+        key = raw(TIMEOUT_S)
+        if key == _TIMEOUT[0]:
+            return _TIMEOUT[1]
+        text = os.environ.get(TIMEOUT_S, "")
+        try:
+            timeout_s = float(text) if text else DEFAULT_TIMEOUT_S
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_S}={text!r} is not a number of seconds") from None
+        _TIMEOUT[:] = [key, _to_ns(timeout_s)]
+        return _TIMEOUT[1]
+    return _to_ns(timeout_s)
+
+
+def _to_ns(timeout_s: float) -> int:
+    if timeout_s < 0:
+        raise ValueError(f"timeout must be >= 0 seconds, got {timeout_s}")
+    return int(timeout_s * 1e9)
+
+
+# -- launch options -------------------------------------------------------------------------------
+def barrier_scope_forced() -> bool:
+    """``$SYMMTRITON_BARRIER_SCOPE=sys`` (``auto``, the default, lets the launcher choose)."""
+    forced = os.environ.get(BARRIER_SCOPE, "auto")
+    if forced not in ("auto", "sys"):
+        raise ValueError(f"{BARRIER_SCOPE} must be 'auto' or 'sys', got {forced!r}")
+    return forced == "sys"
+
+
+def check_uniform() -> bool:
+    """``$SYMMTRITON_CHECK_UNIFORM=1`` (read per call: one dict lookup when unset)."""
+    return raw(CHECK_UNIFORM) is not None and os.environ.get(CHECK_UNIFORM, "") == "1"
+
+
+def direct_launch() -> bool:
+    """Launch plans through their ``CompiledKernel`` (``$SYMMTRITON_DIRECT_LAUNCH`` != ``0``)."""
+    return os.environ.get(DIRECT_LAUNCH, "1") != "0"
+
+
+# -- the tuning cache -----------------------------------------------------------------------------
+def tuning_cache_raw():
+    """The raw ``$SYMMTRITON_TUNING_CACHE`` (a change detector, one dict lookup)."""
+    return raw(TUNING_CACHE)
+
+
+def tuning_cache_path() -> str:
+    """``$SYMMTRITON_TUNING_CACHE``, else ``~/.cache/symmtriton/tuning.json`` (user-expanded)."""
+    return os.path.expanduser(os.environ.get(TUNING_CACHE) or DEFAULT_TUNING_CACHE)

@@ -1,0 +1,111 @@
+"""One prepared kernel launch (:class:`Launch`) and :meth:`Launch.launch`, the one way to run it.
+
+Eager calls are latency-bound on the host (Triton's Python launch costs ~16 us, DESIGN.md
+section 5), so the path is thin: a :class:`Launch` is built once per plan (see
+:mod:`symmtriton.ops.driver`); on the GPU its first launch returns the ``CompiledKernel``, and
+later launches call Triton's launcher directly with the current stream (the interpreter keeps
+the normal path). Before each launch the buffer's status word is read for a timeout of an
+earlier call (:mod:`symmtriton.sync`), and after it when the launch is synchronous (host).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from . import env
+from .sync import raise_timeout, status_view
+
+
+class Launch:
+    """A kernel, its grid, warps, runtime args and constexprs, for one op on one buffer.
+    ``var_index``: a runtime arg that may change per call (passed to :meth:`launch`); the plan
+    key of such a launch must fix how Triton specialises it (see ops/fused.py)."""
+
+    __slots__ = ("op", "buf", "fn", "grid", "num_warps", "args", "constexprs", "var_index",
+                 "status", "sync_check", "_fast", "_fast_tried")
+
+    def __init__(self, op: str, buf, fn, grid: int, num_warps: int, args: tuple,
+                 constexprs: dict, var_index: int | None = None):
+        self.op = op
+        self.buf = buf
+        self.fn = fn
+        self.grid = grid
+        self.num_warps = num_warps
+        self.args = args
+        self.constexprs = constexprs
+        self.var_index = var_index
+        self.status = status_view(buf)
+        # the host backend launches synchronously: check the error word after the launch too
+        self.sync_check = buf.device.type == "cpu"
+        self._fast = None
+        self._fast_tried = False
+
+    def launch(self, var: int | None = None) -> None:
+        """Launch (``var``: the value of its variable arg, else the stored one) and check the
+        buffer's error word: before the launch for a timeout of an earlier call, and after it when
+        the launch is synchronous (host backend). On the GPU a timeout of this call shows at the
+        next call or at :func:`symmtriton.synchronize`."""
+        status = self.status
+        if status is not None and status[0]:
+            raise_timeout(self.buf, self.op, int(status[0]))
+        fast = self._fast
+        if fast is None or not fast(var):
+            run_args = self.args
+            if var is not None:
+                run_args = list(run_args)
+                run_args[self.var_index] = var
+            kern = self.fn.run(*run_args, grid=(self.grid,), warmup=False,
+                               num_warps=self.num_warps, **self.constexprs)
+            if not self._fast_tried:
+                self._fast_tried = True
+                self._fast = _direct_launcher(self, kern)
+        if self.sync_check and status[0]:
+            raise_timeout(self.buf, self.op, int(status[0]))
+
+
+def _direct_launcher(kl: Launch, kern):
+    """A function that launches ``kl`` again through the ``CompiledKernel`` ``kern`` that its
+    first launch returned, skipping Triton's argument binding and cache lookup: it does what
+    ``JITFunction.run`` does once it has the kernel (the current device's current stream, launch
+    hooks), so it also records into a CUDA graph under capture. It returns False, launching
+    nothing, when the current device differs from the first launch's (the caller then takes the
+    normal path). ``None`` where this does not apply: the interpreter, no CompiledKernel, pre-run
+    hooks, an unexpected Triton, or ``SYMMTRITON_DIRECT_LAUNCH=0``."""
+    if kern is None or env.interpreting() or not env.direct_launch():
+        return None
+    try:
+        # Triton internals, imported here so an unexpected Triton only disables this fast path
+        from triton import knobs
+        from triton.compiler import CompiledKernel
+        from triton.runtime import driver
+
+        if hasattr(kern, "result"):
+            kern = kern.result()
+        if not isinstance(kern, CompiledKernel) or getattr(kl.fn, "pre_run_hooks", None):
+            return None
+        bound = inspect.signature(kl.fn.fn).bind(*kl.args, **kl.constexprs)
+        bound.apply_defaults()
+        all_args = list(bound.arguments.values())
+        var_index = kl.var_index  # positional, so the same index in all_args
+        active = driver.active
+        get_device, get_stream = active.get_current_device, active.get_current_stream
+        device = get_device()
+        runner = kern.run  # initialises the handles (function, launcher)
+        function, packed = kern.function, kern.packed_metadata
+        grid = (kl.grid, 1, 1)
+        rt = knobs.runtime
+    except Exception:  # anything unexpected: keep Triton's own path
+        return None
+
+    def fast(var) -> bool:
+        if get_device() != device:
+            return False
+        if var is not None:
+            all_args[var_index] = var
+        stream = get_stream(device)
+        enter = rt.launch_enter_hook
+        meta = kern.launch_metadata(grid, stream, *all_args) if enter is not None else None
+        runner(grid[0], 1, 1, stream, function, packed, meta, enter, rt.launch_exit_hook, *all_args)
+        return True
+
+    return fast

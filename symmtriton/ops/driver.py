@@ -1,0 +1,214 @@
+"""The plan driver: the one path every collective takes from its public function to a launch.
+
+A call goes ``call(op, ...)``:
+
+1. **key** -> **plan**: ``op.key(...)`` is everything the launch decision depends on (tensor
+   pointers, shapes, strides, dtypes, devices, group, config, timeout); a plan stored for that
+   key (:func:`get_plan`) runs at once, without validation (``plan.run``). A plan that went
+   stale (a config tuned since it was made) answers :data:`STALE` and is rebuilt.
+2. else **validate** -> **prepare** -> **plan**: ``op.validate`` raises ``ValueError`` /
+   ``TypeError`` naming the bad value before any launch; ``op.prepare`` decides the path
+   (nothing to move, symmetric-memory kernel, or the torch.distributed fallback of
+   :mod:`.fallback`) and returns a typed plan, stored under the key (:func:`put_plan`), then run.
+
+Plans exist only for calls that validated; the cache is a small LRU, dropped whenever a buffer is
+created, closed or destroyed (its pointers may change). With ``SYMMTRITON_CHECK_UNIFORM=1`` the
+ranks compare every call's shapes first (:func:`check_uniform`).
+
+How to add an op (see ops/all_gather.py, the shortest):
+
+* ``kernels/<op>.py``: the device code (its kernel argument list is the contract);
+* ``ops/<op>.py``: a :class:`Collective` subclass with ``name`` (the public function's name),
+  ``config_op`` (its key in :data:`symmtriton.config.CONFIG_OP`), ``key``, ``uniform``,
+  ``validate`` and ``prepare``; ``prepare`` builds the kernel's :class:`~symmtriton.launch.Launch`
+  in one function (``_kernel_launch``: the only place that lists the kernel's arguments) and
+  returns an :class:`OutputPlan` (ops writing one ``output``) or its own plan dataclass with a
+  ``run(args, config)`` method; then the public function: ``torch.ops`` dispatch under
+  ``torch.compile`` (:func:`compiling`), else ``call(OP, group, config, timeout_s, args)``;
+* ``custom_ops.py``: its ``torch.library`` op; ``__init__.py``: export it; ``config.py``: its
+  config name; ``tests/test_<op>.py``; a workload in ``workloads.py`` for bench and tuner.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import triton.language as tl
+
+from .. import env
+from .. import memory as _memory
+from ..config import LaunchConfig
+from ..launch import Launch
+from ..memory import resolve_group
+from ..tuning import lookup_config
+
+TL_DTYPE = {
+    torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32,
+    torch.int8: tl.int8, torch.uint8: tl.uint8, torch.int16: tl.int16, torch.int32: tl.int32,
+}
+
+#: what ``plan.run`` returns when the plan must be rebuilt.
+STALE = object()
+
+
+def group_name(group=None) -> str:
+    """The name the ``torch.ops.symmtriton`` ops take for ``group`` (``None``: the default group)."""
+    return resolve_group(group, "group").group_name
+
+
+def compiling() -> bool:
+    """Inside ``torch.compile`` tracing: the public functions dispatch to their custom ops."""
+    return torch.compiler.is_compiling()
+
+
+def tensor_desc(t):
+    """What a plan depends on of tensor ``t`` (``None`` for ``None``)."""
+    return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+
+
+# -- the config a plan was made with ----------------------------------------------------------------
+@dataclass(frozen=True)
+class ConfigChoice:
+    """A plan's launch config: forced by ``config=`` (``op`` is None), or the tuning cache's
+    answer for ``(op, numel, dtype, world, hidden)``, which may change when a config is tuned."""
+
+    config: LaunchConfig
+    op: str | None = None
+    numel: int = 0
+    dtype: torch.dtype | None = None
+    world: int = 0
+    hidden: int | None = None
+
+    def current(self) -> bool:
+        return self.op is None or lookup_config(self.op, self.numel, self.dtype, self.world,
+                                                hidden=self.hidden) is self.config
+
+
+def choose_config(forced: LaunchConfig | None, op: str, numel: int, dtype: torch.dtype,
+                  world: int, hidden: int | None = None) -> ConfigChoice:
+    if forced is not None:
+        return ConfigChoice(forced)
+    return ConfigChoice(lookup_config(op, numel, dtype, world, hidden=hidden), op, numel, dtype,
+                        world, hidden)
+
+
+# -- plans -------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class OutputPlan:
+    """The plan of an op that writes one ``output`` and returns it (args ``(output, input)``):
+    launch ``kernel``, or run ``fallback(output, input, group)``, or neither (nothing to move)."""
+
+    kernel: Launch | None = None
+    choice: ConfigChoice | None = None
+    fallback: Callable | None = None
+    group: object = None
+
+    def run(self, args, config):
+        if self.kernel is not None:
+            if not self.choice.current():
+                return STALE
+            self.kernel.launch()
+        elif self.fallback is not None:
+            self.fallback(args[0], args[1], self.group)
+        return args[0]
+
+
+class Collective:
+    """One public op as the driver sees it (one instance per op; see the module docstring)."""
+
+    name: str
+    config_op: str
+
+    def key(self, group, config, timeout_s, args) -> tuple:
+        """Everything the plan depends on; may raise AttributeError/TypeError for non-tensors."""
+        raise NotImplementedError
+
+    def uniform(self, args) -> dict:
+        """The tensors ranks compare under ``SYMMTRITON_CHECK_UNIFORM=1``."""
+        raise NotImplementedError
+
+    def validate(self, group, args) -> None:
+        raise NotImplementedError
+
+    def prepare(self, group, config, timeout_s, args):
+        raise NotImplementedError
+
+
+def call(op: Collective, group, config, timeout_s, args: tuple):
+    """Run ``op`` on ``args``: its stored plan, else validate -> prepare -> store -> run."""
+    group = resolve_group(group, "group")
+    try:
+        key = op.key(group, config, timeout_s, args)
+    except (AttributeError, TypeError):
+        key = None  # not tensors: validation raises
+    plan = get_plan(key)
+    uniform = env.check_uniform()
+    if plan is not None:
+        if uniform:
+            check_uniform(group, op.name, **op.uniform(args))
+        result = plan.run(args, config)
+        if result is not STALE:
+            return result
+    op.validate(group, args)
+    if uniform and plan is None:
+        check_uniform(group, op.name, **op.uniform(args))
+    plan = put_plan(key, op.prepare(group, config, timeout_s, args))
+    return plan.run(args, config)
+
+
+def check_uniform(group, op: str, **tensors: torch.Tensor) -> None:
+    """All ranks compare the shapes and dtypes of this call (a host collective per call: a
+    debugging aid, not for graphs or production) and every rank raises ``ValueError`` naming the
+    ranks that differ. Off by default: a mismatch is otherwise undetectable without
+    communication, and corrupts or times out."""
+    mine = {k: (tuple(t.shape), str(t.dtype)) for k, t in tensors.items()}
+    seen: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(seen, (op, mine), group=group)
+    if any(s != seen[0] for s in seen):
+        raise ValueError(f"{op}: ranks disagree on the call: " +
+                         "; ".join(f"rank {r}: {s[0]} {s[1]}" for r, s in enumerate(seen)))
+
+
+# -- the plan cache ------------------------------------------------------------------------------
+#: most plans kept (all ops together); least recently used ones go first.
+PLAN_CACHE_MAX = 256
+_PLANS: OrderedDict = OrderedDict()
+
+
+def get_plan(key):
+    """The plan stored for ``key``, or ``None`` (also for ``None`` or an unhashable key)."""
+    if key is None:
+        return None
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:
+        return None
+    if plan is not None:
+        _PLANS.move_to_end(key)
+    return plan
+
+
+def put_plan(key, plan):
+    """Store ``plan`` for ``key``, evicting the least recently used beyond :data:`PLAN_CACHE_MAX`."""
+    if key is None:
+        return plan
+    try:
+        _PLANS[key] = plan
+    except TypeError:
+        return plan
+    _PLANS.move_to_end(key)
+    while len(_PLANS) > PLAN_CACHE_MAX:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def clear_plans(buf=None) -> None:
+    """Drop every plan: which buffer a group's collectives use, and its pointers, may change."""
+    _PLANS.clear()
+
+
+_memory.register_invalidation_hook(clear_plans)
