@@ -5,6 +5,8 @@ On CPU the compile tests use ``backend="aot_eager"`` (dynamo + functionalization
 tracing path of the custom ops, without inductor's C++ code generation, which costs ~10 s per
 graph on a 2-core CI machine); GPU pools compile with inductor."""
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -223,7 +225,7 @@ def _public(x, rs_in, f_in, residual, weight):
     st.reduce_scatter_tensor(rs, rs_in)
     normed = st.reduce_scatter_add_rmsnorm_all_gather(f_in, residual, weight)
     shard = st.reduce_scatter_add_rmsnorm(f_in, residual, weight, 1e-6, None)
-    return ag * 2, rs + 1, normed, shard
+    return ag, rs, normed, shard  # no pointwise op: inductor generates no C++ (cheap on CI)
 
 
 def _public_compile_case(rank, world, backend):
@@ -241,7 +243,7 @@ def _public_compile_case(rank, world, backend):
     sync()
     return {
         "graph_breaks": explain.graph_break_count,
-        "ops_seen": {op: text.count(f"symmtriton.{op}") for op in OPS},
+        "ops_seen": {op: len(re.findall(rf"symmtriton\.{op}\b", text)) for op in OPS},
         "same": all(torch.allclose(g, e, rtol=1e-5, atol=1e-5) for g, e in zip(got, eager)),
         "residual": torch.equal(compiled_args[3], eager_args[3]),
     }
