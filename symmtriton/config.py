@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .validation import check_count
+
 #: keys of a config, spelled the same in the tuner cache, the bench CSV and the code.
 CONFIG_KEYS = ("block_size", "num_warps", "max_blocks")
 
@@ -35,6 +37,21 @@ def check_op(op) -> str:
     if op not in OPS:
         raise ValueError(f"op must be one of {', '.join(OPS)}, got {op!r}")
     return op
+
+
+def check_hidden(op: str, numel: int, hidden) -> int | None:
+    """``hidden`` (the fused op's row length ``H``: required there, dividing ``numel``; ``None``
+    for the other ops), or ``ValueError`` naming the bad value."""
+    if op != "fused":
+        if hidden is not None:
+            raise ValueError(f"hidden applies to the fused op only, got hidden={hidden!r} for {op!r}")
+        return None
+    if hidden is None:
+        raise ValueError("op 'fused' needs hidden (the row length H of its [S, H] input)")
+    check_count("hidden", hidden)
+    if numel % hidden:
+        raise ValueError(f"fused: numel {numel} is not a multiple of hidden {hidden}")
+    return hidden
 
 
 def check_dtype(dtype) -> torch.dtype:

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .backends import backend_device, select_backend
-from .config import LaunchConfig, check_dtype, check_op, default_config, size_bucket
+from .config import LaunchConfig, check_dtype, check_hidden, check_op, default_config, size_bucket
 from .context import find_buffer
 from .memory import resolve_group
 from .timing import CaptureError, all_reduce_max, graph_time, group_barrier, group_device, median_time
@@ -72,14 +72,7 @@ def candidate_configs(op: str, numel: int, dtype: torch.dtype, world: int, *,
     check_dtype(dtype)
     numel = check_count("numel", numel)
     world = check_count("world", world)
-    if op != "fused" and hidden is not None:
-        raise ValueError(f"hidden applies to the fused op only, got hidden={hidden!r} for {op!r}")
-    if op == "fused":
-        if hidden is None:
-            raise ValueError("candidate_configs: op 'fused' needs hidden (the row length)")
-        check_count("hidden", hidden)
-        if numel % hidden:
-            raise ValueError(f"fused: numel {numel} is not a multiple of hidden {hidden}")
+    check_hidden(op, numel, hidden)
     if sm_count is None:
         sm_count = (torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
                     if device_name() != "cpu" else 132)

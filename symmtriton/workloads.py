@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from . import reference
-from .config import OPS, LaunchConfig, check_dtype, check_op
+from .config import OPS, LaunchConfig, check_dtype, check_hidden, check_op
 from .context import find_buffer
 from .memory import resolve_group
 from .ops.all_gather import all_gather_into_tensor
@@ -117,13 +117,7 @@ def make_workload(op: str, numel: int, dtype: torch.dtype, group=None, *, placem
     numel = check_count("numel", numel)
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
-    if op != "fused" and hidden is not None:
-        raise ValueError(f"hidden applies to the fused op only, got hidden={hidden!r} for {op!r}")
-    if op == "fused" and hidden is None:
-        raise ValueError("op 'fused' needs hidden (the row length H of its [S, H] input)")
-    hidden = numel if hidden is None else check_count("hidden", hidden)
-    if numel % hidden:
-        raise ValueError(f"fused: numel {numel} is not a multiple of hidden {hidden}")
+    hidden = check_hidden(op, numel, hidden) or numel
     group = resolve_group(group, "group")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     dev = device()
