@@ -87,8 +87,9 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group=None
     rank); otherwise the result is staged in the buffer and copied out in the same launch. Falls
     back to ``torch.distributed`` when symmetric memory cannot carry the call.
     ``input`` may be ``output``'s own shard (in place). Under ``torch.compile`` it traces as
-    ``torch.ops.symmtriton.all_gather_into_tensor`` (``config``/``timeout_s``: eager only)."""
-    if compiling():
+    ``torch.ops.symmtriton.all_gather_into_tensor`` (``config``/``timeout_s``: eager only,
+    see :func:`.driver.compiling`)."""
+    if compiling(OP.name, config, timeout_s):
         torch.ops.symmtriton.all_gather_into_tensor(output, input, group_name(group))
         return output
     return call(OP, group, config, timeout_s, (output, input))

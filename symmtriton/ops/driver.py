@@ -60,9 +60,15 @@ def group_name(group=None) -> str:
     return resolve_group(group, "group").group_name
 
 
-def compiling() -> bool:
-    """Inside ``torch.compile`` tracing: the public functions dispatch to their custom ops."""
-    return torch.compiler.is_compiling()
+def compiling(name: str, config, timeout_s) -> bool:
+    """Inside ``torch.compile`` tracing: the public functions dispatch to their custom ops, whose
+    schema has no ``config``/``timeout_s`` (``ValueError`` when one is given, never ignored)."""
+    if not torch.compiler.is_compiling():
+        return False
+    if config is not None or timeout_s is not None:
+        raise ValueError(f"{name}: config= and timeout_s= apply to eager calls only; under "
+                         "torch.compile use the tuning cache and SYMMTRITON_TIMEOUT_S")
+    return True
 
 
 def tensor_desc(t):

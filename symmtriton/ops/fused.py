@@ -196,7 +196,7 @@ def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.T
     the buffer (a scratch area: the next collective may overwrite it). Otherwise falls back to
     torch.distributed + torch ops with the same result. Under ``torch.compile`` it traces as
     ``torch.ops.symmtriton.reduce_scatter_add_rmsnorm_all_gather``."""
-    if compiling():
+    if compiling(RS_ADD_RMSNORM_AG.name, config, timeout_s):
         return _traced(RS_ADD_RMSNORM_AG, input, residual, weight, eps, group, out)
     return call(RS_ADD_RMSNORM_AG, group, config, timeout_s, (input, residual, weight, eps, out))
 
@@ -207,7 +207,7 @@ def reduce_scatter_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weig
                                timeout_s: float | None = None) -> torch.Tensor:
     """As :func:`reduce_scatter_add_rmsnorm_all_gather` without the all-gather: ``out`` is this
     rank's normed shard [S/W, H], for layers that keep the sequence-sharded output."""
-    if compiling():
+    if compiling(RS_ADD_RMSNORM.name, config, timeout_s):
         return _traced(RS_ADD_RMSNORM, input, residual, weight, eps, group, out)
     return call(RS_ADD_RMSNORM, group, config, timeout_s, (input, residual, weight, eps, out))
 

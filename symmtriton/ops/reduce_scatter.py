@@ -75,7 +75,7 @@ def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group=None,
     rank, e.g. written there by the preceding GEMM); otherwise it is staged into the buffer in
     the same launch. Falls back to ``torch.distributed`` when symmetric memory cannot carry it.
     Under ``torch.compile`` it traces as ``torch.ops.symmtriton.reduce_scatter_tensor``."""
-    if compiling():
+    if compiling(OP.name, config, timeout_s):
         torch.ops.symmtriton.reduce_scatter_tensor(output, input, group_name(group))
         return output
     return call(OP, group, config, timeout_s, (output, input))
