@@ -11,6 +11,7 @@ variable                       default  meaning
 ``SYMMTRITON_CHECK_UNIFORM``   unset    ``1``: ranks compare every call's shapes (debugging)
 ``SYMMTRITON_DIRECT_LAUNCH``   1        ``0``: launch through ``JITFunction.run`` every time
 ``SYMMTRITON_TUNING_CACHE``    ~/...    the tuned-config file (``~/.cache/symmtriton/tuning.json``)
+``SYMMTRITON_EXIT_MARK``       unset    set: ``testing.teardown`` prints an exit mark (tools only)
 =============================  =======  =======================================================
 
 Only ``os`` is imported: :mod:`symmtriton._interpret` reads ``SYMMTRITON_BACKEND`` before torch
@@ -29,8 +30,10 @@ BARRIER_SCOPE = "SYMMTRITON_BARRIER_SCOPE"
 CHECK_UNIFORM = "SYMMTRITON_CHECK_UNIFORM"
 DIRECT_LAUNCH = "SYMMTRITON_DIRECT_LAUNCH"
 TUNING_CACHE = "SYMMTRITON_TUNING_CACHE"
+EXIT_MARK = "SYMMTRITON_EXIT_MARK"  # read by symmtriton.testing.teardown (a tool)
 #: every variable above (README's table lists the same names; tests/test_layering.py checks it).
-ALL = (BACKEND, DISABLE, TIMEOUT_S, BARRIER_SCOPE, CHECK_UNIFORM, DIRECT_LAUNCH, TUNING_CACHE)
+ALL = (BACKEND, DISABLE, TIMEOUT_S, BARRIER_SCOPE, CHECK_UNIFORM, DIRECT_LAUNCH, TUNING_CACHE,
+       EXIT_MARK)
 
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_TUNING_CACHE = os.path.join("~", ".cache", "symmtriton", "tuning.json")

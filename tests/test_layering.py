@@ -12,7 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "symmtriton"
 #: tools: above the runtime (benchmark, tuner, demo, test harness, test oracle).
 TOOLS = {"symmtriton.tuner", "symmtriton.timing", "symmtriton.workloads", "symmtriton.bench",
-         "symmtriton.bench_report", "symmtriton.demo", "symmtriton.testing",
+         "symmtriton.bench_report", "symmtriton.bench_options", "symmtriton.bench_baselines",
+         "symmtriton.demo", "symmtriton.testing",
          "symmtriton.reference", "symmtriton.__main__"}
 
 
