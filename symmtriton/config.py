@@ -150,5 +150,5 @@ def all_reduce_algorithm(nbytes: int, world: int) -> str:
     values every rank shares, so every rank picks the same."""
     if nbytes < 0 or world < 1:
         raise ValueError(f"nbytes must be >= 0 and world >= 1, got {nbytes}, {world}")
-    limit = ALL_REDUCE_ONE_SHOT_MAX_BYTES * 2 // max(2, _next_pow2(world))
+    limit = ALL_REDUCE_ONE_SHOT_MAX_BYTES * 2 // max(2, size_bucket(world))
     return "one_shot" if world == 1 or nbytes <= limit else "two_shot"

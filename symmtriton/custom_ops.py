@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
 from .memory import resolve_group
+from .ops import all_reduce as _all_reduce
 from .ops import fused
 from .ops.all_gather import all_gather_into_tensor as _all_gather_into_tensor
 from .ops.driver import group_name
@@ -177,9 +178,7 @@ __all__ += ["all_reduce_", "all_reduce_out", "all_reduce_add_rmsnorm"]
 @torch.library.custom_op(f"{NAMESPACE}::all_reduce_", mutates_args=("tensor",))
 def all_reduce_(tensor: torch.Tensor, group_name: str) -> None:
     """:func:`symmtriton.all_reduce` (sum, in place) on the group named ``group_name``."""
-    from .ops.all_reduce import all_reduce as impl
-
-    impl(tensor, resolve_group(group_name))
+    _all_reduce.all_reduce(tensor, group_from_name(group_name))
 
 
 @all_reduce_.register_fake
@@ -190,9 +189,7 @@ def _all_reduce__fake(tensor, group_name):
 @torch.library.custom_op(f"{NAMESPACE}::all_reduce_out", mutates_args=("out",))
 def all_reduce_out(tensor: torch.Tensor, group_name: str, out: torch.Tensor) -> None:
     """:func:`symmtriton.all_reduce` with ``out`` (``tensor`` is only read)."""
-    from .ops.all_reduce import all_reduce as impl
-
-    impl(tensor, resolve_group(group_name), out=out)
+    _all_reduce.all_reduce(tensor, group_from_name(group_name), out=out)
 
 
 @all_reduce_out.register_fake
@@ -206,9 +203,8 @@ def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: 
     """:func:`symmtriton.all_reduce_add_rmsnorm`: all-reduce ``input`` ``[S, H]``, add the sum to
     ``residual`` ``[S, H]`` (updated in place), RMSNorm it with ``weight`` and ``eps`` into
     ``out``."""
-    from .ops.all_reduce import all_reduce_add_rmsnorm as impl
-
-    impl(input, residual, weight, eps=eps, group=resolve_group(group_name), out=out)
+    _all_reduce.all_reduce_add_rmsnorm(input, residual, weight, eps=eps,
+                                       group=group_from_name(group_name), out=out)
 
 
 @all_reduce_add_rmsnorm.register_fake

@@ -334,11 +334,11 @@ def buffer_without_symmetric_memory(key: str = "tp", group=None):
 def errors_without_launch(cases: dict) -> dict:
     """Run ``cases`` (name -> (call, exception type, text the message must hold)); returns name ->
     ``True`` or what went wrong, plus ``"no launch"``: whether no kernel was launched meanwhile."""
-    from . import _launch as L
+    from .launch import Launch
 
     launches = []
-    real = L.launch
-    L.launch = lambda *a, **k: launches.append(a[1]) or real(*a, **k)
+    real = Launch.launch
+    Launch.launch = lambda kl, var=None: launches.append(kl.op) or real(kl, var)
     res = {}
     try:
         for name, (call, exc, fragment) in cases.items():
@@ -348,7 +348,7 @@ def errors_without_launch(cases: dict) -> dict:
             except exc as e:
                 res[name] = fragment in str(e) or str(e)
     finally:
-        L.launch = real
+        Launch.launch = real
     res["no launch"] = launches == []
     return res
 

@@ -19,14 +19,20 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .. import _launch as L
-from .._calls import counts_calls
-from .. import reference
+from .. import env
+from .. import context as L
+from ..kernels.all_reduce import _all_reduce_kernel
+from ..kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel
+from ..launch import Launch
+from ..memory import resolve_group
 from ..config import (ALL_REDUCE_ALGORITHMS, MAX_FUSED_HIDDEN, LaunchConfig, all_reduce_algorithm,
                       default_config)
 from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
-from ._common import TL_DTYPE
-from .fused import _desc, _same_int_class, _validate
+from .driver import TL_DTYPE, check_uniform, get_plan, put_plan
+from .driver import tensor_desc as _desc
+from .fallback import torch_all_reduce_add_rmsnorm
+from .fused import _same_int_class
+from .fused import validate as _validate
 
 OP = "all_reduce"
 OP_FUSED = "all_reduce_add_rmsnorm"
@@ -44,18 +50,18 @@ def all_reduce(tensor: torch.Tensor, group=None, *, out: torch.Tensor | None = N
     Every rank must lay out the symmetric buffer alike: a zero-copy ``tensor``, or an ``out``
     placed in the buffer, at the same offset on every rank (two-shot stores the sums there on
     every rank)."""
-    group = L.resolve_group(group)
-    try:  # everything the launch decision depends on (see symmtriton._launch, launch plans)
-        key = (OP, group, _desc(tensor), _desc(out), config, algorithm, L.timeout_key(timeout_s))
+    group = resolve_group(group, "group")
+    try:  # everything the launch decision depends on (see symmtriton.ops.driver, plans)
+        key = (OP, group, _desc(tensor), _desc(out), config, algorithm, env.timeout_key(timeout_s))
     except (AttributeError, TypeError):
         key = None  # not tensors: validation below raises
-    plan = L.get_plan(key) if key is not None else None
+    plan = get_plan(key)
     dst = tensor if out is None else out
     if plan is not None:
-        L.check_uniform(group, OP, tensor=tensor)
-        if plan.kind == "launch":
-            L.launch(plan.buf, OP, plan)
-        elif plan.kind == "fallback":
+        _check_uniform(group, OP, tensor=tensor)
+        if plan.__class__ is Launch:
+            plan.launch()
+        elif plan == "fallback":
             _torch_all_reduce(dst, tensor, group)
         return dst
     _check_flat("tensor", tensor)
@@ -67,12 +73,12 @@ def all_reduce(tensor: torch.Tensor, group=None, *, out: torch.Tensor | None = N
                              f"{tuple(tensor.shape)}")
         if out.data_ptr() != tensor.data_ptr():
             check_distinct(OP, "out", out, "tensor", tensor)
-    L.check_uniform(group, OP, tensor=tensor)
+    _check_uniform(group, OP, tensor=tensor)
     world = dist.get_world_size(group)
     n, esize = tensor.numel(), tensor.element_size()
     algo = _algorithm(algorithm, n * esize, world)
     if n == 0:
-        L.put_plan(key, L.Plan("empty"))
+        put_plan(key, "empty")
         return dst
     buf = L.find_buffer(group)
     in_off = buf.byte_offset_of(tensor) if buf.symm_mem_hdl is not None else None
@@ -91,7 +97,7 @@ def all_reduce(tensor: torch.Tensor, group=None, *, out: torch.Tensor | None = N
         copy_out = in_place and in_off is not None
         res = L.region_after(buf, tensor) if copy_out else region
     if not L.symm_usable(buf, tensor.device, max(region, res) + n * esize):
-        L.put_plan(key, L.Plan("fallback"))
+        put_plan(key, "fallback")
         return _torch_all_reduce(dst, tensor, group)
     ctx = L.context(buf)
     cfg = config or default_config(n if algo == "one_shot" else -(-n // world), tensor.dtype, world)
@@ -101,17 +107,17 @@ def all_reduce(tensor: torch.Tensor, group=None, *, out: torch.Tensor | None = N
     aligned = L.aligned16(tensor.data_ptr(), dst.data_ptr(), base + region, base + res, n * esize)
     use_mm = L.multimem_eligible(ctx, tensor.dtype, base + region, base + res, n * esize,
                                  cfg.block_size * esize)
-    plan = L.Plan(
-        "launch", buf, L.kernel("all_reduce", "_all_reduce_kernel"),
+    plan = Launch(
+        OP, buf, _all_reduce_kernel,
         cfg.row_grid(cps, ctx.grid_cap), cfg.num_warps,
         (tensor.data_ptr(), dst.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
-         ctx.err_addr, ctx.grid_cap, region, res, n, cps, L.timeout_ns(timeout_s)),
+         ctx.err_addr, region, res, n, cps, env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[tensor.dtype], RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2,
              BLOCK_SIZE=cfg.block_size, TWO_SHOT=algo == "two_shot", STAGE_IN=in_off is None,
              COPY_OUT=copy_out, USE_MULTIMEM=use_mm, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx,
              ALIGNED=aligned))
-    L.put_plan(key, plan)
-    L.launch(buf, OP, plan)
+    put_plan(key, plan)
+    plan.launch()
     return dst
 
 
@@ -125,26 +131,26 @@ def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: 
     return ``rmsnorm(residual) * weight`` [H] (fp32 statistics) in ``out`` [S, H] (a new tensor
     when ``None``; it must not overlap ``input``, which is only read). ``algorithm`` as for
     :func:`all_reduce`."""
-    group = L.resolve_group(group)
+    group = resolve_group(group, "group")
     new_out = out is None
-    try:  # everything the launch decision depends on (see symmtriton._launch, launch plans)
+    try:  # everything the launch decision depends on (see symmtriton.ops.driver, plans)
         key = (OP_FUSED, group, _desc(input), _desc(residual), _desc(weight), _desc(out),
-               type(eps), eps, config, algorithm, L.timeout_key(timeout_s))
+               type(eps), eps, config, algorithm, env.timeout_key(timeout_s))
     except (AttributeError, TypeError):
         key = None
-    plan = L.get_plan(key) if key is not None else None
+    plan = get_plan(key)
     if plan is not None:
-        L.check_uniform(group, OP_FUSED, input=input, residual=residual, weight=weight)
+        _check_uniform(group, OP_FUSED, input=input, residual=residual, weight=weight)
         if out is None:
             out = torch.empty_like(input)
-        if plan.kind == "launch":
+        if plan.__class__ is Launch:
             if plan.var_index is None:
-                L.launch(plan.buf, OP_FUSED, plan)
+                plan.launch()
                 return out
             if _same_int_class(out.data_ptr(), plan.args[plan.var_index]):
-                L.launch(plan.buf, OP_FUSED, plan, out.data_ptr())
+                plan.launch(out.data_ptr())
                 return out
-        elif plan.kind == "empty":
+        elif plan == "empty":
             return out
         else:
             return _torch_fused(input, residual, weight, eps, group, out)
@@ -155,7 +161,7 @@ def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: 
     _validate(OP_FUSED, input, residual, weight, eps, 1, out, False)  # [S, H] on every rank
     if out is not None:
         check_distinct(OP_FUSED, "out", out, "input", input)
-    L.check_uniform(group, OP_FUSED, input=input, residual=residual, weight=weight)
+    _check_uniform(group, OP_FUSED, input=input, residual=residual, weight=weight)
     world = dist.get_world_size(group)
     S, H = input.shape
     esize = input.element_size()
@@ -167,7 +173,7 @@ def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: 
     if out is None:
         out = torch.empty_like(input)
     if S == 0 or H == 0:
-        L.put_plan(key, L.Plan("empty"))
+        put_plan(key, "empty")
         return out
     buf = L.find_buffer(group)
     in_off = buf.byte_offset_of(input) if buf.symm_mem_hdl is not None else None
@@ -178,7 +184,7 @@ def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: 
         res = L.region_after(buf, input, residual, weight, out)
     end = max(region, res) + S * H * esize
     if H > MAX_FUSED_HIDDEN or not L.symm_usable(buf, input.device, end):
-        L.put_plan(key, L.Plan("fallback"))
+        put_plan(key, "fallback")
         return _torch_fused(input, residual, weight, eps, group, out)
     ctx = L.context(buf)
     rps = S if algo == "one_shot" else -(-S // world)
@@ -189,19 +195,19 @@ def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: 
                and L.aligned16(weight.data_ptr(), H * weight.element_size()))
     use_mm = L.multimem_eligible(ctx, input.dtype, base + region, base + res, row_bytes,
                                  cfg.block_size * esize)
-    plan = L.Plan(
-        "launch", buf, L.kernel("all_reduce_rmsnorm", "_all_reduce_rmsnorm_kernel"),
+    plan = Launch(
+        OP_FUSED, buf, _all_reduce_rmsnorm_kernel,
         cfg.row_grid(rps, ctx.grid_cap), cfg.num_warps,
         (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(), ctx.buf_table,
-         ctx.sig_table, ctx.mc_addr, ctx.err_addr, ctx.grid_cap, region, res, S, H, rps,
-         float(eps), L.timeout_ns(timeout_s)),
+         ctx.sig_table, ctx.mc_addr, ctx.err_addr, region, res, S, H, rps, float(eps),
+         env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype], RANK=ctx.rank,
              WORLD_SIZE=world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
              TWO_SHOT=algo == "two_shot", STAGE_IN=in_off is None, USE_MULTIMEM=use_mm,
              SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
         var_index=var_index)
-    L.put_plan(key, plan)
-    L.launch(buf, OP_FUSED, plan)
+    put_plan(key, plan)
+    plan.launch()
     return out
 
 
@@ -234,5 +240,11 @@ def _torch_fused(input, residual, weight, eps, group, out):
     """The same computation through torch.distributed and torch ops (fp32 accumulation)."""
     acc = _torch_all_reduce(torch.empty(input.shape, dtype=torch.float32, device=input.device),
                             input, group)
-    residual.copy_((residual.float() + acc).to(residual.dtype))
-    return out.copy_(reference.rmsnorm(residual, weight, eps))
+    return torch_all_reduce_add_rmsnorm(acc, residual, weight, eps, out)
+
+
+def _check_uniform(group, op, **tensors):
+    # plans here are a Launch or the markers "empty" / "fallback" until this module moves onto
+    # the plan driver (ops/driver.py)
+    if env.check_uniform():
+        check_uniform(group, op, **tensors)

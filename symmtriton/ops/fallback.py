@@ -32,9 +32,20 @@ def torch_fused_rmsnorm(input, residual, weight, eps, group, out, all_gather: bo
     shard = torch.empty((input.shape[0] // world, input.shape[1]), dtype=torch.float32,
                         device=input.device)
     torch_reduce_scatter(shard, input.float(), group)  # input is contiguous and only read
-    residual.copy_((residual.float() + shard).to(residual.dtype))
-    normed = F.rms_norm(residual.float(), (residual.shape[-1],), weight.float(), eps)
-    normed = normed.to(residual.dtype)
+    normed = _add_rmsnorm(shard, residual, weight, eps)
     if all_gather:
         return torch_all_gather(out, normed, group)
     return out.copy_(normed)
+
+
+def _add_rmsnorm(total, residual, weight, eps):
+    """``residual += total`` (in place, rounded to its dtype), then RMSNorm with fp32
+    statistics (``torch.nn.functional.rms_norm``), in the residual's dtype."""
+    residual.copy_((residual.float() + total).to(residual.dtype))
+    normed = F.rms_norm(residual.float(), (residual.shape[-1],), weight.float(), eps)
+    return normed.to(residual.dtype)
+
+
+def torch_all_reduce_add_rmsnorm(total, residual, weight, eps, out):
+    """The all-reduce fused op's tail, after the fp32 sum ``total``: add, RMSNorm, into ``out``."""
+    return out.copy_(_add_rmsnorm(total, residual, weight, eps))
