@@ -7,9 +7,10 @@ from __future__ import annotations
 import functools
 import inspect
 
-from . import _launch as L
+from .context import context
 from .kernels import protocol as _protocol
-from .memory import SymmetricMemoryManager
+from .memory import SymmetricMemoryManager, resolve_group
+from .sync import CollectiveTimeoutError
 
 
 def call_failed(group) -> None:
@@ -19,7 +20,7 @@ def call_failed(group) -> None:
     next calls pairing with the wrong partner (kernels/barrier.py). A no-op without a usable
     buffer for ``group``."""
     try:
-        group = L.resolve_group(group)
+        group = resolve_group(group, "group")
     except Exception:  # the group itself was the bad argument
         return
     # the buffer the op would have used (find_buffer's choice), never a new one: creating one
@@ -29,7 +30,7 @@ def call_failed(group) -> None:
     hdl = buf.symm_mem_hdl if buf is not None else None
     if hdl is None or hdl.world_size == 1:
         return
-    ctx = L.context(buf)
+    ctx = context(buf)
     seq = _protocol.SEQ0
     hdl.signal_pad(hdl.rank)[seq:seq + ctx.grid_cap].add_(_protocol.SKIP_BUMP)
 
@@ -43,7 +44,7 @@ def counts_calls(op):
     def wrapper(*args, **kwargs):
         try:
             return op(*args, **kwargs)
-        except L.CollectiveTimeoutError:
+        except CollectiveTimeoutError:
             raise  # the buffer is failed already; nothing to pair with
         except Exception:
             try:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from . import env
+from .kernels import protocol as _protocol
 from .memory import SymmetricMemoryBuffer, SymmetricMemoryManager
 from .validation import REDUCE_DTYPES
 
 ALIGN = 16
-PAD_RESERVED_WORDS = 2  # kernels/barrier.py SLOT0: the host clock
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ def context(buf: SymmetricMemoryBuffer) -> Ctx:
     if ctx is not None and ctx.buf is buf:
         return ctx
     hdl = buf.symm_mem_hdl
-    # SLOT0 + blocks * world_size barrier slots must fit (kernels/barrier.py)
-    cap = (hdl.signal_pad_slots - PAD_RESERVED_WORDS) // hdl.world_size
+    # a counter and world_size barrier slots per block must fit (kernels/protocol.py)
+    cap = _protocol.grid_cap(hdl.signal_pad_slots, hdl.world_size)
     if hdl.grid_limit is not None:
         cap = min(cap, hdl.grid_limit)
     if cap < 1:

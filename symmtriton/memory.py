@@ -29,7 +29,7 @@ logger = logging.getLogger("symmtriton")
 _MIB = 1024 * 1024
 
 #: callbacks ``hook(buf)`` run when a buffer is created, closed or destroyed, so caches derived
-#: from buffers (symmtriton._launch's launch plans) never outlive them.
+#: from buffers (symmtriton.ops.driver's plans) never outlive them.
 _invalidation_hooks: list = []
 
 

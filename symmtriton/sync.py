@@ -13,11 +13,17 @@ from __future__ import annotations
 import torch
 
 from . import env
+from .kernels import protocol as _protocol
 from .memory import SymmetricMemoryBuffer, SymmetricMemoryManager, resolve_group
 
 
 class CollectiveTimeoutError(RuntimeError):
     """A barrier gave up waiting: some ranks did not reach the collective in time."""
+
+
+class CollectiveMismatchError(CollectiveTimeoutError):
+    """The ranks are out of step: a rank skipped a call (e.g. one that raised on that rank only)
+    or made an extra one, so calls would have paired with another rank's different call."""
 
 
 def status_view(buf: SymmetricMemoryBuffer):
@@ -47,6 +53,12 @@ def check_status(buf: SymmetricMemoryBuffer, op: str) -> None:
 def raise_timeout(buf: SymmetricMemoryBuffer, op: str, missing: int) -> None:
     """Raise the error for status word ``missing`` (one bit per rank the barrier missed)."""
     ranks = [r for r in range(buf.world_size) if missing >> r & 1]
+    if missing & _protocol.MISMATCH_BIT:
+        raise CollectiveMismatchError(
+            f"{op}: rank {buf.rank} is out of step with ranks {ranks}: a rank skipped a call "
+            "(one that raised on that rank only) or made an extra one; results of that call are "
+            "invalid. Destroy the buffer (SymmetricMemoryManager.destroy) before using "
+            "symmetric memory again")
     raise CollectiveTimeoutError(
         f"{op}: rank {buf.rank} timed out in a barrier waiting for ranks {ranks} "
         f"({env.TIMEOUT_S} or timeout=); results of that call are invalid. Destroy the buffer "

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
-from symmtriton import _launch as L
+from symmtriton import context as L
 from symmtriton import reference
 from symmtriton.config import LaunchConfig
 from symmtriton.kernels import protocol as P

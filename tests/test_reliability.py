@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton import reference
-from symmtriton.context import PAD_RESERVED_WORDS
+from symmtriton.context import context
 from symmtriton.backends.host import SHM_PREFIX, list_segments
 from symmtriton.kernels.protocol import ERR_WORD, SEQ0
 from symmtriton.testing import CPU_ENV, WorkerPool, device, random_bits, sync, tagged

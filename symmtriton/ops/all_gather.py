@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from .. import env
+from .._calls import counts_calls
 from ..config import CONFIG_OP, LaunchConfig, bit_unit
 from ..context import aligned16, context, find_buffer, multimem_eligible, offset_in, region_after, symm_usable
 from ..kernels.all_gather import _all_gather_kernel
@@ -67,7 +68,7 @@ def _kernel_launch(ctx, cfg: LaunchConfig, output, input, unit, n, region, copy_
     return Launch(
         OP.name, ctx.buf, _all_gather_kernel, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
         (input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
-         ctx.err_addr, region, n, env.timeout_ns(timeout_s)),
+         ctx.err_addr, ctx.grid_cap, region, n, env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[unit], RANK=ctx.rank, WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2,
              BLOCK_SIZE=cfg.block_size, COPY_OUT=copy_out, USE_MULTIMEM=use_mm,
              SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned))

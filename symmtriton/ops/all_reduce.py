@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .. import env
+from .._calls import counts_calls
 from .. import context as L
 from ..kernels.all_reduce import _all_reduce_kernel
 from ..kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel
@@ -111,7 +112,7 @@ def all_reduce(tensor: torch.Tensor, group=None, *, out: torch.Tensor | None = N
         OP, buf, _all_reduce_kernel,
         cfg.row_grid(cps, ctx.grid_cap), cfg.num_warps,
         (tensor.data_ptr(), dst.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
-         ctx.err_addr, region, res, n, cps, env.timeout_ns(timeout_s)),
+         ctx.err_addr, ctx.grid_cap, region, res, n, cps, env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[tensor.dtype], RANK=ctx.rank, WORLD_SIZE=world, WORLD_P2=ctx.world_p2,
              BLOCK_SIZE=cfg.block_size, TWO_SHOT=algo == "two_shot", STAGE_IN=in_off is None,
              COPY_OUT=copy_out, USE_MULTIMEM=use_mm, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx,
@@ -199,8 +200,8 @@ def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: 
         OP_FUSED, buf, _all_reduce_rmsnorm_kernel,
         cfg.row_grid(rps, ctx.grid_cap), cfg.num_warps,
         (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(), ctx.buf_table,
-         ctx.sig_table, ctx.mc_addr, ctx.err_addr, region, res, S, H, rps, float(eps),
-         env.timeout_ns(timeout_s)),
+         ctx.sig_table, ctx.mc_addr, ctx.err_addr, ctx.grid_cap, region, res, S, H, rps,
+         float(eps), env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype], RANK=ctx.rank,
              WORLD_SIZE=world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
              TWO_SHOT=algo == "two_shot", STAGE_IN=in_off is None, USE_MULTIMEM=use_mm,

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .. import env
+from .._calls import counts_calls
 from ..config import CONFIG_OP, MAX_FUSED_HIDDEN, LaunchConfig
 from ..context import aligned16, context, find_buffer, multimem_eligible, offset_in, region_after, symm_usable
 from ..kernels.fused_rmsnorm import _fused_rmsnorm_kernel
@@ -169,7 +170,7 @@ def _kernel_launch(op, ctx, cfg: LaunchConfig, args, out, region, stage_in, copy
     return Launch(
         op, ctx.buf, _fused_rmsnorm_kernel, cfg.row_grid(s, ctx.grid_cap), cfg.num_warps,
         (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(),
-         ctx.buf_table, ctx.sig_table, ctx.mc_addr, ctx.err_addr, region, s, H, float(eps),
+         ctx.buf_table, ctx.sig_table, ctx.mc_addr, ctx.err_addr, ctx.grid_cap, region, s, H, float(eps),
          env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype],
              RANK=ctx.rank, WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
@@ -182,6 +183,7 @@ RS_ADD_RMSNORM_AG = FusedRmsnorm("reduce_scatter_add_rmsnorm_all_gather", all_ga
 RS_ADD_RMSNORM = FusedRmsnorm("reduce_scatter_add_rmsnorm", all_gather=False)
 
 
+@counts_calls
 def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.Tensor,
                                           weight: torch.Tensor, eps: float = 1e-6, group=None,
                                           out: torch.Tensor | None = None, *,
@@ -201,6 +203,7 @@ def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.T
     return call(RS_ADD_RMSNORM_AG, group, config, timeout_s, (input, residual, weight, eps, out))
 
 
+@counts_calls
 def reduce_scatter_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                                eps: float = 1e-6, group=None, out: torch.Tensor | None = None, *,
                                config: LaunchConfig | None = None,
