@@ -46,7 +46,9 @@ def counts_calls(op):
             return op(*args, **kwargs)
         except CollectiveTimeoutError:
             raise  # the buffer is failed already; nothing to pair with
-        except Exception:
+        except Exception as exc:
+            if getattr(exc, "launched", False):
+                raise  # raised by a call every rank made (counts.counts_error): not skipped
             try:
                 group = sig.bind(*args, **kwargs).arguments.get("group")
             except TypeError:

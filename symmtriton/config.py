@@ -29,6 +29,9 @@ CONFIG_OP = {
     "reduce_scatter_tensor": "reduce_scatter",               # kernels/reduce_scatter.py
     "reduce_scatter_add_rmsnorm_all_gather": "fused",        # kernels/fused_rmsnorm.py
     "reduce_scatter_add_rmsnorm": "fused",                   # kernels/fused_rmsnorm.py
+    # the variable-count kernels chunk rows as the uniform ones do: their configs, by capacity
+    "all_gather_v": "all_gather",                            # kernels/all_gather_v.py
+    "reduce_scatter_v": "reduce_scatter",                    # kernels/reduce_scatter_v.py
 }
 
 

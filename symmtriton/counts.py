@@ -57,14 +57,19 @@ def clamp(counts: list[int], cap_each: int, cap_total: int):
     return starts, ns, code
 
 
-def counts_error(op: str, counts, code: int, each: str, total: str) -> ValueError:
-    """The error for error bits ``code``; ``each``/``total`` name the capacities."""
+def counts_error(op: str, counts, code: int, each: str, total: str, *,
+                 launched: bool = False) -> ValueError:
+    """The error for error bits ``code``; ``each``/``total`` name the capacities. ``launched``:
+    raised by the call that moved the clamped rows (host backend, fallback), which every rank
+    made: its ``launched`` attribute tells ``_calls.counts_calls`` not to count it as skipped."""
     values = counts.tolist() if isinstance(counts, torch.Tensor) else counts
     why = [w for bit, w in ((COUNT_NEGATIVE, "a count is negative"),
                             (COUNT_OVER_EACH, f"a count exceeds {each}"),
                             (COUNT_OVER_TOTAL, f"sum(counts) exceeds {total}")) if code & bit]
-    return ValueError(f"{op}: counts {values} overflow: {'; '.join(why)}. The kernel clamped them "
-                      "(nothing was written out of bounds); the rows moved are incomplete")
+    err = ValueError(f"{op}: counts {values} overflow: {'; '.join(why)}. The kernel clamped them "
+                     "(nothing was written out of bounds); the rows moved are incomplete")
+    err.launched = launched
+    return err
 
 
 def remember(buf, op: str, counts: torch.Tensor, each: str, total: str) -> None:
@@ -72,11 +77,13 @@ def remember(buf, op: str, counts: torch.Tensor, each: str, total: str) -> None:
     buf._counts_call = (op, counts, each, total)
 
 
-def check_error(buf, status, where: str | None = None) -> None:
-    """Raise the recorded counts error of ``buf`` (``status``: its status word view), once."""
+def check_error(buf, status, where: str | None = None, *, launched: bool = False) -> None:
+    """Raise the recorded counts error of ``buf`` (``status``: its status word view), once;
+    ``launched``: right after the launch that set it (see :func:`counts_error`)."""
     code = int(status[COUNTS_ERROR_WORD])
     if not code:
         return
     status[COUNTS_ERROR_WORD] = 0
     op, counts, each, total = getattr(buf, "_counts_call", ("collective", [], "?", "?"))
-    raise counts_error(op if where is None else f"{where} ({op})", counts, code, each, total)
+    raise counts_error(op if where is None else f"{where} ({op})", counts, code, each, total,
+                       launched=launched)

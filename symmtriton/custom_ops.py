@@ -44,8 +44,10 @@ from .memory import resolve_group
 from .ops import all_reduce as _all_reduce
 from .ops import fused
 from .ops.all_gather import all_gather_into_tensor as _all_gather_into_tensor
+from .ops.all_gather_v import all_gather_v as _all_gather_v
 from .ops.driver import group_name
 from .ops.reduce_scatter import reduce_scatter_tensor as _reduce_scatter_tensor
+from .ops.reduce_scatter_v import reduce_scatter_v as _reduce_scatter_v
 
 NAMESPACE = "symmtriton"
 
@@ -218,9 +220,7 @@ def all_gather_v(output: list[torch.Tensor], input: list[torch.Tensor], counts: 
                  group_name: str) -> None:
     """:func:`symmtriton.all_gather_v` of the tensor pairs ``output[i]``/``input[i]`` (one
     launch) on the group named ``group_name``; writes every ``output[i]``."""
-    from .ops.all_gather_v import all_gather_v as impl
-
-    impl(list(output), list(input), counts, resolve_group(group_name))
+    _all_gather_v(list(output), list(input), counts, group_from_name(group_name))
 
 
 @all_gather_v.register_fake
@@ -233,9 +233,7 @@ def reduce_scatter_v(output: torch.Tensor, input: torch.Tensor, counts: torch.Te
                      group_name: str) -> None:
     """:func:`symmtriton.reduce_scatter_v` (sum) on the group named ``group_name``; writes
     ``output``."""
-    from .ops.reduce_scatter_v import reduce_scatter_v as impl
-
-    impl(output, input, counts, resolve_group(group_name))
+    _reduce_scatter_v(output, input, counts, group_from_name(group_name))
 
 
 @reduce_scatter_v.register_fake

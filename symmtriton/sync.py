@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import counts as _counts
 from . import env
 from .kernels import protocol as _protocol
 from .memory import SymmetricMemoryBuffer, SymmetricMemoryManager, resolve_group
@@ -48,6 +49,8 @@ def check_status(buf: SymmetricMemoryBuffer, op: str) -> None:
     status = status_view(buf)
     if status is not None and status[0]:
         raise_timeout(buf, op, int(status[0]))
+    if status is not None:
+        _counts.check_error(buf, status, op)
 
 
 def raise_timeout(buf: SymmetricMemoryBuffer, op: str, missing: int) -> None:

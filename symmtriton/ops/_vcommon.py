@@ -2,37 +2,48 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import triton.language as tl
 
-from .. import _launch as L
 from .. import counts as C
-from ._common import current
+from ..launch import Launch
+from .driver import STALE, ConfigChoice
 
 TL_COUNTS = {torch.int32: tl.int32, torch.int64: tl.int64}
 
 
-def desc(t: torch.Tensor):
-    """What a plan depends on of tensor ``t``."""
-    return (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
+@dataclass(eq=False)
+class CountsPlan:
+    """The plan of a variable-count op (args ``(output, input, counts)``): launch ``kernel``
+    (keeping ``table``, the tensor table it reads, alive), or run ``fallback(*args, group)``.
+    ``each``/``total`` name the capacities in a counts error."""
 
+    kernel: Launch | None = None
+    choice: ConfigChoice | None = None
+    fallback: Callable | None = None
+    group: object = None
+    each: str = ""
+    total: str = ""
+    table: torch.Tensor | None = None
 
-def run(plan, op: str, config, counts: torch.Tensor, fallback, *args) -> bool:
-    """Run a variable-count plan (``plan.extra = (lookup args, kwargs, config, each, total)``);
-    ``False`` when it is stale (a config tuned since) and must be rebuilt. Raises the counts
-    error of an earlier call before launching (GPU), and of this one after (host backend)."""
-    if plan.kind == "fallback":
-        fallback(*args)
-        return True
-    if not current(plan, config):
-        return False
-    buf, status = plan.buf, plan.status
-    C.check_error(buf, status)
-    C.remember(buf, op, counts, plan.extra[3], plan.extra[4])
-    L.launch(buf, op, plan)
-    if plan.sync_check:
-        C.check_error(buf, status)
-    return True
+    def run(self, args, config):
+        """Raises the counts error of an earlier call before launching (GPU), and of this one
+        after (host backend: synchronous)."""
+        if self.fallback is not None:
+            self.fallback(*args, self.group)
+            return args[0]
+        if not self.choice.current():
+            return STALE
+        kern = self.kernel
+        C.check_error(kern.buf, kern.status)
+        C.remember(kern.buf, kern.op, args[2], self.each, self.total)
+        kern.launch()
+        if kern.sync_check:
+            C.check_error(kern.buf, kern.status, launched=True)
+        return args[0]
 
 
 def clamp_or_raise(op: str, counts: torch.Tensor, cap_each: int, cap_total: int, each: str,
@@ -43,7 +54,7 @@ def clamp_or_raise(op: str, counts: torch.Tensor, cap_each: int, cap_total: int,
 
     def raise_after():
         if code:
-            raise C.counts_error(op, counts, code, each, total)
+            raise C.counts_error(op, counts, code, each, total, launched=True)
     return starts, ns, raise_after
 
 
