@@ -25,6 +25,16 @@ def torch_reduce_scatter(output: torch.Tensor, input: torch.Tensor, group) -> to
     return output
 
 
+def torch_all_reduce(output: torch.Tensor, input: torch.Tensor, group) -> torch.Tensor:
+    """The sum of ``input`` over ``group`` into ``output`` (an fp32 all-reduce; ``input`` only
+    read)."""
+    acc = input.to(torch.float32, copy=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        dist.all_reduce(acc, group=group)
+    return output.copy_(acc)
+
+
 def torch_fused_rmsnorm(input, residual, weight, eps, group, out, all_gather: bool):
     """Reduce-scatter ``input`` (fp32), add to ``residual`` in place, RMSNorm with fp32
     statistics (``torch.nn.functional.rms_norm``), then all-gather into ``out`` (or copy)."""

@@ -13,8 +13,10 @@ between its row-parallel output projection and the next column-parallel matmul::
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -70,22 +72,22 @@ def _same_int_class(a: int, b: int) -> bool:
 
 @dataclass(eq=False)
 class FusedPlan:
-    """The plan of a fused call (args ``(input, residual, weight, eps, out)``): launch
-    ``kernel``, or run the torch fallback (``fallback``), or neither (empty input). With
+    """The plan of a row-wise RMSNorm call (args ``(input, residual, weight, eps, out, ...)``:
+    the fused ops here, ``all_reduce_add_rmsnorm``): launch ``kernel``, or run
+    ``fallback(input, residual, weight, eps, group, out)``, or neither (empty input). With
     ``out=None`` the call allocates ``out_shape`` per call and passes its pointer to the kernel
-    (``kernel.var_index``); ``fresh_out`` is the ``out`` that :meth:`FusedRmsnorm.prepare`
-    allocated to decide the plan, used by the first run."""
+    (``kernel.var_index``); ``fresh_out`` is the ``out`` that ``prepare`` allocated to decide
+    the plan, used by the first run."""
 
-    all_gather: bool
     out_shape: tuple
     group: object
     kernel: Launch | None = None
     choice: ConfigChoice | None = None
-    fallback: bool = False
+    fallback: Callable | None = None
     fresh_out: torch.Tensor | None = None
 
     def run(self, args, config):
-        input, residual, weight, eps, out = args
+        input, residual, weight, eps, out = args[:5]
         if out is None:
             out, self.fresh_out = self.fresh_out, None
             if out is None:
@@ -100,8 +102,8 @@ class FusedPlan:
                 kl.launch(out.data_ptr())
             else:
                 return STALE
-        elif self.fallback:
-            torch_fused_rmsnorm(input, residual, weight, eps, self.group, out, self.all_gather)
+        elif self.fallback is not None:
+            self.fallback(input, residual, weight, eps, self.group, out)
         return out
 
 
@@ -128,7 +130,7 @@ class FusedRmsnorm(Collective):
         input, residual, weight, eps, out = args
         world = dist.get_world_size(group)
         S, H = input.shape
-        plan = FusedPlan(self.all_gather, (S, H) if self.all_gather else (S // world, H), group)
+        plan = FusedPlan((S, H) if self.all_gather else (S // world, H), group)
         new_out = out is None
         if new_out:
             out = plan.fresh_out = torch.empty(plan.out_shape, dtype=input.dtype, device=input.device)
@@ -146,7 +148,7 @@ class FusedRmsnorm(Collective):
             region = region_after(buf, residual, weight, out)
         if H > MAX_FUSED_HIDDEN or not symm_usable(buf, input.device,
                                                    region + S * H * input.element_size()):
-            plan.fallback = True
+            plan.fallback = functools.partial(torch_fused_rmsnorm, all_gather=self.all_gather)
             return plan
         ctx = context(buf)
         plan.choice = choose_config(config, self.config_op, (S // world) * H, input.dtype, world,
