@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 import math
 import operator
-import os
 
 import torch
 import torch.distributed as dist
 
 from . import backends
+from . import env
 from .backends import cuda as cuda_backend
 from .backends import host as host_backend
 
@@ -152,8 +152,8 @@ class SymmetricMemoryBuffer:
     def _allocate_local(self):
         """(this rank's memory, None) or (None, the reason it could not be had)."""
         try:
-            if os.environ.get("SYMMTRITON_DISABLE", "") == "1":
-                raise RuntimeError("disabled by SYMMTRITON_DISABLE=1")
+            if env.disabled():
+                raise RuntimeError(f"disabled by {env.DISABLE}=1")
             if self.backend == "cuda":
                 return cuda_backend.allocate_local(self.nbytes, self.device), None
             return host_backend.allocate_local(self.nbytes), None

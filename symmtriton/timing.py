@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .validation import check_count
+from .validation import check_count, check_warmup
 
 
 def group_device(group) -> torch.device:
@@ -85,8 +85,7 @@ def median_time(fn: Callable[[], object], *, iters: int, warmup: int, device: to
     agree (MAX over ``group``), so every rank makes the same number of calls: ``fn`` may be a
     collective."""
     check_count("iters", iters)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    check_warmup(warmup)
     first = iters if group is None or min_iters is None else min(check_count("min_iters", min_iters), iters)
     for _ in range(warmup):
         fn()

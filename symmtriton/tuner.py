@@ -39,7 +39,7 @@ from .context import find_buffer
 from .memory import resolve_group
 from .timing import CaptureError, all_reduce_max, graph_time, group_barrier, group_device, median_time
 from .tuning import cache_key, device_name, dtype_name, launch_key, store_winner
-from .validation import check_count
+from .validation import check_count, check_warmup
 from .workloads import make_workload
 
 # ------------------------------------------------------------------------------------------------
@@ -201,9 +201,7 @@ def tune(op: str, numel: int, dtype: torch.dtype, group=None,
         raise ValueError("mode 'graph' needs the cuda backend (CUDA graphs)")
     check_count("graph_iters", graph_iters)
     iters = (20 if on_gpu else 2) if iters is None else check_count("iters", iters)
-    warmup = (5 if on_gpu else 1) if warmup is None else warmup
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    warmup = (5 if on_gpu else 1) if warmup is None else check_warmup(warmup)
 
     # 1. agree on the arguments before anything is launched.
     signature = (op, numel, dtype_name(dtype), placement, hidden, iters, warmup, mode, graph_iters,

@@ -6,17 +6,17 @@ Selection: ``SYMMTRITON_BACKEND=cuda|host`` wins; otherwise ``cuda`` when CUDA i
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .. import env
+
 BACKENDS = ("cuda", "host")
-ENV_BACKEND = "SYMMTRITON_BACKEND"
+ENV_BACKEND = env.BACKEND
 
 
 def select_backend() -> str:
     """The backend new buffers use in this process."""
-    forced = os.environ.get(ENV_BACKEND, "").strip().lower()
+    forced = env.backend()
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"{ENV_BACKEND}={forced!r}: expected one of {', '.join(BACKENDS)}")

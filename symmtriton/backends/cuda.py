@@ -51,7 +51,6 @@ class CudaHandle(SymmHandle):
         infos: list = [None] * world
         dist.all_gather_object(infos, (delta, where), group=group)
         deltas = [d for d, _ in infos]
-        self.pool_offsets = deltas
         # Per-block barriers need every rank's block b running at once. Ranks that share a GPU
         # share its SMs: one block per SM each is surely co-resident, so split the SMs.
         self.ranks_on_device = sum(1 for _, w in infos if w == where)
