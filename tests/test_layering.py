@@ -13,7 +13,7 @@ PKG = ROOT / "symmtriton"
 #: tools: above the runtime (benchmark, tuner, demo, test harness, test oracle).
 TOOLS = {"symmtriton.tuner", "symmtriton.timing", "symmtriton.workloads", "symmtriton.bench",
          "symmtriton.bench_report", "symmtriton.bench_options", "symmtriton.bench_baselines",
-         "symmtriton.demo", "symmtriton.testing",
+         "symmtriton.demo", "symmtriton.testing", "symmtriton.testing_helpers",
          "symmtriton.reference", "symmtriton.__main__"}
 
 
@@ -97,7 +97,7 @@ def test_runtime_never_imports_tools():
 
 
 #: tool files still over the limit (owned elsewhere: to split), listed so that no other grows past it.
-OVERSIZE_TOOLS = {"bench.py", "testing.py"}
+OVERSIZE_TOOLS: set = set()
 
 
 def test_no_host_file_over_350_lines():

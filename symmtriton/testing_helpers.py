@@ -1,0 +1,178 @@
+"""Helpers for the functions that run on the workers of :mod:`symmtriton.testing` (which
+re-exports them: tests import them from there): the worker's device, rank-tagged operands, the
+sm_90/sm_100 compile check, validation and CUDA-graph checks."""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import backend_device, select_backend
+
+
+def device():
+    """The device this worker's collectives use (the backend's)."""
+    return backend_device(select_backend())
+
+
+def tagged(numel: int, dtype, rank: int, salt: int = 0, *, bound: int = 6):
+    """Rank-tagged integer values in ``[-bound, bound]``: sums over up to ``(256 // bound)``
+    ranks stay exact in bf16, fp16 and fp32, so reductions can be checked exactly.
+
+    Element ``i`` is ``(7 i + rank + 5 salt) mod (2 bound + 1) - bound``: periodic in ``i``,
+    so one period is built and tiled on the device (no ``numel``-sized int64 temporaries: the
+    bench fills GiB-sized operands with it)."""
+    period = 2 * bound + 1
+    one = torch.arange(period, dtype=torch.int64, device="cpu")
+    one = (one * 7 + rank + 5 * salt) % period - bound
+    return one.to(dtype).to(device()).repeat(-(-numel // period))[:numel]
+
+
+def random_bits(numel: int, dtype, rank: int, salt: int = 0):
+    """Reproducible random bit patterns of ``dtype`` for rank ``rank`` (NaN payloads included):
+    a bit copy must reproduce them exactly."""
+    esize = dtype.itemsize
+    g = torch.Generator().manual_seed(1_000_003 * rank + salt)
+    raw = torch.randint(0, 256, (numel * esize,), dtype=torch.uint8, generator=g, device="cpu")
+    return raw.view(dtype).to(device())
+
+
+def sync():
+    if torch.cuda.is_available() and device().type == "cuda":
+        torch.cuda.synchronize()
+
+
+#: runtime arguments that are not int64 addresses or offsets, by name.
+_ARG_TYPES = {"n": "i32", "s": "i32", "H": "i32", "eps": "fp32"}
+
+
+def compile_for_target(kernel, capability: int, **constexprs):
+    """Compile a symmtriton kernel for ``sm_<capability>`` with Triton's bundled ptxas (works on
+    a machine without a GPU, in a process without ``TRITON_INTERPRET``). With ``ALIGNED`` every
+    integer argument is compiled as divisible by 16, as Triton specializes a launch whose
+    addresses, offsets and counts are (the common case: element counts that are multiples of
+    16). Returns the compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, attrs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = _ARG_TYPES.get(name, "i64")
+            if signature[name] != "fp32" and constexprs.get("ALIGNED"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32))
+
+
+def buffer_without_symmetric_memory(key: str = "tp", group=None):
+    """``SymmetricMemoryManager.get_buffer(key)`` created with symmetric memory switched off
+    (``SYMMTRITON_DISABLE=1`` while it is made): the collectives then take their
+    torch.distributed fallback."""
+    import os
+
+    import torch.distributed as dist
+
+    from .memory import SymmetricMemoryManager
+
+    os.environ["SYMMTRITON_DISABLE"] = "1"
+    try:
+        return SymmetricMemoryManager.get_buffer(key, group or dist.group.WORLD)
+    finally:
+        os.environ.pop("SYMMTRITON_DISABLE")
+
+
+def errors_without_launch(cases: dict) -> dict:
+    """Run ``cases`` (name -> (call, exception type, text the message must hold)); returns name ->
+    ``True`` or what went wrong, plus ``"no launch"``: whether no kernel was launched meanwhile."""
+    from .launch import Launch
+
+    launches = []
+    real = Launch.launch
+    Launch.launch = lambda kl, var=None: launches.append(kl.op) or real(kl, var)
+    res = {}
+    try:
+        for name, (call, exc, fragment) in cases.items():
+            try:
+                call()
+                res[name] = "no error"
+            except exc as e:
+                res[name] = fragment in str(e) or str(e)
+    finally:
+        Launch.launch = real
+    res["no launch"] = launches == []
+    return res
+
+
+def captured(body):
+    """``body()`` run once on a side stream (compiles kernels, makes plans), then captured in a
+    new CUDA graph, which is returned (``graph.replay()`` runs ``body`` again)."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        body()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        body()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph
+
+
+def replay_with_counts(graph, counts, schedules, refill, check, bad_counts) -> list:
+    """Replay ``graph`` (a variable-count collective captured once) for each schedule: write it
+    into ``counts``, ``refill(i)`` the inputs, replay, and ``check(i, schedule)`` the results;
+    then replay with ``bad_counts``, which ``symmtriton.synchronize`` must report as a
+    ``ValueError`` naming them. Returns the failures (empty when all went right)."""
+    import torch
+
+    import symmtriton as st
+
+    failures = []
+    for i, sched in enumerate(schedules):
+        counts.copy_(torch.tensor(sched))
+        refill(i)
+        graph.replay()
+        torch.cuda.synchronize()
+        if not check(i, sched):
+            failures.append(sched)
+    counts.copy_(torch.tensor(bad_counts))
+    graph.replay()
+    try:
+        st.synchronize()
+        failures.append("no counts error")
+    except ValueError as exc:
+        if f"counts {list(bad_counts)}" not in str(exc):
+            failures.append(str(exc))
+    return failures
+
+
+def raised_by(fn, cases: dict) -> dict:
+    """``{name: exception class name or None}`` for ``fn(*args)`` over ``cases`` ``{name: args}``
+    (validation tests: each call must raise before launching anything)."""
+    raised = {}
+    for name, args in cases.items():
+        try:
+            fn(*args)
+            raised[name] = None
+        except (TypeError, ValueError) as exc:
+            raised[name] = type(exc).__name__
+    return raised
+
+
+def value_error_of(fn) -> str:
+    """The message of the ``ValueError`` that ``fn()`` raises, at once or (GPU: launches are
+    asynchronous) at the following ``symmtriton.synchronize()``; ``""`` when none does."""
+    import symmtriton as st
+
+    try:
+        fn()
+        sync()
+        st.synchronize()
+    except ValueError as exc:
+        return str(exc)
+    return ""
