@@ -23,6 +23,12 @@ CONFIG_KEYS = ("block_size", "num_warps", "max_blocks")
 #: The op vocabulary of launch configs, one name per kernel: the tuning cache's ``"op"``, the
 #: bench's ``--ops``, the tuner's ``op``. Public functions that share a kernel share its name.
 OPS = ("all_gather", "reduce_scatter", "fused")
+#: public functions the bench also measures (``--ops``) that have no tuning-cache entry of their
+#: own (all-reduce: ``default_config``; the v ops: the all-gather's / reduce-scatter's entries):
+#: the bench's vocabulary is ``OPS + UNTUNED_OPS``, spelled as the functions are named.
+UNTUNED_OPS = ("all_reduce", "all_reduce_add_rmsnorm", "all_gather_v", "reduce_scatter_v")
+#: ops whose operands are rows ``[S, H]``: they take a ``hidden`` (see :func:`check_hidden`).
+ROW_OPS = ("fused", "all_reduce_add_rmsnorm", "all_gather_v", "reduce_scatter_v")
 #: public function -> the config name of its kernel (kernels/<file>.py).
 CONFIG_OP = {
     "all_gather_into_tensor": "all_gather",                  # kernels/all_gather.py
@@ -43,17 +49,18 @@ def check_op(op) -> str:
 
 
 def check_hidden(op: str, numel: int, hidden) -> int | None:
-    """``hidden`` (the fused op's row length ``H``: required there, dividing ``numel``; ``None``
-    for the other ops), or ``ValueError`` naming the bad value."""
-    if op != "fused":
+    """``hidden`` (the row length ``H`` of a row op, :data:`ROW_OPS`: required there, dividing
+    ``numel``; ``None`` for the other ops), or ``ValueError`` naming the bad value."""
+    if op not in ROW_OPS:
         if hidden is not None:
-            raise ValueError(f"hidden applies to the fused op only, got hidden={hidden!r} for {op!r}")
+            raise ValueError(f"hidden applies to the row ops ({', '.join(ROW_OPS)}) only, got "
+                             f"hidden={hidden!r} for {op!r}")
         return None
     if hidden is None:
-        raise ValueError("op 'fused' needs hidden (the row length H of its [S, H] input)")
+        raise ValueError(f"op {op!r} needs hidden (the row length H of its [S, H] operands)")
     check_count("hidden", hidden)
     if numel % hidden:
-        raise ValueError(f"fused: numel {numel} is not a multiple of hidden {hidden}")
+        raise ValueError(f"{op}: numel {numel} is not a multiple of hidden {hidden}")
     return hidden
 
 
