@@ -17,11 +17,14 @@ slowest rank). Times: CUDA events on the GPU, ``time.perf_counter`` on the CPU, 
 spread above ``--max-spread``); ``graph`` mode captures ``--graph-iters`` calls in one CUDA
 graph and reports a replay's time divided by that count.
 
-Sizes are nccl-tests' ``size``: the gathered output (all-gather), the full input
-(reduce-scatter, fused); ``algbw = size / time``, ``busbw = algbw * (W-1)/W`` (all-gather,
-reduce-scatter) or ``algbw * 2(W-1)/W`` (fused: a reduce-scatter plus an all-gather, like an
-all-reduce). Efficiency compares a row with the copy bandwidth to a peer GPU when the ranks are
-on different GPUs (measured once at start), else with a local copy. The exit status is 1 when a
+Sizes are nccl-tests' ``size``: the gathered output (all-gather, all-gather-v), the full input
+(reduce-scatter, reduce-scatter-v, fused), the tensor (all-reduce, all-reduce fused);
+``algbw = size / time``, ``busbw = algbw * (W-1)/W`` (the gathers and scatters) or
+``algbw * 2(W-1)/W`` (all-reduce, and the fused ops: a reduce-scatter plus an all-gather). The
+variable-count ops run once per count distribution of ``--v-counts`` (column ``variant``); the
+all-reduce rows name the algorithm their size picks by default (one_shot, two_shot).
+Efficiency compares a row with the copy bandwidth to a peer GPU when the ranks are on different
+GPUs (measured once at start), else with a local copy. The exit status is 1 when a
 row's check failed on some rank.
 """
 
@@ -41,6 +44,7 @@ import triton
 import symmtriton
 
 from . import timing, tuner, tuning, workloads
+from .config import CONFIG_KEYS, OPS, all_reduce_algorithm
 from .backends import select_backend
 from .bench_baselines import Baselines, nccl_version, peer_copy_gbs, shape_for, topology
 from .bench_options import BenchOptions, parse_options
@@ -97,7 +101,7 @@ def init_distributed(backend: str = "auto"):
 def tune_sweep(opts: BenchOptions, group, ops, note, log) -> None:
     """``--tune``: autotune every op, dtype and size of the sweep (writes the tuning cache)."""
     world, dev = dist.get_world_size(group), _device()
-    for op in ops:
+    for op in (op for op in ops if op in OPS):  # the others have no tuning-cache entry
         for dtype in opts.dtypes:
             for nbytes in opts.sizes:
                 shape = shape_for(op, nbytes, dtype, world, opts.hidden)
@@ -124,7 +128,15 @@ def _ratio(a, b):
     return None if a is None or b is None or b <= 0 else round(a / b, 3)
 
 
-def _row(op, dtype, shape, placement, mode, world, path, cfg, t, check, base, p2p_gbs) -> dict:
+def _variant(op: str, counts, total: int, world: int) -> str | None:
+    """The row's ``variant``: the count distribution (variable-count ops), the all-reduce
+    algorithm the size picks by default (all-reduce ops), else ``None``."""
+    if op in workloads.WHOLE_OPS:
+        return all_reduce_algorithm(total, world)
+    return counts
+
+
+def _row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check, base, p2p_gbs) -> dict:
     total = shape.total_bytes
     algbw = None if t is None else total / t / 1e9
     busbw = None if algbw is None else algbw * bus_factor(op, world)
@@ -137,8 +149,8 @@ def _row(op, dtype, shape, placement, mode, world, path, cfg, t, check, base, p2
         eff = moved_gbs / ceiling_gbs
     return {
         "size_bytes": total, "count": shape.count, "dtype": tuning.dtype_name(dtype), "op": op,
-        "placement": placement, "mode": mode, "world_size": world, "path": path,
-        **cfg.as_dict(), "time_us": _us(t),
+        "variant": variant, "placement": placement, "mode": mode, "world_size": world, "path": path,
+        **(cfg.as_dict() if cfg else dict.fromkeys(CONFIG_KEYS)), "time_us": _us(t),
         "algbw_gbs": None if algbw is None else round(algbw, 3),
         "busbw_gbs": None if busbw is None else round(busbw, 3), "check": check,
         "baseline": base.get("baseline"), "baseline_us": _us(base.get("baseline_s")),
@@ -170,7 +182,9 @@ def run_sweep(opts: BenchOptions, group, *, p2p_gbs: float | None = None, on_row
             notes.append(msg)
             _log(rank, f"# note: {msg}", err=True)
 
-    ops = list(opts.ops)
+    ops = [op for op in opts.ops if workloads.available(op)]
+    if len(ops) < len(opts.ops):
+        note(f"not in this symmtriton, skipped: {', '.join(op for op in opts.ops if op not in ops)}")
     modes = list(opts.modes)
     if "graph" in modes and dev.type != "cuda":
         modes.remove("graph")
@@ -183,19 +197,24 @@ def run_sweep(opts: BenchOptions, group, *, p2p_gbs: float | None = None, on_row
     if opts.tune and path == "symmetric":
         tune_sweep(opts, group, ops, note, lambda msg: _log(rank, msg, err=True))
 
-    plan = [(op, dtype, nbytes, mode, placement) for op in ops for dtype in opts.dtypes
-            for nbytes in opts.sizes for mode in modes for placement in opts.placements]
+    plan = [(op, dtype, nbytes, kind, mode, placement) for op in ops for dtype in opts.dtypes
+            for nbytes in opts.sizes for kind in (opts.v_counts if op in workloads.V_OPS else (None,))
+            for mode in modes for placement in opts.placements]
     rows: list[dict] = []
     baselines = Baselines(opts, group, note)
-    for i, (op, dtype, nbytes, mode, placement) in enumerate(plan, 1):
+    for i, (op, dtype, nbytes, kind, mode, placement) in enumerate(plan, 1):
         shape = shape_for(op, nbytes, dtype, world, opts.hidden)
+        counts = kind and workloads.v_counts(kind, shape.count // shape.hidden, world)
         warmup = opts.warmup if shape.total_bytes <= BIG_BYTES else min(opts.warmup, 3)
-        base = baselines.get(op, dtype, shape, mode, warmup)
+        base = baselines.get(op, dtype, shape, mode, warmup, counts)
         if placement == "zero_copy" and path == "fallback":
             continue
-        wl = workloads.make_workload(op, shape.numel, dtype, group, placement=placement, hidden=shape.hidden)
-        key_numel, key_dtype = tuning.launch_key(op, shape.numel, dtype)
-        cfg = tuning.lookup_config(op, key_numel, key_dtype, world, hidden=shape.hidden)
+        wl = workloads.make_workload(op, shape.numel, dtype, group, placement=placement,
+                                     hidden=shape.hidden, counts=kind)
+        cfg = None  # untuned ops pick their launch config inside
+        if op in OPS:
+            key_numel, key_dtype = tuning.launch_key(op, shape.numel, dtype)
+            cfg = tuning.lookup_config(op, key_numel, key_dtype, world, hidden=shape.hidden)
         check = "skip"
         if shape.total_bytes <= CHECK_MAX_BYTES:
             ok = True
@@ -208,11 +227,13 @@ def run_sweep(opts: BenchOptions, group, *, p2p_gbs: float | None = None, on_row
         wl.reset()
         t = timing.agreed_time(wl.run, mode, device=dev, group=group, **opts.counts(warmup))
         del wl
-        row = _row(op, dtype, shape, placement, mode, world, path, cfg, t, check, base, p2p_gbs)
+        variant = _variant(op, kind, shape.total_bytes, world)
+        row = _row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check, base, p2p_gbs)
         rows.append(row)
         if on_row is not None:
             on_row(row)
-        _log(rank, f"[{i}/{len(plan)} {time.monotonic() - t_start:6.1f} s] {op} {row['dtype']} "
+        what = " ".join(x for x in (op, variant, row["dtype"]) if x)
+        _log(rank, f"[{i}/{len(plan)} {time.monotonic() - t_start:6.1f} s] {what} "
                    f"{row['size_bytes']} B {placement} {mode}: {row['time_us']} us ({check})", err=True)
     return rows, notes
 

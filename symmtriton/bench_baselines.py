@@ -9,15 +9,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm
+import torch.nn.functional as F
 
 from . import reference, timing, workloads
+from .config import ROW_OPS
 from .ops.fallback import torch_all_gather, torch_reduce_scatter
 from .testing import device
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One row's operands: ``numel`` per shard (see :class:`symmtriton.workloads.Workload`)."""
+    """One row's operands: ``numel`` as :class:`symmtriton.workloads.Workload` counts it (per
+    shard; the whole tensor for the all-reduce ops), ``count`` the elements of nccl-tests' size."""
 
     numel: int
     hidden: int | None
@@ -26,36 +29,56 @@ class Shape:
 
 
 def shape_for(op: str, nbytes: int, dtype: torch.dtype, world: int, hidden: int) -> Shape:
-    """The operands nearest ``nbytes`` (rounded down to whole shards; fused: ``[S, H]`` with
-    ``H = hidden``, or less when ``nbytes`` holds fewer than ``W`` rows, and ``S`` a multiple of
-    ``W``)."""
-    esize = dtype.itemsize
-    if op != "fused":
-        numel = max(1, nbytes // (world * esize))
-        return Shape(numel, None, world * numel * esize, world * numel)
-    h = min(hidden, max(1, nbytes // (world * esize)))
-    rows = max(1, nbytes // (world * esize * h))
-    return Shape(rows * h, h, world * rows * h * esize, world * rows * h)
+    """The operands nearest ``nbytes`` (rounded down to whole shards; the row ops
+    (:data:`symmtriton.config.ROW_OPS`): ``[S, H]`` with ``H = hidden``, or less when ``nbytes``
+    holds fewer than ``W`` rows (one row for the all-reduce), and ``S`` a multiple of ``W`` for
+    the sharded ones)."""
+    esize, per = dtype.itemsize, workloads.size_factor(op, world)
+    if op not in ROW_OPS:
+        numel = max(1, nbytes // (per * esize))
+        return Shape(numel, None, per * numel * esize, per * numel)
+    h = min(hidden, max(1, nbytes // (per * esize)))
+    rows = max(1, nbytes // (per * esize * h))
+    return Shape(rows * h, h, per * rows * h * esize, per * rows * h)
 
 
 def _zeros(shape, dtype, dev):
     return torch.zeros(shape, dtype=dtype, device=dev)
 
 
-def dist_baseline(op: str, shape: Shape, dtype, group, dev):
-    """torch.distributed's version of ``op`` on ordinary tensors (fused: reduce-scatter, add,
-    RMSNorm, all-gather, unfused)."""
+def dist_baseline(op: str, shape: Shape, dtype, group, dev, counts=None):
+    """torch.distributed's version of ``op`` on ordinary tensors: what a user writes without
+    symmtriton. Fused: reduce-scatter, add, RMSNorm, all-gather, unfused; all-reduce fused:
+    all-reduce, add, ``torch.nn.functional.rms_norm``; the variable-count ops (``counts``: rows
+    per rank): the uniform collective on tensors padded to ``max(counts)`` rows per rank."""
     world = dist.get_world_size(group)
-    n = shape.numel
+    n, h = shape.numel, shape.hidden
     if op == "all_gather":
         inp, out = _zeros(n, dtype, dev), torch.empty(world * n, dtype=dtype, device=dev)
         return lambda: torch_all_gather(out, inp, group)
     if op == "reduce_scatter":
         inp, out = _zeros(world * n, dtype, dev), torch.empty(n, dtype=dtype, device=dev)
         return lambda: torch_reduce_scatter(out, inp, group)
-    h = shape.hidden
+    if op in workloads.V_OPS:
+        cap = max(counts)
+        shard, padded = _zeros((cap, h), dtype, dev), _zeros((world * cap, h), dtype, dev)
+        if op == "all_gather_v":
+            return lambda: torch_all_gather(padded, shard, group)
+        return lambda: torch_reduce_scatter(shard, padded, group)
+    if op == "all_reduce":
+        tensor = _zeros(n, dtype, dev)
+        return lambda: dist.all_reduce(tensor, group=group)
+    weight = torch.ones(h, dtype=dtype, device=dev)
+    if op == "all_reduce_add_rmsnorm":
+        inp, res = _zeros((n // h, h), dtype, dev), _zeros((n // h, h), dtype, dev)
+
+        def unfused():
+            dist.all_reduce(inp, group=group)
+            res.add_(inp)
+            return F.rms_norm(res, (h,), weight, workloads.FUSED_EPS)
+        return unfused
     inp, res = _zeros((world * n // h, h), dtype, dev), _zeros((n // h, h), dtype, dev)
-    weight, part = torch.ones(h, dtype=dtype, device=dev), torch.empty((n // h, h), dtype=dtype, device=dev)
+    part = torch.empty((n // h, h), dtype=dtype, device=dev)
     out = torch.empty((world * n // h, h), dtype=dtype, device=dev)
 
     def fused():
@@ -65,55 +88,63 @@ def dist_baseline(op: str, shape: Shape, dtype, group, dev):
     return fused
 
 
-#: torch.ops.symm_mem ops tried per op, in order: (name, needs multicast).
+#: torch.ops.symm_mem ops tried per op: (name, needs multicast). Every one that runs is timed;
+#: a row reports the fastest. The fused ops' is the all-reduce of their input, communication only.
 SYMM_MEM_OPS = {
     "all_gather": (("multimem_all_gather_out", True), ("_low_contention_all_gather", False)),
     "reduce_scatter": (("reduce_scatter_out", False),),
     "fused": (("one_shot_all_reduce", False),),
+    "all_reduce": (("one_shot_all_reduce", False), ("two_shot_all_reduce_", False)),
+    "all_reduce_add_rmsnorm": (("one_shot_all_reduce", False),),
 }
 #: torch.ops.symm_mem ops that cannot be captured in a CUDA graph.
 SYMM_MEM_NOT_CAPTURABLE = ("_low_contention_all_gather",)
 
 
 def symm_mem_baseline(op: str, shape: Shape, dtype, group, dev):
-    """``(name, fn)`` running PyTorch's symmetric-memory version of ``op`` (fused: the
-    one-shot all-reduce of the same input, communication only), or ``(None, why)``. Every step
-    that can fail is agreed over the group before the next collective step."""
+    """``([(name, fn), ...], None)``: PyTorch's symmetric-memory versions of ``op`` that this
+    torch has and this group can run (:data:`SYMM_MEM_OPS`), on one symmetric tensor of
+    ``shape.count`` elements; or ``([], why)``. Every step that can fail is agreed over the group
+    before the next collective step."""
     ops = getattr(torch.ops, "symm_mem", None)
     if dev.type != "cuda" or ops is None:
-        return None, "torch symm_mem ops need CUDA"
-    world, name = dist.get_world_size(group), group.group_name
-    n = shape.numel
-    for op_name, needs_mc in SYMM_MEM_OPS[op]:
-        if not hasattr(ops, op_name):
+        return [], "torch symm_mem ops need CUDA"
+    cands = [(c, mc) for c, mc in SYMM_MEM_OPS.get(op, ()) if hasattr(ops, c)]
+    if not cands:
+        return [], f"no torch.ops.symm_mem op for {op}"
+    name, n = group.group_name, shape.numel
+    ok, big = True, None
+    try:
+        big = symm.empty(shape.count, dtype=dtype, device=dev)
+    except Exception:
+        ok = False
+    if not timing.all_ranks_ok(ok, group):
+        return [], "symm_mem.empty failed"
+    try:
+        hdl = symm.rendezvous(big, group)
+    except Exception:  # e.g. a group this torch cannot rendezvous on
+        hdl = None
+    if not timing.all_ranks_ok(hdl is not None, group):
+        return [], "symm_mem.rendezvous failed"
+    multicast = timing.all_ranks_ok(hdl.multicast_ptr != 0, group)
+    big.zero_()
+    fns = []
+    for op_name, needs_mc in cands:
+        if needs_mc and not multicast:
             continue
-        ok, big = True, None
-        try:
-            big = symm.empty(world * n, dtype=dtype, device=dev)
-        except Exception:
-            ok = False
-        if not timing.all_ranks_ok(ok, group):
-            return None, "symm_mem.empty failed"
-        try:
-            hdl = symm.rendezvous(big, group)
-        except Exception:  # e.g. a group this torch cannot rendezvous on
-            hdl = None
-        if not timing.all_ranks_ok(hdl is not None and (not needs_mc or hdl.multicast_ptr != 0), group):
-            continue
-        big.zero_()
         fn_op = getattr(ops, op_name)
         if op_name == "multimem_all_gather_out":
             inp = _zeros(n, dtype, dev)
-            fn = (lambda i=inp, o=big: fn_op(i, name, o))
+            fn = (lambda i=inp, o=big, f=fn_op: f(i, name, o))
         elif op_name == "_low_contention_all_gather":
-            fn = (lambda i=big[:n]: fn_op(i, name))
+            fn = (lambda i=big[:n], f=fn_op: f(i, name))
         elif op_name == "reduce_scatter_out":
             out = torch.empty(n, dtype=dtype, device=dev)
-            fn = (lambda i=big, o=out: fn_op(i, name, False, o))
-        else:  # one_shot_all_reduce
-            fn = (lambda i=big: fn_op(i, "sum", name))
-        return op_name, fn
-    return None, f"no usable torch.ops.symm_mem op for {op}"
+            fn = (lambda i=big, o=out, f=fn_op: f(i, name, False, o))
+        else:  # one_shot_all_reduce, two_shot_all_reduce_ (in place)
+            fn = (lambda i=big, f=fn_op: f(i, "sum", name))
+        fns.append((op_name, fn))
+    return fns, None if fns else f"no usable torch.ops.symm_mem op for {op} (multicast: {multicast})"
 
 
 def copy_baseline(nbytes: int, dev):
@@ -123,10 +154,10 @@ def copy_baseline(nbytes: int, dev):
 
 
 class Baselines:
-    """Baseline times per (op, dtype, size, mode), each measured once, in the same order on every
-    rank. torch symm_mem operands are made once per (op, dtype, size) for both modes; local
-    copies are timed once per (size, mode). In graph mode, what failed eagerly and what is known
-    not to be capturable is skipped: a capture the driver invalidates is costly (see
+    """Baseline times per (op, dtype, size, counts, mode), each measured once, in the same order
+    on every rank. torch symm_mem operands are made once per (op, dtype, size) for both modes;
+    local copies are timed once per (size, mode). In graph mode, what failed eagerly and what is
+    known not to be capturable is skipped: a capture the driver invalidates is costly (see
     ``timing._abandon_capture``)."""
 
     def __init__(self, opts, group, note):
@@ -136,18 +167,20 @@ class Baselines:
         self.dist_name = str(dist.get_backend(group))
         self.times: dict = {}
         self._copies: dict = {}
-        self._symm_key, self._symm = None, (None, None)
+        self._symm_key, self._symm = None, ([], None)
 
-    def get(self, op, dtype, shape, mode, warmup) -> dict:
-        key = (op, dtype, shape.total_bytes, mode)
+    def get(self, op, dtype, shape, mode, warmup, counts=None) -> dict:
+        """``counts``: the variable-count ops' rows per rank (their padded baseline depends on
+        them)."""
+        key = (op, dtype, shape.total_bytes, counts, mode)
         if not self.opts.baselines:
             return {}
         if key not in self.times:
-            self.times[key] = self._measure(op, dtype, shape, mode, warmup)
+            self.times[key] = self._measure(op, dtype, shape, mode, warmup, counts)
         return self.times[key]
 
-    def _measure(self, op, dtype, shape, mode, warmup) -> dict:
-        eager = self.times.get((op, dtype, shape.total_bytes, "eager"), {})
+    def _measure(self, op, dtype, shape, mode, warmup, counts) -> dict:
+        eager = self.times.get((op, dtype, shape.total_bytes, counts, "eager"), {})
 
         def capturable(name, why_not=None):
             if mode != "graph":
@@ -161,20 +194,22 @@ class Baselines:
             return timing.agreed_time(fn, mode, device=self.dev, group=self.group, **self.opts.counts(warmup))
 
         gloo = "nccl" not in self.dist_name
-        base = {"baseline": self.dist_name, "baseline_s": None, "symm_mem_s": None}
+        base = {"baseline": self.dist_name, "baseline_s": None, "symm_mem_s": None, "symm_mem_op": None}
         if capturable("baseline_s", gloo and f"torch.distributed over {self.dist_name} is not capturable: skipped"):
-            base["baseline_s"] = run(dist_baseline(op, shape, dtype, self.group, self.dev))
+            base["baseline_s"] = run(dist_baseline(op, shape, dtype, self.group, self.dev, counts))
         if self._symm_key != (op, dtype, shape.total_bytes):
-            self._symm_key, self._symm = None, (None, None)  # free the previous operands first
+            self._symm_key, self._symm = None, ([], None)  # free the previous operands first
             self._symm = symm_mem_baseline(op, shape, dtype, self.group, self.dev)
             self._symm_key = (op, dtype, shape.total_bytes)
-        sm_name, sm_fn = self._symm
-        if sm_name is None:
-            self.note(f"torch symm_mem baseline for {op}: {sm_fn}")
-        base["symm_mem_op"] = sm_name
-        if sm_name and capturable("symm_mem_s", sm_name in SYMM_MEM_NOT_CAPTURABLE and
-                                  f"{sm_name} (side stream, host barrier) is not capturable: skipped"):
-            base["symm_mem_s"] = run(sm_fn)
+        fns, why = self._symm
+        if why:
+            self.note(f"torch symm_mem baseline for {op}: {why}")
+        for sm_name, sm_fn in fns:  # the fastest that runs
+            if capturable(f"symm_mem_s:{sm_name}", sm_name in SYMM_MEM_NOT_CAPTURABLE and
+                          f"{sm_name} (side stream, host barrier) is not capturable: skipped"):
+                t = base[f"symm_mem_s:{sm_name}"] = run(sm_fn)
+                if t is not None and (base["symm_mem_s"] is None or t < base["symm_mem_s"]):
+                    base["symm_mem_s"], base["symm_mem_op"] = t, sm_name
         copy_key = (shape.total_bytes, mode)
         if copy_key not in self._copies:
             self._copies[copy_key] = run(copy_baseline(shape.total_bytes, self.dev))

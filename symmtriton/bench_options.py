@@ -57,6 +57,7 @@ class BenchOptions:
     """Validated command-line options (see ``--help``)."""
 
     ops: tuple
+    v_counts: tuple
     dtypes: tuple
     modes: tuple
     placements: tuple
@@ -96,16 +97,25 @@ class BenchOptions:
 
 EPILOG = """\
 columns (CSV/JSON; the table shows most of them):
-  size_bytes   nccl-tests size: gathered output (all_gather), full input (reduce_scatter, fused)
+  size_bytes   nccl-tests size: gathered output (all_gather, all_gather_v), full input
+               (reduce_scatter, reduce_scatter_v, fused), the tensor (all_reduce,
+               all_reduce_add_rmsnorm)
   count        elements in size_bytes
+  variant      all_gather_v / reduce_scatter_v: the counts (--v-counts); all_reduce ops: the
+               algorithm the size picks by default (one_shot / two_shot)
   path         symmetric (Triton kernels) or fallback (symmetric memory unavailable)
-  block_size, num_warps, max_blocks   launch config used (tuned winner or default)
+  block_size, num_warps, max_blocks   launch config used (tuned winner or default; blank for
+               the untuned ops, which pick theirs inside)
   time_us      median per call, MAX over ranks; algbw = size/time; busbw = algbw*(W-1)/W
-               (fused: *2(W-1)/W), as nccl-tests reports them
+               (fused and all-reduce ops: *2(W-1)/W), as nccl-tests reports them
   check        ok / FAIL against symmtriton.reference on rank-tagged data (all ranks agree);
                skip above 1 GiB (the references would need several times the size)
-  baseline_us  torch.distributed (NCCL or gloo), speedup = baseline_us / time_us
-  symm_mem_us  torch.ops.symm_mem (op in symm_mem_op), when this torch has one that runs
+  baseline_us  torch.distributed (NCCL or gloo), speedup = baseline_us / time_us; fused ops:
+               the unfused sequence (all-reduce or reduce-scatter, add, RMSNorm[, all-gather]);
+               v ops: the uniform collective on tensors padded to max(counts) rows per rank
+  symm_mem_us  the fastest torch.ops.symm_mem op (named in symm_mem_op) that this torch has and
+               that runs (all_reduce: one_shot_all_reduce, two_shot_all_reduce_; fused ops:
+               one_shot_all_reduce of the input, communication only); none for the v ops
   copy_us      a device copy of size_bytes on this GPU; copy_gbs counts read + write
   ceiling      what efficiency compares with: p2p (ranks on different GPUs: a copy to the
                next rank's GPU, measured once at start, ceiling_gbs) or local (copy_gbs)
@@ -121,6 +131,8 @@ examples:
   torchrun --nproc-per-node 2 -m symmtriton.bench --quick          # 5 sizes, under a minute
   torchrun --nproc-per-node 2 -m symmtriton.bench --ops all_gather,reduce_scatter --modes graph \\
       --min-bytes 256M --max-bytes 4G --step 2                     # where NCCL peaks
+  torchrun --nproc-per-node 2 -m symmtriton.bench --ops all_reduce,all_reduce_add_rmsnorm,\
+      all_gather_v,reduce_scatter_v --max-bytes 64M --step 16      # the opt-in ops
   torchrun --nproc-per-node 2 -m symmtriton.bench --max-bytes 4K --iters 2 --warmup 1  # CPU
   symmtriton-bench --tune --modes graph          # tune the swept sizes, then benchmark
 """
@@ -130,12 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="symmtriton-bench",
         description="Benchmark symmtriton's collectives (all-gather, reduce-scatter, fused "
-                    "reduce-scatter + add + RMSNorm + all-gather) against torch.distributed, "
+                    "reduce-scatter + add + RMSNorm + all-gather; opt-in: all-reduce, fused "
+                    "all-reduce + add + RMSNorm, all-gather-v, reduce-scatter-v) against "
+                    "torch.distributed, "
                     "PyTorch's symmetric-memory ops and copy ceilings. Run on every rank, "
                     "e.g. torchrun --nproc-per-node 8 -m symmtriton.bench.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    p.add_argument("--ops", default="all_gather,reduce_scatter,fused",
-                   help="comma list of all_gather, reduce_scatter, fused (default: all)")
+    p.add_argument("--ops", default=",".join(workloads.OPS),
+                   help=f"comma list of {', '.join(workloads.BENCH_OPS)} (default: "
+                        f"{','.join(workloads.OPS)})")
+    p.add_argument("--v-counts", default=",".join(workloads.V_COUNTS),
+                   help="count distributions of all_gather_v / reduce_scatter_v rows: uniform "
+                        "(every rank the same rows), skewed (rank 0 none, rank r > 0 in "
+                        "proportion to r + 1) (default: both)")
     p.add_argument("--dtypes", default="bfloat16",
                    help="comma list of bfloat16, float16, float32 (default: bfloat16)")
     p.add_argument("--modes", default="eager,graph",
@@ -166,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph-iters", type=int, default=10,
                    help="calls captured in one CUDA graph in graph mode (default 10)")
     p.add_argument("--hidden", type=int, default=4096,
-                   help="hidden size H of the fused op's [S, H] input (default 4096; smaller "
-                        "when a size holds fewer than W rows)")
+                   help="hidden size H of the row ops' [S, H] operands (fused ops, v ops) "
+                        "(default 4096; smaller when a size holds fewer than W rows)")
     p.add_argument("--out-dir", default=os.path.join("benchmarks", "results"),
                    help="where rank 0 writes CSV, JSON and PNG (default benchmarks/results)")
     p.add_argument("--name", default=None,
@@ -196,7 +215,8 @@ def parse_options(argv=None) -> BenchOptions:
     try:
         dtype_names = _csv_list(args.dtypes, [tuning.dtype_name(t) for t in REDUCE_DTYPES], "dtypes")
         return BenchOptions(
-            ops=_csv_list(args.ops, workloads.OPS, "ops"),
+            ops=_csv_list(args.ops, workloads.BENCH_OPS, "ops"),
+            v_counts=_csv_list(args.v_counts, workloads.V_COUNTS, "v-counts"),
             dtypes=tuple(tuning.parse_dtype(d) for d in dtype_names),
             modes=_csv_list(args.modes, MODES, "modes"),
             placements=_csv_list(args.placement, workloads.PLACEMENTS, "placement"),

@@ -16,20 +16,25 @@ import sys
 from .config import CONFIG_KEYS
 
 #: columns of the CSV (and of each JSON row), in order.
-FIELDS = ("size_bytes", "count", "dtype", "op", "placement", "mode", "world_size", "path",
+FIELDS = ("size_bytes", "count", "dtype", "op", "variant", "placement", "mode", "world_size", "path",
           *CONFIG_KEYS, "time_us", "algbw_gbs", "busbw_gbs", "check",
           "baseline", "baseline_us", "speedup", "symm_mem_op", "symm_mem_us", "speedup_symm_mem",
           "copy_us", "copy_gbs", "ceiling", "ceiling_gbs", "efficiency")
 
 
+#: ops that reduce and gather all of their size, like an all-reduce: busbw = algbw * 2(W-1)/W.
+ALL_REDUCE_LIKE = ("fused", "all_reduce", "all_reduce_add_rmsnorm")
+
+
 def bus_factor(op: str, world: int) -> float:
-    return (world - 1) / world * (2 if op == "fused" else 1)
+    """nccl-tests' busbw / algbw: ``2(W-1)/W`` for :data:`ALL_REDUCE_LIKE`, else ``(W-1)/W``."""
+    return (world - 1) / world * (2 if op in ALL_REDUCE_LIKE else 1)
 
 
 def bytes_moved(op: str, placement: str, total: int, world: int) -> int:
     """Bytes one rank's kernel moves through its memory (see ``--help``: efficiency)."""
     base = total + total // world
-    moved = 2 * base if op == "fused" else base
+    moved = 2 * base if op in ALL_REDUCE_LIKE else base
     return moved + (2 * total if placement == "staged" else 0)
 
 
@@ -43,8 +48,9 @@ def _fmt(v, width, prec=2):
 
 def format_table(rows: list[dict], meta: dict) -> str:
     """nccl-tests-like text table of ``rows``."""
-    cols = [("size", "size_bytes", 12), ("count", "count", 11), ("type", "dtype", 9), ("op", "op", 15),
-            ("placement", "placement", 10), ("mode", "mode", 6), ("time", "time_us", 10),
+    cols = [("size", "size_bytes", 12), ("count", "count", 11), ("type", "dtype", 9), ("op", "op", 22),
+            ("variant", "variant", 8), ("placement", "placement", 10), ("mode", "mode", 6),
+            ("time", "time_us", 10),
             ("algbw", "algbw_gbs", 8), ("busbw", "busbw_gbs", 8), ("check", "check", 6),
             ("block", "block_size", 6), ("warps", "num_warps", 5), ("maxblk", "max_blocks", 6),
             ("base", "baseline_us", 10), ("speedup", "speedup", 8), ("symm_mem", "symm_mem_us", 10),
@@ -54,7 +60,7 @@ def format_table(rows: list[dict], meta: dict) -> str:
     lines = [f"# symmtriton-bench: world {meta['world_size']} ({meta.get('layout', '?')}), device "
              f"{meta['device']}, backend {meta['backend']}/{meta['dist_backend']}, torch {meta['torch']}, "
              f"triton {meta['triton']}, {meta['date']}",
-             "# base = torch.distributed, symm_mem = torch.ops.symm_mem, copy = local device copy, "
+             "# base = torch.distributed, symm_mem = torch.ops.symm_mem (fastest), copy = local device copy, "
              "eff = efficiency against the row's ceiling (p2p or local copy)",
              "#" + " ".join(h.rjust(w) for h, _, w in cols)[1:],
              "#" + " ".join(units.get(h, "").rjust(w) for h, _, w in cols)[1:]]
@@ -130,7 +136,8 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
     for row_axes, op in zip(axes, ops):
         lines: dict = {}
         for r in (r for r in rows if r["op"] == op):
-            sfx = f" {r['mode']}" + (f" {r['dtype']}" if several_dtypes else "")
+            sfx = (f" {r['variant']}" if r["variant"] else "") + f" {r['mode']}" + (
+                f" {r['dtype']}" if several_dtypes else "")
             impls = [(f"symmtriton {r['placement']}{sfx}", r["time_us"]),
                      (f"torch.distributed ({r['baseline']}){sfx}", r["baseline_us"]),
                      (f"torch symm_mem {r['symm_mem_op']}{sfx}", r["symm_mem_us"]),
@@ -164,7 +171,8 @@ def efficiency_report(rows: list[dict]) -> str:
     for r in rows:
         if r["efficiency"] is None:
             continue
-        head = f"# efficiency {r['op']} {r['placement']} {r['mode']} {r['size_bytes']} B: "
+        what = " ".join(x for x in (r["op"], r["variant"], r["placement"], r["mode"]) if x)
+        head = f"# efficiency {what} {r['size_bytes']} B: "
         if r["ceiling"] == "p2p":
             out.append(head + f"busbw {r['busbw_gbs']:.0f} GB/s vs peer copy {r['ceiling_gbs']:.0f} GB/s "
                               f"= {100 * r['efficiency']:.0f}%")

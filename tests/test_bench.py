@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from symmtriton import bench, bench_baselines, bench_options, bench_report, timing, tuning
+from symmtriton import bench, bench_baselines, bench_options, bench_report, timing, tuning, workloads
 from symmtriton.config import CONFIG_KEYS
 from symmtriton.testing import CPU_ENV
 
@@ -65,6 +65,31 @@ def test_cli_sweep_with_tuning_in_pool(cpu_pool, tmp_path):
         assert {k: int(r[k]) for k in CONFIG_KEYS} == entry["config"]
 
 
+NEW_OPS = ("all_reduce", "all_reduce_add_rmsnorm", "all_gather_v", "reduce_scatter_v")
+
+
+def test_new_ops_rows_checked_in_pool(cpu_pool, tmp_path):
+    """The opt-in ops on the host backend at W=2: every row present, checked against the
+    reference (exact on tagged data; a FAIL would make the exit status 1), with its baseline."""
+    out, cache = str(tmp_path / "out"), str(tmp_path / "tuning.json")
+    argv = ["--min-bytes", "4K", "--max-bytes", "4K", "--iters", "1", "--warmup", "0", "--hidden", "256",
+            "--ops", ",".join(NEW_OPS), "--no-plot", "--name", "new"]
+    assert cpu_pool(2).run(_bench_main, out, cache, argv, timeout=300) == [0, 0]
+    rows, data = _read(out, "new")
+    variants = {"all_reduce": ["one_shot"], "all_reduce_add_rmsnorm": ["one_shot"],
+                "all_gather_v": ["uniform", "skewed"], "reduce_scatter_v": ["uniform", "skewed"]}
+    assert [(r["op"], r["variant"], r["placement"]) for r in rows] == [
+        (op, v, p) for op in NEW_OPS for v in variants[op] for p in ("zero_copy", "staged")]
+    for r in rows:
+        assert r["check"] == "ok" and r["path"] == "symmetric" and r["block_size"] == ""
+        assert float(r["time_us"]) > 0 and float(r["baseline_us"]) > 0 and r["baseline"] == "gloo"
+        assert abs(float(r["busbw_gbs"]) - float(r["algbw_gbs"]) * bench_report.bus_factor(r["op"], 2)) < 2e-3
+    sizes = {r["op"]: int(r["size_bytes"]) for r in rows}  # [S, 256] bf16 rows of 4 KiB
+    assert sizes == {op: 4096 for op in NEW_OPS}
+    assert bench_report.bus_factor("all_reduce", 2) == 1.0
+    assert bench_report.bus_factor("all_gather_v", 2) == 0.5
+
+
 def test_cli_through_torchrun(tmp_path):
     env = {**os.environ, **CPU_ENV, tuning.CACHE_ENV: str(tmp_path / "tuning.json")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -89,7 +114,8 @@ def test_help_documents_the_options():
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--ops", "all_reduce"], "all_reduce"),
+    (["--ops", "all_reduce_v"], "all_reduce_v"),
+    (["--v-counts", "zipf"], "zipf"),
     (["--dtypes", "int8"], "int8"),
     (["--modes", "lazy"], "lazy"),
     (["--placement", "nowhere"], "nowhere"),
@@ -108,7 +134,8 @@ def test_bad_options_exit_with_usage(argv, match, capsys):
 
 def test_option_defaults_on_the_cpu():
     opts = bench_options.parse_options([])
-    assert opts.ops == ("all_gather", "reduce_scatter", "fused")
+    assert opts.ops == ("all_gather", "reduce_scatter", "fused")  # the newer ops are opt-in
+    assert opts.v_counts == ("uniform", "skewed")
     assert opts.dtypes == (torch.bfloat16,) and opts.modes == ("eager", "graph")
     assert opts.placements == ("zero_copy", "staged")
     assert opts.sizes == (1024, 4096, 16384, 65536) and opts.iters == 3 and opts.min_iters == 3
@@ -129,6 +156,15 @@ def test_sizes_and_shapes():
     big = bench_baselines.shape_for("fused", 1 << 20, torch.bfloat16, 4, 4096)
     assert big.hidden == 4096 and big.count == 128 * 4096 and (big.count // big.hidden) % 4 == 0
     assert bench_report.bus_factor("all_gather", 4) == 0.75 and bench_report.bus_factor("fused", 4) == 1.5
+    ar = bench_baselines.shape_for("all_reduce", 1000, torch.bfloat16, 4, 4096)  # the whole tensor
+    assert (ar.numel, ar.total_bytes, ar.hidden) == (500, 1000, None)
+    arn = bench_baselines.shape_for("all_reduce_add_rmsnorm", 1 << 20, torch.bfloat16, 4, 4096)
+    assert (arn.hidden, arn.numel, arn.total_bytes) == (4096, 128 * 4096, 1 << 20)
+    agv = bench_baselines.shape_for("all_gather_v", 1 << 20, torch.bfloat16, 4, 4096)
+    assert (agv.hidden, agv.numel, agv.count) == (4096, 32 * 4096, 128 * 4096)
+    assert workloads.v_counts("uniform", 12, 4) == (3, 3, 3, 3)
+    assert workloads.v_counts("skewed", 12, 4) == (0, 2, 4, 6)  # rank 0 none, then 2 : 3 : 4, the rest last
+    assert workloads.v_counts("skewed", 8, 2) == (0, 8) and workloads.v_counts("skewed", 5, 1) == (5,)
 
 
 def test_table_format():
