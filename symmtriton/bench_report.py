@@ -14,6 +14,7 @@ import re
 import sys
 
 from .config import CONFIG_KEYS
+from .workloads import V_COUNTS
 
 #: columns of the CSV (and of each JSON row), in order.
 FIELDS = ("size_bytes", "count", "dtype", "op", "variant", "placement", "mode", "world_size", "path",
@@ -136,12 +137,13 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
     for row_axes, op in zip(axes, ops):
         lines: dict = {}
         for r in (r for r in rows if r["op"] == op):
-            sfx = (f" {r['variant']}" if r["variant"] else "") + f" {r['mode']}" + (
-                f" {r['dtype']}" if several_dtypes else "")
+            plain = f" {r['mode']}" + (f" {r['dtype']}" if several_dtypes else "")
+            counts = f" {r['variant']}" if r["variant"] in V_COUNTS else ""  # not the algorithm
+            sfx = counts + plain
             impls = [(f"symmtriton {r['placement']}{sfx}", r["time_us"]),
                      (f"torch.distributed ({r['baseline']}){sfx}", r["baseline_us"]),
                      (f"torch symm_mem {r['symm_mem_op']}{sfx}", r["symm_mem_us"]),
-                     (f"local copy{sfx}", r["copy_us"])]
+                     (f"local copy{plain}", r["copy_us"])]
             for label, us in impls:
                 if us:
                     lines.setdefault(label, {})[r["size_bytes"]] = us
