@@ -204,7 +204,7 @@ def run_sweep(opts: BenchOptions, group, *, p2p_gbs: float | None = None, on_row
     baselines = Baselines(opts, group, note)
     for i, (op, dtype, nbytes, kind, mode, placement) in enumerate(plan, 1):
         shape = shape_for(op, nbytes, dtype, world, opts.hidden)
-        counts = kind and workloads.v_counts(kind, shape.count // shape.hidden, world)
+        counts = workloads.v_counts(kind, shape.count // shape.hidden, world) if kind else None
         warmup = opts.warmup if shape.total_bytes <= BIG_BYTES else min(opts.warmup, 3)
         base = baselines.get(op, dtype, shape, mode, warmup, counts)
         if placement == "zero_copy" and path == "fallback":

@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of eager, graph (graph: CUDA graph replays; GPU only, skipped "
                         "on the CPU) (default: eager,graph)")
     p.add_argument("--placement", default="zero_copy,staged",
-                   help="comma list: zero_copy (operand already in the symmetric buffer: AG "
-                        "output, RS input, fused input), staged (ordinary tensors) "
+                   help="comma list: zero_copy (the operand peers read or write already in the "
+                        "symmetric buffer: AG, AG-v output; RS, RS-v, fused, all-reduce input), "
+                        "staged (ordinary tensors) "
                         "(default: both)")
     p.add_argument("--quick", action="store_true",
                    help=f"sizes {QUICK['min_bytes']} to --max-bytes in x{QUICK['step']} steps, at most "
