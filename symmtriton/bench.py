@@ -182,9 +182,7 @@ def run_sweep(opts: BenchOptions, group, *, p2p_gbs: float | None = None, on_row
             notes.append(msg)
             _log(rank, f"# note: {msg}", err=True)
 
-    ops = [op for op in opts.ops if workloads.available(op)]
-    if len(ops) < len(opts.ops):
-        note(f"not in this symmtriton, skipped: {', '.join(op for op in opts.ops if op not in ops)}")
+    ops = list(opts.ops)
     modes = list(opts.modes)
     if "graph" in modes and dev.type != "cuda":
         modes.remove("graph")

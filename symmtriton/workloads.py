@@ -17,17 +17,14 @@ from .config import OPS, UNTUNED_OPS, LaunchConfig, check_dtype, check_hidden
 from .context import find_buffer
 from .memory import resolve_group
 from .ops.all_gather import all_gather_into_tensor
+from .ops.all_gather_v import all_gather_v
 from .ops.all_reduce import all_reduce, all_reduce_add_rmsnorm
 from .ops.fused import reduce_scatter_add_rmsnorm_all_gather
 from .ops.reduce_scatter import reduce_scatter_tensor
+from .ops.reduce_scatter_v import reduce_scatter_v
 from .testing import device, sync, tagged
 from .validation import check_count
 
-try:  # the expert-parallel ops (issue 15), where this tree has them
-    from .ops.all_gather_v import all_gather_v
-    from .ops.reduce_scatter_v import reduce_scatter_v
-except ImportError:
-    all_gather_v = reduce_scatter_v = None
 
 __all__ = ["OPS", "BENCH_OPS", "V_OPS", "V_COUNTS", "PLACEMENTS", "FUSED_EPS", "Workload", "make_workload",
            "size_factor", "v_counts"]
@@ -48,11 +45,6 @@ ZERO_COPY = {"all_gather": "output", "reduce_scatter": "input", "fused": "input"
 FUSED_EPS = 1e-6
 #: what :meth:`Workload.check` writes into the output first: rows an op must not touch keep it.
 GUARD = 100
-
-
-def available(op: str) -> bool:
-    """Whether this tree has ``op`` (the variable-count ops land separately)."""
-    return op not in V_OPS or all_gather_v is not None
 
 
 def size_factor(op: str, world: int) -> int:
@@ -218,7 +210,7 @@ def make_workload(op: str, numel: int, dtype: torch.dtype, group=None, *, placem
     ``numel``; ``counts`` (the variable-count ops only; default ``"uniform"``) names the count
     distribution (:func:`v_counts`). Raises ``ValueError`` naming the bad value, alike on every
     rank, when the arguments do not fit (including a zero-copy operand that does not fit the
-    buffer, and a variable-count op this tree does not have)."""
+    buffer)."""
     if op not in BENCH_OPS:
         raise ValueError(f"op must be one of {', '.join(BENCH_OPS)}, got {op!r}")
     check_dtype(dtype)
@@ -231,8 +223,6 @@ def make_workload(op: str, numel: int, dtype: torch.dtype, group=None, *, placem
     dev = device()
     rows = None
     if op in V_OPS:
-        if not available(op):
-            raise ValueError(f"op {op!r}: this symmtriton has no variable-count collectives")
         rows = v_counts("uniform" if counts is None else counts, world * (numel // hidden), world)
     elif counts is not None:
         raise ValueError(f"counts applies to {', '.join(V_OPS)} only, got counts={counts!r} for {op!r}")
