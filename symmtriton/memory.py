@@ -249,6 +249,7 @@ class SymmetricMemoryBuffer:
         self.symm_mem_hdl = None
         self.symm_buffer = None
         self.__dict__.pop("_launch_ctx", None)
+        self.__dict__.pop("_pair_tables", None)  # ops/all_gather_v.py
         if self.init_failure_reason is None:
             self.init_failure_reason = "destroyed"
         _invalidate(self)

@@ -24,6 +24,22 @@ MAX_TENSORS = 4
 EACH, TOTAL = "the input capacity (input.shape[0])", "the output capacity (output.shape[0])"
 
 
+def _pair_table(buf, rows: list) -> torch.Tensor:
+    """The kernel's int64 table of tensor pairs, where the buffer lives. On the GPU it is built
+    in pinned host memory and copied in stream order, so a plan may be prepared inside a CUDA
+    graph capture (a call whose inputs were allocated in the capture: a new plan there), where a
+    pageable copy is illegal; the copy is then a graph node that reads the pinned tensor at every
+    replay, so both tensors are kept as long as the buffer (``close`` drops them)."""
+    host = torch.tensor(rows, dtype=torch.int64, device="cpu")
+    if buf.device.type != "cuda":
+        return host
+    host = host.pin_memory()
+    table = torch.empty(host.shape, dtype=torch.int64, device=buf.device)
+    table.copy_(host, non_blocking=True)
+    buf.__dict__.setdefault("_pair_tables", []).append((host, table))
+    return table
+
+
 class AllGatherV(Collective):
     name = "all_gather_v"
     config_op = CONFIG_OP[name]
@@ -90,9 +106,8 @@ class AllGatherV(Collective):
         shard = max(1, cap_in * max(units))
         choice = choose_config(config, self.config_op, shard, unit, world)
         ctx = context(buf)
-        table = torch.tensor([[t.data_ptr(), o.data_ptr(), r, u, int(staged)]
-                              for o, t, (r, staged), u in zip(outs, ins, regions, units)],
-                             dtype=torch.int64, device=outs[0].device)
+        table = _pair_table(buf, [[t.data_ptr(), o.data_ptr(), r, u, int(staged)]
+                                  for o, t, (r, staged), u in zip(outs, ins, regions, units)])
         aligned = all(row % ALIGN == 0 for row in rows) and aligned16(
             *(p for o, t, (r, _) in zip(outs, ins, regions)
               for p in (o.data_ptr(), t.data_ptr(), ctx.local_base + r)))
