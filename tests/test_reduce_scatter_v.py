@@ -108,7 +108,7 @@ def _overflow(rank, world):
             clamped.append(min(before + c, cap_in) - min(before, cap_in))
             before += c
         start = min(sum(min(max(c, 0), CAP) for c in sched[:rank]), cap_in)
-        total = torch.stack([t.double() for t in inputs]).sum(0).float()
+        total = torch.stack([t.double() for t in inputs]).sum(0).float().cpu()
         ref = total[start:start + clamped[rank]]
         results.append(f"counts {sched}" in msg and why in msg
                        and torch.equal(out[:clamped[rank]].cpu(), ref)
