@@ -5,7 +5,7 @@
 #   bench     symmtriton-bench, NPROC ranks, one per GPU (NCCL), BENCH_ARGS (default: the default sweep)
 #   shared    MPS started: pytest -m gpu on the shared-GPU worlds SHARED_WORLDS (default "4"; all:
 #             "2 4 8"), then the bench with SHARED_BENCH_W ranks on GPU 0; MPS stopped
-# Every stage runs under `timeout` within one budget for the whole script (BUDGET_S, default 480 s:
+# Every stage runs under `timeout` within one budget for the whole script (BUDGET_S, default 600 s:
 # a stage that no longer fits is skipped and said so), so a hang fails fast and the script always
 # ends. For each program the table at the end gives its exit time: seconds from the start of its
 # teardown (symmtriton-exit-mark, printed when SYMMTRITON_EXIT_MARK is set) to the process's end.
@@ -24,7 +24,7 @@ TLOG="$OUT/pytest_gpu.log"
 : >"$TLOG"
 cd "$(dirname "$0")/.."
 START=$SECONDS
-BUDGET_S=${BUDGET_S:-480}
+BUDGET_S=${BUDGET_S:-600}
 STAGES=${STAGES:-"tests examples bench shared"}
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 NPROC=${NPROC:-$(( NGPU >= 2 ? NGPU : 2 ))}
@@ -70,7 +70,7 @@ TORCHRUN=($PY -m torch.distributed.run --standalone)
 
 if [[ " $STAGES " == *" tests "* ]]; then
   if (( NGPU >= 2 )); then
-    run "pytest -m gpu, one rank per GPU" 240 "$TLOG" "passed|failed|error|worker pools" \
+    run "pytest -m gpu, one rank per GPU" ${TESTS_CAP_S:-330} "$TLOG" "passed|failed|error|worker pools" \
       $PY -m pytest -m gpu -q -p no:cacheprovider -k "nccl or gloo" tests
   else
     rows+=("pytest -m gpu, one rank per GPU|skipped: $NGPU GPU|-|-|-")
