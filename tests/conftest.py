@@ -127,3 +127,15 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"worker pools closed: {len(_CLOSE_TIMES)} in {sum(t for _, t in _CLOSE_TIMES):.1f} s "
             f"(slowest {slowest[0]} {slowest[1]:.1f} s)")
+
+
+#: compile-tier workers: no interpreter, so Triton compiles for a GPU target with its bundled ptxas.
+COMPILE_ENV = {"TRITON_INTERPRET": "0", "SYMMTRITON_BACKEND": "host", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture(scope="session")
+def compiler():
+    """One worker that compiles kernels for sm_90 / sm_100 (tests/test_compile*.py)."""
+    pool = WorkerPool(1, env=COMPILE_ENV, timeout=600)
+    yield pool
+    pool.close()

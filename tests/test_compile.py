@@ -12,9 +12,7 @@ import pytest
 import triton
 import triton.language as tl
 
-from symmtriton.testing import WorkerPool
 
-COMPILE_ENV = {"TRITON_INTERPRET": "0", "SYMMTRITON_BACKEND": "host", "CUDA_VISIBLE_DEVICES": ""}
 
 COMMON = dict(RANK=1, WORLD_SIZE=3, WORLD_P2=4, SCOPE="sys", USE_PTX=True)
 KERNELS = {
@@ -61,13 +59,6 @@ def _compile(rank, world, which, capability, multimem, aligned, world_size=3, sc
         "bar_sync": ptx.count("bar.sync"),
         "cubin": len(c.asm["cubin"]) > 0,
     }
-
-
-@pytest.fixture(scope="module")
-def compiler():
-    pool = WorkerPool(1, env=COMPILE_ENV, timeout=600)
-    yield pool
-    pool.close()
 
 
 @pytest.mark.parametrize("capability", [90, 100])

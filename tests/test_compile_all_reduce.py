@@ -6,9 +6,7 @@ with 16-byte loads when the launcher promises alignment."""
 import pytest
 import triton.language as tl
 
-from symmtriton.testing import WorkerPool
 
-COMPILE_ENV = {"TRITON_INTERPRET": "0", "SYMMTRITON_BACKEND": "host", "CUDA_VISIBLE_DEVICES": ""}
 COMMON = dict(RANK=1, WORLD_SIZE=3, WORLD_P2=4, SCOPE="sys", USE_PTX=True)
 KERNELS = {
     "all_reduce": ("all_reduce", "_all_reduce_kernel",
@@ -39,13 +37,6 @@ def _compile(rank, world, which, two_shot, capability, multimem, aligned, ones=F
         "signals": "sys.release.exch" in ptx and "sys.acquire.add" in ptx,
         "cubin": len(c.asm["cubin"]) > 0,
     }
-
-
-@pytest.fixture(scope="module")
-def compiler():
-    pool = WorkerPool(1, env=COMPILE_ENV, timeout=600)
-    yield pool
-    pool.close()
 
 
 @pytest.mark.parametrize("which,two_shot", CASES)
