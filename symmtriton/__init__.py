@@ -13,7 +13,7 @@ from .ops.fused import reduce_scatter_add_rmsnorm, reduce_scatter_add_rmsnorm_al
 from .ops.reduce_scatter import reduce_scatter_tensor
 from .ops.all_gather_v import all_gather_v
 from .ops.reduce_scatter_v import reduce_scatter_v
-from .sync import CollectiveTimeoutError, synchronize
+from .sync import CollectiveMismatchError, CollectiveTimeoutError, synchronize
 from . import custom_ops  # noqa: E402,F401 - registers torch.ops.symmtriton.* for torch.compile
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "default_config",
     "CollectiveTimeoutError",
     "synchronize",
+    "CollectiveMismatchError",
     "all_reduce",
     "all_reduce_add_rmsnorm",
     "all_gather_v",
