@@ -23,10 +23,9 @@ def call_failed(group) -> None:
         group = resolve_group(group, "group")
     except Exception:  # the group itself was the bad argument
         return
-    # the buffer the op would have used (find_buffer's choice), never a new one: creating one
-    # is collective, and this rank is alone here
-    buf = next((b for b in SymmetricMemoryManager._buffers.values()
-                if b.process_group is group and b.symm_mem_hdl is not None), None)
+    # the buffer the op would have used, never a new one: creating one is collective, and this
+    # rank is alone here
+    buf = SymmetricMemoryManager.buffer_for_group(group, create=False)
     hdl = buf.symm_mem_hdl if buf is not None else None
     if hdl is None or hdl.world_size == 1:
         return

@@ -308,10 +308,11 @@ class SymmetricMemoryManager:
         _invalidate(None)
 
     @classmethod
-    def buffer_for_group(cls, group) -> SymmetricMemoryBuffer:
+    def buffer_for_group(cls, group, *, create: bool = True) -> SymmetricMemoryBuffer | None:
         """The buffer collectives on ``group`` use: the first registered buffer of that group
-        that is usable, else a new default-sized one under ``"__symmtriton_<group name>"``.
-        Every rank runs the same calls, so every rank picks the same buffer."""
+        that is usable, else the first registered one of that group, else a new default-sized
+        one under ``"__symmtriton_<group name>"`` (``create=False``: ``None`` instead; creating
+        is collective). Every rank runs the same calls, so every rank picks the same buffer."""
         group = resolve_group(group)
         fallback = None
         for buf in cls._buffers.values():
@@ -319,6 +320,6 @@ class SymmetricMemoryManager:
                 if buf.symm_mem_hdl is not None:
                     return buf
                 fallback = fallback or buf
-        if fallback is not None:
+        if fallback is not None or not create:
             return fallback
         return cls.get_buffer(f"__symmtriton_{group.group_name}", group)
