@@ -17,14 +17,21 @@ after it.
 After the launch the region may be reused by the next operation on the stream: every peer that
 writes it again first passes that operation's start barrier, which this rank reaches only after
 this launch is complete.
+
+``_all_gather_ll_kernel`` (small messages, no barrier; lines of kernels/ll.py): block ``b``
+pushes elements ``[c * BLOCK, (c + 1) * BLOCK)`` of the shard (chunks ``c % blocks == b``; any
+8-, 16- or 32-bit ``DTYPE``: a bit copy) as lines into slot ``RANK`` of every peer and copies them to shard ``RANK`` of the output, then takes the
+same chunks of every peer's slot into the peers' shards of the output. Nothing of the buffer
+outside the line area is touched.
 """
 
 import triton
 import triton.language as tl
 
-from .barrier import barrier, call_end, call_seq
-from .common import copy_shards
-from .ptx import as_i64, as_ptr, peer_addr, store_all
+from .barrier import barrier, call_end, call_seq, give_up, own_pad
+from .common import copy_shards, ll_push_all
+from .ll import ll_flag, ll_get, ll_slot
+from .ptx import as_i64, as_ptr, peer_addr, store_all, words_to_elems
 
 
 @triton.jit
@@ -57,4 +64,42 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
         local = peer_addr(buf_table, RANK) + region_off
         copy_shards(local, out_addr, n, BLOCK_SIZE, nchunks, pid, nprog, bad, DTYPE, BLOCK_SIZE,
                     WORLD_SIZE, ALIGNED)
+    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
+
+
+@triton.jit
+def _all_gather_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, ll_off,
+                          slot_words, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
+                          WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK: tl.constexpr,
+                          SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
+    EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth  # elements per 32-bit word
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
+    src = as_ptr(in_addr, DTYPE, ALIGNED)
+    dst = as_ptr(out_addr, DTYPE, ALIGNED)
+    nchunks = tl.cdiv(n, BLOCK)
+    c = pid
+    while c < nchunks:  # push; chunks c = pid (mod nprog), see ptx.py on loops
+        ll_push_all(src, buf_table, ll_off, c * BLOCK, n, seq, slot_words, DTYPE, BLOCK, RANK,
+                    WORLD_SIZE)
+        offs = c * BLOCK + tl.arange(0, BLOCK)
+        tl.store(dst + RANK * as_i64(n) + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
+        c += nprog
+    pad = own_pad(sig_table, RANK)
+    area = peer_addr(buf_table, RANK) + ll_off
+    flag = ll_flag(seq)
+    status = tl.full([], 0, tl.int32)
+    c = pid
+    while (c < nchunks) & (status == 0):  # receive
+        offs = c * BLOCK + tl.arange(0, BLOCK)
+        woffs = c * (BLOCK // EPW) + tl.arange(0, BLOCK // EPW)
+        for i in tl.static_range(1, WORLD_SIZE):
+            peer = (RANK + WORLD_SIZE - i) % WORLD_SIZE
+            words, st = ll_get(ll_slot(area, seq, peer, slot_words, WORLD_SIZE), woffs,
+                               woffs < n // EPW, flag, peer, status, timeout_ns, pad, USE_PTX)
+            status = status | st
+            tl.store(dst + peer * as_i64(n) + offs, words_to_elems(words, DTYPE), mask=offs < n)
+        c += nprog
+    give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

@@ -19,13 +19,21 @@ and in every phase, so a per-block barrier orders everything a chunk goes throug
 4. end barrier: the sums of every slice have landed on every rank, and nobody reads this rank's
    region any more (it may be overwritten, e.g. by the next GEMM, once the launch is complete);
 5. with ``COPY_OUT``: copy this block's chunks from the result area to ``out``.
+
+``_all_reduce_ll_kernel`` (one-shot for small tensors, no barrier; lines of kernels/ll.py):
+block ``b`` pushes chunks ``c % blocks == b`` of the input as lines into slot ``RANK`` of every
+peer, then sums each of those chunks over the ranks in rank order (its own from the input, the
+peers' from its slots; fp32, the same order on every rank, so every rank gets the same bits) and
+stores it to ``out``, which may be the input (a block rewrites only chunks it pushed already).
+Nothing of the buffer outside the line area is touched.
 """
 
 import triton
 import triton.language as tl
 
-from .barrier import barrier, call_end, call_seq
-from .common import copy_units
+from .barrier import barrier, call_end, call_seq, give_up, own_pad
+from .common import copy_units, ll_push_all, ll_reduce_chunk
+from .ll import ll_flag
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
 
 
@@ -70,4 +78,35 @@ def _all_reduce_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
     if COPY_OUT:
         copy_units(local + res_off, out_addr, n, cps, BLOCK_SIZE, pid, nprog, DTYPE, BLOCK_SIZE,
                    SLICES, ALIGNED)
+    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
+
+
+@triton.jit
+def _all_reduce_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, ll_off,
+                          slot_words, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
+                          WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK: tl.constexpr,
+                          SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
+    src = as_ptr(in_addr, DTYPE, ALIGNED)
+    nchunks = tl.cdiv(n, BLOCK)
+    c = pid
+    while c < nchunks:  # push; chunks c = pid (mod nprog), see ptx.py on loops
+        ll_push_all(src, buf_table, ll_off, c * BLOCK, n, seq, slot_words, DTYPE, BLOCK, RANK,
+                    WORLD_SIZE)
+        c += nprog
+    dst = as_ptr(out_addr, DTYPE, ALIGNED)
+    area = peer_addr(buf_table, RANK) + ll_off
+    pad = own_pad(sig_table, RANK)
+    status = tl.full([], 0, tl.int32)
+    c = pid
+    while (c < nchunks) & (status == 0):  # reduce
+        offs = c * BLOCK + tl.arange(0, BLOCK)
+        acc, status = ll_reduce_chunk(src, area, c * BLOCK, n, seq, ll_flag(seq), slot_words,
+                                      status, timeout_ns, pad, DTYPE, BLOCK, RANK, WORLD_SIZE,
+                                      USE_PTX)
+        tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
+        c += nprog
+    give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

@@ -24,13 +24,20 @@ buffer) holds each rank's input. Phases of ``_all_reduce_rmsnorm_kernel``:
    the norm is cheap next to a second all-gather).
 
 A row is one chunk: ``BLOCK_H`` (a power of two >= H) covers it, the tail masked.
+
+``_all_reduce_rmsnorm_ll_kernel`` (one-shot for small inputs, no barrier; lines of
+kernels/ll.py): block ``b`` pushes rows ``i % blocks == b`` of the input as lines into slot
+``RANK`` of every peer, then reduces each of those rows over the ranks in rank order (its own
+from the input, the peers' from its slots; fp32, the same bits on every rank) and finishes it
+as the one-shot kernel does. Nothing of the buffer outside the line area is touched.
 """
 
 import triton
 import triton.language as tl
 
-from .barrier import barrier, call_end, call_seq
-from .common import copy_units, row_operands
+from .barrier import barrier, call_end, call_seq, give_up, own_pad
+from .common import copy_units, ll_push_all, ll_reduce_chunk, row_operands
+from .ll import ll_flag
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
 
 
@@ -97,4 +104,40 @@ def _all_reduce_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, s
                     x = tl.load(src + row * H + cols, mask=mask)
                     _finish_row(x, row, res, out, w, cols, mask, H, eps)
             j += nprog
+    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
+
+
+@triton.jit
+def _all_reduce_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_table,
+                                  err_addr, seq_cap, ll_off, slot_words, S, H, eps, timeout_ns,
+                                  DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
+                                  RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
+                                  WORLD_P2: tl.constexpr, BLOCK_H: tl.constexpr,
+                                  SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
+                                  ALIGNED: tl.constexpr):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
+    src = as_ptr(in_addr, DTYPE, ALIGNED)
+    i = pid
+    while i < S:  # push rows i = pid (mod nprog); see ptx.py on loops
+        start = as_i64(i) * H
+        ll_push_all(src, buf_table, ll_off, start, start + H, seq, slot_words, DTYPE, BLOCK_H,
+                    RANK, WORLD_SIZE)
+        i += nprog
+    cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, BLOCK_H,
+                                           ALIGNED)
+    area = peer_addr(buf_table, RANK) + ll_off
+    pad = own_pad(sig_table, RANK)
+    status = tl.full([], 0, tl.int32)
+    i = pid
+    while (i < S) & (status == 0):  # reduce, add, normalise
+        start = as_i64(i) * H
+        acc, status = ll_reduce_chunk(src, area, start, start + H, seq, ll_flag(seq), slot_words,
+                                      status, timeout_ns, pad, DTYPE, BLOCK_H, RANK, WORLD_SIZE,
+                                      USE_PTX)
+        r0 = tl.load(res + start + cols, mask=mask, other=0.0).to(tl.float32)
+        _finish_row((acc + r0).to(DTYPE), as_i64(i), res, out, w, cols, mask, H, eps)
+        i += nprog
+    give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

@@ -77,7 +77,8 @@ SEQ_CHUNK = tl.constexpr(128)
 
 
 @triton.jit
-def _own_pad(sig_table, RANK: tl.constexpr):
+def own_pad(sig_table, RANK: tl.constexpr):
+    """Address (int64) of this rank's signal pad."""
     return tl.load(sig_table.to(tl.pointer_type(tl.int64)) + RANK)
 
 
@@ -87,7 +88,7 @@ def call_seq(sig_table, pid, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
     1: no counters)."""
     seq = tl.full([], 0, tl.int32)
     if WORLD_SIZE > 1:
-        seq = tl.load(_own_pad(sig_table, RANK).to(tl.pointer_type(tl.int32)) + SEQ0 + pid)
+        seq = tl.load(own_pad(sig_table, RANK).to(tl.pointer_type(tl.int32)) + SEQ0 + pid)
     return seq
 
 
@@ -96,7 +97,7 @@ def call_end(sig_table, pid, seq, seq_cap, RANK: tl.constexpr, WORLD_SIZE: tl.co
     """Advance the counters ``pid + k * blocks`` below ``seq_cap`` to ``seq + 1``: together the
     blocks of a launch advance every counter once."""
     if WORLD_SIZE > 1:
-        counters = _own_pad(sig_table, RANK).to(tl.pointer_type(tl.int32)) + SEQ0
+        counters = own_pad(sig_table, RANK).to(tl.pointer_type(tl.int32)) + SEQ0
         step = tl.num_programs(0)
         k = 0
         while pid + k * step < seq_cap:  # see ptx.py on loops
@@ -136,7 +137,7 @@ def barrier(sig_table, pid, seq, status, err_addr, timeout_ns, seq_cap, K: tl.co
     tl.debug_barrier()
     if WORLD_SIZE > 1:
         if status == 0:
-            own = _own_pad(sig_table, RANK)
+            own = own_pad(sig_table, RANK)
             slot0 = SEQ0 + seq_cap
             value = seq * NB + (K + 1)
             status = signal_wait(sig_table, (slot0 + pid * WORLD_SIZE + RANK) * 4,
@@ -147,3 +148,14 @@ def barrier(sig_table, pid, seq, status, err_addr, timeout_ns, seq_cap, K: tl.co
                 _abandon(sig_table, status, value, err_addr, own, seq_cap, RANK, WORLD_SIZE,
                          WORLD_P2, SCOPE)
     return status
+
+
+@triton.jit
+def give_up(sig_table, seq, status, err_addr, seq_cap, RANK: tl.constexpr,
+            WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, SCOPE: tl.constexpr):
+    """What a barrier does when its wait fails, for an op that waits without one (the lines of
+    kernels/ll.py): with ``status`` non-zero, record it in both error words and, after a
+    mismatch, poison this rank's slots on every peer, so peers in a barrier op see it too."""
+    if status != 0:
+        _abandon(sig_table, status, seq * NB + 1, err_addr, own_pad(sig_table, RANK), seq_cap,
+                 RANK, WORLD_SIZE, WORLD_P2, SCOPE)

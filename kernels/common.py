@@ -3,7 +3,8 @@
 import triton
 import triton.language as tl
 
-from .ptx import as_i64, as_ptr
+from .ll import ll_flag, ll_get, ll_put, ll_slot
+from .ptx import as_i64, as_ptr, elems_to_words, peer_addr, words_to_elems
 
 
 @triton.jit
@@ -48,6 +49,46 @@ def copy_units(src_addr, dst_addr, n, per_slice, stride, pid, nprog, DTYPE: tl.c
             mask = (cols < stride) & (offs < n)
             tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
         j += nprog
+
+
+@triton.jit
+def ll_push_all(src, buf_table, ll_off, start, end, seq, slot_words, DTYPE: tl.constexpr,
+                BLOCK: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
+    """Push elements ``[start, min(start + BLOCK, end))`` at pointer ``src`` as lines (word ``k``
+    of the message = line ``k``, kernels/ll.py) into slot ``RANK`` of every peer's line area."""
+    EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth
+    offs = start + tl.arange(0, BLOCK)
+    woffs = start // EPW + tl.arange(0, BLOCK // EPW)
+    words = elems_to_words(tl.load(src + offs, mask=offs < end, other=0.0), DTYPE)
+    for i in tl.static_range(1, WORLD_SIZE):
+        peer = (RANK + i) % WORLD_SIZE
+        ll_put(ll_slot(peer_addr(buf_table, peer) + ll_off, seq, RANK, slot_words, WORLD_SIZE),
+               woffs, words, woffs < end // EPW, ll_flag(seq))
+
+
+@triton.jit
+def ll_reduce_chunk(own, area, start, end, seq, flag, slot_words, status, timeout_ns, pad,
+                    DTYPE: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr,
+                    WORLD_SIZE: tl.constexpr, USE_PTX: tl.constexpr):
+    """Sum over ranks, in rank order (the same on every rank), of elements ``[start,
+    min(start + BLOCK, end))`` of a message pushed as lines (kernels/ll.py): this rank's own part read
+    at pointer ``own``, each peer's from its slot of this rank's line area
+    ``area`` (line ``k`` = word ``k`` of the message). fp32; masked lanes are 0. Returns
+    ``(acc, status)``, ``status`` or-ed with the waits' (no wait when it is non-zero)."""
+    EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth
+    offs = tl.arange(0, BLOCK)
+    woffs = start // EPW + tl.arange(0, BLOCK // EPW)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for r in tl.static_range(WORLD_SIZE):
+        if r == RANK:
+            v = tl.load(own + start + offs, mask=start + offs < end, other=0.0)
+        else:
+            words, st = ll_get(ll_slot(area, seq, r, slot_words, WORLD_SIZE), woffs,
+                               woffs < end // EPW, flag, r, status, timeout_ns, pad, USE_PTX)
+            status = status | st
+            v = words_to_elems(words, DTYPE)
+        acc += v.to(tl.float32)
+    return acc, status
 
 
 @triton.jit

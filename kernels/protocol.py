@@ -34,3 +34,17 @@ def grid_cap(pad_words: int, world: int) -> int:
     """Most blocks per launch a pad of ``pad_words`` int32 words holds at ``world`` ranks: one
     counter and ``world`` slots per block after the ``SEQ0`` reserved words."""
     return (pad_words - SEQ0) // (world + 1)
+
+# -- flag-in-data lines (kernels/ll.py) ---------------------------------------------------------
+#: parities of the line area: call ``seq`` uses parity ``seq % 2``.
+LL_PARITIES = 2
+#: bytes of one line: a 32-bit data word and a 32-bit flag.
+LL_LINE_BYTES = 8
+#: data bytes one line carries.
+LL_WORD_BYTES = 4
+
+
+def ll_area_bytes(world: int, slot_words: int) -> int:
+    """Bytes of each rank's line area: ``LL_PARITIES`` x ``world`` source slots of
+    ``slot_words`` lines (none for one rank: nothing to exchange)."""
+    return 0 if world < 2 else LL_PARITIES * world * slot_words * LL_LINE_BYTES

@@ -66,6 +66,23 @@ CLOCK_EVERY = tl.constexpr(64)
 
 
 @triton.jit
+def deadline_tick(misses, deadline_ns, timeout_ns, err_word, clock_addr, USE_PTX: tl.constexpr):
+    """One miss of a wait loop with a bound: every ``CLOCK_EVERY`` misses (never on the fast path)
+    read the clock; the first read starts the deadline ``timeout_ns`` ahead, at once expired
+    when the int32 ``err_word`` (device memory) is set (a wait after an error gives up at its
+    first clock read). Returns ``(deadline_ns, expired)``; never expires with ``timeout_ns == 0``."""
+    expired = 0
+    if (timeout_ns > 0) & (misses % CLOCK_EVERY == 0):
+        now = clock_ns(clock_addr, USE_PTX)
+        if deadline_ns == 0:
+            deadline_ns = now + timeout_ns
+            if tl.load(err_word.to(tl.pointer_type(tl.int32)), volatile=True) != 0:
+                deadline_ns = now
+        expired = (now >= deadline_ns).to(tl.int32)
+    return deadline_ns, expired
+
+
+@triton.jit
 def signal_wait(table_addr, slot_off, own_slots, value, ahead, err_word, timeout_ns, clock_addr,
                 WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, SCOPE: tl.constexpr,
                 RELEASE: tl.constexpr, ACQUIRE: tl.constexpr, MISMATCH_BIT: tl.constexpr,
@@ -108,13 +125,8 @@ def signal_wait(table_addr, slot_off, own_slots, value, ahead, err_word, timeout
         seen = tl.where(new, v, seen)
         got = got | new
         misses += 1
-        if (timeout_ns > 0) & (misses % CLOCK_EVERY == 0):
-            now = clock_ns(clock_addr, USE_PTX)
-            if deadline_ns == 0:
-                deadline_ns = now + timeout_ns
-                if tl.load(err_word.to(tl.pointer_type(tl.int32)), volatile=True) != 0:
-                    deadline_ns = now
-            expired = (now >= deadline_ns).to(tl.int32)
+        deadline_ns, expired = deadline_tick(misses, deadline_ns, timeout_ns, err_word, clock_addr,
+                                             USE_PTX)
     early = valid & got & ((seen - ahead) >= 0)
     bits = tl.sum(tl.where((valid & ~got) | early, 1 << lanes, 0), axis=0)
     status = bits | tl.where(tl.sum(early.to(tl.int32), axis=0) > 0, MISMATCH_BIT, 0)
@@ -127,30 +139,54 @@ def signal_wait(table_addr, slot_off, own_slots, value, ahead, err_word, timeout
 # values, low half first (little endian), so the element order is the memory order.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _words_to_elems(w0, w1, w2, w3, DTYPE: tl.constexpr):
-    """Four [NV] uint32 word tensors -> [NV * 16 / sizeof(DTYPE)] values of DTYPE (16 or 32 bits),
-    in memory order."""
-    NV: tl.constexpr = w0.shape[0]
-    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [NV * 4])
+def words_to_elems(words, DTYPE: tl.constexpr):
+    """[NW] 32-bit words -> [NW * 4 / sizeof(DTYPE)] values of DTYPE (8, 16 or 32 bits), in
+    memory order (low bytes first)."""
+    NW: tl.constexpr = words.shape[0]
     if DTYPE.primitive_bitwidth == 32:
         vals = words.to(DTYPE, bitcast=True)
     else:
-        lo = (words & 0xFFFF).to(tl.uint16).to(DTYPE, bitcast=True)
-        hi = (words >> 16).to(tl.uint16).to(DTYPE, bitcast=True)
-        vals = tl.reshape(tl.join(lo, hi), [NV * 8])
+        lo = (words & 0xFFFF).to(tl.uint16)
+        hi = ((words >> 16) & 0xFFFF).to(tl.uint16)
+        halves = tl.reshape(tl.join(lo, hi), [NW * 2])
+        if DTYPE.primitive_bitwidth == 16:
+            vals = halves.to(DTYPE, bitcast=True)
+        else:
+            b0 = (halves & 0xFF).to(tl.uint8)
+            b1 = ((halves >> 8) & 0xFF).to(tl.uint8)
+            vals = tl.reshape(tl.join(b0, b1), [NW * 4]).to(DTYPE, bitcast=True)
     return vals
+
+
+@triton.jit
+def elems_to_words(vals, DTYPE: tl.constexpr):
+    """Inverse of :func:`words_to_elems`: values of DTYPE -> uint32 words, in memory order."""
+    if DTYPE.primitive_bitwidth == 32:
+        words = vals.to(tl.uint32, bitcast=True)
+    else:
+        NE: tl.constexpr = vals.shape[0]
+        if DTYPE.primitive_bitwidth == 16:
+            halves = vals.to(tl.uint16, bitcast=True)
+        else:
+            b0, b1 = tl.split(tl.reshape(vals.to(tl.uint8, bitcast=True), [NE // 2, 2]))
+            halves = b0.to(tl.uint16) | (b1.to(tl.uint16) << 8)
+        lo, hi = tl.split(tl.reshape(halves, [halves.shape[0] // 2, 2]))
+        words = lo.to(tl.uint32) | (hi.to(tl.uint32) << 16)
+    return words
+
+
+@triton.jit
+def _words_to_elems(w0, w1, w2, w3, DTYPE: tl.constexpr):
+    """Four [NV] uint32 word tensors (word ``i`` of each 16-byte vector) -> the vectors' values
+    of DTYPE in memory order."""
+    NV: tl.constexpr = w0.shape[0]
+    return words_to_elems(tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [NV * 4]), DTYPE)
 
 
 @triton.jit
 def _elems_to_words(vals, NV: tl.constexpr, DTYPE: tl.constexpr):
     """Inverse of :func:`_words_to_elems`: values of DTYPE -> four [NV] uint32 word tensors."""
-    if DTYPE.primitive_bitwidth == 32:
-        words = vals.to(tl.uint32, bitcast=True)
-    else:
-        halves = tl.reshape(vals.to(tl.uint16, bitcast=True), [NV * 4, 2])
-        lo, hi = tl.split(halves)
-        words = lo.to(tl.uint32) | (hi.to(tl.uint32) << 16)
-    x = tl.reshape(words, [NV, 2, 2])  # [v, i, j] = word 2i + j
+    x = tl.reshape(elems_to_words(vals, DTYPE), [NV, 2, 2])  # [v, i, j] = word 2i + j
     even, odd = tl.split(x)  # j = 0 / 1, indexed by i
     w0, w2 = tl.split(even)
     w1, w3 = tl.split(odd)

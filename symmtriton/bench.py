@@ -44,12 +44,13 @@ import triton
 import symmtriton
 
 from . import timing, tuner, tuning, workloads
-from .config import CONFIG_KEYS, OPS, all_reduce_algorithm
+from .config import CONFIG_KEYS, OPS
 from .backends import select_backend
 from .bench_baselines import Baselines, nccl_version, peer_copy_gbs, shape_for, topology
 from .bench_options import BenchOptions, parse_options
 from .bench_report import ResultFiles, bus_factor, bytes_moved, efficiency_report, format_table
 from .memory import SymmetricMemoryManager
+from .ops import driver
 from .testing import OVERLAP_ENV, free_port, release, teardown
 from .testing import device as _device
 
@@ -128,12 +129,20 @@ def _ratio(a, b):
     return None if a is None or b is None or b <= 0 else round(a / b, 3)
 
 
-def _variant(op: str, counts, total: int, world: int) -> str | None:
-    """The row's ``variant``: the count distribution (variable-count ops), the all-reduce
-    algorithm the size picks by default (all-reduce ops), else ``None``."""
-    if op in workloads.WHOLE_OPS:
-        return all_reduce_algorithm(total, world)
-    return counts
+def _variant(counts) -> str | None:
+    """The row's ``variant``: the count distribution (variable-count ops) and the kernel the last
+    plan launched: ``lines`` (barrier-free, kernels/ll.py), ``one_shot``/``two_shot`` (the
+    all-reduce's barrier kernels) or ``barrier``; ``None`` parts are left out."""
+    kernel = getattr(driver.last_plan(), "kernel", None)
+    name = getattr(getattr(kernel, "fn", None), "__name__", "")
+    kind = None
+    if kernel is not None:
+        kind = "barrier"
+        if name.endswith("_ll_kernel"):
+            kind = "lines"
+        elif "TWO_SHOT" in kernel.constexprs:
+            kind = "two_shot" if kernel.constexprs["TWO_SHOT"] else "one_shot"
+    return "/".join(x for x in (counts, kind) if x) or None
 
 
 def _row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check, base, p2p_gbs) -> dict:
@@ -225,7 +234,7 @@ def run_sweep(opts: BenchOptions, group, *, p2p_gbs: float | None = None, on_row
         wl.reset()
         t = timing.agreed_time(wl.run, mode, device=dev, group=group, **opts.counts(warmup))
         del wl
-        variant = _variant(op, kind, shape.total_bytes, world)
+        variant = _variant(kind)
         row = _row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check, base, p2p_gbs)
         rows.append(row)
         if on_row is not None:

@@ -144,8 +144,34 @@ def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | 
     return LaunchConfig(block_size=block, num_warps=num_warps, max_blocks=264)
 
 
-#: all-reduce algorithms (the kernels' ``TWO_SHOT`` constexpr), see :func:`all_reduce_algorithm`.
-ALL_REDUCE_ALGORITHMS = ("one_shot", "two_shot")
+#: data bytes per chunk of the barrier-free kernels (kernels/ll.py): a block moves twice that
+#: (flags) per chunk and peer.
+LINES_CHUNK_BYTES = 4096
+
+
+def lines_config(numel: int, dtype: torch.dtype, world: int) -> LaunchConfig:
+    """Config of the barrier-free kernels for ``numel`` elements of ``dtype`` per peer: chunks
+    of at most :data:`LINES_CHUNK_BYTES` (at least 64 words), a warp per 256 words (at most
+    4), so every thread stores 16-byte pairs of lines and small messages spread over blocks."""
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    esize = dtype.itemsize
+    epw = max(1, 4 // esize)  # elements per 32-bit word
+    block = max(64 * epw, min(size_bucket(max(numel, 1)), LINES_CHUNK_BYTES // esize))
+    return LaunchConfig(block_size=block, num_warps=max(1, min(4, block // epw // 256)),
+                        max_blocks=264)
+
+
+def lines_block(block_size: int, itemsize: int) -> int:
+    """The chunk (elements of ``itemsize`` bytes) a barrier-free kernel runs with for
+    ``block_size``: at least two 32-bit words, so a chunk is whole words."""
+    return max(block_size, 2 * max(1, 4 // itemsize))
+
+
+#: all-reduce algorithms: ``lines`` (one-shot over flag-in-data lines, kernels/ll.py; chosen for
+#: small tensors by ops/all_reduce.py:choose_algorithm) and the barrier kernels' two (their
+#: ``TWO_SHOT`` constexpr), see :func:`all_reduce_algorithm`.
+ALL_REDUCE_ALGORITHMS = ("lines", "one_shot", "two_shot")
 #: largest tensor (bytes) :func:`all_reduce_algorithm` sends one-shot at 2 ranks; halved per
 #: doubling of the world (one-shot reads ``world x`` the tensor per rank). UNTUNED: a first
 #: guess from the published crossovers of custom all-reduces (vLLM, SGLang: one-shot up to a few

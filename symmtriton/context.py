@@ -37,6 +37,8 @@ class Ctx:
     grid_cap: int
     local_base: int
     scope: str  # memory scope of the barrier's atomics (see barrier_scope)
+    ll_off: int = 0  # the line area (kernels/ll.py): its offset in every rank's allocation
+    ll_words: int = 0  # and its words per source slot (0: no area)
 
     @property
     def world_p2(self) -> int:
@@ -62,7 +64,7 @@ def context(buf: SymmetricMemoryBuffer) -> Ctx:
                            f"for {hdl.world_size} ranks")
     ctx = Ctx(buf, hdl.rank, hdl.world_size, hdl.buffer_ptrs_dev, hdl.signal_pad_ptrs_dev,
               hdl.multicast_ptr if buf.has_multicast else 0, buf.status.data_ptr(),
-              cap, hdl.buffer_ptrs[hdl.rank], barrier_scope(hdl))
+              cap, hdl.buffer_ptrs[hdl.rank], barrier_scope(hdl), buf.ll_off, buf.ll_words)
     buf._launch_ctx = ctx
     return ctx
 
@@ -95,6 +97,28 @@ def multimem_eligible(ctx: Ctx, dtype: torch.dtype | None, *addrs_and_sizes: int
     a bit copy, any dtype), and every address and byte count is a multiple of 16."""
     return (ctx.mc_addr != 0 and (dtype is None or dtype in REDUCE_DTYPES)
             and aligned16(*addrs_and_sizes))
+
+
+#: largest message per peer (bytes) that ``$SYMMTRITON_PROTOCOL=auto`` sends as lines (kernels/ll.py)
+#: rather than with barriers. UNTUNED: the slot size of the line area (memory.LL_SLOT_BYTES).
+LINES_MAX_BYTES = 256 * 1024
+
+
+def lines_fit(ctx: Ctx, per_peer_bytes: int, row_bytes: int) -> bool:
+    """The barrier-free path (kernels/ll.py) can carry a call that sends ``per_peer_bytes`` to
+    each peer in rows of ``row_bytes`` (the whole message for flat ops): the buffer has a line
+    area (more than one rank), rows are whole 32-bit words, and the message fits a slot.
+    Depends only on values alike on every rank."""
+    return (ctx.ll_words > 0 and row_bytes % 4 == 0 and per_peer_bytes % 4 == 0
+            and per_peer_bytes // 4 <= ctx.ll_words)
+
+
+def lines_eligible(ctx: Ctx, per_peer_bytes: int, row_bytes: int) -> bool:
+    """:func:`lines_fit`, and ``$SYMMTRITON_PROTOCOL`` chooses lines for it (``auto``: at most
+    :data:`LINES_MAX_BYTES` per peer; ``lines``: always; ``barrier``: never)."""
+    mode = env.protocol()
+    return (mode != "barrier" and lines_fit(ctx, per_peer_bytes, row_bytes)
+            and (mode == "lines" or per_peer_bytes <= LINES_MAX_BYTES))
 
 
 def aligned16(*values: int) -> bool:

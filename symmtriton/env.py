@@ -10,6 +10,7 @@ variable                       default  meaning
 ``SYMMTRITON_BARRIER_SCOPE``   auto     ``sys``: system-scope barrier atomics even on one GPU
 ``SYMMTRITON_CHECK_UNIFORM``   unset    ``1``: ranks compare every call's shapes (debugging)
 ``SYMMTRITON_DIRECT_LAUNCH``   1        ``0``: launch through ``JITFunction.run`` every time
+``SYMMTRITON_PROTOCOL``        auto     ``lines``/``barrier``: small messages always/never on lines
 ``SYMMTRITON_TUNING_CACHE``    ~/...    the tuned-config file (``~/.cache/symmtriton/tuning.json``)
 ``SYMMTRITON_EXIT_MARK``       unset    set: ``testing.teardown`` prints an exit mark (tools only)
 =============================  =======  =======================================================
@@ -29,11 +30,12 @@ TIMEOUT_S = "SYMMTRITON_TIMEOUT_S"
 BARRIER_SCOPE = "SYMMTRITON_BARRIER_SCOPE"
 CHECK_UNIFORM = "SYMMTRITON_CHECK_UNIFORM"
 DIRECT_LAUNCH = "SYMMTRITON_DIRECT_LAUNCH"
+PROTOCOL = "SYMMTRITON_PROTOCOL"
 TUNING_CACHE = "SYMMTRITON_TUNING_CACHE"
 EXIT_MARK = "SYMMTRITON_EXIT_MARK"  # read by symmtriton.testing.teardown (a tool)
 #: every variable above (README's table lists the same names; tests/test_layering.py checks it).
-ALL = (BACKEND, DISABLE, TIMEOUT_S, BARRIER_SCOPE, CHECK_UNIFORM, DIRECT_LAUNCH, TUNING_CACHE,
-       EXIT_MARK)
+ALL = (BACKEND, DISABLE, TIMEOUT_S, BARRIER_SCOPE, CHECK_UNIFORM, DIRECT_LAUNCH, PROTOCOL,
+       TUNING_CACHE, EXIT_MARK)
 
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_TUNING_CACHE = os.path.join("~", ".cache", "symmtriton", "tuning.json")
@@ -111,6 +113,22 @@ def barrier_scope_forced() -> bool:
 def check_uniform() -> bool:
     """``$SYMMTRITON_CHECK_UNIFORM=1`` (read per call: one dict lookup when unset)."""
     return raw(CHECK_UNIFORM) is not None and os.environ.get(CHECK_UNIFORM, "") == "1"
+
+
+#: values of ``$SYMMTRITON_PROTOCOL`` (see :func:`protocol`).
+PROTOCOLS = ("auto", "lines", "barrier")
+
+
+def protocol() -> str:
+    """``$SYMMTRITON_PROTOCOL``: how small messages synchronise. ``auto`` (default): flag-in-data
+    lines (kernels/ll.py) up to ``context.LINES_MAX_BYTES`` per peer, barriers above; ``lines``:
+    lines whenever the line area holds the message; ``barrier``: never lines. Read when a call
+    is planned (its first call with those tensors): set it alike on every rank, before the calls
+    (or drop the plans, ``symmtriton.ops.driver.clear_plans``)."""
+    mode = os.environ.get(PROTOCOL, "auto").strip().lower() or "auto"
+    if mode not in PROTOCOLS:
+        raise ValueError(f"{PROTOCOL} must be one of {', '.join(PROTOCOLS)}, got {mode!r}")
+    return mode
 
 
 def direct_launch() -> bool:

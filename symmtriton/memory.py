@@ -8,6 +8,10 @@ never rendezvous again.
 all lay out from byte 0 on every call, so the views of one call alias the views of the previous
 call, and every collective that runs on the buffer may overwrite them. Take a view, fill it,
 run the collective, read the result; copy out what must outlive the next collective.
+
+Past those ``size_in_mb`` MiB each rank's allocation holds the small-message line area of the
+collectives (:attr:`SymmetricMemoryBuffer.ll_off`, kernels/ll.py): the allocation API never
+hands it out, so no view aliases it. It is zeroed once, before the ranks agree the buffer is up.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ from . import backends
 from . import env
 from .backends import cuda as cuda_backend
 from .backends import host as host_backend
+from .kernels import protocol as _protocol
 
 logger = logging.getLogger("symmtriton")
 
 _MIB = 1024 * 1024
+#: data bytes a source slot of the line area holds (kernels/ll.py): the largest message per peer
+#: the barrier-free path carries. Each rank's area is 2 x world x twice this (flags).
+LL_SLOT_BYTES = 256 * 1024
 
 #: callbacks ``hook(buf)`` run when a buffer is created, closed or destroyed, so caches derived
 #: from buffers (symmtriton.ops.driver's plans) never outlive them.
@@ -100,6 +108,11 @@ class SymmetricMemoryBuffer:
         self.status: torch.Tensor | None = None
         self.rank = dist.get_rank(self.process_group)
         self.world_size = dist.get_world_size(self.process_group)
+        #: the line area: its byte offset in every rank's allocation, its words per source slot
+        #: (0: none, at one rank) and the whole allocation's size
+        self.ll_off = -(-self.nbytes // 16) * 16
+        self.ll_words = LL_SLOT_BYTES // _protocol.LL_WORD_BYTES if self.world_size > 1 else 0
+        self.alloc_bytes = self.ll_off + _protocol.ll_area_bytes(self.world_size, self.ll_words)
         self.backend = backends.select_backend()
         self.device = backends.backend_device(self.backend)
         self._setup()
@@ -129,6 +142,7 @@ class SymmetricMemoryBuffer:
             reason = None
             try:
                 hdl, local = self._rendezvous(local), None  # the handle owns the memory now
+                self._zero_line_area(hdl)
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             votes = self._gather((reason, hdl.multicast_ptr != 0 if hdl is not None else False))
@@ -140,7 +154,7 @@ class SymmetricMemoryBuffer:
             # (pinned, so mapped into the GPU's address space), read by the host without a sync.
             self.status = torch.zeros(4, dtype=torch.int32, device="cpu",
                                       pin_memory=self.backend == "cuda")
-            self.symm_mem_hdl, self.symm_buffer = hdl, hdl.local_tensor()
+            self.symm_mem_hdl, self.symm_buffer = hdl, hdl.local_tensor()[:self.nbytes]
             self.has_multicast = all(v[1] for v in votes)
             hdl = None
         finally:
@@ -155,15 +169,22 @@ class SymmetricMemoryBuffer:
             if env.disabled():
                 raise RuntimeError(f"disabled by {env.DISABLE}=1")
             if self.backend == "cuda":
-                return cuda_backend.allocate_local(self.nbytes, self.device), None
-            return host_backend.allocate_local(self.nbytes), None
+                return cuda_backend.allocate_local(self.alloc_bytes, self.device), None
+            return host_backend.allocate_local(self.alloc_bytes), None
         except Exception as exc:  # any allocation failure becomes a recorded reason
             return None, f"{type(exc).__name__}: {exc}"
 
     def _rendezvous(self, local):
         if self.backend == "cuda":
-            return cuda_backend.rendezvous(local, self.nbytes, self.process_group)
+            return cuda_backend.rendezvous(local, self.alloc_bytes, self.process_group)
         return host_backend.rendezvous(local, self.process_group)
+
+    def _zero_line_area(self, hdl) -> None:
+        """Zero this rank's line area and wait for it: the vote after the rendezvous then tells
+        every rank that every area is clean before any peer can write into it."""
+        hdl.local_tensor()[self.ll_off:self.alloc_bytes].zero_()
+        if self.backend == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _fail(self, reason: str) -> None:
         self.init_failure_reason = reason

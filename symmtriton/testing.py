@@ -34,7 +34,7 @@ import torch.distributed as dist
 from .memory import SymmetricMemoryManager
 from .testing_helpers import (  # noqa: F401 - re-exported: the workers' helpers
     buffer_without_symmetric_memory, captured, compile_for_target, device, errors_without_launch,
-    random_bits, raised_by, replay_with_counts, sync, tagged, value_error_of)
+    protocol, random_bits, raised_by, replay_with_counts, sync, tagged, value_error_of)
 
 #: lets several processes rendezvous symmetric memory on one GPU (torch then skips multicast).
 OVERLAP_ENV = "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"

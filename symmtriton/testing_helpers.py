@@ -4,9 +4,14 @@ sm_90/sm_100 compile check, validation and CUDA-graph checks."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
+from . import env
 from .backends import backend_device, select_backend
+from .ops.driver import clear_plans
 
 
 def device():
@@ -104,6 +109,23 @@ def errors_without_launch(cases: dict) -> dict:
         Launch.launch = real
     res["no launch"] = launches == []
     return res
+
+
+@contextlib.contextmanager
+def protocol(mode: str):
+    """Plan the calls inside with ``$SYMMTRITON_PROTOCOL=mode`` (``lines``, ``barrier``, ``auto``),
+    then restore it; the plans are dropped on entry and exit, so each side plans afresh."""
+    old = os.environ.get(env.PROTOCOL)
+    os.environ[env.PROTOCOL] = mode
+    clear_plans()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(env.PROTOCOL, None)
+        else:
+            os.environ[env.PROTOCOL] = old
+        clear_plans()
 
 
 def captured(body):

@@ -55,11 +55,18 @@ def test_all_reduce_exact(pool, algorithm):
     assert pool.run(_ar_cases, "bfloat16", algorithm, MODES, SIZES, SMALL) == [[]] * pool.world_size
 
 
+def test_all_reduce_lines_exact(pool):
+    """The barrier-free one-shot (kernels/ll.py): sizes of whole 32-bit words, several chunks per
+    block, every placement."""
+    sizes = (2, 38, 1000, 2 * 1024 + 4)
+    assert pool.run(_ar_cases, "bfloat16", "lines", MODES, sizes, SMALL) == [[]] * pool.world_size
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_all_reduce_other_dtypes_default_config(pool, dtype):
-    for algorithm in ("one_shot", "two_shot"):
+    for algorithm in ("lines", "one_shot", "two_shot"):
         modes = ("staged", "zero_copy_in_place")
-        got = pool.run(_ar_cases, dtype, algorithm, modes, (5, 1000), None)
+        got = pool.run(_ar_cases, dtype, algorithm, modes, (6, 1000), None)
         assert got == [[]] * pool.world_size, algorithm
 
 
@@ -116,6 +123,10 @@ def _bad_inputs(rank, world):
         "out shape": (lambda: st.all_reduce(x, out=torch.zeros(9)), ValueError, "out shape (9,)"),
         "overlap": (lambda: st.all_reduce(x[:4], out=x[2:6]), ValueError, "overlap"),
         "algorithm": (lambda: st.all_reduce(x, algorithm="three_shot"), ValueError, "'three_shot'"),
+        "lines, odd bytes": (lambda: st.all_reduce(torch.zeros(7, dtype=torch.bfloat16),
+                                                   algorithm="lines"), ValueError, "14 bytes"),
+        "lines, too big": (lambda: st.all_reduce(torch.zeros(1 << 20), algorithm="lines"),
+                           ValueError, "4194304 bytes"),
     }
     return errors_without_launch(cases)
 

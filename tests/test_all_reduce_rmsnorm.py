@@ -63,9 +63,16 @@ def test_all_reduce_rmsnorm_bf16(pool, mode, algorithm):
     assert pool.run(_cases, "bfloat16", mode, algorithm) == [[]] * pool.world_size
 
 
+@pytest.mark.parametrize("mode", ["staged", "zero_copy", "out"])
+def test_all_reduce_rmsnorm_lines_bf16(pool, mode):
+    """The barrier-free one-shot (kernels/ll.py): rows of whole 32-bit words."""
+    shapes = ((1, 8), (3, 1000), (5, 38), (7, 1152))
+    assert pool.run(_cases, "bfloat16", mode, "lines", shapes) == [[]] * pool.world_size
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_all_reduce_rmsnorm_other_dtypes(pool, dtype):
-    for algorithm in ("one_shot", "two_shot", None):
+    for algorithm in ("lines", "one_shot", "two_shot", None):
         got = pool.run(_cases, dtype, "staged", algorithm, ((3, 1000), (2, 24)))
         assert got == [[]] * pool.world_size, algorithm
 
@@ -120,6 +127,10 @@ def _bad_inputs(rank, world):
         "out is input": (lambda: f(x, r, w, out=x), ValueError, "overlap"),
         "residual is input": (lambda: f(x, x, w), ValueError, "overlap"),
         "algorithm": (lambda: f(x, r, w, algorithm="ring"), ValueError, "'ring'"),
+        "lines, odd row": (lambda: f(torch.zeros(2, 7, dtype=torch.bfloat16),
+                                     torch.zeros(2, 7, dtype=torch.bfloat16),
+                                     torch.ones(7, dtype=torch.bfloat16), algorithm="lines"),
+                           ValueError, "rows of 14"),
         "block too small": (lambda: f(x, r, w, config=st.LaunchConfig(4, 1, 1)), ValueError,
                             "block_size 4"),
     }

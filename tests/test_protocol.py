@@ -3,6 +3,7 @@ every rank whatever the grids, a call that raised on one rank only is an error o
 (never silently paired with another call), a call that raised on every rank keeps the ranks in
 step, and CUDA graphs replay the protocol with no host step."""
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -11,7 +12,7 @@ from symmtriton import context as L
 from symmtriton import reference
 from symmtriton.config import LaunchConfig
 from symmtriton.kernels import protocol as P
-from symmtriton.testing import device, sync, tagged
+from symmtriton.testing import device, protocol, sync, tagged
 
 TIMEOUT_S = 20.0  # a protocol bug shows as a timeout error instead of a hang
 
@@ -31,6 +32,11 @@ def _ag(out, x, cfg=None):
 
 
 def _calls_across_grids(rank, world):
+    with protocol("barrier"):  # the barrier's slots are checked (the lines: tests/test_lines.py)
+        return _barrier_calls_across_grids(rank, world)
+
+
+def _barrier_calls_across_grids(rank, world):
     buf = st.SymmetricMemoryManager.get_buffer("proto", dist.group.WORLD, size_mb=1)
     bad, calls = [], 0
     # grids 1, 3 and 2 (block 32, up to 4 blocks), and the default config
@@ -81,7 +87,12 @@ def test_counters_count_calls_whatever_the_grids(pool):
         assert raised and after_failure == ({8 + P.SKIP_BUMP}, 0) and ok
 
 
-def _skipped_call(rank, world, skipper):
+def _skipped_call(rank, world, skipper, mode):
+    with protocol(mode):
+        return _skipped_call_planned(rank, world, skipper)
+
+
+def _skipped_call_planned(rank, world, skipper):
     st.SymmetricMemoryManager.get_buffer("proto", dist.group.WORLD, size_mb=1)
     n = 48
     out = torch.empty(world * n, dtype=torch.float32, device=device())
@@ -107,11 +118,13 @@ def _skipped_call(rank, world, skipper):
     return first, raised, after
 
 
-def test_call_skipped_on_one_rank_raises_on_every_rank(pool):
+@pytest.mark.parametrize("mode", ["barrier", "lines"])
+def test_call_skipped_on_one_rank_raises_on_every_rank(pool, mode):
     """Rank ``W - 1`` raises a ValueError on a call that the others make: their next calls must
-    raise on every rank (the ranks are out of step), never return another call's data."""
+    raise on every rank (the ranks are out of step), never return another call's data; with
+    barriers and with flag-in-data lines (kernels/ll.py)."""
     world = pool.world_size
-    res = pool.run(_skipped_call, world - 1)
+    res = pool.run(_skipped_call, world - 1, mode)
     for rank, (first, raised, after) in enumerate(res):
         assert first
         assert raised == ("ValueError" if rank == world - 1 else None)

@@ -5,9 +5,10 @@ kernels/all_reduce_rmsnorm.py, for tensor parallelism without sequence paralleli
     residual = residual + sum over ranks of input              # all_reduce_add_rmsnorm: in place
     out      = rmsnorm(residual) * weight                      #   (fp32 statistics)
 
-Both run one-shot (every rank reduces the whole tensor) or two-shot (each rank reduces
-``1/world`` of it and stores the sums on every rank), chosen by
-:func:`symmtriton.config.all_reduce_algorithm` or forced with ``algorithm=``. Zero-copy when the
+Both run over flag-in-data lines (``"lines"``: one-shot without a barrier, kernels/ll.py; small
+tensors, see :func:`choose_algorithm`), one-shot (every rank reduces the whole tensor) or two-shot
+(each rank reduces ``1/world`` of it and stores the sums on every rank), chosen by size or forced
+with ``algorithm=``. Zero-copy when the
 input lies in the group's symmetric buffer (at the same offset on every rank), staged in the same
 launch otherwise; ``torch.distributed`` (fp32 all-reduce) when symmetric memory cannot carry it.
 """
@@ -20,10 +21,11 @@ import torch.distributed as dist
 from .. import env
 from .._calls import counts_calls
 from ..config import (ALL_REDUCE_ALGORITHMS, MAX_FUSED_HIDDEN, LaunchConfig, all_reduce_algorithm,
-                      default_config)
-from ..context import aligned16, context, find_buffer, multimem_eligible, offset_in, region_after, symm_usable
-from ..kernels.all_reduce import _all_reduce_kernel
-from ..kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel
+                      default_config, lines_block, lines_config)
+from ..context import (aligned16, context, find_buffer, lines_eligible, lines_fit, multimem_eligible,
+                       offset_in, region_after, symm_usable)
+from ..kernels.all_reduce import _all_reduce_kernel, _all_reduce_ll_kernel
+from ..kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel, _all_reduce_rmsnorm_ll_kernel
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
 from .driver import TL_DTYPE, Collective, ConfigChoice, OutputPlan, call, tensor_desc
@@ -63,10 +65,14 @@ class AllReduce(Collective):
         dst, tensor, algorithm = args
         world = dist.get_world_size(group)
         n, esize = tensor.numel(), tensor.element_size()
-        algo = algorithm or all_reduce_algorithm(n * esize, world)
         if n == 0:
             return OutputPlan()
         buf = find_buffer(group)
+        algo = choose_algorithm(buf, tensor.device, algorithm, n * esize, n * esize, world)
+        if algo == "lines":
+            cfg = config or lines_config(n, tensor.dtype, world)
+            return OutputPlan(_lines_launch(context(buf), cfg, dst, tensor, timeout_s),
+                              ConfigChoice(cfg))
         in_off, out_off = offset_in(buf, tensor), offset_in(buf, dst)
         region = in_off if in_off is not None else region_after(buf, tensor, dst)
         in_place = dst.data_ptr() == tensor.data_ptr()
@@ -140,7 +146,6 @@ class AllReduceAddRmsnorm(Collective):
         world = dist.get_world_size(group)
         S, H = input.shape
         esize = input.element_size()
-        algo = algorithm or all_reduce_algorithm(S * H * esize, world)
         if config is not None and config.block_size < H:
             raise ValueError(f"{self.name}: config.block_size {config.block_size} must cover the "
                              f"row (H={H})")
@@ -151,6 +156,12 @@ class AllReduceAddRmsnorm(Collective):
         if S == 0 or H == 0:
             return plan
         buf = find_buffer(group)
+        algo = choose_algorithm(buf, input.device, algorithm, S * H * esize, H * esize, world)
+        if algo == "lines" and H <= MAX_FUSED_HIDDEN:
+            plan.choice = ConfigChoice(config or default_config(S * H, input.dtype, world, hidden=H))
+            plan.kernel = _fused_lines_launch(context(buf), plan.choice.config, args, out,
+                                              1 if new_out else None, timeout_s)
+            return plan
         in_off = offset_in(buf, input)
         region = in_off if in_off is not None else region_after(buf, input, residual, weight, out)
         # two-shot: where the reduced rows land on every rank (kernels/all_reduce_rmsnorm.py)
@@ -158,7 +169,7 @@ class AllReduceAddRmsnorm(Collective):
         if algo == "two_shot" and in_off is not None:
             res = region_after(buf, input, residual, weight, out)
         end = max(region, res) + S * H * esize
-        if H > MAX_FUSED_HIDDEN or not symm_usable(buf, input.device, end):
+        if H > MAX_FUSED_HIDDEN or algo == "lines" or not symm_usable(buf, input.device, end):
             plan.fallback = _torch_fused
             return plan
         rps = S if algo == "one_shot" else -(-S // world)
@@ -189,6 +200,56 @@ def _fused_launch(ctx, cfg: LaunchConfig, args, out, algo, region, res, rps, sta
         dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype], RANK=ctx.rank,
              WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
              TWO_SHOT=algo == "two_shot", STAGE_IN=stage_in, USE_MULTIMEM=use_mm,
+             SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
+        var_index=var_index)
+
+
+def choose_algorithm(buf, device, algorithm, nbytes: int, row_bytes: int, world: int) -> str:
+    """The all-reduce algorithm of a call moving ``nbytes`` in rows of ``row_bytes``:
+    ``algorithm`` when given (``"lines"`` must fit the line area, ``ValueError`` otherwise);
+    else ``"lines"`` where ``context.lines_eligible`` (small tensors), else
+    :func:`symmtriton.config.all_reduce_algorithm`. Alike on every rank."""
+    usable = symm_usable(buf, device, 0)
+    if algorithm == "lines":
+        if usable and not lines_fit(context(buf), nbytes, row_bytes):
+            raise ValueError(f"algorithm='lines' needs rows of whole 32-bit words and at most "
+                             f"{buf.ll_words * 4} bytes, got {nbytes} bytes in rows of "
+                             f"{row_bytes}")
+        return algorithm
+    if algorithm is not None:
+        return algorithm
+    if usable and lines_eligible(context(buf), nbytes, row_bytes):
+        return "lines"
+    return all_reduce_algorithm(nbytes, world)
+
+
+def _lines_launch(ctx, cfg: LaunchConfig, dst, tensor, timeout_s):
+    """The launch of ``_all_reduce_ll_kernel``: its arguments, listed here only."""
+    n, esize = tensor.numel(), tensor.element_size()
+    return Launch(
+        ALL_REDUCE.name, ctx.buf, _all_reduce_ll_kernel, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
+        (tensor.data_ptr(), dst.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
+         ctx.grid_cap, ctx.ll_off, ctx.ll_words, n, env.timeout_ns(timeout_s)),
+        dict(DTYPE=TL_DTYPE[tensor.dtype], RANK=ctx.rank, WORLD_SIZE=ctx.world,
+             WORLD_P2=ctx.world_p2, BLOCK=lines_block(cfg.block_size, esize), SCOPE=ctx.scope,
+             USE_PTX=ctx.use_ptx, ALIGNED=aligned16(tensor.data_ptr(), dst.data_ptr(), n * esize)))
+
+
+def _fused_lines_launch(ctx, cfg: LaunchConfig, args, out, var_index, timeout_s):
+    """The launch of ``_all_reduce_rmsnorm_ll_kernel``: its arguments, listed here only."""
+    input, residual, weight, eps = args[:4]
+    S, H = input.shape
+    aligned = (aligned16(input.data_ptr(), out.data_ptr(), residual.data_ptr(),
+                         H * input.element_size())
+               and aligned16(weight.data_ptr(), H * weight.element_size()))
+    return Launch(
+        ALL_REDUCE_ADD_RMSNORM.name, ctx.buf, _all_reduce_rmsnorm_ll_kernel,
+        cfg.row_grid(S, ctx.grid_cap), cfg.num_warps,
+        (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(), ctx.buf_table,
+         ctx.sig_table, ctx.err_addr, ctx.grid_cap, ctx.ll_off, ctx.ll_words, S, H, float(eps),
+         env.timeout_ns(timeout_s)),
+        dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype], RANK=ctx.rank,
+             WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
              SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
         var_index=var_index)
 
@@ -224,7 +285,8 @@ def all_reduce(tensor: torch.Tensor, group=None, *, out: torch.Tensor | None = N
     """Sum ``tensor`` over the ranks of ``group`` (like ``torch.distributed.all_reduce`` with
     ``op=SUM``), in place, or into ``out`` (same shape and dtype; ``tensor`` is then left
     unchanged). bf16, fp16 and fp32 of any shape, accumulated in fp32. ``algorithm``:
-    ``"one_shot"`` or ``"two_shot"`` (default: by size and world size); the same on every rank.
+    ``"lines"`` (one-shot over flag-in-data lines, no barrier: small tensors), ``"one_shot"`` or
+    ``"two_shot"`` (default: by size and world size); the same on every rank.
 
     Every rank must lay out the symmetric buffer alike: a zero-copy ``tensor``, or an ``out``
     placed in the buffer, at the same offset on every rank (two-shot stores the sums there on

@@ -198,6 +198,12 @@ def get_plan(key):
     return plan
 
 
+def last_plan():
+    """The plan used most recently (``None`` when there is none): for tools that report what a
+    call launched."""
+    return next(reversed(_PLANS.values()), None)
+
+
 def put_plan(key, plan):
     """Store ``plan`` for ``key``, evicting the least recently used beyond :data:`PLAN_CACHE_MAX`."""
     if key is None:

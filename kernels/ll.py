@@ -1,0 +1,104 @@
+"""Flag-in-data exchange ("LL" lines, as in NCCL's LL protocol) for small messages: the data
+carries its own flag, so an op needs no barrier at all.
+
+Area. Past the scratch bytes of every rank's buffer (``ll_off``, the same on every rank) lies a
+line area of ``LL_PARITIES`` (2) parities x ``WORLD_SIZE`` source slots x ``slot_words``
+lines (kernels/protocol.py). A line is one int64: ``(flag << 32) | word``, one 32-bit data
+word with its flag; 8-byte aligned stores and loads of it are single-copy atomic, so a reader
+that sees the flag sees the word. Call ``seq`` (the call counter of kernels/barrier.py) uses
+parity ``seq % 2`` and the flag :func:`ll_flag` (``seq``, odd, never 0). Rank ``r``'s data for
+rank ``q`` goes to slot ``r`` of ``q``'s area.
+
+Protocol of one call (every op: push everything, then receive):
+
+- put (:func:`ll_put`): plain stores of the lines into the peer's slot; no fence, no signal:
+  each line orders itself;
+- get (:func:`ll_get`): volatile loads of the local lines until every flag equals this call's
+  flag, then store 0 over them (local stores).
+
+Why no barrier is needed to reuse a slot: every line of the area is 0 except while a call is
+in flight. A writer writes parity ``p`` again at call ``seq + 2`` only after its call
+``seq + 1`` received data this rank sent in *its* call ``seq + 1`` (every op of a group
+exchanges with every peer, barrier ops included), which this rank's stream started only after
+its call ``seq`` had read and cleared parity ``p``. So a line holds 0 or this call's flag, and
+a reader never sees a stale value.
+
+Out of step: any other non-zero flag is a peer's different call (a call that raised on some
+ranks only advanced their counters by ``SKIP_BUMP``, keeping the parity: kernels/barrier.py).
+Every rank pushes before it waits, so each rank of a mismatched pair sees the other's wrong
+flag: the wait returns ``MISMATCH_BIT`` with the peer's bit, and the op abandons the call as
+the barrier does (``barrier._abandon``). A peer that never writes is a timeout after
+``timeout_ns`` (``ptx.deadline_tick``); the area must be destroyed with its buffer after an error.
+
+Scope: the lines are stored and polled with volatile (system-coherent) accesses; the data is
+in the line itself, so there is nothing else to order. Successive calls are ordered by the stream.
+"""
+
+import triton
+import triton.language as tl
+
+from . import protocol as P
+from .ptx import deadline_tick
+
+ERR_WORD = tl.constexpr(P.ERR_WORD)
+MISMATCH_BIT = tl.constexpr(P.MISMATCH_BIT)
+LL_PARITIES = tl.constexpr(P.LL_PARITIES)
+
+
+@triton.jit
+def ll_flag(seq):
+    """The flag of call ``seq``: odd, so never the 0 of a cleared line."""
+    return ((seq & 0x3FFFFFFF) << 1) | 1
+
+
+@triton.jit
+def ll_slot(area_addr, seq, src, slot_words, WORLD_SIZE: tl.constexpr):
+    """Address (int64) of source ``src``'s slot, parity of call ``seq``, in the area at
+    ``area_addr``."""
+    parity = (seq % LL_PARITIES).to(tl.int64)
+    return area_addr + ((parity * WORLD_SIZE + src) * slot_words) * 8
+
+
+@triton.jit
+def _lines(slot_addr):
+    return tl.multiple_of(slot_addr.to(tl.pointer_type(tl.int64)), 16)
+
+
+@triton.jit
+def ll_put(slot_addr, offs, words, mask, flag):
+    """Store ``words`` (32-bit, any int type) as lines ``offs`` of the slot at ``slot_addr``."""
+    lines = (words.to(tl.int64) & 0xFFFFFFFF) | (flag.to(tl.int64) << 32)
+    tl.store(_lines(slot_addr) + offs, lines, mask=mask)
+
+
+@triton.jit
+def ll_get(slot_addr, offs, mask, flag, src, skip, timeout_ns, pad, USE_PTX: tl.constexpr):
+    """Wait for lines ``offs`` (where ``mask``) of the local slot at ``slot_addr`` to carry
+    ``flag``, then clear them. Returns ``(words, status)``: int32 words (0 where masked) and 0,
+    or rank ``src``'s bit (a line still missing at the deadline), with ``MISMATCH_BIT`` when a
+    line carried another call's flag. Waits for nothing when ``skip`` is non-zero (a block that
+    abandoned the call). ``pad``: this rank's signal pad (its error word and, in the
+    interpreter, its clock: ``ptx.deadline_tick``)."""
+    ptr = _lines(slot_addr) + offs
+    got = ~mask | (skip != 0)
+    words = tl.zeros(offs.shape, tl.int32)
+    wrong = tl.zeros(offs.shape, tl.int32)
+    deadline_ns = tl.full([], 0, tl.int64)
+    misses = 0
+    expired = 0
+    while (tl.min(got.to(tl.int32), axis=0) == 0) & (expired == 0):
+        v = tl.load(ptr, mask=~got, other=0, volatile=True)
+        f = (v >> 32).to(tl.int32)
+        hit = ~got & (f == flag)
+        bad = ~got & (f != flag) & (f != 0)
+        words = tl.where(hit, v.to(tl.int32), words)
+        wrong = wrong | bad.to(tl.int32)
+        got = got | hit | bad
+        misses += 1
+        deadline_ns, expired = deadline_tick(misses, deadline_ns, timeout_ns,
+                                             pad + ERR_WORD * 4, pad, USE_PTX)
+    status = tl.where(tl.max(wrong, axis=0) != 0, MISMATCH_BIT | (1 << src), 0)
+    status = status | tl.where(tl.min(got.to(tl.int32), axis=0) == 0, 1 << src, 0)
+    if skip == 0:
+        tl.store(ptr, tl.zeros(offs.shape, tl.int64), mask=mask)
+    return words, status

@@ -1,0 +1,57 @@
+"""Compile tier for the barrier-free kernels (kernels/ll.py), as tests/test_compile.py for the
+others: compiled for sm_90 / sm_100 by Triton's bundled ptxas on this (GPU-less) machine. With
+the launcher's alignment promise the lines go out as 16-byte stores (two lines each) and come
+in through volatile loads; there is no barrier (no release/acquire signal) in them."""
+
+import pytest
+import triton.language as tl
+
+COMMON = dict(RANK=1, WORLD_SIZE=3, WORLD_P2=4, SCOPE="sys", USE_PTX=True)
+KERNELS = {
+    "all_gather": ("all_gather", "_all_gather_ll_kernel", dict(DTYPE=tl.int32, BLOCK=1024)),
+    "all_gather_bytes": ("all_gather", "_all_gather_ll_kernel", dict(DTYPE=tl.uint8, BLOCK=4096)),
+    "reduce_scatter": ("reduce_scatter", "_reduce_scatter_ll_kernel",
+                       dict(DTYPE=tl.bfloat16, BLOCK=2048)),
+    "all_reduce": ("all_reduce", "_all_reduce_ll_kernel", dict(DTYPE=tl.float16, BLOCK=2048)),
+    "all_reduce_rmsnorm": ("all_reduce_rmsnorm", "_all_reduce_rmsnorm_ll_kernel",
+                           dict(DTYPE=tl.bfloat16, W_DTYPE=tl.float32, BLOCK_H=4096)),
+}
+
+
+def _compile(rank, world, which, capability, aligned, ones=False):
+    import importlib
+
+    from symmtriton.testing import compile_for_target
+
+    module, name, extra = KERNELS[which]
+    kern = getattr(importlib.import_module(f"symmtriton.kernels.{module}"), name)
+    counts = {k: 1 for k in ("n", "S", "H") if ones and k in kern.arg_names}
+    c = compile_for_target(kern, capability, **COMMON, **extra, **counts, ALIGNED=aligned)
+    ptx = c.asm["ptx"]
+    return {
+        "line_stores": ptx.count("st.global.v2.b64"),
+        "volatile_loads": ptx.count("ld.volatile.global"),
+        "signals": ptx.count(".release.") + ptx.count(".acquire."),
+        "multimem": ptx.count("multimem."),
+        "cubin": len(c.asm["cubin"]) > 0,
+    }
+
+
+@pytest.mark.parametrize("which", sorted(KERNELS))
+def test_lines_kernels_store_16_byte_pairs_and_poll_without_barriers(compiler, which):
+    [r] = compiler.run(_compile, which, 90, True)
+    assert r["cubin"] and r["line_stores"] > 0 and r["volatile_loads"] > 0
+    assert r["signals"] == 0 and r["multimem"] == 0
+
+
+@pytest.mark.parametrize("which", ["all_gather", "all_reduce_rmsnorm"])
+def test_lines_kernels_compile_for_sm100(compiler, which):
+    [r] = compiler.run(_compile, which, 100, True)
+    assert r["cubin"] and r["line_stores"] > 0
+
+
+@pytest.mark.parametrize("which", sorted(KERNELS))
+def test_lines_kernels_compile_unaligned_and_with_counts_of_one(compiler, which):
+    """No alignment promise (scalar accesses), and runtime ints Triton turns into the constant 1."""
+    [r] = compiler.run(_compile, which, 90, False, True)
+    assert r["cubin"] and r["volatile_loads"] > 0

@@ -1,0 +1,157 @@
+"""The barrier-free path (kernels/ll.py): flag-in-data lines carry small messages of every op
+that has it, exactly, call after call on both parities, and leave the line area all zero.
+
+Each op runs on rank-tagged integer data (exact sums) under ``$SYMMTRITON_PROTOCOL=lines`` and
+``barrier``; the two must agree bit for bit with each other and with the reference."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import symmtriton as st
+from symmtriton import reference
+from symmtriton.context import LINES_MAX_BYTES, context
+from symmtriton.kernels.all_gather import _all_gather_ll_kernel
+from symmtriton.kernels.all_reduce import _all_reduce_ll_kernel
+from symmtriton.kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_ll_kernel
+from symmtriton.kernels.reduce_scatter import _reduce_scatter_ll_kernel
+from symmtriton.ops import driver
+from symmtriton.testing import device, protocol, sync, tagged
+
+LINES_KERNELS = (_all_gather_ll_kernel, _reduce_scatter_ll_kernel, _all_reduce_ll_kernel,
+                 _all_reduce_rmsnorm_ll_kernel)
+
+
+def _last_kernel():
+    return driver.last_plan().kernel.fn
+
+
+def _line_area(buf) -> torch.Tensor:
+    """This rank's line area as int64 lines."""
+    hdl = buf.symm_mem_hdl
+    return hdl.local_tensor()[buf.ll_off:buf.alloc_bytes].view(torch.int64)
+
+
+def _ops(rank, world, salt):
+    """One call of every op with a lines kernel, on small operands; returns their results and the
+    kernels the plans launched."""
+    dev, bf16 = device(), torch.bfloat16
+    res, fns = {}, []
+    # all-gather: 32-bit, 16-bit and byte units (an odd address forces bytes)
+    for name, n, dtype, shift in (("ag32", 250, torch.float32, 0), ("ag16", 6, bf16, 0),
+                                  ("ag8", 12, torch.uint8, 1)):
+        x = torch.zeros(n + shift, dtype=dtype, device=dev)[shift:]
+        x.copy_(tagged(n, dtype, rank, salt))
+        out = torch.zeros(world * n + shift, dtype=dtype, device=dev)[shift:]
+        res[name] = st.all_gather_into_tensor(out, x).clone()
+        fns.append(_last_kernel())
+    for name, n, dtype in (("rs16", 10, bf16), ("rs32", 333, torch.float32)):
+        out = torch.empty(n, dtype=dtype, device=dev)
+        res[name] = st.reduce_scatter_tensor(out, tagged(world * n, dtype, rank, salt)).clone()
+        fns.append(_last_kernel())
+    x = tagged(1002, bf16, rank, salt)
+    res["ar"] = st.all_reduce(x).clone()  # in place
+    fns.append(_last_kernel())
+    S, H = 3, 66
+    residual = tagged(S * H, bf16, 0, salt + 1, bound=3).view(S, H)
+    weight = torch.ones(H, dtype=bf16, device=dev)
+    res["arn"] = st.all_reduce_add_rmsnorm(tagged(S * H, bf16, rank, salt).view(S, H), residual,
+                                           weight)
+    res["arn_res"] = residual
+    fns.append(_last_kernel())
+    sync()
+    return {k: v.cpu() for k, v in res.items()}, fns
+
+
+def _references(world, salt):
+    bf16 = torch.bfloat16
+    ref = {
+        "ag32": reference.all_gather([tagged(250, torch.float32, r, salt) for r in range(world)]),
+        "ag16": reference.all_gather([tagged(6, bf16, r, salt) for r in range(world)]),
+        "ag8": reference.all_gather([tagged(12, torch.uint8, r, salt) for r in range(world)]),
+        "ar": reference.all_reduce([tagged(1002, bf16, r, salt) for r in range(world)]),
+    }
+    return {k: v.cpu() for k, v in ref.items()}
+
+
+def _lines_vs_barrier(rank, world, rounds):
+    buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=2)
+    bad, kernels = [], set()
+    for salt in range(rounds):  # several calls per op: both parities, lines reused
+        with protocol("lines"):
+            lines, fns = _ops(rank, world, salt)
+        kernels.update(fns)
+        with protocol("barrier"):
+            barrier, fns = _ops(rank, world, salt)
+        if any(fn in LINES_KERNELS for fn in fns):
+            bad.append(("barrier protocol launched a lines kernel", salt))
+        for k in lines:
+            if not torch.equal(lines[k].view(torch.uint8), barrier[k].view(torch.uint8)):
+                bad.append((k, salt))
+        for k, want in _references(world, salt).items():
+            if not torch.equal(lines[k], want):
+                bad.append((k, salt, "reference"))
+        rs = {"rs16": (10, torch.bfloat16), "rs32": (333, torch.float32)}
+        for k, (n, dtype) in rs.items():
+            want = reference.reduce_scatter([tagged(world * n, dtype, r, salt)
+                                             for r in range(world)], rank).cpu()
+            if not torch.equal(lines[k], want):
+                bad.append((k, salt, "reference"))
+    dist.barrier()  # every rank's last call has read (and cleared) its lines
+    area = _line_area(buf)
+    return bad, kernels == set(LINES_KERNELS), int(area.count_nonzero())
+
+
+def test_lines_match_barriers_and_leave_the_area_clean(pool):
+    for bad, all_lines, nonzero in pool.run(_lines_vs_barrier, 3):
+        assert bad == []
+        assert all_lines  # every op went through its lines kernel
+        assert nonzero == 0  # every line read was cleared: nothing stale for the next calls
+
+
+def _auto_choice(rank, world):
+    """``auto`` sends small messages as lines and larger ones (or odd byte counts) with barriers."""
+    st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=8)
+    chosen = {}
+    with protocol("auto"):
+        for n in (4, 7, LINES_MAX_BYTES // 2, LINES_MAX_BYTES // 2 + 2):
+            x = tagged(n, torch.bfloat16, rank)
+            st.all_gather_into_tensor(torch.empty(world * n, dtype=torch.bfloat16,
+                                                  device=device()), x)
+            chosen[n] = _last_kernel() is _all_gather_ll_kernel
+        sync()
+    return chosen
+
+
+def test_auto_protocol_chooses_lines_for_small_word_messages(cpu_pool):
+    for chosen in cpu_pool(2).run(_auto_choice):
+        # 8 B and the cap per peer: lines; 14 B (not whole words): barriers; past the cap: barriers
+        assert chosen == {4: True, 7: False, LINES_MAX_BYTES // 2: True,
+                          LINES_MAX_BYTES // 2 + 2: False}
+
+
+def _area_layout(rank, world):
+    buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=1)
+    ctx = context(buf)
+    # the scratch API never reaches the area
+    whole = buf.maybe_get_tensor((buf.nbytes,), torch.uint8)["tensor"]
+    past = buf.maybe_get_tensor((buf.nbytes + 1,), torch.uint8)["tensor"]
+    return (ctx.ll_off >= whole.numel(), past is None, ctx.ll_words,
+            buf.alloc_bytes - buf.ll_off)
+
+
+def test_line_area_lies_past_the_scratch_bytes(cpu_pool):
+    for before, none_past, words, area in cpu_pool(3).run(_area_layout):
+        assert before and none_past
+        assert area == 2 * 3 * words * 8  # parities x sources x lines of 8 bytes
+
+
+@pytest.mark.parametrize("mode", ["lines", "barrier"])
+def test_env_protocol_is_validated(monkeypatch, mode):
+    from symmtriton import env
+
+    monkeypatch.setenv(env.PROTOCOL, mode.upper())
+    assert env.protocol() == mode
+    monkeypatch.setenv(env.PROTOCOL, "fast")
+    with pytest.raises(ValueError, match="'fast'"):
+        env.protocol()
