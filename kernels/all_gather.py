@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_shards, ll_push_all
+from .common import copy_shards, ll_push_to
 from .ll import ll_flag, ll_get, ll_slot
 from .ptx import as_i64, as_ptr, peer_addr, store_all, words_to_elems
 
@@ -81,7 +81,7 @@ def _all_gather_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq
     nchunks = tl.cdiv(n, BLOCK)
     c = pid
     while c < nchunks:  # push; chunks c = pid (mod nprog), see ptx.py on loops
-        ll_push_all(src, buf_table, ll_off, c * BLOCK, n, seq, slot_words, DTYPE, BLOCK, RANK,
+        ll_push_to(src, buf_table, -1, ll_off, c * BLOCK, n, seq, slot_words, DTYPE, BLOCK, RANK,
                     WORLD_SIZE)
         offs = c * BLOCK + tl.arange(0, BLOCK)
         tl.store(dst + RANK * as_i64(n) + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)

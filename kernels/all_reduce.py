@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_units, ll_push_all, ll_reduce_chunk
+from .common import copy_units, ll_push_to, ll_reduce_chunk
 from .ll import ll_flag
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
 
@@ -93,7 +93,7 @@ def _all_reduce_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq
     nchunks = tl.cdiv(n, BLOCK)
     c = pid
     while c < nchunks:  # push; chunks c = pid (mod nprog), see ptx.py on loops
-        ll_push_all(src, buf_table, ll_off, c * BLOCK, n, seq, slot_words, DTYPE, BLOCK, RANK,
+        ll_push_to(src, buf_table, -1, ll_off, c * BLOCK, n, seq, slot_words, DTYPE, BLOCK, RANK,
                     WORLD_SIZE)
         c += nprog
     dst = as_ptr(out_addr, DTYPE, ALIGNED)

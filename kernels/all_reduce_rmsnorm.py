@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_units, ll_push_all, ll_reduce_chunk, row_operands
+from .common import copy_units, ll_push_to, ll_reduce_chunk, row_operands
 from .ll import ll_flag
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
 
@@ -122,7 +122,7 @@ def _all_reduce_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table
     i = pid
     while i < S:  # push rows i = pid (mod nprog); see ptx.py on loops
         start = as_i64(i) * H
-        ll_push_all(src, buf_table, ll_off, start, start + H, seq, slot_words, DTYPE, BLOCK_H,
+        ll_push_to(src, buf_table, -1, ll_off, start, start + H, seq, slot_words, DTYPE, BLOCK_H,
                     RANK, WORLD_SIZE)
         i += nprog
     cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, BLOCK_H,

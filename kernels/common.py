@@ -52,18 +52,29 @@ def copy_units(src_addr, dst_addr, n, per_slice, stride, pid, nprog, DTYPE: tl.c
 
 
 @triton.jit
-def ll_push_all(src, buf_table, ll_off, start, end, seq, slot_words, DTYPE: tl.constexpr,
-                BLOCK: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
-    """Push elements ``[start, min(start + BLOCK, end))`` at pointer ``src`` as lines (word ``k``
-    of the message = line ``k``, kernels/ll.py) into slot ``RANK`` of every peer's line area."""
+def ll_push_vals(vals, buf_table, peer, ll_off, start, end, seq, slot_words, DTYPE: tl.constexpr,
+                 RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
+    """Push ``vals``, elements ``[start, start + BLOCK)`` of a message (those ``< end`` count), as
+    lines (word ``k`` of the message = line ``k``, kernels/ll.py) into slot ``RANK`` of the line
+    area of rank ``peer``, or of every peer when ``peer`` is -1."""
     EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth
-    offs = start + tl.arange(0, BLOCK)
-    woffs = start // EPW + tl.arange(0, BLOCK // EPW)
-    words = elems_to_words(tl.load(src + offs, mask=offs < end, other=0.0), DTYPE)
+    woffs = start // EPW + tl.arange(0, vals.shape[0] // EPW)
+    words = elems_to_words(vals, DTYPE)
     for i in tl.static_range(1, WORLD_SIZE):
-        peer = (RANK + i) % WORLD_SIZE
-        ll_put(ll_slot(peer_addr(buf_table, peer) + ll_off, seq, RANK, slot_words, WORLD_SIZE),
-               woffs, words, woffs < end // EPW, ll_flag(seq))
+        q = (RANK + i) % WORLD_SIZE
+        if (peer == -1) | (peer == q):
+            ll_put(ll_slot(peer_addr(buf_table, q) + ll_off, seq, RANK, slot_words, WORLD_SIZE),
+                   woffs, words, woffs < end // EPW, ll_flag(seq))
+
+
+@triton.jit
+def ll_push_to(src, buf_table, peer, ll_off, start, end, seq, slot_words, DTYPE: tl.constexpr,
+               BLOCK: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
+    """:func:`ll_push_vals` of elements ``[start, min(start + BLOCK, end))`` of a message whose
+    element ``j`` is at pointer ``src + j`` (loaded once for all peers)."""
+    offs = start + tl.arange(0, BLOCK)
+    ll_push_vals(tl.load(src + offs, mask=offs < end, other=0.0), buf_table, peer, ll_off, start,
+                 end, seq, slot_words, DTYPE, RANK, WORLD_SIZE)
 
 
 @triton.jit

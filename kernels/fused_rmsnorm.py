@@ -22,14 +22,30 @@ A block whose barrier fails (timeout, ranks out of step: kernels/barrier.py) ski
 after it.
 
 A row is one chunk: ``BLOCK_H`` (a power of two >= H) covers it, the tail masked.
+
+``_fused_rmsnorm_ll_kernel`` (small inputs, no barrier; lines of kernels/ll.py; rows of whole
+32-bit words). Block ``b`` handles local rows ``i % blocks == b``; line ``k`` of row ``i`` of a
+slot is line ``i * H_words + k`` (reduce-scatter part) or ``(s + i) * H_words + k``
+(all-gather part):
+
+1. push row ``q*s + i`` of the local input into slot ``RANK`` of rank ``q``, every peer ``q``;
+2. per row: sum row ``RANK*s + i`` over the ranks in rank order (its own from the input, the
+   peers' from its slots, fp32), add the residual, round, store it back, RMSNorm times
+   ``weight``; with ``ALL_GATHER`` store the normed row at row ``RANK*s + i`` of ``out`` and
+   push it into slot ``RANK`` of every peer (all-gather part), else store it to row ``i``;
+3. with ``ALL_GATHER``: take row ``i`` of every peer's all-gather part into row ``q*s + i`` of
+   ``out``.
+
+``out`` may be the input: a block writes only rows it has read (pushed or reduced) already.
 """
 
 import triton
 import triton.language as tl
 
-from .barrier import barrier, call_end, call_seq
-from .common import copy_shards, row_operands
-from .ptx import load_reduce, peer_addr, store_all
+from .barrier import barrier, call_end, call_seq, give_up, own_pad
+from .common import copy_shards, ll_push_to, ll_push_vals, ll_reduce_chunk, row_operands
+from .ll import ll_flag, ll_get, ll_slot
+from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all, words_to_elems
 
 
 @triton.jit
@@ -75,4 +91,65 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
     if COPY_OUT:
         copy_shards(local, out_addr, s * H, H, s, pid, nprog, bad, DTYPE, BLOCK_H, WORLD_SIZE,
                     ALIGNED)
+    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
+
+
+@triton.jit
+def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_table, err_addr,
+                             seq_cap, ll_off, slot_words, s, H, eps, timeout_ns,
+                             DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, RANK: tl.constexpr,
+                             WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
+                             BLOCK_H: tl.constexpr, ALL_GATHER: tl.constexpr,
+                             SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
+    EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth  # elements per 32-bit word
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
+    flag = ll_flag(seq)
+    src = as_ptr(in_addr, DTYPE, ALIGNED)
+    i = pid
+    while i < s:  # 1. push rows q*s + i to rank q; see ptx.py on loops
+        for k in tl.static_range(1, WORLD_SIZE):
+            q = (RANK + k) % WORLD_SIZE
+            ll_push_to(src + q * as_i64(s) * H, buf_table, q, ll_off, as_i64(i) * H,
+                       as_i64(i + 1) * H, seq, slot_words, DTYPE, BLOCK_H, RANK, WORLD_SIZE)
+        i += nprog
+    cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, BLOCK_H,
+                                           ALIGNED)
+    area = peer_addr(buf_table, RANK) + ll_off
+    pad = own_pad(sig_table, RANK)
+    status = tl.full([], 0, tl.int32)
+    own = src + RANK * as_i64(s) * H
+    i = pid
+    while (i < s) & (status == 0):  # 2. reduce, add, normalise (and push the normed row)
+        start = as_i64(i) * H
+        acc, status = ll_reduce_chunk(own, area, start, start + H, seq, flag, slot_words,
+                                      status, timeout_ns, pad, DTYPE, BLOCK_H, RANK, WORLD_SIZE,
+                                      USE_PTX)
+        x = (acc + tl.load(res + start + cols, mask=mask, other=0.0).to(tl.float32)).to(DTYPE)
+        tl.store(res + start + cols, x, mask=mask)
+        xf = tl.where(mask, x.to(tl.float32), 0.0)
+        y = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps) * w).to(DTYPE)
+        if ALL_GATHER:
+            row = out + (RANK * as_i64(s) + i) * H
+            tl.store(row + cols, y, mask=mask)
+            ll_push_vals(y, buf_table, -1, ll_off, (as_i64(s) + i) * H, (as_i64(s) + i + 1) * H,
+                         seq, slot_words, DTYPE, RANK, WORLD_SIZE)
+        else:
+            tl.store(out + start + cols, y, mask=mask)
+        i += nprog
+    if ALL_GATHER:
+        i = tl.where(status != 0, s, pid)
+        while (i < s) & (status == 0):  # 3. the peers' normed rows
+            woffs = (as_i64(s) + i) * (H // EPW) + tl.arange(0, BLOCK_H // EPW)
+            for k in tl.static_range(1, WORLD_SIZE):
+                q = (RANK + WORLD_SIZE - k) % WORLD_SIZE
+                words, st = ll_get(ll_slot(area, seq, q, slot_words, WORLD_SIZE), woffs,
+                                   tl.arange(0, BLOCK_H // EPW) < H // EPW, flag, q, status,
+                                   timeout_ns, pad, USE_PTX)
+                status = status | st
+                tl.store(out + (q * as_i64(s) + i) * H + cols, words_to_elems(words, DTYPE),
+                         mask=mask)
+            i += nprog
+    give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

@@ -15,6 +15,8 @@ KERNELS = {
     "all_reduce": ("all_reduce", "_all_reduce_ll_kernel", dict(DTYPE=tl.float16, BLOCK=2048)),
     "all_reduce_rmsnorm": ("all_reduce_rmsnorm", "_all_reduce_rmsnorm_ll_kernel",
                            dict(DTYPE=tl.bfloat16, W_DTYPE=tl.float32, BLOCK_H=4096)),
+    "fused_rmsnorm": ("fused_rmsnorm", "_fused_rmsnorm_ll_kernel",
+                      dict(DTYPE=tl.bfloat16, W_DTYPE=tl.bfloat16, BLOCK_H=4096, ALL_GATHER=True)),
 }
 
 
@@ -25,7 +27,7 @@ def _compile(rank, world, which, capability, aligned, ones=False):
 
     module, name, extra = KERNELS[which]
     kern = getattr(importlib.import_module(f"symmtriton.kernels.{module}"), name)
-    counts = {k: 1 for k in ("n", "S", "H") if ones and k in kern.arg_names}
+    counts = {k: 1 for k in ("n", "s", "S", "H") if ones and k in kern.arg_names}
     c = compile_for_target(kern, capability, **COMMON, **extra, **counts, ALIGNED=aligned)
     ptx = c.asm["ptx"]
     return {

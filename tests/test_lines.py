@@ -14,12 +14,13 @@ from symmtriton.context import LINES_MAX_BYTES, context
 from symmtriton.kernels.all_gather import _all_gather_ll_kernel
 from symmtriton.kernels.all_reduce import _all_reduce_ll_kernel
 from symmtriton.kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_ll_kernel
+from symmtriton.kernels.fused_rmsnorm import _fused_rmsnorm_ll_kernel
 from symmtriton.kernels.reduce_scatter import _reduce_scatter_ll_kernel
 from symmtriton.ops import driver
 from symmtriton.testing import device, protocol, sync, tagged
 
 LINES_KERNELS = (_all_gather_ll_kernel, _reduce_scatter_ll_kernel, _all_reduce_ll_kernel,
-                 _all_reduce_rmsnorm_ll_kernel)
+                 _all_reduce_rmsnorm_ll_kernel, _fused_rmsnorm_ll_kernel)
 
 
 def _last_kernel():
@@ -59,6 +60,15 @@ def _ops(rank, world, salt):
                                            weight)
     res["arn_res"] = residual
     fns.append(_last_kernel())
+    # reduce-scatter + add + RMSNorm (+ all-gather): 2 rows per rank, in place for the gathered one
+    s = 2
+    for name, fused in (("rsn", st.reduce_scatter_add_rmsnorm),
+                        ("rsnag", st.reduce_scatter_add_rmsnorm_all_gather)):
+        x = tagged(world * s * H, bf16, rank, salt).view(world * s, H)
+        residual = tagged(s * H, bf16, rank, salt + 2, bound=3).view(s, H)
+        res[name] = fused(x, residual, weight, out=x if name == "rsnag" else None).clone()
+        res[name + "_res"] = residual
+        fns.append(_last_kernel())
     sync()
     return {k: v.cpu() for k, v in res.items()}, fns
 

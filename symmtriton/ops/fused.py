@@ -24,8 +24,9 @@ import torch.distributed as dist
 from .. import env
 from .._calls import counts_calls
 from ..config import CONFIG_OP, MAX_FUSED_HIDDEN, LaunchConfig
-from ..context import aligned16, context, find_buffer, multimem_eligible, offset_in, region_after, symm_usable
-from ..kernels.fused_rmsnorm import _fused_rmsnorm_kernel
+from ..context import (aligned16, context, find_buffer, lines_eligible, multimem_eligible, offset_in,
+                       region_after, symm_usable)
+from ..kernels.fused_rmsnorm import _fused_rmsnorm_kernel, _fused_rmsnorm_ll_kernel
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
 from .driver import (STALE, TL_DTYPE, Collective, ConfigChoice, call, choose_config, compiling,
@@ -137,6 +138,15 @@ class FusedRmsnorm(Collective):
         if S == 0 or H == 0:
             return plan
         buf = find_buffer(group)
+        s, row_bytes = S // world, H * input.element_size()
+        per_peer = s * row_bytes * (2 if self.all_gather else 1)  # (reduce-scatter, all-gather)
+        if (H <= MAX_FUSED_HIDDEN and symm_usable(buf, input.device, 0)
+                and lines_eligible(context(buf), per_peer, row_bytes)):
+            plan.choice = choose_config(config, self.config_op, s * H, input.dtype, world,
+                                        hidden=H)
+            plan.kernel = _lines_launch(self.name, context(buf), plan.choice.config, args, out,
+                                        self.all_gather, 1 if new_out else None, timeout_s)
+            return plan
         in_off = offset_in(buf, input)
         # a new ``out`` is never in the buffer: its pointer varies per call (``var_index``)
         out_off = offset_in(buf, out) if self.all_gather and not new_out else None
@@ -178,6 +188,26 @@ def _kernel_launch(op, ctx, cfg: LaunchConfig, args, out, region, stage_in, copy
              RANK=ctx.rank, WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
              STAGE_IN=stage_in, ALL_GATHER=all_gather, COPY_OUT=copy_out,
              USE_MULTIMEM=use_mm, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
+        var_index=var_index)
+
+
+def _lines_launch(op, ctx, cfg: LaunchConfig, args, out, all_gather, var_index, timeout_s):
+    """The launch of ``_fused_rmsnorm_ll_kernel`` (small inputs, no barrier): its arguments,
+    listed here only."""
+    input, residual, weight, eps, _ = args
+    S, H = input.shape
+    aligned = (aligned16(input.data_ptr(), out.data_ptr(), residual.data_ptr(),
+                         H * input.element_size())
+               and aligned16(weight.data_ptr(), H * weight.element_size()))
+    s = S // ctx.world
+    return Launch(
+        op, ctx.buf, _fused_rmsnorm_ll_kernel, cfg.row_grid(s, ctx.grid_cap), cfg.num_warps,
+        (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(), ctx.buf_table,
+         ctx.sig_table, ctx.err_addr, ctx.grid_cap, ctx.ll_off, ctx.ll_words, s, H, float(eps),
+         env.timeout_ns(timeout_s)),
+        dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype], RANK=ctx.rank,
+             WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
+             ALL_GATHER=all_gather, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
         var_index=var_index)
 
 
