@@ -93,11 +93,11 @@ def _all_gather_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq
     c = pid
     while (c < nchunks) & (status == 0):  # receive
         offs = c * BLOCK + tl.arange(0, BLOCK)
-        woffs = c * (BLOCK // EPW) + tl.arange(0, BLOCK // EPW)
         for i in tl.static_range(1, WORLD_SIZE):
             peer = (RANK + WORLD_SIZE - i) % WORLD_SIZE
-            words, st = ll_get(ll_slot(area, seq, peer, slot_words, WORLD_SIZE), woffs,
-                               woffs < n // EPW, flag, peer, status, timeout_ns, pad, USE_PTX)
+            words, st = ll_get(ll_slot(area, seq, peer, slot_words, WORLD_SIZE), c * (BLOCK // EPW),
+                               n // EPW, flag, peer, status, timeout_ns, pad, BLOCK // EPW,
+                               USE_PTX, True)
             status = status | st
             tl.store(dst + peer * as_i64(n) + offs, words_to_elems(words, DTYPE), mask=offs < n)
         c += nprog

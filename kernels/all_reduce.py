@@ -105,7 +105,7 @@ def _all_reduce_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq
         offs = c * BLOCK + tl.arange(0, BLOCK)
         acc, status = ll_reduce_chunk(src, area, c * BLOCK, n, seq, ll_flag(seq), slot_words,
                                       status, timeout_ns, pad, DTYPE, BLOCK, RANK, WORLD_SIZE,
-                                      USE_PTX)
+                                      USE_PTX, True)
         tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
         c += nprog
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)

@@ -135,7 +135,7 @@ def _all_reduce_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table
         start = as_i64(i) * H
         acc, status = ll_reduce_chunk(src, area, start, start + H, seq, ll_flag(seq), slot_words,
                                       status, timeout_ns, pad, DTYPE, BLOCK_H, RANK, WORLD_SIZE,
-                                      USE_PTX)
+                                      USE_PTX, ALIGNED)
         r0 = tl.load(res + start + cols, mask=mask, other=0.0).to(tl.float32)
         _finish_row((acc + r0).to(DTYPE), as_i64(i), res, out, w, cols, mask, H, eps)
         i += nprog

@@ -80,22 +80,23 @@ def ll_push_to(src, buf_table, peer, ll_off, start, end, seq, slot_words, DTYPE:
 @triton.jit
 def ll_reduce_chunk(own, area, start, end, seq, flag, slot_words, status, timeout_ns, pad,
                     DTYPE: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr,
-                    WORLD_SIZE: tl.constexpr, USE_PTX: tl.constexpr):
+                    WORLD_SIZE: tl.constexpr, USE_PTX: tl.constexpr, PAIRS: tl.constexpr):
     """Sum over ranks, in rank order (the same on every rank), of elements ``[start,
     min(start + BLOCK, end))`` of a message pushed as lines (kernels/ll.py): this rank's own part read
     at pointer ``own``, each peer's from its slot of this rank's line area
     ``area`` (line ``k`` = word ``k`` of the message). fp32; masked lanes are 0. Returns
-    ``(acc, status)``, ``status`` or-ed with the waits' (no wait when it is non-zero)."""
+    ``(acc, status)``, ``status`` or-ed with the waits' (no wait when it is non-zero).
+    ``PAIRS``: ``start`` is a multiple of two words (``ll._load_lines``)."""
     EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth
     offs = tl.arange(0, BLOCK)
-    woffs = start // EPW + tl.arange(0, BLOCK // EPW)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r in tl.static_range(WORLD_SIZE):
         if r == RANK:
             v = tl.load(own + start + offs, mask=start + offs < end, other=0.0)
         else:
-            words, st = ll_get(ll_slot(area, seq, r, slot_words, WORLD_SIZE), woffs,
-                               woffs < end // EPW, flag, r, status, timeout_ns, pad, USE_PTX)
+            words, st = ll_get(ll_slot(area, seq, r, slot_words, WORLD_SIZE), start // EPW,
+                               end // EPW, flag, r, status, timeout_ns, pad, BLOCK // EPW, USE_PTX,
+                               PAIRS)
             status = status | st
             v = words_to_elems(words, DTYPE)
         acc += v.to(tl.float32)

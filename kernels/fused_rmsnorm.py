@@ -125,7 +125,7 @@ def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig
         start = as_i64(i) * H
         acc, status = ll_reduce_chunk(own, area, start, start + H, seq, flag, slot_words,
                                       status, timeout_ns, pad, DTYPE, BLOCK_H, RANK, WORLD_SIZE,
-                                      USE_PTX)
+                                      USE_PTX, ALIGNED)
         x = (acc + tl.load(res + start + cols, mask=mask, other=0.0).to(tl.float32)).to(DTYPE)
         tl.store(res + start + cols, x, mask=mask)
         xf = tl.where(mask, x.to(tl.float32), 0.0)
@@ -141,12 +141,12 @@ def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig
     if ALL_GATHER:
         i = tl.where(status != 0, s, pid)
         while (i < s) & (status == 0):  # 3. the peers' normed rows
-            woffs = (as_i64(s) + i) * (H // EPW) + tl.arange(0, BLOCK_H // EPW)
+            first = (as_i64(s) + i) * (H // EPW)
             for k in tl.static_range(1, WORLD_SIZE):
                 q = (RANK + WORLD_SIZE - k) % WORLD_SIZE
-                words, st = ll_get(ll_slot(area, seq, q, slot_words, WORLD_SIZE), woffs,
-                                   tl.arange(0, BLOCK_H // EPW) < H // EPW, flag, q, status,
-                                   timeout_ns, pad, USE_PTX)
+                words, st = ll_get(ll_slot(area, seq, q, slot_words, WORLD_SIZE), first,
+                                   first + H // EPW, flag, q, status, timeout_ns, pad,
+                                   BLOCK_H // EPW, USE_PTX, ALIGNED)
                 status = status | st
                 tl.store(out + (q * as_i64(s) + i) * H + cols, words_to_elems(words, DTYPE),
                          mask=mask)

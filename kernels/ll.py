@@ -72,33 +72,93 @@ def ll_put(slot_addr, offs, words, mask, flag):
 
 
 @triton.jit
-def ll_get(slot_addr, offs, mask, flag, src, skip, timeout_ns, pad, USE_PTX: tl.constexpr):
-    """Wait for lines ``offs`` (where ``mask``) of the local slot at ``slot_addr`` to carry
-    ``flag``, then clear them. Returns ``(words, status)``: int32 words (0 where masked) and 0,
-    or rank ``src``'s bit (a line still missing at the deadline), with ``MISMATCH_BIT`` when a
-    line carried another call's flag. Waits for nothing when ``skip`` is non-zero (a block that
-    abandoned the call). ``pad``: this rank's signal pad (its error word and, in the
-    interpreter, its clock: ``ptx.deadline_tick``)."""
-    ptr = _lines(slot_addr) + offs
+def _take(v, flag, got, words, wrong):
+    """One poll of lines ``v`` (int64, 0 where not loaded): lines with ``flag`` give their word,
+    lines with another non-zero flag are wrong; either ends the wait for that line."""
+    f = (v >> 32).to(tl.int32)
+    hit = ~got & (f == flag)
+    bad = ~got & (f != flag) & (f != 0)
+    return got | hit | bad, tl.where(hit, v.to(tl.int32), words), wrong | bad.to(tl.int32)
+
+
+@triton.jit
+def _get_pairs(base, first, end, flag, skip, timeout_ns, pad, NW: tl.constexpr,
+               USE_PTX: tl.constexpr):
+    """:func:`ll_get`'s wait, one ``ld.volatile.global.v2.b64`` per pair of lines."""
+    lo_off = first + 2 * tl.arange(0, NW // 2)
+    got_lo = (lo_off >= end) | (skip != 0)
+    got_hi = (lo_off + 1 >= end) | (skip != 0)
+    words_lo = tl.zeros([NW // 2], tl.int32)
+    words_hi = tl.zeros([NW // 2], tl.int32)
+    wrong = tl.zeros([NW // 2], tl.int32)
+    deadline_ns = tl.full([], 0, tl.int64)
+    misses = 0
+    expired = 0
+    while (tl.min((got_lo & got_hi).to(tl.int32), axis=0) == 0) & (expired == 0):
+        lo, hi = tl.inline_asm_elementwise(
+            """{ .reg .pred p; setp.ne.s32 p, $3, 0; mov.b64 $0, 0; mov.b64 $1, 0;
+            @p ld.volatile.global.v2.b64 {$0, $1}, [$2]; }""", "=l,=l,l,r",
+            [base + lo_off, (~(got_lo & got_hi)).to(tl.int32)], dtype=(tl.int64, tl.int64),
+            is_pure=False, pack=1)
+        got_lo, words_lo, wrong = _take(lo, flag, got_lo, words_lo, wrong)
+        got_hi, words_hi, wrong = _take(hi, flag, got_hi, words_hi, wrong)
+        misses += 1
+        deadline_ns, expired = deadline_tick(misses, deadline_ns, timeout_ns, pad + ERR_WORD * 4,
+                                             pad, USE_PTX)
+    if skip == 0:
+        zero = tl.zeros([NW // 2], tl.int64)
+        tl.store(base + lo_off, zero, mask=lo_off < end)
+        tl.store(base + lo_off + 1, zero, mask=lo_off + 1 < end)
+    return tl.reshape(tl.join(words_lo, words_hi), [NW]), got_lo & got_hi, wrong
+
+
+@triton.jit
+def _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW: tl.constexpr,
+               USE_PTX: tl.constexpr):
+    """:func:`ll_get`'s wait, one volatile load per line."""
+    offs = first + tl.arange(0, NW)
+    mask = offs < end
     got = ~mask | (skip != 0)
-    words = tl.zeros(offs.shape, tl.int32)
-    wrong = tl.zeros(offs.shape, tl.int32)
+    words = tl.zeros([NW], tl.int32)
+    wrong = tl.zeros([NW], tl.int32)
     deadline_ns = tl.full([], 0, tl.int64)
     misses = 0
     expired = 0
     while (tl.min(got.to(tl.int32), axis=0) == 0) & (expired == 0):
-        v = tl.load(ptr, mask=~got, other=0, volatile=True)
-        f = (v >> 32).to(tl.int32)
-        hit = ~got & (f == flag)
-        bad = ~got & (f != flag) & (f != 0)
-        words = tl.where(hit, v.to(tl.int32), words)
-        wrong = wrong | bad.to(tl.int32)
-        got = got | hit | bad
+        v = tl.load(base + offs, mask=~got, other=0, volatile=True)
+        got, words, wrong = _take(v, flag, got, words, wrong)
         misses += 1
-        deadline_ns, expired = deadline_tick(misses, deadline_ns, timeout_ns,
-                                             pad + ERR_WORD * 4, pad, USE_PTX)
-    status = tl.where(tl.max(wrong, axis=0) != 0, MISMATCH_BIT | (1 << src), 0)
-    status = status | tl.where(tl.min(got.to(tl.int32), axis=0) == 0, 1 << src, 0)
+        deadline_ns, expired = deadline_tick(misses, deadline_ns, timeout_ns, pad + ERR_WORD * 4,
+                                             pad, USE_PTX)
     if skip == 0:
-        tl.store(ptr, tl.zeros(offs.shape, tl.int64), mask=mask)
+        tl.store(base + offs, tl.zeros([NW], tl.int64), mask=mask)
+    return words, got, wrong
+
+
+@triton.jit
+def ll_get(slot_addr, first, end, flag, src, skip, timeout_ns, pad, NW: tl.constexpr,
+           USE_PTX: tl.constexpr, PAIRS: tl.constexpr):
+    """Wait for lines ``[first, first + NW)`` (those ``< end``) of the local slot at
+    ``slot_addr`` to carry ``flag``, then clear them. Returns ``(words, status)``: ``NW`` int32
+    words (0 past ``end``) and 0, or rank ``src``'s bit (a line still missing at the deadline),
+    with ``MISMATCH_BIT`` when a line carried another call's flag. Waits for nothing when
+    ``skip`` is non-zero (a block that abandoned the call). ``pad``: this rank's signal pad (its
+    error word and, in the interpreter, its clock: ``ptx.deadline_tick``).
+
+    With ``PAIRS`` and ``USE_PTX`` (``first`` even: the slot's 16-byte pairs of lines) each
+    thread polls whole pairs with one ``ld.volatile.global.v2.b64`` (inline PTX: Triton does not
+    vectorize volatile loads) and keeps the two halves apart until the wait is over (no layout
+    change inside the loop); else one volatile load per line (also the interpreter's)."""
+    base = _lines(slot_addr)
+    if PAIRS:  # nested: a constexpr ``and`` would make the branch a runtime one
+        if USE_PTX:
+            words, got, wrong = _get_pairs(base, first, end, flag, skip, timeout_ns, pad, NW,
+                                           USE_PTX)
+        else:
+            words, got, wrong = _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW,
+                                           USE_PTX)
+    else:
+        words, got, wrong = _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW, USE_PTX)
+    status = (tl.where(tl.max(wrong, axis=0) != 0, MISMATCH_BIT | (1 << src), 0)
+              | tl.where(tl.min(got.to(tl.int32), axis=0) == 0, 1 << src, 0))
     return words, status

@@ -96,7 +96,7 @@ def _reduce_scatter_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr,
         offs = c * BLOCK + tl.arange(0, BLOCK)
         acc, status = ll_reduce_chunk(src + RANK * as_i64(n), area, c * BLOCK, n, seq, flag,
                                       slot_words, status, timeout_ns, pad, DTYPE, BLOCK, RANK,
-                                      WORLD_SIZE, USE_PTX)
+                                      WORLD_SIZE, USE_PTX, True)
         tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
         c += nprog
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)

@@ -145,8 +145,11 @@ def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | 
 
 
 #: data bytes per chunk of the barrier-free kernels (kernels/ll.py): a block moves twice that
-#: (flags) per chunk and peer.
-LINES_CHUNK_BYTES = 4096
+#: (flags) per chunk and peer. Measured on 2x H200, W=2, graph, zero-copy bf16 (chunk 4096 /
+#: 1024 / 512 B): all-gather 64 KiB 4.49 / 4.04 / 3.28 us, all-reduce 64 KiB 4.52 / 4.33 /
+#: 3.62 us, 1 KiB unchanged (benchmarks/results/NOTES.md): small chunks spread a message over
+#: more blocks, each polling fewer lines.
+LINES_CHUNK_BYTES = 512
 
 
 def lines_config(numel: int, dtype: torch.dtype, world: int) -> LaunchConfig:
