@@ -15,13 +15,15 @@ variable                       default  meaning
 ``SYMMTRITON_EXIT_MARK``       unset    set: ``testing.teardown`` prints an exit mark (tools only)
 =============================  =======  =======================================================
 
-Only ``os`` is imported: :mod:`symmtriton._interpret` reads ``SYMMTRITON_BACKEND`` before torch
-or triton load. Per-call readers (:func:`timeout_key`, :func:`check_uniform`,
-:func:`tuning_cache_raw`) cost one dict lookup (:func:`raw`).
+Only ``os`` and ``functools`` are imported: :mod:`symmtriton._interpret` reads
+``SYMMTRITON_BACKEND`` before torch or triton load. Per-call readers (:func:`timeout_key`,
+:func:`check_uniform`, ``tuning_cache_raw``) read the live environment with one dict lookup
+(:func:`reader`): a variable set mid-process takes effect at the next call, no refresh needed.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 BACKEND = "SYMMTRITON_BACKEND"
@@ -42,14 +44,27 @@ DEFAULT_TUNING_CACHE = os.path.join("~", ".cache", "symmtriton", "tuning.json")
 
 _ENV_DATA = getattr(os.environ, "_data", None)
 if os.name == "posix" and isinstance(_ENV_DATA, dict):
-    def raw(name: str):
-        """The raw value of environment variable ``name`` (bytes) or ``None``: a change
-        detector for per-call paths. ``os.environ.get`` of a missing variable raises and catches
-        a KeyError inside (microseconds); this is one dict lookup."""
-        return _ENV_DATA.get(name.encode())
+    def reader(name: str):
+        """A function of no arguments returning the raw value of environment variable ``name``
+        (bytes) or ``None``: a change detector for per-call paths, reading the live environment
+        every call (a variable set later takes effect at the next call). ``os.environ.get`` of a
+        missing variable raises and catches a KeyError inside (microseconds); this is one dict
+        lookup through a C call (``functools.partial`` of ``dict.get``, ~50 ns)."""
+        return functools.partial(_ENV_DATA.get, name.encode())
 else:  # pragma: no cover - non-CPython/POSIX environ
-    def raw(name: str):
-        return os.environ.get(name)
+    def reader(name: str):
+        return functools.partial(os.environ.get, name)
+
+
+def raw(name: str):
+    """The raw value of environment variable ``name`` (bytes on POSIX) or ``None``."""
+    return reader(name)()
+
+
+_timeout_raw = reader(TIMEOUT_S)
+_check_uniform_raw = reader(CHECK_UNIFORM)
+#: the raw ``$SYMMTRITON_TUNING_CACHE`` (a change detector, one dict lookup).
+tuning_cache_raw = reader(TUNING_CACHE)
 
 
 def interpreting() -> bool:
@@ -75,14 +90,14 @@ _TIMEOUT: list = [object(), 0]
 def timeout_key(timeout_s: float | None):
     """What a call's barrier bound depends on, for plan keys: the argument, else the environment
     value (not parsed: parsing, and its errors, stay in :func:`timeout_ns`)."""
-    return timeout_s if timeout_s is not None else ("env", raw(TIMEOUT_S))
+    return timeout_s if timeout_s is not None else ("env", _timeout_raw())
 
 
 def timeout_ns(timeout_s: float | None = None) -> int:
     """Barrier bound in ns: the argument, else ``$SYMMTRITON_TIMEOUT_S``, else 300 s; 0 = wait
     forever. The environment is parsed once per distinct value."""
     if timeout_s is None:
-        key = raw(TIMEOUT_S)
+        key = _timeout_raw()
         if key == _TIMEOUT[0]:
             return _TIMEOUT[1]
         text = os.environ.get(TIMEOUT_S, "")
@@ -111,8 +126,11 @@ def barrier_scope_forced() -> bool:
 
 
 def check_uniform() -> bool:
-    """``$SYMMTRITON_CHECK_UNIFORM=1`` (read per call: one dict lookup when unset)."""
-    return raw(CHECK_UNIFORM) is not None and os.environ.get(CHECK_UNIFORM, "") == "1"
+    """``$SYMMTRITON_CHECK_UNIFORM=1`` (read per call: one dict lookup)."""
+    return _check_uniform_raw() in _ONE
+
+
+_ONE = (b"1", "1")  # the raw value on POSIX (bytes), elsewhere (str)
 
 
 #: values of ``$SYMMTRITON_PROTOCOL`` (see :func:`protocol`).
@@ -137,11 +155,6 @@ def direct_launch() -> bool:
 
 
 # -- the tuning cache -----------------------------------------------------------------------------
-def tuning_cache_raw():
-    """The raw ``$SYMMTRITON_TUNING_CACHE`` (a change detector, one dict lookup)."""
-    return raw(TUNING_CACHE)
-
-
 def tuning_cache_path() -> str:
     """``$SYMMTRITON_TUNING_CACHE``, else ``~/.cache/symmtriton/tuning.json`` (user-expanded)."""
     return os.path.expanduser(os.environ.get(TUNING_CACHE) or DEFAULT_TUNING_CACHE)

@@ -117,6 +117,9 @@ class _Table:
 
 _TABLE = _Table(None)
 _MEMO_MAX = 1 << 16
+#: bumped whenever an answer of :func:`lookup_config` may change (a table loaded, reloaded or
+#: given a winner): plans compare it per call instead of looking up again (:func:`stamp`).
+_GENERATION = [0]
 _WARNED: set = set()
 
 
@@ -202,18 +205,35 @@ def _load(path: str, raw) -> _Table:
 
 def _table() -> _Table:
     global _TABLE
-    raw = env.tuning_cache_raw()  # per call: one dict lookup (os.environ.get of unset: ~4 us)
+    raw = env.tuning_cache_raw()  # one dict lookup (os.environ.get of unset: ~4 us)
     if _TABLE.path is None or raw != _TABLE.env:
         path = cache_path()
-        _TABLE = _TABLE if path == _TABLE.path else _load(path, raw)
+        if path != _TABLE.path:
+            _TABLE = _load(path, raw)
+            _GENERATION[0] += 1
         _TABLE.env = raw
     return _TABLE
+
+
+def stamp() -> int:
+    """A number that changes whenever an answer of :func:`lookup_config` may have changed: the
+    table was loaded or reloaded (``$SYMMTRITON_TUNING_CACHE`` names another file,
+    :func:`reload_cache`) or given a winner (:func:`store_winner`). A plan's config still holds
+    while the stamp it was made under does (``ops.driver.ConfigChoice``): one dict lookup (the
+    environment) and one int compare per call instead of a lookup. The answers for another
+    current CUDA device (a GPU of another name) are not covered: plans key on their tensors'
+    devices, and a process drives GPUs of one kind."""
+    raw = env.tuning_cache_raw()
+    if raw is not _TABLE.env or _TABLE.path is None:
+        _table().env = raw  # an equal value set again: later calls pass the identity test
+    return _GENERATION[0]
 
 
 def reload_cache() -> None:
     """Drop the in-memory table: the next lookup reads the cache file again."""
     global _TABLE
     _TABLE = _Table(None)
+    _GENERATION[0] += 1
 
 
 def cache_key(op: str, numel: int, dtype: torch.dtype, world: int, hidden: int | None = None) -> _Key:
@@ -281,6 +301,7 @@ def store_winner(key: _Key, config: LaunchConfig, *, write: bool, extra: dict | 
     table.entries[key] = config
     table.records[key] = rec
     table.memo.clear()
+    _GENERATION[0] += 1
     if write:
         _, records, _ = _read_file(table.path)
         records[key] = rec

@@ -31,8 +31,8 @@ How to add an op (see ops/all_gather.py, the shortest):
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import count
 from typing import Callable
 
 import torch
@@ -45,6 +45,10 @@ from ..config import LaunchConfig
 from ..launch import Launch
 from ..memory import resolve_group
 from ..tuning import lookup_config
+from ..tuning import stamp as tuning_stamp
+
+_GroupMember = dist.GroupMember
+_ProcessGroup = dist.ProcessGroup
 
 TL_DTYPE = {
     torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32,
@@ -77,29 +81,44 @@ def tensor_desc(t):
 
 
 # -- the config a plan was made with ----------------------------------------------------------------
-@dataclass(frozen=True)
 class ConfigChoice:
     """A plan's launch config: forced by ``config=`` (``op`` is None), or the tuning cache's
-    answer for ``(op, numel, dtype, world, hidden)``, which may change when a config is tuned."""
+    answer for ``(op, numel, dtype, world, hidden)``, which may change when a config is tuned.
 
-    config: LaunchConfig
-    op: str | None = None
-    numel: int = 0
-    dtype: torch.dtype | None = None
-    world: int = 0
-    hidden: int | None = None
+    :meth:`current` runs per call: while the tuning table's :func:`~symmtriton.tuning.stamp`
+    is the one the answer was taken under, it holds without a lookup (one dict lookup and an int
+    compare; the lookup with its ``torch.cuda.current_device()`` cost ~0.4 us on the CPU,
+    benchmarks/host_path.py); after a change, one lookup decides and renews the stamp."""
+
+    __slots__ = ("config", "op", "numel", "dtype", "world", "hidden", "stamp")
+
+    def __init__(self, config: LaunchConfig, op: str | None = None, numel: int = 0,
+                 dtype: torch.dtype | None = None, world: int = 0, hidden: int | None = None,
+                 stamp: int = -1):
+        self.config, self.op, self.numel, self.dtype = config, op, numel, dtype
+        self.world, self.hidden, self.stamp = world, hidden, stamp
+
+    def __repr__(self) -> str:
+        return f"ConfigChoice({self.config!r}, op={self.op!r})"
 
     def current(self) -> bool:
-        return self.op is None or lookup_config(self.op, self.numel, self.dtype, self.world,
-                                                hidden=self.hidden) is self.config
+        if self.op is None or self.stamp == tuning_stamp():
+            return True
+        stamp = tuning_stamp()
+        if lookup_config(self.op, self.numel, self.dtype, self.world,
+                         hidden=self.hidden) is not self.config:
+            return False
+        self.stamp = stamp
+        return True
 
 
 def choose_config(forced: LaunchConfig | None, op: str, numel: int, dtype: torch.dtype,
                   world: int, hidden: int | None = None) -> ConfigChoice:
     if forced is not None:
         return ConfigChoice(forced)
+    stamp = tuning_stamp()  # before the lookup: a change in between shows as a stale stamp
     return ConfigChoice(lookup_config(op, numel, dtype, world, hidden=hidden), op, numel, dtype,
-                        world, hidden)
+                        world, hidden, stamp)
 
 
 # -- plans -------------------------------------------------------------------------------------
@@ -146,7 +165,10 @@ class Collective:
 
 def call(op: Collective, group, config, timeout_s, args: tuple):
     """Run ``op`` on ``args``: its stored plan, else validate -> prepare -> store -> run."""
-    group = resolve_group(group, "group")
+    if group is None:
+        group = _GroupMember.WORLD  # what resolve_group(None) returns, without its checks
+    if group is None or type(group) is not _ProcessGroup:
+        group = resolve_group(group, "group")
     try:
         key = op.key(group, config, timeout_s, args)
     except (AttributeError, TypeError):
@@ -182,7 +204,11 @@ def check_uniform(group, op: str, **tensors: torch.Tensor) -> None:
 # -- the plan cache ------------------------------------------------------------------------------
 #: most plans kept (all ops together); least recently used ones go first.
 PLAN_CACHE_MAX = 256
-_PLANS: OrderedDict = OrderedDict()
+#: key -> [plan, tick of its last use]. Ticks instead of an OrderedDict's ``move_to_end``: that
+#: hashes the key a second time per call (~0.27 us for an all-gather key on the CPU,
+#: benchmarks/host_path.py); the oldest tick is searched only when an insertion overflows.
+_PLANS: dict = {}
+_TICKS = count()
 
 
 def get_plan(key):
@@ -190,12 +216,13 @@ def get_plan(key):
     if key is None:
         return None
     try:
-        plan = _PLANS.get(key)
+        entry = _PLANS.get(key)
     except TypeError:
         return None
-    if plan is not None:
-        _PLANS.move_to_end(key)
-    return plan
+    if entry is None:
+        return None
+    entry[1] = next(_TICKS)
+    return entry[0]
 
 
 def last_plan():
@@ -209,12 +236,11 @@ def put_plan(key, plan):
     if key is None:
         return plan
     try:
-        _PLANS[key] = plan
+        _PLANS[key] = [plan, next(_TICKS)]
     except TypeError:
         return plan
-    _PLANS.move_to_end(key)
     while len(_PLANS) > PLAN_CACHE_MAX:
-        _PLANS.popitem(last=False)
+        del _PLANS[min(_PLANS, key=lambda k: _PLANS[k][1])]
     return plan
 
 
