@@ -161,3 +161,49 @@ def test_timeout_env_is_reparsed_when_it_changes(monkeypatch):
         env.timeout_ns()
     monkeypatch.setenv(env.TIMEOUT_S, "0")
     assert env.timeout_ns() == 0
+
+
+def test_plan_cache_evicts_the_least_recently_used():
+    L.clear_plans()
+    try:
+        for i in range(L.PLAN_CACHE_MAX):
+            L.put_plan(("k", i), L.OutputPlan())
+        assert L.get_plan(("k", 0)) is not None  # used: now the most recent
+        L.put_plan(("k", "new"), L.OutputPlan())
+        assert L.get_plan(("k", 1)) is None  # the least recently used went
+        assert L.get_plan(("k", 0)) is not None and L.get_plan(("k", "new")) is not None
+    finally:
+        L.clear_plans()
+
+
+def test_config_choice_is_current_until_its_tuned_config_changes(tmp_path, monkeypatch):
+    from symmtriton import tuning
+    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path / "tuning.json"))
+    tuning.reload_cache()
+    try:
+        args = ("reduce_scatter", 1000, torch.bfloat16, 4)
+        choice = L.choose_config(None, *args)
+        assert choice.current() and choice.config == tuning.lookup_config(*args)
+        tuning.reload_cache()  # the stamp moves, the answer does not: still current, stamp renewed
+        assert choice.current() and choice.stamp == tuning.stamp()
+        other = st.LaunchConfig(block_size=256, num_warps=1, max_blocks=3)
+        assert other != choice.config
+        tuning.store_winner(tuning.cache_key(*args), other, write=False)
+        assert not choice.current()  # a plan made with it answers STALE and is rebuilt
+        tuned = L.choose_config(None, *args)
+        assert tuned.config == other and tuned.current()
+        monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path / "other.json"))  # no entry there
+        assert not tuned.current() and choice.current()  # the default again
+        assert L.choose_config(other, *args).current()  # forced: always current
+    finally:
+        monkeypatch.undo()
+        tuning.reload_cache()
+
+
+def test_uniform_check_follows_the_environment(monkeypatch):
+    monkeypatch.delenv(env.CHECK_UNIFORM, raising=False)
+    assert not env.check_uniform()
+    monkeypatch.setenv(env.CHECK_UNIFORM, "1")
+    assert env.check_uniform()
+    monkeypatch.setenv(env.CHECK_UNIFORM, "0")
+    assert not env.check_uniform()

@@ -88,7 +88,7 @@ class ConfigChoice:
     :meth:`current` runs per call: while the tuning table's :func:`~symmtriton.tuning.stamp`
     is the one the answer was taken under, it holds without a lookup (one dict lookup and an int
     compare; the lookup with its ``torch.cuda.current_device()`` cost ~0.4 us on the CPU,
-    benchmarks/host_path.py); after a change, one lookup decides and renews the stamp."""
+    benchmarks/host_path.py); after a change, one lookup decides (an equal config keeps the plan) and renews the stamp."""
 
     __slots__ = ("config", "op", "numel", "dtype", "world", "hidden", "stamp")
 
@@ -106,7 +106,7 @@ class ConfigChoice:
             return True
         stamp = tuning_stamp()
         if lookup_config(self.op, self.numel, self.dtype, self.world,
-                         hidden=self.hidden) is not self.config:
+                         hidden=self.hidden) != self.config:
             return False
         self.stamp = stamp
         return True
