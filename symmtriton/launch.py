@@ -63,6 +63,29 @@ class Launch:
             raise_timeout(self.buf, self.op, int(status[0]))
 
 
+def bound_args(kl: Launch) -> list:
+    """Every argument of ``kl``'s kernel in signature order (runtime args, constexprs, defaults):
+    what Triton's compiled launcher takes after its own leading arguments."""
+    bound = inspect.signature(kl.fn.fn).bind(*kl.args, **kl.constexprs)
+    bound.apply_defaults()
+    return list(bound.arguments.values())
+
+
+def raw_launcher(kern):
+    """``(launch, cooperative, pdl)``: the compiled C entry point of ``kern``'s Triton
+    ``CudaLauncher`` and its two flags, when calling it directly is what ``CudaLauncher.__call__``
+    would do (no global or profile scratch to allocate); else ``None``."""
+    launcher = kern.run  # initialises the handles (function, launcher)
+    if type(launcher).__name__ != "CudaLauncher":
+        return None
+    try:
+        if launcher.global_scratch_size or launcher.profile_scratch_size:
+            return None
+        return launcher.launch, launcher.launch_cooperative_grid, launcher.launch_pdl
+    except AttributeError:
+        return None
+
+
 def _direct_launcher(kl: Launch, kern):
     """A function that launches ``kl`` again through the ``CompiledKernel`` ``kern`` that its
     first launch returned, skipping Triton's argument binding and cache lookup: it does what
@@ -70,22 +93,28 @@ def _direct_launcher(kl: Launch, kern):
     hooks), so it also records into a CUDA graph under capture. It returns False, launching
     nothing, when the current device differs from the first launch's (the caller then takes the
     normal path). ``None`` where this does not apply: the interpreter, no CompiledKernel, pre-run
-    hooks, an unexpected Triton, or ``SYMMTRITON_DIRECT_LAUNCH=0``."""
+    hooks, an unexpected Triton, or ``SYMMTRITON_DIRECT_LAUNCH=0``.
+
+    While no launch hook is registered (Triton's ``knobs.runtime.launch_enter_hook`` and
+    ``launch_exit_hook`` are empty ``HookChain``s, the default), it calls the launcher's C entry
+    point itself (:func:`raw_launcher`) with ``None`` for the hooks and their metadata: Triton 3.6
+    otherwise builds the metadata dict and calls both empty chains from C on every launch, and
+    ``CudaLauncher.__call__`` allocates no scratch here. A hook registered later (a profiler)
+    takes Triton's own path from the next launch on."""
     if kern is None or env.interpreting() or not env.direct_launch():
         return None
     try:
         # Triton internals, imported here so an unexpected Triton only disables this fast path
         from triton import knobs
         from triton.compiler import CompiledKernel
+        from triton.knobs import HookChain
         from triton.runtime import driver
 
         if hasattr(kern, "result"):
             kern = kern.result()
         if not isinstance(kern, CompiledKernel) or getattr(kl.fn, "pre_run_hooks", None):
             return None
-        bound = inspect.signature(kl.fn.fn).bind(*kl.args, **kl.constexprs)
-        bound.apply_defaults()
-        all_args = list(bound.arguments.values())
+        all_args = bound_args(kl)
         var_index = kl.var_index  # positional, so the same index in all_args
         active = driver.active
         get_device, get_stream = active.get_current_device, active.get_current_stream
@@ -94,6 +123,10 @@ def _direct_launcher(kl: Launch, kern):
         function, packed = kern.function, kern.packed_metadata
         grid = (kl.grid, 1, 1)
         rt = knobs.runtime
+        enter0, exit0 = rt.launch_enter_hook, rt.launch_exit_hook
+        raw = raw_launcher(kern) if type(enter0) is HookChain and type(exit0) is HookChain else None
+        c_launch, coop, pdl = raw or (None, 0, 0)
+        enter_calls, exit_calls = (enter0.calls, exit0.calls) if raw else ((), ())
     except Exception:  # anything unexpected: keep Triton's own path
         return None
 
@@ -103,9 +136,14 @@ def _direct_launcher(kl: Launch, kern):
         if var is not None:
             all_args[var_index] = var
         stream = get_stream(device)
-        enter = rt.launch_enter_hook
+        enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+        if (c_launch is not None and enter is enter0 and leave is exit0 and not enter_calls
+                and not exit_calls):
+            c_launch(grid[0], 1, 1, stream, function, coop, pdl, None, None, packed, None, None, None,
+                     *all_args)
+            return True
         meta = kern.launch_metadata(grid, stream, *all_args) if enter is not None else None
-        runner(grid[0], 1, 1, stream, function, packed, meta, enter, rt.launch_exit_hook, *all_args)
+        runner(grid[0], 1, 1, stream, function, packed, meta, enter, leave, *all_args)
         return True
 
     return fast
