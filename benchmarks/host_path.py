@@ -71,11 +71,6 @@ def per_call_us(fn, calls: int, repeats: int, between=None) -> float:
     return best / calls * 1e6
 
 
-def _last_plan():
-    """The plan the last call used (the plan cache's most recently used entry)."""
-    return max(driver._PLANS.values(), key=lambda entry: entry[1])[0]
-
-
 def _launches(plan) -> list:
     return [v for v in vars(plan).values() if isinstance(v, Launch)]
 
@@ -162,7 +157,7 @@ def measure(rank: int, world: int, nbytes: int, calls: int, repeats: int, ops) -
     for name in ops:  # first call: validate, plan, compile, launch (the interpreter on the CPU)
         cases[name]()
         cases[name]()  # the GPU's second launch builds the direct launcher
-        plans[name] = _last_plan()
+        plans[name] = driver.last_plan()
     testing.sync()
     dist.barrier()
     lines = [f"host path, {dev.type} backend, W={world}, {nbytes} B per rank shard, "

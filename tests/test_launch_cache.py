@@ -168,7 +168,8 @@ def test_plan_cache_evicts_the_least_recently_used():
     try:
         for i in range(L.PLAN_CACHE_MAX):
             L.put_plan(("k", i), L.OutputPlan())
-        assert L.get_plan(("k", 0)) is not None  # used: now the most recent
+        used = L.get_plan(("k", 0))
+        assert used is not None and L.last_plan() is used  # used: now the most recent
         L.put_plan(("k", "new"), L.OutputPlan())
         assert L.get_plan(("k", 1)) is None  # the least recently used went
         assert L.get_plan(("k", 0)) is not None and L.get_plan(("k", "new")) is not None

@@ -228,7 +228,9 @@ def get_plan(key):
 def last_plan():
     """The plan used most recently (``None`` when there is none): for tools that report what a
     call launched."""
-    return next(reversed(_PLANS.values()), None)
+    if not _PLANS:
+        return None
+    return max(_PLANS.values(), key=lambda entry: entry[1])[0]
 
 
 def put_plan(key, plan):
