@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 from . import env
 from .sync import raise_timeout, status_view
 
@@ -118,6 +120,9 @@ def _direct_launcher(kl: Launch, kern):
         var_index = kl.var_index  # positional, so the same index in all_args
         active = driver.active
         get_device, get_stream = active.get_current_device, active.get_current_stream
+        if get_device is torch.cuda.current_device:
+            # the same answer without its _lazy_init (CUDA is initialised: ``kern`` ran)
+            get_device = getattr(torch._C, "_cuda_getDevice", get_device)
         device = get_device()
         runner = kern.run  # initialises the handles (function, launcher)
         function, packed = kern.function, kern.packed_metadata

@@ -208,3 +208,49 @@ def test_uniform_check_follows_the_environment(monkeypatch):
     assert env.check_uniform()
     monkeypatch.setenv(env.CHECK_UNIFORM, "0")
     assert not env.check_uniform()
+
+
+def test_direct_launcher_calls_the_c_entry_point_until_a_hook_is_registered(monkeypatch):
+    """The GPU fast path (launch._direct_launcher), on stand-ins for Triton's compiled kernel,
+    its CUDA launcher and driver: without hooks it calls the C entry point with None for the
+    hooks and metadata; with a hook, Triton's launcher with both (as JITFunction.run does)."""
+    from types import SimpleNamespace as NS
+
+    from triton import knobs
+    from triton.compiler import CompiledKernel
+    from triton.runtime import driver as triton_driver
+
+    from symmtriton import launch as LA
+    calls = []
+
+    class CudaLauncher:  # raw_launcher takes Triton's CUDA launcher by its class name
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid, launch_pdl = 0, 1
+
+        def launch(self, *args):
+            calls.append(("C", args))
+
+        def __call__(self, *args):
+            calls.append(("triton", args))
+
+    kern = CompiledKernel.__new__(CompiledKernel)
+    kern._run, kern.function, kern.packed_metadata = CudaLauncher(), 7, (4, 1, 0)
+    kern.launch_metadata = lambda grid, stream, *args: "meta"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(triton_driver, "_active",
+                        NS(get_current_device=lambda: 0, get_current_stream=lambda device: 99))
+    kl = NS(grid=3, args=(11, 12), constexprs={"C": 5}, var_index=1,
+            fn=NS(fn=lambda a, b, C, D=9: None))
+    fast = LA._direct_launcher(kl, kern)
+    assert fast(None) and calls[-1] == ("C", (3, 1, 1, 99, 7, 0, 1, None, None, (4, 1, 0), None, None,
+                                              None, 11, 12, 5, 9))
+    assert fast(42) and calls[-1][1][-3:] == (42, 5, 9)  # the variable argument
+    hook = lambda meta: None  # noqa: E731
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    enter.add(hook)
+    try:
+        assert fast(None) and calls[-1] == ("triton", (3, 1, 1, 99, 7, (4, 1, 0), "meta", enter, leave,
+                                                       11, 42, 5, 9))
+    finally:
+        enter.remove(hook)
+    assert fast(None) and calls[-1][0] == "C"
