@@ -1,13 +1,21 @@
 """Launch plans (symmtriton.ops.driver): a repeated call reuses its plan and gives the same result;
 a call that differs in anything the plan depends on gets a new plan; bad input still raises after
-a plan was cached; destroying buffers drops the plans."""
+a plan was cached; destroying buffers drops the plans; the cache keeps the most recently used;
+a plan's config goes stale when the tuning table's answer changes; the direct launcher's fast
+path (stand-ins for Triton on the CPU)."""
+
+from types import SimpleNamespace as NS
 
 import pytest
 import torch
 import torch.distributed as dist
+from triton import knobs
+from triton.compiler import CompiledKernel
+from triton.runtime import driver as triton_driver
 
 import symmtriton as st
-from symmtriton import env
+from symmtriton import env, tuning
+from symmtriton import launch as LA
 from symmtriton.launch import Launch
 from symmtriton.ops import driver as L
 from symmtriton import reference
@@ -178,7 +186,6 @@ def test_plan_cache_evicts_the_least_recently_used():
 
 
 def test_config_choice_is_current_until_its_tuned_config_changes(tmp_path, monkeypatch):
-    from symmtriton import tuning
     monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path / "tuning.json"))
     tuning.reload_cache()
     try:
@@ -214,13 +221,6 @@ def test_direct_launcher_calls_the_c_entry_point_until_a_hook_is_registered(monk
     """The GPU fast path (launch._direct_launcher), on stand-ins for Triton's compiled kernel,
     its CUDA launcher and driver: without hooks it calls the C entry point with None for the
     hooks and metadata; with a hook, Triton's launcher with both (as JITFunction.run does)."""
-    from types import SimpleNamespace as NS
-
-    from triton import knobs
-    from triton.compiler import CompiledKernel
-    from triton.runtime import driver as triton_driver
-
-    from symmtriton import launch as LA
     calls = []
 
     class CudaLauncher:  # raw_launcher takes Triton's CUDA launcher by its class name

@@ -242,7 +242,7 @@ def put_plan(key, plan):
     except TypeError:
         return plan
     while len(_PLANS) > PLAN_CACHE_MAX:
-        del _PLANS[min(_PLANS, key=lambda k: _PLANS[k][1])]
+        del _PLANS[min(_PLANS.items(), key=lambda item: item[1][1])[0]]
     return plan
 
 
