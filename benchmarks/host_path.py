@@ -220,8 +220,10 @@ def _worker(rank: int, world: int, *args) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bytes", type=int, default=4096, help="bytes per rank's shard (default 4096)")
-    p.add_argument("--calls", type=int, default=None, help="calls per batch (CPU 2000, GPU 500)")
-    p.add_argument("--repeats", type=int, default=5, help="batches; the best counts")
+    p.add_argument("--calls", type=int, default=500, help="calls per batch (default 500)")
+    p.add_argument("--repeats", type=int, default=20,
+                   help="batches; the best counts (default 20: short batches, so a busy host "
+                        "spoils a few, not the row)")
     p.add_argument("--ops", default=",".join(OPS), help="comma list of public collectives")
     p.add_argument("--world", type=int, default=2, help="ranks when not under torchrun")
     args = p.parse_args()
@@ -231,7 +233,7 @@ def main() -> None:
         raise ValueError(f"--ops: unknown {unknown}; choose from {', '.join(OPS)}")
     ops = ["all_gather_into_tensor"] + [o for o in ops if o != "all_gather_into_tensor"]
     cuda = env.backend() != "host" and torch.cuda.is_available()
-    calls = args.calls or (500 if cuda else 2000)
+    calls = args.calls
     if "RANK" in os.environ:  # under torchrun
         group, created = bench.init_distributed()
         try:
