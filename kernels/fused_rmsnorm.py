@@ -23,27 +23,26 @@ after it.
 
 A row is one chunk: ``BLOCK_H`` (a power of two >= H) covers it, the tail masked.
 
-``_fused_rmsnorm_ll_kernel`` (small inputs, no barrier; lines of kernels/ll.py; rows of whole
-32-bit words). Block ``b`` handles local rows ``i % blocks == b``; line ``k`` of row ``i`` of a
-slot is line ``i * H_words + k`` (reduce-scatter part) or ``(s + i) * H_words + k``
-(all-gather part):
-
-1. push row ``q*s + i`` of the local input into slot ``RANK`` of rank ``q``, every peer ``q``;
-2. per row: sum row ``RANK*s + i`` over the ranks in rank order (its own from the input, the
-   peers' from its slots, fp32), add the residual, round, store it back, RMSNorm times
-   ``weight``; with ``ALL_GATHER`` store the normed row at row ``RANK*s + i`` of ``out`` and
-   push it into slot ``RANK`` of every peer (all-gather part), else store it to row ``i``;
-3. with ``ALL_GATHER``: take row ``i`` of every peer's all-gather part into row ``q*s + i`` of
-   ``out``.
-
-``out`` may be the input: a block writes only rows it has read (pushed or reduced) already.
+``_fused_rmsnorm_ll_kernel`` (small inputs, no barrier, one exchange; lines of kernels/ll.py;
+rows of whole 32-bit words). Without ``ALL_GATHER``: block ``b`` pushes rows ``q*s + i``
+(``i % blocks == b``) of the input into slot ``RANK`` of rank ``q`` (line ``i * H_words + k``),
+then per row sums row ``RANK*s + i`` over the ranks in rank order (its own from the input, the
+peers' from its slots, fp32), adds the residual, rounds, stores it back and stores the RMSNorm
+times ``weight`` to row ``i`` of ``out``. With ``ALL_GATHER`` a second exchange (all-gather of
+the normed rows) is replaced by work done on every rank: block ``b`` pushes every input row
+``r % blocks == b`` (lines ``r * H_words``) and its residual rows ``i`` (lines ``(S + i) *
+H_words``; pushed by the block that later updates that row) to every peer, then computes every row ``r = q*s + i`` as rank ``q`` would (the same
+sums in the same order: the same bits) with rank ``q``'s residual row, stores it to row ``r`` of
+``out`` and, for its own rows, to the residual. Small messages are latency-bound: one exchange of
+``(S + s) * H`` elements per peer beats two of ``s * H`` (measured in benchmarks/results/NOTES.md).
+``out`` may be the input: a block writes only rows it has read already.
 """
 
 import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_shards, ll_push_to, ll_push_vals, ll_reduce_chunk, row_operands
+from .common import copy_shards, ll_push_to, ll_reduce_chunk, row_operands
 from .ll import ll_flag, ll_get, ll_slot
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all, words_to_elems
 
@@ -95,6 +94,13 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
 
 
 @triton.jit
+def _normed(x, mask, w, H, eps):
+    """RMSNorm (fp32 statistics) of the row ``x`` times ``w``, in ``x``'s dtype."""
+    xf = tl.where(mask, x.to(tl.float32), 0.0)
+    return (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps) * w).to(x.dtype)
+
+
+@triton.jit
 def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_table, err_addr,
                              seq_cap, ll_off, slot_words, s, H, eps, timeout_ns,
                              DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, RANK: tl.constexpr,
@@ -107,49 +113,64 @@ def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig
     seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     flag = ll_flag(seq)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
-    i = pid
-    while i < s:  # 1. push rows q*s + i to rank q; see ptx.py on loops
-        for k in tl.static_range(1, WORLD_SIZE):
-            q = (RANK + k) % WORLD_SIZE
-            ll_push_to(src + q * as_i64(s) * H, buf_table, q, ll_off, as_i64(i) * H,
-                       as_i64(i + 1) * H, seq, slot_words, DTYPE, BLOCK_H, RANK, WORLD_SIZE)
-        i += nprog
+    S = WORLD_SIZE * as_i64(s)
     cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, BLOCK_H,
                                            ALIGNED)
+    if ALL_GATHER:  # 1. every input row, and this rank's residual rows, to every peer
+        r = pid
+        while r < S:  # see ptx.py on loops
+            ll_push_to(src, buf_table, -1, ll_off, as_i64(r) * H, as_i64(r + 1) * H, seq,
+                       slot_words, DTYPE, BLOCK_H, RANK, WORLD_SIZE)
+            if r // s == RANK:  # by the block that updates that residual row in phase 2
+                i = r - RANK * s
+                ll_push_to(res - S * H, buf_table, -1, ll_off, (S + i) * H, (S + i + 1) * H, seq,
+                           slot_words, DTYPE, BLOCK_H, RANK, WORLD_SIZE)
+            r += nprog
+    else:  # 1. rows q*s + i to rank q
+        i = pid
+        while i < s:
+            for k in tl.static_range(1, WORLD_SIZE):
+                q = (RANK + k) % WORLD_SIZE
+                ll_push_to(src + q * as_i64(s) * H, buf_table, q, ll_off, as_i64(i) * H,
+                           as_i64(i + 1) * H, seq, slot_words, DTYPE, BLOCK_H, RANK, WORLD_SIZE)
+            i += nprog
     area = peer_addr(buf_table, RANK) + ll_off
     pad = own_pad(sig_table, RANK)
     status = tl.full([], 0, tl.int32)
-    own = src + RANK * as_i64(s) * H
-    i = pid
-    while (i < s) & (status == 0):  # 2. reduce, add, normalise (and push the normed row)
-        start = as_i64(i) * H
-        acc, status = ll_reduce_chunk(own, area, start, start + H, seq, flag, slot_words,
-                                      status, timeout_ns, pad, DTYPE, BLOCK_H, RANK, WORLD_SIZE,
-                                      USE_PTX, ALIGNED)
-        x = (acc + tl.load(res + start + cols, mask=mask, other=0.0).to(tl.float32)).to(DTYPE)
-        tl.store(res + start + cols, x, mask=mask)
-        xf = tl.where(mask, x.to(tl.float32), 0.0)
-        y = (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps) * w).to(DTYPE)
-        if ALL_GATHER:
-            row = out + (RANK * as_i64(s) + i) * H
-            tl.store(row + cols, y, mask=mask)
-            ll_push_vals(y, buf_table, -1, ll_off, (as_i64(s) + i) * H, (as_i64(s) + i + 1) * H,
-                         seq, slot_words, DTYPE, RANK, WORLD_SIZE)
-        else:
-            tl.store(out + start + cols, y, mask=mask)
-        i += nprog
-    if ALL_GATHER:
-        i = tl.where(status != 0, s, pid)
-        while (i < s) & (status == 0):  # 3. the peers' normed rows
-            first = (as_i64(s) + i) * (H // EPW)
-            for k in tl.static_range(1, WORLD_SIZE):
-                q = (RANK + WORLD_SIZE - k) % WORLD_SIZE
+    if ALL_GATHER:  # 2. every row, the same bits on every rank
+        r = pid
+        while (r < S) & (status == 0):
+            q = r // s
+            i = r - q * s
+            start = as_i64(r) * H
+            acc, status = ll_reduce_chunk(src, area, start, start + H, seq, flag, slot_words,
+                                          status, timeout_ns, pad, DTYPE, BLOCK_H, RANK,
+                                          WORLD_SIZE, USE_PTX, ALIGNED)
+            if q == RANK:
+                r0 = tl.load(res + as_i64(i) * H + cols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                first = (S + i) * (H // EPW)
                 words, st = ll_get(ll_slot(area, seq, q, slot_words, WORLD_SIZE), first,
                                    first + H // EPW, flag, q, status, timeout_ns, pad,
                                    BLOCK_H // EPW, USE_PTX, ALIGNED)
                 status = status | st
-                tl.store(out + (q * as_i64(s) + i) * H + cols, words_to_elems(words, DTYPE),
-                         mask=mask)
+                r0 = words_to_elems(words, DTYPE).to(tl.float32)
+            x = (acc + r0).to(DTYPE)
+            if q == RANK:
+                tl.store(res + as_i64(i) * H + cols, x, mask=mask)
+            tl.store(out + start + cols, _normed(x, mask, w, H, eps), mask=mask)
+            r += nprog
+    else:  # 2. this rank's rows
+        own = src + RANK * as_i64(s) * H
+        i = pid
+        while (i < s) & (status == 0):
+            start = as_i64(i) * H
+            acc, status = ll_reduce_chunk(own, area, start, start + H, seq, flag, slot_words,
+                                          status, timeout_ns, pad, DTYPE, BLOCK_H, RANK,
+                                          WORLD_SIZE, USE_PTX, ALIGNED)
+            x = (acc + tl.load(res + start + cols, mask=mask, other=0.0).to(tl.float32)).to(DTYPE)
+            tl.store(res + start + cols, x, mask=mask)
+            tl.store(out + start + cols, _normed(x, mask, w, H, eps), mask=mask)
             i += nprog
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

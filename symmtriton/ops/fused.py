@@ -139,7 +139,9 @@ class FusedRmsnorm(Collective):
             return plan
         buf = find_buffer(group)
         s, row_bytes = S // world, H * input.element_size()
-        per_peer = s * row_bytes * (2 if self.all_gather else 1)  # (reduce-scatter, all-gather)
+        # the rows each peer gets: all S input rows and s residual rows with the all-gather
+        # (kernels/fused_rmsnorm.py), else the s rows it owns
+        per_peer = (S + s if self.all_gather else s) * row_bytes
         if (H <= MAX_FUSED_HIDDEN and symm_usable(buf, input.device, 0)
                 and lines_eligible(context(buf), per_peer, row_bytes)):
             plan.choice = choose_config(config, self.config_op, s * H, input.dtype, world,
