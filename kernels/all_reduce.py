@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_units, ll_push_to, ll_reduce_chunk
+from .common import copy_units, ll_push_chunks, ll_reduce_chunk
 from .ll import ll_flag
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
 
@@ -91,11 +91,8 @@ def _all_reduce_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq
     seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
     nchunks = tl.cdiv(n, BLOCK)
-    c = pid
-    while c < nchunks:  # push; chunks c = pid (mod nprog), see ptx.py on loops
-        ll_push_to(src, buf_table, -1, ll_off, c * BLOCK, n, seq, slot_words, DTYPE, BLOCK, RANK,
-                    WORLD_SIZE)
-        c += nprog
+    ll_push_chunks(src, buf_table, -1, ll_off, n, pid, nprog, seq, slot_words, DTYPE, BLOCK, RANK,
+                   WORLD_SIZE)
     dst = as_ptr(out_addr, DTYPE, ALIGNED)
     area = peer_addr(buf_table, RANK) + ll_off
     pad = own_pad(sig_table, RANK)

@@ -26,8 +26,10 @@ buffer) holds each rank's input. Phases of ``_all_reduce_rmsnorm_kernel``:
 A row is one chunk: ``BLOCK_H`` (a power of two >= H) covers it, the tail masked.
 
 ``_all_reduce_rmsnorm_ll_kernel`` (one-shot for small inputs, no barrier; lines of
-kernels/ll.py): block ``b`` pushes rows ``i % blocks == b`` of the input as lines into slot
-``RANK`` of every peer, then reduces each of those rows over the ranks in rank order (its own
+kernels/ll.py): the blocks push the input as lines into slot ``RANK`` of every peer (with
+``SPREAD`` in chunks of ``CHUNK`` elements over more blocks than rows, ``common.ll_push_chunks``;
+else row ``i`` by block ``i % blocks``), then block ``b`` reduces
+rows ``i % blocks == b`` over the ranks in rank order (its own
 from the input, the peers' from its slots; fp32, the same bits on every rank) and finishes it
 as the one-shot kernel does. Nothing of the buffer outside the line area is touched.
 """
@@ -36,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_units, ll_push_to, ll_reduce_chunk, row_operands
+from .common import copy_units, ll_push_chunks, ll_push_to, ll_reduce_chunk, row_operands
 from .ll import ll_flag
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
 
@@ -113,18 +115,21 @@ def _all_reduce_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table
                                   DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
                                   RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
                                   WORLD_P2: tl.constexpr, BLOCK_H: tl.constexpr,
-                                  SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
-                                  ALIGNED: tl.constexpr):
+                                  CHUNK: tl.constexpr, SPREAD: tl.constexpr, SCOPE: tl.constexpr,
+                                  USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
-    i = pid
-    while i < S:  # push rows i = pid (mod nprog); see ptx.py on loops
-        start = as_i64(i) * H
-        ll_push_to(src, buf_table, -1, ll_off, start, start + H, seq, slot_words, DTYPE, BLOCK_H,
-                    RANK, WORLD_SIZE)
-        i += nprog
+    if SPREAD:
+        ll_push_chunks(src, buf_table, -1, ll_off, as_i64(S) * H, pid, nprog, seq, slot_words,
+                       DTYPE, CHUNK, RANK, WORLD_SIZE)
+    else:  # rows i = pid (mod nprog); see ptx.py on loops
+        i = pid
+        while i < S:
+            ll_push_to(src, buf_table, -1, ll_off, as_i64(i) * H, as_i64(i + 1) * H, seq,
+                       slot_words, DTYPE, BLOCK_H, RANK, WORLD_SIZE)
+            i += nprog
     cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, BLOCK_H,
                                            ALIGNED)
     area = peer_addr(buf_table, RANK) + ll_off

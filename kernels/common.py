@@ -78,6 +78,23 @@ def ll_push_to(src, buf_table, peer, ll_off, start, end, seq, slot_words, DTYPE:
 
 
 @triton.jit
+def ll_push_chunks(src, buf_table, peer, ll_off, n, pid, nprog, seq, slot_words,
+                   DTYPE: tl.constexpr, CHUNK: tl.constexpr, RANK: tl.constexpr,
+                   WORLD_SIZE: tl.constexpr):
+    """:func:`ll_push_to` of a whole message of ``n`` elements at pointer ``src``, in chunks of
+    ``CHUNK`` elements, chunk ``c`` by block ``c % nprog``: a message spread over many blocks
+    leaves through many SMs at once (rows of the row kernels included: lines do not care which
+    block pushed them). A row kernel then has blocks wait for lines other blocks pushed, so
+    every block must run at once: on the GPU (the grid is bounded by co-residency), never in
+    the interpreter, which runs a launch's blocks one after another."""
+    c = pid
+    while c * CHUNK < n:  # see ptx.py on loops
+        ll_push_to(src, buf_table, peer, ll_off, as_i64(c) * CHUNK, n, seq, slot_words, DTYPE,
+                   CHUNK, RANK, WORLD_SIZE)
+        c += nprog
+
+
+@triton.jit
 def ll_reduce_chunk(own, area, start, end, seq, flag, slot_words, status, timeout_ns, pad,
                     DTYPE: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr,
                     WORLD_SIZE: tl.constexpr, USE_PTX: tl.constexpr, PAIRS: tl.constexpr):

@@ -24,25 +24,27 @@ after it.
 A row is one chunk: ``BLOCK_H`` (a power of two >= H) covers it, the tail masked.
 
 ``_fused_rmsnorm_ll_kernel`` (small inputs, no barrier, one exchange; lines of kernels/ll.py;
-rows of whole 32-bit words). Without ``ALL_GATHER``: block ``b`` pushes rows ``q*s + i``
-(``i % blocks == b``) of the input into slot ``RANK`` of rank ``q`` (line ``i * H_words + k``),
-then per row sums row ``RANK*s + i`` over the ranks in rank order (its own from the input, the
+rows of whole 32-bit words; with ``SPREAD`` messages leave in chunks of ``CHUNK`` elements spread
+over all blocks, ``common.ll_push_chunks``, more blocks than rows). Without ``ALL_GATHER``: rows ``q*s + i`` of the
+input go into slot ``RANK`` of rank ``q`` (line ``i * H_words + k``), then block ``b`` per row
+``i % blocks == b`` sums row ``RANK*s + i`` over the ranks in rank order (its own from the input, the
 peers' from its slots, fp32), adds the residual, rounds, stores it back and stores the RMSNorm
 times ``weight`` to row ``i`` of ``out``. With ``ALL_GATHER`` a second exchange (all-gather of
-the normed rows) is replaced by work done on every rank: block ``b`` pushes every input row
-``r % blocks == b`` (lines ``r * H_words``) and its residual rows ``i`` (lines ``(S + i) *
-H_words``; pushed by the block that later updates that row) to every peer, then computes every row ``r = q*s + i`` as rank ``q`` would (the same
-sums in the same order: the same bits) with rank ``q``'s residual row, stores it to row ``r`` of
+the normed rows) is replaced by work done on every rank: every input row (lines ``r * H_words``)
+and this rank's residual rows ``i`` (lines ``(S + i) * H_words``; pushed by the block that later
+updates that row) go to every peer, then block ``b`` computes rows ``r = q*s + i`` (``r % blocks
+== b``) as rank ``q`` would (the same sums in the same order: the same bits) with rank ``q``'s residual row, stores it to row ``r`` of
 ``out`` and, for its own rows, to the residual. Small messages are latency-bound: one exchange of
 ``(S + s) * H`` elements per peer beats two of ``s * H`` (measured in benchmarks/results/NOTES.md).
-``out`` may be the input: a block writes only rows it has read already.
+``out`` may be the input (``SPREAD`` off): rows are then pushed whole, each by the block that
+overwrites it later, instead of in chunks spread over all blocks.
 """
 
 import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_shards, ll_push_to, ll_reduce_chunk, row_operands
+from .common import copy_shards, ll_push_chunks, ll_push_to, ll_reduce_chunk, row_operands
 from .ll import ll_flag, ll_get, ll_slot
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all, words_to_elems
 
@@ -105,8 +107,9 @@ def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig
                              seq_cap, ll_off, slot_words, s, H, eps, timeout_ns,
                              DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, RANK: tl.constexpr,
                              WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
-                             BLOCK_H: tl.constexpr, ALL_GATHER: tl.constexpr,
-                             SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
+                             BLOCK_H: tl.constexpr, CHUNK: tl.constexpr,
+                             SPREAD: tl.constexpr, ALL_GATHER: tl.constexpr, SCOPE: tl.constexpr,
+                             USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
     EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth  # elements per 32-bit word
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -117,23 +120,35 @@ def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig
     cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, BLOCK_H,
                                            ALIGNED)
     if ALL_GATHER:  # 1. every input row, and this rank's residual rows, to every peer
-        r = pid
-        while r < S:  # see ptx.py on loops
-            ll_push_to(src, buf_table, -1, ll_off, as_i64(r) * H, as_i64(r + 1) * H, seq,
-                       slot_words, DTYPE, BLOCK_H, RANK, WORLD_SIZE)
-            if r // s == RANK:  # by the block that updates that residual row in phase 2
-                i = r - RANK * s
-                ll_push_to(res - S * H, buf_table, -1, ll_off, (S + i) * H, (S + i + 1) * H, seq,
+        if SPREAD:
+            ll_push_chunks(src, buf_table, -1, ll_off, S * H, pid, nprog, seq, slot_words, DTYPE,
+                           CHUNK, RANK, WORLD_SIZE)
+        else:  # ``out`` is the input: row r by the block that overwrites it in phase 2
+            r = pid
+            while r < S:  # see ptx.py on loops
+                ll_push_to(src, buf_table, -1, ll_off, as_i64(r) * H, as_i64(r + 1) * H, seq,
                            slot_words, DTYPE, BLOCK_H, RANK, WORLD_SIZE)
-            r += nprog
-    else:  # 1. rows q*s + i to rank q
-        i = pid
+                r += nprog
+        # residual row i by the block that updates it in phase 2 (row RANK*s + i, block
+        # (RANK*s + i) % nprog), so the peers get it before the update
+        i = (pid + nprog - (RANK * s) % nprog) % nprog
         while i < s:
-            for k in tl.static_range(1, WORLD_SIZE):
-                q = (RANK + k) % WORLD_SIZE
-                ll_push_to(src + q * as_i64(s) * H, buf_table, q, ll_off, as_i64(i) * H,
-                           as_i64(i + 1) * H, seq, slot_words, DTYPE, BLOCK_H, RANK, WORLD_SIZE)
+            ll_push_to(res - S * H, buf_table, -1, ll_off, (S + i) * H, (S + i + 1) * H, seq,
+                       slot_words, DTYPE, BLOCK_H, RANK, WORLD_SIZE)
             i += nprog
+    else:  # 1. rows q*s + i to rank q
+        for k in tl.static_range(1, WORLD_SIZE):
+            q = (RANK + k) % WORLD_SIZE
+            if SPREAD:
+                ll_push_chunks(src + q * as_i64(s) * H, buf_table, q, ll_off, as_i64(s) * H, pid,
+                               nprog, seq, slot_words, DTYPE, CHUNK, RANK, WORLD_SIZE)
+            else:  # ``out`` is the input: row i by the block that overwrites it in phase 2
+                i = pid
+                while i < s:
+                    ll_push_to(src + q * as_i64(s) * H, buf_table, q, ll_off, as_i64(i) * H,
+                               as_i64(i + 1) * H, seq, slot_words, DTYPE, BLOCK_H, RANK,
+                               WORLD_SIZE)
+                    i += nprog
     area = peer_addr(buf_table, RANK) + ll_off
     pad = own_pad(sig_table, RANK)
     status = tl.full([], 0, tl.int32)

@@ -165,6 +165,21 @@ def lines_config(numel: int, dtype: torch.dtype, world: int) -> LaunchConfig:
                         max_blocks=264)
 
 
+def lines_chunk(itemsize: int, num_warps: int) -> int:
+    """Elements per chunk in which the barrier-free row kernels push their messages (spread over
+    more blocks than rows): :data:`LINES_CHUNK_BYTES`, or two lines per thread of the row
+    kernel's ``num_warps`` if that is more (16-byte stores need two lines per thread)."""
+    epw = max(1, 4 // itemsize)
+    return max(lines_block(LINES_CHUNK_BYTES // itemsize, itemsize), 64 * num_warps * epw)
+
+
+def lines_row_grid(cfg: "LaunchConfig", rows: int, numel: int, itemsize: int, cap: int) -> int:
+    """Blocks of a barrier-free row kernel: one per row (the reduction and the norm) or per
+    :func:`lines_chunk` of the ``numel`` elements it pushes (0: rows only), whichever is more,
+    at most ``cfg.max_blocks`` and ``cap``."""
+    return cfg.row_grid(max(rows, -(-numel // lines_chunk(itemsize, cfg.num_warps))), cap)
+
+
 def lines_block(block_size: int, itemsize: int) -> int:
     """The chunk (elements of ``itemsize`` bytes) a barrier-free kernel runs with for
     ``block_size``: at least two 32-bit words, so a chunk is whole words."""

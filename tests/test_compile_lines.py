@@ -15,9 +15,13 @@ KERNELS = {
                        dict(DTYPE=tl.bfloat16, BLOCK=2048)),
     "all_reduce": ("all_reduce", "_all_reduce_ll_kernel", dict(DTYPE=tl.float16, BLOCK=2048)),
     "all_reduce_rmsnorm": ("all_reduce_rmsnorm", "_all_reduce_rmsnorm_ll_kernel",
-                           dict(DTYPE=tl.bfloat16, W_DTYPE=tl.float32, BLOCK_H=4096)),
+                           dict(DTYPE=tl.bfloat16, W_DTYPE=tl.float32, BLOCK_H=4096, CHUNK=2048, SPREAD=True)),
     "fused_rmsnorm": ("fused_rmsnorm", "_fused_rmsnorm_ll_kernel",
-                      dict(DTYPE=tl.bfloat16, W_DTYPE=tl.bfloat16, BLOCK_H=4096, ALL_GATHER=True)),
+                      dict(DTYPE=tl.bfloat16, W_DTYPE=tl.bfloat16, BLOCK_H=4096, CHUNK=2048,
+                           SPREAD=True, ALL_GATHER=True)),
+    "fused_rmsnorm_in_place": ("fused_rmsnorm", "_fused_rmsnorm_ll_kernel",
+                               dict(DTYPE=tl.float16, W_DTYPE=tl.float16, BLOCK_H=1024, CHUNK=2048,
+                                    SPREAD=False, ALL_GATHER=False)),
 }
 
 

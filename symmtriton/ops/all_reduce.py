@@ -21,7 +21,7 @@ import torch.distributed as dist
 from .. import env
 from .._calls import counts_calls
 from ..config import (ALL_REDUCE_ALGORITHMS, MAX_FUSED_HIDDEN, LaunchConfig, all_reduce_algorithm,
-                      default_config, lines_block, lines_config)
+                      default_config, lines_block, lines_chunk, lines_config, lines_row_grid)
 from ..context import (aligned16, context, find_buffer, lines_eligible, lines_fit, multimem_eligible,
                        offset_in, region_after, symm_usable)
 from ..kernels.all_reduce import _all_reduce_kernel, _all_reduce_ll_kernel
@@ -242,15 +242,18 @@ def _fused_lines_launch(ctx, cfg: LaunchConfig, args, out, var_index, timeout_s)
     aligned = (aligned16(input.data_ptr(), out.data_ptr(), residual.data_ptr(),
                          H * input.element_size())
                and aligned16(weight.data_ptr(), H * weight.element_size()))
+    esize = input.element_size()
+    spread = ctx.use_ptx  # the interpreter runs blocks one by one (common.ll_push_chunks)
     return Launch(
         ALL_REDUCE_ADD_RMSNORM.name, ctx.buf, _all_reduce_rmsnorm_ll_kernel,
-        cfg.row_grid(S, ctx.grid_cap), cfg.num_warps,
+        lines_row_grid(cfg, S, S * H if spread else 0, esize, ctx.grid_cap), cfg.num_warps,
         (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(), ctx.buf_table,
          ctx.sig_table, ctx.err_addr, ctx.grid_cap, ctx.ll_off, ctx.ll_words, S, H, float(eps),
          env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype], RANK=ctx.rank,
              WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
-             SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
+             CHUNK=lines_chunk(esize, cfg.num_warps), SPREAD=spread, SCOPE=ctx.scope,
+             USE_PTX=ctx.use_ptx, ALIGNED=aligned),
         var_index=var_index)
 
 

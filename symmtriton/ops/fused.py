@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .. import env
 from .._calls import counts_calls
-from ..config import CONFIG_OP, MAX_FUSED_HIDDEN, LaunchConfig
+from ..config import CONFIG_OP, MAX_FUSED_HIDDEN, LaunchConfig, lines_chunk, lines_row_grid
 from ..context import (aligned16, context, find_buffer, lines_eligible, multimem_eligible, offset_in,
                        region_after, symm_usable)
 from ..kernels.fused_rmsnorm import _fused_rmsnorm_kernel, _fused_rmsnorm_ll_kernel
@@ -201,15 +201,21 @@ def _lines_launch(op, ctx, cfg: LaunchConfig, args, out, all_gather, var_index, 
     aligned = (aligned16(input.data_ptr(), out.data_ptr(), residual.data_ptr(),
                          H * input.element_size())
                and aligned16(weight.data_ptr(), H * weight.element_size()))
-    s = S // ctx.world
+    s, esize = S // ctx.world, input.element_size()
+    # in place (``out`` is the input), rows are pushed whole by the blocks that overwrite them;
+    # so too in the interpreter, which runs blocks one by one (common.ll_push_chunks)
+    spread = out.data_ptr() != input.data_ptr() and ctx.use_ptx
+    pushed = (S if all_gather else s) * H if spread else 0
     return Launch(
-        op, ctx.buf, _fused_rmsnorm_ll_kernel, cfg.row_grid(s, ctx.grid_cap), cfg.num_warps,
+        op, ctx.buf, _fused_rmsnorm_ll_kernel,
+        lines_row_grid(cfg, S if all_gather else s, pushed, esize, ctx.grid_cap), cfg.num_warps,
         (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(), ctx.buf_table,
          ctx.sig_table, ctx.err_addr, ctx.grid_cap, ctx.ll_off, ctx.ll_words, s, H, float(eps),
          env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype], RANK=ctx.rank,
              WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
-             ALL_GATHER=all_gather, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
+             CHUNK=lines_chunk(esize, cfg.num_warps), SPREAD=spread, ALL_GATHER=all_gather,
+             SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
         var_index=var_index)
 
 
