@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The GPU tier in one command (benchmarks/README.md). Stages, in this order (STAGES picks some):
-#   tests     pytest -m gpu on the one-rank-per-GPU worlds (gpu-w2-nccl, gpu-w2-gloo; needs 2 GPUs)
+#   tests     pytest -m gpu on the one-rank-per-GPU worlds (gpu-w2-nccl, gpu-w2-gloo; needs 2 GPUs;
+#             TESTS_K narrows the -k expression, e.g. "nccl")
 #   examples  every example under torchrun, one rank per GPU (NPROC ranks: the GPU count, at least 2)
 #   bench     symmtriton-bench, NPROC ranks, one per GPU (NCCL), BENCH_ARGS (default: the default sweep)
 #   shared    MPS started: pytest -m gpu on the shared-GPU worlds SHARED_WORLDS (default "4"; all:
-#             "2 4 8"), then the bench with SHARED_BENCH_W ranks on GPU 0; MPS stopped
+#             "2 4 8"; SHARED_TESTS: test files, default all), then the bench with SHARED_BENCH_W
+#             ranks on GPU 0; MPS stopped
 # Every stage runs under `timeout` within one budget for the whole script (BUDGET_S, default 600 s:
 # a stage that no longer fits is skipped and said so), so a hang fails fast and the script always
 # ends. For each program the table at the end gives its exit time: seconds from the start of its
@@ -71,7 +73,7 @@ TORCHRUN=($PY -m torch.distributed.run --standalone)
 if [[ " $STAGES " == *" tests "* ]]; then
   if (( NGPU >= 2 )); then
     run "pytest -m gpu, one rank per GPU" ${TESTS_CAP_S:-330} "$TLOG" "passed|failed|error|worker pools" \
-      $PY -m pytest -m gpu -q -p no:cacheprovider -k "nccl or gloo" tests
+      $PY -m pytest -m gpu -q -p no:cacheprovider -k "${TESTS_K:-nccl or gloo}" tests
   else
     rows+=("pytest -m gpu, one rank per GPU|skipped: $NGPU GPU|-|-|-")
   fi
@@ -98,7 +100,7 @@ if [[ " $STAGES " == *" shared "* ]]; then
   fi
   k=$(printf 'gpu-w%s-shared or ' $SHARED_WORLDS)
   run "pytest -m gpu, shared GPU (W in $SHARED_WORLDS, MPS)" 240 "$TLOG" "passed|failed|error|worker pools" \
-    $PY -m pytest -m gpu -q -p no:cacheprovider -k "${k% or }" tests
+    $PY -m pytest -m gpu -q -p no:cacheprovider -k "${k% or }" ${SHARED_TESTS:-tests}
   run "bench W=$SHARED_BENCH_W on one GPU (MPS)" 120 "$LOG" "rows in|FAIL|Error" \
     env CUDA_VISIBLE_DEVICES=0 "${TORCHRUN[@]}" --nproc-per-node="$SHARED_BENCH_W" -m symmtriton.bench --out-dir "$OUT" --quick \
     --max-bytes 64M --no-plot ${SHARED_BENCH_ARGS:-}

@@ -99,9 +99,15 @@ def multimem_eligible(ctx: Ctx, dtype: torch.dtype | None, *addrs_and_sizes: int
             and aligned16(*addrs_and_sizes))
 
 
-#: largest message per peer (bytes) that ``$SYMMTRITON_PROTOCOL=auto`` sends as lines (kernels/ll.py)
-#: rather than with barriers. UNTUNED: the slot size of the line area (memory.LL_SLOT_BYTES).
-LINES_MAX_BYTES = 256 * 1024
+#: largest message per peer (bytes) that ``$SYMMTRITON_PROTOCOL=auto`` sends as lines
+#: (kernels/ll.py) rather than with barriers: flat ops, and the row ops (their norm is done per
+#: row by one block: lines win longer). Measured on 2x H200, W=2, graph, zero-copy bf16, lines /
+#: barriers (benchmarks/results/NOTES.md): all-gather 512 KiB per peer 7.40 / 7.36 us, 1 MiB
+#: 13.8 / 8.8; reduce-scatter 512 KiB 8.9 / 9.5, 1 MiB 17.4 / 10.1; all-reduce 512 KiB 7.8 /
+#: 11.3, 1 MiB 15.2 / 12.7; all-reduce + add + RMSNorm 1 MiB 10.9 / 11.8; fused reduce-scatter
+#: + RMSNorm + all-gather 768 KiB per peer 10.4 / 10.8.
+LINES_MAX_BYTES = 512 * 1024
+LINES_ROWS_MAX_BYTES = 1024 * 1024
 
 
 def lines_fit(ctx: Ctx, per_peer_bytes: int, row_bytes: int) -> bool:
@@ -113,12 +119,14 @@ def lines_fit(ctx: Ctx, per_peer_bytes: int, row_bytes: int) -> bool:
             and per_peer_bytes // 4 <= ctx.ll_words)
 
 
-def lines_eligible(ctx: Ctx, per_peer_bytes: int, row_bytes: int) -> bool:
+def lines_eligible(ctx: Ctx, per_peer_bytes: int, row_bytes: int,
+                   max_bytes: int = LINES_MAX_BYTES) -> bool:
     """:func:`lines_fit`, and ``$SYMMTRITON_PROTOCOL`` chooses lines for it (``auto``: at most
-    :data:`LINES_MAX_BYTES` per peer; ``lines``: always; ``barrier``: never)."""
+    ``max_bytes`` per peer, :data:`LINES_MAX_BYTES` or :data:`LINES_ROWS_MAX_BYTES`; ``lines``:
+    always; ``barrier``: never)."""
     mode = env.protocol()
     return (mode != "barrier" and lines_fit(ctx, per_peer_bytes, row_bytes)
-            and (mode == "lines" or per_peer_bytes <= LINES_MAX_BYTES))
+            and (mode == "lines" or per_peer_bytes <= max_bytes))
 
 
 def aligned16(*values: int) -> bool:

@@ -32,9 +32,11 @@ from .kernels import protocol as _protocol
 logger = logging.getLogger("symmtriton")
 
 _MIB = 1024 * 1024
-#: data bytes a source slot of the line area holds (kernels/ll.py): the largest message per peer
-#: the barrier-free path carries. Each rank's area is 2 x world x twice this (flags).
-LL_SLOT_BYTES = 256 * 1024
+#: data bytes a source slot of the line area holds (kernels/ll.py), per backend: the largest
+#: message per peer the barrier-free path carries. Each rank's area is 2 x world x twice this
+#: (flags). The host backend's is smaller: /dev/shm is often small, and the interpreter gains
+#: nothing from large line messages.
+LL_SLOT_BYTES = {"cuda": 1024 * 1024, "host": 256 * 1024}
 
 #: callbacks ``hook(buf)`` run when a buffer is created, closed or destroyed, so caches derived
 #: from buffers (symmtriton.ops.driver's plans) never outlive them.
@@ -108,12 +110,13 @@ class SymmetricMemoryBuffer:
         self.status: torch.Tensor | None = None
         self.rank = dist.get_rank(self.process_group)
         self.world_size = dist.get_world_size(self.process_group)
+        self.backend = backends.select_backend()
         #: the line area: its byte offset in every rank's allocation, its words per source slot
         #: (0: none, at one rank) and the whole allocation's size
         self.ll_off = -(-self.nbytes // 16) * 16
-        self.ll_words = LL_SLOT_BYTES // _protocol.LL_WORD_BYTES if self.world_size > 1 else 0
+        self.ll_words = (LL_SLOT_BYTES[self.backend] // _protocol.LL_WORD_BYTES
+                         if self.world_size > 1 else 0)
         self.alloc_bytes = self.ll_off + _protocol.ll_area_bytes(self.world_size, self.ll_words)
-        self.backend = backends.select_backend()
         self.device = backends.backend_device(self.backend)
         self._setup()
 

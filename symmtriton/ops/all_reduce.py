@@ -22,8 +22,9 @@ from .. import env
 from .._calls import counts_calls
 from ..config import (ALL_REDUCE_ALGORITHMS, MAX_FUSED_HIDDEN, LaunchConfig, all_reduce_algorithm,
                       default_config, lines_block, lines_chunk, lines_config, lines_row_grid)
-from ..context import (aligned16, context, find_buffer, lines_eligible, lines_fit, multimem_eligible,
-                       offset_in, region_after, symm_usable)
+from ..context import (LINES_MAX_BYTES, LINES_ROWS_MAX_BYTES, aligned16, context, find_buffer,
+                       lines_eligible, lines_fit, multimem_eligible, offset_in, region_after,
+                       symm_usable)
 from ..kernels.all_reduce import _all_reduce_kernel, _all_reduce_ll_kernel
 from ..kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel, _all_reduce_rmsnorm_ll_kernel
 from ..launch import Launch
@@ -68,7 +69,8 @@ class AllReduce(Collective):
         if n == 0:
             return OutputPlan()
         buf = find_buffer(group)
-        algo = choose_algorithm(buf, tensor.device, algorithm, n * esize, n * esize, world)
+        algo = choose_algorithm(buf, tensor.device, algorithm, n * esize, n * esize, world,
+                                LINES_MAX_BYTES)
         if algo == "lines":
             cfg = config or lines_config(n, tensor.dtype, world)
             return OutputPlan(_lines_launch(context(buf), cfg, dst, tensor, timeout_s),
@@ -156,7 +158,8 @@ class AllReduceAddRmsnorm(Collective):
         if S == 0 or H == 0:
             return plan
         buf = find_buffer(group)
-        algo = choose_algorithm(buf, input.device, algorithm, S * H * esize, H * esize, world)
+        algo = choose_algorithm(buf, input.device, algorithm, S * H * esize, H * esize, world,
+                                LINES_ROWS_MAX_BYTES)
         if algo == "lines" and H <= MAX_FUSED_HIDDEN:
             plan.choice = ConfigChoice(config or default_config(S * H, input.dtype, world, hidden=H))
             plan.kernel = _fused_lines_launch(context(buf), plan.choice.config, args, out,
@@ -204,10 +207,11 @@ def _fused_launch(ctx, cfg: LaunchConfig, args, out, algo, region, res, rps, sta
         var_index=var_index)
 
 
-def choose_algorithm(buf, device, algorithm, nbytes: int, row_bytes: int, world: int) -> str:
+def choose_algorithm(buf, device, algorithm, nbytes: int, row_bytes: int, world: int,
+                     max_bytes: int) -> str:
     """The all-reduce algorithm of a call moving ``nbytes`` in rows of ``row_bytes``:
     ``algorithm`` when given (``"lines"`` must fit the line area, ``ValueError`` otherwise);
-    else ``"lines"`` where ``context.lines_eligible`` (small tensors), else
+    else ``"lines"`` where ``context.lines_eligible`` (at most ``max_bytes``), else
     :func:`symmtriton.config.all_reduce_algorithm`. Alike on every rank."""
     usable = symm_usable(buf, device, 0)
     if algorithm == "lines":
@@ -218,7 +222,7 @@ def choose_algorithm(buf, device, algorithm, nbytes: int, row_bytes: int, world:
         return algorithm
     if algorithm is not None:
         return algorithm
-    if usable and lines_eligible(context(buf), nbytes, row_bytes):
+    if usable and lines_eligible(context(buf), nbytes, row_bytes, max_bytes):
         return "lines"
     return all_reduce_algorithm(nbytes, world)
 

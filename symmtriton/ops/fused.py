@@ -24,8 +24,8 @@ import torch.distributed as dist
 from .. import env
 from .._calls import counts_calls
 from ..config import CONFIG_OP, MAX_FUSED_HIDDEN, LaunchConfig, lines_chunk, lines_row_grid
-from ..context import (aligned16, context, find_buffer, lines_eligible, multimem_eligible, offset_in,
-                       region_after, symm_usable)
+from ..context import (LINES_ROWS_MAX_BYTES, aligned16, context, find_buffer, lines_eligible,
+                       multimem_eligible, offset_in, region_after, symm_usable)
 from ..kernels.fused_rmsnorm import _fused_rmsnorm_kernel, _fused_rmsnorm_ll_kernel
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
@@ -143,7 +143,7 @@ class FusedRmsnorm(Collective):
         # (kernels/fused_rmsnorm.py), else the s rows it owns
         per_peer = (S + s if self.all_gather else s) * row_bytes
         if (H <= MAX_FUSED_HIDDEN and symm_usable(buf, input.device, 0)
-                and lines_eligible(context(buf), per_peer, row_bytes)):
+                and lines_eligible(context(buf), per_peer, row_bytes, LINES_ROWS_MAX_BYTES)):
             plan.choice = choose_config(config, self.config_op, s * H, input.dtype, world,
                                         hidden=H)
             plan.kernel = _lines_launch(self.name, context(buf), plan.choice.config, args, out,
