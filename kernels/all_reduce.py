@@ -32,8 +32,7 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_units, ll_push_chunks, ll_reduce_chunk
-from .ll import ll_flag
+from .common import copy_units, ll_push_chunks, ll_reduce_store
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
 
 
@@ -90,20 +89,11 @@ def _all_reduce_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq
     nprog = tl.num_programs(0)
     seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
-    nchunks = tl.cdiv(n, BLOCK)
     ll_push_chunks(src, buf_table, -1, ll_off, n, pid, nprog, seq, slot_words, DTYPE, BLOCK, RANK,
                    WORLD_SIZE)
-    dst = as_ptr(out_addr, DTYPE, ALIGNED)
-    area = peer_addr(buf_table, RANK) + ll_off
-    pad = own_pad(sig_table, RANK)
-    status = tl.full([], 0, tl.int32)
-    c = pid
-    while (c < nchunks) & (status == 0):  # reduce
-        offs = c * BLOCK + tl.arange(0, BLOCK)
-        acc, status = ll_reduce_chunk(src, area, c * BLOCK, n, seq, ll_flag(seq), slot_words,
-                                      status, timeout_ns, pad, DTYPE, BLOCK, RANK, WORLD_SIZE,
-                                      USE_PTX, True)
-        tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
-        c += nprog
+    status = ll_reduce_store(src, as_ptr(out_addr, DTYPE, ALIGNED),
+                             peer_addr(buf_table, RANK) + ll_off, n, pid, nprog, seq, slot_words,
+                             timeout_ns, own_pad(sig_table, RANK), DTYPE, BLOCK, RANK, WORLD_SIZE,
+                             USE_PTX)
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

@@ -7,7 +7,8 @@ Pad layout (int32 words of each rank's signal pad; numbers in ``kernels/protocol
 rank ``q`` holds the last barrier value rank ``r``'s block ``b`` stored there. Nothing is ever
 reset: every value only grows, so CUDA graphs replay with no host-side step.
 
-Call sequence. Every launch of a collective on a buffer is one *call*. Block ``b`` reads its
+Call sequence. Every launch of a collective on a buffer is one *call* (the barrier-free ops of
+kernels/ll.py count the same way and take their flags from the same counters). Block ``b`` reads its
 counter ``seq = counter[b]`` (:func:`call_seq`); every launch advances every counter by one
 (:func:`call_end`: block ``b`` stores ``seq + 1`` to ``counter[b + k * blocks]`` for every
 ``k >= 0`` below ``cap``, indices no other block of the launch reads), so all counters hold the

@@ -121,6 +121,26 @@ def ll_reduce_chunk(own, area, start, end, seq, flag, slot_words, status, timeou
 
 
 @triton.jit
+def ll_reduce_store(own, dst, area, n, pid, nprog, seq, slot_words, timeout_ns, pad,
+                    DTYPE: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr,
+                    WORLD_SIZE: tl.constexpr, USE_PTX: tl.constexpr):
+    """The receiving half of the flat barrier-free reductions: for chunks ``c = pid (mod
+    nprog)`` of a message of ``n`` elements, :func:`ll_reduce_chunk` (this rank's part at
+    pointer ``own``) stored at pointer ``dst`` in ``DTYPE``. Returns the waits' status (the
+    loop stops at the first failure)."""
+    status = tl.full([], 0, tl.int32)
+    c = pid
+    while (c < tl.cdiv(n, BLOCK)) & (status == 0):  # see ptx.py on loops
+        offs = c * BLOCK + tl.arange(0, BLOCK)
+        acc, status = ll_reduce_chunk(own, area, c * BLOCK, n, seq, ll_flag(seq), slot_words,
+                                      status, timeout_ns, pad, DTYPE, BLOCK, RANK, WORLD_SIZE,
+                                      USE_PTX, True)
+        tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
+        c += nprog
+    return status
+
+
+@triton.jit
 def row_operands(res_addr, out_addr, w_addr, H, DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
                  BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr):
     """What the fused RMSNorm kernels hold for every row: the column offsets and their mask (the

@@ -11,10 +11,17 @@ rank ``q`` goes to slot ``r`` of ``q``'s area.
 
 Protocol of one call (every op: push everything, then receive):
 
-- put (:func:`ll_put`): plain stores of the lines into the peer's slot; no fence, no signal:
-  each line orders itself;
-- get (:func:`ll_get`): volatile loads of the local lines until every flag equals this call's
-  flag, then store 0 over them (local stores).
+- put (:func:`ll_put`): plain stores of the lines into the peer's slot (16-byte stores of two
+  lines where aligned; each 8-byte line is one element of the access, written whole); no
+  fence, no signal: each line orders itself;
+- get (:func:`ll_get`): volatile loads of the local lines (16-byte pairs where aligned) until
+  every flag equals this call's flag, then store 0 over them (local stores).
+
+Which block pushes a line does not matter, only its place in the slot: the flat ops push and
+receive the same chunks in the same block; the row kernels may spread their pushes over more
+blocks than rows (``common.ll_push_chunks``), and then need every block of the launch running at
+once (the GPU grid is bounded by co-residency; the interpreter runs blocks one by one, so there
+rows are pushed by the block that reads them).
 
 Why no barrier is needed to reuse a slot: every line of the area is 0 except while a call is
 in flight. A writer writes parity ``p`` again at call ``seq + 2`` only after its call
@@ -27,11 +34,12 @@ Out of step: any other non-zero flag is a peer's different call (a call that rai
 ranks only advanced their counters by ``SKIP_BUMP``, keeping the parity: kernels/barrier.py).
 Every rank pushes before it waits, so each rank of a mismatched pair sees the other's wrong
 flag: the wait returns ``MISMATCH_BIT`` with the peer's bit, and the op abandons the call as
-the barrier does (``barrier._abandon``). A peer that never writes is a timeout after
+the barrier does (``barrier.give_up``: error words, and the peers' barrier slots poisoned). A peer that never writes is a timeout after
 ``timeout_ns`` (``ptx.deadline_tick``); the area must be destroyed with its buffer after an error.
 
-Scope: the lines are stored and polled with volatile (system-coherent) accesses; the data is
-in the line itself, so there is nothing else to order. Successive calls are ordered by the stream.
+Scope: volatile loads see the peers' stores once they land (system-coherent); the data is in
+the line itself, so there is nothing else to order. Successive calls are ordered by the stream.
+A wait costs no clock read on its fast path (``ptx.deadline_tick``).
 """
 
 import triton

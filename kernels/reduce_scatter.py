@@ -26,9 +26,8 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_shards, ll_reduce_chunk
-from .ll import ll_flag, ll_put, ll_slot
-from .ptx import as_i64, as_ptr, elems_to_words, load_reduce, peer_addr
+from .common import copy_shards, ll_push_chunks, ll_reduce_store
+from .ptx import as_i64, as_ptr, load_reduce, peer_addr
 
 
 @triton.jit
@@ -70,34 +69,17 @@ def _reduce_scatter_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr,
                               WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                               BLOCK: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
                               ALIGNED: tl.constexpr):
-    EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth  # elements per 32-bit word
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
-    flag = ll_flag(seq)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
-    nchunks = tl.cdiv(n, BLOCK)
-    c = pid
-    while c < nchunks:  # push; chunks c = pid (mod nprog), see ptx.py on loops
-        offs = c * BLOCK + tl.arange(0, BLOCK)
-        woffs = c * (BLOCK // EPW) + tl.arange(0, BLOCK // EPW)
-        for i in tl.static_range(1, WORLD_SIZE):
-            peer = (RANK + i) % WORLD_SIZE
-            vals = tl.load(src + peer * as_i64(n) + offs, mask=offs < n, other=0.0)
-            ll_put(ll_slot(peer_addr(buf_table, peer) + ll_off, seq, RANK, slot_words, WORLD_SIZE),
-                   woffs, elems_to_words(vals, DTYPE), woffs < n // EPW, flag)
-        c += nprog
-    dst = as_ptr(out_addr, DTYPE, ALIGNED)
-    area = peer_addr(buf_table, RANK) + ll_off
-    pad = own_pad(sig_table, RANK)
-    status = tl.full([], 0, tl.int32)
-    c = pid
-    while (c < nchunks) & (status == 0):  # reduce
-        offs = c * BLOCK + tl.arange(0, BLOCK)
-        acc, status = ll_reduce_chunk(src + RANK * as_i64(n), area, c * BLOCK, n, seq, flag,
-                                      slot_words, status, timeout_ns, pad, DTYPE, BLOCK, RANK,
-                                      WORLD_SIZE, USE_PTX, True)
-        tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
-        c += nprog
+    for i in tl.static_range(1, WORLD_SIZE):  # push slice q to rank q
+        q = (RANK + i) % WORLD_SIZE
+        ll_push_chunks(src + q * as_i64(n), buf_table, q, ll_off, n, pid, nprog, seq, slot_words,
+                       DTYPE, BLOCK, RANK, WORLD_SIZE)
+    status = ll_reduce_store(src + RANK * as_i64(n), as_ptr(out_addr, DTYPE, ALIGNED),
+                             peer_addr(buf_table, RANK) + ll_off, n, pid, nprog, seq, slot_words,
+                             timeout_ns, own_pad(sig_table, RANK), DTYPE, BLOCK, RANK, WORLD_SIZE,
+                             USE_PTX)
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

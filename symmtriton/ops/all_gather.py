@@ -13,6 +13,7 @@ from ..context import (aligned16, context, find_buffer, lines_eligible, multimem
 from ..kernels.all_gather import _all_gather_kernel, _all_gather_ll_kernel
 from ..launch import Launch
 from ..validation import check_distinct, check_gather_shapes, check_same, check_tensor
+from ._lines import flat_lines_launch
 from .driver import (TL_DTYPE, Collective, ConfigChoice, OutputPlan, call, choose_config, compiling,
                      group_name)
 from .fallback import torch_all_gather
@@ -51,8 +52,14 @@ class AllGather(Collective):
         buf = find_buffer(group)
         if symm_usable(buf, input.device, 0) and lines_eligible(context(buf), nbytes, nbytes):
             cfg = config or lines_config(nbytes // 4, torch.int32, world)
-            return OutputPlan(_lines_launch(context(buf), cfg, output, input, timeout_s),
-                              ConfigChoice(cfg))
+            # the widest unit both addresses allow (a per-rank constexpr); ``cfg.block_size``
+            # counts 32-bit words, so every rank launches the same grid
+            unit = bit_unit(nbytes, input.data_ptr(), output.data_ptr())
+            launch = flat_lines_launch(self.name, context(buf), _all_gather_ll_kernel, cfg,
+                                       nbytes // 4, input, output, nbytes // unit.itemsize, unit,
+                                       lines_block(cfg.block_size, 4) * (4 // unit.itemsize),
+                                       timeout_s)
+            return OutputPlan(launch, ConfigChoice(cfg))
         out_off = offset_in(buf, output)
         region = out_off if out_off is not None else region_after(buf, input)
         if not symm_usable(buf, input.device, region + world * nbytes):
@@ -78,24 +85,6 @@ def _kernel_launch(ctx, cfg: LaunchConfig, output, input, unit, n, region, copy_
         dict(DTYPE=TL_DTYPE[unit], RANK=ctx.rank, WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2,
              BLOCK_SIZE=cfg.block_size, COPY_OUT=copy_out, USE_MULTIMEM=use_mm,
              SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned))
-
-
-def _lines_launch(ctx, cfg: LaunchConfig, output, input, timeout_s):
-    """The launch of ``_all_gather_ll_kernel`` (small shards, no barrier): its arguments, listed
-    here only. The shard moves in the widest unit both tensors' addresses allow (a per-rank
-    constexpr); ``cfg.block_size`` counts 32-bit words, so every rank launches the same grid."""
-    nbytes = input.numel() * input.element_size()
-    unit = bit_unit(nbytes, input.data_ptr(), output.data_ptr())
-    per_word = 4 // unit.itemsize
-    return Launch(
-        OP.name, ctx.buf, _all_gather_ll_kernel, cfg.grid(nbytes // 4, ctx.grid_cap),
-        cfg.num_warps,
-        (input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
-         ctx.grid_cap, ctx.ll_off, ctx.ll_words, nbytes // unit.itemsize,
-         env.timeout_ns(timeout_s)),
-        dict(DTYPE=TL_DTYPE[unit], RANK=ctx.rank, WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2,
-             BLOCK=lines_block(cfg.block_size, 4) * per_word, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx,
-             ALIGNED=aligned16(input.data_ptr(), output.data_ptr(), nbytes)))
 
 
 OP = AllGather()

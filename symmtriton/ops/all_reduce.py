@@ -29,6 +29,7 @@ from ..kernels.all_reduce import _all_reduce_kernel, _all_reduce_ll_kernel
 from ..kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel, _all_reduce_rmsnorm_ll_kernel
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
+from ._lines import flat_lines_launch
 from .driver import TL_DTYPE, Collective, ConfigChoice, OutputPlan, call, tensor_desc
 from .fallback import torch_all_reduce, torch_all_reduce_add_rmsnorm
 from .fused import FusedPlan
@@ -73,8 +74,10 @@ class AllReduce(Collective):
                                 LINES_MAX_BYTES)
         if algo == "lines":
             cfg = config or lines_config(n, tensor.dtype, world)
-            return OutputPlan(_lines_launch(context(buf), cfg, dst, tensor, timeout_s),
-                              ConfigChoice(cfg))
+            launch = flat_lines_launch(ALL_REDUCE.name, context(buf), _all_reduce_ll_kernel, cfg,
+                                       n, tensor, dst, n, tensor.dtype,
+                                       lines_block(cfg.block_size, esize), timeout_s)
+            return OutputPlan(launch, ConfigChoice(cfg))
         in_off, out_off = offset_in(buf, tensor), offset_in(buf, dst)
         region = in_off if in_off is not None else region_after(buf, tensor, dst)
         in_place = dst.data_ptr() == tensor.data_ptr()
@@ -225,18 +228,6 @@ def choose_algorithm(buf, device, algorithm, nbytes: int, row_bytes: int, world:
     if usable and lines_eligible(context(buf), nbytes, row_bytes, max_bytes):
         return "lines"
     return all_reduce_algorithm(nbytes, world)
-
-
-def _lines_launch(ctx, cfg: LaunchConfig, dst, tensor, timeout_s):
-    """The launch of ``_all_reduce_ll_kernel``: its arguments, listed here only."""
-    n, esize = tensor.numel(), tensor.element_size()
-    return Launch(
-        ALL_REDUCE.name, ctx.buf, _all_reduce_ll_kernel, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
-        (tensor.data_ptr(), dst.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
-         ctx.grid_cap, ctx.ll_off, ctx.ll_words, n, env.timeout_ns(timeout_s)),
-        dict(DTYPE=TL_DTYPE[tensor.dtype], RANK=ctx.rank, WORLD_SIZE=ctx.world,
-             WORLD_P2=ctx.world_p2, BLOCK=lines_block(cfg.block_size, esize), SCOPE=ctx.scope,
-             USE_PTX=ctx.use_ptx, ALIGNED=aligned16(tensor.data_ptr(), dst.data_ptr(), n * esize)))
 
 
 def _fused_lines_launch(ctx, cfg: LaunchConfig, args, out, var_index, timeout_s):

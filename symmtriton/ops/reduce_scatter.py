@@ -14,6 +14,7 @@ from ..kernels.reduce_scatter import _reduce_scatter_kernel, _reduce_scatter_ll_
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_distinct, check_gather_shapes, check_same, check_tensor
 from .all_gather import AllGather
+from ._lines import flat_lines_launch
 from .driver import TL_DTYPE, ConfigChoice, OutputPlan, call, choose_config, compiling, group_name
 from .fallback import torch_reduce_scatter
 
@@ -41,8 +42,11 @@ class ReduceScatter(AllGather):  # the same call key and uniform tensors: (outpu
         nbytes = n * output.element_size()  # to each peer
         if symm_usable(buf, input.device, 0) and lines_eligible(context(buf), nbytes, nbytes):
             cfg = config or lines_config(n, input.dtype, world)
-            return OutputPlan(_lines_launch(context(buf), cfg, output, input, n, timeout_s),
-                              ConfigChoice(cfg))
+            launch = flat_lines_launch(self.name, context(buf), _reduce_scatter_ll_kernel, cfg, n,
+                                       input, output, n, input.dtype,
+                                       lines_block(cfg.block_size, input.element_size()),
+                                       timeout_s)
+            return OutputPlan(launch, ConfigChoice(cfg))
         in_off = offset_in(buf, input)
         region = in_off if in_off is not None else region_after(buf, output)
         if not symm_usable(buf, input.device, region + world * n * output.element_size()):
@@ -65,20 +69,6 @@ def _kernel_launch(ctx, cfg: LaunchConfig, output, input, n, region, stage_in, t
         dict(DTYPE=TL_DTYPE[input.dtype], RANK=ctx.rank, WORLD_SIZE=ctx.world,
              WORLD_P2=ctx.world_p2, BLOCK_SIZE=cfg.block_size, STAGE_IN=stage_in,
              USE_MULTIMEM=use_mm, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned))
-
-
-def _lines_launch(ctx, cfg: LaunchConfig, output, input, n, timeout_s):
-    """The launch of ``_reduce_scatter_ll_kernel`` (small slices, no barrier): its arguments,
-    listed here only."""
-    esize = output.element_size()
-    return Launch(
-        OP.name, ctx.buf, _reduce_scatter_ll_kernel, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
-        (input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
-         ctx.grid_cap, ctx.ll_off, ctx.ll_words, n, env.timeout_ns(timeout_s)),
-        dict(DTYPE=TL_DTYPE[input.dtype], RANK=ctx.rank, WORLD_SIZE=ctx.world,
-             WORLD_P2=ctx.world_p2, BLOCK=lines_block(cfg.block_size, esize), SCOPE=ctx.scope,
-             USE_PTX=ctx.use_ptx, ALIGNED=aligned16(input.data_ptr(), output.data_ptr(),
-                                                    n * esize)))
 
 
 OP = ReduceScatter()
