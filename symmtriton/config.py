@@ -186,6 +186,21 @@ def lines_block(block_size: int, itemsize: int) -> int:
     return max(block_size, 2 * max(1, 4 // itemsize))
 
 
+def all_reduce_config(numel: int, dtype: torch.dtype, world: int, algorithm: str) -> LaunchConfig:
+    """The barrier all-reduce kernel's config (untuned by the tuner): one-shot as
+    :func:`default_config` over the tensor; two-shot over a rank's slice, with 8 KiB chunks and
+    8 warps for slices up to 1 MiB and 64 KiB chunks and 16 warps above. Measured on 2x H200,
+    W=2, graph, zero-copy in place bf16 (benchmarks/results/NOTES.md): 1 MiB 10.6 us (16 KiB
+    chunks, 8 warps: 12.1), 16 MiB 56.2 (58.9), 256 MiB 797.6 (807.6)."""
+    if algorithm != "two_shot":
+        return default_config(numel, dtype, world)
+    slice_ = -(-numel // world)
+    if slice_ * dtype.itemsize <= 1024 * 1024:
+        return LaunchConfig(block_size=max(16 // dtype.itemsize * 32, 8192 // dtype.itemsize),
+                            num_warps=8, max_blocks=264)
+    return LaunchConfig(block_size=65536 // dtype.itemsize, num_warps=16, max_blocks=264)
+
+
 #: all-reduce algorithms: ``lines`` (one-shot over flag-in-data lines, kernels/ll.py; chosen for
 #: small tensors by ops/all_reduce.py:choose_algorithm) and the barrier kernels' two (their
 #: ``TWO_SHOT`` constexpr), see :func:`all_reduce_algorithm`.

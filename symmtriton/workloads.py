@@ -126,8 +126,9 @@ class Workload:
             return reduce_scatter_add_rmsnorm_all_gather(t["input"], t["residual"], t["weight"],
                                                          eps=FUSED_EPS, group=g, out=t["output"],
                                                          config=config)
-        if op == "all_reduce":
-            return all_reduce(t["input"], g, out=t["output"], config=config)
+        if op == "all_reduce":  # zero-copy: in place in the buffer, as torch's symm_mem ops are
+            out = None if self.placement == "zero_copy" else t["output"]
+            return all_reduce(t["input"], g, out=out, config=config)
         if op == "all_reduce_add_rmsnorm":
             return all_reduce_add_rmsnorm(t["input"], t["residual"], t["weight"], eps=FUSED_EPS,
                                           group=g, out=t["output"], config=config)
@@ -145,7 +146,7 @@ class Workload:
         if op == "reduce_scatter":
             return {"output": reference.reduce_scatter(inputs, self.rank)}
         if op == "all_reduce":
-            return {"output": reference.all_reduce(inputs)}
+            return {"input" if self.placement == "zero_copy" else "output": reference.all_reduce(inputs)}
         weight = self.tensors.get("weight")
         if op == "fused":
             normed = [reference.reduce_scatter_add_rmsnorm(inputs, self._residual(r), weight,

@@ -75,8 +75,8 @@ def _peer_visibility(rank, world):
         # offset views address the same bytes
         tail = hdl.get_buffer(peer, (10,), torch.int32, storage_offset=990)
         seen.append(bool(torch.equal(tail, expect[990:])))
-    with pytest.raises(ValueError, match="buffer holds"):
-        hdl.get_buffer(0, (buf.nbytes,), torch.int32)
+    with pytest.raises(ValueError, match="buffer holds"):  # past the whole allocation
+        hdl.get_buffer(0, (hdl.buffer_size // 4 + 1,), torch.int32)
     dist.barrier()
     return seen, len(hdl.buffer_ptrs), len(hdl.signal_pad_ptrs), hdl.multicast_ptr
 

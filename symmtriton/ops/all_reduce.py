@@ -21,7 +21,7 @@ import torch.distributed as dist
 from .. import env
 from .._calls import counts_calls
 from ..config import (ALL_REDUCE_ALGORITHMS, MAX_FUSED_HIDDEN, LaunchConfig, all_reduce_algorithm,
-                      default_config, lines_block, lines_chunk, lines_config, lines_row_grid)
+                      all_reduce_config, default_config, lines_block, lines_chunk, lines_config, lines_row_grid)
 from ..context import (LINES_MAX_BYTES, LINES_ROWS_MAX_BYTES, aligned16, context, find_buffer,
                        lines_eligible, lines_fit, multimem_eligible, offset_in, region_after,
                        symm_usable)
@@ -94,8 +94,7 @@ class AllReduce(Collective):
             res = region_after(buf, tensor) if copy_out else region
         if not symm_usable(buf, tensor.device, max(region, res) + n * esize):
             return OutputPlan(fallback=torch_all_reduce, group=group)
-        choice = ConfigChoice(config or default_config(n if algo == "one_shot" else -(-n // world),
-                                                       tensor.dtype, world))
+        choice = ConfigChoice(config or all_reduce_config(n, tensor.dtype, world, algo))
         return OutputPlan(_kernel_launch(context(buf), choice.config, dst, tensor, algo, region,
                                          res, in_off is None, copy_out, timeout_s), choice)
 
