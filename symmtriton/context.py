@@ -108,6 +108,12 @@ def multimem_eligible(ctx: Ctx, dtype: torch.dtype | None, *addrs_and_sizes: int
 #: + RMSNorm + all-gather 768 KiB per peer 10.4 / 10.8.
 LINES_MAX_BYTES = 512 * 1024
 LINES_ROWS_MAX_BYTES = 1024 * 1024
+#: the same bound when every rank shares one GPU (``scope == "gpu"``): there the barrier is cheap
+#: and the lines of all ranks share one GPU's memory. Measured with 4 ranks on one H200 (MPS,
+#: graph, zero-copy bf16; benchmarks/results/NOTES.md): all-gather of 64 KiB (16 KiB to each of 3
+#: peers) 5.6 us on lines against 6.9 with barriers, of 1 MiB (256 KiB each) 29.2 against 7.1;
+#: the crossover between was not measured.
+LINES_SHARED_GPU_MAX_BYTES = 64 * 1024
 
 
 def lines_fit(ctx: Ctx, per_peer_bytes: int, row_bytes: int) -> bool:
@@ -121,12 +127,16 @@ def lines_fit(ctx: Ctx, per_peer_bytes: int, row_bytes: int) -> bool:
 
 def lines_eligible(ctx: Ctx, per_peer_bytes: int, row_bytes: int,
                    max_bytes: int = LINES_MAX_BYTES) -> bool:
-    """:func:`lines_fit`, and ``$SYMMTRITON_PROTOCOL`` chooses lines for it (``auto``: at most
-    ``max_bytes`` per peer, :data:`LINES_MAX_BYTES` or :data:`LINES_ROWS_MAX_BYTES`; ``lines``:
-    always; ``barrier``: never)."""
+    """:func:`lines_fit`, and ``$SYMMTRITON_PROTOCOL`` chooses lines for it: ``lines`` always,
+    ``barrier`` never, ``auto`` when what this rank pushes in all (``per_peer_bytes`` to each of
+    ``world - 1`` peers) is at most ``max_bytes`` (:data:`LINES_MAX_BYTES` or
+    :data:`LINES_ROWS_MAX_BYTES`, measured at 2 ranks on 2 GPUs, where that is one peer), or
+    :data:`LINES_SHARED_GPU_MAX_BYTES` when every rank shares one GPU. Alike on every rank."""
     mode = env.protocol()
-    return (mode != "barrier" and lines_fit(ctx, per_peer_bytes, row_bytes)
-            and (mode == "lines" or per_peer_bytes <= max_bytes))
+    if mode == "barrier" or not lines_fit(ctx, per_peer_bytes, row_bytes):
+        return False
+    limit = max_bytes if ctx.scope == "sys" else min(max_bytes, LINES_SHARED_GPU_MAX_BYTES)
+    return mode == "lines" or per_peer_bytes * (ctx.world - 1) <= limit
 
 
 def aligned16(*values: int) -> bool:

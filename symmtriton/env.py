@@ -139,7 +139,7 @@ PROTOCOLS = ("auto", "lines", "barrier")
 
 def protocol() -> str:
     """``$SYMMTRITON_PROTOCOL``: how small messages synchronise. ``auto`` (default): flag-in-data
-    lines (kernels/ll.py) up to ``context.LINES_MAX_BYTES`` per peer, barriers above; ``lines``:
+    lines (kernels/ll.py) for small messages (``context.lines_eligible``), barriers above; ``lines``:
     lines whenever the line area holds the message; ``barrier``: never lines. Read when a call
     is planned (its first call with those tensors): set it alike on every rank, before the calls
     (or drop the plans, ``symmtriton.ops.driver.clear_plans``)."""

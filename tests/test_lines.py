@@ -122,7 +122,8 @@ def test_lines_match_barriers_and_leave_the_area_clean(pool):
 def _auto_choice(rank, world):
     """``auto`` sends small messages as lines and larger ones (or odd byte counts) with barriers."""
     buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=8)
-    cap = min(LINES_MAX_BYTES, buf.ll_words * 4)  # the auto limit, or the slot if smaller
+    # the auto limit on all this rank pushes (to world - 1 peers), or the slot if smaller
+    cap = min(LINES_MAX_BYTES // (world - 1), buf.ll_words * 4)
     chosen = {}
     with protocol("auto"):
         for n in (4, 7, cap // 2, cap // 2 + 2):
@@ -134,8 +135,9 @@ def _auto_choice(rank, world):
     return list(chosen.values())
 
 
-def test_auto_protocol_chooses_lines_for_small_word_messages(cpu_pool):
-    for chosen in cpu_pool(2).run(_auto_choice):
+@pytest.mark.parametrize("world", [2, 3])
+def test_auto_protocol_chooses_lines_for_small_word_messages(cpu_pool, world):
+    for chosen in cpu_pool(world).run(_auto_choice):
         # 8 B and the cap per peer: lines; 14 B (not whole words): barriers; past the cap: barriers
         assert chosen == [True, False, True, False]
 
