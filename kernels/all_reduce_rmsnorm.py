@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_units, ll_push_chunks, ll_push_to, ll_reduce_chunk, row_operands
+from .common import (copy_units, ll_push_chunks, ll_push_to, ll_reduce_chunk, rms_normed,
+                     row_operands)
 from .ll import ll_flag
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
 
@@ -49,9 +50,7 @@ def _finish_row(x, row, res, out, w, cols, mask, H, eps):
     statistics) times ``w`` to ``out``."""
     off = row * H + cols
     tl.store(res + off, x, mask=mask)
-    xf = tl.where(mask, x.to(tl.float32), 0.0)
-    rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
-    tl.store(out + off, (xf * rstd * w).to(x.dtype), mask=mask)
+    tl.store(out + off, rms_normed(x, mask, w, H, eps), mask=mask)
 
 
 @triton.jit

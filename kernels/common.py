@@ -141,6 +141,14 @@ def ll_reduce_store(own, dst, area, n, pid, nprog, seq, slot_words, timeout_ns, 
 
 
 @triton.jit
+def rms_normed(x, mask, w, H, eps):
+    """The row ``x`` RMS-normalised (fp32 statistics over its ``H`` elements where ``mask``)
+    times ``w`` (fp32), in ``x``'s dtype: the norm of every fused kernel."""
+    xf = tl.where(mask, x.to(tl.float32), 0.0)
+    return (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps) * w).to(x.dtype)
+
+
+@triton.jit
 def row_operands(res_addr, out_addr, w_addr, H, DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
                  BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr):
     """What the fused RMSNorm kernels hold for every row: the column offsets and their mask (the

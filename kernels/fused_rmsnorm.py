@@ -44,7 +44,8 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_shards, ll_push_chunks, ll_push_to, ll_reduce_chunk, row_operands
+from .common import (copy_shards, ll_push_chunks, ll_push_to, ll_reduce_chunk, rms_normed,
+                     row_operands)
 from .ll import ll_flag, ll_get, ll_slot
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all, words_to_elems
 
@@ -78,9 +79,7 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
         r_ptr = res + i.to(tl.int64) * H + cols
         x = (acc + tl.load(r_ptr, mask=mask, other=0.0).to(tl.float32)).to(DTYPE)
         tl.store(r_ptr, x, mask=mask)
-        xf = tl.where(mask, x.to(tl.float32), 0.0)
-        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps)
-        y = (xf * rstd * w).to(DTYPE)
+        y = rms_normed(x, mask, w, H, eps)
         if ALL_GATHER:
             store_all(mc_addr, buf_table, row_off, 0, H, y, BLOCK_H, DTYPE, RANK, WORLD_SIZE,
                       USE_MULTIMEM, ALIGNED)
@@ -93,13 +92,6 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
         copy_shards(local, out_addr, s * H, H, s, pid, nprog, bad, DTYPE, BLOCK_H, WORLD_SIZE,
                     ALIGNED)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
-
-
-@triton.jit
-def _normed(x, mask, w, H, eps):
-    """RMSNorm (fp32 statistics) of the row ``x`` times ``w``, in ``x``'s dtype."""
-    xf = tl.where(mask, x.to(tl.float32), 0.0)
-    return (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps) * w).to(x.dtype)
 
 
 @triton.jit
@@ -173,7 +165,7 @@ def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig
             x = (acc + r0).to(DTYPE)
             if q == RANK:
                 tl.store(res + as_i64(i) * H + cols, x, mask=mask)
-            tl.store(out + start + cols, _normed(x, mask, w, H, eps), mask=mask)
+            tl.store(out + start + cols, rms_normed(x, mask, w, H, eps), mask=mask)
             r += nprog
     else:  # 2. this rank's rows
         own = src + RANK * as_i64(s) * H
@@ -185,7 +177,7 @@ def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig
                                           WORLD_SIZE, USE_PTX, ALIGNED)
             x = (acc + tl.load(res + start + cols, mask=mask, other=0.0).to(tl.float32)).to(DTYPE)
             tl.store(res + start + cols, x, mask=mask)
-            tl.store(out + start + cols, _normed(x, mask, w, H, eps), mask=mask)
+            tl.store(out + start + cols, rms_normed(x, mask, w, H, eps), mask=mask)
             i += nprog
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
