@@ -99,11 +99,11 @@ def ll_reduce_chunk(own, area, start, end, seq, flag, slot_words, status, timeou
                     DTYPE: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr,
                     WORLD_SIZE: tl.constexpr, USE_PTX: tl.constexpr, PAIRS: tl.constexpr):
     """Sum over ranks, in rank order (the same on every rank), of elements ``[start,
-    min(start + BLOCK, end))`` of a message pushed as lines (kernels/ll.py): this rank's own part read
-    at pointer ``own``, each peer's from its slot of this rank's line area
-    ``area`` (line ``k`` = word ``k`` of the message). fp32; masked lanes are 0. Returns
-    ``(acc, status)``, ``status`` or-ed with the waits' (no wait when it is non-zero).
-    ``PAIRS``: ``start`` is a multiple of two words (``ll._load_lines``)."""
+    min(start + BLOCK, end))`` of a message pushed as lines (kernels/ll.py): this rank's own
+    part read at pointer ``own``, each peer's from its slot of this rank's line area ``area``
+    (line ``k`` = word ``k`` of the message). fp32; masked lanes are 0. Returns ``(acc,
+    status)``, ``status`` or-ed with the waits' (no wait when it is non-zero). ``PAIRS``:
+    ``start`` is a multiple of two words (16-byte polls, ``ll.ll_get``)."""
     EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=tl.float32)

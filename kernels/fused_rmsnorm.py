@@ -23,21 +23,22 @@ after it.
 
 A row is one chunk: ``BLOCK_H`` (a power of two >= H) covers it, the tail masked.
 
-``_fused_rmsnorm_ll_kernel`` (small inputs, no barrier, one exchange; lines of kernels/ll.py;
-rows of whole 32-bit words; with ``SPREAD`` messages leave in chunks of ``CHUNK`` elements spread
-over all blocks, ``common.ll_push_chunks``, more blocks than rows). Without ``ALL_GATHER``: rows ``q*s + i`` of the
-input go into slot ``RANK`` of rank ``q`` (line ``i * H_words + k``), then block ``b`` per row
-``i % blocks == b`` sums row ``RANK*s + i`` over the ranks in rank order (its own from the input, the
-peers' from its slots, fp32), adds the residual, rounds, stores it back and stores the RMSNorm
-times ``weight`` to row ``i`` of ``out``. With ``ALL_GATHER`` a second exchange (all-gather of
-the normed rows) is replaced by work done on every rank: every input row (lines ``r * H_words``)
+``_fused_rmsnorm_ll_kernel`` (small inputs, no barrier, one exchange; lines of kernels/ll.py; rows
+of whole 32-bit words; with ``SPREAD`` messages leave in chunks of ``CHUNK`` elements spread over
+all blocks, ``common.ll_push_chunks``, more blocks than rows). Without ``ALL_GATHER``: rows ``q*s +
+i`` of the input go into slot ``RANK`` of rank ``q`` (line ``i * H_words + k``), then block ``b``
+per row ``i % blocks == b`` sums row ``RANK*s + i`` over the ranks in rank order (its own from the
+input, the peers' from its slots, fp32), adds the residual, rounds, stores it back and stores the
+RMSNorm times ``weight`` to row ``i`` of ``out``. With ``ALL_GATHER`` a second exchange (all-gather
+of the normed rows) is replaced by work done on every rank: every input row (lines ``r * H_words``)
 and this rank's residual rows ``i`` (lines ``(S + i) * H_words``; pushed by the block that later
-updates that row) go to every peer, then block ``b`` computes rows ``r = q*s + i`` (``r % blocks
-== b``) as rank ``q`` would (the same sums in the same order: the same bits) with rank ``q``'s residual row, stores it to row ``r`` of
-``out`` and, for its own rows, to the residual. Small messages are latency-bound: one exchange of
-``(S + s) * H`` elements per peer beats two of ``s * H`` (measured in benchmarks/results/NOTES.md).
-``out`` may be the input (``SPREAD`` off): rows are then pushed whole, each by the block that
-overwrites it later, instead of in chunks spread over all blocks.
+updates that row) go to every peer, then block ``b`` computes rows ``r = q*s + i`` (``r % blocks ==
+b``) as rank ``q`` would (the same sums in the same order: the same bits) with rank ``q``'s
+residual row, stores it to row ``r`` of ``out`` and, for its own rows, to the residual. Small
+messages are latency-bound: one exchange of ``(S + s) * H`` elements per peer beats two of ``s *
+H`` (measured in benchmarks/results/NOTES.md). ``out`` may be the input (``SPREAD`` off): rows are
+then pushed whole, each by the block that overwrites it later, instead of in chunks spread over all
+blocks.
 """
 
 import triton

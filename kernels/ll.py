@@ -30,12 +30,13 @@ exchanges with every peer, barrier ops included), which this rank's stream start
 its call ``seq`` had read and cleared parity ``p``. So a line holds 0 or this call's flag, and
 a reader never sees a stale value.
 
-Out of step: any other non-zero flag is a peer's different call (a call that raised on some
-ranks only advanced their counters by ``SKIP_BUMP``, keeping the parity: kernels/barrier.py).
-Every rank pushes before it waits, so each rank of a mismatched pair sees the other's wrong
-flag: the wait returns ``MISMATCH_BIT`` with the peer's bit, and the op abandons the call as
-the barrier does (``barrier.give_up``: error words, and the peers' barrier slots poisoned). A peer that never writes is a timeout after
-``timeout_ns`` (``ptx.deadline_tick``); the area must be destroyed with its buffer after an error.
+Out of step: any other non-zero flag is a peer's different call (a call that raised on some ranks
+only advanced their counters by ``SKIP_BUMP``, keeping the parity: kernels/barrier.py). Every rank
+pushes before it waits, so each rank of a mismatched pair sees the other's wrong flag: the wait
+returns ``MISMATCH_BIT`` with the peer's bit, and the op abandons the call as the barrier does
+(``barrier.give_up``: error words, and the peers' barrier slots poisoned). A peer that never writes
+is a timeout after ``timeout_ns`` (``ptx.deadline_tick``); the area must be destroyed with its
+buffer after an error.
 
 Scope: volatile loads see the peers' stores once they land (system-coherent); the data is in
 the line itself, so there is nothing else to order. Successive calls are ordered by the stream.
