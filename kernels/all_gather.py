@@ -31,7 +31,7 @@ import triton.language as tl
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
 from .common import copy_shards, ll_push_to
 from .ll import ll_flag, ll_get, ll_slot
-from .ptx import as_i64, as_ptr, peer_addr, store_all, words_to_elems
+from .ptx import as_i64, as_ptr, pdl_wait, peer_addr, store_all, words_to_elems
 
 
 @triton.jit
@@ -40,7 +40,8 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
                        WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                        BLOCK_SIZE: tl.constexpr, COPY_OUT: tl.constexpr,
                        USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
-                       ALIGNED: tl.constexpr):
+                       ALIGNED: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)  # before any memory access
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -71,7 +72,9 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
 def _all_gather_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, ll_off,
                           slot_words, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
                           WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK: tl.constexpr,
-                          SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
+                          SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
+                          PDL: tl.constexpr):
+    pdl_wait(PDL)  # before any memory access
     EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth  # elements per 32-bit word
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)

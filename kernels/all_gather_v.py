@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq
 from .common import clamped_counts, copy_slices, lane, row_elems
-from .ptx import as_ptr, peer_addr, store_all
+from .ptx import as_ptr, pdl_wait, peer_addr, store_all
 
 #: int64 columns of a tensor's row in the table.
 DESC_COLS = tl.constexpr(5)
@@ -45,7 +45,8 @@ def _all_gather_v_kernel(desc_addr, counts_addr, buf_table, sig_table, err_addr,
                          DTYPE: tl.constexpr, COUNTS_DTYPE: tl.constexpr, RANK: tl.constexpr,
                          WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
-                         ALIGNED: tl.constexpr):
+                         ALIGNED: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)  # before any memory access
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
 from .common import copy_units, ll_push_chunks, ll_reduce_store
-from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
+from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr, store_all
 
 
 @triton.jit
@@ -42,7 +42,8 @@ def _all_reduce_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
                        WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                        TWO_SHOT: tl.constexpr, STAGE_IN: tl.constexpr, COPY_OUT: tl.constexpr,
                        USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
-                       ALIGNED: tl.constexpr):
+                       ALIGNED: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)  # before any memory access
     SLICES: tl.constexpr = WORLD_SIZE if TWO_SHOT else 1
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -84,7 +85,9 @@ def _all_reduce_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
 def _all_reduce_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, ll_off,
                           slot_words, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
                           WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK: tl.constexpr,
-                          SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
+                          SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
+                          PDL: tl.constexpr):
+    pdl_wait(PDL)  # before any memory access
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)

@@ -41,7 +41,7 @@ from .barrier import barrier, call_end, call_seq, give_up, own_pad
 from .common import (copy_units, ll_push_chunks, ll_push_to, ll_reduce_chunk, rms_normed,
                      row_operands)
 from .ll import ll_flag
-from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
+from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr, store_all
 
 
 @triton.jit
@@ -61,7 +61,9 @@ def _all_reduce_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, s
                                WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                                BLOCK_H: tl.constexpr, TWO_SHOT: tl.constexpr,
                                STAGE_IN: tl.constexpr, USE_MULTIMEM: tl.constexpr,
-                               SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
+                               SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
+                               PDL: tl.constexpr):
+    pdl_wait(PDL)  # before any memory access
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     SLICES: tl.constexpr = WORLD_SIZE if TWO_SHOT else 1
     pid = tl.program_id(0)
@@ -115,7 +117,8 @@ def _all_reduce_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table
                                   RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
                                   WORLD_P2: tl.constexpr, BLOCK_H: tl.constexpr,
                                   CHUNK: tl.constexpr, SPREAD: tl.constexpr, SCOPE: tl.constexpr,
-                                  USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
+                                  USE_PTX: tl.constexpr, ALIGNED: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)  # before any memory access
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)

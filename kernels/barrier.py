@@ -53,6 +53,13 @@ and rank, which can only come after this rank arrived at the barrier that consum
 
 With ``WORLD_SIZE == 1`` the barrier is one ``bar.sync`` and there are no counters.
 
+Programmatic dependent launch (PDL): a kernel launched with it may begin while the previous
+grid on its stream finishes, so every kernel runs ``ptx.pdl_wait`` (``griddepcontrol.wait``:
+the previous grid complete, its writes visible) before its first memory access, the counter
+read of :func:`call_seq` included, and none triggers its dependents early. Hence "this rank's
+stream finished every earlier launch before this one touched memory", which the counters, the
+start barrier's reuse argument and the lines' flags rest on, holds with PDL as without it.
+
 Timeout: with ``timeout_ns > 0``, a wait that keeps missing a peer for ``ptx.CLOCK_EVERY``
 polls (64) reads the global clock (``%globaltimer``; never on the fast path) to start a deadline, at
 once expired when this rank's error word is already set (device memory: a later barrier after

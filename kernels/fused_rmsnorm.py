@@ -48,7 +48,7 @@ from .barrier import barrier, call_end, call_seq, give_up, own_pad
 from .common import (copy_shards, ll_push_chunks, ll_push_to, ll_reduce_chunk, rms_normed,
                      row_operands)
 from .ll import ll_flag, ll_get, ll_slot
-from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all, words_to_elems
+from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr, store_all, words_to_elems
 
 
 @triton.jit
@@ -59,7 +59,8 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
                           WORLD_P2: tl.constexpr, BLOCK_H: tl.constexpr, STAGE_IN: tl.constexpr,
                           ALL_GATHER: tl.constexpr, COPY_OUT: tl.constexpr,
                           USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
-                          ALIGNED: tl.constexpr):
+                          ALIGNED: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)  # before any memory access
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -102,7 +103,8 @@ def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig
                              WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                              BLOCK_H: tl.constexpr, CHUNK: tl.constexpr,
                              SPREAD: tl.constexpr, ALL_GATHER: tl.constexpr, SCOPE: tl.constexpr,
-                             USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
+                             USE_PTX: tl.constexpr, ALIGNED: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)  # before any memory access
     EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth  # elements per 32-bit word
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)

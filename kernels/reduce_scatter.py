@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
 from .common import copy_shards, ll_push_chunks, ll_reduce_store
-from .ptx import as_i64, as_ptr, load_reduce, peer_addr
+from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr
 
 
 @triton.jit
@@ -36,7 +36,8 @@ def _reduce_scatter_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err
                            WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                            BLOCK_SIZE: tl.constexpr, STAGE_IN: tl.constexpr,
                            USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
-                           ALIGNED: tl.constexpr):
+                           ALIGNED: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)  # before any memory access
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -68,7 +69,8 @@ def _reduce_scatter_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr,
                               slot_words, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
                               WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                               BLOCK: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
-                              ALIGNED: tl.constexpr):
+                              ALIGNED: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)  # before any memory access
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)

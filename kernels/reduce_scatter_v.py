@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq
 from .common import clamped_counts, copy_slices, lane, row_elems
-from .ptx import as_ptr, load_reduce, peer_addr
+from .ptx import as_ptr, load_reduce, pdl_wait, peer_addr
 
 
 @triton.jit
@@ -37,7 +37,9 @@ def _reduce_scatter_v_kernel(in_addr, out_addr, counts_addr, buf_table, sig_tabl
                              DTYPE: tl.constexpr, COUNTS_DTYPE: tl.constexpr, RANK: tl.constexpr,
                              WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                              BLOCK_SIZE: tl.constexpr, STAGE_IN: tl.constexpr,
-                             SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr):
+                             SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
+                             PDL: tl.constexpr):
+    pdl_wait(PDL)  # before any memory access
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)

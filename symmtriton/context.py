@@ -79,6 +79,29 @@ def barrier_scope(hdl) -> str:
     return "gpu" if same_gpu and not forced_sys else "sys"
 
 
+#: the compute capability from which kernels launch with PDL (``griddepcontrol`` is sm_90+ PTX).
+PDL_MIN_CAPABILITY = (9, 0)
+
+
+def pdl_enabled(buf: SymmetricMemoryBuffer) -> bool:
+    """Launch ``buf``'s kernels with programmatic dependent launch (``$SYMMTRITON_PDL``, read
+    when a call is planned): a CUDA buffer outside the interpreter, on a device of compute
+    capability >= 9.0. With ``SYMMTRITON_PDL=on`` a CUDA device below that raises ``ValueError``
+    (an A/B must not measure nothing). PDL changes neither the grid nor the protocol (the kernel
+    waits for the previous grid before any memory access, kernels/ptx.py ``pdl_wait``), so ranks
+    that disagree on it still pair."""
+    mode = env.pdl()
+    if mode == "off" or buf.backend != "cuda" or env.interpreting():
+        return False
+    capability = torch.cuda.get_device_capability(buf.device)
+    if capability >= PDL_MIN_CAPABILITY:
+        return True
+    if mode == "on":
+        raise ValueError(f"{env.PDL}=on needs compute capability >= 9.0; {buf.device} has "
+                         f"{capability[0]}.{capability[1]}")
+    return False
+
+
 def find_buffer(group) -> SymmetricMemoryBuffer:
     """The buffer the collectives of ``group`` use (created on first use)."""
     return SymmetricMemoryManager.buffer_for_group(group)

@@ -11,6 +11,7 @@ variable                       default  meaning
 ``SYMMTRITON_CHECK_UNIFORM``   unset    ``1``: ranks compare every call's shapes (debugging)
 ``SYMMTRITON_DIRECT_LAUNCH``   1        ``0``: launch through ``JITFunction.run`` every time
 ``SYMMTRITON_PROTOCOL``        auto     ``lines``/``barrier``: small messages always/never on lines
+``SYMMTRITON_PDL``             auto     ``off``/``0``: no programmatic dependent launch (sm_90+)
 ``SYMMTRITON_TUNING_CACHE``    ~/...    the tuned-config file (``~/.cache/symmtriton/tuning.json``)
 ``SYMMTRITON_EXIT_MARK``       unset    set: ``testing.teardown`` prints an exit mark (tools only)
 =============================  =======  =======================================================
@@ -33,10 +34,11 @@ BARRIER_SCOPE = "SYMMTRITON_BARRIER_SCOPE"
 CHECK_UNIFORM = "SYMMTRITON_CHECK_UNIFORM"
 DIRECT_LAUNCH = "SYMMTRITON_DIRECT_LAUNCH"
 PROTOCOL = "SYMMTRITON_PROTOCOL"
+PDL = "SYMMTRITON_PDL"
 TUNING_CACHE = "SYMMTRITON_TUNING_CACHE"
 EXIT_MARK = "SYMMTRITON_EXIT_MARK"  # read by symmtriton.testing.teardown (a tool)
 #: every variable above (README's table lists the same names; tests/test_layering.py checks it).
-ALL = (BACKEND, DISABLE, TIMEOUT_S, BARRIER_SCOPE, CHECK_UNIFORM, DIRECT_LAUNCH, PROTOCOL,
+ALL = (BACKEND, DISABLE, TIMEOUT_S, BARRIER_SCOPE, CHECK_UNIFORM, DIRECT_LAUNCH, PROTOCOL, PDL,
        TUNING_CACHE, EXIT_MARK)
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -146,6 +148,23 @@ def protocol() -> str:
     mode = os.environ.get(PROTOCOL, "auto").strip().lower() or "auto"
     if mode not in PROTOCOLS:
         raise ValueError(f"{PROTOCOL} must be one of {', '.join(PROTOCOLS)}, got {mode!r}")
+    return mode
+
+
+#: values of ``$SYMMTRITON_PDL`` (see :func:`pdl`), and the spellings they also take.
+PDL_MODES = ("auto", "on", "off")
+_PDL_ALIASES = {"1": "on", "0": "off"}
+
+
+def pdl() -> str:
+    """``$SYMMTRITON_PDL``: whether kernels launch with programmatic dependent launch (PDL; see
+    ``context.pdl_enabled``). ``auto`` (default): on CUDA devices of compute capability >= 9.0,
+    never in the interpreter; ``on`` (``1``): the same, but a CUDA device below 9.0 raises;
+    ``off`` (``0``): never. Read when a call is planned, as :func:`protocol`."""
+    text = os.environ.get(PDL, "auto").strip().lower() or "auto"
+    mode = _PDL_ALIASES.get(text, text)
+    if mode not in PDL_MODES:
+        raise ValueError(f"{PDL} must be one of auto, on (1), off (0), got {text!r}")
     return mode
 
 

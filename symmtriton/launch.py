@@ -6,6 +6,13 @@ section 5), so the path is thin: a :class:`Launch` is built once per plan (see
 later launches call Triton's launcher directly with the current stream (the interpreter keeps
 the normal path). Before each launch the buffer's status word is read for a timeout of an
 earlier call (:mod:`symmtriton.sync`), and after it when the launch is synchronous (host).
+
+Programmatic dependent launch (PDL) is set here, for every kernel at once: a kernel with a
+``PDL`` constexpr gets ``PDL=True`` (its ``griddepcontrol.wait`` before any memory access,
+``kernels/ptx.py`` ``pdl_wait``) together with Triton's ``launch_pdl=True`` launch option (the
+launch attribute ``CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION``, kept in the compiled
+kernel's metadata, which the direct launcher reads too) when ``context.pdl_enabled`` says so for
+the plan's buffer; never one without the other, never in the interpreter.
 """
 
 from __future__ import annotations
@@ -15,16 +22,18 @@ import inspect
 import torch
 
 from . import env
+from .context import pdl_enabled
 from .sync import raise_timeout, status_view
 
 
 class Launch:
     """A kernel, its grid, warps, runtime args and constexprs, for one op on one buffer.
     ``var_index``: a runtime arg that may change per call (passed to :meth:`launch`); the plan
-    key of such a launch must fix how Triton specialises it (see ops/fused.py)."""
+    key of such a launch must fix how Triton specialises it (see ops/fused.py). A kernel with a
+    ``PDL`` constexpr gets it here, with ``options`` (Triton launch options: ``launch_pdl``)."""
 
-    __slots__ = ("op", "buf", "fn", "grid", "num_warps", "args", "constexprs", "var_index",
-                 "status", "sync_check", "_fast", "_fast_tried")
+    __slots__ = ("op", "buf", "fn", "grid", "num_warps", "args", "constexprs", "options",
+                 "var_index", "status", "sync_check", "_fast", "_fast_tried")
 
     def __init__(self, op: str, buf, fn, grid: int, num_warps: int, args: tuple,
                  constexprs: dict, var_index: int | None = None):
@@ -35,6 +44,12 @@ class Launch:
         self.num_warps = num_warps
         self.args = args
         self.constexprs = constexprs
+        self.options = {}
+        if "PDL" in getattr(fn, "arg_names", ()):  # the wait and the launch option, together
+            pdl = pdl_enabled(buf)
+            self.constexprs = {**constexprs, "PDL": pdl}
+            if pdl:
+                self.options = {"launch_pdl": True}
         self.var_index = var_index
         self.status = status_view(buf)
         # the host backend launches synchronously: check the error word after the launch too
@@ -57,7 +72,7 @@ class Launch:
                 run_args = list(run_args)
                 run_args[self.var_index] = var
             kern = self.fn.run(*run_args, grid=(self.grid,), warmup=False,
-                               num_warps=self.num_warps, **self.constexprs)
+                               num_warps=self.num_warps, **self.options, **self.constexprs)
             if not self._fast_tried:
                 self._fast_tried = True
                 self._fast = _direct_launcher(self, kern)

@@ -55,10 +55,14 @@ def compile_for_target(kernel, capability: int, **constexprs):
     a machine without a GPU, in a process without ``TRITON_INTERPRET``). With ``ALIGNED`` every
     integer argument is compiled as divisible by 16, as Triton specializes a launch whose
     addresses, offsets and counts are (the common case: element counts that are multiples of
-    16). Returns the compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``)."""
+    16). ``PDL`` (the kernels' programmatic-dependent-launch wait) is ``False`` unless given.
+    Returns the compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
+    if "PDL" in kernel.arg_names:
+        constexprs.setdefault("PDL", False)
 
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):
