@@ -58,6 +58,7 @@ def _compile(rank, world, which, capability, multimem, aligned, world_size=3, sc
         "atoms": ptx.count("atom."),
         "bar_sync": ptx.count("bar.sync"),
         "cubin": len(c.asm["cubin"]) > 0,
+        "pdl": ptx.count("griddepcontrol"),  # none without PDL (tests/test_pdl.py: with it)
     }
 
 
@@ -77,7 +78,7 @@ def test_multimem_path_compiles_with_multimem_instructions(compiler, which, capa
 def test_peer_path_compiles_without_multimem_and_with_16_byte_loads(compiler, which):
     [r] = compiler.run(_compile, which, 90, False, True)
     assert r["cubin"] and r["ld_reduce"] == 0 and r["st"] == 0
-    assert r["v4_loads"] > 0
+    assert r["v4_loads"] > 0 and r["pdl"] == 0
 
 
 @pytest.mark.parametrize("which, relaxed", [("all_gather", 1), ("reduce_scatter", 1),

@@ -42,6 +42,7 @@ def _compile(rank, world, which, capability, aligned, ones=False):
         "signals": ptx.count(".release.") + ptx.count(".acquire."),
         "multimem": ptx.count("multimem."),
         "cubin": len(c.asm["cubin"]) > 0,
+        "pdl": ptx.count("griddepcontrol"),  # none without PDL (tests/test_pdl.py: with it)
     }
 
 
@@ -49,7 +50,7 @@ def _compile(rank, world, which, capability, aligned, ones=False):
 def test_lines_kernels_store_16_byte_pairs_and_poll_without_barriers(compiler, which):
     [r] = compiler.run(_compile, which, 90, True)
     assert r["cubin"] and r["line_stores"] > 0 and r["pair_loads"] > 0
-    assert r["signals"] == 0 and r["multimem"] == 0
+    assert r["signals"] == 0 and r["multimem"] == 0 and r["pdl"] == 0
 
 
 @pytest.mark.parametrize("which", ["all_gather", "all_reduce_rmsnorm"])
