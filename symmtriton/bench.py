@@ -45,6 +45,8 @@ import symmtriton
 
 from . import timing, tuner, tuning, workloads
 from .config import CONFIG_KEYS, OPS
+from .context import pdl_enabled
+from .env import ALL as ENV_NAMES
 from .backends import select_backend
 from .bench_baselines import Baselines, nccl_version, peer_copy_gbs, shape_for, topology
 from .bench_options import BenchOptions, parse_options
@@ -245,8 +247,9 @@ def run_sweep(opts: BenchOptions, group, *, p2p_gbs: float | None = None, on_row
     return rows, notes
 
 
-def bench_meta(group, opts: BenchOptions, argv, topo, p2p_gbs) -> dict:
-    """Provenance recorded in the JSON (no host names)."""
+def bench_meta(group, opts: BenchOptions, argv, topo, p2p_gbs, buf) -> dict:
+    """Provenance recorded in the JSON (no host names): with ``pdl`` (whether ``buf``'s kernels
+    launch with programmatic dependent launch) and every ``SYMMTRITON_*`` variable set."""
     return {
         "tool": "symmtriton-bench", "symmtriton": symmtriton.__version__, "torch": torch.__version__,
         "triton": triton.__version__, "cuda": torch.version.cuda, "nccl": nccl_version(),
@@ -256,6 +259,8 @@ def bench_meta(group, opts: BenchOptions, argv, topo, p2p_gbs) -> dict:
         "dist_backend": str(dist.get_backend(group)),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": list(argv) if argv is not None else sys.argv[1:],
+        "pdl": pdl_enabled(buf) if buf.symm_mem_hdl is not None else None,
+        "environment": {k: os.environ[k] for k in ENV_NAMES if k in os.environ},
         "options": {k: (list(map(tuning.dtype_name, v)) if k == "dtypes" else v)
                     for k, v in asdict(opts).items()},
     }
@@ -274,7 +279,7 @@ def main(argv=None) -> int:
         buf = SymmetricMemoryManager.get_buffer(BUFFER_KEY, group, size_mb=size_mb)
         topo = topology(group, _device())
         p2p = peer_copy_gbs(buf, topo, group)
-        meta = bench_meta(group, opts, argv, topo, p2p)
+        meta = bench_meta(group, opts, argv, topo, p2p, buf)
         files = ResultFiles(opts, meta) if rank == 0 else None
         if p2p is not None:
             _log(rank, f"# peer copy (every rank into the next rank's GPU at once): {p2p:.0f} GB/s", err=True)

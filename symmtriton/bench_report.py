@@ -60,7 +60,7 @@ def format_table(rows: list[dict], meta: dict) -> str:
              "base": "(us)", "symm_mem": "(us)", "copy": "(us)"}
     lines = [f"# symmtriton-bench: world {meta['world_size']} ({meta.get('layout', '?')}), device "
              f"{meta['device']}, backend {meta['backend']}/{meta['dist_backend']}, torch {meta['torch']}, "
-             f"triton {meta['triton']}, {meta['date']}",
+             f"triton {meta['triton']}, pdl {meta.get('pdl')}, {meta['date']}",
              "# base = torch.distributed, symm_mem = torch.ops.symm_mem (fastest), copy = local device copy, "
              "eff = efficiency against the row's ceiling (p2p or local copy)",
              "#" + " ".join(h.rjust(w) for h, _, w in cols)[1:],

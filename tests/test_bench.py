@@ -52,6 +52,8 @@ def test_cli_sweep_with_tuning_in_pool(cpu_pool, tmp_path):
     assert meta["device"] == "cpu" and meta["world_size"] == 2 and data["complete"] is True
     assert meta["devices"] == ["cpu", "cpu"] and meta["layout"] == "cpu" and meta["p2p_gbs"] is None
     assert meta["torch"] == torch.__version__ and meta["triton"] and meta["date"]
+    # the launch setting and the SYMMTRITON_* variables set (an A/B names its side)
+    assert meta["pdl"] is False and meta["environment"][tuning.CACHE_ENV] == cache
     assert data["columns"] == list(bench_report.FIELDS) and len(data["rows"]) == len(rows)
     assert any("graph mode needs CUDA" in n for n in data["notes"])
     assert not {"host", "hostname", "node"} & set(meta)  # hostname-free
