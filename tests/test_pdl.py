@@ -120,14 +120,14 @@ MEMORY_OP = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:ld|st|atom|red|multimem|cp\.async
                        re.MULTILINE)
 
 
-def _pdl_ptx(rank, world, which):
+def _pdl_ptx(rank, world, which, capability):
     import importlib
 
     from symmtriton.testing import compile_for_target
 
     module, name, extra = PTX_KERNELS[which]
     kern = getattr(importlib.import_module(f"symmtriton.kernels.{module}"), name)
-    ptx = compile_for_target(kern, 90, **COMMON, **extra, PDL=True).asm["ptx"]
+    ptx = compile_for_target(kern, capability, **COMMON, **extra, PDL=True).asm["ptx"]
     body = ptx[ptx.index(".entry"):]
     first_access = MEMORY_OP.search(body)
     return {"waits": body.count("griddepcontrol.wait"),
@@ -136,12 +136,13 @@ def _pdl_ptx(rank, world, which):
             and body.index("griddepcontrol.wait") < first_access.start()}
 
 
-@pytest.mark.parametrize("which", sorted(PTX_KERNELS))
-def test_pdl_kernels_wait_once_before_any_memory_access(compiler, which):
-    """Compiled for sm_90 with ``PDL``: one ``griddepcontrol.wait``, ahead of every load,
-    store, atomic and multimem access; no early trigger. (Without ``PDL`` there is none:
-    tests/test_compile.py and test_compile_lines.py.)"""
-    [r] = compiler.run(_pdl_ptx, which)
+@pytest.mark.parametrize("which, capability", [(k, 90) for k in sorted(PTX_KERNELS)]
+                         + [("all_gather_lines", 100)])
+def test_pdl_kernels_wait_once_before_any_memory_access(compiler, which, capability):
+    """Compiled with ``PDL``: one ``griddepcontrol.wait``, ahead of every load, store, atomic
+    and multimem access; no early trigger. (Without ``PDL`` there is none: tests/test_compile.py
+    and test_compile_lines.py.)"""
+    [r] = compiler.run(_pdl_ptx, which, capability)
     assert r == {"waits": 1, "triggers": 0, "wait_first": True}
 
 
