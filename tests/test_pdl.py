@@ -183,8 +183,8 @@ class _Ops:
             t["f_res"].copy_(tagged(s * H, torch.bfloat16, r, salt, bound=2).view(s, H))
 
     def check(self, salt):
-        """(the sizes whose all-gather, reduce-scatter or all-reduce differ from the reference,
-        the fused op's outputs to compare between modes)."""
+        """(the sizes whose all-gather, reduce-scatter, all-reduce or fused residual differ
+        from the reference, the fused op's outputs to compare between modes)."""
         w, wrong, outs = self.world, [], []
         for t in self.sizes:
             n = t["n"]
@@ -193,11 +193,20 @@ class _Ops:
                   and torch.equal(t["rs_out"], reference.reduce_scatter(
                       [tagged(w * n, torch.bfloat16, r, salt) for r in range(w)], self.rank))
                   and torch.equal(t["ar_out"], reference.all_reduce(
-                      [tagged(n, torch.bfloat16, r, salt + 1) for r in range(w)])))
+                      [tagged(n, torch.bfloat16, r, salt + 1) for r in range(w)]))
+                  and torch.equal(t["f_res"], self._residual(t["s"], salt)))
             if not ok:
                 wrong.append(n)
             outs += [t["f_out"].clone(), t["f_res"].clone()]
         return wrong, outs
+
+    def _residual(self, s, salt):
+        """The fused op's updated residual (exact: integer values)."""
+        w, dev = self.world, device()
+        inputs = [tagged(w * s * H, torch.bfloat16, r, salt).view(w * s, H) for r in range(w)]
+        res0 = tagged(s * H, torch.bfloat16, self.rank, salt, bound=2).view(s, H)
+        return reference.reduce_scatter_add_rmsnorm(inputs, res0, torch.ones(H, device=dev), 1e-6,
+                                                    self.rank)[1]
 
 
 def _pdl_on_and_off(rank, world, replays):
