@@ -26,21 +26,20 @@ buffer) holds each rank's input. Phases of ``_all_reduce_rmsnorm_kernel``:
 A row is one chunk: ``BLOCK_H`` (a power of two >= H) covers it, the tail masked.
 
 ``_all_reduce_rmsnorm_ll_kernel`` (one-shot for small inputs, no barrier; lines of
-kernels/ll.py): the blocks push the input as lines into slot ``RANK`` of every peer (with
-``SPREAD`` in chunks of ``CHUNK`` elements over more blocks than rows, ``common.ll_push_chunks``;
-else row ``i`` by block ``i % blocks``), then block ``b`` reduces
-rows ``i % blocks == b`` over the ranks in rank order (its own
-from the input, the peers' from its slots; fp32, the same bits on every rank) and finishes it
-as the one-shot kernel does. Nothing of the buffer outside the line area is touched.
+kernels/ll.py; rows in units of ``CHUNK`` elements, kernels/ll_rows.py): each unit's block pushes
+it as lines into slot ``RANK`` of every peer, sums it over the ranks in rank order (its own part
+from the input, the peers' from its slots; fp32, the same bits on every rank), adds the residual
+and stores the rounded sum back to the residual; the row's norm follows as in ll_rows.py. Nothing
+of the buffer outside the line area is touched.
 """
 
 import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import (copy_units, ll_push_chunks, ll_push_to, ll_reduce_chunk, rms_normed,
-                     row_operands)
-from .ll import ll_flag
+from .common import copy_units, ll_push_to, ll_reduce_chunk, rms_normed, row_operands
+from .ll import ll_flag, ll_slot
+from .ll_rows import unit_done, unit_norm, unit_span
 from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr, store_all
 
 
@@ -115,36 +114,46 @@ def _all_reduce_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table
                                   err_addr, seq_cap, ll_off, slot_words, S, H, eps, timeout_ns,
                                   DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
                                   RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
-                                  WORLD_P2: tl.constexpr, BLOCK_H: tl.constexpr,
-                                  CHUNK: tl.constexpr, SPREAD: tl.constexpr, SCOPE: tl.constexpr,
-                                  USE_PTX: tl.constexpr, ALIGNED: tl.constexpr, PDL: tl.constexpr):
+                                  WORLD_P2: tl.constexpr, CHUNK: tl.constexpr,
+                                  NC: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
+                                  ALIGNED: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)  # before any memory access
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
+    flag = ll_flag(seq)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
-    if SPREAD:
-        ll_push_chunks(src, buf_table, -1, ll_off, as_i64(S) * H, pid, nprog, seq, slot_words,
-                       DTYPE, CHUNK, RANK, WORLD_SIZE)
-    else:  # rows i = pid (mod nprog); see ptx.py on loops
-        i = pid
-        while i < S:
-            ll_push_to(src, buf_table, -1, ll_off, as_i64(i) * H, as_i64(i + 1) * H, seq,
-                       slot_words, DTYPE, BLOCK_H, RANK, WORLD_SIZE)
-            i += nprog
-    cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, BLOCK_H,
-                                           ALIGNED)
+    res = as_ptr(res_addr, DTYPE, ALIGNED)
+    out = as_ptr(out_addr, DTYPE, ALIGNED)
+    C = tl.cdiv(H, CHUNK)
+    U = S * C
+    u = pid
+    while u < U:  # 1. push; see ptx.py on loops
+        r, c0, start, end = unit_span(u, C, H, CHUNK)
+        ll_push_to(src, buf_table, -1, ll_off, start, end, seq, slot_words, DTYPE, CHUNK, RANK,
+                   WORLD_SIZE)
+        u += nprog
     area = peer_addr(buf_table, RANK) + ll_off
+    stats = ll_slot(area, seq, RANK, slot_words, WORLD_SIZE)
     pad = own_pad(sig_table, RANK)
     status = tl.full([], 0, tl.int32)
-    i = pid
-    while (i < S) & (status == 0):  # reduce, add, normalise
-        start = as_i64(i) * H
-        acc, status = ll_reduce_chunk(src, area, start, start + H, seq, ll_flag(seq), slot_words,
-                                      status, timeout_ns, pad, DTYPE, BLOCK_H, RANK, WORLD_SIZE,
-                                      USE_PTX, ALIGNED)
-        r0 = tl.load(res + start + cols, mask=mask, other=0.0).to(tl.float32)
-        _finish_row((acc + r0).to(DTYPE), as_i64(i), res, out, w, cols, mask, H, eps)
-        i += nprog
+    u = pid
+    while u < U:  # 2. reduce, add, store the residual (ll_rows.py)
+        r, c0, start, end = unit_span(u, C, H, CHUNK)
+        acc, status = ll_reduce_chunk(src, area, start, end, seq, flag, slot_words, status,
+                                      timeout_ns, pad, DTYPE, CHUNK, RANK, WORLD_SIZE, USE_PTX,
+                                      ALIGNED)
+        offs = start + tl.arange(0, CHUNK)
+        x = (acc + tl.load(res + offs, mask=offs < end, other=0.0).to(tl.float32)).to(DTYPE)
+        tl.store(res + offs, x, mask=offs < end)
+        unit_done(x, c0, u, stats, out + r * H, w_addr, H, eps, flag, W_DTYPE, NC)
+        u += nprog
+    if NC > 1:
+        u = pid
+        while u < U:  # 3. normalise (ll_rows.py)
+            r = (u // C).to(tl.int64)
+            status = unit_norm(u, C, U, stats, res + r * H, out + r * H, w_addr, H, eps, flag,
+                               RANK, status, timeout_ns, pad, W_DTYPE, CHUNK, NC, USE_PTX)
+            u += nprog
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

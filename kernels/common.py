@@ -141,11 +141,25 @@ def ll_reduce_store(own, dst, area, n, pid, nprog, seq, slot_words, timeout_ns, 
 
 
 @triton.jit
+def sum_sq(x, mask):
+    """Sum of squares (fp32) of ``x`` where ``mask``."""
+    xf = tl.where(mask, x.to(tl.float32), 0.0)
+    return tl.sum(xf * xf, axis=0)
+
+
+@triton.jit
+def rms_scaled(x, mask, ss, w, H, eps):
+    """``x`` (a row or a piece of one) RMS-normalised by its row's sum of squares ``ss`` (fp32,
+    over the row's ``H`` elements) times ``w`` (fp32), in ``x``'s dtype."""
+    xf = tl.where(mask, x.to(tl.float32), 0.0)
+    return (xf * tl.rsqrt(ss / H + eps) * w).to(x.dtype)
+
+
+@triton.jit
 def rms_normed(x, mask, w, H, eps):
     """The row ``x`` RMS-normalised (fp32 statistics over its ``H`` elements where ``mask``)
     times ``w`` (fp32), in ``x``'s dtype: the norm of every fused kernel."""
-    xf = tl.where(mask, x.to(tl.float32), 0.0)
-    return (xf * tl.rsqrt(tl.sum(xf * xf, axis=0) / H + eps) * w).to(x.dtype)
+    return rms_scaled(x, mask, sum_sq(x, mask), w, H, eps)
 
 
 @triton.jit

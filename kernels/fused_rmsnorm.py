@@ -24,30 +24,28 @@ after it.
 A row is one chunk: ``BLOCK_H`` (a power of two >= H) covers it, the tail masked.
 
 ``_fused_rmsnorm_ll_kernel`` (small inputs, no barrier, one exchange; lines of kernels/ll.py; rows
-of whole 32-bit words; with ``SPREAD`` messages leave in chunks of ``CHUNK`` elements spread over
-all blocks, ``common.ll_push_chunks``, more blocks than rows). Without ``ALL_GATHER``: rows ``q*s +
-i`` of the input go into slot ``RANK`` of rank ``q`` (line ``i * H_words + k``), then block ``b``
-per row ``i % blocks == b`` sums row ``RANK*s + i`` over the ranks in rank order (its own from the
-input, the peers' from its slots, fp32), adds the residual, rounds, stores it back and stores the
-RMSNorm times ``weight`` to row ``i`` of ``out``. With ``ALL_GATHER`` a second exchange (all-gather
-of the normed rows) is replaced by work done on every rank: every input row (lines ``r * H_words``)
-and this rank's residual rows ``i`` (lines ``(S + i) * H_words``; pushed by the block that later
-updates that row) go to every peer, then block ``b`` computes rows ``r = q*s + i`` (``r % blocks ==
-b``) as rank ``q`` would (the same sums in the same order: the same bits) with rank ``q``'s
-residual row, stores it to row ``r`` of ``out`` and, for its own rows, to the residual. Small
-messages are latency-bound: one exchange of ``(S + s) * H`` elements per peer beats two of ``s *
-H`` (measured in benchmarks/results/NOTES.md). ``out`` may be the input (``SPREAD`` off): rows are
-then pushed whole, each by the block that overwrites it later, instead of in chunks spread over all
-blocks.
+of whole 32-bit words in units of ``CHUNK`` elements, kernels/ll_rows.py). Without ``ALL_GATHER``:
+rows ``q*s + i`` of the input go into slot ``RANK`` of rank ``q`` (line ``i * H_words + k``); this
+rank's row ``RANK*s + i`` is summed over the ranks in rank order (its own part from the input, the
+peers' from its slots, fp32), the residual added, the rounded sum stored back to the residual, and
+its RMSNorm times ``weight`` to row ``i`` of ``out``. With ``ALL_GATHER`` a second exchange
+(all-gather of the normed rows) is replaced by work done on every rank: every input row (lines ``r
+* H_words``) and this rank's residual rows ``i`` (lines ``(S + i) * H_words``; pushed by the block
+that later updates that piece) go to every peer, and every rank computes every row ``r = q*s + i``
+as rank ``q`` does (the same sums in the same order: the same bits) with rank ``q``'s residual row,
+stores it to row ``r`` of ``out`` and, for its own rows, the sum to the residual (a peer's row
+waits for its norm in ``out``). Small messages are latency-bound: one exchange of ``(S + s) * H``
+elements per peer beats two of ``s * H`` (measured in benchmarks/results/NOTES.md). ``out`` may be
+the input: a block overwrites only pieces it has pushed and read (ll_rows.py).
 """
 
 import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import (copy_shards, ll_push_chunks, ll_push_to, ll_reduce_chunk, rms_normed,
-                     row_operands)
+from .common import copy_shards, ll_push_to, ll_reduce_chunk, rms_normed, row_operands
 from .ll import ll_flag, ll_get, ll_slot
+from .ll_rows import unit_done, unit_norm, unit_span
 from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr, store_all, words_to_elems
 
 
@@ -101,9 +99,9 @@ def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig
                              seq_cap, ll_off, slot_words, s, H, eps, timeout_ns,
                              DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, RANK: tl.constexpr,
                              WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
-                             BLOCK_H: tl.constexpr, CHUNK: tl.constexpr,
-                             SPREAD: tl.constexpr, ALL_GATHER: tl.constexpr, SCOPE: tl.constexpr,
-                             USE_PTX: tl.constexpr, ALIGNED: tl.constexpr, PDL: tl.constexpr):
+                             CHUNK: tl.constexpr, NC: tl.constexpr, ALL_GATHER: tl.constexpr,
+                             SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
+                             PDL: tl.constexpr):
     pdl_wait(PDL)  # before any memory access
     EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth  # elements per 32-bit word
     pid = tl.program_id(0)
@@ -111,76 +109,77 @@ def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig
     seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     flag = ll_flag(seq)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
+    res = as_ptr(res_addr, DTYPE, ALIGNED)
+    out = as_ptr(out_addr, DTYPE, ALIGNED)
     S = WORLD_SIZE * as_i64(s)
-    cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, BLOCK_H,
-                                           ALIGNED)
-    if ALL_GATHER:  # 1. every input row, and this rank's residual rows, to every peer
-        if SPREAD:
-            ll_push_chunks(src, buf_table, -1, ll_off, S * H, pid, nprog, seq, slot_words, DTYPE,
-                           CHUNK, RANK, WORLD_SIZE)
-        else:  # ``out`` is the input: row r by the block that overwrites it in phase 2
-            r = pid
-            while r < S:  # see ptx.py on loops
-                ll_push_to(src, buf_table, -1, ll_off, as_i64(r) * H, as_i64(r + 1) * H, seq,
-                           slot_words, DTYPE, BLOCK_H, RANK, WORLD_SIZE)
-                r += nprog
-        # residual row i by the block that updates it in phase 2 (row RANK*s + i, block
-        # (RANK*s + i) % nprog), so the peers get it before the update
-        i = (pid + nprog - (RANK * s) % nprog) % nprog
-        while i < s:
-            ll_push_to(res - S * H, buf_table, -1, ll_off, (S + i) * H, (S + i + 1) * H, seq,
-                       slot_words, DTYPE, BLOCK_H, RANK, WORLD_SIZE)
-            i += nprog
-    else:  # 1. rows q*s + i to rank q
-        for k in tl.static_range(1, WORLD_SIZE):
-            q = (RANK + k) % WORLD_SIZE
-            if SPREAD:
-                ll_push_chunks(src + q * as_i64(s) * H, buf_table, q, ll_off, as_i64(s) * H, pid,
-                               nprog, seq, slot_words, DTYPE, CHUNK, RANK, WORLD_SIZE)
-            else:  # ``out`` is the input: row i by the block that overwrites it in phase 2
-                i = pid
-                while i < s:
-                    ll_push_to(src + q * as_i64(s) * H, buf_table, q, ll_off, as_i64(i) * H,
-                               as_i64(i + 1) * H, seq, slot_words, DTYPE, BLOCK_H, RANK,
-                               WORLD_SIZE)
-                    i += nprog
+    C = tl.cdiv(H, CHUNK)
+    R = S if ALL_GATHER else as_i64(s)  # the rows this rank computes
+    U = R * C
+    u = pid
+    while u < U:  # 1. push; see ptx.py on loops
+        r, c0, start, end = unit_span(u, C, H, CHUNK)
+        if ALL_GATHER:  # every input row, and this rank's residual rows, to every peer
+            ll_push_to(src, buf_table, -1, ll_off, start, end, seq, slot_words, DTYPE, CHUNK,
+                       RANK, WORLD_SIZE)
+            if r // s == RANK:  # residual row i = r - RANK*s as lines of row S + i
+                shift = (S - RANK * s) * H
+                ll_push_to(res - S * H, buf_table, -1, ll_off, start + shift, end + shift, seq,
+                           slot_words, DTYPE, CHUNK, RANK, WORLD_SIZE)
+        else:  # rows q*s + i to rank q
+            for k in tl.static_range(1, WORLD_SIZE):
+                q = (RANK + k) % WORLD_SIZE
+                ll_push_to(src + q * as_i64(s) * H, buf_table, q, ll_off, start, end, seq,
+                           slot_words, DTYPE, CHUNK, RANK, WORLD_SIZE)
+        u += nprog
     area = peer_addr(buf_table, RANK) + ll_off
+    stats = ll_slot(area, seq, RANK, slot_words, WORLD_SIZE)
     pad = own_pad(sig_table, RANK)
     status = tl.full([], 0, tl.int32)
-    if ALL_GATHER:  # 2. every row, the same bits on every rank
-        r = pid
-        while (r < S) & (status == 0):
+    u = pid
+    while u < U:  # 2. reduce and add (ll_rows.py)
+        r, c0, start, end = unit_span(u, C, H, CHUNK)
+        offs = tl.arange(0, CHUNK)
+        mask = start + offs < end
+        if ALL_GATHER:  # row r = q*s + i as rank q computes it
             q = r // s
             i = r - q * s
-            start = as_i64(r) * H
-            acc, status = ll_reduce_chunk(src, area, start, start + H, seq, flag, slot_words,
-                                          status, timeout_ns, pad, DTYPE, BLOCK_H, RANK,
-                                          WORLD_SIZE, USE_PTX, ALIGNED)
+            acc, status = ll_reduce_chunk(src, area, start, end, seq, flag, slot_words, status,
+                                          timeout_ns, pad, DTYPE, CHUNK, RANK, WORLD_SIZE,
+                                          USE_PTX, ALIGNED)
             if q == RANK:
-                r0 = tl.load(res + as_i64(i) * H + cols, mask=mask, other=0.0).to(tl.float32)
-            else:
-                first = (S + i) * (H // EPW)
-                words, st = ll_get(ll_slot(area, seq, q, slot_words, WORLD_SIZE), first,
-                                   first + H // EPW, flag, q, status, timeout_ns, pad,
-                                   BLOCK_H // EPW, USE_PTX, ALIGNED)
+                r0 = tl.load(res + i * H + c0 + offs, mask=mask, other=0.0).to(tl.float32)
+            else:  # rank q's residual piece
+                shift = (S - q * s) * H  # residual row i as lines of row S + i
+                words, st = ll_get(ll_slot(area, seq, q, slot_words, WORLD_SIZE),
+                                   (start + shift) // EPW, (end + shift) // EPW, flag,
+                                   q.to(tl.int32), status, timeout_ns, pad, CHUNK // EPW, USE_PTX,
+                                   ALIGNED)
                 status = status | st
                 r0 = words_to_elems(words, DTYPE).to(tl.float32)
             x = (acc + r0).to(DTYPE)
             if q == RANK:
-                tl.store(res + as_i64(i) * H + cols, x, mask=mask)
-            tl.store(out + start + cols, rms_normed(x, mask, w, H, eps), mask=mask)
-            r += nprog
-    else:  # 2. this rank's rows
-        own = src + RANK * as_i64(s) * H
-        i = pid
-        while (i < s) & (status == 0):
-            start = as_i64(i) * H
-            acc, status = ll_reduce_chunk(own, area, start, start + H, seq, flag, slot_words,
-                                          status, timeout_ns, pad, DTYPE, BLOCK_H, RANK,
-                                          WORLD_SIZE, USE_PTX, ALIGNED)
-            x = (acc + tl.load(res + start + cols, mask=mask, other=0.0).to(tl.float32)).to(DTYPE)
-            tl.store(res + start + cols, x, mask=mask)
-            tl.store(out + start + cols, rms_normed(x, mask, w, H, eps), mask=mask)
-            i += nprog
+                tl.store(res + i * H + c0 + offs, x, mask=mask)
+            elif NC > 1:  # x waits for its norm in the output row
+                tl.store(out + start + offs, x, mask=mask)
+        else:  # this rank's row r
+            acc, status = ll_reduce_chunk(src + RANK * as_i64(s) * H, area, start, end, seq, flag,
+                                          slot_words, status, timeout_ns, pad, DTYPE, CHUNK,
+                                          RANK, WORLD_SIZE, USE_PTX, ALIGNED)
+            x = (acc + tl.load(res + start + offs, mask=mask, other=0.0).to(tl.float32)).to(DTYPE)
+            tl.store(res + start + offs, x, mask=mask)
+        unit_done(x, c0, u, stats, out + r * H, w_addr, H, eps, flag, W_DTYPE, NC)
+        u += nprog
+    if NC > 1:
+        u = pid
+        while u < U:  # 3. normalise (ll_rows.py)
+            r = (u // C).to(tl.int64)
+            keep = res + r * H  # where x waits: the residual row, or the output row
+            if ALL_GATHER:
+                keep = out + r * H
+                if r // s == RANK:
+                    keep = res + (r - RANK * s) * H
+            status = unit_norm(u, C, U, stats, keep, out + r * H, w_addr, H, eps, flag, RANK,
+                               status, timeout_ns, pad, W_DTYPE, CHUNK, NC, USE_PTX)
+            u += nprog
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

@@ -165,19 +165,21 @@ def lines_config(numel: int, dtype: torch.dtype, world: int) -> LaunchConfig:
                         max_blocks=264)
 
 
-def lines_chunk(itemsize: int, num_warps: int) -> int:
-    """Elements per chunk in which the barrier-free row kernels push their messages (spread over
-    more blocks than rows): :data:`LINES_CHUNK_BYTES`, or two lines per thread of the row
-    kernel's ``num_warps`` if that is more (16-byte stores need two lines per thread)."""
-    epw = max(1, 4 // itemsize)
-    return max(lines_block(LINES_CHUNK_BYTES // itemsize, itemsize), 64 * num_warps * epw)
-
-
-def lines_row_grid(cfg: "LaunchConfig", rows: int, numel: int, itemsize: int, cap: int) -> int:
-    """Blocks of a barrier-free row kernel: one per row (the reduction and the norm) or per
-    :func:`lines_chunk` of the ``numel`` elements it pushes (0: rows only), whichever is more,
-    at most ``cfg.max_blocks`` and ``cap``."""
-    return cfg.row_grid(max(rows, -(-numel // lines_chunk(itemsize, cfg.num_warps))), cap)
+def lines_row_split(cfg: "LaunchConfig", rows: int, hidden: int, itemsize: int, cap: int,
+                    sequential: bool) -> tuple[int, int, int]:
+    """How the barrier-free row kernels cut ``rows`` rows of ``hidden`` elements
+    (kernels/ll_rows.py): ``(grid, chunk, nc)``. A unit is ``chunk`` elements: ``cfg.block_size``
+    (whole 32-bit words), or the whole row's power of two when that is smaller; ``nc`` is the
+    power of two >= the units per row. One block per unit, at most ``cfg.max_blocks`` and
+    ``cap``. When ``sequential`` (the interpreter, which runs blocks one after another, each
+    unit at a high fixed cost) a row has at most 4 units, and one block in all runs them when a
+    row has several (their blocks wait for each other)."""
+    chunk = lines_block(min(cfg.block_size, size_bucket(hidden)), itemsize)
+    if sequential:
+        chunk = max(chunk, size_bucket(hidden) // 4)
+    per_row = -(-hidden // chunk)
+    grid = 1 if sequential and per_row > 1 else cfg.row_grid(rows * per_row, cap)
+    return grid, chunk, size_bucket(per_row)
 
 
 def lines_block(block_size: int, itemsize: int) -> int:

@@ -50,13 +50,14 @@ def sync():
 _ARG_TYPES = {"n": "i32", "s": "i32", "H": "i32", "eps": "fp32"}
 
 
-def compile_for_target(kernel, capability: int, **constexprs):
+def compile_for_target(kernel, capability: int, num_warps: int = 4, **constexprs):
     """Compile a symmtriton kernel for ``sm_<capability>`` with Triton's bundled ptxas (works on
     a machine without a GPU, in a process without ``TRITON_INTERPRET``). With ``ALIGNED`` every
     integer argument is compiled as divisible by 16, as Triton specializes a launch whose
     addresses, offsets and counts are (the common case: element counts that are multiples of
-    16). ``PDL`` (the kernels' programmatic-dependent-launch wait) is ``False`` unless given.
-    Returns the compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``)."""
+    16). ``PDL`` (the kernels' programmatic-dependent-launch wait) is ``False`` unless given;
+    ``num_warps`` as the launch's. Returns the compiled kernel (``.asm["ptx"]``,
+    ``.asm["cubin"]``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -73,7 +74,8 @@ def compile_for_target(kernel, capability: int, **constexprs):
             if signature[name] != "fp32" and constexprs.get("ALIGNED"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32))
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": num_warps})
 
 
 def buffer_without_symmetric_memory(key: str = "tp", group=None):

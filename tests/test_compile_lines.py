@@ -15,13 +15,13 @@ KERNELS = {
                        dict(DTYPE=tl.bfloat16, BLOCK=2048)),
     "all_reduce": ("all_reduce", "_all_reduce_ll_kernel", dict(DTYPE=tl.float16, BLOCK=2048)),
     "all_reduce_rmsnorm": ("all_reduce_rmsnorm", "_all_reduce_rmsnorm_ll_kernel",
-                           dict(DTYPE=tl.bfloat16, W_DTYPE=tl.float32, BLOCK_H=4096, CHUNK=2048, SPREAD=True)),
+                           dict(DTYPE=tl.bfloat16, W_DTYPE=tl.float32, CHUNK=256, NC=16, num_warps=1)),
     "fused_rmsnorm": ("fused_rmsnorm", "_fused_rmsnorm_ll_kernel",
-                      dict(DTYPE=tl.bfloat16, W_DTYPE=tl.bfloat16, BLOCK_H=4096, CHUNK=2048,
-                           SPREAD=True, ALL_GATHER=True)),
-    "fused_rmsnorm_in_place": ("fused_rmsnorm", "_fused_rmsnorm_ll_kernel",
-                               dict(DTYPE=tl.float16, W_DTYPE=tl.float16, BLOCK_H=1024, CHUNK=2048,
-                                    SPREAD=False, ALL_GATHER=False)),
+                      dict(DTYPE=tl.bfloat16, W_DTYPE=tl.bfloat16, CHUNK=256, NC=16,
+                           ALL_GATHER=True, num_warps=1)),
+    "fused_rmsnorm_whole_rows": ("fused_rmsnorm", "_fused_rmsnorm_ll_kernel",
+                                 dict(DTYPE=tl.float16, W_DTYPE=tl.float16, CHUNK=1024, NC=1,
+                                      ALL_GATHER=False)),
 }
 
 
@@ -41,6 +41,7 @@ def _compile(rank, world, which, capability, aligned, ones=False):
         "pair_loads": ptx.count("ld.volatile.global.v2.b64"),
         "signals": ptx.count(".release.") + ptx.count(".acquire."),
         "multimem": ptx.count("multimem."),
+        "gpu_atomics": ptx.count("atom.global.gpu.acq_rel."),
         "cubin": len(c.asm["cubin"]) > 0,
         "pdl": ptx.count("griddepcontrol"),  # none without PDL (tests/test_pdl.py: with it)
     }
@@ -51,6 +52,8 @@ def test_lines_kernels_store_16_byte_pairs_and_poll_without_barriers(compiler, w
     [r] = compiler.run(_compile, which, 90, True)
     assert r["cubin"] and r["line_stores"] > 0 and r["pair_loads"] > 0
     assert r["signals"] == 0 and r["multimem"] == 0 and r["pdl"] == 0
+    # rows in several units count their blocks with one GPU-scope atomic (kernels/ll_rows.py)
+    assert (r["gpu_atomics"] > 0) == (KERNELS[which][2].get("NC", 1) > 1)
 
 
 @pytest.mark.parametrize("which", ["all_gather", "all_reduce_rmsnorm"])

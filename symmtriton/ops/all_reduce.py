@@ -21,7 +21,7 @@ import torch.distributed as dist
 from .. import env
 from .._calls import counts_calls
 from ..config import (ALL_REDUCE_ALGORITHMS, MAX_FUSED_HIDDEN, LaunchConfig, all_reduce_algorithm,
-                      all_reduce_config, default_config, lines_block, lines_chunk, lines_config, lines_row_grid)
+                      all_reduce_config, default_config, lines_block, lines_config, lines_row_split)
 from ..context import (LINES_MAX_BYTES, LINES_ROWS_MAX_BYTES, aligned16, context, find_buffer,
                        lines_eligible, lines_fit, multimem_eligible, offset_in, region_after,
                        symm_usable)
@@ -163,7 +163,7 @@ class AllReduceAddRmsnorm(Collective):
         algo = choose_algorithm(buf, input.device, algorithm, S * H * esize, H * esize, world,
                                 LINES_ROWS_MAX_BYTES)
         if algo == "lines" and H <= MAX_FUSED_HIDDEN:
-            plan.choice = ConfigChoice(config or default_config(S * H, input.dtype, world, hidden=H))
+            plan.choice = ConfigChoice(config or lines_config(H, input.dtype, world))
             plan.kernel = _fused_lines_launch(context(buf), plan.choice.config, args, out,
                                               1 if new_out else None, timeout_s)
             return plan
@@ -236,17 +236,15 @@ def _fused_lines_launch(ctx, cfg: LaunchConfig, args, out, var_index, timeout_s)
     aligned = (aligned16(input.data_ptr(), out.data_ptr(), residual.data_ptr(),
                          H * input.element_size())
                and aligned16(weight.data_ptr(), H * weight.element_size()))
-    esize = input.element_size()
-    spread = ctx.use_ptx  # the interpreter runs blocks one by one (common.ll_push_chunks)
+    grid, chunk, nc = lines_row_split(cfg, S, H, input.element_size(), ctx.grid_cap,
+                                      not ctx.use_ptx)
     return Launch(
-        ALL_REDUCE_ADD_RMSNORM.name, ctx.buf, _all_reduce_rmsnorm_ll_kernel,
-        lines_row_grid(cfg, S, S * H if spread else 0, esize, ctx.grid_cap), cfg.num_warps,
+        ALL_REDUCE_ADD_RMSNORM.name, ctx.buf, _all_reduce_rmsnorm_ll_kernel, grid, cfg.num_warps,
         (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(), ctx.buf_table,
          ctx.sig_table, ctx.err_addr, ctx.grid_cap, ctx.ll_off, ctx.ll_words, S, H, float(eps),
          env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype], RANK=ctx.rank,
-             WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
-             CHUNK=lines_chunk(esize, cfg.num_warps), SPREAD=spread, SCOPE=ctx.scope,
+             WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, CHUNK=chunk, NC=nc, SCOPE=ctx.scope,
              USE_PTX=ctx.use_ptx, ALIGNED=aligned),
         var_index=var_index)
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .. import env
 from .._calls import counts_calls
-from ..config import CONFIG_OP, MAX_FUSED_HIDDEN, LaunchConfig, lines_chunk, lines_row_grid
+from ..config import CONFIG_OP, MAX_FUSED_HIDDEN, LaunchConfig, lines_config, lines_row_split
 from ..context import (LINES_ROWS_MAX_BYTES, aligned16, context, find_buffer, lines_eligible,
                        multimem_eligible, offset_in, region_after, symm_usable)
 from ..kernels.fused_rmsnorm import _fused_rmsnorm_kernel, _fused_rmsnorm_ll_kernel
@@ -144,8 +144,7 @@ class FusedRmsnorm(Collective):
         per_peer = (S + s if self.all_gather else s) * row_bytes
         if (H <= MAX_FUSED_HIDDEN and symm_usable(buf, input.device, 0)
                 and lines_eligible(context(buf), per_peer, row_bytes, LINES_ROWS_MAX_BYTES)):
-            plan.choice = choose_config(config, self.config_op, s * H, input.dtype, world,
-                                        hidden=H)
+            plan.choice = ConfigChoice(config or lines_config(H, input.dtype, world))
             plan.kernel = _lines_launch(self.name, context(buf), plan.choice.config, args, out,
                                         self.all_gather, 1 if new_out else None, timeout_s)
             return plan
@@ -201,21 +200,17 @@ def _lines_launch(op, ctx, cfg: LaunchConfig, args, out, all_gather, var_index, 
     aligned = (aligned16(input.data_ptr(), out.data_ptr(), residual.data_ptr(),
                          H * input.element_size())
                and aligned16(weight.data_ptr(), H * weight.element_size()))
-    s, esize = S // ctx.world, input.element_size()
-    # in place (``out`` is the input), rows are pushed whole by the blocks that overwrite them;
-    # so too in the interpreter, which runs blocks one by one (common.ll_push_chunks)
-    spread = out.data_ptr() != input.data_ptr() and ctx.use_ptx
-    pushed = (S if all_gather else s) * H if spread else 0
+    s = S // ctx.world
+    grid, chunk, nc = lines_row_split(cfg, S if all_gather else s, H, input.element_size(),
+                                      ctx.grid_cap, not ctx.use_ptx)
     return Launch(
-        op, ctx.buf, _fused_rmsnorm_ll_kernel,
-        lines_row_grid(cfg, S if all_gather else s, pushed, esize, ctx.grid_cap), cfg.num_warps,
+        op, ctx.buf, _fused_rmsnorm_ll_kernel, grid, cfg.num_warps,
         (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(), ctx.buf_table,
          ctx.sig_table, ctx.err_addr, ctx.grid_cap, ctx.ll_off, ctx.ll_words, s, H, float(eps),
          env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype], RANK=ctx.rank,
-             WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
-             CHUNK=lines_chunk(esize, cfg.num_warps), SPREAD=spread, ALL_GATHER=all_gather,
-             SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
+             WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, CHUNK=chunk, NC=nc,
+             ALL_GATHER=all_gather, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
         var_index=var_index)
 
 
