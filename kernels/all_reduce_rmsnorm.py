@@ -39,7 +39,7 @@ import triton.language as tl
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
 from .common import copy_units, ll_push_to, ll_reduce_chunk, rms_normed, row_operands
 from .ll import ll_flag, ll_slot
-from .ll_rows import unit_done, unit_norm, unit_span
+from .ll_rows import unit_done, unit_norm, unit_span, unit_weight
 from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr, store_all
 
 
@@ -140,19 +140,21 @@ def _all_reduce_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table
     u = pid
     while u < U:  # 2. reduce, add, store the residual (ll_rows.py)
         r, c0, start, end = unit_span(u, C, H, CHUNK)
+        offs = start + tl.arange(0, CHUNK)
+        r0 = tl.load(res + offs, mask=offs < end, other=0.0)  # loads before the waits
+        w = unit_weight(w_addr, c0, H, W_DTYPE, CHUNK, NC)
         acc, status = ll_reduce_chunk(src, area, start, end, seq, flag, slot_words, status,
                                       timeout_ns, pad, DTYPE, CHUNK, RANK, WORLD_SIZE, USE_PTX,
                                       ALIGNED)
-        offs = start + tl.arange(0, CHUNK)
-        x = (acc + tl.load(res + offs, mask=offs < end, other=0.0).to(tl.float32)).to(DTYPE)
+        x = (acc + r0.to(tl.float32)).to(DTYPE)
         tl.store(res + offs, x, mask=offs < end)
-        unit_done(x, c0, u, stats, out + r * H, w_addr, H, eps, flag, W_DTYPE, NC)
+        unit_done(x, c0, u, C, stats, out + r * H, w, H, eps, flag, NC)
         u += nprog
     if NC > 1:
         u = pid
         while u < U:  # 3. normalise (ll_rows.py)
             r = (u // C).to(tl.int64)
-            status = unit_norm(u, C, U, stats, res + r * H, out + r * H, w_addr, H, eps, flag,
+            status = unit_norm(u, C, stats, res + r * H, out + r * H, w_addr, H, eps, flag,
                                RANK, status, timeout_ns, pad, W_DTYPE, CHUNK, NC, USE_PTX)
             u += nprog
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)

@@ -106,10 +106,11 @@ def ll_reduce_chunk(own, area, start, end, seq, flag, slot_words, status, timeou
     ``start`` is a multiple of two words (16-byte polls, ``ll.ll_get``)."""
     EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth
     offs = tl.arange(0, BLOCK)
+    mine = tl.load(own + start + offs, mask=start + offs < end, other=0.0)  # before any wait
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for r in tl.static_range(WORLD_SIZE):
         if r == RANK:
-            v = tl.load(own + start + offs, mask=start + offs < end, other=0.0)
+            v = mine
         else:
             words, st = ll_get(ll_slot(area, seq, r, slot_words, WORLD_SIZE), start // EPW,
                                end // EPW, flag, r, status, timeout_ns, pad, BLOCK // EPW, USE_PTX,

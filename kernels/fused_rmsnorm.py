@@ -45,7 +45,7 @@ import triton.language as tl
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
 from .common import copy_shards, ll_push_to, ll_reduce_chunk, rms_normed, row_operands
 from .ll import ll_flag, ll_get, ll_slot
-from .ll_rows import unit_done, unit_norm, unit_span
+from .ll_rows import unit_done, unit_norm, unit_span, unit_weight
 from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr, store_all, words_to_elems
 
 
@@ -140,15 +140,17 @@ def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig
         r, c0, start, end = unit_span(u, C, H, CHUNK)
         offs = tl.arange(0, CHUNK)
         mask = start + offs < end
+        w = unit_weight(w_addr, c0, H, W_DTYPE, CHUNK, NC)  # loads before the waits
         if ALL_GATHER:  # row r = q*s + i as rank q computes it
             q = r // s
             i = r - q * s
+            r0 = tl.zeros([CHUNK], tl.float32)
+            if q == RANK:
+                r0 = tl.load(res + i * H + c0 + offs, mask=mask, other=0.0).to(tl.float32)
             acc, status = ll_reduce_chunk(src, area, start, end, seq, flag, slot_words, status,
                                           timeout_ns, pad, DTYPE, CHUNK, RANK, WORLD_SIZE,
                                           USE_PTX, ALIGNED)
-            if q == RANK:
-                r0 = tl.load(res + i * H + c0 + offs, mask=mask, other=0.0).to(tl.float32)
-            else:  # rank q's residual piece
+            if q != RANK:  # rank q's residual piece
                 shift = (S - q * s) * H  # residual row i as lines of row S + i
                 words, st = ll_get(ll_slot(area, seq, q, slot_words, WORLD_SIZE),
                                    (start + shift) // EPW, (end + shift) // EPW, flag,
@@ -162,12 +164,13 @@ def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig
             elif NC > 1:  # x waits for its norm in the output row
                 tl.store(out + start + offs, x, mask=mask)
         else:  # this rank's row r
+            r0 = tl.load(res + start + offs, mask=mask, other=0.0)
             acc, status = ll_reduce_chunk(src + RANK * as_i64(s) * H, area, start, end, seq, flag,
                                           slot_words, status, timeout_ns, pad, DTYPE, CHUNK,
                                           RANK, WORLD_SIZE, USE_PTX, ALIGNED)
-            x = (acc + tl.load(res + start + offs, mask=mask, other=0.0).to(tl.float32)).to(DTYPE)
+            x = (acc + r0.to(tl.float32)).to(DTYPE)
             tl.store(res + start + offs, x, mask=mask)
-        unit_done(x, c0, u, stats, out + r * H, w_addr, H, eps, flag, W_DTYPE, NC)
+        unit_done(x, c0, u, C, stats, out + r * H, w, H, eps, flag, NC)
         u += nprog
     if NC > 1:
         u = pid
@@ -178,7 +181,7 @@ def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig
                 keep = out + r * H
                 if r // s == RANK:
                     keep = res + (r - RANK * s) * H
-            status = unit_norm(u, C, U, stats, keep, out + r * H, w_addr, H, eps, flag, RANK,
+            status = unit_norm(u, C, stats, keep, out + r * H, w_addr, H, eps, flag, RANK,
                                status, timeout_ns, pad, W_DTYPE, CHUNK, NC, USE_PTX)
             u += nprog
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)

@@ -166,20 +166,34 @@ def lines_config(numel: int, dtype: torch.dtype, world: int) -> LaunchConfig:
 
 
 def lines_row_split(cfg: "LaunchConfig", rows: int, hidden: int, itemsize: int, cap: int,
-                    sequential: bool) -> tuple[int, int, int]:
+                    slot_lines: int, sequential: bool) -> tuple[int, int, int, int]:
     """How the barrier-free row kernels cut ``rows`` rows of ``hidden`` elements
-    (kernels/ll_rows.py): ``(grid, chunk, nc)``. A unit is ``chunk`` elements: ``cfg.block_size``
-    (whole 32-bit words), or the whole row's power of two when that is smaller; ``nc`` is the
-    power of two >= the units per row. One block per unit, at most ``cfg.max_blocks`` and
-    ``cap``. When ``sequential`` (the interpreter, which runs blocks one after another, each
-    unit at a high fixed cost) a row has at most 4 units, and one block in all runs them when a
-    row has several (their blocks wait for each other)."""
-    chunk = lines_block(min(cfg.block_size, size_bucket(hidden)), itemsize)
+    (kernels/ll_rows.py): ``(grid, chunk, nc, num_warps)``. A unit is ``chunk`` elements (whole
+    32-bit words, at most the row's power of two): ``cfg.block_size``, doubled while there are
+    more units than blocks (a block's units run one after another, each waiting twice) or their
+    inboxes (``nc`` lines each) overflow a slot of ``slot_lines``, with a warp per 256 words (at
+    most 4, at least ``cfg.num_warps``); ``nc`` is the power of two >= the units per row. One
+    block per unit, at most ``cfg.max_blocks`` and ``cap``. When ``sequential`` (the
+    interpreter, which runs blocks one after another, each unit at a high fixed cost) a row has
+    at most 4 units, and one block in all runs them when a row has several (their blocks wait
+    for each other)."""
+    row_p2 = size_bucket(hidden)
+    blocks = max(1, min(cfg.max_blocks, cap))
+
+    def units(chunk):
+        per_row = -(-hidden // chunk)
+        return per_row, rows * per_row
+
+    chunk = lines_block(min(cfg.block_size, row_p2), itemsize)
     if sequential:
-        chunk = max(chunk, size_bucket(hidden) // 4)
-    per_row = -(-hidden // chunk)
-    grid = 1 if sequential and per_row > 1 else cfg.row_grid(rows * per_row, cap)
-    return grid, chunk, size_bucket(per_row)
+        chunk = max(chunk, row_p2 // 4)
+    while chunk < row_p2 and (units(chunk)[1] > blocks
+                              or units(chunk)[1] * size_bucket(units(chunk)[0]) > slot_lines):
+        chunk *= 2
+    per_row, total = units(chunk)
+    grid = 1 if sequential and per_row > 1 else cfg.row_grid(total, cap)
+    warps = max(cfg.num_warps, min(4, chunk * itemsize // 4 // 256))
+    return grid, chunk, size_bucket(per_row), warps
 
 
 def lines_block(block_size: int, itemsize: int) -> int:

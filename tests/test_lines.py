@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton import reference
+from symmtriton.config import lines_config, lines_row_split
 from symmtriton.context import LINES_MAX_BYTES, context
 from symmtriton.kernels.all_gather import _all_gather_ll_kernel
 from symmtriton.kernels.all_reduce import _all_reduce_ll_kernel
@@ -167,3 +168,21 @@ def test_env_protocol_is_validated(monkeypatch, mode):
     monkeypatch.setenv(env.PROTOCOL, "fast")
     with pytest.raises(ValueError, match="'fast'"):
         env.protocol()
+
+
+def test_row_split_fills_the_blocks_and_fits_the_inboxes():
+    """config.lines_row_split: how the barrier-free row kernels cut rows (kernels/ll_rows.py)."""
+    cfg = lines_config(4096, torch.bfloat16, 2)
+    big = 1 << 18  # inbox lines of a GPU slot
+    # decode rows: 512-byte units, one block (a warp) each
+    assert lines_row_split(cfg, 16, 4096, 2, 264, big, False) == (256, 256, 16, 1)
+    # more units than blocks: wider units, more warps
+    assert lines_row_split(cfg, 128, 4096, 2, 264, big, False) == (256, 2048, 2, 4)
+    # short rows stay whole (no stats exchange)
+    assert lines_row_split(cfg, 3, 66, 2, 264, big, False)[1:3] == (128, 1)
+    # inboxes (units x nc lines) never overflow the slot
+    grid, chunk, nc, _ = lines_row_split(cfg, 16, 4096, 2, 264, 1024, False)
+    assert 16 * (4096 // chunk) * nc <= 1024 and grid == 16 * 4096 // chunk
+    # the interpreter: at most 4 units per row, all in one block
+    assert lines_row_split(cfg, 3, 1000, 2, 264, big, True)[:3] == (1, 256, 4)
+    assert lines_row_split(cfg, 3, 200, 2, 264, big, True)[:3] == (3, 256, 1)

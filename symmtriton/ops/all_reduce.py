@@ -236,10 +236,10 @@ def _fused_lines_launch(ctx, cfg: LaunchConfig, args, out, var_index, timeout_s)
     aligned = (aligned16(input.data_ptr(), out.data_ptr(), residual.data_ptr(),
                          H * input.element_size())
                and aligned16(weight.data_ptr(), H * weight.element_size()))
-    grid, chunk, nc = lines_row_split(cfg, S, H, input.element_size(), ctx.grid_cap,
-                                      not ctx.use_ptx)
+    grid, chunk, nc, warps = lines_row_split(cfg, S, H, input.element_size(), ctx.grid_cap,
+                                             ctx.ll_words, not ctx.use_ptx)
     return Launch(
-        ALL_REDUCE_ADD_RMSNORM.name, ctx.buf, _all_reduce_rmsnorm_ll_kernel, grid, cfg.num_warps,
+        ALL_REDUCE_ADD_RMSNORM.name, ctx.buf, _all_reduce_rmsnorm_ll_kernel, grid, warps,
         (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(), ctx.buf_table,
          ctx.sig_table, ctx.err_addr, ctx.grid_cap, ctx.ll_off, ctx.ll_words, S, H, float(eps),
          env.timeout_ns(timeout_s)),

@@ -201,10 +201,11 @@ def _lines_launch(op, ctx, cfg: LaunchConfig, args, out, all_gather, var_index, 
                          H * input.element_size())
                and aligned16(weight.data_ptr(), H * weight.element_size()))
     s = S // ctx.world
-    grid, chunk, nc = lines_row_split(cfg, S if all_gather else s, H, input.element_size(),
-                                      ctx.grid_cap, not ctx.use_ptx)
+    grid, chunk, nc, warps = lines_row_split(cfg, S if all_gather else s, H,
+                                             input.element_size(), ctx.grid_cap, ctx.ll_words,
+                                             not ctx.use_ptx)
     return Launch(
-        op, ctx.buf, _fused_rmsnorm_ll_kernel, grid, cfg.num_warps,
+        op, ctx.buf, _fused_rmsnorm_ll_kernel, grid, warps,
         (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(), ctx.buf_table,
          ctx.sig_table, ctx.err_addr, ctx.grid_cap, ctx.ll_off, ctx.ll_words, s, H, float(eps),
          env.timeout_ns(timeout_s)),
