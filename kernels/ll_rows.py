@@ -97,3 +97,23 @@ def unit_norm(u, C, stats, x_row, out_row, w_addr, H, eps, flag, src, status, ti
     ss = tl.sum(words.to(tl.float32, bitcast=True), axis=0)  # 0.0 past C
     tl.store(out_row + cols, rms_scaled(x, mask, ss, w, H, eps), mask=mask)
     return status | st
+
+
+@triton.jit
+def norm_units(pid, nprog, U, C, stats, res, out, w_addr, H, eps, flag, status, timeout_ns, pad,
+               own_first, own_rows, W_DTYPE: tl.constexpr, CHUNK: tl.constexpr,
+               NC: tl.constexpr, RANK: tl.constexpr, USE_PTX: tl.constexpr):
+    """Phase 3 (:func:`unit_norm`) for this block's units ``u = pid (mod nprog)`` below ``U``:
+    ``x`` of row ``r`` waits in row ``r - own_first`` of the residual (pointer ``res``) for the
+    ``own_rows`` rows from ``own_first``, else in row ``r`` of the output (``out``). Returns
+    ``status`` or-ed with the waits'."""
+    u = pid
+    while u < U:  # see ptx.py on loops
+        r = (u // C).to(tl.int64)
+        keep = out + r * H
+        if (r >= own_first) & (r < own_first + own_rows):
+            keep = res + (r - own_first) * H
+        status = unit_norm(u, C, stats, keep, out + r * H, w_addr, H, eps, flag, RANK, status,
+                           timeout_ns, pad, W_DTYPE, CHUNK, NC, USE_PTX)
+        u += nprog
+    return status
