@@ -123,8 +123,8 @@ def _get_pairs(base, first, end, flag, skip, timeout_ns, pad, NW: tl.constexpr,
 
 @triton.jit
 def _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW: tl.constexpr,
-               USE_PTX: tl.constexpr):
-    """:func:`ll_get`'s wait, one volatile load per line."""
+               USE_PTX: tl.constexpr, CLEAR: tl.constexpr):
+    """:func:`ll_get`'s wait, one volatile load per line; the lines are cleared with ``CLEAR``."""
     offs = first + tl.arange(0, NW)
     mask = offs < end
     got = ~mask | (skip != 0)
@@ -139,8 +139,9 @@ def _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW: tl.constexpr,
         misses += 1
         deadline_ns, expired = deadline_tick(misses, deadline_ns, timeout_ns, pad + ERR_WORD * 4,
                                              pad, USE_PTX)
-    if skip == 0:
-        tl.store(base + offs, tl.zeros([NW], tl.int64), mask=mask)
+    if CLEAR:
+        if skip == 0:
+            tl.store(base + offs, tl.zeros([NW], tl.int64), mask=mask)
     return words, got, wrong
 
 
@@ -165,9 +166,20 @@ def ll_get(slot_addr, first, end, flag, src, skip, timeout_ns, pad, NW: tl.const
                                            USE_PTX)
         else:
             words, got, wrong = _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW,
-                                           USE_PTX)
+                                           USE_PTX, True)
     else:
-        words, got, wrong = _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW, USE_PTX)
+        words, got, wrong = _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW, USE_PTX,
+                                       True)
+    return words, _status(got, wrong, src)
+
+
+@triton.jit
+def ll_peek(slot_addr, first, end, flag, src, skip, timeout_ns, pad, NW: tl.constexpr,
+            USE_PTX: tl.constexpr):
+    """:func:`ll_get` without clearing the lines (one volatile load per line): for lines that
+    several blocks read, cleared by the last of them (kernels/ll_rows.py)."""
+    words, got, wrong = _get_lines(_lines(slot_addr), first, end, flag, skip, timeout_ns, pad, NW,
+                                   USE_PTX, False)
     return words, _status(got, wrong, src)
 
 

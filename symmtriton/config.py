@@ -171,7 +171,7 @@ def lines_row_split(cfg: "LaunchConfig", rows: int, hidden: int, itemsize: int, 
     (kernels/ll_rows.py): ``(grid, chunk, nc, num_warps)``. A unit is ``chunk`` elements (whole
     32-bit words, at most the row's power of two): ``cfg.block_size``, doubled while there are
     more units than blocks (a block's units run one after another, each waiting twice) or their
-    inboxes (``nc`` lines each) overflow a slot of ``slot_lines``, with a warp per 256 words (at
+    stats lines and row counts overflow a slot of ``slot_lines``, with a warp per 256 words (at
     most 4, at least ``cfg.num_warps``); ``nc`` is the power of two >= the units per row. One
     block per unit, at most ``cfg.max_blocks`` and ``cap``. When ``sequential`` (the
     interpreter, which runs blocks one after another, each unit at a high fixed cost) a row has
@@ -188,7 +188,7 @@ def lines_row_split(cfg: "LaunchConfig", rows: int, hidden: int, itemsize: int, 
     if sequential:
         chunk = max(chunk, row_p2 // 4)
     while chunk < row_p2 and (units(chunk)[1] > blocks
-                              or units(chunk)[1] * size_bucket(units(chunk)[0]) > slot_lines):
+                              or units(chunk)[1] + rows > slot_lines):
         chunk *= 2
     per_row, total = units(chunk)
     grid = 1 if sequential and per_row > 1 else cfg.row_grid(total, cap)

@@ -41,6 +41,7 @@ def _compile(rank, world, which, capability, aligned, ones=False):
         "pair_loads": ptx.count("ld.volatile.global.v2.b64"),
         "signals": ptx.count(".release.") + ptx.count(".acquire."),
         "multimem": ptx.count("multimem."),
+        "gpu_atomics": ptx.count("atom.global.gpu.relaxed."),
         "cubin": len(c.asm["cubin"]) > 0,
         "pdl": ptx.count("griddepcontrol"),  # none without PDL (tests/test_pdl.py: with it)
     }
@@ -51,6 +52,8 @@ def test_lines_kernels_store_16_byte_pairs_and_poll_without_barriers(compiler, w
     [r] = compiler.run(_compile, which, 90, True)
     assert r["cubin"] and r["line_stores"] > 0 and r["pair_loads"] > 0
     assert r["signals"] == 0 and r["multimem"] == 0 and r["pdl"] == 0
+    # rows in several units count their blocks with one relaxed GPU atomic (kernels/ll_rows.py)
+    assert (r["gpu_atomics"] > 0) == (KERNELS[which][2].get("NC", 1) > 1)
 
 
 @pytest.mark.parametrize("which", ["all_gather", "all_reduce_rmsnorm"])
