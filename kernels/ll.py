@@ -38,6 +38,13 @@ returns ``MISMATCH_BIT`` with the peer's bit, and the op abandons the call as th
 is a timeout after ``timeout_ns`` (``ptx.deadline_tick``); the area must be destroyed with its
 buffer after an error.
 
+Warps: a wait's exit is decided per warp. Triton lays a vector of fewer lines than the block has
+threads out with copies in several warps and reduces such copies within a warp only, so the
+warps of one block may leave the loop at different polls. A warp that cleared a line while
+another warp's copy had not yet seen its flag would leave that warp polling a 0 for ever (the
+PTX of 4-line waits in 2-warp blocks reduces by warp shuffles only, and such waits hung on 2x
+H200), so every wait ends with a block barrier before its lines are cleared or counted.
+
 Scope: volatile loads see the peers' stores once they land (system-coherent); the data is in
 the line itself, so there is nothing else to order. Successive calls are ordered by the stream.
 A wait costs no clock read on its fast path (``ptx.deadline_tick``).
@@ -114,6 +121,7 @@ def _get_pairs(base, first, end, flag, skip, timeout_ns, pad, NW: tl.constexpr,
         misses += 1
         deadline_ns, expired = deadline_tick(misses, deadline_ns, timeout_ns, pad + ERR_WORD * 4,
                                              pad, USE_PTX)
+    tl.debug_barrier()  # every warp is done polling before any line is cleared (module docstring)
     if skip == 0:
         zero = tl.zeros([NW // 2], tl.int64)
         tl.store(base + lo_off, zero, mask=lo_off < end)
@@ -139,6 +147,7 @@ def _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW: tl.constexpr,
         misses += 1
         deadline_ns, expired = deadline_tick(misses, deadline_ns, timeout_ns, pad + ERR_WORD * 4,
                                              pad, USE_PTX)
+    tl.debug_barrier()  # every warp is done polling before any line is cleared (module docstring)
     if CLEAR:
         if skip == 0:
             tl.store(base + offs, tl.zeros([NW], tl.int64), mask=mask)

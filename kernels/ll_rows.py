@@ -15,20 +15,21 @@ row's reduction spreads over up to ``C`` blocks instead of one. Phases of a kern
    order (one ``tl.sum`` of the same shape everywhere: the same bits in every block and on every
    rank), reload ``x``, normalise, store.
 
-Stats lines lie in this rank's own slot of its line area (slot ``RANK``: peers write only their
-own slots), parity of the call: line ``u`` is ``(flag << 32) | bits(ss_u)``, and line ``U + row``
+Stats lines lie in this rank's own slot of its line area (slot ``RANK``: peers write only their own
+slots), parity of the call: line ``u`` is ``(flag << 32) | bits(ss_u)``, and line ``U + row``
 (``U`` units in all) counts the blocks done with the row. Both are local to the GPU. A block that
 has read its row's stats and stored its output adds one to the count (a relaxed ``atom.gpu``: its
-loads have returned, since the wait's loop ended on their values, and the clearing stores depend
-on the count's old value; an acq_rel atomic would also wait for the thread's NVLink pushes); the
-block that brings it to ``C`` sets the row's stats lines and the count back to 0. So the area is
-all 0 between calls, as kernels/ll.py requires, and a stale line never carries a later call's
-flag. (An inbox per unit, written by each unit of the row and cleared by its one reader, avoids
-the atomic and measured 0.3-0.5 us faster, but hung on 2x H200 for ``[64, 4096]`` bf16: 2 warps,
-4 units per row; not understood, so not used.) Phase 3 waits for other blocks of the same
-launch: every block must be running at once, which holds on the GPU (the grid is bounded by
-co-residency) but not in the interpreter, which runs blocks one after another, so there a launch
-with ``C > 1`` has one block.
+loads have returned, since the wait's loop ended on their values, and the clearing stores depend on
+the count's old value; an acq_rel atomic would also wait for the thread's NVLink pushes); the block
+that brings it to ``C`` sets the row's stats lines and the count back to 0. So the area is all 0
+between calls, as kernels/ll.py requires, and a stale line never carries a later call's flag. The
+count comes after the wait's block barrier (kernels/ll.py, "Warps"): no warp of a block that
+counted is still reading. (An inbox per unit, written by each unit of the row and cleared by its
+one reader, avoids the atomic and measured 0.3-0.5 us faster; it hung on 2x H200 for ``[64, 4096]``
+bf16, 2 warps and 4 units a row, before the waits had that barrier, and has not run on a GPU
+since.) Phase 3 waits for other blocks of the same launch: every block must be running at once,
+which holds on the GPU (the grid is bounded by co-residency) but not in the interpreter, which runs
+blocks one after another, so there a launch with ``C > 1`` has one block.
 
 A block whose waits failed goes on (its later waits return at once) and still publishes, so the
 row's other blocks never wait for it; the call raises (``barrier.give_up``).

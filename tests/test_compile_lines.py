@@ -67,3 +67,24 @@ def test_lines_kernels_compile_unaligned_and_with_counts_of_one(compiler, which)
     """No alignment promise (scalar accesses), and runtime ints Triton turns into the constant 1."""
     [r] = compiler.run(_compile, which, 90, False, True)
     assert r["cubin"] and r["volatile_loads"] > 0
+
+
+
+def _barrier_before_clear(rank, world, aligned):
+    import re
+
+    from symmtriton.kernels.all_gather import _all_gather_ll_kernel
+    from symmtriton.testing import compile_for_target
+
+    # 64 lines in 4 warps: Triton keeps copies of them in several warps (kernels/ll.py, "Warps")
+    c = compile_for_target(_all_gather_ll_kernel, 90, num_warps=4, **COMMON, DTYPE=tl.int32,
+                           BLOCK=64, ALIGNED=aligned)
+    ttgir = c.asm["ttgir"]
+    poll = [m.end() for m in re.finditer(r"ld\.volatile\.global|isVolatile = true", ttgir)][-1]
+    after = ttgir[poll:]
+    return "gpu.barrier" in after[:after.index("tt.store")]
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["pairs", "lines"])
+def test_every_warp_is_done_polling_before_lines_are_cleared(compiler, aligned):
+    assert compiler.run(_barrier_before_clear, aligned) == [True]
