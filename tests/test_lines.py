@@ -170,7 +170,7 @@ def test_env_protocol_is_validated(monkeypatch, mode):
         env.protocol()
 
 
-def test_row_split_fills_the_blocks_and_fits_the_inboxes():
+def test_row_split_fills_the_blocks_and_fits_the_slot():
     """config.lines_row_split: how the barrier-free row kernels cut rows (kernels/ll_rows.py)."""
     cfg = lines_config(4096, torch.bfloat16, 2)
     big = 1 << 18  # inbox lines of a GPU slot
