@@ -83,10 +83,7 @@ def ll_push_chunks(src, buf_table, peer, ll_off, n, pid, nprog, seq, slot_words,
                    WORLD_SIZE: tl.constexpr):
     """:func:`ll_push_to` of a whole message of ``n`` elements at pointer ``src``, in chunks of
     ``CHUNK`` elements, chunk ``c`` by block ``c % nprog``: a message spread over many blocks
-    leaves through many SMs at once (rows of the row kernels included: lines do not care which
-    block pushed them). A row kernel then has blocks wait for lines other blocks pushed, so
-    every block must run at once: on the GPU (the grid is bounded by co-residency), never in
-    the interpreter, which runs a launch's blocks one after another."""
+    leaves through many SMs at once."""
     c = pid
     while c * CHUNK < n:  # see ptx.py on loops
         ll_push_to(src, buf_table, peer, ll_off, as_i64(c) * CHUNK, n, seq, slot_words, DTYPE,

@@ -17,11 +17,8 @@ Protocol of one call (every op: push everything, then receive):
 - get (:func:`ll_get`): volatile loads of the local lines (16-byte pairs where aligned) until
   every flag equals this call's flag, then store 0 over them (local stores).
 
-Which block pushes a line does not matter, only its place in the slot: the flat ops push and
-receive the same chunks in the same block; the row kernels may spread their pushes over more
-blocks than rows (``common.ll_push_chunks``), and then need every block of the launch running at
-once (the GPU grid is bounded by co-residency; the interpreter runs blocks one by one, so there
-rows are pushed by the block that reads them).
+Which block pushes a line does not matter, only its place in the slot: the flat ops and the row
+kernels (kernels/ll_rows.py) push and receive the same chunks in the same block.
 
 Why no barrier is needed to reuse a slot: every line of the area is 0 except while a call is
 in flight. A writer writes parity ``p`` again at call ``seq + 2`` only after its call

@@ -79,16 +79,14 @@ def unit_done(x, c0, u, stats, out_row, w, H, eps, flag, NC: tl.constexpr):
 
 
 @triton.jit
-def unit_norm(u, C, U, stats, x_row, out_row, w_addr, H, eps, flag, src, status, timeout_ns,
-              pad, W_DTYPE: tl.constexpr, CHUNK: tl.constexpr, NC: tl.constexpr,
+def unit_norm(r, c0, C, U, stats, x_row, out_row, w_addr, H, eps, flag, src, status,
+              timeout_ns, pad, W_DTYPE: tl.constexpr, CHUNK: tl.constexpr, NC: tl.constexpr,
               USE_PTX: tl.constexpr):
-    """Phase 3 for unit ``u`` (``C > 1`` units per row, ``NC`` the power of two >= ``C``):
-    wait for its row's stats lines (this rank's bit ``src`` on failure), sum them, store the
-    normalised ``x`` (read at pointer ``x_row + column``) times the weight at ``out_row +
-    column``, and count this block done with the row (the last one clears). Returns ``status``
-    or-ed with the wait's."""
-    r = u // C
-    c0 = (u - r * C) * CHUNK
+    """Phase 3 for the unit at row ``r``, column ``c0`` (:func:`unit_span`; ``C > 1`` units per
+    row, ``NC`` the power of two >= ``C``): wait for its row's stats lines (this rank's bit
+    ``src`` on failure), sum them, store the normalised ``x`` (read at pointer ``x_row +
+    column``) times the weight at ``out_row + column``, and count this block done with the row
+    (the last one clears). Returns ``status`` or-ed with the wait's."""
     cols = c0 + tl.arange(0, CHUNK)
     mask = cols < H
     # loads first, the wait after: their latency overlaps it
@@ -115,11 +113,11 @@ def norm_units(pid, nprog, U, C, stats, res, out, w_addr, H, eps, flag, status, 
     ``status`` or-ed with the waits'."""
     u = pid
     while u < U:  # see ptx.py on loops
-        r = (u // C).to(tl.int64)
+        r, c0, start, end = unit_span(u, C, H, CHUNK)
         keep = out + r * H
         if (r >= own_first) & (r < own_first + own_rows):
             keep = res + (r - own_first) * H
-        status = unit_norm(u, C, U, stats, keep, out + r * H, w_addr, H, eps, flag, RANK,
+        status = unit_norm(r, c0, C, U, stats, keep, out + r * H, w_addr, H, eps, flag, RANK,
                            status, timeout_ns, pad, W_DTYPE, CHUNK, NC, USE_PTX)
         u += nprog
     return status

@@ -182,17 +182,15 @@ def lines_row_split(cfg: "LaunchConfig", rows: int, hidden: int, itemsize: int, 
     row_p2 = size_bucket(hidden)
     blocks = max(1, min(cfg.max_blocks, cap))
 
-    def units(chunk):
-        per_row = -(-hidden // chunk)
-        return per_row, rows * per_row
-
     chunk = lines_block(min(cfg.block_size, row_p2), itemsize)
     if sequential:
         chunk = max(chunk, row_p2 // 4)
-    while chunk < row_p2 and (units(chunk)[1] > blocks
-                              or units(chunk)[1] + rows > slot_lines):
+    while True:
+        per_row = -(-hidden // chunk)
+        total = rows * per_row
+        if chunk >= row_p2 or (total <= blocks and total + rows <= slot_lines):
+            break
         chunk *= 2
-    per_row, total = units(chunk)
     grid = 1 if sequential and per_row > 1 else cfg.row_grid(total, cap)
     warps = max(cfg.num_warps, min(4, chunk * itemsize // 4 // 256))
     return grid, chunk, size_bucket(per_row), warps
