@@ -148,7 +148,7 @@ def _all_reduce_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table
                                       ALIGNED)
         x = (acc + r0.to(tl.float32)).to(DTYPE)
         tl.store(res + offs, x, mask=offs < end)
-        unit_done(x, c0, u, stats, out + r * H, w, H, eps, flag, NC)
+        unit_done(x, c0, u, C, stats, out + r * H, w, H, eps, flag, NC)
         u += nprog
     if NC > 1:  # 3. normalise (ll_rows.py)
         status = norm_units(pid, nprog, U, C, stats, res, out, w_addr, H, eps, flag, status,

@@ -170,7 +170,7 @@ def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig
                                           RANK, WORLD_SIZE, USE_PTX, ALIGNED)
             x = (acc + r0.to(tl.float32)).to(DTYPE)
             tl.store(res + start + offs, x, mask=mask)
-        unit_done(x, c0, u, stats, out + r * H, w, H, eps, flag, NC)
+        unit_done(x, c0, u, C, stats, out + r * H, w, H, eps, flag, NC)
         u += nprog
     if NC > 1:  # 3. normalise (ll_rows.py); x waits in the residual for this rank's rows
         status = norm_units(pid, nprog, U, C, stats, res, out, w_addr, H, eps, flag, status,

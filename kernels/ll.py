@@ -128,8 +128,8 @@ def _get_pairs(base, first, end, flag, skip, timeout_ns, pad, NW: tl.constexpr,
 
 @triton.jit
 def _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW: tl.constexpr,
-               USE_PTX: tl.constexpr, CLEAR: tl.constexpr):
-    """:func:`ll_get`'s wait, one volatile load per line; the lines are cleared with ``CLEAR``."""
+               USE_PTX: tl.constexpr):
+    """:func:`ll_get`'s wait, one volatile load per line."""
     offs = first + tl.arange(0, NW)
     mask = offs < end
     got = ~mask | (skip != 0)
@@ -145,9 +145,8 @@ def _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW: tl.constexpr,
         deadline_ns, expired = deadline_tick(misses, deadline_ns, timeout_ns, pad + ERR_WORD * 4,
                                              pad, USE_PTX)
     tl.debug_barrier()  # every warp is done polling before any line is cleared (module docstring)
-    if CLEAR:
-        if skip == 0:
-            tl.store(base + offs, tl.zeros([NW], tl.int64), mask=mask)
+    if skip == 0:
+        tl.store(base + offs, tl.zeros([NW], tl.int64), mask=mask)
     return words, got, wrong
 
 
@@ -172,20 +171,9 @@ def ll_get(slot_addr, first, end, flag, src, skip, timeout_ns, pad, NW: tl.const
                                            USE_PTX)
         else:
             words, got, wrong = _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW,
-                                           USE_PTX, True)
+                                           USE_PTX)
     else:
-        words, got, wrong = _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW, USE_PTX,
-                                       True)
-    return words, _status(got, wrong, src)
-
-
-@triton.jit
-def ll_peek(slot_addr, first, end, flag, src, skip, timeout_ns, pad, NW: tl.constexpr,
-            USE_PTX: tl.constexpr):
-    """:func:`ll_get` without clearing the lines (one volatile load per line): for lines that
-    several blocks read, cleared by the last of them (kernels/ll_rows.py)."""
-    words, got, wrong = _get_lines(_lines(slot_addr), first, end, flag, skip, timeout_ns, pad, NW,
-                                   USE_PTX, False)
+        words, got, wrong = _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW, USE_PTX)
     return words, _status(got, wrong, src)
 
 

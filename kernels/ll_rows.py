@@ -15,21 +15,20 @@ row's reduction spreads over up to ``C`` blocks instead of one. Phases of a kern
    order (one ``tl.sum`` of the same shape everywhere: the same bits in every block and on every
    rank), reload ``x``, normalise, store.
 
-Stats lines lie in this rank's own slot of its line area (slot ``RANK``: peers write only their own
-slots), parity of the call: line ``u`` is ``(flag << 32) | bits(ss_u)``, and line ``U + row``
-(``U`` units in all) counts the blocks done with the row. Both are local to the GPU. A block that
-has read its row's stats and stored its output adds one to the count (a relaxed ``atom.gpu``: its
-loads have returned, since the wait's loop ended on their values, and the clearing stores depend on
-the count's old value; an acq_rel atomic would also wait for the thread's NVLink pushes); the block
-that brings it to ``C`` sets the row's stats lines and the count back to 0. So the area is all 0
-between calls, as kernels/ll.py requires, and a stale line never carries a later call's flag. The
-count comes after the wait's block barrier (kernels/ll.py, "Warps"): no warp of a block that
-counted is still reading. (An inbox per unit, written by each unit of the row and cleared by its
-one reader, avoids the atomic and measured 0.3-0.5 us faster; it hung on 2x H200 for ``[64, 4096]``
-bf16, 2 warps and 4 units a row, before the waits had that barrier, and has not run on a GPU
-since.) Phase 3 waits for other blocks of the same launch: every block must be running at once,
-which holds on the GPU (the grid is bounded by co-residency) but not in the interpreter, which runs
-blocks one after another, so there a launch with ``C > 1`` has one block.
+Stats lines lie in this rank's own slot of its line area (slot ``RANK``: peers write only their
+own slots), parity of the call, local to the GPU. Each unit has an inbox of ``NC`` lines (unit
+``v``'s at line ``v * NC``); the block of unit ``(row, c)`` writes ``(flag << 32) | bits(ss)``
+to entry ``c`` of the inbox of every unit of its row, and each unit's block waits for the ``C``
+entries of its own inbox and clears them (``ll.ll_get``), as a rank does with its slots: a line
+has one writer and one reader, and holds 0 or the flag of the call in flight (kernels/ll.py). So
+no atomic is needed, and the area is all 0 between calls. The wait ends with a block barrier
+before the clear (kernels/ll.py, "Warps"): no warp of the block still polls a line it clears.
+(Measured on 2x H200, W=2, graph, bf16 all-reduce + add + RMSNorm [1, 2, 4, 8, 16] x 4096:
+inboxes 3.86 / 3.88 / 3.98 / 4.26 / 4.55 us, in the same run stats lines shared by the row and
+counted by a relaxed atomic 4.08 / 4.12 / 4.37 / 4.64 / 5.12; benchmarks/results/NOTES.md.) Phase 3 waits for other blocks of the
+same launch: every block must be running at once, which holds on the GPU (the grid is bounded by
+co-residency) but not in the interpreter, which runs blocks one after another, so there a launch
+with ``C > 1`` has one block.
 
 A block whose waits failed goes on (its later waits return at once) and still publishes, so the
 row's other blocks never wait for it; the call raises (``barrier.give_up``).
@@ -39,7 +38,7 @@ import triton
 import triton.language as tl
 
 from .common import rms_normed, rms_scaled, sum_sq
-from .ll import ll_peek, ll_put
+from .ll import ll_get, ll_put
 
 
 @triton.jit
@@ -65,41 +64,40 @@ def unit_weight(w_addr, c0, H, W_DTYPE: tl.constexpr, CHUNK: tl.constexpr, NC: t
 
 
 @triton.jit
-def unit_done(x, c0, u, stats, out_row, w, H, eps, flag, NC: tl.constexpr):
+def unit_done(x, c0, u, C, stats, out_row, w, H, eps, flag, NC: tl.constexpr):
     """Phase 2's end for unit ``u`` (columns ``c0 + [0, CHUNK)`` of its row, ``x`` in the
     dtype): with ``NC == 1`` (whole rows) store its RMSNorm times the weight ``w``
-    (:func:`unit_weight`) at pointer ``out_row + column``; else publish its sum of squares as
-    stats line ``u`` of the slot at ``stats``."""
+    (:func:`unit_weight`) at pointer ``out_row + column``; else send its sum of squares to the
+    inboxes of its row's ``C`` units in the slot at ``stats``."""
     cols = c0 + tl.arange(0, x.shape[0])
     mask = cols < H
     if NC == 1:
         tl.store(out_row + cols, rms_normed(x, mask, w, H, eps), mask=mask)
     else:
-        ll_put(stats, u, sum_sq(x, mask).to(tl.int32, bitcast=True), True, flag)
+        k = tl.arange(0, NC)
+        c = u % C
+        ss = tl.zeros([NC], tl.float32) + sum_sq(x, mask)
+        ll_put(stats, (u - c + k) * NC + c, ss.to(tl.int32, bitcast=True), k < C, flag)
 
 
 @triton.jit
-def unit_norm(r, c0, C, U, stats, x_row, out_row, w_addr, H, eps, flag, src, status,
-              timeout_ns, pad, W_DTYPE: tl.constexpr, CHUNK: tl.constexpr, NC: tl.constexpr,
+def unit_norm(u, c0, C, stats, x_row, out_row, w_addr, H, eps, flag, src, status, timeout_ns,
+              pad, W_DTYPE: tl.constexpr, CHUNK: tl.constexpr, NC: tl.constexpr,
               USE_PTX: tl.constexpr):
-    """Phase 3 for the unit at row ``r``, column ``c0`` (:func:`unit_span`; ``C > 1`` units per
-    row, ``NC`` the power of two >= ``C``): wait for its row's stats lines (this rank's bit
-    ``src`` on failure), sum them, store the normalised ``x`` (read at pointer ``x_row +
-    column``) times the weight at ``out_row + column``, and count this block done with the row
-    (the last one clears). Returns ``status`` or-ed with the wait's."""
+    """Phase 3 for unit ``u`` at column ``c0`` of its row (:func:`unit_span`; ``C > 1`` units
+    per row, ``NC`` the power of two >= ``C``): wait for its inbox (this rank's bit ``src`` on
+    failure) and clear it, sum the row's sums of squares, and store the normalised ``x`` (read
+    at pointer ``x_row + column``) times the weight at ``out_row + column``. Returns ``status``
+    or-ed with the wait's."""
     cols = c0 + tl.arange(0, CHUNK)
     mask = cols < H
     # loads first, the wait after: their latency overlaps it
     w = tl.load(w_addr.to(tl.pointer_type(W_DTYPE)) + cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_row + cols, mask=mask, other=0.0)
-    words, st = ll_peek(stats, r * C, r * C + C, flag, src, status, timeout_ns, pad, NC, USE_PTX)
+    words, st = ll_get(stats, u * NC, u * NC + C, flag, src, status, timeout_ns, pad, NC, USE_PTX,
+                       False)
     ss = tl.sum(words.to(tl.float32, bitcast=True), axis=0)  # 0.0 past C
     tl.store(out_row + cols, rms_scaled(x, mask, ss, w, H, eps), mask=mask)
-    lines = stats.to(tl.pointer_type(tl.int64))
-    if tl.atomic_add(lines + U + r, 1, sem="relaxed", scope="gpu") == C - 1:
-        first = r * C + tl.arange(0, NC)
-        tl.store(lines + first, tl.zeros([NC], tl.int64), mask=first < r * C + C)
-        tl.store(lines + U + r, 0)
     return status | st
 
 
@@ -117,7 +115,7 @@ def norm_units(pid, nprog, U, C, stats, res, out, w_addr, H, eps, flag, status, 
         keep = out + r * H
         if (r >= own_first) & (r < own_first + own_rows):
             keep = res + (r - own_first) * H
-        status = unit_norm(r, c0, C, U, stats, keep, out + r * H, w_addr, H, eps, flag, RANK,
+        status = unit_norm(u, c0, C, stats, keep, out + r * H, w_addr, H, eps, flag, RANK,
                            status, timeout_ns, pad, W_DTYPE, CHUNK, NC, USE_PTX)
         u += nprog
     return status

@@ -171,13 +171,13 @@ def lines_row_split(cfg: "LaunchConfig", rows: int, hidden: int, itemsize: int, 
     (kernels/ll_rows.py): ``(grid, chunk, nc, num_warps)``. A unit is ``chunk`` elements (whole
     32-bit words, at most the row's power of two): ``cfg.block_size``, doubled while there are
     more units than blocks (a block's units run one after another, each waiting twice) or their
-    stats lines and row counts overflow a slot of ``slot_lines``, with a warp per 256 words (at
+    inboxes (``nc`` lines each) overflow a slot of ``slot_lines``, with a warp per 256 words (at
     most 4, at least ``cfg.num_warps``); ``nc`` is the power of two >= the units per row. One
     block per unit, at most ``cfg.max_blocks`` and ``cap``. When ``sequential`` (the
     interpreter, which runs blocks one after another, each unit at a high fixed cost) a row has
     at most 4 units, and one block in all runs them when a row has several (their blocks wait
     for each other). Measured on 2x H200, W=2, graph, bf16 [S, 4096]
-    (benchmarks/results/NOTES.md): all-reduce + add + RMSNorm [8, 4096] 4.82 us (whole rows
+    (benchmarks/results/NOTES.md): all-reduce + add + RMSNorm [8, 4096] 4.26 us (whole rows
     5.46), 1 MiB 11.2 (512-byte units regardless of the grid: 44.2)."""
     row_p2 = size_bucket(hidden)
     blocks = max(1, min(cfg.max_blocks, cap))
@@ -188,7 +188,7 @@ def lines_row_split(cfg: "LaunchConfig", rows: int, hidden: int, itemsize: int, 
     while True:
         per_row = -(-hidden // chunk)
         total = rows * per_row
-        if chunk >= row_p2 or (total <= blocks and total + rows <= slot_lines):
+        if chunk >= row_p2 or (total <= blocks and total * size_bucket(per_row) <= slot_lines):
             break
         chunk *= 2
     grid = 1 if sequential and per_row > 1 else cfg.row_grid(total, cap)

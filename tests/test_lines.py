@@ -180,8 +180,9 @@ def test_row_split_fills_the_blocks_and_fits_the_slot():
     assert lines_row_split(cfg, 128, 4096, 2, 264, big, False) == (256, 2048, 2, 4)
     # short rows stay whole (no stats exchange)
     assert lines_row_split(cfg, 3, 66, 2, 264, big, False)[1:3] == (128, 1)
-    # stats lines and row counts (units + rows) never overflow the slot
-    assert lines_row_split(cfg, 16, 4096, 2, 264, 200, False)[:3] == (128, 512, 8)
+    # the inboxes (units x nc lines) never overflow the slot
+    assert lines_row_split(cfg, 16, 4096, 2, 264, 1024, False)[:3] == (128, 512, 8)
+    assert lines_row_split(cfg, 16, 4096, 2, 264, 1023, False)[:3] == (64, 1024, 4)
     # the interpreter: at most 4 units per row, all in one block
     assert lines_row_split(cfg, 3, 1000, 2, 264, big, True)[:3] == (1, 256, 4)
     assert lines_row_split(cfg, 3, 200, 2, 264, big, True)[:3] == (3, 256, 1)
