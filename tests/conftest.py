@@ -3,8 +3,9 @@
 Worlds (``pool`` runs a test on each; ``gpu_pool`` on the GPU ones only):
 
 * ``cpu-w2``, ``cpu-w3``, ``cpu-w4``: host backend, Triton interpreter, gloo group.
-* ``gpu-w2-nccl``, ``gpu-w2-gloo``: two ranks, one per GPU, with an NCCL and with a gloo
-  group; generated only when at least two GPUs are visible at collection time.
+* ``gpu-w2-nccl``, ``gpu-w2-gloo`` (and ``gpu-w4-*``, ``gpu-w8-*``): two (four, eight) ranks,
+  one per GPU, with an NCCL and with a gloo group; generated only when that many GPUs are visible
+  at collection time.
 * ``gpu-w2-shared``, ``gpu-w4-shared``, ``gpu-w8-shared``: 2, 4 and 8 ranks on GPU 0 with a
   gloo group (NCCL refuses several ranks per GPU); start MPS for them, or the ranks
   time-slice the GPU (benchmarks/gpu_run.sh does).
@@ -24,6 +25,7 @@ from symmtriton.testing import CPU_ENV, EXIT_MARK_ENV, GPU_ENV, GPU_PER_RANK_ENV
 
 CPU_WORLD_SIZES = (2, 3, 4)
 SHARED_GPU_WORLD_SIZES = (2, 4, 8)
+PER_GPU_WORLD_SIZES = (2, 4, 8)
 PER_GPU_BACKENDS = ("nccl", "gloo")
 
 
@@ -48,9 +50,9 @@ class PoolSpec(NamedTuple):
 
 def gpu_specs() -> list:
     """The GPU worlds this machine runs (decided from the GPUs visible at collection time)."""
-    specs = []
-    if torch.cuda.device_count() >= 2:
-        specs += [PoolSpec("gpu", 2, backend, True) for backend in PER_GPU_BACKENDS]
+    gpus = torch.cuda.device_count()
+    specs = [PoolSpec("gpu", w, backend, True) for w in PER_GPU_WORLD_SIZES if gpus >= w
+             for backend in PER_GPU_BACKENDS]
     return specs + [PoolSpec("gpu", w) for w in SHARED_GPU_WORLD_SIZES]
 
 
