@@ -150,17 +150,37 @@ def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | 
 #: 3.62 us, 1 KiB unchanged (benchmarks/results/NOTES.md): small chunks spread a message over
 #: more blocks, each polling fewer lines.
 LINES_CHUNK_BYTES = 512
+#: messages of more than 4 KiB and at most 32 KiB per peer go in chunks of half that: 32-128
+#: blocks. Measured on 2x H200, W=2, graph, zero-copy bf16 (256 / 512-byte chunks): all-gather
+#: 16 / 32 / 64 / 128 KiB 2.76 / 2.83 / 2.96 / 3.40 us vs 2.74 / 2.88 / 3.04 / 3.24,
+#: reduce-scatter 2.73 / 2.79 / 2.93 / 3.32 vs 2.87 / 2.90 / 3.05 / 3.23
+#: (benchmarks/results/NOTES.md).
+LINES_HALF_CHUNK_PEER_BYTES = (4 * 1024, 32 * 1024)
 
 
 def lines_config(numel: int, dtype: torch.dtype, world: int) -> LaunchConfig:
     """Config of the barrier-free kernels for ``numel`` elements of ``dtype`` per peer: chunks
-    of at most :data:`LINES_CHUNK_BYTES` (at least 64 words), a warp per 256 words (at most
-    4), so every thread stores 16-byte pairs of lines and small messages spread over blocks."""
+    of at most :data:`LINES_CHUNK_BYTES` (half that for the sizes of
+    :data:`LINES_HALF_CHUNK_PEER_BYTES`; at least 64 words), a warp per 256 words (at most 4), so
+    every thread stores 16-byte pairs of lines and small messages spread over blocks."""
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
     esize = dtype.itemsize
+    low, high = LINES_HALF_CHUNK_PEER_BYTES
+    chunk = LINES_CHUNK_BYTES // 2 if low < numel * esize <= high else LINES_CHUNK_BYTES
+    return _lines_chunks(numel, esize, chunk)
+
+
+def lines_row_config(hidden: int, dtype: torch.dtype, world: int) -> LaunchConfig:
+    """Config of the barrier-free row kernels for rows of ``hidden`` elements of ``dtype``:
+    units start at :data:`LINES_CHUNK_BYTES` (:func:`lines_row_split` widens them)."""
+    check_count("hidden", hidden)
+    return _lines_chunks(hidden, dtype.itemsize, LINES_CHUNK_BYTES)
+
+
+def _lines_chunks(numel: int, esize: int, chunk_bytes: int) -> LaunchConfig:
     epw = max(1, 4 // esize)  # elements per 32-bit word
-    block = max(64 * epw, min(size_bucket(max(numel, 1)), LINES_CHUNK_BYTES // esize))
+    block = max(64 * epw, min(size_bucket(max(numel, 1)), chunk_bytes // esize))
     return LaunchConfig(block_size=block, num_warps=max(1, min(4, block // epw // 256)),
                         max_blocks=264)
 
@@ -205,16 +225,20 @@ def lines_block(block_size: int, itemsize: int) -> int:
 def all_reduce_config(numel: int, dtype: torch.dtype, world: int, algorithm: str) -> LaunchConfig:
     """The barrier all-reduce kernel's config (untuned by the tuner): one-shot as
     :func:`default_config` over the tensor; two-shot over a rank's slice, with 8 KiB chunks and
-    8 warps for slices up to 1 MiB and 64 KiB chunks and 16 warps above. Measured on 2x H200,
-    W=2, graph, zero-copy in place bf16 (benchmarks/results/NOTES.md): 1 MiB 10.6 us (16 KiB
-    chunks, 8 warps: 12.1), 16 MiB 56.2 (58.9), 256 MiB 797.6 (807.6)."""
+    8 warps for slices up to 512 KiB, above that 16 warps and chunks of 1/128 of the slice's
+    power of two, from 16 to 64 KiB. Measured on 2x H200, W=2, graph, zero-copy in place bf16
+    (benchmarks/results/NOTES.md): 1 / 2 / 4 / 8 / 16 MiB 10.19 / 13.16 / 19.65 / 32.20 /
+    56.63 us (8 KiB chunks and 8 warps to 1 MiB, 64 KiB and 16 warps above: 10.42 / 13.67 /
+    20.92 / 32.79 / 56.64; torch's two_shot_all_reduce_ 10.68 / 13.57 / 20.62 / 32.78 / 58.74);
+    256 MiB 797.6 (16 KiB chunks: 807.6)."""
     if algorithm != "two_shot":
         return default_config(numel, dtype, world)
-    slice_ = -(-numel // world)
-    if slice_ * dtype.itemsize <= 1024 * 1024:
+    slice_bytes = -(-numel // world) * dtype.itemsize
+    if slice_bytes <= 512 * 1024:
         return LaunchConfig(block_size=max(16 // dtype.itemsize * 32, 8192 // dtype.itemsize),
                             num_warps=8, max_blocks=264)
-    return LaunchConfig(block_size=65536 // dtype.itemsize, num_warps=16, max_blocks=264)
+    chunk = min(64 * 1024, max(16 * 1024, size_bucket(slice_bytes) // 128))
+    return LaunchConfig(block_size=chunk // dtype.itemsize, num_warps=16, max_blocks=264)
 
 
 #: all-reduce algorithms: ``lines`` (one-shot over flag-in-data lines, kernels/ll.py; chosen for

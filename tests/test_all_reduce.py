@@ -9,7 +9,7 @@ import torch.distributed as dist
 import symmtriton as st
 from symmtriton import custom_ops as co
 from symmtriton import reference
-from symmtriton.config import LaunchConfig, all_reduce_algorithm
+from symmtriton.config import LaunchConfig, all_reduce_algorithm, all_reduce_config
 from symmtriton.testing import (buffer_without_symmetric_memory, captured, device,
                                 errors_without_launch, sync, tagged)
 
@@ -143,6 +143,15 @@ def test_algorithm_choice():
     assert all_reduce_algorithm(400 << 10, 8) == "two_shot"  # one-shot reads world x the tensor
     with pytest.raises(ValueError, match="nbytes"):
         all_reduce_algorithm(-1, 2)
+
+
+@pytest.mark.parametrize("mib, chunk_kib, warps", [(1, 8, 8), (2, 16, 16), (4, 16, 16), (8, 32, 16),
+                                                   (16, 64, 16), (256, 64, 16)])
+def test_two_shot_chunks_grow_with_the_slice(mib, chunk_kib, warps):
+    """config.all_reduce_config: two-shot chunks by the slice's size (bf16, 2 ranks)."""
+    cfg = all_reduce_config((mib << 20) // 2, torch.bfloat16, 2, "two_shot")
+    assert (cfg.block_size * 2, cfg.num_warps) == (chunk_kib << 10, warps)
+    assert all_reduce_config(1000, torch.float32, 2, "one_shot").block_size == 1024
 
 
 def _graph_replays(rank, world, replays):

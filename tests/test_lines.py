@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton import reference
-from symmtriton.config import lines_config, lines_row_split
+from symmtriton.config import lines_config, lines_row_config, lines_row_split
 from symmtriton.context import LINES_MAX_BYTES, context
 from symmtriton.kernels.all_gather import _all_gather_ll_kernel
 from symmtriton.kernels.all_reduce import _all_reduce_ll_kernel
@@ -170,9 +170,18 @@ def test_env_protocol_is_validated(monkeypatch, mode):
         env.protocol()
 
 
+@pytest.mark.parametrize("peer_bytes, chunk_bytes", [(1024, 512), (4096, 512), (8192, 256),
+                                                     (32768, 256), (65536, 512), (1 << 20, 512)])
+def test_flat_chunks_halve_for_mid_sizes(peer_bytes, chunk_bytes):
+    """config.lines_config: 256-byte chunks for more than 4 and at most 32 KiB per peer, 512
+    bytes otherwise; the row kernels start at 512."""
+    assert lines_config(peer_bytes // 2, torch.bfloat16, 2).block_size * 2 == chunk_bytes
+    assert lines_row_config(8192, torch.bfloat16, 2).block_size * 2 == 512
+
+
 def test_row_split_fills_the_blocks_and_fits_the_slot():
     """config.lines_row_split: how the barrier-free row kernels cut rows (kernels/ll_rows.py)."""
-    cfg = lines_config(4096, torch.bfloat16, 2)
+    cfg = lines_row_config(4096, torch.bfloat16, 2)
     big = 1 << 18  # inbox lines of a GPU slot
     # decode rows: 512-byte units, one block (a warp) each
     assert lines_row_split(cfg, 16, 4096, 2, 264, big, False) == (256, 256, 16, 1)

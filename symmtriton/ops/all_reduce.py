@@ -21,7 +21,8 @@ import torch.distributed as dist
 from .. import env
 from .._calls import counts_calls
 from ..config import (ALL_REDUCE_ALGORITHMS, MAX_FUSED_HIDDEN, LaunchConfig, all_reduce_algorithm,
-                      all_reduce_config, default_config, lines_block, lines_config, lines_row_split)
+                      all_reduce_config, default_config, lines_block, lines_config,
+                      lines_row_config, lines_row_split)
 from ..context import (LINES_MAX_BYTES, LINES_ROWS_MAX_BYTES, aligned16, context, find_buffer,
                        lines_eligible, lines_fit, multimem_eligible, offset_in, region_after,
                        symm_usable)
@@ -163,7 +164,7 @@ class AllReduceAddRmsnorm(Collective):
         algo = choose_algorithm(buf, input.device, algorithm, S * H * esize, H * esize, world,
                                 LINES_ROWS_MAX_BYTES)
         if algo == "lines" and H <= MAX_FUSED_HIDDEN:
-            plan.choice = ConfigChoice(config or lines_config(H, input.dtype, world))
+            plan.choice = ConfigChoice(config or lines_row_config(H, input.dtype, world))
             plan.kernel = _fused_lines_launch(context(buf), plan.choice.config, args, out,
                                               1 if new_out else None, timeout_s)
             return plan

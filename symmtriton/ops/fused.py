@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .. import env
 from .._calls import counts_calls
-from ..config import CONFIG_OP, MAX_FUSED_HIDDEN, LaunchConfig, lines_config, lines_row_split
+from ..config import CONFIG_OP, MAX_FUSED_HIDDEN, LaunchConfig, lines_row_config, lines_row_split
 from ..context import (LINES_ROWS_MAX_BYTES, aligned16, context, find_buffer, lines_eligible,
                        multimem_eligible, offset_in, region_after, symm_usable)
 from ..kernels.fused_rmsnorm import _fused_rmsnorm_kernel, _fused_rmsnorm_ll_kernel
@@ -144,7 +144,7 @@ class FusedRmsnorm(Collective):
         per_peer = (S + s if self.all_gather else s) * row_bytes
         if (H <= MAX_FUSED_HIDDEN and symm_usable(buf, input.device, 0)
                 and lines_eligible(context(buf), per_peer, row_bytes, LINES_ROWS_MAX_BYTES)):
-            plan.choice = ConfigChoice(config or lines_config(H, input.dtype, world))
+            plan.choice = ConfigChoice(config or lines_row_config(H, input.dtype, world))
             plan.kernel = _lines_launch(self.name, context(buf), plan.choice.config, args, out,
                                         self.all_gather, 1 if new_out else None, timeout_s)
             return plan
