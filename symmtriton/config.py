@@ -117,12 +117,23 @@ class LaunchConfig:
 MAX_FUSED_HIDDEN = 65536
 
 
-def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | None = None) -> LaunchConfig:
+#: reduce-scatter chunks at more than 2 ranks: each block pulls a chunk from every peer, and 16
+#: KiB chunks leave a mid-size shard with few blocks. Measured on 4x H200 (NVLink, one rank per
+#: GPU), graph, zero-copy bf16, 1 / 4 / 16 MiB: 4 KiB chunks and 4 warps 10.16 / 18.62 / 48.90 us,
+#: 16 KiB and 8 warps 16.18 / 19.67 / 50.25, torch's reduce_scatter_out 10.80 / 19.52 / 49.48
+#: (benchmarks/results/NOTES.md).
+RS_WIDE_CHUNK_BYTES = 4 * 1024
+
+
+def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | None = None,
+                   op: str | None = None) -> LaunchConfig:
     """Heuristic config for a collective over shards of ``numel`` elements of ``dtype``.
 
     Small shards: one chunk per block and just enough threads for 16-byte accesses, so the
     latency is one barrier pair plus one round of loads. Large shards: 16 KiB chunks, 8 warps, a
-    persistent grid of up to 2 blocks per SM of an H100 (132 SMs).
+    persistent grid of up to 2 blocks per SM of an H100 (132 SMs). ``op``
+    ``"reduce_scatter"`` at more than 2 ranks: :data:`RS_WIDE_CHUNK_BYTES` chunks with two
+    16-byte loads per thread and peer.
 
     With ``hidden`` (the fused row kernels): a chunk is one row of ``hidden`` elements, and the
     warps grow with the row so each thread holds at most 16 fp32 values per row tensor.
@@ -138,8 +149,10 @@ def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | 
         return LaunchConfig(block_size=block, num_warps=max(1, min(32, block // (32 * 16))),
                             max_blocks=264)
     chunk_bytes = 16 * 1024
-    block = max(vec * 32, min(size_bucket(max(numel, 1)), chunk_bytes // esize))
     per_thread = 4 * vec  # 4 x 16-byte accesses in flight per thread and peer
+    if op == "reduce_scatter" and world > 2:
+        chunk_bytes, per_thread = RS_WIDE_CHUNK_BYTES, 2 * vec
+    block = max(vec * 32, min(size_bucket(max(numel, 1)), chunk_bytes // esize))
     num_warps = max(1, min(8, block // (32 * per_thread)))
     return LaunchConfig(block_size=block, num_warps=num_warps, max_blocks=264)
 
@@ -224,17 +237,18 @@ def lines_block(block_size: int, itemsize: int) -> int:
 
 def all_reduce_config(numel: int, dtype: torch.dtype, world: int, algorithm: str) -> LaunchConfig:
     """The barrier all-reduce kernel's config (untuned by the tuner): one-shot as
-    :func:`default_config` over the tensor; two-shot over a rank's slice, with 8 KiB chunks and
-    8 warps for slices up to 512 KiB, above that 16 warps and chunks of 1/128 of the slice's
-    power of two, from 16 to 64 KiB. Measured on 2x H200, W=2, graph, zero-copy in place bf16
-    (benchmarks/results/NOTES.md): 1 / 2 / 4 / 8 / 16 MiB 10.19 / 13.16 / 19.65 / 32.20 /
-    56.63 us (8 KiB chunks and 8 warps to 1 MiB, 64 KiB and 16 warps above: 10.42 / 13.67 /
-    20.92 / 32.79 / 56.64; torch's two_shot_all_reduce_ 10.68 / 13.57 / 20.62 / 32.78 / 58.74);
-    256 MiB 797.6 (16 KiB chunks: 807.6)."""
+    :func:`default_config` over the tensor; two-shot over a rank's slice: at 2 ranks, 8 KiB
+    chunks and 8 warps for slices up to 512 KiB; else 16 warps and chunks of 1/128 of the slice's
+    power of two, from 16 to 64 KiB. Measured in place, graph, zero-copy bf16
+    (benchmarks/results/NOTES.md): 2x H200, W=2, 1 / 2 / 4 / 8 / 16 MiB 10.19 / 13.16 / 19.65 /
+    32.20 / 56.63 us (8 KiB chunks and 8 warps to 1 MiB, 64 KiB and 16 warps above: 10.42 / 13.67
+    / 20.92 / 32.79 / 56.64; torch's two_shot_all_reduce_ 10.68 / 13.57 / 20.62 / 32.78 / 58.74),
+    256 MiB 797.6 (16 KiB chunks: 807.6); 4x H200, W=4, 256 KiB / 512 KiB / 1 MiB 10.92 / 11.62 /
+    13.24 (8 KiB chunks, 8 warps: 12.45 / 13.05 / 14.40; torch 9.84 / 10.19 / 13.40)."""
     if algorithm != "two_shot":
         return default_config(numel, dtype, world)
     slice_bytes = -(-numel // world) * dtype.itemsize
-    if slice_bytes <= 512 * 1024:
+    if world <= 2 and slice_bytes <= 512 * 1024:
         return LaunchConfig(block_size=max(16 // dtype.itemsize * 32, 8192 // dtype.itemsize),
                             num_warps=8, max_blocks=264)
     chunk = min(64 * 1024, max(16 * 1024, size_bucket(slice_bytes) // 128))
@@ -245,19 +259,20 @@ def all_reduce_config(numel: int, dtype: torch.dtype, world: int, algorithm: str
 #: small tensors by ops/all_reduce.py:choose_algorithm) and the barrier kernels' two (their
 #: ``TWO_SHOT`` constexpr), see :func:`all_reduce_algorithm`.
 ALL_REDUCE_ALGORITHMS = ("lines", "one_shot", "two_shot")
-#: largest tensor (bytes) :func:`all_reduce_algorithm` sends one-shot at 2 ranks; halved per
-#: doubling of the world (one-shot reads ``world x`` the tensor per rank). UNTUNED: a first
-#: guess from the published crossovers of custom all-reduces (vLLM, SGLang: one-shot up to a few
-#: hundred KiB at 2-8 GPUs), to be replaced by measurements.
+#: largest tensor (bytes) :func:`all_reduce_algorithm` sends one-shot at 2 ranks; quartered per
+#: doubling of the world (one-shot reads ``world x`` the tensor per rank, from ever more peers).
+#: Measured on 4x H200, W=4, graph, zero-copy bf16: 256 KiB one-shot 13.11 us at best, two-shot
+#: 10.92 (benchmarks/results/NOTES.md); at 2 ranks the lines path covers these sizes.
 ALL_REDUCE_ONE_SHOT_MAX_BYTES = 512 * 1024
 
 
 def all_reduce_algorithm(nbytes: int, world: int) -> str:
     """``"one_shot"`` (every rank reduces the whole tensor: one round of loads) for small tensors
     and one rank, ``"two_shot"`` (reduce-scatter + all-gather in one launch: each rank reads and
-    writes ``1/world`` of the tensor per peer) above an untuned threshold. A pure function of
-    values every rank shares, so every rank picks the same."""
+    writes ``1/world`` of the tensor per peer) above :data:`ALL_REDUCE_ONE_SHOT_MAX_BYTES`
+    scaled by the world. A pure function of values every rank shares, so every rank picks the
+    same."""
     if nbytes < 0 or world < 1:
         raise ValueError(f"nbytes must be >= 0 and world >= 1, got {nbytes}, {world}")
-    limit = ALL_REDUCE_ONE_SHOT_MAX_BYTES * 2 // max(2, size_bucket(world))
+    limit = ALL_REDUCE_ONE_SHOT_MAX_BYTES * 4 // max(2, size_bucket(world)) ** 2
     return "one_shot" if world == 1 or nbytes <= limit else "two_shot"

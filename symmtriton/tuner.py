@@ -81,7 +81,8 @@ def candidate_configs(op: str, numel: int, dtype: torch.dtype, world: int, *,
         out = _row_candidates(default_config(numel, dtype, world, hidden=hidden), numel // hidden,
                               world, grids)
     else:
-        out = _chunk_candidates(op, default_config(numel, dtype, world), numel, dtype, grids)
+        out = _chunk_candidates(op, default_config(numel, dtype, world, op=op), numel, dtype,
+                                grids)
     if max_candidates is not None:
         check_count("max_candidates", max_candidates)
         if len(out) > max_candidates:

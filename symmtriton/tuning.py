@@ -262,7 +262,7 @@ def lookup_config(op: str, numel: int, dtype: torch.dtype, world: int, *,
         check_op(op)
         cfg = table.entries.get(cache_key(op, numel, dtype, world, hidden))
         if cfg is None:
-            cfg = default_config(numel, dtype, world, hidden=hidden)
+            cfg = default_config(numel, dtype, world, hidden=hidden, op=op)
         if len(table.memo) >= _MEMO_MAX:
             table.memo.clear()
         table.memo[memo_key] = cfg

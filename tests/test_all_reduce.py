@@ -141,6 +141,8 @@ def test_algorithm_choice():
     assert all_reduce_algorithm(256 << 20, 2) == "two_shot"
     assert all_reduce_algorithm(256 << 20, 1) == "one_shot"
     assert all_reduce_algorithm(400 << 10, 8) == "two_shot"  # one-shot reads world x the tensor
+    assert all_reduce_algorithm(128 << 10, 4) == "one_shot"
+    assert all_reduce_algorithm(256 << 10, 4) == "two_shot"
     with pytest.raises(ValueError, match="nbytes"):
         all_reduce_algorithm(-1, 2)
 
@@ -152,6 +154,9 @@ def test_two_shot_chunks_grow_with_the_slice(mib, chunk_kib, warps):
     cfg = all_reduce_config((mib << 20) // 2, torch.bfloat16, 2, "two_shot")
     assert (cfg.block_size * 2, cfg.num_warps) == (chunk_kib << 10, warps)
     assert all_reduce_config(1000, torch.float32, 2, "one_shot").block_size == 1024
+    # beyond 2 ranks small slices take 16 KiB chunks and 16 warps too (a slice is a quarter)
+    cfg = all_reduce_config((mib << 20) // 2, torch.bfloat16, 4, "two_shot")
+    assert (cfg.block_size * 2, cfg.num_warps) == (min(64, max(16, mib * 2)) << 10, 16)
 
 
 def _graph_replays(rank, world, replays):

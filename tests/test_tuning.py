@@ -96,11 +96,11 @@ def test_cache_round_trip_and_lookup(cpu_pool, tmp_path):
     assert rs_lookup == rs_winner == rs_same_bucket
     fu_winner, fu_lookup = got["fused"]
     assert fu_lookup == fu_winner and fu_winner.block_size >= 8
-    assert got["misses"] == [default_config(129, torch.float32, world),
-                             default_config(100, torch.bfloat16, world),
-                             default_config(100, torch.float32, world + 1),
+    assert got["misses"] == [default_config(129, torch.float32, world, op="reduce_scatter"),
+                             default_config(100, torch.bfloat16, world, op="reduce_scatter"),
+                             default_config(100, torch.float32, world + 1, op="reduce_scatter"),
                              default_config(16, torch.bfloat16, world, hidden=16)]
-    assert got["other_file"] == default_config(100, torch.float32, world)
+    assert got["other_file"] == default_config(100, torch.float32, world, op="reduce_scatter")
     entries = json.loads((tmp_path / "tuning.json").read_text())["entries"]
     assert {(e["op"], e["dtype"], e["bucket"], e.get("hidden")) for e in entries} == {
         ("all_gather", "int32", 32, None), ("reduce_scatter", "float32", 128, None),
@@ -155,12 +155,24 @@ def _entry(**over):
     return rec
 
 
+def test_reduce_scatter_defaults_to_small_chunks_beyond_two_ranks(cache_file):
+    """config.RS_WIDE_CHUNK_BYTES: 4 KiB chunks, 4 warps for reduce-scatter at more than 2 ranks;
+    16 KiB and 8 warps at 2 ranks and for the other ops."""
+    n = 1 << 20
+    assert default_config(n, torch.bfloat16, 4, op="reduce_scatter") == LaunchConfig(2048, 4, 264)
+    assert default_config(n, torch.float32, 3, op="reduce_scatter") == LaunchConfig(1024, 4, 264)
+    assert default_config(n, torch.bfloat16, 2, op="reduce_scatter") == LaunchConfig(8192, 8, 264)
+    assert default_config(n, torch.bfloat16, 4, op="all_gather") == LaunchConfig(8192, 8, 264)
+    assert tuning.lookup_config("reduce_scatter", n, torch.bfloat16, 4) == LaunchConfig(2048, 4, 264)
+
+
 def test_lookup_uses_cached_entry_by_bucket(cache_file):
     cache_file.write_text(json.dumps({"version": 1, "entries": [_entry()]}))
     want = LaunchConfig(512, 2, 7)
     assert tuning.lookup_config("reduce_scatter", 1000, torch.bfloat16, 4) == want
     assert tuning.lookup_config("reduce_scatter", 513, torch.bfloat16, 4) == want
-    assert tuning.lookup_config("reduce_scatter", 1025, torch.bfloat16, 4) == default_config(1025, torch.bfloat16, 4)
+    assert tuning.lookup_config("reduce_scatter", 1025, torch.bfloat16, 4) == default_config(
+        1025, torch.bfloat16, 4, op="reduce_scatter")
     assert tuning.lookup_config("all_gather", 1000, torch.bfloat16, 4) == default_config(1000, torch.bfloat16, 4)
 
 
@@ -181,7 +193,8 @@ def test_invalid_cache_is_ignored_with_one_warning(cache_file, content):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            assert tuning.lookup_config("reduce_scatter", 1000, torch.bfloat16, 4) == default_config(1000, torch.bfloat16, 4)
+            assert tuning.lookup_config("reduce_scatter", 1000, torch.bfloat16, 4) == default_config(
+                1000, torch.bfloat16, 4, op="reduce_scatter")
         tuning.reload_cache()
         tuning.lookup_config("reduce_scatter", 1000, torch.bfloat16, 4)
     assert len([w for w in caught if "tuning cache" in str(w.message)]) == 1
@@ -231,7 +244,7 @@ def test_lookup_rejects_unknown_op():
 ])
 def test_candidate_configs(op, numel, dtype, hidden):
     cands = tuner.candidate_configs(op, numel, dtype, 8, hidden=hidden, sm_count=132)
-    base = default_config(numel, dtype, 8, **({"hidden": hidden} if hidden else {}))
+    base = default_config(numel, dtype, 8, **({"hidden": hidden} if hidden else {"op": op}))
     assert cands[0] == base
     assert len(set(cands)) == len(cands)
     assert cands == tuner.candidate_configs(op, numel, dtype, 8, hidden=hidden, sm_count=132)
