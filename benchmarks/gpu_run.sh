@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU tier in one command (benchmarks/README.md). Stages, in this order (STAGES picks some):
-#   tests     pytest -m gpu on the one-rank-per-GPU worlds (gpu-w2-nccl, gpu-w2-gloo; needs 2 GPUs;
-#             TESTS_K narrows the -k expression, e.g. "nccl")
+#   tests     pytest -m gpu on the one-rank-per-GPU worlds (gpu-w2-nccl, gpu-w2-gloo; with 4 or 8
+#             GPUs also gpu-w4-*, gpu-w8-*; TESTS_K narrows the -k expression, e.g. "w4-nccl")
 #   examples  every example under torchrun, one rank per GPU (NPROC ranks: the GPU count, at least 2)
 #   bench     symmtriton-bench, NPROC ranks, one per GPU (NCCL), BENCH_ARGS (default: the default sweep)
 #   shared    MPS started: pytest -m gpu on the shared-GPU worlds SHARED_WORLDS (default "4"; all:
