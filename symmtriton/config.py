@@ -184,11 +184,25 @@ def lines_config(numel: int, dtype: torch.dtype, world: int) -> LaunchConfig:
     return _lines_chunks(numel, esize, chunk)
 
 
+#: data bytes of a row unit of the barrier-free row kernels before :func:`lines_row_split` widens
+#: it to fit the blocks: rows of more than :data:`ROW_SMALL_UNIT_MIN_ROW_BYTES` start at 256,
+#: shorter rows at :data:`LINES_CHUNK_BYTES` (a stats exchange for 4 units of a 1 KiB row costs
+#: more than they gain). Measured on 4x H200 (2 of them), W=2, graph, zero-copy bf16 [S, 4096],
+#: two runs each (256 / 512 bytes): all-reduce + add + RMSNorm S = 1 / 2 / 4 3.70 / 3.74 / 3.80
+#: us vs 3.89 / 3.98 / 4.02, fused RS + add + RMSNorm + AG 16 / 32 KiB 4.10 / 4.25 vs 4.32 /
+#: 4.41; from S = 8 the units are widened to the same size; 1 KiB rows 3.75 (fused) / 3.41
+#: (all-reduce + add + RMSNorm) vs 3.44 / 3.29 in an earlier run (benchmarks/results/NOTES.md).
+ROW_UNIT_BYTES = 256
+ROW_SMALL_UNIT_MIN_ROW_BYTES = 4096
+
+
 def lines_row_config(hidden: int, dtype: torch.dtype, world: int) -> LaunchConfig:
     """Config of the barrier-free row kernels for rows of ``hidden`` elements of ``dtype``:
-    units start at :data:`LINES_CHUNK_BYTES` (:func:`lines_row_split` widens them)."""
+    units start at :data:`ROW_UNIT_BYTES` (:data:`LINES_CHUNK_BYTES` for short rows;
+    :func:`lines_row_split` widens them)."""
     check_count("hidden", hidden)
-    return _lines_chunks(hidden, dtype.itemsize, LINES_CHUNK_BYTES)
+    long_row = hidden * dtype.itemsize > ROW_SMALL_UNIT_MIN_ROW_BYTES
+    return _lines_chunks(hidden, dtype.itemsize, ROW_UNIT_BYTES if long_row else LINES_CHUNK_BYTES)
 
 
 def _lines_chunks(numel: int, esize: int, chunk_bytes: int) -> LaunchConfig:

@@ -174,16 +174,20 @@ def test_env_protocol_is_validated(monkeypatch, mode):
                                                      (32768, 256), (65536, 512), (1 << 20, 512)])
 def test_flat_chunks_halve_for_mid_sizes(peer_bytes, chunk_bytes):
     """config.lines_config: 256-byte chunks for more than 4 and at most 32 KiB per peer, 512
-    bytes otherwise; the row kernels start at 512."""
+    bytes otherwise; the row kernels start at 256 (config.ROW_UNIT_BYTES) for rows of more than 4
+    KiB, else at 512."""
     assert lines_config(peer_bytes // 2, torch.bfloat16, 2).block_size * 2 == chunk_bytes
-    assert lines_row_config(8192, torch.bfloat16, 2).block_size * 2 == 512
+    assert lines_row_config(4096, torch.bfloat16, 2).block_size * 2 == 256
+    assert lines_row_config(2048, torch.bfloat16, 2).block_size * 2 == 512
+    assert lines_row_config(512, torch.bfloat16, 2).block_size * 2 == 512
 
 
 def test_row_split_fills_the_blocks_and_fits_the_slot():
     """config.lines_row_split: how the barrier-free row kernels cut rows (kernels/ll_rows.py)."""
     cfg = lines_row_config(4096, torch.bfloat16, 2)
     big = 1 << 18  # inbox lines of a GPU slot
-    # decode rows: 512-byte units, one block (a warp) each
+    # decode rows: 256-byte units, one block (a warp) each; 512 bytes when they outnumber blocks
+    assert lines_row_split(cfg, 1, 4096, 2, 264, big, False) == (32, 128, 32, 1)
     assert lines_row_split(cfg, 16, 4096, 2, 264, big, False) == (256, 256, 16, 1)
     # more units than blocks: wider units, more warps
     assert lines_row_split(cfg, 128, 4096, 2, 264, big, False) == (256, 2048, 2, 4)
@@ -194,4 +198,5 @@ def test_row_split_fills_the_blocks_and_fits_the_slot():
     assert lines_row_split(cfg, 16, 4096, 2, 264, 1023, False)[:3] == (64, 1024, 4)
     # the interpreter: at most 4 units per row, all in one block
     assert lines_row_split(cfg, 3, 1000, 2, 264, big, True)[:3] == (1, 256, 4)
-    assert lines_row_split(cfg, 3, 200, 2, 264, big, True)[:3] == (3, 256, 1)
+    small = lines_row_config(200, torch.bfloat16, 2)
+    assert lines_row_split(small, 3, 200, 2, 264, big, True)[:3] == (3, 256, 1)
