@@ -40,7 +40,9 @@ threads out with copies in several warps and reduces such copies within a warp o
 warps of one block may leave the loop at different polls. A warp that cleared a line while
 another warp's copy had not yet seen its flag would leave that warp polling a 0 for ever (the
 PTX of 4-line waits in 2-warp blocks reduces by warp shuffles only, and such waits hung on 2x
-H200), so every wait ends with a block barrier before its lines are cleared or counted.
+H200), so every wait ends with a block barrier before its lines are cleared. (With it, the row
+kernels' 4-line inbox waits in 2-warp blocks ran 2000 graph replays of [1..256, 4096] on 2x
+H200 without a hang.)
 
 Scope: volatile loads see the peers' stores once they land (system-coherent); the data is in
 the line itself, so there is nothing else to order. Successive calls are ordered by the stream.
