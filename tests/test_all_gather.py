@@ -6,7 +6,8 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton import reference
-from symmtriton.testing import device, random_bits, sync
+from symmtriton.config import LaunchConfig
+from symmtriton.testing import device, protocol, random_bits, sync
 
 SIZES = (1, 7, 8, 1000, 4099, 65536 + 5)
 DTYPES = ("bfloat16", "float16", "float32", "uint8", "int64")
@@ -92,6 +93,28 @@ def _back_to_back(rank, world):
 
 def test_back_to_back_reuse_of_one_scratch_area(pool):
     assert pool.run(_back_to_back) == [[]] * pool.world_size
+
+
+def _unit_differs_by_rank(rank, world, tuned):
+    """Rank 0's input starts 2 bytes past a 4-byte boundary, so it copies in 16-bit units where
+    the other ranks copy 32-bit words: every rank must still launch the same grid (the barrier is
+    per block), under a forced config and under the default."""
+    n = 1000
+    base = random_bits(n + 1, torch.bfloat16, rank)
+    inp = base[1:] if rank == 0 else base[:n]
+    out = torch.empty(world * n, dtype=torch.bfloat16, device=device())
+    config = LaunchConfig(256, 1, 264) if tuned else None
+    with protocol("barrier"):
+        st.all_gather_into_tensor(out, inp, config=config, timeout_s=20)
+        st.synchronize()
+    ref = reference.all_gather([random_bits(n + 1, torch.bfloat16, r)[1:] if r == 0
+                                else random_bits(n + 1, torch.bfloat16, r)[:n] for r in range(world)])
+    return torch.equal(out.view(torch.int16), ref.view(torch.int16))
+
+
+@pytest.mark.parametrize("tuned", [True, False], ids=["forced_config", "default"])
+def test_ranks_copying_in_different_units_launch_one_grid(pool, tuned):
+    assert pool.run(_unit_differs_by_rank, tuned) == [True] * pool.world_size
 
 
 def _fallback(rank, world, why):

@@ -8,6 +8,7 @@ import triton.language as tl
 
 import symmtriton as st
 from symmtriton import reference
+from symmtriton.config import LaunchConfig
 from symmtriton.testing import WorkerPool, captured, device, raised_by, random_bits, replay_with_counts, sync, tagged, value_error_of
 
 CAP = 4  # rows each rank may send
@@ -79,6 +80,29 @@ def test_all_gather_v_three_tensors_changing_counts(pool, mode):
 
 def test_all_gather_v_single_tensor(pool):
     assert pool.run(_gather_cases, "staged", True) == [[]] * pool.world_size
+
+
+def _unit_differs_by_rank(rank, world, tuned):
+    """Rank 0's input starts 2 bytes past a 4-byte boundary, so it copies in 16-bit units where
+    the other ranks copy 32-bit words: every rank must still launch the same grid and move the
+    same bytes per block (as tests/test_all_gather.py checks for all_gather_into_tensor)."""
+    rows = 64
+    base = random_bits(rows * 6 + 1, torch.bfloat16, rank)
+    inp = (base[1:] if rank == 0 else base[:-1]).view(rows, 6)
+    out = torch.empty(world * rows, 6, dtype=torch.bfloat16, device=device())
+    counts = torch.tensor([rows - r for r in range(world)], device=device())
+    st.all_gather_v(out, inp, counts, config=LaunchConfig(16, 1, 264) if tuned else None,
+                    timeout_s=20)
+    st.synchronize()
+    ins = [random_bits(rows * 6 + 1, torch.bfloat16, r) for r in range(world)]
+    ins = [(x[1:] if r == 0 else x[:-1]).view(rows, 6) for r, x in enumerate(ins)]
+    total = sum(counts.tolist())
+    return _equal_bits(out[:total], reference.all_gather_v(ins, counts.tolist()))
+
+
+@pytest.mark.parametrize("tuned", [True, False], ids=["forced_config", "default"])
+def test_ranks_copying_in_different_units_launch_one_grid(pool, tuned):
+    assert pool.run(_unit_differs_by_rank, tuned) == [True] * pool.world_size
 
 
 def _fallback(rank, world):

@@ -64,27 +64,35 @@ class AllGather(Collective):
         region = out_off if out_off is not None else region_after(buf, input)
         if not symm_usable(buf, input.device, region + world * nbytes):
             return OutputPlan(fallback=torch_all_gather, group=group)
-        ctx = context(buf)
-        unit = bit_unit(nbytes, input.data_ptr(), output.data_ptr(), region)
-        n = nbytes // unit.itemsize
-        choice = choose_config(config, self.config_op, n, unit, world)
-        return OutputPlan(_kernel_launch(ctx, choice.config, output, input, unit, n, region,
-                                         out_off is None, timeout_s), choice)
+        # the config is keyed by the unit of values alike on every rank (tuning.launch_key),
+        # its grid counted in that unit; this rank's tensors may allow only a narrower one
+        key_unit = bit_unit(nbytes, region)
+        choice = choose_config(config, self.config_op, nbytes // key_unit.itemsize, key_unit,
+                               world)
+        return OutputPlan(_kernel_launch(context(buf), choice.config, output, input, key_unit, nbytes,
+                                         region, out_off is None, timeout_s), choice)
 
 
-def _kernel_launch(ctx, cfg: LaunchConfig, output, input, unit, n, region, copy_out, timeout_s):
-    """The launch of ``_all_gather_kernel``: its arguments, listed here only."""
-    nbytes = n * unit.itemsize
+def _kernel_launch(ctx, cfg: LaunchConfig, output, input, key_unit, nbytes, region, copy_out,
+                   timeout_s):
+    """The launch of ``_all_gather_kernel``: its arguments, listed here only. ``cfg`` counts
+    ``key_unit``s (the same on every rank); the kernel copies in the widest unit this rank's
+    addresses allow, with its block scaled to the same bytes, so every rank launches the same
+    grid (the barrier is per block)."""
+    unit = bit_unit(nbytes, input.data_ptr(), output.data_ptr(), region)
+    n = nbytes // unit.itemsize
     aligned = aligned16(input.data_ptr(), output.data_ptr(), ctx.local_base + region, nbytes)
     use_mm = unit == torch.int32 and multimem_eligible(ctx, None, ctx.local_base + region, nbytes,
                                                        input.data_ptr())
     return Launch(
-        OP.name, ctx.buf, _all_gather_kernel, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
+        OP.name, ctx.buf, _all_gather_kernel,
+        cfg.grid(nbytes // key_unit.itemsize, ctx.grid_cap), cfg.num_warps,
         (input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
          ctx.err_addr, ctx.grid_cap, region, n, env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[unit], RANK=ctx.rank, WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2,
-             BLOCK_SIZE=cfg.block_size, COPY_OUT=copy_out, USE_MULTIMEM=use_mm,
-             SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned))
+             BLOCK_SIZE=cfg.block_size * (key_unit.itemsize // unit.itemsize),
+             COPY_OUT=copy_out, USE_MULTIMEM=use_mm, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx,
+             ALIGNED=aligned))
 
 
 OP = AllGather()

@@ -99,12 +99,16 @@ class AllGatherV(Collective):
         if not symm_usable(buf, outs[0].device, region_end):
             return CountsPlan(fallback=_torch_all_gather_v, group=group)
         world = dist.get_world_size(group)
+        # the config is keyed by the unit of values alike on every rank, its grid counted in
+        # that unit; this rank's tensors may allow only a narrower one (as for all_gather)
+        key_unit = min((bit_unit(row, r) for row, (r, _) in zip(rows, regions)),
+                       key=lambda d: d.itemsize)
+        shard = max(1, cap_in * max(rows) // key_unit.itemsize)
+        choice = choose_config(config, self.config_op, shard, key_unit, world)
         unit = min((bit_unit(row, t.data_ptr(), o.data_ptr(), r)
                     for o, t, row, (r, _) in zip(outs, ins, rows, regions)),
                    key=lambda d: d.itemsize)
         units = [row // unit.itemsize for row in rows]
-        shard = max(1, cap_in * max(units))
-        choice = choose_config(config, self.config_op, shard, unit, world)
         ctx = context(buf)
         table = _pair_table(buf, [[t.data_ptr(), o.data_ptr(), r, u, int(staged)]
                                   for o, t, (r, staged), u in zip(outs, ins, regions, units)])
@@ -112,20 +116,24 @@ class AllGatherV(Collective):
             *(p for o, t, (r, _) in zip(outs, ins, regions)
               for p in (o.data_ptr(), t.data_ptr(), ctx.local_base + r)))
         return CountsPlan(_kernel_launch(ctx, choice.config, table, counts, len(outs), unit,
-                                         cap_in, cap_out, shard, aligned, timeout_s),
+                                         key_unit, cap_in, cap_out, shard, aligned, timeout_s),
                           choice, each=EACH, total=TOTAL, table=table)
 
 
-def _kernel_launch(ctx, cfg: LaunchConfig, table, counts, nt, unit, cap_in, cap_out, shard,
-                   aligned, timeout_s):
-    """The launch of ``_all_gather_v_kernel``: its arguments, listed here only."""
+def _kernel_launch(ctx, cfg: LaunchConfig, table, counts, nt, unit, key_unit, cap_in, cap_out,
+                   shard, aligned, timeout_s):
+    """The launch of ``_all_gather_v_kernel``: its arguments, listed here only. ``cfg`` and
+    ``shard`` count ``key_unit``s (the same on every rank); the kernel copies in ``unit``s with
+    its block scaled to the same bytes, so every rank launches the same grid and its block ``b``
+    moves the same bytes on every rank."""
     return Launch(
         OP.name, ctx.buf, _all_gather_v_kernel, cfg.grid(shard, ctx.grid_cap), cfg.num_warps,
         (table.data_ptr(), counts.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
          ctx.err_addr + 4 * C.COUNTS_ERROR_WORD, ctx.grid_cap, cap_in, cap_out,
          env.timeout_ns(timeout_s)),
         dict(NT=nt, DTYPE=TL_DTYPE[unit], COUNTS_DTYPE=TL_COUNTS[counts.dtype], RANK=ctx.rank,
-             WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, BLOCK_SIZE=cfg.block_size,
+             WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2,
+             BLOCK_SIZE=cfg.block_size * (key_unit.itemsize // unit.itemsize),
              SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned))
 
 
