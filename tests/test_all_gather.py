@@ -100,15 +100,18 @@ def _unit_differs_by_rank(rank, world, tuned):
     the other ranks copy 32-bit words: every rank must still launch the same grid (the barrier is
     per block), under a forced config and under the default."""
     n = 1000
-    base = random_bits(n + 1, torch.bfloat16, rank)
-    inp = base[1:] if rank == 0 else base[:n]
+
+    def shard(r):  # rank 0's starts one bf16 element into its allocation
+        bits = random_bits(n + 1, torch.bfloat16, r)
+        return bits[1:] if r == 0 else bits[:n]
+
+    inp = shard(rank)
     out = torch.empty(world * n, dtype=torch.bfloat16, device=device())
     config = LaunchConfig(256, 1, 264) if tuned else None
     with protocol("barrier"):
         st.all_gather_into_tensor(out, inp, config=config, timeout_s=20)
         st.synchronize()
-    ref = reference.all_gather([random_bits(n + 1, torch.bfloat16, r)[1:] if r == 0
-                                else random_bits(n + 1, torch.bfloat16, r)[:n] for r in range(world)])
+    ref = reference.all_gather([shard(r) for r in range(world)])
     return torch.equal(out.view(torch.int16), ref.view(torch.int16))
 
 

@@ -87,17 +87,20 @@ def _unit_differs_by_rank(rank, world, tuned):
     the other ranks copy 32-bit words: every rank must still launch the same grid and move the
     same bytes per block (as tests/test_all_gather.py checks for all_gather_into_tensor)."""
     rows = 64
-    base = random_bits(rows * 6 + 1, torch.bfloat16, rank)
-    inp = (base[1:] if rank == 0 else base[:-1]).view(rows, 6)
+
+    def shard(r):  # rank 0's starts one bf16 element into its allocation
+        bits = random_bits(rows * 6 + 1, torch.bfloat16, r)
+        return (bits[1:] if r == 0 else bits[:-1]).view(rows, 6)
+
+    inp = shard(rank)
     out = torch.empty(world * rows, 6, dtype=torch.bfloat16, device=device())
     counts = torch.tensor([rows - r for r in range(world)], device=device())
     st.all_gather_v(out, inp, counts, config=LaunchConfig(16, 1, 264) if tuned else None,
                     timeout_s=20)
     st.synchronize()
-    ins = [random_bits(rows * 6 + 1, torch.bfloat16, r) for r in range(world)]
-    ins = [(x[1:] if r == 0 else x[:-1]).view(rows, 6) for r, x in enumerate(ins)]
     total = sum(counts.tolist())
-    return _equal_bits(out[:total], reference.all_gather_v(ins, counts.tolist()))
+    ref = reference.all_gather_v([shard(r) for r in range(world)], counts.tolist())
+    return _equal_bits(out[:total], ref)
 
 
 @pytest.mark.parametrize("tuned", [True, False], ids=["forced_config", "default"])

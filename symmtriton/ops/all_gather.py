@@ -69,8 +69,8 @@ class AllGather(Collective):
         key_unit = bit_unit(nbytes, region)
         choice = choose_config(config, self.config_op, nbytes // key_unit.itemsize, key_unit,
                                world)
-        return OutputPlan(_kernel_launch(context(buf), choice.config, output, input, key_unit, nbytes,
-                                         region, out_off is None, timeout_s), choice)
+        return OutputPlan(_kernel_launch(context(buf), choice.config, output, input, key_unit,
+                                         nbytes, region, out_off is None, timeout_s), choice)
 
 
 def _kernel_launch(ctx, cfg: LaunchConfig, output, input, key_unit, nbytes, region, copy_out,
