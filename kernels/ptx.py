@@ -109,34 +109,34 @@ def deadline_tick(misses, deadline_ns, timeout_ns, err_word, clock_addr, USE_PTX
 
 
 @triton.jit
-def signal_wait(table_addr, slot_off, own_slots, value, ahead, err_word, timeout_ns, clock_addr,
-                WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, SCOPE: tl.constexpr,
-                RELEASE: tl.constexpr, ACQUIRE: tl.constexpr, MISMATCH_BIT: tl.constexpr,
-                USE_PTX: tl.constexpr):
-    """Store ``value`` (int32) at byte ``slot_off`` of every rank's pad (``table_addr``: int64
-    pad addresses), *release* or relaxed, then wait until each of the ``WORLD_SIZE`` int32
-    slots at ``own_slots`` holds a value ``>= value`` (signed difference), *acquire* or
-    relaxed, at ``SCOPE``. Returns, the same in every thread, a bit mask: rank ``r``'s bit for
+def signal_put(dsts, valid, value, SCOPE: tl.constexpr, RELEASE: tl.constexpr):
+    """Store ``value`` (int32) at the lanes' pointers ``dsts`` where ``valid``, *release* or
+    relaxed at ``SCOPE``. A caller that publishes its block's writes runs ``bar.sync``
+    (``tl.debug_barrier``) first, which makes them part of the release."""
+    if RELEASE:
+        tl.atomic_xchg(dsts, value, mask=valid, sem="release", scope=SCOPE)
+    else:
+        tl.atomic_xchg(dsts, value, mask=valid, sem="relaxed", scope=SCOPE)
+
+
+@triton.jit
+def wait_slots(slots, valid, value, ahead, err_word, timeout_ns, clock_addr,
+               WORLD_P2: tl.constexpr, SCOPE: tl.constexpr, ACQUIRE: tl.constexpr,
+               MISMATCH_BIT: tl.constexpr, USE_PTX: tl.constexpr):
+    """Wait until the int32 at each lane's pointer ``slots`` (``WORLD_P2`` lanes, one per rank;
+    lanes not ``valid`` are skipped) holds a value ``>= value`` (signed difference), *acquire*
+    or relaxed, at ``SCOPE``. Returns, the same in every thread, a bit mask: lane ``r``'s bit for
     a slot still short at the deadline (``timeout_ns`` > 0; the clock, ``clock_ns``, is read
     every ``CLOCK_EVERY`` misses; the first read starts the deadline, at once expired if the
     int32 at ``err_word``, device memory, is set), or for a slot ``>= ahead``, then with
-    ``MISMATCH_BIT``. 0: every rank arrived, none ahead.
+    ``MISMATCH_BIT``. 0: every slot reached ``value``, none ``ahead``.
 
     The whole block runs the loop, one lane per rank (a single polling thread in one inline-PTX
     loop measured slower on 2x H100: 9.1 vs 6.9 us per 4 KiB all-gather in a graph, variants
-    e/f vs b of the probe). The caller's ``bar.sync`` before makes the block's writes part of
-    what the release publishes; the loop's reductions hand what the acquire saw to every
-    thread. The same code runs in the interpreter (``USE_PTX`` only picks the clock)."""
+    e/f vs b of the probe); the loop's reductions and the closing ``bar.sync`` hand what the
+    acquire saw to every thread. The same code runs in the interpreter (``USE_PTX`` only picks
+    the clock)."""
     lanes = tl.arange(0, WORLD_P2)
-    valid = lanes < WORLD_SIZE
-    peers = tl.minimum(lanes, WORLD_SIZE - 1)
-    table = table_addr.to(tl.pointer_type(tl.int64))
-    dst = (tl.load(table + peers) + slot_off).to(tl.pointer_type(tl.int32))
-    if RELEASE:
-        tl.atomic_xchg(dst, value, mask=valid, sem="release", scope=SCOPE)
-    else:
-        tl.atomic_xchg(dst, value, mask=valid, sem="relaxed", scope=SCOPE)
-    slots = own_slots.to(tl.pointer_type(tl.int32)) + peers
     got = ~valid
     seen = tl.zeros([WORLD_P2], tl.int32)
     deadline_ns = tl.full([], 0, tl.int64)
@@ -158,6 +158,26 @@ def signal_wait(table_addr, slot_off, own_slots, value, ahead, err_word, timeout
     status = bits | tl.where(tl.sum(early.to(tl.int32), axis=0) > 0, MISMATCH_BIT, 0)
     tl.debug_barrier()
     return status
+
+
+@triton.jit
+def signal_wait(table_addr, slot_off, own_slots, value, ahead, err_word, timeout_ns, clock_addr,
+                WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, SCOPE: tl.constexpr,
+                RELEASE: tl.constexpr, ACQUIRE: tl.constexpr, MISMATCH_BIT: tl.constexpr,
+                USE_PTX: tl.constexpr):
+    """Store ``value`` (int32) at byte ``slot_off`` of every rank's pad (``table_addr``: int64
+    pad addresses; :func:`signal_put`), then wait until each of the ``WORLD_SIZE`` int32 slots
+    at ``own_slots`` holds a value ``>= value`` (:func:`wait_slots`, which says what the
+    returned bit mask holds)."""
+    lanes = tl.arange(0, WORLD_P2)
+    valid = lanes < WORLD_SIZE
+    peers = tl.minimum(lanes, WORLD_SIZE - 1)
+    table = table_addr.to(tl.pointer_type(tl.int64))
+    signal_put((tl.load(table + peers) + slot_off).to(tl.pointer_type(tl.int32)), valid, value,
+               SCOPE, RELEASE)
+    return wait_slots(own_slots.to(tl.pointer_type(tl.int32)) + peers, valid, value, ahead,
+                      err_word, timeout_ns, clock_addr, WORLD_P2, SCOPE, ACQUIRE, MISMATCH_BIT,
+                      USE_PTX)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,15 +151,32 @@ def lines_fit(ctx: Ctx, per_peer_bytes: int, row_bytes: int) -> bool:
 def lines_eligible(ctx: Ctx, per_peer_bytes: int, row_bytes: int,
                    max_bytes: int = LINES_MAX_BYTES) -> bool:
     """:func:`lines_fit`, and ``$SYMMTRITON_PROTOCOL`` chooses lines for it: ``lines`` always,
-    ``barrier`` never, ``auto`` when what this rank pushes in all (``per_peer_bytes`` to each of
+    ``barrier`` and ``push`` never, ``auto`` when what this rank pushes in all (``per_peer_bytes`` to each of
     ``world - 1`` peers) is at most ``max_bytes`` (:data:`LINES_MAX_BYTES` or
     :data:`LINES_ROWS_MAX_BYTES`, measured at 2 ranks on 2 GPUs, where that is one peer), or
     :data:`LINES_SHARED_GPU_MAX_BYTES` when every rank shares one GPU. Alike on every rank."""
     mode = env.protocol()
-    if mode == "barrier" or not lines_fit(ctx, per_peer_bytes, row_bytes):
+    if mode in ("barrier", "push") or not lines_fit(ctx, per_peer_bytes, row_bytes):
         return False
     limit = max_bytes if ctx.scope == "sys" else min(max_bytes, LINES_SHARED_GPU_MAX_BYTES)
     return mode == "lines" or per_peer_bytes * (ctx.world - 1) <= limit
+
+
+#: smallest slice (bytes each rank gets) that ``$SYMMTRITON_PROTOCOL=auto`` reduce-scatters by
+#: pushing (kernels/reduce_scatter.py ``_reduce_scatter_push_kernel``) rather than pulling, where
+#: there is no multicast.
+PUSH_MIN_SLICE_BYTES = 1024 * 1024
+
+
+def push_eligible(ctx: Ctx, slice_bytes: int, multimem: bool) -> bool:
+    """The reduce-scatter pushes a slice of ``slice_bytes``: more than one rank, the pull has no
+    multimem (``multimem``: what it would use), and ``$SYMMTRITON_PROTOCOL`` chooses it (``push``
+    always, ``auto`` from :data:`PUSH_MIN_SLICE_BYTES`). The caller checks that the buffer has
+    room. Alike on every rank."""
+    mode = env.protocol()
+    if ctx.world < 2 or multimem or mode in ("barrier", "lines"):
+        return False
+    return mode == "push" or slice_bytes >= PUSH_MIN_SLICE_BYTES
 
 
 def aligned16(*values: int) -> bool:

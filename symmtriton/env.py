@@ -10,7 +10,7 @@ variable                       default  meaning
 ``SYMMTRITON_BARRIER_SCOPE``   auto     ``sys``: system-scope barrier atomics even on one GPU
 ``SYMMTRITON_CHECK_UNIFORM``   unset    ``1``: ranks compare every call's shapes (debugging)
 ``SYMMTRITON_DIRECT_LAUNCH``   1        ``0``: launch through ``JITFunction.run`` every time
-``SYMMTRITON_PROTOCOL``        auto     ``lines``/``barrier``: small messages always/never on lines
+``SYMMTRITON_PROTOCOL``        auto     ``lines``/``barrier``/``push``: how collectives synchronise
 ``SYMMTRITON_PDL``             auto     ``off``/``0``: no programmatic dependent launch (sm_90+)
 ``SYMMTRITON_TUNING_CACHE``    ~/...    the tuned-config file (``~/.cache/symmtriton/tuning.json``)
 ``SYMMTRITON_EXIT_MARK``       unset    set: ``testing.teardown`` prints an exit mark (tools only)
@@ -136,15 +136,17 @@ _ONE = (b"1", "1")  # the raw value on POSIX (bytes), elsewhere (str)
 
 
 #: values of ``$SYMMTRITON_PROTOCOL`` (see :func:`protocol`).
-PROTOCOLS = ("auto", "lines", "barrier")
+PROTOCOLS = ("auto", "lines", "barrier", "push")
 
 
 def protocol() -> str:
-    """``$SYMMTRITON_PROTOCOL``: how small messages synchronise. ``auto`` (default): flag-in-data
-    lines (kernels/ll.py) for small messages (``context.lines_eligible``), barriers above; ``lines``:
-    lines whenever the line area holds the message; ``barrier``: never lines. Read when a call
-    is planned (its first call with those tensors): set it alike on every rank, before the calls
-    (or drop the plans, ``symmtriton.ops.driver.clear_plans``)."""
+    """``$SYMMTRITON_PROTOCOL``: how collectives synchronise. ``auto`` (default): flag-in-data
+    lines (kernels/ll.py) for small messages (``context.lines_eligible``), barriers above, and a
+    large reduce-scatter without multicast pushed in flagged chunks (``context.push_eligible``);
+    ``lines``: lines whenever the line area holds the message; ``barrier``: never lines, never
+    push; ``push``: never lines, and the reduce-scatter pushes whenever its buffer has room. Read
+    when a call is planned (its first call with those tensors): set it alike on every rank,
+    before the calls (or drop the plans, ``symmtriton.ops.driver.clear_plans``)."""
     mode = os.environ.get(PROTOCOL, "auto").strip().lower() or "auto"
     if mode not in PROTOCOLS:
         raise ValueError(f"{PROTOCOL} must be one of {', '.join(PROTOCOLS)}, got {mode!r}")

@@ -121,3 +121,43 @@ def _compile_ones(rank, world, which):
     ones = {k: 1 for k in ("n", "s", "H") if k in kern.arg_names}
     c = compile_for_target(kern, 90, **COMMON, **extra, **ones, USE_MULTIMEM=False, ALIGNED=False)
     return len(c.asm["cubin"]) > 0
+
+
+def _compile_push(rank, world, capability, scope, world_size=3):
+    from symmtriton.kernels.reduce_scatter import _reduce_scatter_push_kernel
+    from symmtriton.testing import compile_for_target
+
+    c = compile_for_target(_reduce_scatter_push_kernel, capability, RANK=1, WORLD_SIZE=world_size,
+                           WORLD_P2=triton.next_power_of_2(world_size), SCOPE=scope, USE_PTX=True,
+                           DTYPE=tl.bfloat16, BLOCK_SIZE=4096, ALIGNED=True)
+    ptx = c.asm["ptx"]
+    # what precedes each flag's release exchange since the previous one (or the kernel start)
+    before_flags = re.split(rf"atom\.global\.{scope}\.release\.exch", ptx)[:-1]
+    return {
+        "cubin": len(c.asm["cubin"]) > 0,
+        "v4_loads": ptx.count("ld.global.v4"),
+        "v4_stores": ptx.count("st.global.v4"),
+        "releases": ptx.count(f"atom.global.{scope}.release.exch"),
+        "waits": ptx.count(f"atom.global.{scope}.acquire.add"),
+        "relaxed": ptx.count(f"atom.global.{scope}.relaxed.exch"),
+        "sys_atoms": ptx.count(".sys."),
+        "clock_reads": ptx.count("%globaltimer"),
+        "bar_before_release": all("bar.sync" in part.rsplit("st.global.v4", 1)[-1]
+                                  for part in before_flags if "st.global.v4" in part),
+    }
+
+
+@pytest.mark.parametrize("capability", [90, 100])
+def test_push_reduce_scatter_orders_its_chunks_behind_a_release_flag(compiler, capability):
+    """The push kernel: 16-byte loads and stores; the start barrier's signal and each chunk's
+    flag are release exchanges, each after a ``bar.sync`` that follows the block's stores;
+    two acquire poll sites (the barrier, the flags), their clock reads behind the miss counter."""
+    [r] = compiler.run(_compile_push, capability, "sys")
+    assert r["cubin"] and r["v4_loads"] > 0 and r["v4_stores"] > 0
+    assert r["releases"] >= 2 and r["waits"] == 2 and r["relaxed"] == 0
+    assert r["clock_reads"] == 2 and r["bar_before_release"]
+
+
+def test_push_reduce_scatter_on_one_gpu_uses_gpu_scope(compiler):
+    [r] = compiler.run(_compile_push, 90, "gpu")
+    assert r["cubin"] and r["releases"] >= 2 and r["sys_atoms"] == 0

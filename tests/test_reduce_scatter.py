@@ -8,7 +8,9 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton import reference
-from symmtriton.testing import device, sync, tagged
+from symmtriton.kernels.reduce_scatter import _reduce_scatter_push_kernel
+from symmtriton.ops import driver
+from symmtriton.testing import device, protocol, sync, tagged
 
 SIZES = (1, 7, 8, 1000, 4099, 65536 + 5)
 
@@ -74,3 +76,37 @@ def _rs_fallback(rank, world):
 
 def test_reduce_scatter_falls_back_when_buffer_too_small(pool):
     assert pool.run(_rs_fallback) == [True] * pool.world_size
+
+
+def _rs_push_cases(rank, world, mode):
+    """The push kernel (``$SYMMTRITON_PROTOCOL=push``) on a buffer whose bytes past the operands
+    (receive area, flags) hold garbage first: tails, unaligned sizes, several chunks per block
+    (a forced 3-block grid), and the same call twice with new data."""
+    buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=64)
+    buf.symm_buffer.fill_(0x7F)  # flags left over from other uses must not pass for this call's
+    sync()
+    few_blocks = st.LaunchConfig(block_size=64, num_warps=1, max_blocks=3)
+    failures = []
+    with protocol("push"):
+        for salt, (n, dtype, cfg) in enumerate(((7, torch.bfloat16, None),
+                                                (1000, torch.float32, few_blocks),
+                                                (4099, torch.bfloat16, None),
+                                                (1000, torch.float32, few_blocks))):
+            inp = tagged(world * n, dtype, rank, salt)
+            if mode == "zero_copy":
+                inp = buf.maybe_get_tensor((world * n,), dtype)["tensor"].copy_(inp)
+            out = torch.full((n,), 99, dtype=dtype, device=device())
+            st.reduce_scatter_tensor(out, inp, config=cfg)
+            sync()
+            if driver.last_plan().kernel.fn is not _reduce_scatter_push_kernel:
+                failures.append((n, "not pushed"))
+            ref = reference.reduce_scatter([tagged(world * n, dtype, r, salt) for r in range(world)],
+                                           rank)
+            if not torch.equal(out, ref):
+                failures.append((n, mode))
+    return failures
+
+
+@pytest.mark.parametrize("mode", ["staged", "zero_copy"])
+def test_reduce_scatter_push_exact(pool, mode):
+    assert pool.run(_rs_push_cases, mode) == [[]] * pool.world_size

@@ -8,9 +8,10 @@ import torch.distributed as dist
 from .. import env
 from .._calls import counts_calls
 from ..config import CONFIG_OP, LaunchConfig, lines_block, lines_config
-from ..context import (aligned16, context, find_buffer, lines_eligible, multimem_eligible, offset_in,
-                       region_after, symm_usable)
-from ..kernels.reduce_scatter import _reduce_scatter_kernel, _reduce_scatter_ll_kernel
+from ..context import (ALIGN, aligned16, context, find_buffer, lines_eligible, multimem_eligible,
+                       offset_in, push_eligible, region_after, symm_usable)
+from ..kernels.reduce_scatter import (_reduce_scatter_kernel, _reduce_scatter_ll_kernel,
+                                      _reduce_scatter_push_kernel)
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_distinct, check_gather_shapes, check_same, check_tensor
 from .all_gather import AllGather
@@ -49,19 +50,24 @@ class ReduceScatter(AllGather):  # the same call key and uniform tensors: (outpu
             return OutputPlan(launch, ConfigChoice(cfg))
         in_off = offset_in(buf, input)
         region = in_off if in_off is not None else region_after(buf, output)
-        if not symm_usable(buf, input.device, region + world * n * output.element_size()):
+        if not symm_usable(buf, input.device, region + world * nbytes):
             return OutputPlan(fallback=torch_reduce_scatter, group=group)
         ctx = context(buf)
         choice = choose_config(config, self.config_op, n, input.dtype, world)
+        multimem = multimem_eligible(ctx, input.dtype, ctx.local_base + region, nbytes)
+        if push_eligible(ctx, nbytes, multimem):
+            push = _push_launch(ctx, choice.config, output, input, n, timeout_s)
+            if push is not None:
+                return OutputPlan(push, choice)
         return OutputPlan(_kernel_launch(ctx, choice.config, output, input, n, region,
-                                         in_off is None, timeout_s), choice)
+                                         in_off is None, multimem, timeout_s), choice)
 
 
-def _kernel_launch(ctx, cfg: LaunchConfig, output, input, n, region, stage_in, timeout_s):
+def _kernel_launch(ctx, cfg: LaunchConfig, output, input, n, region, stage_in, use_mm,
+                   timeout_s):
     """The launch of ``_reduce_scatter_kernel``: its arguments, listed here only."""
     nbytes = n * output.element_size()
     aligned = aligned16(input.data_ptr(), output.data_ptr(), ctx.local_base + region, nbytes)
-    use_mm = multimem_eligible(ctx, input.dtype, ctx.local_base + region, nbytes)
     return Launch(
         OP.name, ctx.buf, _reduce_scatter_kernel, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
         (input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
@@ -69,6 +75,26 @@ def _kernel_launch(ctx, cfg: LaunchConfig, output, input, n, region, stage_in, t
         dict(DTYPE=TL_DTYPE[input.dtype], RANK=ctx.rank, WORLD_SIZE=ctx.world,
              WORLD_P2=ctx.world_p2, BLOCK_SIZE=cfg.block_size, STAGE_IN=stage_in,
              USE_MULTIMEM=use_mm, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned))
+
+
+def _push_launch(ctx, cfg: LaunchConfig, output, input, n, timeout_s) -> Launch | None:
+    """The launch of ``_reduce_scatter_push_kernel``, or ``None`` when the buffer has no room past
+    the operands for its receive area (``world - 1`` slices) and flags (an int32 per slice and
+    chunk)."""
+    nbytes = n * output.element_size()
+    recv_off = region_after(ctx.buf, output, input)
+    flag_off = recv_off + -(-(ctx.world - 1) * nbytes // ALIGN) * ALIGN
+    end = flag_off + (ctx.world - 1) * -(-n // cfg.block_size) * 4
+    if not symm_usable(ctx.buf, input.device, end):
+        return None
+    aligned = aligned16(input.data_ptr(), output.data_ptr(), ctx.local_base + recv_off, nbytes)
+    return Launch(
+        OP.name, ctx.buf, _reduce_scatter_push_kernel, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
+        (input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
+         ctx.grid_cap, recv_off, flag_off, n, env.timeout_ns(timeout_s)),
+        dict(DTYPE=TL_DTYPE[input.dtype], RANK=ctx.rank, WORLD_SIZE=ctx.world,
+             WORLD_P2=ctx.world_p2, BLOCK_SIZE=cfg.block_size, SCOPE=ctx.scope,
+             USE_PTX=ctx.use_ptx, ALIGNED=aligned))
 
 
 OP = ReduceScatter()
