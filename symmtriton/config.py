@@ -125,6 +125,15 @@ MAX_FUSED_HIDDEN = 65536
 RS_WIDE_CHUNK_BYTES = 4 * 1024
 
 
+#: reduce-scatter chunks for large slices, pull and push kernels alike: ``(smallest slice bytes,
+#: chunk bytes)``, 16 warps. Measured on 2x H200, W=2, graph, bf16 (benchmarks/results/NOTES.md):
+#: pull, zero-copy, 4 / 16 / 64 MiB inputs, 32 KiB chunks 12.28 / 31.15 / 108.0 us vs 16 KiB and
+#: 8 warps 12.86 / 31.97 / 112.1; push, 16 / 64 / 256 MiB / 1 GiB, 16 KiB 37.0 / 157.6 / 621.5
+#: / 2459, 32 KiB 34.0 / 123.9 / 489.8 / 1922, 64 KiB 32.5 / 106.8 / 398.2 / 1503, 128 KiB
+#: 116.7 / 386.8 / 1489 from 64 MiB: a pushing block pays a release per chunk.
+RS_LARGE_CHUNKS = ((128 << 20, 128 << 10), (8 << 20, 64 << 10), (2 << 20, 32 << 10))
+
+
 def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | None = None,
                    op: str | None = None) -> LaunchConfig:
     """Heuristic config for a collective over shards of ``numel`` elements of ``dtype``.
@@ -133,7 +142,7 @@ def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | 
     latency is one barrier pair plus one round of loads. Large shards: 16 KiB chunks, 8 warps, a
     persistent grid of up to 2 blocks per SM of an H100 (132 SMs). ``op``
     ``"reduce_scatter"`` at more than 2 ranks: :data:`RS_WIDE_CHUNK_BYTES` chunks with two
-    16-byte loads per thread and peer.
+    16-byte loads per thread and peer; for shards of at least 2 MiB, :data:`RS_LARGE_CHUNKS`.
 
     With ``hidden`` (the fused row kernels): a chunk is one row of ``hidden`` elements, and the
     warps grow with the row so each thread holds at most 16 fp32 values per row tensor.
@@ -150,6 +159,9 @@ def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | 
                             max_blocks=264)
     chunk_bytes = 16 * 1024
     per_thread = 4 * vec  # 4 x 16-byte accesses in flight per thread and peer
+    large = [c for low, c in RS_LARGE_CHUNKS if numel * esize >= low]
+    if op == "reduce_scatter" and large:
+        return LaunchConfig(block_size=large[0] // esize, num_warps=16, max_blocks=264)
     if op == "reduce_scatter" and world > 2:
         chunk_bytes, per_thread = RS_WIDE_CHUNK_BYTES, 2 * vec
     block = max(vec * 32, min(size_bucket(max(numel, 1)), chunk_bytes // esize))

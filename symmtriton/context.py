@@ -164,19 +164,25 @@ def lines_eligible(ctx: Ctx, per_peer_bytes: int, row_bytes: int,
 
 #: smallest slice (bytes each rank gets) that ``$SYMMTRITON_PROTOCOL=auto`` reduce-scatters by
 #: pushing (kernels/reduce_scatter.py ``_reduce_scatter_push_kernel``) rather than pulling, where
-#: there is no multicast.
-PUSH_MIN_SLICE_BYTES = 1024 * 1024
+#: there is no multicast: a staged input (pushing needs no staging copy) from 512 KiB, a zero-copy
+#: one from 32 MiB. Measured on 2x H200, W=2, graph, bf16, pull / push (us): staged 1 / 16 / 64
+#: MiB inputs 10.07 / 36.98 / 148.4 vs 8.78 / 32.41 / 106.9; zero-copy 4 / 16 / 64 / 256 MiB
+#: 12.28 / 31.15 / 108.0 / 410.6 vs 13.50 / 32.50 / 106.1 / 386.8 (benchmarks/results/NOTES.md).
+PUSH_MIN_SLICE_BYTES = 512 * 1024
+PUSH_MIN_ZERO_COPY_SLICE_BYTES = 32 * 1024 * 1024
 
 
-def push_eligible(ctx: Ctx, slice_bytes: int, multimem: bool) -> bool:
+def push_eligible(ctx: Ctx, slice_bytes: int, multimem: bool, staged: bool) -> bool:
     """The reduce-scatter pushes a slice of ``slice_bytes``: more than one rank, the pull has no
     multimem (``multimem``: what it would use), and ``$SYMMTRITON_PROTOCOL`` chooses it (``push``
-    always, ``auto`` from :data:`PUSH_MIN_SLICE_BYTES`). The caller checks that the buffer has
-    room. Alike on every rank."""
+    always, ``auto`` from :data:`PUSH_MIN_SLICE_BYTES` for a ``staged`` input, else from
+    :data:`PUSH_MIN_ZERO_COPY_SLICE_BYTES`). The caller checks that the buffer has room. Alike
+    on every rank."""
     mode = env.protocol()
     if ctx.world < 2 or multimem or mode in ("barrier", "lines"):
         return False
-    return mode == "push" or slice_bytes >= PUSH_MIN_SLICE_BYTES
+    limit = PUSH_MIN_SLICE_BYTES if staged else PUSH_MIN_ZERO_COPY_SLICE_BYTES
+    return mode == "push" or slice_bytes >= limit
 
 
 def aligned16(*values: int) -> bool:

@@ -2,12 +2,15 @@
 
 Inputs are rank-tagged small integers, so every sum is exact in bf16, fp16 and fp32."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
 
 import symmtriton as st
-from symmtriton import reference
+from symmtriton import env, reference
+from symmtriton.context import Ctx, push_eligible
 from symmtriton.kernels.reduce_scatter import _reduce_scatter_push_kernel
 from symmtriton.ops import driver
 from symmtriton.testing import device, protocol, sync, tagged
@@ -110,3 +113,20 @@ def _rs_push_cases(rank, world, mode):
 @pytest.mark.parametrize("mode", ["staged", "zero_copy"])
 def test_reduce_scatter_push_exact(pool, mode):
     assert pool.run(_rs_push_cases, mode) == [[]] * pool.world_size
+
+
+def test_auto_pushes_staged_slices_from_512k_and_zero_copy_from_32m(monkeypatch):
+    """context.push_eligible: where ``auto`` pushes, and what ``push`` / ``barrier`` / multicast /
+    one rank change."""
+    ctx = Ctx(None, 0, 2, 0, 0, 0, 0, 1, 0, "sys")
+    kib, mib = 1 << 10, 1 << 20
+    monkeypatch.delenv(env.PROTOCOL, raising=False)
+    assert [push_eligible(ctx, b, False, True) for b in (511 * kib, 512 * kib)] == [False, True]
+    assert [push_eligible(ctx, b, False, False) for b in (31 * mib, 32 * mib)] == [False, True]
+    assert not push_eligible(ctx, 64 * mib, True, True)  # multimem pulls
+    assert not push_eligible(dataclasses.replace(ctx, world=1), 64 * mib, False, True)
+    monkeypatch.setenv(env.PROTOCOL, "push")
+    assert push_eligible(ctx, 16, False, False)
+    for mode in ("barrier", "lines"):
+        monkeypatch.setenv(env.PROTOCOL, mode)
+        assert not push_eligible(ctx, 64 * mib, False, True)

@@ -157,14 +157,26 @@ def _entry(**over):
 
 def test_reduce_scatter_defaults_to_small_chunks_beyond_two_ranks(cache_file):
     """config.RS_WIDE_CHUNK_BYTES: 4 KiB chunks, 4 warps for reduce-scatter at more than 2 ranks;
-    16 KiB and 8 warps at 2 ranks and for the other ops."""
-    n = 1 << 20
+    16 KiB and 8 warps at 2 ranks and for the other ops (shards below 2 MiB)."""
+    n = 1 << 19
     assert default_config(n, torch.bfloat16, 4, op="reduce_scatter") == LaunchConfig(2048, 4, 264)
-    assert default_config(n, torch.float32, 3, op="reduce_scatter") == LaunchConfig(1024, 4, 264)
+    assert default_config(n // 2, torch.float32, 3, op="reduce_scatter") == LaunchConfig(1024, 4, 264)
     assert default_config(n, torch.bfloat16, 2, op="reduce_scatter") == LaunchConfig(8192, 8, 264)
     assert default_config(n, torch.bfloat16, 4, op="all_gather") == LaunchConfig(8192, 8, 264)
     wide = LaunchConfig(2048, 4, 264)
     assert tuning.lookup_config("reduce_scatter", n, torch.bfloat16, 4) == wide
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_reduce_scatter_chunks_grow_with_large_shards(world):
+    """config.RS_LARGE_CHUNKS: 32 / 64 / 128 KiB chunks and 16 warps from 2 / 8 / 128 MiB shards,
+    at any world size; the other ops keep 16 KiB."""
+    mib = 1 << 20
+    for shard_bytes, chunk in ((2 * mib, 32768), (8 * mib - 2, 32768), (8 * mib, 65536),
+                               (128 * mib, 131072), (1024 * mib, 131072)):
+        cfg = default_config(shard_bytes // 2, torch.bfloat16, world, op="reduce_scatter")
+        assert cfg == LaunchConfig(chunk // 2, 16, 264), shard_bytes
+    assert default_config(64 * mib, torch.bfloat16, world).block_size == 8192
 
 
 def test_lookup_uses_cached_entry_by_bucket(cache_file):

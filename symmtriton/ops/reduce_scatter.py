@@ -55,7 +55,7 @@ class ReduceScatter(AllGather):  # the same call key and uniform tensors: (outpu
         ctx = context(buf)
         choice = choose_config(config, self.config_op, n, input.dtype, world)
         multimem = multimem_eligible(ctx, input.dtype, ctx.local_base + region, nbytes)
-        if push_eligible(ctx, nbytes, multimem):
+        if push_eligible(ctx, nbytes, multimem, in_off is None):
             push = _push_launch(ctx, choice.config, output, input, n, timeout_s)
             if push is not None:
                 return OutputPlan(push, choice)
