@@ -82,16 +82,16 @@ def _push_launch(ctx, cfg: LaunchConfig, output, input, n, timeout_s) -> Launch 
     the operands for its receive area (``world - 1`` slices) and flags (an int32 per slice and
     chunk)."""
     nbytes = n * output.element_size()
-    recv_off = region_after(ctx.buf, output, input)
-    flag_off = recv_off + -(-(ctx.world - 1) * nbytes // ALIGN) * ALIGN
+    slot_off = region_after(ctx.buf, output, input)
+    flag_off = slot_off + -(-(ctx.world - 1) * nbytes // ALIGN) * ALIGN
     end = flag_off + (ctx.world - 1) * -(-n // cfg.block_size) * 4
     if not symm_usable(ctx.buf, input.device, end):
         return None
-    aligned = aligned16(input.data_ptr(), output.data_ptr(), ctx.local_base + recv_off, nbytes)
+    aligned = aligned16(input.data_ptr(), output.data_ptr(), ctx.local_base + slot_off, nbytes)
     return Launch(
         OP.name, ctx.buf, _reduce_scatter_push_kernel, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
         (input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
-         ctx.grid_cap, recv_off, flag_off, n, env.timeout_ns(timeout_s)),
+         ctx.grid_cap, slot_off, flag_off, n, env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], RANK=ctx.rank, WORLD_SIZE=ctx.world,
              WORLD_P2=ctx.world_p2, BLOCK_SIZE=cfg.block_size, SCOPE=ctx.scope,
              USE_PTX=ctx.use_ptx, ALIGNED=aligned))
