@@ -169,6 +169,19 @@ def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | 
     return LaunchConfig(block_size=block, num_warps=num_warps, max_blocks=264)
 
 
+def push_config(numel: int, dtype: torch.dtype, world: int) -> LaunchConfig:
+    """Config of the flagged-chunk push kernels (kernels/push.py) for slices of ``numel``
+    elements of ``dtype``: :data:`RS_LARGE_CHUNKS` from 2 MiB slices, 16 KiB chunks and 8 warps
+    below (a pushing block pays a release per chunk: chunks no smaller at any world size). Like
+    the lines kernels' configs, not read from the tuning cache (its entries time the pull)."""
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    large = [c for low, c in RS_LARGE_CHUNKS if numel * dtype.itemsize >= low]
+    chunk = large[0] if large else 16 * 1024
+    return LaunchConfig(block_size=chunk // dtype.itemsize, num_warps=16 if large else 8,
+                        max_blocks=264)
+
+
 #: data bytes per chunk of the barrier-free kernels (kernels/ll.py): a block moves twice that
 #: (flags) per chunk and peer. Measured on 2x H200, W=2, graph, zero-copy bf16 (chunk 4096 /
 #: 1024 / 512 B): all-gather 64 KiB 4.49 / 4.04 / 3.28 us, all-reduce 64 KiB 4.52 / 4.33 /

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from symmtriton import tuner, tuning
-from symmtriton.config import CONFIG_KEYS, LaunchConfig, default_config
+from symmtriton.config import CONFIG_KEYS, LaunchConfig, default_config, push_config
 
 #: small all-gather: 64 bf16 elements per rank = 32 int32 words, one block for every candidate.
 AG_NUMEL = 64
@@ -177,6 +177,18 @@ def test_reduce_scatter_chunks_grow_with_large_shards(world):
         cfg = default_config(shard_bytes // 2, torch.bfloat16, world, op="reduce_scatter")
         assert cfg == LaunchConfig(chunk // 2, 16, 264), shard_bytes
     assert default_config(64 * mib, torch.bfloat16, world).block_size == 8192
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_push_kernels_take_16k_chunks_below_2m_and_the_large_ones_above(world):
+    """config.push_config: 16 KiB chunks and 8 warps at any world size below 2 MiB slices (never
+    the 4 KiB pull chunks of wider worlds), RS_LARGE_CHUNKS from there."""
+    mib = 1 << 20
+    assert push_config(mib // 4, torch.float32, world) == LaunchConfig(4096, 8, 264)
+    assert push_config(2 * mib // 2, torch.bfloat16, world) == LaunchConfig(16384, 16, 264)
+    assert push_config(256 * mib // 2, torch.bfloat16, world) == LaunchConfig(65536, 16, 264)
+    with pytest.raises(ValueError, match="-1"):
+        push_config(-1, torch.bfloat16, world)
 
 
 def test_lookup_uses_cached_entry_by_bucket(cache_file):

@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from .. import env
 from .._calls import counts_calls
-from ..config import CONFIG_OP, LaunchConfig, lines_block, lines_config
+from ..config import CONFIG_OP, LaunchConfig, lines_block, lines_config, push_config
 from ..context import (ALIGN, aligned16, context, find_buffer, lines_eligible, multimem_eligible,
                        offset_in, push_eligible, region_after, symm_usable)
 from ..kernels.reduce_scatter import (_reduce_scatter_kernel, _reduce_scatter_ll_kernel,
@@ -53,12 +53,13 @@ class ReduceScatter(AllGather):  # the same call key and uniform tensors: (outpu
         if not symm_usable(buf, input.device, region + world * nbytes):
             return OutputPlan(fallback=torch_reduce_scatter, group=group)
         ctx = context(buf)
-        choice = choose_config(config, self.config_op, n, input.dtype, world)
         multimem = multimem_eligible(ctx, input.dtype, ctx.local_base + region, nbytes)
         if push_eligible(ctx, nbytes, multimem, in_off is None):
-            push = _push_launch(ctx, choice.config, output, input, n, timeout_s)
+            cfg = config or push_config(n, input.dtype, world)
+            push = _push_launch(ctx, cfg, output, input, n, timeout_s)
             if push is not None:
-                return OutputPlan(push, choice)
+                return OutputPlan(push, ConfigChoice(cfg))
+        choice = choose_config(config, self.config_op, n, input.dtype, world)
         return OutputPlan(_kernel_launch(ctx, choice.config, output, input, n, region,
                                          in_off is None, multimem, timeout_s), choice)
 
