@@ -26,6 +26,18 @@ peer, then sums each of those chunks over the ranks in rank order (its own from 
 peers' from its slots; fp32, the same order on every rank, so every rank gets the same bits) and
 stores it to ``out``, which may be the input (a block rewrites only chunks it pushed already).
 Nothing of the buffer outside the line area is touched.
+
+``_all_reduce_push_kernel`` (two-shot for large tensors without multicast; the flagged chunks of
+kernels/push.py, two rounds): block ``b`` clears its flags of both rounds and passes the start
+barrier; then for its chunks ``j`` of the slices (``j % blocks == b``), pipelined one chunk
+ahead as in the push reduce-scatter: pushes chunk ``j`` of every peer's slice of the input into
+its slot there and flags it (round 1); waits for round 1 of chunk ``j`` of its own slice, sums it
+over the ranks in rank order (fp32), stores the sum to ``out`` and into every peer's gather
+target, and flags it (round 2). Finally it waits for round 2 of its chunks of every peer's
+slice; with ``GATHER`` the sums landed in a gather area (laid out like the tensor) and are copied
+to ``out``, else they landed in ``out`` itself (``out`` lies in the buffer: ``gather_off`` is its
+offset). In place is safe: a rank's chunk of a peer's slice is overwritten by that peer's sum
+only after the peer saw its round-1 flag, which follows the rank's read of the chunk.
 """
 
 import triton
@@ -34,6 +46,7 @@ import triton.language as tl
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
 from .common import copy_units, ll_push_chunks, ll_reduce_store
 from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr, store_all
+from .push import clear_flags, flag_peers, push_slices, reduce_slots, wait_flags
 
 
 @triton.jit
@@ -98,5 +111,77 @@ def _all_reduce_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq
                              peer_addr(buf_table, RANK) + ll_off, n, pid, nprog, seq, slot_words,
                              timeout_ns, own_pad(sig_table, RANK), DTYPE, BLOCK, RANK, WORLD_SIZE,
                              USE_PTX)
+    give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
+    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
+
+
+@triton.jit
+def _sum_and_share(src, dst, buf_table, local, slot_off, flag_off, gather_off, j, L, n,
+                   DTYPE: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
+                   WORLD_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr, SCOPE: tl.constexpr,
+                   ALIGNED: tl.constexpr):
+    """Round 2 of chunk ``j`` of this rank's slice (its round-1 flags seen): the sum over the
+    ranks, stored to ``dst`` and to every peer's gather target (``gather_off``), then flagged."""
+    first = RANK * as_i64(L)
+    vals = reduce_slots(src + first, local, slot_off, j, L, n - first, DTYPE, RANK, WORLD_SIZE,
+                        BLOCK_SIZE, ALIGNED).to(DTYPE)
+    offs = first + j * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < n
+    tl.store(dst + offs, vals, mask=mask)
+    for i in tl.static_range(1, WORLD_SIZE):
+        target = peer_addr(buf_table, (RANK + i) % WORLD_SIZE) + gather_off
+        tl.store(as_ptr(target, DTYPE, ALIGNED) + offs, vals, mask=mask)
+    flag_peers(buf_table, flag_off, j, L // BLOCK_SIZE, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
+
+
+@triton.jit
+def _all_reduce_push_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, slot_off,
+                            flag_off, gather_off, n, cps, timeout_ns, DTYPE: tl.constexpr,
+                            RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
+                            WORLD_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                            GATHER: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
+                            ALIGNED: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)  # before any memory access
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
+    local = peer_addr(buf_table, RANK)
+    L = cps * BLOCK_SIZE  # elements per slice
+    flag2_off = flag_off + (WORLD_SIZE - 1) * as_i64(cps) * 4  # round 2's flags
+    clear_flags(local, flag_off, cps, pid, nprog, WORLD_SIZE)
+    clear_flags(local, flag2_off, cps, pid, nprog, WORLD_SIZE)
+    bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
+                  WORLD_P2, SCOPE, USE_PTX, True, True)  # a failed barrier recorded its error
+    src = as_ptr(in_addr, DTYPE, ALIGNED)
+    dst = as_ptr(out_addr, DTYPE, ALIGNED)
+    pad = own_pad(sig_table, RANK)
+    status = tl.full([], 0, tl.int32)
+    j = tl.where(bad != 0, cps, pid)
+    if j < cps:
+        push_slices(src, buf_table, slot_off, flag_off, j, L, n, cps, DTYPE, RANK, WORLD_SIZE,
+                    WORLD_P2, BLOCK_SIZE, SCOPE, ALIGNED)
+    while j < cps:  # round 1 pushed one chunk ahead of round 2; see ptx.py on loops
+        nxt = j + nprog
+        if nxt < cps:
+            push_slices(src, buf_table, slot_off, flag_off, nxt, L, n, cps, DTYPE, RANK,
+                        WORLD_SIZE, WORLD_P2, BLOCK_SIZE, SCOPE, ALIGNED)
+        status = wait_flags(local, flag_off, j, cps, pad, timeout_ns, RANK, WORLD_SIZE, WORLD_P2,
+                            SCOPE, USE_PTX)
+        if status == 0:
+            _sum_and_share(src, dst, buf_table, local, slot_off, flag2_off, gather_off, j, L, n,
+                           DTYPE, RANK, WORLD_SIZE, WORLD_P2, BLOCK_SIZE, SCOPE, ALIGNED)
+        j = tl.where(status != 0, cps, nxt)
+    j = tl.where((bad != 0) | (status != 0), cps, pid)
+    while j < cps:  # round 2 received: every peer's sums of chunk j
+        status = wait_flags(local, flag2_off, j, cps, pad, timeout_ns, RANK, WORLD_SIZE, WORLD_P2,
+                            SCOPE, USE_PTX)
+        if GATHER:
+            if status == 0:
+                gathered = as_ptr(local + gather_off, DTYPE, ALIGNED)
+                for i in tl.static_range(1, WORLD_SIZE):
+                    offs = ((RANK + i) % WORLD_SIZE) * as_i64(L) + j * BLOCK_SIZE
+                    offs += tl.arange(0, BLOCK_SIZE)
+                    tl.store(dst + offs, tl.load(gathered + offs, mask=offs < n), mask=offs < n)
+        j = tl.where(status != 0, cps, j + nprog)
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

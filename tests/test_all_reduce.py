@@ -10,8 +10,10 @@ import symmtriton as st
 from symmtriton import custom_ops as co
 from symmtriton import reference
 from symmtriton.config import LaunchConfig, all_reduce_algorithm, all_reduce_config
+from symmtriton.kernels.all_reduce import _all_reduce_push_kernel
+from symmtriton.ops import driver
 from symmtriton.testing import (buffer_without_symmetric_memory, captured, device,
-                                errors_without_launch, sync, tagged)
+                                errors_without_launch, protocol, sync, tagged)
 
 #: odd counts, a tail inside one chunk, several chunks per slice (with the small config below)
 SIZES = (1, 7, 37, 1000, 2 * 1024 + 3)
@@ -242,3 +244,24 @@ def _compiled_matches_eager(rank, world):
 def test_custom_ops_eager_and_compiled_fullgraph(cpu_pool):
     for res in cpu_pool(2).run(_compiled_matches_eager):
         assert res == (True, True, True)
+
+
+def _ar_push_cases(rank, world, sizes, config):
+    """The push two-shot (``$SYMMTRITON_PROTOCOL=push``, kernels/push.py) in every placement, on
+    a buffer whose bytes past the operands (slots, gather area, flags) hold garbage first."""
+    buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=4)
+    buf.symm_buffer.fill_(0x7F)
+    sync()
+    with protocol("push"):
+        bad = _ar_cases(rank, world, "bfloat16", "two_shot", MODES, sizes, config)
+        if driver.last_plan().kernel.fn is not _all_reduce_push_kernel:
+            bad.append("not pushed")
+    return bad
+
+
+def test_all_reduce_push_exact(pool):
+    assert pool.run(_ar_push_cases, SIZES, SMALL) == [[]] * pool.world_size
+
+
+def test_all_reduce_push_default_config(pool):
+    assert pool.run(_ar_push_cases, (3, 70000), None) == [[]] * pool.world_size

@@ -123,13 +123,24 @@ def _compile_ones(rank, world, which):
     return len(c.asm["cubin"]) > 0
 
 
-def _compile_push(rank, world, capability, scope, world_size=3):
-    from symmtriton.kernels.reduce_scatter import _reduce_scatter_push_kernel
+#: the flagged-chunk push kernels (kernels/push.py): kernel, extra constexprs, acquire poll sites
+#: (the start barrier and one per round of flags)
+PUSH_KERNELS = {
+    "reduce_scatter": ("reduce_scatter", "_reduce_scatter_push_kernel", {}, 2),
+    "all_reduce": ("all_reduce", "_all_reduce_push_kernel", dict(GATHER=True), 3),
+}
+
+
+def _compile_push(rank, world, which, capability, scope, world_size=3):
+    import importlib
+
     from symmtriton.testing import compile_for_target
 
-    c = compile_for_target(_reduce_scatter_push_kernel, capability, RANK=1, WORLD_SIZE=world_size,
+    module, name, extra, _ = PUSH_KERNELS[which]
+    kern = getattr(importlib.import_module(f"symmtriton.kernels.{module}"), name)
+    c = compile_for_target(kern, capability, RANK=1, WORLD_SIZE=world_size,
                            WORLD_P2=triton.next_power_of_2(world_size), SCOPE=scope, USE_PTX=True,
-                           DTYPE=tl.bfloat16, BLOCK_SIZE=4096, ALIGNED=True)
+                           DTYPE=tl.bfloat16, BLOCK_SIZE=4096, ALIGNED=True, **extra)
     ptx = c.asm["ptx"]
     # what precedes each flag's release exchange since the previous one (or the kernel start)
     before_flags = re.split(rf"atom\.global\.{scope}\.release\.exch", ptx)[:-1]
@@ -148,16 +159,20 @@ def _compile_push(rank, world, capability, scope, world_size=3):
 
 
 @pytest.mark.parametrize("capability", [90, 100])
-def test_push_reduce_scatter_orders_its_chunks_behind_a_release_flag(compiler, capability):
-    """The push kernel: 16-byte loads and stores; the start barrier's signal and each chunk's
-    flag are release exchanges, each after a ``bar.sync`` that follows the block's stores;
-    two acquire poll sites (the barrier, the flags), their clock reads behind the miss counter."""
-    [r] = compiler.run(_compile_push, capability, "sys")
+@pytest.mark.parametrize("which", sorted(PUSH_KERNELS))
+def test_push_kernels_order_their_chunks_behind_release_flags(compiler, which, capability):
+    """The push kernels: 16-byte loads and stores; the start barrier's signal and each round's
+    flag are release exchanges, each after a ``bar.sync`` that follows the block's stores; one
+    acquire poll site per wait (the barrier, each round of flags), its clock read behind the
+    miss counter."""
+    [r] = compiler.run(_compile_push, which, capability, "sys")
+    sites = PUSH_KERNELS[which][3]
     assert r["cubin"] and r["v4_loads"] > 0 and r["v4_stores"] > 0
-    assert r["releases"] >= 2 and r["waits"] == 2 and r["relaxed"] == 0
-    assert r["clock_reads"] == 2 and r["bar_before_release"]
+    assert r["releases"] >= sites and r["waits"] == sites and r["relaxed"] == 0
+    assert r["clock_reads"] == sites and r["bar_before_release"]
 
 
-def test_push_reduce_scatter_on_one_gpu_uses_gpu_scope(compiler):
-    [r] = compiler.run(_compile_push, 90, "gpu")
-    assert r["cubin"] and r["releases"] >= 2 and r["sys_atoms"] == 0
+@pytest.mark.parametrize("which", sorted(PUSH_KERNELS))
+def test_push_kernels_on_one_gpu_use_gpu_scope(compiler, which):
+    [r] = compiler.run(_compile_push, which, 90, "gpu")
+    assert r["cubin"] and r["releases"] >= PUSH_KERNELS[which][3] and r["sys_atoms"] == 0

@@ -22,15 +22,16 @@ from .. import env
 from .._calls import counts_calls
 from ..config import (ALL_REDUCE_ALGORITHMS, MAX_FUSED_HIDDEN, LaunchConfig, all_reduce_algorithm,
                       all_reduce_config, default_config, lines_block, lines_config,
-                      lines_row_config, lines_row_split)
+                      lines_row_config, lines_row_split, push_config)
 from ..context import (LINES_MAX_BYTES, LINES_ROWS_MAX_BYTES, aligned16, context, find_buffer,
-                       lines_eligible, lines_fit, multimem_eligible, offset_in, region_after,
-                       symm_usable)
+                       lines_eligible, lines_fit, multimem_eligible, offset_in, push_eligible,
+                       region_after, symm_usable)
 from ..kernels.all_reduce import _all_reduce_kernel, _all_reduce_ll_kernel
 from ..kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel, _all_reduce_rmsnorm_ll_kernel
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
 from ._lines import flat_lines_launch
+from ._push import all_reduce_push_launch
 from .driver import TL_DTYPE, Collective, ConfigChoice, OutputPlan, call, tensor_desc
 from .fallback import torch_all_reduce, torch_all_reduce_add_rmsnorm
 from .fused import FusedPlan
@@ -96,6 +97,16 @@ class AllReduce(Collective):
         if not symm_usable(buf, tensor.device, max(region, res) + n * esize):
             return OutputPlan(fallback=torch_all_reduce, group=group)
         choice = ConfigChoice(config or all_reduce_config(n, tensor.dtype, world, algo))
+        if algo == "two_shot":
+            ctx, base = context(buf), context(buf).local_base
+            multimem = multimem_eligible(ctx, tensor.dtype, base + region, base + res, n * esize,
+                                         choice.config.block_size * esize)
+            per_rank = -(-n // world)
+            if push_eligible(ctx, per_rank * esize, multimem, in_off is None):
+                cfg = config or push_config(per_rank, tensor.dtype, world)
+                push = all_reduce_push_launch(self.name, ctx, cfg, dst, tensor, timeout_s)
+                if push is not None:
+                    return OutputPlan(push, ConfigChoice(cfg))
         return OutputPlan(_kernel_launch(context(buf), choice.config, dst, tensor, algo, region,
                                          res, in_off is None, copy_out, timeout_s), choice)
 

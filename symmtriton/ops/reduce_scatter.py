@@ -8,14 +8,14 @@ import torch.distributed as dist
 from .. import env
 from .._calls import counts_calls
 from ..config import CONFIG_OP, LaunchConfig, lines_block, lines_config, push_config
-from ..context import (ALIGN, aligned16, context, find_buffer, lines_eligible, multimem_eligible,
-                       offset_in, push_eligible, region_after, symm_usable)
-from ..kernels.reduce_scatter import (_reduce_scatter_kernel, _reduce_scatter_ll_kernel,
-                                      _reduce_scatter_push_kernel)
+from ..context import (aligned16, context, find_buffer, lines_eligible, multimem_eligible, offset_in,
+                       push_eligible, region_after, symm_usable)
+from ..kernels.reduce_scatter import _reduce_scatter_kernel, _reduce_scatter_ll_kernel
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_distinct, check_gather_shapes, check_same, check_tensor
 from .all_gather import AllGather
 from ._lines import flat_lines_launch
+from ._push import reduce_scatter_push_launch
 from .driver import TL_DTYPE, ConfigChoice, OutputPlan, call, choose_config, compiling, group_name
 from .fallback import torch_reduce_scatter
 
@@ -56,7 +56,7 @@ class ReduceScatter(AllGather):  # the same call key and uniform tensors: (outpu
         multimem = multimem_eligible(ctx, input.dtype, ctx.local_base + region, nbytes)
         if push_eligible(ctx, nbytes, multimem, in_off is None):
             cfg = config or push_config(n, input.dtype, world)
-            push = _push_launch(ctx, cfg, output, input, n, timeout_s)
+            push = reduce_scatter_push_launch(self.name, ctx, cfg, output, input, timeout_s)
             if push is not None:
                 return OutputPlan(push, ConfigChoice(cfg))
         choice = choose_config(config, self.config_op, n, input.dtype, world)
@@ -76,26 +76,6 @@ def _kernel_launch(ctx, cfg: LaunchConfig, output, input, n, region, stage_in, u
         dict(DTYPE=TL_DTYPE[input.dtype], RANK=ctx.rank, WORLD_SIZE=ctx.world,
              WORLD_P2=ctx.world_p2, BLOCK_SIZE=cfg.block_size, STAGE_IN=stage_in,
              USE_MULTIMEM=use_mm, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned))
-
-
-def _push_launch(ctx, cfg: LaunchConfig, output, input, n, timeout_s) -> Launch | None:
-    """The launch of ``_reduce_scatter_push_kernel``, or ``None`` when the buffer has no room past
-    the operands for its receive area (``world - 1`` slices) and flags (an int32 per slice and
-    chunk)."""
-    nbytes = n * output.element_size()
-    slot_off = region_after(ctx.buf, output, input)
-    flag_off = slot_off + -(-(ctx.world - 1) * nbytes // ALIGN) * ALIGN
-    end = flag_off + (ctx.world - 1) * -(-n // cfg.block_size) * 4
-    if not symm_usable(ctx.buf, input.device, end):
-        return None
-    aligned = aligned16(input.data_ptr(), output.data_ptr(), ctx.local_base + slot_off, nbytes)
-    return Launch(
-        OP.name, ctx.buf, _reduce_scatter_push_kernel, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
-        (input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
-         ctx.grid_cap, slot_off, flag_off, n, env.timeout_ns(timeout_s)),
-        dict(DTYPE=TL_DTYPE[input.dtype], RANK=ctx.rank, WORLD_SIZE=ctx.world,
-             WORLD_P2=ctx.world_p2, BLOCK_SIZE=cfg.block_size, SCOPE=ctx.scope,
-             USE_PTX=ctx.use_ptx, ALIGNED=aligned))
 
 
 OP = ReduceScatter()
