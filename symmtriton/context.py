@@ -162,27 +162,29 @@ def lines_eligible(ctx: Ctx, per_peer_bytes: int, row_bytes: int,
     return mode == "lines" or per_peer_bytes * (ctx.world - 1) <= limit
 
 
-#: smallest slice (bytes each rank gets) that ``$SYMMTRITON_PROTOCOL=auto`` reduce-scatters by
-#: pushing (kernels/reduce_scatter.py ``_reduce_scatter_push_kernel``) rather than pulling, where
-#: there is no multicast: a staged input (pushing needs no staging copy) from 512 KiB, a zero-copy
-#: one from 32 MiB. Measured on 2x H200, W=2, graph, bf16, pull / push (us): staged 1 / 16 / 64
-#: MiB inputs 10.07 / 36.98 / 148.4 vs 8.78 / 32.41 / 106.9; zero-copy 4 / 16 / 64 / 256 MiB
-#: 12.28 / 31.15 / 108.0 / 410.6 vs 13.50 / 32.50 / 106.1 / 386.8 (benchmarks/results/NOTES.md).
-PUSH_MIN_SLICE_BYTES = 512 * 1024
-PUSH_MIN_ZERO_COPY_SLICE_BYTES = 32 * 1024 * 1024
+#: smallest slice (bytes each rank reduces) that ``$SYMMTRITON_PROTOCOL=auto`` pushes in flagged
+#: chunks (kernels/push.py) rather than pulling, where there is no multicast, per op: ``(staged
+#: input, zero-copy input)``. Measured on 2x H200, W=2, graph, bf16 (benchmarks/results/NOTES.md),
+#: pull vs push (us): reduce-scatter, staged 1 / 16 / 64 MiB inputs 10.07 / 36.98 / 148.4 vs
+#: 8.78 / 32.41 / 106.9, zero-copy 4 / 16 / 64 / 256 MiB 12.28 / 31.15 / 108.0 / 410.6 vs 13.50 /
+#: 32.50 / 106.1 / 386.8; all-reduce (two rounds of flags), staged 1 / 4 / 16 / 64 MiB 11.19 /
+#: 21.75 / 66.87 / 260.0 vs 13.45 / 22.97 / 59.20 / 203.2, zero-copy in place 4 / 16 / 64 MiB
+#: 19.44 / 55.61 / 208.7 vs 21.78 / 54.97 / 194.2.
+PUSH_MIN_SLICE_BYTES = {"reduce_scatter": (512 * 1024, 32 * 1024 * 1024),
+                        "all_reduce": (4 * 1024 * 1024, 32 * 1024 * 1024)}
 
 
-def push_eligible(ctx: Ctx, slice_bytes: int, multimem: bool, staged: bool) -> bool:
-    """The reduce-scatter pushes a slice of ``slice_bytes``: more than one rank, the pull has no
-    multimem (``multimem``: what it would use), and ``$SYMMTRITON_PROTOCOL`` chooses it (``push``
-    always, ``auto`` from :data:`PUSH_MIN_SLICE_BYTES` for a ``staged`` input, else from
-    :data:`PUSH_MIN_ZERO_COPY_SLICE_BYTES`). The caller checks that the buffer has room. Alike
-    on every rank."""
+def push_eligible(ctx: Ctx, op: str, slice_bytes: int, multimem: bool, staged: bool) -> bool:
+    """``op`` (``"reduce_scatter"`` or ``"all_reduce"``) pushes slices of ``slice_bytes``: more
+    than one rank, the pull has no multimem (``multimem``: what it would use), and
+    ``$SYMMTRITON_PROTOCOL`` chooses it (``push`` always, ``auto`` from
+    :data:`PUSH_MIN_SLICE_BYTES` for a ``staged`` or zero-copy input). The caller checks that the
+    buffer has room. Alike on every rank."""
     mode = env.protocol()
     if ctx.world < 2 or multimem or mode in ("barrier", "lines"):
         return False
-    limit = PUSH_MIN_SLICE_BYTES if staged else PUSH_MIN_ZERO_COPY_SLICE_BYTES
-    return mode == "push" or slice_bytes >= limit
+    staged_min, zero_copy_min = PUSH_MIN_SLICE_BYTES[op]
+    return mode == "push" or slice_bytes >= (staged_min if staged else zero_copy_min)
 
 
 def aligned16(*values: int) -> bool:

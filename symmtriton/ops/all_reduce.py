@@ -102,7 +102,7 @@ class AllReduce(Collective):
             multimem = multimem_eligible(ctx, tensor.dtype, base + region, base + res, n * esize,
                                          choice.config.block_size * esize)
             per_rank = -(-n // world)
-            if push_eligible(ctx, per_rank * esize, multimem, in_off is None):
+            if push_eligible(ctx, "all_reduce", per_rank * esize, multimem, in_off is None):
                 cfg = config or push_config(per_rank, tensor.dtype, world)
                 push = all_reduce_push_launch(self.name, ctx, cfg, dst, tensor, timeout_s)
                 if push is not None:

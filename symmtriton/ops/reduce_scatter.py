@@ -54,7 +54,7 @@ class ReduceScatter(AllGather):  # the same call key and uniform tensors: (outpu
             return OutputPlan(fallback=torch_reduce_scatter, group=group)
         ctx = context(buf)
         multimem = multimem_eligible(ctx, input.dtype, ctx.local_base + region, nbytes)
-        if push_eligible(ctx, nbytes, multimem, in_off is None):
+        if push_eligible(ctx, "reduce_scatter", nbytes, multimem, in_off is None):
             cfg = config or push_config(n, input.dtype, world)
             push = reduce_scatter_push_launch(self.name, ctx, cfg, output, input, timeout_s)
             if push is not None:
