@@ -125,8 +125,8 @@ MAX_FUSED_HIDDEN = 65536
 RS_WIDE_CHUNK_BYTES = 4 * 1024
 
 
-#: reduce-scatter chunks for large slices, pull and push kernels alike: ``(smallest slice bytes,
-#: chunk bytes)``, 16 warps. Measured on 2x H200, W=2, graph, bf16 (benchmarks/results/NOTES.md):
+#: reduce-scatter chunks for large slices (the pull at 2 ranks, the push kernels at any world size,
+#: :func:`push_config`): ``(smallest slice bytes, chunk bytes)``, 16 warps. Measured on 2x H200, W=2, graph, bf16 (benchmarks/results/NOTES.md):
 #: pull, zero-copy, 4 / 16 / 64 MiB inputs, 32 KiB chunks 12.28 / 31.15 / 108.0 us vs 16 KiB and
 #: 8 warps 12.86 / 31.97 / 112.1; push, 16 / 64 / 256 MiB / 1 GiB, 16 KiB 37.0 / 157.6 / 621.5
 #: / 2459, 32 KiB 34.0 / 123.9 / 489.8 / 1922, 64 KiB 32.5 / 106.8 / 398.2 / 1503, 128 KiB
@@ -142,7 +142,8 @@ def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | 
     latency is one barrier pair plus one round of loads. Large shards: 16 KiB chunks, 8 warps, a
     persistent grid of up to 2 blocks per SM of an H100 (132 SMs). ``op``
     ``"reduce_scatter"`` at more than 2 ranks: :data:`RS_WIDE_CHUNK_BYTES` chunks with two
-    16-byte loads per thread and peer; for shards of at least 2 MiB, :data:`RS_LARGE_CHUNKS`.
+    16-byte loads per thread and peer (at every shard size: 4x H200, W=4, 16 MiB, 4 KiB chunks
+    48.47 us, 32 KiB 50.04); at 2 ranks, for shards of at least 2 MiB, :data:`RS_LARGE_CHUNKS`.
 
     With ``hidden`` (the fused row kernels): a chunk is one row of ``hidden`` elements, and the
     warps grow with the row so each thread holds at most 16 fp32 values per row tensor.
@@ -160,7 +161,7 @@ def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | 
     chunk_bytes = 16 * 1024
     per_thread = 4 * vec  # 4 x 16-byte accesses in flight per thread and peer
     large = [c for low, c in RS_LARGE_CHUNKS if numel * esize >= low]
-    if op == "reduce_scatter" and large:
+    if op == "reduce_scatter" and large and world <= 2:
         return LaunchConfig(block_size=large[0] // esize, num_warps=16, max_blocks=264)
     if op == "reduce_scatter" and world > 2:
         chunk_bytes, per_thread = RS_WIDE_CHUNK_BYTES, 2 * vec

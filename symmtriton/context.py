@@ -164,27 +164,30 @@ def lines_eligible(ctx: Ctx, per_peer_bytes: int, row_bytes: int,
 
 #: smallest slice (bytes each rank reduces) that ``$SYMMTRITON_PROTOCOL=auto`` pushes in flagged
 #: chunks (kernels/push.py) rather than pulling, where there is no multicast, per op: ``(staged
-#: input, zero-copy input)``. Measured on 2x H200, W=2, graph, bf16 (benchmarks/results/NOTES.md),
-#: pull vs push (us): reduce-scatter, staged 1 / 16 / 64 MiB inputs 10.07 / 36.98 / 148.4 vs
-#: 8.78 / 32.41 / 106.9, zero-copy 4 / 16 / 64 / 256 MiB 12.28 / 31.15 / 108.0 / 410.6 vs 13.50 /
-#: 32.50 / 106.1 / 386.8; all-reduce (two rounds of flags), staged 1 / 4 / 16 / 64 MiB 11.19 /
-#: 21.75 / 66.87 / 260.0 vs 13.45 / 22.97 / 59.20 / 203.2, zero-copy in place 4 / 16 / 64 MiB
-#: 19.44 / 55.61 / 208.7 vs 21.78 / 54.97 / 194.2.
-PUSH_MIN_SLICE_BYTES = {"reduce_scatter": (512 * 1024, 32 * 1024 * 1024),
-                        "all_reduce": (4 * 1024 * 1024, 32 * 1024 * 1024)}
+#: input, zero-copy input at 2 ranks, zero-copy input beyond)``. Pull vs push, graph, bf16, us
+#: (benchmarks/results/NOTES.md). 2x H200, W=2: reduce-scatter, staged 1 / 16 / 64 MiB inputs
+#: 10.07 / 36.98 / 148.4 vs 8.78 / 32.41 / 106.9, zero-copy 4 / 16 / 64 / 256 MiB 12.28 / 31.15 /
+#: 108.0 / 410.6 vs 13.50 / 32.50 / 106.1 / 386.8; all-reduce (two rounds of flags), staged 1 / 4
+#: / 16 / 64 MiB 11.19 / 21.75 / 66.87 / 260.0 vs 13.45 / 22.97 / 59.20 / 203.2, zero-copy in
+#: place 4 / 16 / 64 MiB 19.44 / 55.61 / 208.7 vs 21.78 / 54.97 / 194.2. 4x H200, W=4, zero-copy:
+#: reduce-scatter 16 MiB 50.04 (pull) vs 45.16 (push, staged); all-reduce 4 / 16 / 64 MiB 27.51 /
+#: 88.28 / 349.1 vs 29.11 / 81.71 / 299.2.
+PUSH_MIN_SLICE_BYTES = {"reduce_scatter": (512 * 1024, 32 * 1024 * 1024, 4 * 1024 * 1024),
+                        "all_reduce": (4 * 1024 * 1024, 32 * 1024 * 1024, 4 * 1024 * 1024)}
 
 
 def push_eligible(ctx: Ctx, op: str, slice_bytes: int, multimem: bool, staged: bool) -> bool:
     """``op`` (``"reduce_scatter"`` or ``"all_reduce"``) pushes slices of ``slice_bytes``: more
     than one rank, the pull has no multimem (``multimem``: what it would use), and
     ``$SYMMTRITON_PROTOCOL`` chooses it (``push`` always, ``auto`` from
-    :data:`PUSH_MIN_SLICE_BYTES` for a ``staged`` or zero-copy input). The caller checks that the
-    buffer has room. Alike on every rank."""
+    :data:`PUSH_MIN_SLICE_BYTES` for a ``staged`` or zero-copy input and the world size). The
+    caller checks that the buffer has room. Alike on every rank."""
     mode = env.protocol()
     if ctx.world < 2 or multimem or mode in ("barrier", "lines"):
         return False
-    staged_min, zero_copy_min = PUSH_MIN_SLICE_BYTES[op]
-    return mode == "push" or slice_bytes >= (staged_min if staged else zero_copy_min)
+    staged_min, zero_copy_pair_min, zero_copy_wide_min = PUSH_MIN_SLICE_BYTES[op]
+    limit = staged_min if staged else zero_copy_pair_min if ctx.world == 2 else zero_copy_wide_min
+    return mode == "push" or slice_bytes >= limit
 
 
 def aligned16(*values: int) -> bool:

@@ -116,8 +116,9 @@ def test_reduce_scatter_push_exact(pool, mode):
 
 
 def test_auto_pushes_staged_slices_from_512k_and_zero_copy_from_32m(monkeypatch):
-    """context.push_eligible: where ``auto`` pushes (the all-reduce's staged bound is 4 MiB), and
-    what ``push`` / ``barrier`` / ``lines`` / multicast / one rank change."""
+    """context.push_eligible: where ``auto`` pushes (the all-reduce's staged bound is 4 MiB; a
+    zero-copy input from 4 MiB beyond 2 ranks), and what ``push`` / ``barrier`` / ``lines`` /
+    multicast / one rank change."""
     ctx = Ctx(None, 0, 2, 0, 0, 0, 0, 1, 0, "sys")
     kib, mib, rs = 1 << 10, 1 << 20, "reduce_scatter"
     monkeypatch.delenv(env.PROTOCOL, raising=False)
@@ -125,6 +126,9 @@ def test_auto_pushes_staged_slices_from_512k_and_zero_copy_from_32m(monkeypatch)
     assert [push_eligible(ctx, rs, b, False, False) for b in (31 * mib, 32 * mib)] == [False, True]
     assert [push_eligible(ctx, "all_reduce", b, False, True)
             for b in (4 * mib - 2, 4 * mib)] == [False, True]
+    wide = dataclasses.replace(ctx, world=4)
+    assert [push_eligible(wide, rs, b, False, False) for b in (4 * mib - 2, 4 * mib)] == [
+        False, True]
     assert not push_eligible(ctx, rs, 64 * mib, True, True)  # multimem pulls
     assert not push_eligible(dataclasses.replace(ctx, world=1), rs, 64 * mib, False, True)
     monkeypatch.setenv(env.PROTOCOL, "push")

@@ -167,16 +167,16 @@ def test_reduce_scatter_defaults_to_small_chunks_beyond_two_ranks(cache_file):
     assert tuning.lookup_config("reduce_scatter", n, torch.bfloat16, 4) == wide
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_reduce_scatter_chunks_grow_with_large_shards(world):
-    """config.RS_LARGE_CHUNKS: 32 / 64 / 128 KiB chunks and 16 warps from 2 / 8 / 128 MiB shards,
-    at any world size; the other ops keep 16 KiB."""
-    mib = 1 << 20
+def test_reduce_scatter_chunks_grow_with_large_shards():
+    """config.RS_LARGE_CHUNKS: 32 / 64 / 128 KiB chunks and 16 warps from 2 / 8 / 128 MiB shards
+    at 2 ranks; 4 KiB beyond 2 ranks; the other ops keep 16 KiB."""
+    mib, world = 1 << 20, 2
     for shard_bytes, chunk in ((2 * mib, 32768), (8 * mib - 2, 32768), (8 * mib, 65536),
                                (128 * mib, 131072), (1024 * mib, 131072)):
         cfg = default_config(shard_bytes // 2, torch.bfloat16, world, op="reduce_scatter")
         assert cfg == LaunchConfig(chunk // 2, 16, 264), shard_bytes
     assert default_config(64 * mib, torch.bfloat16, world).block_size == 8192
+    assert default_config(64 * mib, torch.bfloat16, 4, op="reduce_scatter").block_size == 2048
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
