@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton import reference
-from symmtriton.testing import captured, device, tagged
+from symmtriton.testing import captured, device, protocol, tagged
 
 pytestmark = pytest.mark.gpu
 
@@ -59,3 +59,53 @@ def _graph_replays(rank, world, replays):
 
 def test_collectives_replay_in_one_cuda_graph(gpu_pool):
     assert gpu_pool.run(_graph_replays, 20, timeout=600) == [[]] * gpu_pool.world_size
+
+
+def _push_graph_replays(rank, world, replays):
+    """The push kernels (kernels/push.py, forced by ``$SYMMTRITON_PROTOCOL=push``) captured twice
+    each in one graph: a staged reduce-scatter, a staged all-reduce into another tensor (gather
+    area + copy out) and a zero-copy one in place (the sums land in the peers' tensors), replayed
+    with fresh data; every result exact. The staged calls use the buffer's scratch bytes, where
+    the zero-copy tensor lies, so each step copies that tensor's input in after them."""
+    dev, bf16 = device(), torch.bfloat16
+    buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=32)
+    n = 70000 + 3  # several chunks per slice, a tail
+    rs_in = torch.empty(world * n, dtype=bf16, device=dev)
+    rs_out = torch.empty(n, dtype=bf16, device=dev)
+    ar_in = torch.empty(n, dtype=bf16, device=dev)
+    ar_out = torch.empty(n, dtype=bf16, device=dev)
+    sym_src = torch.empty(n, dtype=bf16, device=dev)
+    sym = buf.maybe_get_tensor((n,), bf16)["tensor"]
+
+    def fill(salt):
+        rs_in.copy_(tagged(world * n, bf16, rank, salt))
+        ar_in.copy_(tagged(n, bf16, rank, salt + 1))
+        sym_src.copy_(tagged(n, bf16, rank, salt + 2))
+
+    def step():
+        st.reduce_scatter_tensor(rs_out, rs_in)
+        st.all_reduce(ar_in, out=ar_out, algorithm="two_shot")
+        sym.copy_(sym_src)
+        st.all_reduce(sym, algorithm="two_shot")
+
+    fill(0)
+    with protocol("push"):
+        graph = captured(lambda: [step() for _ in range(2)])
+    bad = []
+    for it in range(replays):
+        salt = 3 * (it + 1)
+        fill(salt)
+        graph.replay()
+        torch.cuda.synchronize()
+        rs_ref = reference.reduce_scatter([tagged(world * n, bf16, r, salt) for r in range(world)],
+                                          rank)
+        ar_ref = reference.all_reduce([tagged(n, bf16, r, salt + 1) for r in range(world)])
+        sym_ref = reference.all_reduce([tagged(n, bf16, r, salt + 2) for r in range(world)])
+        if not (torch.equal(rs_out, rs_ref) and torch.equal(ar_out, ar_ref)
+                and torch.equal(sym, sym_ref)):
+            bad.append(it)
+    return bad
+
+
+def test_push_kernels_replay_in_one_cuda_graph(gpu_pool):
+    assert gpu_pool.run(_push_graph_replays, 1000, timeout=600) == [[]] * gpu_pool.world_size
