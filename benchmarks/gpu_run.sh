@@ -5,8 +5,9 @@
 #   examples  every example under torchrun, one rank per GPU (NPROC ranks: the GPU count, at least 2)
 #   bench     symmtriton-bench, NPROC ranks, one per GPU (NCCL), BENCH_ARGS (default: the default sweep)
 #   shared    MPS started: pytest -m gpu on the shared-GPU worlds SHARED_WORLDS (default "4"; all:
-#             "2 4 8"; SHARED_TESTS: test files, default all), then the bench with SHARED_BENCH_W
-#             ranks on GPU 0; MPS stopped
+#             "2 4 8"; SHARED_TESTS: test files, default all; SHARED_TESTS_CAP_S, default 360: the
+#             94 W=4 tests took ~290 s on one H200), then the bench with SHARED_BENCH_W ranks on
+#             GPU 0; MPS stopped
 # Every stage runs under `timeout` within one budget for the whole script (BUDGET_S, default 600 s:
 # a stage that no longer fits is skipped and said so), so a hang fails fast and the script always
 # ends. For each program the table at the end gives its exit time: seconds from the start of its
@@ -99,7 +100,7 @@ if [[ " $STAGES " == *" shared "* ]]; then
     echo "==== MPS not started (ranks time-slice the GPU)" >>"$LOG"
   fi
   k=$(printf 'gpu-w%s-shared or ' $SHARED_WORLDS)
-  run "pytest -m gpu, shared GPU (W in $SHARED_WORLDS, MPS)" 240 "$TLOG" "passed|failed|error|worker pools" \
+  run "pytest -m gpu, shared GPU (W in $SHARED_WORLDS, MPS)" ${SHARED_TESTS_CAP_S:-360} "$TLOG" "passed|failed|error|worker pools" \
     $PY -m pytest -m gpu -q -p no:cacheprovider -k "${k% or }" ${SHARED_TESTS:-tests}
   run "bench W=$SHARED_BENCH_W on one GPU (MPS)" 120 "$LOG" "rows in|FAIL|Error" \
     env CUDA_VISIBLE_DEVICES=0 "${TORCHRUN[@]}" --nproc-per-node="$SHARED_BENCH_W" -m symmtriton.bench --out-dir "$OUT" --quick \
