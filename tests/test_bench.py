@@ -7,12 +7,17 @@ import os
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from symmtriton import bench, bench_baselines, bench_options, bench_report, timing, tuning, workloads
 from symmtriton.config import CONFIG_KEYS
+from symmtriton.kernels.all_reduce import _all_reduce_kernel, _all_reduce_push_kernel
+from symmtriton.kernels.reduce_scatter import (_reduce_scatter_kernel, _reduce_scatter_ll_kernel,
+                                               _reduce_scatter_push_kernel)
+from symmtriton.ops import driver
 from symmtriton.testing import CPU_ENV
 
 TINY = ["--min-bytes", "1K", "--max-bytes", "1K", "--iters", "1", "--warmup", "0"]
@@ -202,3 +207,16 @@ def test_relative_spread():
     assert timing.relative_spread([1.0]) == 0.0
     assert timing.relative_spread([1.0, 1.0, 1.0, 1.0]) == 0.0
     assert abs(timing.relative_spread([1.0, 2.0, 3.0, 4.0, 5.0]) - 2.0 / 3.0) < 1e-12
+
+
+def test_variant_names_the_kernel_a_row_launched(monkeypatch):
+    """The ``variant`` column: ``push`` for the flagged-chunk kernels (kernels/push.py), beside
+    ``lines``, ``barrier`` and the all-reduce's ``one_shot`` / ``two_shot``."""
+    cases = ((_reduce_scatter_push_kernel, {}, "push"), (_all_reduce_push_kernel, {}, "push"),
+             (_reduce_scatter_ll_kernel, {}, "lines"), (_reduce_scatter_kernel, {}, "barrier"),
+             (_all_reduce_kernel, {"TWO_SHOT": True}, "two_shot"))
+    for fn, constexprs, want in cases:
+        plan = SimpleNamespace(kernel=SimpleNamespace(fn=fn, constexprs=constexprs))
+        monkeypatch.setattr(driver, "last_plan", lambda plan=plan: plan)
+        assert bench._variant(None) == want
+        assert bench._variant("skewed") == f"skewed/{want}"
