@@ -159,7 +159,7 @@ def test_line_area_lies_past_the_scratch_bytes(cpu_pool):
         assert area == 2 * 3 * words * 8  # parities x sources x lines of 8 bytes
 
 
-@pytest.mark.parametrize("mode", ["lines", "barrier"])
+@pytest.mark.parametrize("mode", ["lines", "barrier", "push"])
 def test_env_protocol_is_validated(monkeypatch, mode):
     from symmtriton import env
 

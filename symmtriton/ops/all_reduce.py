@@ -97,30 +97,29 @@ class AllReduce(Collective):
         if not symm_usable(buf, tensor.device, max(region, res) + n * esize):
             return OutputPlan(fallback=torch_all_reduce, group=group)
         choice = ConfigChoice(config or all_reduce_config(n, tensor.dtype, world, algo))
-        if algo == "two_shot":
-            ctx, base = context(buf), context(buf).local_base
-            multimem = multimem_eligible(ctx, tensor.dtype, base + region, base + res, n * esize,
-                                         choice.config.block_size * esize)
-            per_rank = -(-n // world)
-            if push_eligible(ctx, "all_reduce", per_rank * esize, multimem, in_off is None):
-                cfg = config or push_config(per_rank, tensor.dtype, world)
-                push = all_reduce_push_launch(self.name, ctx, cfg, dst, tensor, timeout_s)
-                if push is not None:
-                    return OutputPlan(push, ConfigChoice(cfg))
-        return OutputPlan(_kernel_launch(context(buf), choice.config, dst, tensor, algo, region,
-                                         res, in_off is None, copy_out, timeout_s), choice)
+        ctx = context(buf)
+        multimem = multimem_eligible(ctx, tensor.dtype, ctx.local_base + region,
+                                     ctx.local_base + res, n * esize,
+                                     choice.config.block_size * esize)
+        per_rank = -(-n // world)
+        if algo == "two_shot" and push_eligible(ctx, "all_reduce", per_rank * esize, multimem,
+                                                in_off is None):
+            cfg = config or push_config(per_rank, tensor.dtype, world)
+            push = all_reduce_push_launch(self.name, ctx, cfg, dst, tensor, timeout_s)
+            if push is not None:
+                return OutputPlan(push, ConfigChoice(cfg))
+        return OutputPlan(_kernel_launch(ctx, choice.config, dst, tensor, algo, region, res,
+                                         in_off is None, copy_out, multimem, timeout_s), choice)
 
 
 def _kernel_launch(ctx, cfg: LaunchConfig, dst, tensor, algo, region, res, stage_in, copy_out,
-                   timeout_s):
+                   use_mm, timeout_s):
     """The launch of ``_all_reduce_kernel``: its arguments, listed here only."""
     n, esize = tensor.numel(), tensor.element_size()
     chunks = -(-n // cfg.block_size)
     cps = chunks if algo == "one_shot" else -(-chunks // ctx.world)
     base = ctx.local_base
     aligned = aligned16(tensor.data_ptr(), dst.data_ptr(), base + region, base + res, n * esize)
-    use_mm = multimem_eligible(ctx, tensor.dtype, base + region, base + res, n * esize,
-                               cfg.block_size * esize)
     return Launch(
         ALL_REDUCE.name, ctx.buf, _all_reduce_kernel, cfg.row_grid(cps, ctx.grid_cap),
         cfg.num_warps,
