@@ -9,7 +9,8 @@ Phases of ``_all_gather_kernel`` (block ``b`` handles chunks ``c`` with ``c % bl
 2. push: load chunk ``c`` of the local input, store it at shard ``RANK`` of the region on every
    rank (``multimem.st`` once to all, or one store per peer);
 3. end barrier (release / acquire): chunk ``c`` of every shard has landed in this rank's region;
-4. with ``COPY_OUT``: copy chunk ``c`` of every shard from the region to the output tensor.
+4. with ``COPY_OUT``: copy chunk ``c`` of every peer's shard from the region to the output tensor
+   (this rank's own chunk was stored there in phase 2, with its push).
 
 A block whose barrier fails (timeout, ranks out of step: kernels/barrier.py) skips the phases
 after it.
@@ -49,6 +50,7 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
     bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
                   WORLD_P2, SCOPE, USE_PTX, False, True)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
+    dst = as_ptr(out_addr, DTYPE, ALIGNED)
     shard_off = region_off + RANK * as_i64(n) * ESIZE
     nchunks = tl.cdiv(n, BLOCK_SIZE)
     c = tl.where(bad != 0, nchunks, pid)
@@ -58,13 +60,15 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
         vals = tl.load(src + offs, mask=offs < n)
         store_all(mc_addr, buf_table, shard_off, start, n, vals, BLOCK_SIZE, DTYPE, RANK, WORLD_SIZE,
                   USE_MULTIMEM, ALIGNED)
+        if COPY_OUT:  # this rank's shard goes to the output now, not after the end barrier
+            tl.store(dst + RANK * as_i64(n) + offs, vals, mask=offs < n)
         c += nprog
     bad = barrier(sig_table, pid, seq, bad, err_addr, timeout_ns, seq_cap, 1, RANK, WORLD_SIZE,
                   WORLD_P2, SCOPE, USE_PTX, True, True)
     if COPY_OUT:
         local = peer_addr(buf_table, RANK) + region_off
         copy_shards(local, out_addr, n, BLOCK_SIZE, nchunks, pid, nprog, bad, DTYPE, BLOCK_SIZE,
-                    WORLD_SIZE, ALIGNED)
+                    WORLD_SIZE, ALIGNED, RANK)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
 
 

@@ -10,8 +10,9 @@ from .ptx import as_i64, as_ptr, elems_to_words, peer_addr, words_to_elems
 @triton.jit
 def copy_shards(src_addr, dst_addr, shard_len, chunk_len, nchunks, pid, nprog, skip,
                 DTYPE: tl.constexpr, BLOCK: tl.constexpr, WORLD_SIZE: tl.constexpr,
-                ALIGNED: tl.constexpr):
-    """Copy ``WORLD_SIZE`` shards of ``shard_len`` elements; a shard is ``nchunks`` chunks of
+                ALIGNED: tl.constexpr, OWN: tl.constexpr = -1):
+    """Copy ``WORLD_SIZE`` shards of ``shard_len`` elements (all but shard ``OWN`` when it is
+    not -1: a kernel that stored its own shard already); a shard is ``nchunks`` chunks of
     ``chunk_len <= BLOCK`` elements (the last one may be short), chunk ``c`` of every shard
     copied by block ``c % nprog``: exactly the chunks that block of every rank reads or writes
     remotely, so a per-block barrier orders the copy against the remote phase. Chunks are
@@ -26,8 +27,9 @@ def copy_shards(src_addr, dst_addr, shard_len, chunk_len, nchunks, pid, nprog, s
         offs = as_i64(c) * chunk_len + cols
         mask = (cols < chunk_len) & (offs < shard_len)
         for r in tl.static_range(WORLD_SIZE):
-            shard = r * as_i64(shard_len)
-            tl.store(dst + shard + offs, tl.load(src + shard + offs, mask=mask), mask=mask)
+            if r != OWN:
+                shard = r * as_i64(shard_len)
+                tl.store(dst + shard + offs, tl.load(src + shard + offs, mask=mask), mask=mask)
         c += nprog
 
 

@@ -16,7 +16,8 @@ rows ``RANK*s + i``. Phases of ``_fused_rmsnorm_kernel``:
 4. end barrier (release / acquire with ``ALL_GATHER``, else relaxed: only reads came before
    it): every peer's normed rows ``q*s + i`` have landed here and nobody reads this
    rank's rows any more;
-5. with ``COPY_OUT``: copy rows ``q*s + i`` (every ``q``) from the region to the output.
+5. with ``COPY_OUT``: copy rows ``q*s + i`` (every peer's ``q``) from the region to the output
+   (this rank's own rows were stored there in phase 3, with their push).
 
 A block whose barrier fails (timeout, ranks out of step: kernels/barrier.py) skips the phases
 after it.
@@ -83,6 +84,8 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
         if ALL_GATHER:
             store_all(mc_addr, buf_table, row_off, 0, H, y, BLOCK_H, DTYPE, RANK, WORLD_SIZE,
                       USE_MULTIMEM, ALIGNED)
+            if COPY_OUT:  # this rank's rows go to the output now, not after the end barrier
+                tl.store(out + (RANK * s + i).to(tl.int64) * H + cols, y, mask=mask)
         else:
             tl.store(out + i.to(tl.int64) * H + cols, y, mask=mask)
         i += nprog
@@ -90,7 +93,7 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
                   WORLD_P2, SCOPE, USE_PTX, ALL_GATHER, ALL_GATHER)
     if COPY_OUT:
         copy_shards(local, out_addr, s * H, H, s, pid, nprog, bad, DTYPE, BLOCK_H, WORLD_SIZE,
-                    ALIGNED)
+                    ALIGNED, RANK)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
 
 
