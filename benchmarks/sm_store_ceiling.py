@@ -11,7 +11,8 @@ ceiling.
 Run (multicast off, as on every GPU machine here):
 
     TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 \\
-        python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/sm_store_ceiling.py
+        python -m torch.distributed.run --standalone --nproc-per-node 2 \\
+        benchmarks/sm_store_ceiling.py
 """
 import torch
 import torch.distributed as dist

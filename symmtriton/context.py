@@ -151,10 +151,11 @@ def lines_fit(ctx: Ctx, per_peer_bytes: int, row_bytes: int) -> bool:
 def lines_eligible(ctx: Ctx, per_peer_bytes: int, row_bytes: int,
                    max_bytes: int = LINES_MAX_BYTES) -> bool:
     """:func:`lines_fit`, and ``$SYMMTRITON_PROTOCOL`` chooses lines for it: ``lines`` always,
-    ``barrier`` and ``push`` never, ``auto`` when what this rank pushes in all (``per_peer_bytes`` to each of
-    ``world - 1`` peers) is at most ``max_bytes`` (:data:`LINES_MAX_BYTES` or
-    :data:`LINES_ROWS_MAX_BYTES`, measured at 2 ranks on 2 GPUs, where that is one peer), or
-    :data:`LINES_SHARED_GPU_MAX_BYTES` when every rank shares one GPU. Alike on every rank."""
+    ``barrier`` and ``push`` never, ``auto`` when what this rank pushes in all
+    (``per_peer_bytes`` to each of ``world - 1`` peers) is at most ``max_bytes``
+    (:data:`LINES_MAX_BYTES` or :data:`LINES_ROWS_MAX_BYTES`, measured at 2 ranks on 2 GPUs,
+    where that is one peer), or :data:`LINES_SHARED_GPU_MAX_BYTES` when every rank shares one
+    GPU. Alike on every rank."""
     mode = env.protocol()
     if mode in ("barrier", "push") or not lines_fit(ctx, per_peer_bytes, row_bytes):
         return False

@@ -160,7 +160,8 @@ def test_reduce_scatter_defaults_to_small_chunks_beyond_two_ranks(cache_file):
     16 KiB and 8 warps at 2 ranks and for the other ops (shards below 2 MiB)."""
     n = 1 << 19
     assert default_config(n, torch.bfloat16, 4, op="reduce_scatter") == LaunchConfig(2048, 4, 264)
-    assert default_config(n // 2, torch.float32, 3, op="reduce_scatter") == LaunchConfig(1024, 4, 264)
+    wide32 = default_config(n // 2, torch.float32, 3, op="reduce_scatter")
+    assert wide32 == LaunchConfig(1024, 4, 264)
     assert default_config(n, torch.bfloat16, 2, op="reduce_scatter") == LaunchConfig(8192, 8, 264)
     assert default_config(n, torch.bfloat16, 4, op="all_gather") == LaunchConfig(8192, 8, 264)
     wide = LaunchConfig(2048, 4, 264)
