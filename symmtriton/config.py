@@ -126,12 +126,19 @@ RS_WIDE_CHUNK_BYTES = 4 * 1024
 
 
 #: reduce-scatter chunks for large slices (the pull at 2 ranks, the push kernels at any world size,
-#: :func:`push_config`): ``(smallest slice bytes, chunk bytes)``, 16 warps. Measured on 2x H200, W=2, graph, bf16 (benchmarks/results/NOTES.md):
+#: :func:`push_config`): ``(smallest slice bytes, chunk bytes)``, 16 warps. Measured on 2x H200,
+#: W=2, graph, bf16 (benchmarks/results/NOTES.md):
 #: pull, zero-copy, 4 / 16 / 64 MiB inputs, 32 KiB chunks 12.28 / 31.15 / 108.0 us vs 16 KiB and
 #: 8 warps 12.86 / 31.97 / 112.1; push, 16 / 64 / 256 MiB / 1 GiB, 16 KiB 37.0 / 157.6 / 621.5
 #: / 2459, 32 KiB 34.0 / 123.9 / 489.8 / 1922, 64 KiB 32.5 / 106.8 / 398.2 / 1503, 128 KiB
 #: 116.7 / 386.8 / 1489 from 64 MiB: a pushing block pays a release per chunk.
 RS_LARGE_CHUNKS = ((128 << 20, 128 << 10), (8 << 20, 64 << 10), (2 << 20, 32 << 10))
+
+
+def _large_chunk(slice_bytes: int) -> int | None:
+    """The :data:`RS_LARGE_CHUNKS` chunk bytes for a slice of ``slice_bytes``, or ``None`` below
+    the smallest bound."""
+    return next((chunk for low, chunk in RS_LARGE_CHUNKS if slice_bytes >= low), None)
 
 
 def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | None = None,
@@ -160,9 +167,9 @@ def default_config(numel: int, dtype: torch.dtype, world: int, *, hidden: int | 
                             max_blocks=264)
     chunk_bytes = 16 * 1024
     per_thread = 4 * vec  # 4 x 16-byte accesses in flight per thread and peer
-    large = [c for low, c in RS_LARGE_CHUNKS if numel * esize >= low]
+    large = _large_chunk(numel * esize)
     if op == "reduce_scatter" and large and world <= 2:
-        return LaunchConfig(block_size=large[0] // esize, num_warps=16, max_blocks=264)
+        return LaunchConfig(block_size=large // esize, num_warps=16, max_blocks=264)
     if op == "reduce_scatter" and world > 2:
         chunk_bytes, per_thread = RS_WIDE_CHUNK_BYTES, 2 * vec
     block = max(vec * 32, min(size_bucket(max(numel, 1)), chunk_bytes // esize))
@@ -177,10 +184,9 @@ def push_config(numel: int, dtype: torch.dtype, world: int) -> LaunchConfig:
     the lines kernels' configs, not read from the tuning cache (its entries time the pull)."""
     if numel < 0:
         raise ValueError(f"numel must be >= 0, got {numel}")
-    large = [c for low, c in RS_LARGE_CHUNKS if numel * dtype.itemsize >= low]
-    chunk = large[0] if large else 16 * 1024
-    return LaunchConfig(block_size=chunk // dtype.itemsize, num_warps=16 if large else 8,
-                        max_blocks=264)
+    large = _large_chunk(numel * dtype.itemsize)
+    return LaunchConfig(block_size=(large or 16 * 1024) // dtype.itemsize,
+                        num_warps=16 if large else 8, max_blocks=264)
 
 
 #: data bytes per chunk of the barrier-free kernels (kernels/ll.py): a block moves twice that
