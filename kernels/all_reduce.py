@@ -38,6 +38,13 @@ slice; with ``GATHER`` the sums landed in a gather area (laid out like the tenso
 to ``out``, else they landed in ``out`` itself (``out`` lies in the buffer: ``gather_off`` is its
 offset). In place is safe: a rank's chunk of a peer's slice is overwritten by that peer's sum
 only after the peer saw its round-1 flag, which follows the rank's read of the chunk.
+
+``_all_reduce_one_shot_push_kernel`` (one round of flagged chunks, ``push.push_reduce_call``
+with ``WHOLE``): every rank pushes its whole input into its slot at every peer, chunk by chunk,
+and sums each chunk over the ranks in rank order (fp32) into ``out`` as soon as the peers' flags
+for it are set. Each rank sends ``world - 1`` times the tensor (two-shot: twice ``(world - 1) /
+world`` of it) but waits for one round of flags instead of two; neither the input nor ``out``
+needs to lie in the buffer.
 """
 
 import triton
@@ -46,7 +53,8 @@ import triton.language as tl
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
 from .common import copy_units, ll_push_chunks, ll_reduce_store
 from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr, store_all
-from .push import clear_flags, flag_peers, push_slices, reduce_slots, wait_flags
+from .push import (clear_flags, flag_peers, push_reduce_call, push_slices, reduce_slots,
+                   wait_flags)
 
 
 @triton.jit
@@ -158,12 +166,12 @@ def _all_reduce_push_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, s
     status = tl.full([], 0, tl.int32)
     j = tl.where(bad != 0, cps, pid)
     if j < cps:
-        push_slices(src, buf_table, slot_off, flag_off, j, L, n, cps, DTYPE, RANK, WORLD_SIZE,
+        push_slices(src, L, buf_table, slot_off, flag_off, j, L, n, cps, DTYPE, RANK, WORLD_SIZE,
                     WORLD_P2, BLOCK_SIZE, SCOPE, ALIGNED)
     while j < cps:  # round 1 pushed one chunk ahead of round 2; see ptx.py on loops
         nxt = j + nprog
         if nxt < cps:
-            push_slices(src, buf_table, slot_off, flag_off, nxt, L, n, cps, DTYPE, RANK,
+            push_slices(src, L, buf_table, slot_off, flag_off, nxt, L, n, cps, DTYPE, RANK,
                         WORLD_SIZE, WORLD_P2, BLOCK_SIZE, SCOPE, ALIGNED)
         status = wait_flags(local, flag_off, j, cps, pad, timeout_ns, RANK, WORLD_SIZE, WORLD_P2,
                             SCOPE, USE_PTX)
@@ -185,3 +193,16 @@ def _all_reduce_push_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, s
         j = tl.where(status != 0, cps, j + nprog)
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
+
+
+@triton.jit
+def _all_reduce_one_shot_push_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap,
+                                     slot_off, flag_off, n, timeout_ns, DTYPE: tl.constexpr,
+                                     RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
+                                     WORLD_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                                     SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
+                                     ALIGNED: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)  # before any memory access
+    push_reduce_call(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, slot_off,
+                     flag_off, n, timeout_ns, DTYPE, RANK, WORLD_SIZE, WORLD_P2, BLOCK_SIZE, True,
+                     SCOPE, USE_PTX, ALIGNED)

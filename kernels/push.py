@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from . import protocol as P
+from .barrier import barrier, call_end, call_seq, give_up, own_pad
 from .ptx import as_i64, as_ptr, peer_addr, signal_put, wait_slots
 
 ERR_WORD = tl.constexpr(P.ERR_WORD)
@@ -92,23 +93,24 @@ def wait_flags(local, flag_off, j, nflags, pad, timeout_ns, RANK: tl.constexpr,
 
 
 @triton.jit
-def push_slices(src, buf_table, slot_off, flag_off, j, slice_len, total, nflags,
+def push_slices(src, stride, buf_table, slot_off, flag_off, j, slice_len, total, nflags,
                 DTYPE: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
                 WORLD_P2: tl.constexpr, BLOCK: tl.constexpr, SCOPE: tl.constexpr,
                 ALIGNED: tl.constexpr):
     """The reduce-scatter half: elements ``[j * BLOCK, (j + 1) * BLOCK)`` of slice ``q`` of the
-    message at pointer ``src`` (slice ``q`` starts at element ``q * slice_len``; elements past
-    ``slice_len`` or ``total`` are masked) into the same place of this rank's slot at every peer
-    ``q`` (slots of ``slice_len`` elements), then flag ``j`` (:func:`flag_peers`)."""
+    message at pointer ``src`` (slice ``q`` starts at element ``q * stride``: ``stride`` is
+    ``slice_len``, or 0 when every peer gets the whole message; elements past ``slice_len`` or
+    ``total`` are masked) into the same place of this rank's slot at every peer ``q`` (slots of
+    ``slice_len`` elements), then flag ``j`` (:func:`flag_peers`)."""
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     offs = j * BLOCK + tl.arange(0, BLOCK)
     for i in tl.static_range(1, WORLD_SIZE):
         q = (RANK + i) % WORLD_SIZE
-        mask = (offs < slice_len) & (q * as_i64(slice_len) + offs < total)
+        mask = (offs < slice_len) & (q * as_i64(stride) + offs < total)
         slot = (peer_addr(buf_table, q) + slot_off
                 + slot_of(RANK, q, WORLD_SIZE) * as_i64(slice_len) * ESIZE)
         tl.store(as_ptr(slot, DTYPE, ALIGNED) + offs,
-                 tl.load(src + q * as_i64(slice_len) + offs, mask=mask), mask=mask)
+                 tl.load(src + q * as_i64(stride) + offs, mask=mask), mask=mask)
     flag_peers(buf_table, flag_off, j, nflags, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
 
 
@@ -132,3 +134,59 @@ def reduce_slots(own, local, slot_off, j, slice_len, limit, DTYPE: tl.constexpr,
             part = as_ptr(slot, DTYPE, ALIGNED)
         acc += tl.load(part + offs, mask=mask, other=0.0).to(tl.float32)
     return acc
+
+
+@triton.jit
+def push_reduce_call(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, slot_off,
+                     flag_off, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
+                     WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     WHOLE: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
+                     ALIGNED: tl.constexpr):
+    """One call of a one-round push reduction into the ``n`` elements at ``out_addr``: every
+    peer gets slice ``q`` (of ``n`` elements) of the input at ``in_addr`` from this rank, and
+    ``out`` = the sum over the ranks of slice ``RANK`` (a reduce-scatter); with ``WHOLE`` every
+    peer gets the whole input (``n`` elements) and ``out`` = the sum of the inputs (a one-shot
+    all-reduce; ``out`` may be the input: a chunk is stored only after it was pushed).
+
+    Phases: clear this block's flags, the start barrier, then for chunks ``c = pid (mod
+    nprog)``: push chunk ``c`` one ahead of the chunk it waits for, wait for every peer's chunk
+    ``c`` (acquire), sum in rank order in fp32 and store. Areas: ``WORLD_SIZE - 1`` slots of ``n``
+    elements and rows of ``cdiv(n, BLOCK_SIZE)`` flags (see the module docstring)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    nchunks = tl.cdiv(n, BLOCK_SIZE)
+    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
+    local = peer_addr(buf_table, RANK)
+    clear_flags(local, flag_off, nchunks, pid, nprog, WORLD_SIZE)
+    bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
+                  WORLD_P2, SCOPE, USE_PTX, True, True)  # a failed barrier recorded its error
+    src = as_ptr(in_addr, DTYPE, ALIGNED)
+    dst = as_ptr(out_addr, DTYPE, ALIGNED)
+    if WHOLE:
+        stride = tl.zeros([], dtype=tl.int64)
+        own = src
+    else:
+        stride = as_i64(n)
+        own = src + RANK * as_i64(n)
+    total = (WORLD_SIZE - 1) * stride + n
+    pad = own_pad(sig_table, RANK)
+    status = tl.full([], 0, tl.int32)
+    c = tl.where(bad != 0, nchunks, pid)
+    if c < nchunks:
+        push_slices(src, stride, buf_table, slot_off, flag_off, c, n, total, nchunks, DTYPE, RANK,
+                    WORLD_SIZE, WORLD_P2, BLOCK_SIZE, SCOPE, ALIGNED)
+    while c < nchunks:  # see ptx.py on loops
+        nxt = c + nprog
+        if nxt < nchunks:
+            push_slices(src, stride, buf_table, slot_off, flag_off, nxt, n, total, nchunks, DTYPE,
+                        RANK, WORLD_SIZE, WORLD_P2, BLOCK_SIZE, SCOPE, ALIGNED)
+        status = wait_flags(local, flag_off, c, nchunks, pad, timeout_ns, RANK, WORLD_SIZE,
+                            WORLD_P2, SCOPE, USE_PTX)
+        if status == 0:
+            offs = c * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+            acc = reduce_slots(own, local, slot_off, c, n, n, DTYPE, RANK, WORLD_SIZE, BLOCK_SIZE,
+                               ALIGNED)
+            tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
+        c = tl.where(status != 0, nchunks, nxt)
+    give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
+    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

@@ -36,7 +36,7 @@ import triton.language as tl
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
 from .common import copy_shards, ll_push_chunks, ll_reduce_store
 from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr
-from .push import clear_flags, push_slices, reduce_slots, wait_flags
+from .push import push_reduce_call
 
 
 @triton.jit
@@ -104,35 +104,6 @@ def _reduce_scatter_push_kernel(in_addr, out_addr, buf_table, sig_table, err_add
                                 SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
                                 PDL: tl.constexpr):
     pdl_wait(PDL)  # before any memory access
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    nchunks = tl.cdiv(n, BLOCK_SIZE)
-    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
-    local = peer_addr(buf_table, RANK)
-    clear_flags(local, flag_off, nchunks, pid, nprog, WORLD_SIZE)
-    bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
-                  WORLD_P2, SCOPE, USE_PTX, True, True)  # a failed barrier recorded its error
-    src = as_ptr(in_addr, DTYPE, ALIGNED)
-    dst = as_ptr(out_addr, DTYPE, ALIGNED)
-    pad = own_pad(sig_table, RANK)
-    total = WORLD_SIZE * as_i64(n)
-    status = tl.full([], 0, tl.int32)
-    c = tl.where(bad != 0, nchunks, pid)
-    if c < nchunks:
-        push_slices(src, buf_table, slot_off, flag_off, c, n, total, nchunks, DTYPE, RANK,
-                    WORLD_SIZE, WORLD_P2, BLOCK_SIZE, SCOPE, ALIGNED)
-    while c < nchunks:  # chunks c = pid (mod nprog); see ptx.py on loops
-        nxt = c + nprog
-        if nxt < nchunks:
-            push_slices(src, buf_table, slot_off, flag_off, nxt, n, total, nchunks, DTYPE, RANK,
-                        WORLD_SIZE, WORLD_P2, BLOCK_SIZE, SCOPE, ALIGNED)
-        status = wait_flags(local, flag_off, c, nchunks, pad, timeout_ns, RANK, WORLD_SIZE,
-                            WORLD_P2, SCOPE, USE_PTX)
-        if status == 0:
-            offs = c * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-            acc = reduce_slots(src + RANK * as_i64(n), local, slot_off, c, n, n, DTYPE, RANK,
-                               WORLD_SIZE, BLOCK_SIZE, ALIGNED)
-            tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
-        c = tl.where(status != 0, nchunks, nxt)
-    give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
-    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
+    push_reduce_call(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, slot_off,
+                     flag_off, n, timeout_ns, DTYPE, RANK, WORLD_SIZE, WORLD_P2, BLOCK_SIZE, False,
+                     SCOPE, USE_PTX, ALIGNED)

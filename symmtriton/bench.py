@@ -133,8 +133,8 @@ def _ratio(a, b):
 
 def _variant(counts) -> str | None:
     """The row's ``variant``: the count distribution (variable-count ops) and the kernel the last
-    plan launched: ``lines`` (barrier-free, kernels/ll.py), ``push`` (flagged chunks,
-    kernels/push.py), ``one_shot``/``two_shot`` (the all-reduce's barrier kernels) or
+    plan launched: ``lines`` (barrier-free, kernels/ll.py), ``push`` / ``push_one_shot``
+    (flagged chunks, kernels/push.py), ``one_shot``/``two_shot`` (the all-reduce's barrier kernels) or
     ``barrier``; ``None`` parts are left out."""
     kernel = getattr(driver.last_plan(), "kernel", None)
     name = getattr(getattr(kernel, "fn", None), "__name__", "")
@@ -143,6 +143,8 @@ def _variant(counts) -> str | None:
         kind = "barrier"
         if name.endswith("_ll_kernel"):
             kind = "lines"
+        elif name.endswith("_one_shot_push_kernel"):
+            kind = "push_one_shot"
         elif name.endswith("_push_kernel"):
             kind = "push"
         elif "TWO_SHOT" in kernel.constexprs:

@@ -101,8 +101,9 @@ columns (CSV/JSON; the table shows most of them):
                (reduce_scatter, reduce_scatter_v, fused), the tensor (all_reduce,
                all_reduce_add_rmsnorm)
   count        elements in size_bytes
-  variant      all_gather_v / reduce_scatter_v: the counts (--v-counts); all_reduce ops: the
-               algorithm the size picks by default (one_shot / two_shot)
+  variant      the kernel the row launched: lines, barrier, push, push_one_shot, or the
+               all-reduce's one_shot / two_shot; all_gather_v / reduce_scatter_v: the counts
+               (--v-counts) before it
   path         symmetric (Triton kernels) or fallback (symmetric memory unavailable)
   block_size, num_warps, max_blocks   launch config used (tuned winner or default; blank for
                the untuned ops, which pick theirs inside)

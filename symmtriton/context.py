@@ -191,6 +191,28 @@ def push_eligible(ctx: Ctx, op: str, slice_bytes: int, multimem: bool, staged: b
     return mode == "push" or slice_bytes >= limit
 
 
+#: smallest tensor (bytes) the all-reduce at 2 ranks pushes whole in one round of flagged
+#: chunks (``_all_reduce_one_shot_push_kernel``) under ``$SYMMTRITON_PROTOCOL=auto``: ``(staged,
+#: zero-copy)``. At 2 ranks it sends what the two-shot sends (the tensor once per rank) with one
+#: round of flags instead of two; beyond 2 ranks it would send ``world - 1`` tensors per rank.
+PUSH_ONE_SHOT_MIN_BYTES = (1024 * 1024, 1024 * 1024)
+
+
+def push_one_shot_eligible(ctx: Ctx, nbytes: int, multimem: bool, staged: bool,
+                           algorithm: str | None) -> bool:
+    """The all-reduce of ``nbytes`` pushes the whole tensor in one round: more than one rank, the
+    pull has no multimem, ``algorithm`` (the caller's) is not ``"two_shot"``, and
+    ``$SYMMTRITON_PROTOCOL`` chooses it: ``push`` at 2 ranks or with ``algorithm="one_shot"``,
+    ``auto`` at 2 ranks from :data:`PUSH_ONE_SHOT_MIN_BYTES`. The caller checks that the buffer
+    has room. Alike on every rank."""
+    mode = env.protocol()
+    if ctx.world < 2 or multimem or algorithm == "two_shot" or mode in ("barrier", "lines"):
+        return False
+    if mode == "push":
+        return ctx.world == 2 or algorithm == "one_shot"
+    return ctx.world == 2 and nbytes >= PUSH_ONE_SHOT_MIN_BYTES[0 if staged else 1]
+
+
 def aligned16(*values: int) -> bool:
     return all(v % ALIGN == 0 for v in values)
 

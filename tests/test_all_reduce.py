@@ -10,7 +10,8 @@ import symmtriton as st
 from symmtriton import custom_ops as co
 from symmtriton import reference
 from symmtriton.config import LaunchConfig, all_reduce_algorithm, all_reduce_config
-from symmtriton.kernels.all_reduce import _all_reduce_push_kernel
+from symmtriton.context import PUSH_ONE_SHOT_MIN_BYTES
+from symmtriton.kernels.all_reduce import _all_reduce_one_shot_push_kernel, _all_reduce_push_kernel
 from symmtriton.ops import driver
 from symmtriton.testing import (buffer_without_symmetric_memory, captured, device,
                                 errors_without_launch, protocol, sync, tagged)
@@ -246,21 +247,52 @@ def test_custom_ops_eager_and_compiled_fullgraph(cpu_pool):
         assert res == (True, True, True)
 
 
-def _ar_push_cases(rank, world, sizes, config):
-    """The push two-shot (``$SYMMTRITON_PROTOCOL=push``, kernels/push.py) in every placement, on
-    a buffer whose bytes past the operands (slots, gather area, flags) hold garbage first."""
+def _ar_push_cases(rank, world, sizes, config, algorithm="two_shot"):
+    """The push (``$SYMMTRITON_PROTOCOL=push``, kernels/push.py) in every placement, on a buffer
+    whose bytes past the operands (slots, gather area, flags) hold garbage first: the two-shot,
+    or the one-shot with ``algorithm="one_shot"``."""
     buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=4)
     buf.symm_buffer.fill_(0x7F)
     sync()
     with protocol("push"):
-        bad = _ar_cases(rank, world, "bfloat16", "two_shot", MODES, sizes, config)
-        if driver.last_plan().kernel.fn is not _all_reduce_push_kernel:
-            bad.append("not pushed")
+        bad = _ar_cases(rank, world, "bfloat16", algorithm, MODES, sizes, config)
+        want = _all_reduce_push_kernel if algorithm == "two_shot" else _all_reduce_one_shot_push_kernel
+        if driver.last_plan().kernel.fn is not want:
+            bad.append(("not pushed", driver.last_plan().kernel.fn))
     return bad
 
 
 def test_all_reduce_push_exact(pool):
     assert pool.run(_ar_push_cases, SIZES, SMALL) == [[]] * pool.world_size
+
+
+def test_all_reduce_one_shot_push_exact(pool):
+    assert pool.run(_ar_push_cases, SIZES, SMALL, "one_shot") == [[]] * pool.world_size
+
+
+def _auto_push_kernel(rank, world, n, protocol_mode):
+    """The kernel the default algorithm picks for ``n`` bf16 (staged, in place) under
+    ``protocol_mode``."""
+    st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=8)
+    x = torch.ones(n, dtype=torch.bfloat16, device=device())
+    with protocol(protocol_mode):
+        st.all_reduce(x)
+        sync()
+        name = driver.last_plan().kernel.fn.__name__  # the plans go with the context
+    return name, bool((x == world).all())
+
+
+def test_one_shot_push_is_the_default_push_at_two_ranks(cpu_pool):
+    """At 2 ranks the push of the default algorithm is one-shot (it sends what the two-shot sends
+    with one round of flags); beyond, the two-shot; ``auto`` pushes staged tensors from
+    ``PUSH_ONE_SHOT_MIN_BYTES`` at 2 ranks."""
+    n = PUSH_ONE_SHOT_MIN_BYTES[0] // 2
+    assert cpu_pool(2).run(_auto_push_kernel, n, "push") == [
+        ("_all_reduce_one_shot_push_kernel", True)] * 2
+    assert cpu_pool(2).run(_auto_push_kernel, n, "auto") == [
+        ("_all_reduce_one_shot_push_kernel", True)] * 2
+    assert cpu_pool(2).run(_auto_push_kernel, n - 8, "auto")[0][0] != "_all_reduce_one_shot_push_kernel"
+    assert cpu_pool(3).run(_auto_push_kernel, n, "push") == [("_all_reduce_push_kernel", True)] * 3
 
 
 def test_all_reduce_push_default_config(pool):

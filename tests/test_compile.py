@@ -128,6 +128,7 @@ def _compile_ones(rank, world, which):
 PUSH_KERNELS = {
     "reduce_scatter": ("reduce_scatter", "_reduce_scatter_push_kernel", {}, 2),
     "all_reduce": ("all_reduce", "_all_reduce_push_kernel", dict(GATHER=True), 3),
+    "all_reduce_one_shot": ("all_reduce", "_all_reduce_one_shot_push_kernel", {}, 2),
 }
 
 

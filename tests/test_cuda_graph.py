@@ -63,8 +63,9 @@ def test_collectives_replay_in_one_cuda_graph(gpu_pool):
 
 def _push_graph_replays(rank, world, replays):
     """The push kernels (kernels/push.py, forced by ``$SYMMTRITON_PROTOCOL=push``) captured twice
-    each in one graph: a staged reduce-scatter, a staged all-reduce into another tensor (gather
-    area + copy out) and a zero-copy one in place (the sums land in the peers' tensors), replayed
+    each in one graph: a staged reduce-scatter, a staged two-shot all-reduce into another tensor
+    (gather area + copy out), a zero-copy one in place (the sums land in the peers' tensors) and
+    a staged one-shot all-reduce (forced one-shot beyond 2 ranks), replayed
     with fresh data; every result exact. The staged calls use the buffer's scratch bytes, where
     the zero-copy tensor lies, so each step copies that tensor's input in after them."""
     dev, bf16 = device(), torch.bfloat16
@@ -76,24 +77,28 @@ def _push_graph_replays(rank, world, replays):
     ar_out = torch.empty(n, dtype=bf16, device=dev)
     sym_src = torch.empty(n, dtype=bf16, device=dev)
     sym = buf.maybe_get_tensor((n,), bf16)["tensor"]
+    ar1_in = torch.empty(n, dtype=bf16, device=dev)
+    ar1_out = torch.empty(n, dtype=bf16, device=dev)
 
     def fill(salt):
         rs_in.copy_(tagged(world * n, bf16, rank, salt))
         ar_in.copy_(tagged(n, bf16, rank, salt + 1))
         sym_src.copy_(tagged(n, bf16, rank, salt + 2))
+        ar1_in.copy_(tagged(n, bf16, rank, salt + 3))
 
     def step():
         st.reduce_scatter_tensor(rs_out, rs_in)
         st.all_reduce(ar_in, out=ar_out, algorithm="two_shot")
         sym.copy_(sym_src)
         st.all_reduce(sym, algorithm="two_shot")
+        st.all_reduce(ar1_in, out=ar1_out, algorithm="one_shot")
 
     fill(0)
     with protocol("push"):
         graph = captured(lambda: [step() for _ in range(2)])
     bad = []
     for it in range(replays):
-        salt = 3 * (it + 1)
+        salt = 4 * (it + 1)
         fill(salt)
         graph.replay()
         torch.cuda.synchronize()
@@ -101,8 +106,9 @@ def _push_graph_replays(rank, world, replays):
                                           rank)
         ar_ref = reference.all_reduce([tagged(n, bf16, r, salt + 1) for r in range(world)])
         sym_ref = reference.all_reduce([tagged(n, bf16, r, salt + 2) for r in range(world)])
+        ar1_ref = reference.all_reduce([tagged(n, bf16, r, salt + 3) for r in range(world)])
         if not (torch.equal(rs_out, rs_ref) and torch.equal(ar_out, ar_ref)
-                and torch.equal(sym, sym_ref)):
+                and torch.equal(sym, sym_ref) and torch.equal(ar1_out, ar1_ref)):
             bad.append(it)
     return bad
 

@@ -1,6 +1,6 @@
 """Host side of the flagged-chunk push kernels (kernels/push.py): where their areas lie in the
-buffer, and the launches of ``_reduce_scatter_push_kernel`` and ``_all_reduce_push_kernel``
-(their arguments, listed here only)."""
+buffer, and the launches of ``_reduce_scatter_push_kernel``, ``_all_reduce_one_shot_push_kernel``
+and ``_all_reduce_push_kernel`` (their arguments, listed here only)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from .. import env
 from ..config import LaunchConfig
 from ..context import ALIGN, Ctx, aligned16, offset_in, region_after, symm_usable
-from ..kernels.all_reduce import _all_reduce_push_kernel
+from ..kernels.all_reduce import _all_reduce_one_shot_push_kernel, _all_reduce_push_kernel
 from ..kernels.reduce_scatter import _reduce_scatter_push_kernel
 from ..launch import Launch
 from .driver import TL_DTYPE
@@ -29,24 +29,41 @@ def _areas(ctx: Ctx, operands, device: torch.device, *sizes: int) -> list[int] |
     return offsets if symm_usable(ctx.buf, device, off) else None
 
 
-def reduce_scatter_push_launch(op: str, ctx: Ctx, cfg: LaunchConfig, output: torch.Tensor,
-                               input: torch.Tensor, timeout_s) -> Launch | None:
-    """The push reduce-scatter of ``input`` into ``output`` (slices of ``output.numel()``): slots
-    for ``world - 1`` slices and a flag per slot and chunk, or ``None`` when they do not fit."""
-    n, esize, peers = output.numel(), output.element_size(), ctx.world - 1
-    areas = _areas(ctx, (output, input), input.device, peers * n * esize,
+def _one_round_launch(op: str, ctx: Ctx, cfg: LaunchConfig, kernel, out: torch.Tensor,
+                      input: torch.Tensor, n: int, timeout_s) -> Launch | None:
+    """A launch of ``kernel`` (``push.push_reduce_call``) reducing slots of ``n`` elements into
+    ``out``: slots for ``world - 1`` peers and a flag per slot and chunk, or ``None`` when they
+    do not fit."""
+    esize, peers = input.element_size(), ctx.world - 1
+    areas = _areas(ctx, (out, input), input.device, peers * n * esize,
                    peers * -(-n // cfg.block_size) * 4)
     if areas is None:
         return None
     slot_off, flag_off = areas
-    aligned = aligned16(input.data_ptr(), output.data_ptr(), ctx.local_base + slot_off, n * esize)
+    aligned = aligned16(input.data_ptr(), out.data_ptr(), ctx.local_base + slot_off, n * esize)
     return Launch(
-        op, ctx.buf, _reduce_scatter_push_kernel, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
-        (input.data_ptr(), output.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
+        op, ctx.buf, kernel, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
+        (input.data_ptr(), out.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
          ctx.grid_cap, slot_off, flag_off, n, env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], RANK=ctx.rank, WORLD_SIZE=ctx.world,
              WORLD_P2=ctx.world_p2, BLOCK_SIZE=cfg.block_size, SCOPE=ctx.scope,
              USE_PTX=ctx.use_ptx, ALIGNED=aligned))
+
+
+def reduce_scatter_push_launch(op: str, ctx: Ctx, cfg: LaunchConfig, output: torch.Tensor,
+                               input: torch.Tensor, timeout_s) -> Launch | None:
+    """The push reduce-scatter of ``input`` into ``output`` (slices of ``output.numel()``), or
+    ``None`` when its areas do not fit."""
+    return _one_round_launch(op, ctx, cfg, _reduce_scatter_push_kernel, output, input,
+                             output.numel(), timeout_s)
+
+
+def all_reduce_one_shot_push_launch(op: str, ctx: Ctx, cfg: LaunchConfig, dst: torch.Tensor,
+                                    tensor: torch.Tensor, timeout_s) -> Launch | None:
+    """The push one-shot all-reduce of ``tensor`` into ``dst`` (may be ``tensor``): slots for
+    the whole tensor from each of ``world - 1`` peers, or ``None`` when they do not fit."""
+    return _one_round_launch(op, ctx, cfg, _all_reduce_one_shot_push_kernel, dst, tensor,
+                             tensor.numel(), timeout_s)
 
 
 def all_reduce_push_launch(op: str, ctx: Ctx, cfg: LaunchConfig, dst: torch.Tensor,

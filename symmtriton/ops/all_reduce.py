@@ -25,13 +25,13 @@ from ..config import (ALL_REDUCE_ALGORITHMS, MAX_FUSED_HIDDEN, LaunchConfig, all
                       lines_row_config, lines_row_split, push_config)
 from ..context import (LINES_MAX_BYTES, LINES_ROWS_MAX_BYTES, aligned16, context, find_buffer,
                        lines_eligible, lines_fit, multimem_eligible, offset_in, push_eligible,
-                       region_after, symm_usable)
+                       push_one_shot_eligible, region_after, symm_usable)
 from ..kernels.all_reduce import _all_reduce_kernel, _all_reduce_ll_kernel
 from ..kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel, _all_reduce_rmsnorm_ll_kernel
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
 from ._lines import flat_lines_launch
-from ._push import all_reduce_push_launch
+from ._push import all_reduce_one_shot_push_launch, all_reduce_push_launch
 from .driver import TL_DTYPE, Collective, ConfigChoice, OutputPlan, call, tensor_desc
 from .fallback import torch_all_reduce, torch_all_reduce_add_rmsnorm
 from .fused import FusedPlan
@@ -101,6 +101,11 @@ class AllReduce(Collective):
         multimem = multimem_eligible(ctx, tensor.dtype, ctx.local_base + region,
                                      ctx.local_base + res, n * esize,
                                      choice.config.block_size * esize)
+        if push_one_shot_eligible(ctx, n * esize, multimem, in_off is None, algorithm):
+            cfg = config or push_config(n, tensor.dtype, world)
+            push = all_reduce_one_shot_push_launch(self.name, ctx, cfg, dst, tensor, timeout_s)
+            if push is not None:
+                return OutputPlan(push, ConfigChoice(cfg))
         per_rank = -(-n // world)
         if algo == "two_shot" and push_eligible(ctx, "all_reduce", per_rank * esize, multimem,
                                                 in_off is None):
