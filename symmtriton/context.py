@@ -193,24 +193,29 @@ def push_eligible(ctx: Ctx, op: str, slice_bytes: int, multimem: bool, staged: b
 
 #: smallest tensor (bytes) the all-reduce at 2 ranks pushes whole in one round of flagged
 #: chunks (``_all_reduce_one_shot_push_kernel``) under ``$SYMMTRITON_PROTOCOL=auto``: ``(staged,
-#: zero-copy)``. At 2 ranks it sends what the two-shot sends (the tensor once per rank) with one
-#: round of flags instead of two; beyond 2 ranks it would send ``world - 1`` tensors per rank.
-PUSH_ONE_SHOT_MIN_BYTES = (1024 * 1024, 1024 * 1024)
+#: zero-copy)``, or ``None``: auto never does. At 2 ranks it sends what the two-shot sends (the
+#: tensor once per rank) with one round of flags instead of two, and a staged tensor needs no
+#: staging copy; beyond 2 ranks it sends ``world - 1`` tensors per rank. ``None`` until it is
+#: timed against the pull and the two-shot push on 2 GPUs (written without GPU time left; CPU-
+#: and compile-tested only).
+PUSH_ONE_SHOT_MIN_BYTES: tuple[int, int] | None = None
 
 
-def push_one_shot_eligible(ctx: Ctx, nbytes: int, multimem: bool, staged: bool,
-                           algorithm: str | None) -> bool:
+def push_one_shot_eligible(ctx: Ctx, nbytes: int, multimem: bool, staged: bool, algo: str,
+                           requested: str | None) -> bool:
     """The all-reduce of ``nbytes`` pushes the whole tensor in one round: more than one rank, the
-    pull has no multimem, ``algorithm`` (the caller's) is not ``"two_shot"``, and
-    ``$SYMMTRITON_PROTOCOL`` chooses it: ``push`` at 2 ranks or with ``algorithm="one_shot"``,
-    ``auto`` at 2 ranks from :data:`PUSH_ONE_SHOT_MIN_BYTES`. The caller checks that the buffer
-    has room. Alike on every rank."""
+    pull has no multimem, and ``$SYMMTRITON_PROTOCOL`` chooses it: ``push`` when the algorithm
+    (``algo``, picked by size or ``requested`` by the caller) is one-shot; ``auto`` at 2 ranks,
+    unless the caller requested two-shot, from :data:`PUSH_ONE_SHOT_MIN_BYTES`. The caller
+    checks that the buffer has room. Alike on every rank."""
     mode = env.protocol()
-    if ctx.world < 2 or multimem or algorithm == "two_shot" or mode in ("barrier", "lines"):
+    if ctx.world < 2 or multimem or mode in ("barrier", "lines"):
         return False
     if mode == "push":
-        return ctx.world == 2 or algorithm == "one_shot"
-    return ctx.world == 2 and nbytes >= PUSH_ONE_SHOT_MIN_BYTES[0 if staged else 1]
+        return algo == "one_shot"
+    limits = PUSH_ONE_SHOT_MIN_BYTES
+    return (ctx.world == 2 and requested != "two_shot" and limits is not None
+            and nbytes >= limits[0 if staged else 1])
 
 
 def aligned16(*values: int) -> bool:

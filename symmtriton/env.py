@@ -142,9 +142,11 @@ PROTOCOLS = ("auto", "lines", "barrier", "push")
 def protocol() -> str:
     """``$SYMMTRITON_PROTOCOL``: how collectives synchronise. ``auto`` (default): flag-in-data
     lines (kernels/ll.py) for small messages (``context.lines_eligible``), barriers above, and a
-    large reduce-scatter without multicast pushed in flagged chunks (``context.push_eligible``);
-    ``lines``: lines whenever the line area holds the message; ``barrier``: never lines, never
-    push; ``push``: never lines, and the reduce-scatter pushes whenever its buffer has room. Read
+    large reduce-scatter or two-shot all-reduce without multicast pushed in flagged chunks
+    (``context.push_eligible``); ``lines``: lines whenever the line area holds the message;
+    ``barrier``: never lines, never push; ``push``: never lines, and the reduce-scatter and the
+    all-reduce (one-shot or two-shot, ``context.push_one_shot_eligible``) push whenever the
+    buffer has room. Read
     when a call is planned (its first call with those tensors): set it alike on every rank,
     before the calls (or drop the plans, ``symmtriton.ops.driver.clear_plans``)."""
     mode = os.environ.get(PROTOCOL, "auto").strip().lower() or "auto"

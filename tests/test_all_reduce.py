@@ -10,7 +10,8 @@ import symmtriton as st
 from symmtriton import custom_ops as co
 from symmtriton import reference
 from symmtriton.config import LaunchConfig, all_reduce_algorithm, all_reduce_config
-from symmtriton.context import PUSH_ONE_SHOT_MIN_BYTES
+from symmtriton import context
+from symmtriton.context import LINES_MAX_BYTES
 from symmtriton.kernels.all_reduce import _all_reduce_one_shot_push_kernel, _all_reduce_push_kernel
 from symmtriton.ops import driver
 from symmtriton.testing import (buffer_without_symmetric_memory, captured, device,
@@ -270,29 +271,35 @@ def test_all_reduce_one_shot_push_exact(pool):
     assert pool.run(_ar_push_cases, SIZES, SMALL, "one_shot") == [[]] * pool.world_size
 
 
-def _auto_push_kernel(rank, world, n, protocol_mode):
+def _auto_push_kernel(rank, world, n, protocol_mode, limits):
     """The kernel the default algorithm picks for ``n`` bf16 (staged, in place) under
-    ``protocol_mode``."""
+    ``protocol_mode``, with ``context.PUSH_ONE_SHOT_MIN_BYTES`` set to ``limits``."""
     st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=8)
     x = torch.ones(n, dtype=torch.bfloat16, device=device())
-    with protocol(protocol_mode):
-        st.all_reduce(x)
-        sync()
-        name = driver.last_plan().kernel.fn.__name__  # the plans go with the context
+    saved, context.PUSH_ONE_SHOT_MIN_BYTES = context.PUSH_ONE_SHOT_MIN_BYTES, limits
+    try:
+        with protocol(protocol_mode):
+            st.all_reduce(x)
+            sync()
+            name = driver.last_plan().kernel.fn.__name__  # the plans go with the context
+    finally:
+        context.PUSH_ONE_SHOT_MIN_BYTES = saved
     return name, bool((x == world).all())
 
 
-def test_one_shot_push_is_the_default_push_at_two_ranks(cpu_pool):
-    """At 2 ranks the push of the default algorithm is one-shot (it sends what the two-shot sends
-    with one round of flags); beyond, the two-shot; ``auto`` pushes staged tensors from
-    ``PUSH_ONE_SHOT_MIN_BYTES`` at 2 ranks."""
-    n = PUSH_ONE_SHOT_MIN_BYTES[0] // 2
-    assert cpu_pool(2).run(_auto_push_kernel, n, "push") == [
-        ("_all_reduce_one_shot_push_kernel", True)] * 2
-    assert cpu_pool(2).run(_auto_push_kernel, n, "auto") == [
-        ("_all_reduce_one_shot_push_kernel", True)] * 2
-    assert cpu_pool(2).run(_auto_push_kernel, n - 8, "auto")[0][0] != "_all_reduce_one_shot_push_kernel"
-    assert cpu_pool(3).run(_auto_push_kernel, n, "push") == [("_all_reduce_push_kernel", True)] * 3
+def test_one_shot_push_picked_by_algorithm_and_limits(cpu_pool):
+    """``push`` pushes the algorithm the size picks (one-shot for small tensors, two-shot
+    above); ``auto`` pushes one-shot at 2 ranks from ``PUSH_ONE_SHOT_MIN_BYTES`` (by default
+    ``None``: never) and never beyond 2 ranks."""
+    one, two = "_all_reduce_one_shot_push_kernel", "_all_reduce_push_kernel"
+    small, large = 1000, LINES_MAX_BYTES  # elements: one-shot / two-shot by size at 2 ranks
+    assert cpu_pool(2).run(_auto_push_kernel, small, "push", None) == [(one, True)] * 2
+    assert cpu_pool(2).run(_auto_push_kernel, large, "push", None) == [(two, True)] * 2
+    assert cpu_pool(2).run(_auto_push_kernel, large, "auto", None)[0][0] not in (one, two)
+    limits = (large * 2, large * 2)
+    assert cpu_pool(2).run(_auto_push_kernel, large, "auto", limits) == [(one, True)] * 2
+    assert cpu_pool(2).run(_auto_push_kernel, large - 8, "auto", limits)[0][0] != one
+    assert cpu_pool(3).run(_auto_push_kernel, large, "auto", (0, 0))[0][0] != one
 
 
 def test_all_reduce_push_default_config(pool):

@@ -101,7 +101,7 @@ class AllReduce(Collective):
         multimem = multimem_eligible(ctx, tensor.dtype, ctx.local_base + region,
                                      ctx.local_base + res, n * esize,
                                      choice.config.block_size * esize)
-        if push_one_shot_eligible(ctx, n * esize, multimem, in_off is None, algorithm):
+        if push_one_shot_eligible(ctx, n * esize, multimem, in_off is None, algo, algorithm):
             cfg = config or push_config(n, tensor.dtype, world)
             push = all_reduce_one_shot_push_launch(self.name, ctx, cfg, dst, tensor, timeout_s)
             if push is not None:
