@@ -224,7 +224,8 @@ def run_sweep(opts: BenchOptions, group, *, p2p_gbs: float | None = None, on_row
         if placement == "zero_copy" and path == "fallback":
             continue
         wl = workloads.make_workload(op, shape.numel, dtype, group, placement=placement,
-                                     hidden=shape.hidden, counts=kind)
+                                     hidden=shape.hidden, counts=kind,
+                                     algorithm=opts.algorithm if op in workloads.WHOLE_OPS else None)
         cfg = None  # untuned ops pick their launch config inside
         if op in OPS:
             key_numel, key_dtype = tuning.launch_key(op, shape.numel, dtype)

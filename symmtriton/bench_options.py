@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 
 from . import tuning, workloads
+from .config import ALL_REDUCE_ALGORITHMS
 from .testing import device as _device
 from .validation import REDUCE_DTYPES
 
@@ -75,6 +76,7 @@ class BenchOptions:
     plot: bool
     backend: str
     buffer_mb: float | None
+    algorithm: str | None = None
 
     def __post_init__(self):
         for key in ("iters", "min_iters", "graph_iters", "hidden"):
@@ -202,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=("auto", "nccl", "gloo"),
                    help="process-group backend when this command creates the group (default: "
                         "gloo without CUDA or when ranks share a GPU, else nccl)")
+    p.add_argument("--algorithm", default="auto", choices=("auto",) + ALL_REDUCE_ALGORITHMS,
+                   help="algorithm of the all-reduce ops (all_reduce, all_reduce_add_rmsnorm): "
+                        "auto (by size) or forced, e.g. one_shot with SYMMTRITON_PROTOCOL=push "
+                        "for the one-shot push (default auto)")
     p.add_argument("--buffer-mb", type=float, default=None,
                    help="symmetric buffer size in MiB (default: 3 x max size, at least 1)")
     return p
@@ -231,6 +237,6 @@ def parse_options(argv=None) -> BenchOptions:
             warmup=args.warmup if args.warmup is not None else quick.get("warmup", 10 if on_gpu else 1),
             graph_iters=args.graph_iters, hidden=args.hidden, out_dir=args.out_dir, name=args.name,
             tune=args.tune, baselines=args.baselines, plot=args.plot, backend=args.backend,
-            buffer_mb=args.buffer_mb)
+            buffer_mb=args.buffer_mb, algorithm=None if args.algorithm == "auto" else args.algorithm)
     except ValueError as exc:
         parser.error(str(exc))  # usage + message, exit status 2

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from . import reference, timing
-from .config import OPS, UNTUNED_OPS, LaunchConfig, check_dtype, check_hidden
+from .config import (ALL_REDUCE_ALGORITHMS, OPS, UNTUNED_OPS, LaunchConfig, check_dtype,
+                     check_hidden)
 from .context import find_buffer
 from .memory import resolve_group
 from .ops.all_gather import all_gather_into_tensor
@@ -77,6 +78,7 @@ class Workload:
     all-reduce ops (``all_reduce_add_rmsnorm``: ``[rows, hidden]``). ``counts``: the
     variable-count ops' rows per rank (``tensors["counts"]`` holds them on the device; inputs have
     ``max(counts)`` rows, outputs ``sum(counts)`` (all-gather-v) or ``max(counts)``).
+    ``algorithm``: the all-reduce ops' ``algorithm=`` (``None``: by size).
     ``placement``: ``"zero_copy"`` puts the operand that peers access (:data:`ZERO_COPY`) in the
     group's symmetric buffer (``maybe_get_tensor``, byte 0: the scratch area), ``"staged"`` uses
     ordinary tensors, so the op stages through the buffer. Data are rank-tagged
@@ -92,6 +94,7 @@ class Workload:
     world: int
     tensors: dict
     counts: tuple | None = None
+    algorithm: str | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -128,10 +131,11 @@ class Workload:
                                                          config=config)
         if op == "all_reduce":  # zero-copy: in place in the buffer, as torch's symm_mem ops are
             out = None if self.placement == "zero_copy" else t["output"]
-            return all_reduce(t["input"], g, out=out, config=config)
+            return all_reduce(t["input"], g, out=out, config=config, algorithm=self.algorithm)
         if op == "all_reduce_add_rmsnorm":
             return all_reduce_add_rmsnorm(t["input"], t["residual"], t["weight"], eps=FUSED_EPS,
-                                          group=g, out=t["output"], config=config)
+                                          group=g, out=t["output"], config=config,
+                                          algorithm=self.algorithm)
         fn = all_gather_v if op == "all_gather_v" else reduce_scatter_v
         return fn(t["output"], t["input"], t["counts"], g, config=config)
 
@@ -205,11 +209,13 @@ def _shapes(op: str, numel: int, hidden: int, world: int, counts) -> dict:
 
 
 def make_workload(op: str, numel: int, dtype: torch.dtype, group=None, *, placement: str = "staged",
-                  hidden: int | None = None, counts: str | None = None) -> Workload:
+                  hidden: int | None = None, counts: str | None = None,
+                  algorithm: str | None = None) -> Workload:
     """Allocate and fill the operands of ``op`` for ``numel`` elements (see :class:`Workload`).
     ``hidden`` (the row ops, :data:`symmtriton.config.ROW_OPS`: required there) must divide
     ``numel``; ``counts`` (the variable-count ops only; default ``"uniform"``) names the count
-    distribution (:func:`v_counts`). Raises ``ValueError`` naming the bad value, alike on every
+    distribution (:func:`v_counts`); ``algorithm`` (the all-reduce ops only) their
+    ``algorithm=``. Raises ``ValueError`` naming the bad value, alike on every
     rank, when the arguments do not fit (including a zero-copy operand that does not fit the
     buffer)."""
     if op not in BENCH_OPS:
@@ -227,6 +233,9 @@ def make_workload(op: str, numel: int, dtype: torch.dtype, group=None, *, placem
         rows = v_counts("uniform" if counts is None else counts, world * (numel // hidden), world)
     elif counts is not None:
         raise ValueError(f"counts applies to {', '.join(V_OPS)} only, got counts={counts!r} for {op!r}")
+    if algorithm is not None and (op not in WHOLE_OPS or algorithm not in ALL_REDUCE_ALGORITHMS):
+        raise ValueError(f"algorithm must be None or one of {', '.join(ALL_REDUCE_ALGORITHMS)} for "
+                         f"{', '.join(WHOLE_OPS)}, got algorithm={algorithm!r} for {op!r}")
     shapes = _shapes(op, numel, hidden, world, rows)
     t: dict = {}
     if placement == "zero_copy":
@@ -242,6 +251,6 @@ def make_workload(op: str, numel: int, dtype: torch.dtype, group=None, *, placem
         t["weight"] = tagged(hidden, dtype, 0, salt=2)
     if rows is not None:
         t["counts"] = torch.tensor(rows, dtype=torch.int32, device=dev)
-    wl = Workload(op, numel, dtype, placement, hidden, group, rank, world, t, rows)
+    wl = Workload(op, numel, dtype, placement, hidden, group, rank, world, t, rows, algorithm)
     wl.reset()
     return wl

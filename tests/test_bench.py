@@ -101,6 +101,19 @@ def test_new_ops_rows_checked_in_pool(cpu_pool, tmp_path):
     assert bench_report.bus_factor("all_gather_v", 2) == 0.5
 
 
+def test_algorithm_option_forces_the_all_reduce_algorithm(cpu_pool, tmp_path):
+    """``--algorithm two_shot``: the all-reduce rows take the two-shot kernel where the size
+    alone would pick lines; the other ops are untouched."""
+    out, cache = str(tmp_path / "out"), str(tmp_path / "tuning.json")
+    argv = TINY + ["--ops", "all_reduce,all_gather", "--algorithm", "two_shot", "--no-plot",
+                   "--no-baselines", "--name", "algo"]
+    assert cpu_pool(2).run(_bench_main, out, cache, argv, timeout=300) == [0, 0]
+    rows, data = _read(out, "algo")
+    assert [(r["op"], r["variant"], r["check"]) for r in rows] == [
+        ("all_reduce", "two_shot", "ok")] * 2 + [("all_gather", "lines", "ok")] * 2
+    assert "--algorithm" in data["meta"]["argv"]
+
+
 def test_cli_through_torchrun(tmp_path):
     env = {**os.environ, **CPU_ENV, tuning.CACHE_ENV: str(tmp_path / "tuning.json")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -120,7 +133,7 @@ def test_help_documents_the_options():
     text = bench_options.build_parser().format_help()
     for opt in ("--ops", "--dtypes", "--modes", "--placement", "--min-bytes", "--max-bytes", "--iters",
                 "--warmup", "--tune", "--backend", "--out-dir", "busbw", "torchrun", "--quick",
-                "--step", "--min-iters", "--max-spread", "p2p", "4G"):
+                "--step", "--min-iters", "--max-spread", "p2p", "4G", "--algorithm"):
         assert opt in text
 
 
@@ -135,6 +148,7 @@ def test_help_documents_the_options():
     (["--iters", "0"], "--iters"),
     (["--step", "1"], "--step"),
     (["--max-spread", "-1"], "--max-spread"),
+    (["--algorithm", "three_shot"], "three_shot"),
 ])
 def test_bad_options_exit_with_usage(argv, match, capsys):
     with pytest.raises(SystemExit) as exc:
