@@ -114,6 +114,19 @@ def test_algorithm_option_forces_the_all_reduce_algorithm(cpu_pool, tmp_path):
     assert "--algorithm" in data["meta"]["argv"]
 
 
+def _algorithm_for_other_op(rank, world):
+    try:
+        workloads.make_workload("all_gather", 8, torch.bfloat16, algorithm="one_shot")
+    except ValueError as exc:
+        return str(exc)
+    return "accepted"
+
+
+def test_workload_rejects_an_algorithm_for_other_ops(cpu_pool):
+    msg = cpu_pool(2).run(_algorithm_for_other_op)[0]
+    assert "algorithm='one_shot' for 'all_gather'" in msg
+
+
 def test_cli_through_torchrun(tmp_path):
     env = {**os.environ, **CPU_ENV, tuning.CACHE_ENV: str(tmp_path / "tuning.json")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
