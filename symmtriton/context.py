@@ -177,14 +177,23 @@ PUSH_MIN_SLICE_BYTES = {"reduce_scatter": (512 * 1024, 32 * 1024 * 1024, 4 * 102
                         "all_reduce": (4 * 1024 * 1024, 32 * 1024 * 1024, 4 * 1024 * 1024)}
 
 
+def _push_mode(ctx: Ctx, multimem: bool) -> str | None:
+    """``$SYMMTRITON_PROTOCOL`` when it lets a call push at all (more than one rank, the pull
+    would use no multimem, neither ``barrier`` nor ``lines``), else ``None``."""
+    mode = env.protocol()
+    if ctx.world < 2 or multimem or mode in ("barrier", "lines"):
+        return None
+    return mode
+
+
 def push_eligible(ctx: Ctx, op: str, slice_bytes: int, multimem: bool, staged: bool) -> bool:
     """``op`` (``"reduce_scatter"`` or ``"all_reduce"``) pushes slices of ``slice_bytes``: more
     than one rank, the pull has no multimem (``multimem``: what it would use), and
     ``$SYMMTRITON_PROTOCOL`` chooses it (``push`` always, ``auto`` from
     :data:`PUSH_MIN_SLICE_BYTES` for a ``staged`` or zero-copy input and the world size). The
     caller checks that the buffer has room. Alike on every rank."""
-    mode = env.protocol()
-    if ctx.world < 2 or multimem or mode in ("barrier", "lines"):
+    mode = _push_mode(ctx, multimem)
+    if mode is None:
         return False
     staged_min, zero_copy_pair_min, zero_copy_wide_min = PUSH_MIN_SLICE_BYTES[op]
     limit = staged_min if staged else zero_copy_pair_min if ctx.world == 2 else zero_copy_wide_min
@@ -208,8 +217,8 @@ def push_one_shot_eligible(ctx: Ctx, nbytes: int, multimem: bool, staged: bool, 
     (``algo``, picked by size or ``requested`` by the caller) is one-shot; ``auto`` at 2 ranks,
     unless the caller requested two-shot, from :data:`PUSH_ONE_SHOT_MIN_BYTES`. The caller
     checks that the buffer has room. Alike on every rank."""
-    mode = env.protocol()
-    if ctx.world < 2 or multimem or mode in ("barrier", "lines"):
+    mode = _push_mode(ctx, multimem)
+    if mode is None:
         return False
     if mode == "push":
         return algo == "one_shot"

@@ -146,9 +146,9 @@ def protocol() -> str:
     (``context.push_eligible``); ``lines``: lines whenever the line area holds the message;
     ``barrier``: never lines, never push; ``push``: never lines, and the reduce-scatter and the
     all-reduce (one-shot or two-shot, ``context.push_one_shot_eligible``) push whenever the
-    buffer has room. Read
-    when a call is planned (its first call with those tensors): set it alike on every rank,
-    before the calls (or drop the plans, ``symmtriton.ops.driver.clear_plans``)."""
+    buffer has room. Read when a call is planned (its first call with those tensors): set it
+    alike on every rank, before the calls (or drop the plans,
+    ``symmtriton.ops.driver.clear_plans``)."""
     mode = os.environ.get(PROTOCOL, "auto").strip().lower() or "auto"
     if mode not in PROTOCOLS:
         raise ValueError(f"{PROTOCOL} must be one of {', '.join(PROTOCOLS)}, got {mode!r}")
