@@ -6,8 +6,8 @@
 #   bench     symmtriton-bench, NPROC ranks, one per GPU (NCCL), BENCH_ARGS (default: the default sweep)
 #   shared    MPS started: pytest -m gpu on the shared-GPU worlds SHARED_WORLDS (default "4"; all:
 #             "2 4 8"; SHARED_TESTS: test files, default all; SHARED_TESTS_CAP_S, default 360: the
-#             94 W=4 tests took ~290 s on one H200), then the bench with SHARED_BENCH_W ranks on
-#             GPU 0; MPS stopped
+#             94 W=4 tests took ~290 s on one H200); MPS stopped
+#   shared_bench  MPS started: the bench with SHARED_BENCH_W ranks on GPU 0; MPS stopped
 # Every stage runs under `timeout` within one budget for the whole script (BUDGET_S, default 600 s:
 # a stage that no longer fits is skipped and said so), so a hang fails fast and the script always
 # ends. For each program the table at the end gives its exit time: seconds from the start of its
@@ -28,7 +28,7 @@ TLOG="$OUT/pytest_gpu.log"
 cd "$(dirname "$0")/.."
 START=$SECONDS
 BUDGET_S=${BUDGET_S:-600}
-STAGES=${STAGES:-"tests examples bench shared"}
+STAGES=${STAGES:-"tests examples bench shared shared_bench"}
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 NPROC=${NPROC:-$(( NGPU >= 2 ? NGPU : 2 ))}
 SHARED_WORLDS=${SHARED_WORLDS:-"4"}
@@ -90,7 +90,10 @@ if [[ " $STAGES " == *" bench "* ]]; then
   run "bench W=$NPROC one rank per GPU" 170 "$LOG" "rows in|FAIL|Error" \
     "${TORCHRUN[@]}" --nproc-per-node="$NPROC" -m symmtriton.bench --out-dir "$OUT" ${BENCH_ARGS:-}
 fi
-if [[ " $STAGES " == *" shared "* ]]; then
+mps_started=""
+start_mps() {  # MPS for the ranks that share GPU 0 (stopped when the script exits)
+  [ -n "$mps_started" ] && return
+  mps_started=1
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/symmtriton-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/symmtriton-mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
   if nvidia-cuda-mps-control -d >>"$LOG" 2>&1; then
@@ -99,9 +102,15 @@ if [[ " $STAGES " == *" shared "* ]]; then
   else
     echo "==== MPS not started (ranks time-slice the GPU)" >>"$LOG"
   fi
+}
+if [[ " $STAGES " == *" shared "* ]]; then
+  start_mps
   k=$(printf 'gpu-w%s-shared or ' $SHARED_WORLDS)
   run "pytest -m gpu, shared GPU (W in $SHARED_WORLDS, MPS)" ${SHARED_TESTS_CAP_S:-360} "$TLOG" "passed|failed|error|worker pools" \
     $PY -m pytest -m gpu -q -p no:cacheprovider -k "${k% or }" ${SHARED_TESTS:-tests}
+fi
+if [[ " $STAGES " == *" shared_bench "* ]]; then
+  start_mps
   run "bench W=$SHARED_BENCH_W on one GPU (MPS)" 120 "$LOG" "rows in|FAIL|Error" \
     env CUDA_VISIBLE_DEVICES=0 "${TORCHRUN[@]}" --nproc-per-node="$SHARED_BENCH_W" -m symmtriton.bench --out-dir "$OUT" --quick \
     --max-bytes 64M --no-plot ${SHARED_BENCH_ARGS:-}
