@@ -128,7 +128,8 @@ columns (CSV/JSON; the table shows most of them):
                one_shot_all_reduce of the input, communication only); none for the v ops
   copy_us      a device copy of size_bytes on this GPU; copy_gbs counts read + write
   ceiling      what efficiency compares with: p2p (ranks on different GPUs: a copy to the
-               next rank's GPU, measured once at start, ceiling_gbs) or local (copy_gbs)
+               next rank's GPU, measured once at start, or --peer-copy-gbs; ceiling_gbs) or
+               local (copy_gbs)
   efficiency   GPU, size >= 1 MiB. p2p: busbw / ceiling_gbs. local: (bytes the kernel moves
                through this rank's memory / time) / copy_gbs; bytes moved = size + size/W,
                + 2 x size when staged (fused: twice size + size/W)

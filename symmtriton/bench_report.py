@@ -1,5 +1,6 @@
 """The benchmark's outputs: the nccl-tests-style table, CSV/JSON files, the PNG plot and the
-kernel-efficiency lines (rows are the dicts :func:`symmtriton.bench.run_sweep` makes).
+kernel-efficiency lines (rows are the dicts :func:`symmtriton.bench.run_sweep` makes), and the
+check of every row against the peer-copy ceiling (:func:`mark_validity`).
 
 Files survive an interrupted run: :class:`ResultFiles` writes the JSON (the run's metadata)
 before the first row and the CSV row by row, flushed as each row finishes; the end of the run
@@ -194,7 +195,8 @@ class ResultFiles:
 
 
 def plot(rows: list[dict], path: str, meta: dict) -> None:
-    """Latency and busbw vs size, one line per implementation, one row of panels per op."""
+    """Latency and busbw vs size, one line per implementation, one row of panels per op; times
+    over the peer-copy ceiling (``over_ceiling``) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
