@@ -3,19 +3,22 @@ torch.distributed, PyTorch's symmetric-memory ops and copy ceilings.
 
 Run it on every rank (``torchrun --nproc-per-node N -m symmtriton.bench ...``), or call
 :func:`main` from every rank of an initialised process group. Rank 0 prints an nccl-tests-like
-table, a progress line per row on stderr, and writes ``<name>.json`` (metadata: GPU names,
-world size, layout, versions, date) before the first row, ``<name>.csv`` row by row as each
+table, a progress line per row on stderr, and writes ``<name>.json`` (metadata,
+:mod:`symmtriton.bench_meta`: commit, versions, GPU names, world size, rank placement, timing
+method, peer-copy ceiling, date) before the first row, ``<name>.csv`` row by row as each
 finishes (an interrupted run keeps what it measured), then the complete ``<name>.json`` and
 ``<name>.png`` (matplotlib optional) into ``--out-dir``.
 
 Every rank runs the same rows in the same order (the kernels' barriers are per block: all ranks
 must launch the same grid). Each row is checked against :mod:`symmtriton.reference` on
 rank-tagged data before it is timed; the check result, like every time, is agreed over the group
-(a MIN of the ok flags, a MAX of the per-rank median times: a collective is as slow as its
-slowest rank). Times: CUDA events on the GPU, ``time.perf_counter`` on the CPU, median of
-``--min-iters`` to ``--iters`` calls after ``--warmup`` (more calls only where the ranks see a
-spread above ``--max-spread``); ``graph`` mode captures ``--graph-iters`` calls in one CUDA
-graph and reports a replay's time divided by that count.
+(a MIN of the ok flags; a MAX over ranks of every timed sample: a collective is done when its
+slowest rank is). Times run to completion (:mod:`symmtriton.timing`): eager samples of
+``--eager-batch`` calls start after a barrier and stop after the whole device synchronised (work
+left on side streams or copy engines included); ``graph`` mode captures ``--graph-iters`` calls
+in one CUDA graph and times each replay with CUDA events. A row reports the median of
+``--min-iters`` to ``--iters`` samples after ``--warmup`` calls (more only where the agreed
+samples spread above ``--max-spread``), divided by the calls per sample.
 
 Sizes are nccl-tests' ``size``: the gathered output (all-gather, all-gather-v), the full input
 (reduce-scatter, reduce-scatter-v, fused), the tensor (all-reduce, all-reduce fused);
@@ -24,33 +27,29 @@ Sizes are nccl-tests' ``size``: the gathered output (all-gather, all-gather-v), 
 variable-count ops run once per count distribution of ``--v-counts`` (column ``variant``); the
 all-reduce rows name the algorithm their size picks by default (one_shot, two_shot).
 Efficiency compares a row with the copy bandwidth to a peer GPU when the ranks are on different
-GPUs (measured once at start), else with a local copy. The exit status is 1 when a
-row's check failed on some rank.
+GPUs (measured once at start), else with a local copy. A row whose busbw (symmtriton's, the
+baseline's or symm_mem's) exceeds that peer-copy ceiling by more than 5% is marked
+``valid: false`` with a warning line (:func:`symmtriton.bench_report.mark_validity`). The exit
+status is 1 when a row's check failed on some rank.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import os
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-import triton
-
-import symmtriton
 
 from . import timing, tuner, tuning, workloads
 from .config import CONFIG_KEYS, OPS
-from .context import pdl_enabled
-from .env import ALL as ENV_NAMES
-from .backends import select_backend
-from .bench_baselines import Baselines, nccl_version, peer_copy_gbs, shape_for, topology
+from .bench_baselines import Baselines, peer_copy_gbs, shape_for, topology
+from .bench_meta import bench_meta, ceiling_meta
 from .bench_options import BenchOptions, parse_options
-from .bench_report import ResultFiles, bus_factor, bytes_moved, efficiency_report, format_table
+from .bench_report import (ResultFiles, bus_factor, bytes_moved, ceiling_applies, efficiency_report,
+                           format_table, mark_validity, row_label)
 from .memory import SymmetricMemoryManager
 from .ops import driver
 from .testing import OVERLAP_ENV, free_port, release, teardown
@@ -152,8 +151,11 @@ def _variant(counts) -> str | None:
     return "/".join(x for x in (counts, kind) if x) or None
 
 
-def _row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check, base, p2p_gbs) -> dict:
-    total = shape.total_bytes
+def _row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check, base,
+         meta) -> dict:
+    """One result row; ``meta`` (:func:`symmtriton.bench_meta.bench_meta`) gives the peer-copy
+    ceiling (the efficiency of cross-GPU rows) and the commit."""
+    total, p2p_gbs = shape.total_bytes, meta["ceiling"]["peer_copy_gbs"]
     algbw = None if t is None else total / t / 1e9
     busbw = None if algbw is None else algbw * bus_factor(op, world)
     copy_s = base.get("copy_s")
@@ -176,7 +178,8 @@ def _row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check,
         "copy_us": _us(copy_s), "copy_gbs": None if copy_gbs is None else round(copy_gbs, 3),
         "ceiling": ceiling if ceiling_gbs else None,
         "ceiling_gbs": None if not ceiling_gbs else round(ceiling_gbs, 3),
-        "efficiency": None if eff is None else round(eff, 3),
+        "efficiency": None if eff is None else round(eff, 3), "valid": None, "over_ceiling": None,
+        "time_reduction": meta["time_reduction"], "commit": meta["commit"],
     }
 
 
@@ -185,10 +188,12 @@ def _log(rank: int, msg: str, *, err: bool = False) -> None:
         print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def run_sweep(opts: BenchOptions, group, *, p2p_gbs: float | None = None, on_row=None) -> tuple[list[dict], list[str]]:
+def run_sweep(opts: BenchOptions, group, meta: dict, *,
+              on_row=None) -> tuple[list[dict], list[str]]:
     """Every row of ``opts`` on every rank, in the same order; returns (rows, notes), identical
-    on every rank. ``on_row(row)`` is called as each row finishes; ``p2p_gbs`` (ranks on
-    different GPUs) is the efficiency ceiling."""
+    on every rank. ``on_row(row)`` is called as each row finishes. ``meta``'s peer-copy ceiling
+    (``meta["ceiling"]``) is the efficiency ceiling of cross-GPU rows and validates every row
+    (:func:`symmtriton.bench_report.mark_validity`: a warning line and a note per time over it)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     dev, t_start = _device(), time.monotonic()
     notes: list[str] = []
@@ -197,6 +202,10 @@ def run_sweep(opts: BenchOptions, group, *, p2p_gbs: float | None = None, on_row
         if msg not in notes:
             notes.append(msg)
             _log(rank, f"# note: {msg}", err=True)
+
+    def warn(msg):
+        notes.append(msg)
+        _log(rank, f"# WARNING: {msg}", err=True)
 
     ops = list(opts.ops)
     modes = list(opts.modes)
@@ -243,33 +252,17 @@ def run_sweep(opts: BenchOptions, group, *, p2p_gbs: float | None = None, on_row
         t = timing.agreed_time(wl.run, mode, device=dev, group=group, **opts.counts(warmup))
         del wl
         variant = _variant(kind)
-        row = _row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check, base, p2p_gbs)
+        row = _row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check, base,
+                   meta)
+        applies = ceiling_applies(op, meta["multicast"])
+        for msg in mark_validity(row, meta["ceiling"]["peer_copy_gbs"] if applies else None):
+            warn(msg)
         rows.append(row)
         if on_row is not None:
             on_row(row)
-        what = " ".join(x for x in (op, variant, row["dtype"]) if x)
-        _log(rank, f"[{i}/{len(plan)} {time.monotonic() - t_start:6.1f} s] {what} "
-                   f"{row['size_bytes']} B {placement} {mode}: {row['time_us']} us ({check})", err=True)
+        _log(rank, f"[{i}/{len(plan)} {time.monotonic() - t_start:6.1f} s] {row_label(row)}: "
+                   f"{row['time_us']} us ({check})", err=True)
     return rows, notes
-
-
-def bench_meta(group, opts: BenchOptions, argv, topo, p2p_gbs, buf) -> dict:
-    """Provenance recorded in the JSON (no host names): with ``pdl`` (whether ``buf``'s kernels
-    launch with programmatic dependent launch) and every ``SYMMTRITON_*`` variable set."""
-    return {
-        "tool": "symmtriton-bench", "symmtriton": symmtriton.__version__, "torch": torch.__version__,
-        "triton": triton.__version__, "cuda": torch.version.cuda, "nccl": nccl_version(),
-        "device": tuning.device_name(), "devices": list(topo.devices), "gpus": topo.gpus,
-        "layout": topo.layout, "layout_slug": topo.slug, "p2p_gbs": None if p2p_gbs is None else round(p2p_gbs, 3),
-        "world_size": dist.get_world_size(group), "backend": select_backend(),
-        "dist_backend": str(dist.get_backend(group)),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "argv": list(argv) if argv is not None else sys.argv[1:],
-        "pdl": pdl_enabled(buf) if buf.symm_mem_hdl is not None else None,
-        "environment": {k: os.environ[k] for k in ENV_NAMES if k in os.environ},
-        "options": {k: (list(map(tuning.dtype_name, v)) if k == "dtypes" else v)
-                    for k, v in asdict(opts).items()},
-    }
 
 
 def main(argv=None) -> int:
@@ -285,12 +278,19 @@ def main(argv=None) -> int:
         buf = SymmetricMemoryManager.get_buffer(BUFFER_KEY, group, size_mb=size_mb)
         topo = topology(group, _device())
         p2p = peer_copy_gbs(buf, topo, group)
-        meta = bench_meta(group, opts, argv, topo, p2p, buf)
+        hdl = buf.symm_mem_hdl
+        multicast = timing.all_ranks_ok(hdl is not None and bool(hdl.multicast_ptr), group)
+        ceiling = ceiling_meta(topo, dist.get_world_size(group), p2p, opts.peer_copy_gbs,
+                               hdl is not None, multicast)
+        meta = bench_meta(group, opts, argv, topo, p2p, buf, ceiling, multicast)
         files = ResultFiles(opts, meta) if rank == 0 else None
         if p2p is not None:
             _log(rank, f"# peer copy (every rank into the next rank's GPU at once): {p2p:.0f} GB/s", err=True)
-        rows, notes = run_sweep(opts, group, p2p_gbs=p2p, on_row=files.add if files else None)
+        _log(rank, f"# peer-copy ceiling: {ceiling['peer_copy_gbs']} GB/s, {ceiling['source']}",
+             err=True)
+        rows, notes = run_sweep(opts, group, meta, on_row=files.add if files else None)
         failed = any(r["check"] == "FAIL" for r in rows)
+        invalid = sum(r["valid"] is False for r in rows)
         if rank == 0:
             print(format_table(rows, meta))
             eff = efficiency_report(rows)
@@ -301,6 +301,9 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             if failed:
                 print("# FAIL: some rows did not match the reference", file=sys.stderr)
+            if invalid:
+                print(f"# WARNING: {invalid} rows invalid (a busbw over the peer-copy ceiling): "
+                      "see the WARNING lines and the valid / over_ceiling columns", file=sys.stderr)
     except BaseException:
         release(keys=None if created else [BUFFER_KEY])
         raise

@@ -136,8 +136,8 @@ def symm_mem_baseline(op: str, shape: Shape, dtype, group, dev):
         if op_name == "multimem_all_gather_out":
             inp = _zeros(n, dtype, dev)
             fn = (lambda i=inp, o=big, f=fn_op: f(i, name, o))
-        elif op_name == "_low_contention_all_gather":
-            fn = (lambda i=big[:n], f=fn_op: f(i, name))
+        elif op_name == "_low_contention_all_gather":  # copies on a side stream: joined back
+            fn = (lambda i=big[:n], f=fn_op: _wait_tensor(f(i, name)))
         elif op_name == "reduce_scatter_out":
             out = torch.empty(n, dtype=dtype, device=dev)
             fn = (lambda i=big, o=out, f=fn_op: f(i, name, False, o))
@@ -145,6 +145,13 @@ def symm_mem_baseline(op: str, shape: Shape, dtype, group, dev):
             fn = (lambda i=big, f=fn_op: f(i, "sum", name))
         fns.append((op_name, fn))
     return fns, None if fns else f"no usable torch.ops.symm_mem op for {op} (multicast: {multicast})"
+
+
+def _wait_tensor(t):
+    """What a caller of torch's asynchronous symm_mem ops writes before using ``t``: the current
+    stream waits for the side stream that produces it (``_c10d_functional.wait_tensor``)."""
+    wait = getattr(getattr(torch.ops, "_c10d_functional", None), "wait_tensor", None)
+    return t if wait is None else wait(t)
 
 
 def copy_baseline(nbytes: int, dev):
@@ -252,11 +259,13 @@ def topology(group, dev) -> Topology:
     return Topology(tuple(n for n, _ in seen), gpus, layout)
 
 
-def peer_copy_gbs(buf, topo: Topology, group, *, nbytes: int = 256 << 20, iters: int = 10) -> float | None:
+def peer_copy_gbs(buf, topo: Topology, group, *, nbytes: int = 256 << 20, iters: int = 10,
+                  batch: int = 4) -> float | None:
     """GB/s of a copy-engine copy from this GPU into the next rank's symmetric buffer (a peer
     GPU's memory, through the buffer's peer mapping), every rank copying at once as in a
-    collective: the median over ``iters`` copies, the slowest rank's. The ceiling of rows whose
-    ranks are on different GPUs (each rank's busbw crosses the interconnect once). ``None``
+    collective: ``iters`` samples of ``batch`` copies each, timed to completion, the slowest
+    rank's per sample, their median (:func:`symmtriton.timing.median_time`). The ceiling of rows
+    whose ranks are on different GPUs (each rank's busbw crosses the interconnect once). ``None``
     unless every rank has its own GPU and the buffer is symmetric. Collective."""
     world = dist.get_world_size(group)
     usable = topo.layout == "one rank per GPU" and world > 1 and buf.symm_mem_hdl is not None
@@ -266,14 +275,7 @@ def peer_copy_gbs(buf, topo: Topology, group, *, nbytes: int = 256 << 20, iters:
     n = min(nbytes, buf.nbytes)
     dst = hdl.get_buffer((rank + 1) % world, (n,), torch.uint8)
     src = torch.ones(n, dtype=torch.uint8, device=dst.device)
-    t = timing.median_time(lambda: dst.copy_(src), iters=iters, warmup=2, device=dst.device, group=group)
+    t = timing.median_time(lambda: dst.copy_(src), iters=iters, warmup=2, device=dst.device,
+                           group=group, batch=batch)
     timing.group_barrier(group)  # no peer overwrites a buffer before every copy into it is done
     return n / timing.all_reduce_max([t], group)[0] / 1e9
-
-
-def nccl_version() -> str | None:
-    try:
-        v = torch.cuda.nccl.version()
-    except Exception:  # a CPU build
-        return None
-    return ".".join(map(str, v)) if isinstance(v, tuple) else str(v)

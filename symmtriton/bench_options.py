@@ -15,7 +15,7 @@ from .validation import REDUCE_DTYPES
 MODES = ("eager", "graph")
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
           "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
-#: ``--quick``: sizes 4K, 64K, 1M, 16M, 256M (GPU) and at most 20 timed calls per row.
+#: ``--quick``: sizes 4K, 64K, 1M, 16M, 256M (GPU) and at most 20 timed samples per row.
 QUICK = {"min_bytes": "4K", "step": 16, "iters": 20, "warmup": 3}
 
 
@@ -77,9 +77,12 @@ class BenchOptions:
     backend: str
     buffer_mb: float | None
     algorithm: str | None = None
+    eager_batch: int = 1
+    peer_copy_gbs: float | None = None
+    commit: str | None = None
 
     def __post_init__(self):
-        for key in ("iters", "min_iters", "graph_iters", "hidden"):
+        for key in ("iters", "min_iters", "graph_iters", "hidden", "eager_batch"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         if self.warmup < 0:
@@ -88,13 +91,16 @@ class BenchOptions:
             raise ValueError(f"--max-spread must be >= 0, got {self.max_spread}")
         if self.buffer_mb is not None and not self.buffer_mb > 0:
             raise ValueError(f"--buffer-mb must be > 0, got {self.buffer_mb}")
+        if self.peer_copy_gbs is not None and not self.peer_copy_gbs > 0:
+            raise ValueError(f"--peer-copy-gbs must be > 0, got {self.peer_copy_gbs}")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"--backend must be auto, nccl or gloo, got {self.backend!r}")
 
     def counts(self, warmup: int) -> dict:
         """Keyword counts of ``symmtriton.timing.agreed_time`` for a row warmed up ``warmup`` times."""
         return {"iters": self.iters, "warmup": warmup, "min_iters": self.min_iters,
-                "max_spread": self.max_spread, "graph_iters": self.graph_iters}
+                "max_spread": self.max_spread, "graph_iters": self.graph_iters,
+                "batch": self.eager_batch}
 
 
 EPILOG = """\
@@ -109,8 +115,9 @@ columns (CSV/JSON; the table shows most of them):
   path         symmetric (Triton kernels) or fallback (symmetric memory unavailable)
   block_size, num_warps, max_blocks   launch config used (tuned winner or default; blank for
                the untuned ops, which pick theirs inside)
-  time_us      median per call, MAX over ranks; algbw = size/time; busbw = algbw*(W-1)/W
-               (fused and all-reduce ops: *2(W-1)/W), as nccl-tests reports them
+  time_us      per call, to completion on every rank (see timing below); algbw = size/time;
+               busbw = algbw*(W-1)/W (fused and all-reduce ops: *2(W-1)/W), as nccl-tests
+               reports them
   check        ok / FAIL against symmtriton.reference on rank-tagged data (all ranks agree);
                skip above 1 GiB (the references would need several times the size)
   baseline_us  torch.distributed (NCCL or gloo), speedup = baseline_us / time_us; fused ops:
@@ -121,13 +128,23 @@ columns (CSV/JSON; the table shows most of them):
                one_shot_all_reduce of the input, communication only); none for the v ops
   copy_us      a device copy of size_bytes on this GPU; copy_gbs counts read + write
   ceiling      what efficiency compares with: p2p (ranks on different GPUs: a copy to the
-               next rank's GPU, measured once at start, ceiling_gbs) or local (copy_gbs)
+               next rank's GPU, measured once at start, or --peer-copy-gbs; ceiling_gbs) or
+               local (copy_gbs)
   efficiency   GPU, size >= 1 MiB. p2p: busbw / ceiling_gbs. local: (bytes the kernel moves
                through this rank's memory / time) / copy_gbs; bytes moved = size + size/W,
                + 2 x size when staged (fused: twice size + size/W)
+  valid        false when a busbw of the row (symmtriton's, the baseline's or symm_mem's)
+               exceeds the peer-copy ceiling by more than 5% (named in over_ceiling, a warning
+               printed, the speedups against it left blank); empty when no ceiling is known
+               (CPU, ranks sharing a GPU, one rank) or the op may reduce through multicast
+  time_reduction  max_over_ranks; commit: the project's commit (JSON meta: the whole provenance)
 
-timing: each row runs --min-iters calls first and stops there when the ranks agree that the
-interquartile range is within --max-spread of the median; otherwise it runs up to --iters.
+timing: eager = a barrier, then --eager-batch calls timed with the host clock, stopped after
+torch.cuda.synchronize() of the whole device (side-stream and copy-engine work included);
+graph = CUDA events around each replay. Every sample (the same calls on every rank) takes the
+MAX over ranks; time_us is the median of these maxima. A row takes --min-iters samples and
+stops there when their interquartile range is within --max-spread of the median; otherwise it
+takes up to --iters.
 
 examples:
   torchrun --nproc-per-node 2 -m symmtriton.bench                  # one rank per GPU, NCCL
@@ -169,18 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "staged (ordinary tensors) "
                         "(default: both)")
     p.add_argument("--quick", action="store_true",
-                   help=f"sizes {QUICK['min_bytes']} to --max-bytes in x{QUICK['step']} steps, at most "
-                        f"{QUICK['iters']} timed calls, {QUICK['warmup']} warm-up calls (explicit "
-                        "options win)")
+                   help=f"sizes {QUICK['min_bytes']} to --max-bytes in x{QUICK['step']} steps, "
+                        f"at most {QUICK['iters']} timed samples, {QUICK['warmup']} warm-up calls "
+                        "(explicit options win)")
     p.add_argument("--min-bytes", default=None, help="smallest size (default 1K)")
     p.add_argument("--max-bytes", default=None,
                    help="largest size (default 256M on the GPU, 64K on the CPU; up to 4G and "
                         "more for bus bandwidth where NCCL peaks)")
     p.add_argument("--step", type=int, default=None, help="size factor between rows (default 4)")
     p.add_argument("--iters", type=int, default=None,
-                   help="most timed calls per row, median reported (default 50 GPU, 3 CPU)")
+                   help="most timed samples per row (eager: of --eager-batch calls; graph: "
+                        "replays), median reported (default 50 GPU, 3 CPU)")
     p.add_argument("--min-iters", type=int, default=None,
-                   help="timed calls before the spread test (default 10, at most --iters)")
+                   help="timed samples before the spread test (default 10, at most --iters)")
     p.add_argument("--max-spread", type=float, default=0.05,
                    help="stop after --min-iters calls when (p75 - p25) / median is at most this "
                         "on every rank (default 0.05; 0 always runs --iters)")
@@ -188,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="untimed calls before timing (default 10 GPU, 1 CPU; at most 3 above 64 MiB)")
     p.add_argument("--graph-iters", type=int, default=10,
                    help="calls captured in one CUDA graph in graph mode (default 10)")
+    p.add_argument("--eager-batch", type=int, default=None,
+                   help="calls per timed sample in eager mode, the clock stopped after the whole "
+                        "device synchronised (default 10 GPU, 1 CPU)")
+    p.add_argument("--peer-copy-gbs", type=float, default=None,
+                   help="peer-copy ceiling in GB/s to validate rows against when this run does "
+                        "not measure one (e.g. ranks on one GPU); recorded as given by this option")
+    p.add_argument("--commit", default=None,
+                   help="the project's commit to record when the bench runs outside a git "
+                        "checkout (default: git rev-parse HEAD of the package's checkout)")
     p.add_argument("--hidden", type=int, default=4096,
                    help="hidden size H of the row ops' [S, H] operands (fused ops, v ops) "
                         "(default 4096; smaller when a size holds fewer than W rows)")
@@ -237,6 +264,9 @@ def parse_options(argv=None) -> BenchOptions:
             warmup=args.warmup if args.warmup is not None else quick.get("warmup", 10 if on_gpu else 1),
             graph_iters=args.graph_iters, hidden=args.hidden, out_dir=args.out_dir, name=args.name,
             tune=args.tune, baselines=args.baselines, plot=args.plot, backend=args.backend,
-            buffer_mb=args.buffer_mb, algorithm=None if args.algorithm == "auto" else args.algorithm)
+            buffer_mb=args.buffer_mb,
+            algorithm=None if args.algorithm == "auto" else args.algorithm,
+            eager_batch=args.eager_batch if args.eager_batch is not None else (10 if on_gpu else 1),
+            peer_copy_gbs=args.peer_copy_gbs, commit=args.commit)
     except ValueError as exc:
         parser.error(str(exc))  # usage + message, exit status 2

@@ -1,5 +1,6 @@
 """The benchmark's outputs: the nccl-tests-style table, CSV/JSON files, the PNG plot and the
-kernel-efficiency lines (rows are the dicts :func:`symmtriton.bench.run_sweep` makes).
+kernel-efficiency lines (rows are the dicts :func:`symmtriton.bench.run_sweep` makes), and the
+check of every row against the peer-copy ceiling (:func:`mark_validity`).
 
 Files survive an interrupted run: :class:`ResultFiles` writes the JSON (the run's metadata)
 before the first row and the CSV row by row, flushed as each row finishes; the end of the run
@@ -20,16 +21,75 @@ from .workloads import V_COUNTS
 FIELDS = ("size_bytes", "count", "dtype", "op", "variant", "placement", "mode", "world_size", "path",
           *CONFIG_KEYS, "time_us", "algbw_gbs", "busbw_gbs", "check",
           "baseline", "baseline_us", "speedup", "symm_mem_op", "symm_mem_us", "speedup_symm_mem",
-          "copy_us", "copy_gbs", "ceiling", "ceiling_gbs", "efficiency")
+          "copy_us", "copy_gbs", "ceiling", "ceiling_gbs", "efficiency", "valid", "over_ceiling",
+          "time_reduction", "commit")
 
 
 #: ops that reduce and gather all of their size, like an all-reduce: busbw = algbw * 2(W-1)/W.
 ALL_REDUCE_LIKE = ("fused", "all_reduce", "all_reduce_add_rmsnorm")
+#: ops that only gather: their busbw is what each rank's link receives, multicast or not.
+GATHER_OPS = ("all_gather", "all_gather_v")
+#: a busbw above the peer-copy ceiling by more than this fraction marks its row invalid.
+CEILING_TOLERANCE = 0.05
+#: what a row times: (name in ``over_ceiling``, its time column, the speedups it takes part in).
+TIMED = (("symmtriton", "time_us", ("speedup", "speedup_symm_mem")),
+         ("baseline", "baseline_us", ("speedup",)),
+         ("symm_mem", "symm_mem_us", ("speedup_symm_mem",)))
 
 
 def bus_factor(op: str, world: int) -> float:
     """nccl-tests' busbw / algbw: ``2(W-1)/W`` for :data:`ALL_REDUCE_LIKE`, else ``(W-1)/W``."""
     return (world - 1) / world * (2 if op in ALL_REDUCE_LIKE else 1)
+
+
+def ceiling_applies(op: str, multicast: bool) -> bool:
+    """Whether the peer-copy ceiling bounds ``op``'s busbw: always without multicast; with it,
+    only :data:`GATHER_OPS` (a switch that reduces, ``multimem.ld_reduce``, delivers more busbw
+    than a link carries)."""
+    return not multicast or op in GATHER_OPS
+
+
+def row_label(row: dict) -> str:
+    """``op [variant] dtype size B placement mode``: names a row in warnings and reports."""
+    parts = (row["op"], row["variant"], row["dtype"], f"{row['size_bytes']} B", row["placement"],
+             row["mode"])
+    return " ".join(str(x) for x in parts if x)
+
+
+def busbw_gbs(row: dict, column: str) -> float | None:
+    """The busbw (GB/s) of the time in ``column`` (microseconds) of ``row``; ``None`` if none."""
+    us = row[column]
+    if not us:
+        return None
+    return row["size_bytes"] / (us * 1e-6) / 1e9 * bus_factor(row["op"], row["world_size"])
+
+
+def mark_validity(row: dict, ceiling_gbs: float | None) -> list[str]:
+    """Set ``row["valid"]`` and ``row["over_ceiling"]`` against the peer-copy ceiling (``None``:
+    none known or it does not apply; both stay empty): invalid when a busbw of :data:`TIMED`
+    exceeds ``ceiling_gbs`` by more than :data:`CEILING_TOLERANCE`; the speedups an invalid time
+    takes part in are blanked (an unphysical time is no win for either side). Returns one
+    warning line per time over the ceiling."""
+    row["valid"] = row["over_ceiling"] = None
+    if ceiling_gbs is None:
+        return []
+    over, warnings = [], []
+    for name, column, speedups in TIMED:
+        bw = busbw_gbs(row, column)
+        if bw is None or bw <= ceiling_gbs * (1 + CEILING_TOLERANCE):
+            continue
+        over.append(name)
+        who = {"baseline": f"baseline ({row['baseline']})",
+               "symm_mem": f"symm_mem ({row['symm_mem_op']})"}.get(name, name)
+        by = 100 * (bw / ceiling_gbs - 1)
+        warnings.append(f"invalid row {row_label(row)}: {who} busbw {bw:.1f} GB/s exceeds the "
+                        f"peer-copy ceiling {ceiling_gbs:.1f} GB/s by {by:.0f}% "
+                        f"(more than {100 * CEILING_TOLERANCE:.0f}%)")
+        for key in speedups:
+            row[key] = None
+    row["valid"] = not over
+    row["over_ceiling"] = ";".join(over) or None
+    return warnings
 
 
 def bytes_moved(op: str, placement: str, total: int, world: int) -> int:
@@ -42,6 +102,8 @@ def bytes_moved(op: str, placement: str, total: int, world: int) -> int:
 def _fmt(v, width, prec=2):
     if v is None:
         return "-".rjust(width)
+    if isinstance(v, bool):
+        return ("yes" if v else "NO").rjust(width)
     if isinstance(v, float):
         return f"{v:{width}.{prec}f}"
     return str(v).rjust(width)
@@ -55,14 +117,18 @@ def format_table(rows: list[dict], meta: dict) -> str:
             ("algbw", "algbw_gbs", 8), ("busbw", "busbw_gbs", 8), ("check", "check", 6),
             ("block", "block_size", 6), ("warps", "num_warps", 5), ("maxblk", "max_blocks", 6),
             ("base", "baseline_us", 10), ("speedup", "speedup", 8), ("symm_mem", "symm_mem_us", 10),
-            ("copy", "copy_us", 9), ("eff", "efficiency", 6)]
+            ("copy", "copy_us", 9), ("eff", "efficiency", 6), ("valid", "valid", 5)]
     units = {"size": "(B)", "count": "(elems)", "time": "(us)", "algbw": "(GB/s)", "busbw": "(GB/s)",
              "base": "(us)", "symm_mem": "(us)", "copy": "(us)"}
     lines = [f"# symmtriton-bench: world {meta['world_size']} ({meta.get('layout', '?')}), device "
              f"{meta['device']}, backend {meta['backend']}/{meta['dist_backend']}, torch {meta['torch']}, "
-             f"triton {meta['triton']}, pdl {meta.get('pdl')}, {meta['date']}",
+             f"triton {meta['triton']}, pdl {meta.get('pdl')}, commit {meta.get('commit')}, "
+             f"{meta['date']}",
              "# base = torch.distributed, symm_mem = torch.ops.symm_mem (fastest), copy = local device copy, "
              "eff = efficiency against the row's ceiling (p2p or local copy)",
+             f"# times: to completion, max over ranks; valid = every busbw within "
+             f"{100 * CEILING_TOLERANCE:.0f}% of the peer-copy ceiling "
+             f"({(meta.get('ceiling') or {}).get('peer_copy_gbs') or 'none known'} GB/s)",
              "#" + " ".join(h.rjust(w) for h, _, w in cols)[1:],
              "#" + " ".join(units.get(h, "").rjust(w) for h, _, w in cols)[1:]]
     for r in rows:
@@ -74,8 +140,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower() or "device"
 
 
+def _csv_cell(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return "" if v is None else v
+
+
 def _csv_row(row: dict) -> dict:
-    return {k: ("" if row[k] is None else row[k]) for k in FIELDS}
+    return {k: _csv_cell(row[k]) for k in FIELDS}
 
 
 class ResultFiles:
@@ -123,7 +195,8 @@ class ResultFiles:
 
 
 def plot(rows: list[dict], path: str, meta: dict) -> None:
-    """Latency and busbw vs size, one line per implementation, one row of panels per op."""
+    """Latency and busbw vs size, one line per implementation, one row of panels per op; times
+    over the peer-copy ceiling (``over_ceiling``) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,12 +213,13 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
             plain = f" {r['mode']}" + (f" {r['dtype']}" if several_dtypes else "")
             counts = f" {r['variant']}" if r["variant"] in V_COUNTS else ""  # not the algorithm
             sfx = counts + plain
-            impls = [(f"symmtriton {r['placement']}{sfx}", r["time_us"]),
-                     (f"torch.distributed ({r['baseline']}){sfx}", r["baseline_us"]),
-                     (f"torch symm_mem {r['symm_mem_op']}{sfx}", r["symm_mem_us"]),
-                     (f"local copy{plain}", r["copy_us"])]
-            for label, us in impls:
-                if us:
+            over = (r["over_ceiling"] or "").split(";")
+            impls = [(f"symmtriton {r['placement']}{sfx}", r["time_us"], "symmtriton"),
+                     (f"torch.distributed ({r['baseline']}){sfx}", r["baseline_us"], "baseline"),
+                     (f"torch symm_mem {r['symm_mem_op']}{sfx}", r["symm_mem_us"], "symm_mem"),
+                     (f"local copy{plain}", r["copy_us"], "copy")]
+            for label, us, name in impls:
+                if us and name not in over:  # an invalid time is not plotted
                     lines.setdefault(label, {})[r["size_bytes"]] = us
         factor = bus_factor(op, meta["world_size"])
         for label, pts in lines.items():
@@ -173,8 +247,7 @@ def efficiency_report(rows: list[dict]) -> str:
     for r in rows:
         if r["efficiency"] is None:
             continue
-        what = " ".join(x for x in (r["op"], r["variant"], r["placement"], r["mode"]) if x)
-        head = f"# efficiency {what} {r['size_bytes']} B: "
+        head = f"# efficiency {row_label(r)}: "
         if r["ceiling"] == "p2p":
             out.append(head + f"busbw {r['busbw_gbs']:.0f} GB/s vs peer copy {r['ceiling_gbs']:.0f} GB/s "
                               f"= {100 * r['efficiency']:.0f}%")

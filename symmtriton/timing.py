@@ -1,6 +1,7 @@
 """Collective timing helpers shared by the autotuner and the benchmark: host-side barriers and
-reductions over a group, median eager timing, CUDA-graph timing whose capture outcome the ranks
-agree on."""
+reductions over a group, eager timing to completion (the whole device synchronised before the
+clock stops), CUDA-graph timing whose capture outcome the ranks agree on. Every time is the MAX
+over the ranks of each sample (:data:`TIMING_METHOD`)."""
 
 from __future__ import annotations
 
@@ -47,23 +48,49 @@ def all_ranks_ok(ok: bool, group) -> bool:
     return bool(t.item())
 
 
-def _timed_calls(fn: Callable[[], object], n: int, device: torch.device) -> list[float]:
-    """Seconds of each of ``n`` calls: CUDA events (GPU) or ``time.perf_counter`` (CPU)."""
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(n)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        return [start.elapsed_time(end) * 1e-3 for start, end in events]
+#: how the times are taken and reduced (recorded in the benchmark's metadata).
+TIMING_METHOD = {
+    "eager": "host clock around a batch of calls that starts after a barrier of the ranks and "
+             "stops after torch.cuda.synchronize() (every stream of the device: side streams and "
+             "copy-engine work too), divided by the batch size",
+    "graph": "CUDA events around each replay of a graph of --graph-iters calls (a graph joins "
+             "every stream it forks), read after torch.cuda.synchronize(), divided by that count",
+    "reduction": "max over ranks: each sample (the same calls on every rank) takes the slowest "
+                 "rank's time; a row reports the median of these maxima",
+}
+
+
+def eager_samples(fn: Callable[[], object], n: int, device: torch.device, group=None,
+                  batch: int = 1) -> list[float]:
+    """Seconds per call of ``n`` samples of ``batch`` calls each, timed to completion on this
+    rank: each sample starts after a barrier of ``group`` (when given; outside the clock) and
+    stops after ``torch.cuda.synchronize`` of the whole device, so work a call leaves on another
+    stream (a copy engine's peer copies, say) is inside the interval. ``time.perf_counter``."""
     times = []
     for _ in range(n):
+        if group is not None:
+            group_barrier(group)
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for _ in range(batch):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) / batch)
     return times
+
+
+def replay_samples(replay: Callable[[], object], n: int, device: torch.device) -> list[float]:
+    """Seconds of each of ``n`` back-to-back ``replay()`` calls of a CUDA graph, between two CUDA
+    events on the current stream (the graph's work, every stream it forked joined back), read
+    after ``torch.cuda.synchronize`` of the whole device."""
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(n)]
+    for start, end in events:
+        start.record()
+        replay()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) * 1e-3 for start, end in events]
 
 
 def relative_spread(times: list[float]) -> float:
@@ -74,29 +101,47 @@ def relative_spread(times: list[float]) -> float:
     return (q3 - q1) / med if med > 0 else 0.0
 
 
-def median_time(fn: Callable[[], object], *, iters: int, warmup: int, device: torch.device,
-                group=None, min_iters: int | None = None, max_spread: float = 0.05) -> float:
-    """Median seconds of one ``fn()`` call on this rank: ``warmup`` untimed calls, a barrier on
-    ``group`` (when given) so the ranks start together, then ``iters`` timed calls, each
-    between two CUDA events (GPU) or two ``time.perf_counter`` reads (CPU).
+def agreed_median(sample: Callable[[int], list], iters: int, first: int, group,
+                  max_spread: float) -> float:
+    """Median of ``sample(first)`` seconds, each sample the MAX over ``group``'s ranks (when
+    given), and of ``sample(iters - first)`` more when the spread of the first exceeds
+    ``max_spread`` (decided on the agreed maxima: every rank takes as many samples)."""
+    def rank_max(times):
+        return times if group is None else all_reduce_max(times, group)
 
-    With ``group`` and ``min_iters < iters``: ``min_iters`` timed calls first, and the rest only
-    when the largest :func:`relative_spread` over the ranks exceeds ``max_spread``. The ranks
-    agree (MAX over ``group``), so every rank makes the same number of calls: ``fn`` may be a
-    collective."""
+    times = rank_max(sample(first))
+    if first < iters and relative_spread(times) > max_spread:
+        times += rank_max(sample(iters - first))
+    return statistics.median(times)
+
+
+def _first(iters: int, group, min_iters: int | None) -> int:
     check_count("iters", iters)
+    if group is None or min_iters is None:
+        return iters
+    return min(check_count("min_iters", min_iters), iters)
+
+
+def median_time(fn: Callable[[], object], *, iters: int, warmup: int, device: torch.device,
+                group=None, min_iters: int | None = None, max_spread: float = 0.05,
+                batch: int = 1) -> float:
+    """Seconds per ``fn()`` call to completion: ``warmup`` untimed calls, then ``iters`` samples
+    of ``batch`` calls (:func:`eager_samples`: a barrier of ``group`` before each, the clock
+    stopped after the whole device synchronised), each sample the MAX over ``group``'s ranks
+    (a collective is done when its slowest rank is), and the median of those.
+
+    With ``group`` and ``min_iters < iters``: ``min_iters`` samples first, and the rest only
+    when their :func:`relative_spread` exceeds ``max_spread``. The ranks decide on the same
+    maxima, so every rank makes the same number of calls: ``fn`` may be a collective."""
+    first = _first(iters, group, min_iters)
     check_warmup(warmup)
-    first = iters if group is None or min_iters is None else min(check_count("min_iters", min_iters), iters)
+    check_count("batch", batch)
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    if group is not None:
-        group_barrier(group)
-    times = _timed_calls(fn, first, device)
-    if first < iters and all_reduce_max([relative_spread(times)], group)[0] > max_spread:
-        times += _timed_calls(fn, iters - first, device)
-    return statistics.median(times)
+    return agreed_median(lambda n: eager_samples(fn, n, device, group, batch), iters, first,
+                         group, max_spread)
 
 
 class CaptureError(RuntimeError):
@@ -123,11 +168,12 @@ def _abandon_capture(device: torch.device, pool, stream) -> None:
 
 def graph_time(fn: Callable[[], object], *, iters: int, warmup: int, graph_iters: int,
                device: torch.device, group, min_iters: int | None = None, max_spread: float = 0.05) -> float:
-    """Seconds per call of ``fn`` inside a CUDA graph on this rank: ``warmup`` (at least one)
-    eager calls on a side stream, ``graph_iters`` calls captured in one graph, then the median
-    of ``iters`` replays (:func:`median_time`, with ``min_iters`` and ``max_spread``) divided by
-    ``graph_iters``. Kernel time without
-    the host's launch cost, which dominates small messages in eager mode.
+    """Seconds per call of ``fn`` inside a CUDA graph: ``warmup`` (at least one) eager calls on
+    a side stream, ``graph_iters`` calls captured in one graph, one replay and a barrier, then
+    ``iters`` replays back to back (:func:`replay_samples`; ``min_iters`` and ``max_spread`` as
+    in :func:`median_time`), each the MAX over ``group``'s ranks; the median of those divided by
+    ``graph_iters``. Kernel time without the host's launch cost, which dominates small messages
+    in eager mode.
 
     Collective: the ranks agree (MIN over ``group``) on whether the capture worked and every
     rank raises :class:`CaptureError` if it failed anywhere; a failed capture launched nothing,
@@ -151,18 +197,23 @@ def graph_time(fn: Callable[[], object], *, iters: int, warmup: int, graph_iters
         _abandon_capture(device, pool, current)
     if not all_ranks_ok(ok, group):
         raise CaptureError("not capturable in a CUDA graph on every rank")
-    return median_time(graph.replay, iters=iters, warmup=1, device=device, group=group,
-                       min_iters=min_iters, max_spread=max_spread) / graph_iters
+    first = _first(iters, group, min_iters)
+    graph.replay()
+    torch.cuda.synchronize(device)
+    group_barrier(group)
+    return agreed_median(lambda n: replay_samples(graph.replay, n, device), iters, first, group,
+                         max_spread) / graph_iters
 
 
 def agreed_time(fn: Callable[[], object], mode: str, *, device: torch.device, group, **counts) -> float | None:
     """Seconds per call of ``fn`` agreed over ``group`` (MAX over ranks): :func:`graph_time`
-    when ``mode`` is ``"graph"``, else :func:`median_time` (``counts``: their counts). ``None``
-    when it failed on some rank; ``fn`` must fail alike on every rank (before launching
-    anything) or not at all."""
+    when ``mode`` is ``"graph"``, else :func:`median_time` (``counts``: their counts; each
+    ignores the other's ``graph_iters`` / ``batch``). ``None`` when it failed on some rank;
+    ``fn`` must fail alike on every rank (before launching anything) or not at all."""
     ok, t = True, math.inf
     try:
         if mode == "graph":
+            counts.pop("batch", None)
             t = graph_time(fn, device=device, group=group, **counts)
         else:
             counts.pop("graph_iters", None)

@@ -7,12 +7,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from symmtriton import bench, bench_baselines, bench_options, bench_report, timing, tuning, workloads
+from symmtriton import (bench, bench_baselines, bench_meta, bench_options, bench_report, timing,
+                        tuning, workloads)
 from symmtriton.config import CONFIG_KEYS
 from symmtriton.kernels.all_reduce import (_all_reduce_kernel, _all_reduce_one_shot_push_kernel,
                                            _all_reduce_push_kernel)
@@ -58,6 +60,18 @@ def test_cli_sweep_with_tuning_in_pool(cpu_pool, tmp_path):
     assert meta["device"] == "cpu" and meta["world_size"] == 2 and data["complete"] is True
     assert meta["devices"] == ["cpu", "cpu"] and meta["layout"] == "cpu" and meta["p2p_gbs"] is None
     assert meta["torch"] == torch.__version__ and meta["triton"] and meta["date"]
+    # provenance: commit, date (UTC), versions, world size, where the ranks ran, how times reduce
+    assert meta["commit"] == bench_meta.project_commit() != "unknown"  # this is a checkout
+    assert meta["date"].endswith("+00:00") and {"cuda", "nccl", "symmtriton"} <= set(meta)
+    assert meta["rank_placement"] == "CPU host" and meta["multicast"] is False
+    assert meta["time_reduction"] == "max_over_ranks"
+    assert "max over ranks" in meta["timing"]["reduction"]
+    assert "synchronize" in meta["timing"]["eager"]
+    # no peer-copy ceiling on the CPU: said so, and no row is marked
+    assert meta["ceiling"]["peer_copy_gbs"] is None and "CPU host" in meta["ceiling"]["source"]
+    assert {(r["valid"], r["over_ceiling"]) for r in rows} == {("", "")}
+    assert {(r["time_reduction"], r["commit"]) for r in rows} == {
+        ("max_over_ranks", meta["commit"])}
     # the launch setting and the SYMMTRITON_* variables set (an A/B names its side)
     assert meta["pdl"] is False and meta["environment"][tuning.CACHE_ENV] == cache
     assert data["columns"] == list(bench_report.FIELDS) and len(data["rows"]) == len(rows)
@@ -131,13 +145,22 @@ def test_cli_through_torchrun(tmp_path):
     env = {**os.environ, **CPU_ENV, tuning.CACHE_ENV: str(tmp_path / "tuning.json")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "symmtriton.bench", *TINY, "--ops", "all_gather", "--placement", "staged",
-           "--no-plot", "--out-dir", str(tmp_path)]
+           "--no-plot", "--out-dir", str(tmp_path), "--peer-copy-gbs", "1e-9"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows, data = _read(str(tmp_path), "symmtriton_cpu_w2")
     assert [(r["op"], r["placement"], r["check"]) for r in rows] == [("all_gather", "staged", "ok")]
     assert data["meta"]["dist_backend"] == "gloo"
     assert "busbw" in proc.stdout and "[1/1 " in proc.stderr  # table on stdout, progress on stderr
+    # a ceiling given by option (none is measured on the CPU): every time is over it
+    ceiling = data["meta"]["ceiling"]
+    assert ceiling["peer_copy_gbs"] == 1e-9 and "--peer-copy-gbs" in ceiling["source"]
+    assert [(r["valid"], r["over_ceiling"], r["speedup"]) for r in rows] == [
+        ("false", "symmtriton;baseline", "")]
+    warning = ("# WARNING: invalid row all_gather lines bfloat16 1024 B staged eager: "
+               "symmtriton busbw")
+    assert warning in proc.stderr
+    assert "1 rows invalid" in proc.stderr and data["rows"][0]["valid"] is False
     assert "1 rows in" in proc.stderr
     assert not (tmp_path / "symmtriton_cpu_w2.png").exists()
 
@@ -249,3 +272,102 @@ def test_variant_names_the_kernel_a_row_launched(monkeypatch):
         monkeypatch.setattr(driver, "last_plan", lambda plan=plan: plan)
         assert bench._variant(None) == want
         assert bench._variant("skewed") == f"skewed/{want}"
+
+
+def _row(**kw):
+    row = {k: None for k in bench_report.FIELDS}
+    row.update(size_bytes=256 << 20, op="all_gather", dtype="bfloat16", placement="zero_copy",
+               mode="eager", world_size=2, baseline="nccl",
+               symm_mem_op="_low_contention_all_gather")
+    row.update(kw)
+    return row
+
+
+def test_rows_over_the_peer_copy_ceiling_are_invalid():
+    """busbw over the ceiling by more than 5% marks the row invalid, names what was over, blanks
+    the speedups it takes part in and returns a warning naming the row; within 5% it is valid;
+    without a ceiling nothing is marked."""
+    # 256 MiB at W=2: busbw = 134.2 GB/s per ms; ceiling 389 GB/s (0.345 ms)
+    over = _row(time_us=379.1, baseline_us=550.8, symm_mem_us=117.0, speedup=1.453,
+                speedup_symm_mem=0.309)
+    warnings = bench_report.mark_validity(over, 389.1)
+    assert over["valid"] is False and over["over_ceiling"] == "symm_mem"
+    assert over["speedup_symm_mem"] is None and over["speedup"] == 1.453
+    assert warnings == [
+        "invalid row all_gather bfloat16 268435456 B zero_copy eager: symm_mem "
+        "(_low_contention_all_gather) busbw 1147.2 GB/s exceeds the peer-copy ceiling 389.1 GB/s "
+        "by 195% (more than 5%)"]
+    under = _row(time_us=345.0 / 1.04, baseline_us=550.8, speedup=1.6)  # 4% over: within tolerance
+    assert bench_report.mark_validity(under, 389.1) == [] and under["valid"] is True
+    assert under["over_ceiling"] is None and under["speedup"] == 1.6
+    ours = _row(time_us=100.0, baseline_us=550.8, speedup=5.5, symm_mem_us=400.0,
+                speedup_symm_mem=4.0)
+    assert len(bench_report.mark_validity(ours, 389.1)) == 1
+    assert ours["over_ceiling"] == "symmtriton"
+    assert ours["speedup"] is None and ours["speedup_symm_mem"] is None
+    unknown = _row(time_us=1.0)
+    assert bench_report.mark_validity(unknown, None) == [] and unknown["valid"] is None
+    # multicast: a switch that reduces may beat a link; gathers stay bounded
+    assert bench_report.ceiling_applies("all_reduce", False)
+    assert not bench_report.ceiling_applies("all_reduce", True)
+    assert bench_report.ceiling_applies("all_gather", True)
+    # the CSV writes the flag as true / false / empty
+    assert bench_report._csv_row(over)["valid"] == "false"
+    assert bench_report._csv_row(unknown)["valid"] == ""
+
+
+def test_ceiling_and_placement_metadata():
+    topo = bench_baselines.Topology
+    cpu = topo(("cpu",) * 2, 0, "cpu")
+    shared = topo(("H200",) * 4, 1, "shared: 4 ranks on 1 GPU(s)")
+    pergpu = topo(("H200",) * 2, 2, "one rank per GPU")
+    placements = [bench_meta.rank_placement(t) for t in (pergpu, shared, cpu)]
+    assert placements == list(bench_meta.PLACEMENTS)
+    measured = bench_meta.ceiling_meta(pergpu, 2, 389.1423, None, True, False)
+    assert measured["peer_copy_gbs"] == 389.142
+    assert measured["source"].startswith("measured in this run")
+    assert measured["tolerance"] == 0.05
+    given = bench_meta.ceiling_meta(shared, 4, None, 390.0, True, False)
+    assert given["peer_copy_gbs"] == 390.0 and "--peer-copy-gbs" in given["source"]
+    for t, w, why in ((cpu, 2, "CPU host"), (shared, 4, "share a GPU"), (pergpu, 1, "one rank"),
+                      (pergpu, 2, "symmetric memory unavailable")):
+        meta = bench_meta.ceiling_meta(t, w, None, None, t is not pergpu or w == 1, False)
+        assert meta["peer_copy_gbs"] is None and why in meta["source"]
+
+
+def test_project_commit(monkeypatch, tmp_path):
+    commit = bench_meta.project_commit()  # this test runs in a git checkout of the project
+    assert len(commit.removesuffix("-dirty")) == 40
+    assert bench_meta.project_commit("abc123") == "abc123"
+    monkeypatch.setattr(bench_meta, "CHECKOUT", str(tmp_path))  # not a checkout
+    assert bench_meta.project_commit() == "unknown"
+
+
+def test_eager_samples_stop_after_the_whole_device_synchronised(monkeypatch):
+    """The clock of an eager sample stops after ``torch.cuda.synchronize(device)`` (every stream
+    of the device), not after the calls returned: work the calls left behind is timed."""
+    synced = []
+
+    def synchronize(device=None):
+        time.sleep(0.02)  # the device finishing what the calls queued
+        synced.append(device)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    dev = torch.device("cuda", 0)
+    times = timing.eager_samples(lambda: None, 2, dev, batch=4)
+    assert synced == [dev, dev] and all(t >= 0.02 / 4 for t in times)
+
+
+def _rank_max(rank, world):
+    fake = {0: [4.0, 1.0, 1.0], 1: [1.0, 4.0, 1.0]}[rank]  # each rank slow in another sample
+    sleepy = timing.median_time(lambda: time.sleep(0.03 if rank == 1 else 0.0), iters=3, warmup=0,
+                                device=torch.device("cpu"), group=torch.distributed.group.WORLD)
+    return (timing.agreed_median(lambda n: fake[:n], 3, 3, torch.distributed.group.WORLD, 0.05),
+            timing.all_reduce_max(fake, torch.distributed.group.WORLD), sleepy)
+
+
+def test_times_are_the_max_over_ranks(cpu_pool):
+    """Each sample takes the slowest rank's time (then the median): per-rank medians of 1.0
+    reduce to 4.0; a call slow on rank 1 only is slow on every rank."""
+    for median, maxima, sleepy in cpu_pool(2).run(_rank_max):
+        assert maxima == [4.0, 4.0, 1.0] and median == 4.0 and sleepy >= 0.03

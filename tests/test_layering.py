@@ -13,6 +13,7 @@ PKG = ROOT / "symmtriton"
 #: tools: above the runtime (benchmark, tuner, demo, test harness, test oracle).
 TOOLS = {"symmtriton.tuner", "symmtriton.timing", "symmtriton.workloads", "symmtriton.bench",
          "symmtriton.bench_report", "symmtriton.bench_options", "symmtriton.bench_baselines",
+         "symmtriton.bench_meta",
          "symmtriton.demo", "symmtriton.testing", "symmtriton.testing_helpers",
          "symmtriton.reference", "symmtriton.__main__"}
 
