@@ -34,6 +34,8 @@ NPROC=${NPROC:-$(( NGPU >= 2 ? NGPU : 2 ))}
 SHARED_WORLDS=${SHARED_WORLDS:-"4"}
 SHARED_BENCH_W=${SHARED_BENCH_W:-4}
 PY=${PYTHON:-python3}
+# the commit the bench records (a copy of the tree without .git cannot tell): COMMIT=<sha>
+COMMIT=${COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 
 [ -n "${SKIP_INSTALL:-}" ] || $PY -m pip install -e . --no-deps --no-build-isolation -q >>"$LOG" 2>&1 \
   || { echo "install failed"; tail -20 "$LOG"; exit 1; }
@@ -88,7 +90,7 @@ if [[ " $STAGES " == *" examples "* ]]; then
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   run "bench W=$NPROC one rank per GPU" 170 "$LOG" "rows in|FAIL|Error" \
-    "${TORCHRUN[@]}" --nproc-per-node="$NPROC" -m symmtriton.bench --out-dir "$OUT" ${BENCH_ARGS:-}
+    "${TORCHRUN[@]}" --nproc-per-node="$NPROC" -m symmtriton.bench --out-dir "$OUT" --commit "$COMMIT" ${BENCH_ARGS:-}
 fi
 mps_started=""
 start_mps() {  # MPS for the ranks that share GPU 0 (stopped when the script exits)
@@ -112,13 +114,14 @@ fi
 if [[ " $STAGES " == *" shared_bench "* ]]; then
   start_mps
   run "bench W=$SHARED_BENCH_W on one GPU (MPS)" 120 "$LOG" "rows in|FAIL|Error" \
-    env CUDA_VISIBLE_DEVICES=0 "${TORCHRUN[@]}" --nproc-per-node="$SHARED_BENCH_W" -m symmtriton.bench --out-dir "$OUT" --quick \
+    env CUDA_VISIBLE_DEVICES=0 "${TORCHRUN[@]}" --nproc-per-node="$SHARED_BENCH_W" -m symmtriton.bench --out-dir "$OUT" --commit "$COMMIT" --quick \
     --max-bytes 64M --no-plot ${SHARED_BENCH_ARGS:-}
 fi
 
 {
   echo "==== gpu_run summary ($(date -u +%FT%TZ), $NGPU GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c | xargs), $(( SECONDS - START )) s)"
   grep -E "^torch " "$LOG" | head -1
+  echo "commit $COMMIT"
   printf '%-46s %-8s %6s %7s  %s\n' "stage" "rc" "wall_s" "exit_s" "result"
   for r in "${rows[@]}"; do
     IFS='|' read -r name status wall exit_s result <<<"$r"
