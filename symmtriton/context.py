@@ -208,8 +208,8 @@ def push_eligible(ctx: Ctx, op: str, slice_bytes: int, multimem: bool, staged: b
 #: zero-copy)``, or ``None``: auto never does. At 2 ranks it sends what the two-shot sends (the
 #: tensor once per rank) with one round of flags instead of two, and a staged tensor needs no
 #: staging copy; beyond 2 ranks it sends ``world - 1`` tensors per rank. ``None`` until it is
-#: timed against the pull and the two-shot push on 2 GPUs (written without GPU time left; CPU-
-#: and compile-tested only).
+#: timed against the pull and the two-shot push on 2 GPUs (so far CPU- and compile-tested
+#: only).
 PUSH_ONE_SHOT_MIN_BYTES: tuple[int, int] | None = None
 
 
