@@ -200,7 +200,8 @@ def headline(sets: dict) -> list:
     what = f"{MODES[mode]}, {PLACEMENTS[placement]}, {data['rows'][0]['dtype']}"
     return ["## Headline", "", caption(data["meta"], what), "",
             "us per call: ours (NCCL, torch symm_mem); `-`: not timed (torch's all-gather is not "
-            "capturable in a graph). All sets and modes: below.", ""
+            "capturable in a graph). Other sets, modes and placements: benchmarks/results/README.md.",
+            ""
             ] + table(["op"] + [size_label(s) for s in sizes], body) + [""]
 
 
