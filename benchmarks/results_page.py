@@ -176,13 +176,14 @@ def bandwidth_table(data: dict, mode: str = "graph") -> list:
 
 
 def gpu_tier(name: str, latest: pathlib.Path) -> list:
-    """The GPU tests that ran with the set (``<name>_pytest.log``): their summary lines."""
+    """The GPU tests that ran with the set (``<name>_pytest.log``): its summary lines, after
+    the ``# `` lines that say what each part of the log ran."""
     log = latest / f"{name}_pytest.log"
     if not log.exists():
         return []
-    passed = [ln.strip() for ln in log.read_text().splitlines()
-              if " passed" in ln and ln.strip()[:1].isdigit()]
-    return [f"GPU tests run with this set (`latest/{log.name}`): " + "; ".join(passed) + ".", ""]
+    said = [ln.strip().lstrip("# ") for ln in log.read_text().splitlines()
+            if ln.startswith("# ") or (" passed" in ln and ln.strip()[:1].isdigit())]
+    return [f"GPU tests run with this set (`latest/{log.name}`): " + "; ".join(said) + ".", ""]
 
 
 def headline(sets: dict) -> list:
