@@ -79,6 +79,10 @@ def title(name: str, meta: dict) -> str:
     return f"{name}: {machine(meta)}, W = {meta['world_size']}, {layout(meta)}"
 
 
+def setting(data: dict, mode: str, placement: str) -> str:
+    return f"{MODES[mode]}, {PLACEMENTS[placement]}, {data['rows'][0]['dtype']}"
+
+
 def caption(meta: dict, what: str) -> str:
     return (f"**{machine(meta)}, W = {meta['world_size']}, {layout(meta)}, {what}** "
             f"(commit {meta['commit'][:7]}, {meta['date'][:10]})")
@@ -133,18 +137,16 @@ def time_table(data: dict, mode: str, placement: str) -> list:
                         f"{us(r['time_us'])} / {us(r.get('baseline_us'))} / "
                         f"{us(r.get('symm_mem_us'))}")
         body.append(line)
-    what = f"{MODES[mode]}, {PLACEMENTS[placement]}, {data['rows'][0]['dtype']}"
-    return ([caption(data["meta"], what), "",
+    return ([caption(data["meta"], setting(data, mode, placement)), "",
              f"us per call: ours / {baseline_name(data)} / torch symm_mem. "
              + symm_ops(data, cells), ""]
             + table(["size"] + cols, body) + [""])
 
 
-def ceiling_text(data: dict, rows: list) -> str:
-    kinds = {r.get("ceiling") for r in rows}
+def ceiling_text(rows: list) -> str:
     gbs = sorted({r["ceiling_gbs"] for r in rows
                   if r.get("ceiling_gbs") and r.get("ceiling") == "p2p"})
-    if kinds == {"p2p"}:
+    if {r.get("ceiling") for r in rows} == {"p2p"}:
         return ("% = busbw / the copy-engine copy to the peer GPU measured in the same run ("
                 + " and ".join(f"{g:.1f}" for g in gbs) + " GB/s).")
     return ("% = the bench's `efficiency` against a local device copy (bytes the kernel moves "
@@ -152,26 +154,24 @@ def ceiling_text(data: dict, rows: list) -> str:
 
 
 def bandwidth_table(data: dict, mode: str = "graph") -> list:
-    body, used = [], []
+    cells = {(placement, *k): r for placement in PLACEMENTS
+             for k, r in rows_of(data, mode, placement).items()
+             if k[1] >= BW_MIN_BYTES and r.get("busbw_gbs")}
+    if not cells:
+        return []
+    cols = [c for c in columns(data) if any(k[1] == c for k in cells)]
+    body = []
     for placement in PLACEMENTS:
-        cells = {k: r for k, r in rows_of(data, mode, placement).items()
-                 if k[1] >= BW_MIN_BYTES and r.get("busbw_gbs")}
-        if not cells:
-            continue
-        cols = [c for c in columns(data) if any(k[0] == c for k in cells)]
-        for s in sorted({s for _, s in cells}):
+        for s in sorted({k[2] for k in cells if k[0] == placement}):
             line = [size_label(s), PLACEMENTS[placement]]
             for c in cols:
-                r = cells.get((c, s))
+                r = cells.get((placement, c, s))
                 eff = r.get("efficiency") if r else None
                 line.append("" if r is None else f"{r['busbw_gbs']:.1f}"
                             + ("" if eff is None else f" ({eff * 100:.0f}%)"))
-                used += [r] if r else []
             body.append(line)
-    if not body:
-        return []
     return ([caption(data["meta"], f"{MODES[mode]}, bus bandwidth GB/s"), "",
-             ceiling_text(data, used), ""]
+             ceiling_text(list(cells.values())), ""]
             + table(["size", "placement"] + cols, body) + [""])
 
 
@@ -198,11 +198,10 @@ def headline(sets: dict) -> list:
             line.append("" if r is None else f"{us(r['time_us'])} ({us(r.get('baseline_us'))}, "
                         f"{us(r.get('symm_mem_us'))})")
         body.append(line)
-    what = f"{MODES[mode]}, {PLACEMENTS[placement]}, {data['rows'][0]['dtype']}"
-    return ["## Headline", "", caption(data["meta"], what), "",
+    return ["## Headline", "", caption(data["meta"], setting(data, mode, placement)), "",
             "us per call: ours (NCCL, torch symm_mem); `-`: not timed (torch's all-gather is not "
-            "capturable in a graph). Other sets, modes and placements: benchmarks/results/README.md.",
-            ""
+            "capturable in a graph). Other sets, modes and placements: "
+            "benchmarks/results/README.md.", ""
             ] + table(["op"] + [size_label(s) for s in sizes], body) + [""]
 
 
