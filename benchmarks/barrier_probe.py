@@ -3,7 +3,8 @@
 One torchrun times all-gather (push, zero-copy) and reduce-scatter (pull, zero-copy, bf16) at
 a few sizes, eager (200 calls, each between two CUDA events) and in a CUDA graph (10 ops per
 graph, 20 replays = 200 ops), under barrier variants (``--variants``; the default omits c, bc,
-a0, a8k, e0 and f, measured in benchmarks/results/barrier_probe_h100x2.txt):
+a0, a8k, e0 and f, measured in
+benchmarks/results/archive/2026-11-25_922ac1d/barrier_probe_h100x2.txt):
 
   lib_on / lib_off  the library ops as of the commit run, default timeout (300 s) /
                     ``timeout_s=0`` (last, so a hang there loses only these rows)

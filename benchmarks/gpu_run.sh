@@ -8,13 +8,14 @@
 #             "2 4 8"; SHARED_TESTS: test files, default all; SHARED_TESTS_CAP_S, default 360: the
 #             94 W=4 tests took ~290 s on one H200); MPS stopped
 #   shared_bench  MPS started: the bench with SHARED_BENCH_W ranks on GPU 0; MPS stopped
-# Every stage runs under `timeout` within one budget for the whole script (BUDGET_S, default 600 s:
+# Every stage runs under `timeout` within one time limit for the whole script (BUDGET_S, 600 s:
 # a stage that no longer fits is skipped and said so), so a hang fails fast and the script always
 # ends. For each program the table at the end gives its exit time: seconds from the start of its
 # teardown (symmtriton-exit-mark, printed when SYMMTRITON_EXIT_MARK is set) to the process's end.
-# Logs under $OUT (few files: the device returns at most 8): gpu_run.log (environment, examples,
+# Logs under $OUT (few files): gpu_run.log (environment, examples,
 # bench output), pytest_gpu.log (both test stages), the bench's CSV/JSON/PNG.
-# DESIGN.md section 4: multicast stays off, no card settings are touched, MPS only in `shared`.
+# docs/ARCHITECTURE.md, "GPU machines": multicast stays off, no card settings are touched, MPS
+# only in `shared`.
 set -u
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
 export SYMMTRITON_EXIT_MARK=1

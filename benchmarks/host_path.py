@@ -1,6 +1,6 @@
 """Host path probe: what an eager call costs on the host, layer by layer, before the kernel runs.
 
-An eager collective is host-bound at small sizes (issue 14: "<= 12 us per call on the host"), so
+An eager collective is host-bound at small sizes (the aim: at most 12 us per call on the host), so
 this measures the Python layers every call crosses, each timed alone on its own operands:
 
   counts_calls wrapper (symmtriton/_calls.py) -> public function (``compiling()``) ->

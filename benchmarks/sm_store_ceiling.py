@@ -3,7 +3,8 @@ by a Triton kernel (every rank at once, as in a collective), over block sizes, w
 eviction policies and store cache modifiers, against the copy engine (``tensor.copy_`` into the
 peer's buffer, the bench's "peer copy" ceiling). Prints GB/s of the slowest rank per variant.
 
-Measured on 2x H200 (NV18), one rank per GPU (benchmarks/results/sm_store_ceiling_h200x2_w2.txt):
+Measured on 2x H200 (NV18), one rank per GPU
+(benchmarks/results/archive/2026-11-26_03dcc40/sm_store_ceiling_h200x2_w2.txt):
 the copy engine 387.5 GB/s, every SM variant 362.6-365.0 GB/s (93.6-94.2% of it), whatever the
 block, warps, grid or cache hints: the all-gather's 363.4 GB/s bus bandwidth at 1 GiB is this
 ceiling.

@@ -177,7 +177,7 @@ def row_operands(res_addr, out_addr, w_addr, H, DTYPE: tl.constexpr, W_DTYPE: tl
 
 # -- variable counts (all_gather_v, reduce_scatter_v) --------------------------------------------
 #: bits of the counts error word (the buffer's status word ``COUNTS_ERROR_WORD``, see
-#: symmtriton/ops/_vcounts.py): a negative count, a count above its per-rank capacity, and a
+#: symmtriton/counts.py): a negative count, a count above its per-rank capacity, and a
 #: sum above the total capacity.
 COUNT_NEGATIVE = tl.constexpr(1)
 COUNT_OVER_EACH = tl.constexpr(2)

@@ -36,7 +36,8 @@ that later updates that piece) go to every peer, and every rank computes every r
 as rank ``q`` does (the same sums in the same order: the same bits) with rank ``q``'s residual row,
 stores it to row ``r`` of ``out`` and, for its own rows, the sum to the residual (a peer's row
 waits for its norm in ``out``). Small messages are latency-bound: one exchange of ``(S + s) * H``
-elements per peer beats two of ``s * H`` (measured in benchmarks/results/NOTES.md). ``out`` may be
+elements per peer beats two of ``s * H`` (the fused rows of
+benchmarks/results/archive/2026-11-26_3ac72a2/lines_vs_barrier_h200x2_w2.csv). ``out`` may be
 the input: a block overwrites only pieces it has pushed and read (ll_rows.py).
 """
 

@@ -25,7 +25,8 @@ no atomic is needed, and the area is all 0 between calls. The wait ends with a b
 before the clear (kernels/ll.py, "Warps"): no warp of the block still polls a line it clears.
 (Measured on 2x H200, W=2, graph, bf16 all-reduce + add + RMSNorm [1, 2, 4, 8, 16] x 4096:
 inboxes 3.86 / 3.88 / 3.98 / 4.26 / 4.55 us, in the same run stats lines shared by the row and
-counted by a relaxed atomic 4.08 / 4.12 / 4.37 / 4.64 / 5.12; benchmarks/results/NOTES.md.)
+counted by a relaxed atomic 4.08 / 4.12 / 4.37 / 4.64 / 5.12;
+benchmarks/results/archive/2026-11-26_fbba1ea/rows_inbox_vs_counted_h200x2_w2.csv.)
 Phase 3 waits for other blocks of the same launch: every block must be running at once, which
 holds on the GPU (the grid is bounded by co-residency) but not in the interpreter, which runs
 blocks one after another, so there a launch with ``C > 1`` has one block.

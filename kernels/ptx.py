@@ -85,9 +85,10 @@ def clock_ns(clock_addr, USE_PTX: tl.constexpr):
 # Barrier signals (kernels/barrier.py owns the protocol; these move the values).
 # ---------------------------------------------------------------------------------------------
 #: misses between two clock reads in a wait. Measured on 2x H100 (variants b vs d of
-#: benchmarks/results/barrier_probe_h100x2.txt): reading ``%globaltimer`` every 64 misses costs
-#: nothing measurable once the error word is in device memory; the old 0.3-1.3 ms stalls came
-#: from loading the error word from pinned host memory (variants a, c).
+#: benchmarks/results/archive/2026-11-25_922ac1d/barrier_probe_h100x2.txt): reading
+#: ``%globaltimer`` every 64 misses costs nothing measurable once the error word is in device
+#: memory; the old 0.3-1.3 ms stalls came from loading the error word from pinned host memory
+#: (variants a, c).
 CLOCK_EVERY = tl.constexpr(64)
 
 

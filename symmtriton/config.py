@@ -121,13 +121,14 @@ MAX_FUSED_HIDDEN = 65536
 #: KiB chunks leave a mid-size shard with few blocks. Measured on 4x H200 (NVLink, one rank per
 #: GPU), graph, zero-copy bf16, 1 / 4 / 16 MiB: 4 KiB chunks and 4 warps 10.16 / 18.62 / 48.90 us,
 #: 16 KiB and 8 warps 16.18 / 19.67 / 50.25, torch's reduce_scatter_out 10.80 / 19.52 / 49.48
-#: (benchmarks/results/NOTES.md).
+#: (benchmarks/results/archive/2026-11-26_8265bdc/configs_h200x4_w4.log).
 RS_WIDE_CHUNK_BYTES = 4 * 1024
 
 
 #: reduce-scatter chunks for large slices (the pull at 2 ranks, the push kernels at any world size,
 #: :func:`push_config`): ``(smallest slice bytes, chunk bytes)``, 16 warps. Measured on 2x H200,
-#: W=2, graph, bf16 (benchmarks/results/NOTES.md):
+#: W=2, graph, bf16 (benchmarks/results/archive/2026-11-26_823f5d1/push_vs_pull_h200.csv and
+#: push_chunk_sweep_h200x2_w2.txt there):
 #: pull, zero-copy, 4 / 16 / 64 MiB inputs, 32 KiB chunks 12.28 / 31.15 / 108.0 us vs 16 KiB and
 #: 8 warps 12.86 / 31.97 / 112.1; push, 16 / 64 / 256 MiB / 1 GiB, 16 KiB 37.0 / 157.6 / 621.5
 #: / 2459, 32 KiB 34.0 / 123.9 / 489.8 / 1922, 64 KiB 32.5 / 106.8 / 398.2 / 1503, 128 KiB
@@ -192,14 +193,15 @@ def push_config(numel: int, dtype: torch.dtype, world: int) -> LaunchConfig:
 #: data bytes per chunk of the barrier-free kernels (kernels/ll.py): a block moves twice that
 #: (flags) per chunk and peer. Measured on 2x H200, W=2, graph, zero-copy bf16 (chunk 4096 /
 #: 1024 / 512 B): all-gather 64 KiB 4.49 / 4.04 / 3.28 us, all-reduce 64 KiB 4.52 / 4.33 /
-#: 3.62 us, 1 KiB unchanged (benchmarks/results/NOTES.md): small chunks spread a message over
-#: more blocks, each polling fewer lines.
+#: 3.62 us, 1 KiB unchanged
+#: (benchmarks/results/archive/2026-11-26_3ac72a2/lines_chunk_sweep_h200x2_w2.csv): small chunks
+#: spread a message over more blocks, each polling fewer lines.
 LINES_CHUNK_BYTES = 512
 #: messages of more than 4 KiB and at most 32 KiB per peer go in chunks of half that: 32-128
 #: blocks. Measured on 2x H200, W=2, graph, zero-copy bf16 (256 / 512-byte chunks): all-gather
 #: 16 / 32 / 64 / 128 KiB 2.76 / 2.83 / 2.96 / 3.40 us vs 2.74 / 2.88 / 3.04 / 3.24,
 #: reduce-scatter 2.73 / 2.79 / 2.93 / 3.32 vs 2.87 / 2.90 / 3.05 / 3.23
-#: (benchmarks/results/NOTES.md).
+#: (benchmarks/results/archive/2026-11-26_fbba1ea/lines_flat_chunk256_h200x2_w2.csv).
 LINES_HALF_CHUNK_PEER_BYTES = (4 * 1024, 32 * 1024)
 
 
@@ -223,7 +225,8 @@ def lines_config(numel: int, dtype: torch.dtype, world: int) -> LaunchConfig:
 #: two runs each (256 / 512 bytes): all-reduce + add + RMSNorm S = 1 / 2 / 4 3.70 / 3.74 / 3.80
 #: us vs 3.89 / 3.98 / 4.02, fused RS + add + RMSNorm + AG 16 / 32 KiB 4.10 / 4.25 vs 4.32 /
 #: 4.41; from S = 8 the units are widened to the same size; 1 KiB rows 3.75 (fused) / 3.41
-#: (all-reduce + add + RMSNorm) vs 3.44 / 3.29 in an earlier run (benchmarks/results/NOTES.md).
+#: (all-reduce + add + RMSNorm) vs 3.44 / 3.29 in an earlier run
+#: (benchmarks/results/archive/2026-11-26_d251444/row_units_256_vs_512_h200_w2.csv).
 ROW_UNIT_BYTES = 256
 ROW_SMALL_UNIT_MIN_ROW_BYTES = 4096
 
@@ -255,9 +258,12 @@ def lines_row_split(cfg: "LaunchConfig", rows: int, hidden: int, itemsize: int, 
     block per unit, at most ``cfg.max_blocks`` and ``cap``. When ``sequential`` (the
     interpreter, which runs blocks one after another, each unit at a high fixed cost) a row has
     at most 4 units, and one block in all runs them when a row has several (their blocks wait
-    for each other). Measured on 2x H200, W=2, graph, bf16 [S, 4096]
-    (benchmarks/results/NOTES.md): all-reduce + add + RMSNorm [8, 4096] 4.26 us (whole rows
-    5.46), 1 MiB 11.2 (512-byte units regardless of the grid: 44.2)."""
+    for each other). Measured on 2x H200, W=2, graph, bf16: all-reduce + add + RMSNorm [8, 4096]
+    4.26 us
+    (benchmarks/results/archive/2026-11-26_fbba1ea/rows_inbox_vs_counted_h200x2_w2.csv; whole
+    rows 5.46, benchmarks/results/archive/2026-11-26_3ac72a2/h200x2_w2_pergpu_lines.csv), 1 MiB
+    11.2 (512-byte units regardless of the grid: 44.2,
+    benchmarks/results/archive/2026-11-26_3192eb6/lines_rows_split_h200x2_w2.csv)."""
     row_p2 = size_bucket(hidden)
     blocks = max(1, min(cfg.max_blocks, cap))
 
@@ -286,10 +292,12 @@ def all_reduce_config(numel: int, dtype: torch.dtype, world: int, algorithm: str
     :func:`default_config` over the tensor; two-shot over a rank's slice: at 2 ranks, 8 KiB
     chunks and 8 warps for slices up to 512 KiB; else 16 warps and chunks of 1/128 of the slice's
     power of two, from 16 to 64 KiB. Measured in place, graph, zero-copy bf16
-    (benchmarks/results/NOTES.md): 2x H200, W=2, 1 / 2 / 4 / 8 / 16 MiB 10.19 / 13.16 / 19.65 /
-    32.20 / 56.63 us (8 KiB chunks and 8 warps to 1 MiB, 64 KiB and 16 warps above: 10.42 / 13.67
-    / 20.92 / 32.79 / 56.64; torch's two_shot_all_reduce_ 10.68 / 13.57 / 20.62 / 32.78 / 58.74),
-    256 MiB 797.6 (16 KiB chunks: 807.6); 4x H200, W=4, 256 KiB / 512 KiB / 1 MiB 10.92 / 11.62 /
+    (benchmarks/results/archive/2026-11-26_fbba1ea/all_reduce_two_shot_configs_h200x2_w2.log,
+    benchmarks/results/archive/2026-11-26_8265bdc/configs_h200x4_w4.log): 2x H200, W=2, 1 / 2 /
+    4 / 8 / 16 MiB 10.19 / 13.16 / 19.65 / 32.20 / 56.63 us (8 KiB chunks and 8 warps to 1 MiB,
+    64 KiB and 16 warps above: 10.42 / 13.67 / 20.92 / 32.79 / 56.64; torch's
+    two_shot_all_reduce_ 10.68 / 13.57 / 20.62 / 32.78 / 58.74), 256 MiB 797.6 (16 KiB chunks:
+    807.6); 4x H200, W=4, 256 KiB / 512 KiB / 1 MiB 10.92 / 11.62 /
     13.24 (8 KiB chunks, 8 warps: 12.45 / 13.05 / 14.40; torch 9.84 / 10.19 / 13.40)."""
     if algorithm != "two_shot":
         return default_config(numel, dtype, world)
@@ -308,7 +316,8 @@ ALL_REDUCE_ALGORITHMS = ("lines", "one_shot", "two_shot")
 #: largest tensor (bytes) :func:`all_reduce_algorithm` sends one-shot at 2 ranks; quartered per
 #: doubling of the world (one-shot reads ``world x`` the tensor per rank, from ever more peers).
 #: Measured on 4x H200, W=4, graph, zero-copy bf16: 256 KiB one-shot 13.11 us at best, two-shot
-#: 10.92 (benchmarks/results/NOTES.md); at 2 ranks the lines path covers these sizes.
+#: 10.92 (benchmarks/results/archive/2026-11-26_8265bdc/configs_h200x4_w4.log); at 2 ranks the
+#: lines path covers these sizes.
 ALL_REDUCE_ONE_SHOT_MAX_BYTES = 512 * 1024
 
 

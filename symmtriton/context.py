@@ -73,7 +73,7 @@ def barrier_scope(hdl) -> str:
     """The barrier's memory scope: ``"gpu"`` when every rank of the group runs on this GPU (the
     smallest scope holding all their threads), else ``"sys"`` (peers on other GPUs).
     ``$SYMMTRITON_BARRIER_SCOPE=sys`` forces ``"sys"`` everywhere (e.g. to measure the
-    difference: 1-2 us per op at small sizes, 4 ranks on one H100, benchmarks/results/NOTES.md)."""
+    difference: 1-2 us per op at small sizes, 4 ranks on one H100)."""
     forced_sys = env.barrier_scope_forced()
     same_gpu = hdl.backend == "cuda" and hdl.ranks_on_device == hdl.world_size
     return "gpu" if same_gpu and not forced_sys else "sys"
@@ -125,17 +125,19 @@ def multimem_eligible(ctx: Ctx, dtype: torch.dtype | None, *addrs_and_sizes: int
 #: largest message per peer (bytes) that ``$SYMMTRITON_PROTOCOL=auto`` sends as lines
 #: (kernels/ll.py) rather than with barriers: flat ops, and the row ops (their norm is done per
 #: row by one block: lines win longer). Measured on 2x H200, W=2, graph, zero-copy bf16, lines /
-#: barriers (benchmarks/results/NOTES.md): all-gather 512 KiB per peer 7.40 / 7.36 us, 1 MiB
-#: 13.8 / 8.8; reduce-scatter 512 KiB 8.9 / 9.5, 1 MiB 17.4 / 10.1; all-reduce 512 KiB 7.8 /
-#: 11.3, 1 MiB 15.2 / 12.7; all-reduce + add + RMSNorm 1 MiB 10.9 / 11.8; fused reduce-scatter
-#: + RMSNorm + all-gather 768 KiB per peer 10.4 / 10.8.
+#: barriers (benchmarks/results/archive/2026-11-26_3ac72a2/lines_vs_barrier_h200x2_w2.csv):
+#: all-gather 512 KiB per peer 7.40 / 7.36 us, 1 MiB 13.8 / 8.8; reduce-scatter 512 KiB 8.9 /
+#: 9.5, 1 MiB 17.4 / 10.1; all-reduce 512 KiB 7.8 / 11.3, 1 MiB 15.2 / 12.7; all-reduce + add +
+#: RMSNorm 1 MiB 10.9 / 11.8; fused reduce-scatter + RMSNorm + all-gather 768 KiB per peer 10.4 /
+#: 10.8.
 LINES_MAX_BYTES = 512 * 1024
 LINES_ROWS_MAX_BYTES = 1024 * 1024
 #: the same bound when every rank shares one GPU (``scope == "gpu"``): there the barrier is cheap
 #: and the lines of all ranks share one GPU's memory. Measured with 4 ranks on one H200 (MPS,
-#: graph, zero-copy bf16; benchmarks/results/NOTES.md): all-gather of 64 KiB (16 KiB to each of 3
-#: peers) 5.6 us on lines against 6.9 with barriers, of 1 MiB (256 KiB each) 29.2 against 7.1;
-#: the crossover between was not measured.
+#: graph, zero-copy bf16): all-gather of 64 KiB (16 KiB to each of 3 peers) 5.6 us on lines
+#: against 6.9 with barriers, of 1 MiB (256 KiB each) 29.2 against 7.1; the crossover between
+#: was not measured. Lines: benchmarks/results/archive/2026-11-26_3ac72a2/h200_w4_shared_lines.csv,
+#: barriers: benchmarks/results/archive/2026-11-26_baf7ab2/h200_w4_shared.csv.
 LINES_SHARED_GPU_MAX_BYTES = 64 * 1024
 
 
@@ -166,13 +168,14 @@ def lines_eligible(ctx: Ctx, per_peer_bytes: int, row_bytes: int,
 #: smallest slice (bytes each rank reduces) that ``$SYMMTRITON_PROTOCOL=auto`` pushes in flagged
 #: chunks (kernels/push.py) rather than pulling, where there is no multicast, per op: ``(staged
 #: input, zero-copy input at 2 ranks, zero-copy input beyond)``. Pull vs push, graph, bf16, us
-#: (benchmarks/results/NOTES.md). 2x H200, W=2: reduce-scatter, staged 1 / 16 / 64 MiB inputs
-#: 10.07 / 36.98 / 148.4 vs 8.78 / 32.41 / 106.9, zero-copy 4 / 16 / 64 / 256 MiB 12.28 / 31.15 /
-#: 108.0 / 410.6 vs 13.50 / 32.50 / 106.1 / 386.8; all-reduce (two rounds of flags), staged 1 / 4
-#: / 16 / 64 MiB 11.19 / 21.75 / 66.87 / 260.0 vs 13.45 / 22.97 / 59.20 / 203.2, zero-copy in
-#: place 4 / 16 / 64 MiB 19.44 / 55.61 / 208.7 vs 21.78 / 54.97 / 194.2. 4x H200, W=4, zero-copy:
-#: reduce-scatter 16 MiB 50.04 (pull) vs 45.16 (push, staged); all-reduce 4 / 16 / 64 MiB 27.51 /
-#: 88.28 / 349.1 vs 29.11 / 81.71 / 299.2.
+#: (benchmarks/results/archive/2026-11-26_823f5d1/push_vs_pull_h200.csv). 2x H200, W=2:
+#: reduce-scatter, staged 1 / 16 / 64 MiB inputs 10.07 / 36.98 / 148.4 vs 8.78 / 32.41 / 106.9,
+#: zero-copy 4 / 16 / 64 / 256 MiB 12.28 / 31.15 / 108.0 / 410.6 vs 13.50 / 32.50 / 106.1 /
+#: 386.8; all-reduce (two rounds of flags), staged 1 / 4 / 16 / 64 MiB 11.19 / 21.75 / 66.87 /
+#: 260.0 vs 13.45 / 22.97 / 59.20 / 203.2, zero-copy in place 4 / 16 / 64 MiB 19.44 / 55.61 /
+#: 208.7 vs 21.78 / 54.97 / 194.2. 4x H200, W=4, zero-copy: reduce-scatter 16 MiB 50.04 (pull)
+#: vs 45.16 (push, staged); all-reduce 4 / 16 / 64 MiB 27.51 / 88.28 / 349.1 vs 29.11 / 81.71 /
+#: 299.2.
 PUSH_MIN_SLICE_BYTES = {"reduce_scatter": (512 * 1024, 32 * 1024 * 1024, 4 * 1024 * 1024),
                         "all_reduce": (4 * 1024 * 1024, 32 * 1024 * 1024, 4 * 1024 * 1024)}
 
@@ -205,8 +208,8 @@ def push_eligible(ctx: Ctx, op: str, slice_bytes: int, multimem: bool, staged: b
 #: zero-copy)``, or ``None``: auto never does. At 2 ranks it sends what the two-shot sends (the
 #: tensor once per rank) with one round of flags instead of two, and a staged tensor needs no
 #: staging copy; beyond 2 ranks it sends ``world - 1`` tensors per rank. ``None`` until it is
-#: timed against the pull and the two-shot push on 2 GPUs (written without GPU time left; CPU-
-#: and compile-tested only).
+#: timed against the pull and the two-shot push on 2 GPUs (so far CPU- and compile-tested
+#: only).
 PUSH_ONE_SHOT_MIN_BYTES: tuple[int, int] | None = None
 
 

@@ -1,11 +1,12 @@
 """One prepared kernel launch (:class:`Launch`) and :meth:`Launch.launch`, the one way to run it.
 
-Eager calls are latency-bound on the host (Triton's Python launch costs ~16 us, DESIGN.md
-section 5), so the path is thin: a :class:`Launch` is built once per plan (see
-:mod:`symmtriton.ops.driver`); on the GPU its first launch returns the ``CompiledKernel``, and
-later launches call Triton's launcher directly with the current stream (the interpreter keeps
-the normal path). Before each launch the buffer's status word is read for a timeout of an
-earlier call (:mod:`symmtriton.sync`), and after it when the launch is synchronous (host).
+Eager calls are latency-bound on the host (Triton's Python launch costs ~16 us,
+docs/ARCHITECTURE.md, "Host path"), so the path is thin: a :class:`Launch` is built once per
+plan (see :mod:`symmtriton.ops.driver`); on the GPU its first launch returns the
+``CompiledKernel``, and later launches call Triton's launcher directly with the current stream
+(the interpreter keeps the normal path). Before each launch the buffer's status word is read
+for a timeout of an earlier call (:mod:`symmtriton.sync`), and after it when the launch is
+synchronous (host).
 
 Programmatic dependent launch (PDL) is set here, for every kernel at once: a kernel with a
 ``PDL`` constexpr gets ``PDL=True`` (its ``griddepcontrol.wait`` before any memory access,

@@ -40,7 +40,7 @@ from .testing_helpers import (  # noqa: F401 - re-exported: the workers' helpers
 OVERLAP_ENV = "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"
 #: environment for CPU workers: host backend + Triton interpreter.
 CPU_ENV = {"SYMMTRITON_BACKEND": "host", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-#: environment for workers with one GPU each (multicast off: DESIGN.md section 4).
+#: environment for workers with one GPU each (multicast off: docs/ARCHITECTURE.md, "GPU machines").
 GPU_PER_RANK_ENV = {
     "SYMMTRITON_BACKEND": "cuda",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",

@@ -94,7 +94,7 @@ def test_meta_default_device_with_the_torch_fallback(cpu_pool):
 
 @pytest.mark.gpu
 def test_cuda_default_device_changes_nothing(gpu_pool):
-    """The default the issue found broken: ``pin_memory`` of the status word raised."""
+    """The default device once broke the buffer: ``pin_memory`` of the status word raised."""
     for created, bad_under, bad_after, stray in gpu_pool.run(_under_default_device, "cuda"):
         assert created == (True, True, "cpu")
         assert (bad_under, bad_after, stray) == (0, 0, "cuda")

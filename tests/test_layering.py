@@ -1,4 +1,4 @@
-"""The host side's import structure (issue 13), read with ``ast`` (no import, no process group):
+"""The host side's import structure, read with ``ast`` (no import, no process group):
 no import cycle in ``symmtriton/``, the runtime never imports a tool, no host file over ~350
 lines, every ``SYMMTRITON_*`` variable named in :mod:`symmtriton.env` and listed in README."""
 
