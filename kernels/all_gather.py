@@ -31,7 +31,7 @@ import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
 from .common import copy_shards, ll_push_to
-from .ll import ll_flag, ll_get, ll_slot
+from .ll import ll_flag, ll_get, ll_poison, ll_slot
 from .ptx import as_i64, as_ptr, pdl_wait, peer_addr, store_all, words_to_elems
 
 
@@ -109,4 +109,5 @@ def _all_gather_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq
             tl.store(dst + peer * as_i64(n) + offs, words_to_elems(words, DTYPE), mask=offs < n)
         c += nprog
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
+    ll_poison(buf_table, ll_off, seq, slot_words, status, RANK, WORLD_SIZE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

@@ -52,6 +52,7 @@ import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
 from .common import copy_units, ll_push_chunks, ll_reduce_store
+from .ll import ll_poison
 from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr, store_all
 from .push import (clear_flags, flag_peers, push_reduce_call, push_slices, reduce_slots,
                    wait_flags)
@@ -120,6 +121,7 @@ def _all_reduce_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq
                              timeout_ns, own_pad(sig_table, RANK), DTYPE, BLOCK, RANK, WORLD_SIZE,
                              USE_PTX)
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
+    ll_poison(buf_table, ll_off, seq, slot_words, status, RANK, WORLD_SIZE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
 
 

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
 from .common import copy_units, ll_push_to, ll_reduce_chunk, rms_normed, row_operands
-from .ll import ll_flag, ll_slot
+from .ll import ll_flag, ll_poison, ll_slot
 from .ll_rows import norm_units, unit_done, unit_span, unit_weight
 from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr, store_all
 
@@ -154,4 +154,5 @@ def _all_reduce_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table
         status = norm_units(pid, nprog, U, C, stats, res, out, w_addr, H, eps, flag, status,
                             timeout_ns, pad, 0, S, W_DTYPE, CHUNK, NC, RANK, USE_PTX)
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
+    ll_poison(buf_table, ll_off, seq, slot_words, status, RANK, WORLD_SIZE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

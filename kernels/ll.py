@@ -35,6 +35,13 @@ returns ``MISMATCH_BIT`` with the peer's bit, and the op abandons the call as th
 is a timeout after ``timeout_ns`` (``ptx.deadline_tick``); the area must be destroyed with its
 buffer after an error.
 
+Giving up is agreed: a block that gave up on call ``seq`` (a timeout or a mismatch) overwrites
+this rank's slot of that call's parity at every peer with poison lines (:func:`ll_poison`, flag
+``LL_POISON_FLAG``: never a call's). A late peer that has not yet read the lines this rank pushed
+sees the poison, a wrong flag, and gives up on the same call; one that read them before the
+poison landed returned that call, and gives up at a later call (its next call on this parity
+reads the poison; the next on the other parity waits for lines this rank never sends).
+
 Warps: a wait's exit is decided per warp. Triton lays a vector of fewer lines than the block has
 threads out with copies in several warps and reduces such copies within a warp only, so the
 warps of one block may leave the loop at different polls. A warp that cleared a line while
@@ -53,11 +60,15 @@ import triton
 import triton.language as tl
 
 from . import protocol as P
-from .ptx import deadline_tick
+from .ptx import deadline_tick, peer_addr
 
 ERR_WORD = tl.constexpr(P.ERR_WORD)
 MISMATCH_BIT = tl.constexpr(P.MISMATCH_BIT)
+GAVE_UP_BIT = tl.constexpr(P.GAVE_UP_BIT)
 LL_PARITIES = tl.constexpr(P.LL_PARITIES)
+LL_POISON_FLAG = tl.constexpr(P.LL_POISON_FLAG)
+#: lines one pass of :func:`ll_poison` stores.
+POISON_CHUNK = tl.constexpr(1024)
 
 
 @triton.jit
@@ -80,6 +91,26 @@ def _lines(slot_addr):
 
 
 @triton.jit
+def ll_poison(buf_table, ll_off, seq, slot_words, status, RANK: tl.constexpr,
+              WORLD_SIZE: tl.constexpr):
+    """With ``status`` non-zero (this block gave up on call ``seq``): store poison lines over
+    this rank's whole slot, parity of ``seq``, in every peer's line area (module docstring), so
+    no peer returns that call as a success after this rank failed it. Failure path only."""
+    if status != 0:
+        tl.debug_barrier()  # after the block's own puts of this call
+        poison = tl.full([POISON_CHUNK], LL_POISON_FLAG, tl.int64) << 32
+        for i in tl.static_range(1, WORLD_SIZE):
+            q = (RANK + i) % WORLD_SIZE
+            base = _lines(ll_slot(peer_addr(buf_table, q) + ll_off, seq, RANK, slot_words,
+                                  WORLD_SIZE))
+            k = 0
+            while k < slot_words:  # see ptx.py on loops
+                offs = k + tl.arange(0, POISON_CHUNK)
+                tl.store(base + offs, poison, mask=offs < slot_words)
+                k += POISON_CHUNK
+
+
+@triton.jit
 def ll_put(slot_addr, offs, words, mask, flag):
     """Store ``words`` (32-bit, any int type) as lines ``offs`` of the slot at ``slot_addr``."""
     lines = (words.to(tl.int64) & 0xFFFFFFFF) | (flag.to(tl.int64) << 32)
@@ -89,11 +120,14 @@ def ll_put(slot_addr, offs, words, mask, flag):
 @triton.jit
 def _take(v, flag, got, words, wrong):
     """One poll of lines ``v`` (int64, 0 where not loaded): lines with ``flag`` give their word,
-    lines with another non-zero flag are wrong; either ends the wait for that line."""
+    lines with another non-zero flag are wrong (``wrong`` bit 1; bit 2: the flag was
+    ``LL_POISON_FLAG``, the peer gave up); either ends the wait for that line."""
     f = (v >> 32).to(tl.int32)
     hit = ~got & (f == flag)
     bad = ~got & (f != flag) & (f != 0)
-    return got | hit | bad, tl.where(hit, v.to(tl.int32), words), wrong | bad.to(tl.int32)
+    poisoned = bad & (f == LL_POISON_FLAG)
+    wrong = wrong | tl.where(poisoned, 2, bad.to(tl.int32))
+    return got | hit | bad, tl.where(hit, v.to(tl.int32), words), wrong
 
 
 @triton.jit
@@ -158,7 +192,8 @@ def ll_get(slot_addr, first, end, flag, src, skip, timeout_ns, pad, NW: tl.const
     """Wait for lines ``[first, first + NW)`` (those ``< end``) of the local slot at
     ``slot_addr`` to carry ``flag``, then clear them. Returns ``(words, status)``: ``NW`` int32
     words (0 past ``end``) and 0, or rank ``src``'s bit (a line still missing at the deadline),
-    with ``MISMATCH_BIT`` when a line carried another call's flag. Waits for nothing when
+    with ``MISMATCH_BIT`` when a line carried another call's flag, with ``GAVE_UP_BIT`` when it
+    was poisoned (:func:`ll_poison`). Waits for nothing when
     ``skip`` is non-zero (a block that abandoned the call). ``pad``: this rank's signal pad (its
     error word and, in the interpreter, its clock: ``ptx.deadline_tick``).
 
@@ -181,6 +216,12 @@ def ll_get(slot_addr, first, end, flag, src, skip, timeout_ns, pad, NW: tl.const
 
 @triton.jit
 def _status(got, wrong, src):
-    """A wait's status (:func:`ll_get`) from its lines' ``got`` and ``wrong``."""
-    return (tl.where(tl.max(wrong, axis=0) != 0, MISMATCH_BIT | (1 << src), 0)
-            | tl.where(tl.min(got.to(tl.int32), axis=0) == 0, 1 << src, 0))
+    """A wait's status (:func:`ll_get`) from its lines' ``got`` and ``wrong``: rank ``src``'s bit
+    with ``MISMATCH_BIT`` (another call's flag), ``GAVE_UP_BIT`` (poison) or neither (a line
+    still missing at the deadline); 0 when every line came."""
+    mismatch = tl.max(wrong & 1, axis=0) != 0
+    gave_up = tl.max(wrong & 2, axis=0) != 0
+    missing = tl.min(got.to(tl.int32), axis=0) == 0
+    return (tl.where(mismatch, MISMATCH_BIT | (1 << src), 0)
+            | tl.where(gave_up, GAVE_UP_BIT | (1 << src), 0)
+            | tl.where(missing, 1 << src, 0))

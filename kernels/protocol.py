@@ -26,6 +26,9 @@ SKIP_BUMP = 2
 #: error word bit for "a peer is out of step" (the low bits name the ranks involved); a
 #: timeout sets only the bits of the ranks that did not arrive.
 MISMATCH_BIT = 1 << 30
+#: error word bit for "a peer gave up on this call" (it timed out or saw a mismatch, and poisoned
+#: its lines: kernels/ll.py); the low bits name those peers.
+GAVE_UP_BIT = 1 << 28
 #: added to a barrier value to poison peers' slots after a mismatch (far ahead of any call).
 POISON = 1 << 29
 
@@ -38,6 +41,9 @@ def grid_cap(pad_words: int, world: int) -> int:
 # -- flag-in-data lines (kernels/ll.py) ---------------------------------------------------------
 #: parities of the line area: call ``seq`` uses parity ``seq % 2``.
 LL_PARITIES = 2
+#: the flag of a poisoned line (kernels/ll.py ``ll_poison``): even, so never a call's flag (odd),
+#: and not the 0 of a cleared line.
+LL_POISON_FLAG = 2
 #: bytes of one line: a 32-bit data word and a 32-bit flag.
 LL_LINE_BYTES = 8
 #: data bytes one line carries.

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
 from .common import copy_shards, ll_push_chunks, ll_reduce_store
+from .ll import ll_poison
 from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr
 from .push import push_reduce_call
 
@@ -93,6 +94,7 @@ def _reduce_scatter_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr,
                              timeout_ns, own_pad(sig_table, RANK), DTYPE, BLOCK, RANK, WORLD_SIZE,
                              USE_PTX)
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
+    ll_poison(buf_table, ll_off, seq, slot_words, status, RANK, WORLD_SIZE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
 
 

@@ -62,6 +62,12 @@ def raise_timeout(buf: SymmetricMemoryBuffer, op: str, missing: int) -> None:
             "(one that raised on that rank only) or made an extra one; results of that call are "
             "invalid. Destroy the buffer (SymmetricMemoryManager.destroy) before using "
             "symmetric memory again")
+    if missing & _protocol.GAVE_UP_BIT:
+        raise CollectiveTimeoutError(
+            f"{op}: rank {buf.rank}'s call failed: ranks {ranks} gave up on it (they timed out "
+            "waiting for a rank or saw a mismatch) or did not arrive in time; results of that "
+            "call are invalid. Destroy the buffer (SymmetricMemoryManager.destroy) before using "
+            "symmetric memory again")
     raise CollectiveTimeoutError(
         f"{op}: rank {buf.rank} timed out in a barrier waiting for ranks {ranks} "
         f"({env.TIMEOUT_S} or timeout=); results of that call are invalid. Destroy the buffer "
