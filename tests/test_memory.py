@@ -67,7 +67,8 @@ def _growth(rank, world):
     old = M.get_buffer("grow", group, size_mb=1)
     stale = old.maybe_get_tensor((2 * world, 3), torch.float32)["tensor"]
     inp = torch.full((2, 3), float(rank + 1))
-    want = torch.arange(1, world + 1, dtype=torch.float32).repeat_interleave(2)[:, None].expand(-1, 3)
+    want = torch.arange(1, world + 1, dtype=torch.float32).repeat_interleave(2)
+    want = want[:, None].expand(-1, 3)
     st.all_gather_into_tensor(stale, inp)  # a plan on the old buffer
     out["before"] = torch.equal(stale, want)
     M.destroy("first")  # "grow" is now the group's collective buffer
