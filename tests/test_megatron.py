@@ -1,7 +1,7 @@
 """symmtriton.integrations.megatron against the installed megatron-core (the test extra pins
 megatron-core==0.16.1): after install(), Megatron's own names (torch_symm_triton's functions,
-parallel_state's global symmetric buffer) run symmtriton, checked against torch.distributed and
-the pure-torch reference with Megatron's layout; uninstall() puts Megatron's objects back.
+parallel_state's global symmetric buffer) run symmtriton, checked against the pure-torch
+references (symmtriton.reference) with Megatron's layout; uninstall() puts Megatron's objects back.
 
 megatron-core is imported in the workers only (it takes seconds); without it the tests skip."""
 
@@ -69,8 +69,7 @@ def _through_megatron(rank, world, dtype):
     x = tagged(n * H, dtype, rank).view(n, H)
     sym = buf.maybe_get_tensor([n * world, H], dtype=dtype)
     got = tsm.multimem_all_gather(sym["tensor"], x, sym["handle"], num_warps=32)
-    want = torch.empty(n * world, H, dtype=dtype, device=x.device)
-    dist.all_gather_into_tensor(want, x, group=tp)
+    want = reference.all_gather([tagged(n * H, dtype, r).view(n, H) for r in range(world)])
     out["all_gather"] = (got is sym["tensor"], torch.equal(got, want))
 
     # reduce-scatter: the matmul writes the symmetric tensor, the output is an ordinary one
@@ -80,8 +79,8 @@ def _through_megatron(rank, world, dtype):
     shard = torch.empty(n, H, dtype=dtype, device=x.device)
     got = tsm.multimem_reduce_scatter(shard, sym["tensor"], sym["handle"], max_num_blocks=24,
                                       BLOCK_SIZE=1024)
-    want = torch.empty_like(shard)
-    dist.reduce_scatter_tensor(want, partial.clone(), group=tp)
+    want = reference.reduce_scatter(
+        [tagged(world * n * H, dtype, r, 1).view(world * n, H) for r in range(world)], rank)
     out["reduce_scatter"] = (got is shard, torch.equal(shard, want))
 
     # fused: residual (this rank's n rows) updated in place, the normed rows gathered into the

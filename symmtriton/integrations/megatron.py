@@ -261,7 +261,9 @@ def uninstall() -> None:
     A global symmetric buffer Megatron got from symmtriton is dropped
     (``parallel_state.destroy_global_symmetric_memory_buffer``), as it was before install():
     ``_set_global_symmetric_memory_buffer`` then makes Megatron's own. The buffer itself stays
-    in SymmetricMemoryManager until destroyed."""
+    in SymmetricMemoryManager until destroyed. Without a previous install(), nothing."""
+    if not _installed:
+        return
     while _installed:
         module, attr, value, new = _installed.pop()
         if getattr(module, attr, None) is new:
