@@ -293,9 +293,10 @@ class SymmetricMemoryManager:
         """The buffer for ``key``, created on first call (``process_group`` required then).
 
         Later calls return it unless ``size_mb`` (positive, finite) exceeds its size: then it is
-        destroyed (its views then raise in collectives) and one of ``size_mb`` takes its place,
-        on ``process_group`` if given, else on the stored group (collective, like creation). A
-        buffer whose initialisation failed is returned as it is, never grown."""
+        destroyed and one of ``size_mb`` takes its place, on ``process_group`` if given, else on
+        the stored group (collective, like creation); views of the old one then raise in
+        collectives, and CUDA graphs captured on it must be captured again. A buffer whose
+        initialisation failed is returned as it is, never grown."""
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, got {key!r}")
         if size_mb is not None:
