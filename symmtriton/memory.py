@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import operator
 
 import torch
@@ -28,6 +29,9 @@ from . import env
 from .backends import cuda as cuda_backend
 from .backends import host as host_backend
 from .kernels import protocol as _protocol
+from .lifetime import invalidate as _invalidate
+from .lifetime import register_invalidation_hook  # noqa: F401 - where hooks register
+from .lifetime import retire
 
 logger = logging.getLogger("symmtriton")
 
@@ -38,19 +42,12 @@ _MIB = 1024 * 1024
 #: nothing from large line messages.
 LL_SLOT_BYTES = {"cuda": 1024 * 1024, "host": 256 * 1024}
 
-#: callbacks ``hook(buf)`` run when a buffer is created, closed or destroyed, so caches derived
-#: from buffers (symmtriton.ops.driver's plans) never outlive them.
-_invalidation_hooks: list = []
-
-
-def register_invalidation_hook(hook) -> None:
-    if hook not in _invalidation_hooks:
-        _invalidation_hooks.append(hook)
-
-
-def _invalidate(buf) -> None:
-    for hook in list(_invalidation_hooks):
-        hook(buf)
+def _size_mb(name: str, value) -> None:
+    """A size in MiB: a real number (not a bool, else ``TypeError``), finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number of MiB, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number of MiB, got {value!r}")
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -98,8 +95,7 @@ class SymmetricMemoryBuffer:
     """
 
     def __init__(self, size_in_mb, process_group):
-        if isinstance(size_in_mb, bool) or not isinstance(size_in_mb, (int, float)) or not size_in_mb > 0:
-            raise ValueError(f"size_in_mb must be a positive number, got {size_in_mb!r}")
+        _size_mb("size_in_mb", size_in_mb)
         self.process_group = resolve_group(process_group)
         self.size_in_mb = size_in_mb
         self.nbytes = int(size_in_mb * _MIB)
@@ -268,6 +264,8 @@ class SymmetricMemoryBuffer:
     def close(self) -> None:
         """Free this rank's memory: drops every reference; views handed out keep their pages
         alive until they are gone too (host), so a stale view never touches unmapped memory."""
+        if self.symm_buffer is not None:
+            retire(self.symm_buffer)  # views outlive it: collectives given one raise
         if self.symm_mem_hdl is not None:
             self.symm_mem_hdl.close()
         self.symm_mem_hdl = None
@@ -294,25 +292,29 @@ class SymmetricMemoryManager:
     def get_buffer(cls, key: str, process_group=None, size_mb=None) -> SymmetricMemoryBuffer:
         """The buffer for ``key``, created on first call (``process_group`` required then).
 
-        A later call returns the cached buffer; it raises ``ValueError`` when it asks for more
-        than the cached size or names a different group, instead of returning the wrong buffer."""
+        Later calls return it unless ``size_mb`` (positive, finite) exceeds its size: then it is
+        destroyed and one of ``size_mb`` takes its place, on ``process_group`` if given, else on
+        the stored group (collective, like creation); views of the old one then raise in
+        collectives, and CUDA graphs captured on it must be captured again. A buffer whose
+        initialisation failed is returned as it is, never grown."""
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, got {key!r}")
+        if size_mb is not None:
+            _size_mb("size_mb", size_mb)
         buf = cls._buffers.get(key)
-        if buf is not None:
-            if process_group is not None and process_group is not buf.process_group:
-                raise ValueError(
-                    f"buffer {key!r} exists for another process group "
-                    f"({getattr(buf.process_group, 'group_name', '?')}); destroy it first or use a new key")
-            if size_mb is not None and size_mb > buf.size_in_mb:
-                raise ValueError(
-                    f"buffer {key!r} exists with {buf.size_in_mb} MiB; {size_mb} MiB asked. "
-                    "Destroy it first or use a new key")
+        if buf is not None and (size_mb is None or size_mb <= buf.size_in_mb
+                                or buf.init_failure_reason is not None):
             return buf
-        if process_group is None:
+        if buf is None and process_group is None:
             raise ValueError(f"buffer {key!r} does not exist yet: pass process_group to create it")
-        buf = SymmetricMemoryBuffer(cls._default_size_mb if size_mb is None else size_mb, process_group)
-        cls._buffers[key] = buf
+        group = buf.process_group if process_group is None else resolve_group(process_group)
+        if buf is not None:  # grown: the new buffer keeps the key's place (buffer_for_group)
+            buf.close()
+        try:
+            buf = cls._buffers[key] = SymmetricMemoryBuffer(size_mb or cls._default_size_mb, group)
+        except BaseException:
+            cls._buffers.pop(key, None)
+            raise
         _invalidate(buf)  # the buffer a group's collectives use may change
         return buf
 

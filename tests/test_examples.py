@@ -21,6 +21,7 @@ CASES = {
     "all_gather": (["--numel", "1000", "--iters", "2", "--warmup", "1"],
                    "results match torch.distributed"),
     "ep_moe": (["--steps", "2", "--iters", "1", "--warmup", "0"], "outputs match"),
+    "megatron_tp": (["--steps", "2", "--iters", "1", "--warmup", "0"], "outputs match"),
     "reduce_scatter": (["--numel", "1000", "--iters", "2", "--warmup", "1"],
                        "results match torch.distributed"),
     "symmetric_buffers": (["--numel", "256", "--buffer-mb", "4"], "symmetric_buffers: all checks passed"),

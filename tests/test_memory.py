@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
+from symmtriton.ops import driver
 from symmtriton.backends import host as host_backend
 from symmtriton.backends.host import SHM_PREFIX, list_segments
 
@@ -37,11 +38,9 @@ def _lazy_cache_and_errors(rank, world):
     out["init_after"] = M.is_initialized("tp")
     out["same"] = M.get_buffer("tp") is buf and M.get_buffer("tp", group, size_mb=1) is buf
     out["smaller_ok"] = M.get_buffer("tp", size_mb=0.5) is buf
-    with pytest.raises(ValueError, match="2 MiB asked"):
-        M.get_buffer("tp", size_mb=2)
+    # another group without a larger size: the cached buffer (upstream Megatron-LM)
     other = dist.new_group(list(range(world)), backend="gloo")
-    with pytest.raises(ValueError, match="another process group"):
-        M.get_buffer("tp", process_group=other)
+    out["other_group_cached"] = M.get_buffer("tp", process_group=other) is buf
     with pytest.raises(TypeError):
         M.get_buffer(3, group)
     out["ok"] = buf.symm_mem_hdl is not None and buf.init_failure_reason is None
@@ -55,8 +54,93 @@ def test_manager_lazy_cache_and_clear_errors(pool):
     res = pool.run(_lazy_cache_and_errors)
     for rank, r in enumerate(res):
         assert r == {"init_before": False, "default": 256, "init_after": True, "same": True,
-                     "smaller_ok": True, "ok": True, "rank": rank, "world": pool.world_size,
-                     "init_destroyed": False}
+                     "smaller_ok": True, "other_group_cached": True, "ok": True, "rank": rank,
+                     "world": pool.world_size, "init_destroyed": False}
+
+
+def _growth(rank, world):
+    """A larger size_mb replaces the buffer under the same key (collectively); the next
+    collective uses the new one, and a view of the old one raises instead of being used."""
+    group = dist.group.WORLD
+    out = {}
+    first = M.get_buffer("first", group, size_mb=1)  # another key of the group, registered first
+    old = M.get_buffer("grow", group, size_mb=1)
+    stale = old.maybe_get_tensor((2 * world, 3), torch.float32)["tensor"]
+    inp = torch.full((2, 3), float(rank + 1))
+    want = torch.arange(1, world + 1, dtype=torch.float32).repeat_interleave(2)
+    want = want[:, None].expand(-1, 3)
+    st.all_gather_into_tensor(stale, inp)  # a plan on the old buffer
+    out["before"] = torch.equal(stale, want)
+    M.destroy("first")  # "grow" is now the group's collective buffer
+    new = M.get_buffer("grow", size_mb=2.5)
+    out["replaced"] = (new is not old, new.size_in_mb, new.process_group is group,
+                       old.symm_mem_hdl, old.init_failure_reason, M.get_buffer("grow") is new,
+                       M.get_buffer("grow", size_mb=2) is new, M.buffer_for_group(group) is new)
+    fresh = new.maybe_get_tensor((2 * world, 3), torch.float32)["tensor"]
+    fresh.zero_()
+    st.all_gather_into_tensor(fresh, inp)
+    plan = driver.last_plan()
+    out["after"] = (torch.equal(fresh, want), plan.kernel.buf is new)
+    for call in (lambda: st.all_gather_into_tensor(stale, inp),
+                 lambda: st.reduce_scatter_tensor(torch.empty(1, 3), stale[:world]),
+                 lambda: st.all_gather_into_tensor(torch.empty(2 * world, 3), stale[:2])):
+        with pytest.raises(ValueError, match="destroyed or replaced by a larger one"):
+            call()
+    dist.barrier()
+    # a larger size on a process_group passed with it: that group wins
+    other = dist.new_group(list(range(world)), backend="gloo")
+    third = M.get_buffer("grow", other, size_mb=3)
+    out["other_group"] = (third is not new, third.process_group is other, third.size_in_mb)
+    # destroy forgets the key: the next get_buffer creates a fresh one (process_group needed)
+    M.destroy("grow")
+    with pytest.raises(ValueError, match="process_group"):
+        M.get_buffer("grow", size_mb=1)
+    again = M.get_buffer("grow", group, size_mb=1)
+    out["fresh"] = (again is not third, again.size_in_mb, again.symm_mem_hdl is not None)
+    M.destroy("grow")
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_larger_size_replaces_the_buffer(cpu_pool, world):
+    for out in cpu_pool(world).run(_growth):
+        assert out["before"]
+        assert out["replaced"] == (True, 2.5, True, None, "destroyed", True, True, True)
+        assert out["after"] == (True, True)
+        assert out["other_group"] == (True, True, 3)
+        assert out["fresh"] == (True, 1, True)
+
+
+def _failed_never_grown(rank, world):
+    os.environ["SYMMTRITON_DISABLE"] = "1"
+    try:
+        buf = M.get_buffer("failed", dist.group.WORLD, size_mb=1)
+        grown = M.get_buffer("failed", size_mb=4)
+    finally:
+        os.environ.pop("SYMMTRITON_DISABLE", None)
+    out = (grown is buf, buf.size_in_mb, buf.init_failure_reason is not None)
+    M.destroy("failed")
+    return out
+
+
+def _bad_sizes(rank, world):
+    M.get_buffer("sized", dist.group.WORLD, size_mb=1)
+    for bad, exc in ((float("inf"), ValueError), (float("nan"), ValueError), (0, ValueError),
+                     (-1, ValueError), (-0.5, ValueError), ("8", TypeError), (True, TypeError),
+                     ([8], TypeError)):
+        for key in ("sized", "unborn"):  # an existing key and a new one: checked alike
+            with pytest.raises(exc, match=re.escape(f"size_mb must be a ") + r".*"
+                               + re.escape(f"got {bad!r}")):
+                M.get_buffer(key, dist.group.WORLD, size_mb=bad)
+    out = (M.is_initialized("unborn"), M.get_buffer("sized", size_mb=np.float64(0.5)).size_in_mb)
+    M.destroy("sized")
+    return out
+
+
+def test_failed_buffer_is_never_grown_and_sizes_are_checked(cpu_pool):
+    pool = cpu_pool(2)
+    assert pool.run(_failed_never_grown) == [(True, 1, True)] * 2
+    assert pool.run(_bad_sizes) == [(False, 1)] * 2
 
 
 def _peer_visibility(rank, world):

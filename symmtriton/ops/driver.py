@@ -12,7 +12,8 @@ A call goes ``call(op, ...)``:
    :mod:`.fallback`) and returns a typed plan, stored under the key (:func:`put_plan`), then run.
 
 Plans exist only for calls that validated; the cache is a small LRU, dropped whenever a buffer is
-created, closed or destroyed (its pointers may change). With ``SYMMTRITON_CHECK_UNIFORM=1`` the
+created, closed or destroyed (its pointers may change; a call given a view of a closed buffer
+then raises, :func:`symmtriton.lifetime.check_live`). With ``SYMMTRITON_CHECK_UNIFORM=1`` the
 ranks compare every call's shapes first (:func:`check_uniform`).
 
 How to add an op (see ops/all_gather.py, the shortest):
@@ -40,9 +41,9 @@ import torch.distributed as dist
 import triton.language as tl
 
 from .. import env
-from .. import memory as _memory
 from ..config import LaunchConfig
 from ..launch import Launch
+from ..lifetime import check_live, register_invalidation_hook
 from ..memory import resolve_group
 from ..tuning import lookup_config
 from ..tuning import stamp as tuning_stamp
@@ -182,6 +183,7 @@ def call(op: Collective, group, config, timeout_s, args: tuple):
         if result is not STALE:
             return result
     op.validate(group, args)
+    check_live(args)  # no view of a destroyed buffer
     if uniform and plan is None:
         check_uniform(group, op.name, **op.uniform(args))
     plan = put_plan(key, op.prepare(group, config, timeout_s, args))
@@ -251,4 +253,4 @@ def clear_plans(buf=None) -> None:
     _PLANS.clear()
 
 
-_memory.register_invalidation_hook(clear_plans)
+register_invalidation_hook(clear_plans)
