@@ -24,7 +24,7 @@ from symmtriton.testing import device, sync, tagged
 BACKENDS = ("aot_eager", pytest.param("inductor", marks=pytest.mark.full))
 #: (rtol, atol) of RMSNorm outputs (the results named "normed"); everything else is exact.
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1e-2)}
-H = 40  # hidden size of the fused ops (not a multiple of 16 elements)
+H = 40  # hidden size of the fused ops (not a power of two)
 CAP = 3  # rows each rank may send / receive in the variable-count ops
 SENTINEL = -9
 
