@@ -7,6 +7,8 @@ from __future__ import annotations
 import functools
 import inspect
 
+import torch
+
 from .context import context
 from .kernels import protocol as _protocol
 from .memory import SymmetricMemoryManager, resolve_group
@@ -36,11 +38,15 @@ def call_failed(group) -> None:
 
 def counts_calls(op):
     """Decorator for a public collective (``group`` among its arguments): a call that raises
-    before launching still counts as a call on this rank (:func:`call_failed`)."""
+    before launching still counts as a call on this rank (:func:`call_failed`). Not while
+    ``torch.compile`` traces: tracing launches nothing (the traced op counts when it runs), and
+    its error then reaches the caller as raised."""
     sig = inspect.signature(op)
 
     @functools.wraps(op)
     def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return op(*args, **kwargs)
         try:
             return op(*args, **kwargs)
         except CollectiveTimeoutError:

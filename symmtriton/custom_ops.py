@@ -10,12 +10,16 @@ Importing this module registers, under the namespace ``symmtriton``::
                                                    out) -> ()
     torch.ops.symmtriton.all_gather_v(output[], input[], counts, group_name) -> ()
     torch.ops.symmtriton.reduce_scatter_v(output, input, counts, group_name) -> ()
+    torch.ops.symmtriton.all_reduce_(tensor, group_name, algorithm=None) -> ()
+    torch.ops.symmtriton.all_reduce_out(tensor, group_name, out, algorithm=None) -> ()
+    torch.ops.symmtriton.all_reduce_add_rmsnorm(input, residual, weight, eps, group_name, out,
+                                               algorithm=None) -> ()
 
-Each op writes its result into its output tensor (``output`` / ``out``; the fused ops also
-update ``residual`` in place) and returns nothing: the schema marks exactly those arguments as
-mutated, so ``torch.compile(fullgraph=True)`` traces a model that calls them without graph
-breaks, and functionalization knows which tensors change. Fake (meta) implementations let the
-compiler trace shapes without running a collective.
+Each op writes its result into its output tensor (``output`` / ``out``; ``all_reduce_`` into
+``tensor``; the fused ops also update ``residual`` in place) and returns nothing: the schema
+marks exactly those arguments as mutated, so ``torch.compile(fullgraph=True)`` traces a model
+that calls them without graph breaks, and functionalization knows which tensors change. Fake
+(meta) implementations let the compiler trace shapes without running a collective.
 
 A process group cannot be an operator argument, so the ops take its name
 (``group.group_name``, see :func:`group_name`) and look the group up when they run
@@ -57,6 +61,9 @@ __all__ = [
     "reduce_scatter_tensor",
     "reduce_scatter_add_rmsnorm_all_gather",
     "reduce_scatter_add_rmsnorm",
+    "all_reduce_",
+    "all_reduce_out",
+    "all_reduce_add_rmsnorm",
     "all_gather_v",
     "reduce_scatter_v",
     "group_name",
@@ -74,10 +81,11 @@ def group_from_name(name: str) -> dist.ProcessGroup:
     try:
         return distributed_c10d._resolve_process_group(name)
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise ValueError(f"no process group is registered under group_name {name!r}: {exc}") from None
+        raise ValueError(f"no process group is registered under group_name {name!r}: "
+                         f"{exc}") from None
 
 
-# -- the ops ----------------------------------------------------------------------------------------
+# -- the ops -------------------------------------------------------------------------------------
 @torch.library.custom_op(f"{NAMESPACE}::all_gather_into_tensor", mutates_args=("output",))
 def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group_name: str) -> None:
     """:func:`symmtriton.all_gather_into_tensor` on the group named ``group_name``; writes
@@ -174,43 +182,43 @@ def reduce_scatter(input: torch.Tensor, group=None) -> torch.Tensor:
 
 
 # -- all-reduce (tensor parallelism without sequence parallelism) ----------------------------------
-__all__ += ["all_reduce_", "all_reduce_out", "all_reduce_add_rmsnorm"]
-
-
 @torch.library.custom_op(f"{NAMESPACE}::all_reduce_", mutates_args=("tensor",))
-def all_reduce_(tensor: torch.Tensor, group_name: str) -> None:
+def all_reduce_(tensor: torch.Tensor, group_name: str, algorithm: str | None = None) -> None:
     """:func:`symmtriton.all_reduce` (sum, in place) on the group named ``group_name``."""
-    _all_reduce.all_reduce(tensor, group_from_name(group_name))
+    _all_reduce.all_reduce(tensor, group_from_name(group_name), algorithm=algorithm)
 
 
 @all_reduce_.register_fake
-def _all_reduce__fake(tensor, group_name):
+def _all_reduce__fake(tensor, group_name, algorithm=None):
     return None
 
 
 @torch.library.custom_op(f"{NAMESPACE}::all_reduce_out", mutates_args=("out",))
-def all_reduce_out(tensor: torch.Tensor, group_name: str, out: torch.Tensor) -> None:
+def all_reduce_out(tensor: torch.Tensor, group_name: str, out: torch.Tensor,
+                   algorithm: str | None = None) -> None:
     """:func:`symmtriton.all_reduce` with ``out`` (``tensor`` is only read)."""
-    _all_reduce.all_reduce(tensor, group_from_name(group_name), out=out)
+    _all_reduce.all_reduce(tensor, group_from_name(group_name), out=out, algorithm=algorithm)
 
 
 @all_reduce_out.register_fake
-def _all_reduce_out_fake(tensor, group_name, out):
+def _all_reduce_out_fake(tensor, group_name, out, algorithm=None):
     return None
 
 
 @torch.library.custom_op(f"{NAMESPACE}::all_reduce_add_rmsnorm", mutates_args=("residual", "out"))
 def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                           eps: float, group_name: str, out: torch.Tensor) -> None:
+                           eps: float, group_name: str, out: torch.Tensor,
+                           algorithm: str | None = None) -> None:
     """:func:`symmtriton.all_reduce_add_rmsnorm`: all-reduce ``input`` ``[S, H]``, add the sum to
     ``residual`` ``[S, H]`` (updated in place), RMSNorm it with ``weight`` and ``eps`` into
     ``out``."""
     _all_reduce.all_reduce_add_rmsnorm(input, residual, weight, eps=eps,
-                                       group=group_from_name(group_name), out=out)
+                                       group=group_from_name(group_name), out=out,
+                                       algorithm=algorithm)
 
 
 @all_reduce_add_rmsnorm.register_fake
-def _all_reduce_add_rmsnorm_fake(input, residual, weight, eps, group_name, out):
+def _all_reduce_add_rmsnorm_fake(input, residual, weight, eps, group_name, out, algorithm=None):
     return None
 
 

@@ -3,9 +3,8 @@
 
 On CPU the compile tests use ``backend="aot_eager"`` (dynamo + functionalization, i.e. the full
 tracing path of the custom ops, without inductor's C++ code generation, which costs ~10 s per
-graph on a 2-core CI machine); GPU pools compile with inductor."""
-
-import re
+graph on a 2-core CI machine); GPU pools compile with inductor. The public functions under
+``torch.compile`` (each traced as its op): tests/test_torch_compile.py."""
 
 import pytest
 import torch
@@ -32,6 +31,12 @@ def test_op_registered_with_mutation_annotations(name):
     assert mutated == MUTATED[name]
     assert len(schema.returns) == 0
     assert [a.name for a in schema.arguments if str(a.type) == "str"] == ["group_name"]
+
+
+@pytest.mark.parametrize("name", ["all_reduce_", "all_reduce_out", "all_reduce_add_rmsnorm"])
+def test_all_reduce_ops_take_an_optional_algorithm(name):
+    last = getattr(torch.ops.symmtriton, name).default._schema.arguments[-1]
+    assert (last.name, str(last.type), last.default_value) == ("algorithm", "Optional[str]", None)
 
 
 def test_group_name_arguments_are_validated():
@@ -214,44 +219,3 @@ def test_compile_fullgraph_fused(pool):
         assert r["graph_breaks"] == 0 and r["graphs"] == 1, f"rank {rank}: {r}"
         assert r["ops_seen"]["reduce_scatter_add_rmsnorm_all_gather"] == 1, r["ops_seen"]
         assert r["matches_eager"] and r["residual_updated"], f"rank {rank}: {r}"
-
-
-# -- the public functions under torch.compile trace as the custom ops ------------------------------
-def _public(x, rs_in, f_in, residual, weight):
-    """Every public collective, as model code calls it (outputs allocated by the caller or not)."""
-    ag = x.new_empty((2 * x.shape[0],))
-    st.all_gather_into_tensor(ag, x)
-    rs = rs_in.new_empty((rs_in.shape[0] // 2,))
-    st.reduce_scatter_tensor(rs, rs_in)
-    normed = st.reduce_scatter_add_rmsnorm_all_gather(f_in, residual, weight)
-    shard = st.reduce_scatter_add_rmsnorm(f_in, residual, weight, 1e-6, None)
-    return ag, rs, normed, shard  # no pointwise op: inductor generates no C++ (cheap on CI)
-
-
-def _public_compile_case(rank, world, backend):
-    torch._dynamo.reset()
-    H = 8
-    args = lambda: (tagged(4, torch.float32, rank), tagged(4 * world, torch.float32, rank, 1),  # noqa: E731
-                    tagged(world * H, torch.float32, rank, 2).view(world, H),
-                    tagged(H, torch.float32, rank, 3).view(1, H), 1 + torch.arange(H, device=device()) % 3 / 2.0)
-    explain = torch._dynamo.explain(_public)(*args())
-    text = "\n".join(str(g.graph) for g in explain.graphs)
-    torch._dynamo.reset()
-    eager_args, compiled_args = args(), args()
-    eager = _public(*eager_args)
-    got = torch.compile(_public, backend=backend, fullgraph=True)(*compiled_args)
-    sync()
-    return {
-        "graph_breaks": explain.graph_break_count,
-        "ops_seen": {op: len(re.findall(rf"symmtriton\.{op}\b", text)) for op in OPS},
-        "same": all(torch.allclose(g, e, rtol=1e-5, atol=1e-5) for g, e in zip(got, eager)),
-        "residual": torch.equal(compiled_args[3], eager_args[3]),
-    }
-
-
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_public_functions_trace_as_custom_ops(cpu_pool, backend):
-    for rank, r in enumerate(cpu_pool(2).run(_public_compile_case, backend)):
-        assert r["graph_breaks"] == 0, f"rank {rank}: {r}"
-        assert r["ops_seen"] == {op: 1 for op in OPS}, f"rank {rank}: {r}"
-        assert r["same"] and r["residual"], f"rank {rank}: {r}"

@@ -32,7 +32,8 @@ from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
 from ._lines import flat_lines_launch
 from ._push import all_reduce_one_shot_push_launch, all_reduce_push_launch
-from .driver import TL_DTYPE, Collective, ConfigChoice, OutputPlan, call, tensor_desc
+from .driver import (TL_DTYPE, Collective, ConfigChoice, OutputPlan, call, compiling, group_name,
+                     tensor_desc)
 from .fallback import torch_all_reduce, torch_all_reduce_add_rmsnorm
 from .fused import FusedPlan
 from .fused import validate as validate_rows
@@ -301,7 +302,18 @@ def all_reduce(tensor: torch.Tensor, group=None, *, out: torch.Tensor | None = N
 
     Every rank must lay out the symmetric buffer alike: a zero-copy ``tensor``, or an ``out``
     placed in the buffer, at the same offset on every rank (two-shot stores the sums there on
-    every rank)."""
+    every rank).
+
+    Under ``torch.compile`` it traces as ``torch.ops.symmtriton.all_reduce_`` (in place, also for
+    ``out=tensor``) or ``torch.ops.symmtriton.all_reduce_out`` (``config``/``timeout_s``: eager
+    only, see :func:`.driver.compiling`)."""
+    if compiling(ALL_REDUCE.name, config, timeout_s):
+        _check_algorithm(algorithm)
+        if out is None or out is tensor:
+            torch.ops.symmtriton.all_reduce_(tensor, group_name(group), algorithm)
+            return tensor
+        torch.ops.symmtriton.all_reduce_out(tensor, group_name(group), out, algorithm)
+        return out
     return call(ALL_REDUCE, group, config, timeout_s,
                 (tensor if out is None else out, tensor, algorithm))
 
@@ -315,6 +327,14 @@ def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: 
     ``residual`` [S, H] (the same on every rank; updated in place, rounded to its dtype), and
     return ``rmsnorm(residual) * weight`` [H] (fp32 statistics) in ``out`` [S, H] (a new tensor
     when ``None``; it must not overlap ``input``, which is only read). ``algorithm`` as for
-    :func:`all_reduce`."""
+    :func:`all_reduce`. Under ``torch.compile`` it traces as
+    ``torch.ops.symmtriton.all_reduce_add_rmsnorm``."""
+    if compiling(ALL_REDUCE_ADD_RMSNORM.name, config, timeout_s):
+        _check_algorithm(algorithm)
+        if out is None:
+            out = torch.empty_like(input)
+        torch.ops.symmtriton.all_reduce_add_rmsnorm(input, residual, weight, eps,
+                                                    group_name(group), out, algorithm)
+        return out
     return call(ALL_REDUCE_ADD_RMSNORM, group, config, timeout_s,
                 (input, residual, weight, eps, out, algorithm))
