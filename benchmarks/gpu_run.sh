@@ -83,7 +83,7 @@ if [[ " $STAGES " == *" tests "* ]]; then
   fi
 fi
 if [[ " $STAGES " == *" examples "* ]]; then
-  for ex in all_gather reduce_scatter symmetric_buffers tp_decode "tp_decode --mode ar" ep_moe; do
+  for ex in all_gather reduce_scatter symmetric_buffers tp_decode "tp_decode --mode ar" ep_moe megatron_tp; do
     read -r script flags <<<"$ex"
     run "example $ex (${NPROC} ranks)" 120 "$LOG" "match|passed|speed-up|Error|error" \
       "${TORCHRUN[@]}" --nproc-per-node="$NPROC" "examples/$script.py" $flags
