@@ -20,7 +20,8 @@ weights. One layer step:
 The counts stay on the device, so on GPU one step of each is captured in a CUDA graph once and
 replayed with new tokens and counts every step (the torch.distributed layer too when its group
 is NCCL). Rank 0 checks every step against the torch.distributed layer (bf16 tolerance on GPU)
-and prints the time per step of both.
+and prints the time per step of both, what the baseline runs on and the speed-up where the two
+compare like for like (one rank per GPU, NCCL).
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def main() -> None:
                      f"symmtriton {_common.us(t_ours)} ({mode}), torch.distributed "
                      f"{_common.us(t_theirs)} ({mode if env.dist_backend == 'nccl' else 'eager'}) "
                      f"per step; outputs match (max diff {worst:.3g})")
+    _common.log(env, _common.versus_baseline(env, {"symmtriton": t_ours}, t_theirs))
     _common.finish(env)
 
 

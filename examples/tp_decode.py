@@ -29,7 +29,9 @@ On GPU one decode step is captured in a CUDA graph and replayed (the
 torch.distributed path too when its group is NCCL; gloo cannot be captured). The check feeds
 the torch.distributed model the tokens the symmtriton model decoded, compares the final normed
 hidden states of every step (bf16 tolerance on GPU, fp32 on CPU), and rank 0 prints the
-per-token latency (one decode step) of both and their largest difference.
+per-token latency (one decode step) of both, what the torch.distributed baseline runs on (the
+speed-up only where the two compare like for like: one rank per GPU, NCCL) and the largest
+difference.
 """
 
 from __future__ import annotations
@@ -330,7 +332,8 @@ def main() -> None:
         f"ffn={cfg.ffn} batch={cfg.batch} {str(cfg.dtype).removeprefix('torch.')} cuda_graphs={graph_note} "
         f"mode={args.mode}\n"
         f"  per-token latency (one decode step): {symm_cls.name} {_common.us(t_symm)}, "
-        f"{torch_cls.name} {_common.us(t_torch)}; speed-up {t_torch / t_symm:.2f}x\n"
+        f"{torch_cls.name} {_common.us(t_torch)}\n"
+        f"{_common.versus_baseline(env, {symm_cls.name: t_symm}, t_torch)}\n"
         f"  max abs diff of the normed hidden states over {args.steps} steps: {diff:.3g} "
         f"(tolerance {bound:.3g}): outputs match"))
     _common.finish(env)
