@@ -44,7 +44,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mib", type=int, default=512, help="MiB copied per variant (default %(default)s)")
+    p.add_argument("--mib", type=int, default=512,
+                   help="MiB copied per variant (default %(default)s)")
     args = p.parse_args(argv)
     if args.mib < 1:
         p.error(f"--mib must be >= 1, got {args.mib}")

@@ -68,7 +68,8 @@ class Env:
         return self.device.type == "cuda"
 
     def describe(self) -> str:
-        where = torch.cuda.get_device_name(self.device) if self.on_gpu else "cpu (host backend, Triton interpreter)"
+        where = (torch.cuda.get_device_name(self.device) if self.on_gpu
+                 else "cpu (host backend, Triton interpreter)")
         return f"world={self.world_size} {self.dist_backend} {where}"
 
 
@@ -89,7 +90,8 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def parser(description: str, *, timing: bool = True, iters: int = 20, warmup: int = 3) -> argparse.ArgumentParser:
+def parser(description: str, *, timing: bool = True, iters: int = 20,
+           warmup: int = 3) -> argparse.ArgumentParser:
     """An argument parser with the flags the examples share: ``--dtype``, ``--buffer-mb`` and,
     with ``timing``, ``--iters`` and ``--warmup``. The launch notes of this module go into
     ``--help``."""
@@ -295,10 +297,12 @@ def versus_baseline(env: Env, ours: dict, theirs: float) -> str:
 def buffer(env: Env, args) -> st.SymmetricMemoryBuffer:
     """The examples' symmetric buffer on ``env.group`` (``--buffer-mb``); collectives on the
     group use it (``SymmetricMemoryManager.buffer_for_group``)."""
-    return st.SymmetricMemoryManager.get_buffer(BUFFER_KEY, process_group=env.group, size_mb=args.buffer_mb)
+    return st.SymmetricMemoryManager.get_buffer(BUFFER_KEY, process_group=env.group,
+                                                size_mb=args.buffer_mb)
 
 
-def compare_variants(env: Env, args, title: str, variants: dict, expect: torch.Tensor, reference) -> None:
+def compare_variants(env: Env, args, title: str, variants: dict, expect: torch.Tensor,
+                     reference) -> None:
     """Check and time the ways of running one collective; print on rank 0 one line of times
     and one of :func:`versus_baseline`.
 

@@ -54,7 +54,8 @@ class MoE:
         views = buf.maybe_get_tensors(specs)["tensors"]
         shapes = [(W * cap, H), (W * cap, k), (W * cap, k)]
         if views is None:  # no symmetric memory: plain tensors (staged or torch fallback)
-            self.gathered = [torch.zeros(s, dtype=d, device=dev) for s, (_, d) in zip(shapes, specs)]
+            self.gathered = [torch.zeros(s, dtype=d, device=dev)
+                             for s, (_, d) in zip(shapes, specs)]
         else:
             self.gathered = [v.view(d).view(s) for (v, _), s, (_, d) in zip(views, shapes, specs)]
             for t in self.gathered:
@@ -156,7 +157,8 @@ def main() -> None:
     t_theirs = _common.time_per_call(env, theirs, args.iters, args.warmup)
     mode = "graph" if env.on_gpu else "eager"
     _common.log(env, f"ep_moe {env.describe()} hidden={args.hidden} tokens<={args.tokens}/rank "
-                     f"experts={args.experts}/rank topk={args.topk} {str(dtype).removeprefix('torch.')}: "
+                     f"experts={args.experts}/rank topk={args.topk} "
+                     f"{str(dtype).removeprefix('torch.')}: "
                      f"symmtriton {_common.us(t_ours)} ({mode}), torch.distributed "
                      f"{_common.us(t_theirs)} ({mode if env.dist_backend == 'nccl' else 'eager'}) "
                      f"per step; outputs match (max diff {worst:.3g})")

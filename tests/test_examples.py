@@ -24,9 +24,10 @@ CASES = {
     "ep_moe": (["--steps", "2", "--iters", "1", "--warmup", "0"], "outputs match"),
     "reduce_scatter": (["--numel", "1000", "--iters", "2", "--warmup", "1"],
                        "results match torch.distributed"),
-    "symmetric_buffers": (["--numel", "256", "--buffer-mb", "4"], "symmetric_buffers: all checks passed"),
-    "tp_decode": (["--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "128", "--steps", "3",
-                   "--iters", "2", "--warmup", "1"], "outputs match"),
+    "symmetric_buffers": (["--numel", "256", "--buffer-mb", "4"],
+                          "symmetric_buffers: all checks passed"),
+    "tp_decode": (["--layers", "2", "--hidden", "64", "--heads", "4", "--vocab", "128",
+                   "--steps", "3", "--iters", "2", "--warmup", "1"], "outputs match"),
 }
 #: what every example says of its baseline on the CPU; the timed ones add why no ratio is given
 CPU_BASELINE = "baseline: torch.distributed on a gloo group (CPU transport)"
@@ -42,8 +43,8 @@ def _env() -> dict:
 
 
 def _run(args, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def test_every_example_has_a_case():
