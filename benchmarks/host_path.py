@@ -100,13 +100,17 @@ def _cases(nbytes: int, world: int, rank: int, dtype, dev) -> dict:
     n = max(nbytes // dtype.itemsize, 1)
     H = 256 if n >= 256 else n
     rows = max(n // H, 1) * world  # fused input [rows, H]: each rank's output shard is n elements
-    ag_in, ag_out = torch.ones(n, dtype=dtype, device=dev), torch.empty(n * world, dtype=dtype, device=dev)
-    rs_in, rs_out = torch.ones(n * world, dtype=dtype, device=dev), torch.empty(n, dtype=dtype, device=dev)
+    ag_in = torch.ones(n, dtype=dtype, device=dev)
+    ag_out = torch.empty(n * world, dtype=dtype, device=dev)
+    rs_in = torch.ones(n * world, dtype=dtype, device=dev)
+    rs_out = torch.empty(n, dtype=dtype, device=dev)
     ar = torch.ones(n, dtype=dtype, device=dev)
     x = torch.ones(rows, H, dtype=dtype, device=dev)
-    res_s, res_f = torch.zeros(rows // world, H, dtype=dtype, device=dev), torch.zeros(rows, H, dtype=dtype, device=dev)
+    res_s = torch.zeros(rows // world, H, dtype=dtype, device=dev)
+    res_f = torch.zeros(rows, H, dtype=dtype, device=dev)
     w = torch.ones(H, dtype=dtype, device=dev)
-    out_f, out_s = torch.empty(rows, H, dtype=dtype, device=dev), torch.empty(rows // world, H, dtype=dtype, device=dev)
+    out_f = torch.empty(rows, H, dtype=dtype, device=dev)
+    out_s = torch.empty(rows // world, H, dtype=dtype, device=dev)
     counts = torch.full((world,), n, dtype=torch.int32, device=dev)
     return {
         "all_gather_into_tensor": lambda: st.all_gather_into_tensor(ag_out, ag_in),
@@ -165,7 +169,8 @@ def measure(rank: int, world: int, nbytes: int, calls: int, repeats: int, ops) -
     cases["all_gather_into_tensor"]()  # the plan _layers reads is the all-gather's
     lines += [f"{name:<44}{us:8.2f}" for name, us in _layers(ag_args, calls, repeats)]
     lines += ["", f"{'op':<40}{'no-op launch':>13}" +
-              (f"{'real eager':>12}{'direct':>10}{'C launch':>10}{'ours':>8}{'fn.run':>9}" if on_gpu else "")]
+              (f"{'real eager':>12}{'direct':>10}{'C launch':>10}{'ours':>8}{'fn.run':>9}"
+               if on_gpu else "")]
     for name in ops:
         with _NoLaunch(plans[name]):
             noop = per_call_us(cases[name], calls, repeats)
@@ -206,8 +211,9 @@ def _gpu_row(call, plan, calls: int, repeats: int) -> str:
         c_launch, coop, pdl = raw
         args, stream = launch.bound_args(kl), torch.cuda.current_stream().cuda_stream
         fn_, packed = kern.function, kern.packed_metadata
-        c_us = per_call_us(lambda: c_launch(kl.grid, 1, 1, stream, fn_, coop, pdl, None, None, packed,
-                                            None, None, None, *args), calls, repeats, sync)
+        c_us = per_call_us(lambda: c_launch(kl.grid, 1, 1, stream, fn_, coop, pdl, None, None,
+                                            packed, None, None, None, *args),
+                           calls, repeats, sync)
     sync()
     dist.barrier()
     return f"{real:12.2f}{direct:10.2f}{c_us:10.2f}{real - c_us:8.2f}{run:9.2f}"
@@ -237,7 +243,8 @@ def main() -> None:
     if "RANK" in os.environ:  # under torchrun
         group, created = bench.init_distributed()
         try:
-            text = measure(dist.get_rank(), dist.get_world_size(), args.bytes, calls, args.repeats, ops)
+            text = measure(dist.get_rank(), dist.get_world_size(), args.bytes, calls,
+                           args.repeats, ops)
             if dist.get_rank() == 0:
                 print(text, flush=True)
         finally:

@@ -1,7 +1,8 @@
-"""The ceiling of SM-driven stores across GPUs: 512 MiB copied into the next rank's symmetric buffer
-by a Triton kernel (every rank at once, as in a collective), over block sizes, warps, grids, load
-eviction policies and store cache modifiers, against the copy engine (``tensor.copy_`` into the
-peer's buffer, the bench's "peer copy" ceiling). Prints GB/s of the slowest rank per variant.
+"""The ceiling of SM-driven stores across GPUs: 512 MiB (``--mib``) copied into the next rank's
+symmetric buffer by a Triton kernel (every rank at once, as in a collective), over block sizes,
+warps, grids, load eviction policies and store cache modifiers, against the copy engine
+(``tensor.copy_`` into the peer's buffer, the bench's "peer copy" ceiling). Prints GB/s of the
+slowest rank per variant.
 
 Measured on 2x H200 (NV18), one rank per GPU
 (benchmarks/results/archive/2026-11-26_03dcc40/sm_store_ceiling_h200x2_w2.txt):
@@ -13,8 +14,11 @@ Run (multicast off, as on every GPU machine here):
 
     TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1 \\
         python -m torch.distributed.run --standalone --nproc-per-node 2 \\
-        benchmarks/sm_store_ceiling.py
+        benchmarks/sm_store_ceiling.py [--mib 512]
 """
+import argparse
+import sys
+
 import torch
 import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm_mem
@@ -37,11 +41,21 @@ def copy_kernel(src_ptr, dst_addr, n, BLOCK: tl.constexpr, LOAD_EVICT: tl.conste
         c += nprog
 
 
-def main():
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0],
+                                epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mib", type=int, default=512,
+                   help="MiB copied per variant (default %(default)s)")
+    args = p.parse_args(argv)
+    if args.mib < 1:
+        p.error(f"--mib must be >= 1, got {args.mib}")
+    if not torch.cuda.is_available():
+        sys.exit("sm_store_ceiling.py needs one CUDA GPU per rank (NCCL group, torchrun)")
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank)
-    nbytes = 512 << 20
+    nbytes = args.mib << 20
     buf = symm_mem.empty(nbytes // 2, dtype=torch.bfloat16, device=f"cuda:{rank}")
     hdl = symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
     peer = (rank + 1) % world

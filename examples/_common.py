@@ -14,6 +14,12 @@ repository root; ``python examples/<name>.py`` alone runs one rank). Where thing
   backend), a gloo process group, and the same Triton kernels in the Triton interpreter
   (``import symmtriton`` sets ``TRITON_INTERPRET=1``). Slow, but exact: use small sizes.
 
+Timings: each example times symmtriton next to torch.distributed on the same process group,
+the baseline, and says what that runs on. It quotes a speed-up only where the two compare like
+for like: one rank per GPU with an NCCL group. With ranks sharing one GPU (the baseline on gloo,
+a CPU transport) or on the CPU host backend (symmtriton in the Triton interpreter) it prints
+both times and says why they do not compare.
+
 On machines with NVLink multicast hardware that must not use it, export
 ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1``.
 
@@ -55,13 +61,15 @@ class Env:
     device: torch.device
     group: dist.ProcessGroup
     dist_backend: str  #: "nccl" or "gloo"
+    shared_gpu: bool = False  #: more ranks on this node than GPUs: they share one
 
     @property
     def on_gpu(self) -> bool:
         return self.device.type == "cuda"
 
     def describe(self) -> str:
-        where = torch.cuda.get_device_name(self.device) if self.on_gpu else "cpu (host backend, Triton interpreter)"
+        where = (torch.cuda.get_device_name(self.device) if self.on_gpu
+                 else "cpu (host backend, Triton interpreter)")
         return f"world={self.world_size} {self.dist_backend} {where}"
 
 
@@ -82,7 +90,8 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def parser(description: str, *, timing: bool = True, iters: int = 20, warmup: int = 3) -> argparse.ArgumentParser:
+def parser(description: str, *, timing: bool = True, iters: int = 20,
+           warmup: int = 3) -> argparse.ArgumentParser:
     """An argument parser with the flags the examples share: ``--dtype``, ``--buffer-mb`` and,
     with ``timing``, ``--iters`` and ``--warmup``. The launch notes of this module go into
     ``--help``."""
@@ -129,6 +138,7 @@ def init_distributed() -> Env:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated",
                             category=FutureWarning)
     backend = select_backend()
+    shared_gpu = False
     if backend == "cuda":
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         shared_gpu = local_world > torch.cuda.device_count()
@@ -141,7 +151,7 @@ def init_distributed() -> Env:
     dist.init_process_group(dist_backend, rank=rank, world_size=world,
                             store=None if under_torchrun else dist.HashStore(),
                             device_id=device if dist_backend == "nccl" else None)
-    env = Env(rank, world, local_rank, device, dist.group.WORLD, dist_backend)
+    env = Env(rank, world, local_rank, device, dist.group.WORLD, dist_backend, shared_gpu)
     _ENV[:] = [env]
     return env
 
@@ -249,20 +259,58 @@ def us(seconds: float) -> str:
     return f"{seconds * 1e6:.1f} us"
 
 
+# -- the baseline --------------------------------------------------------------------------------
+def baseline(env: Env) -> str:
+    """What the torch.distributed side of the comparison runs on, in words."""
+    if env.dist_backend == "nccl":
+        return "baseline: torch.distributed on an NCCL group (GPU to GPU)"
+    if env.on_gpu:
+        return ("baseline: torch.distributed on a gloo group (CPU transport: GPU tensors go "
+                "through host memory)")
+    return "baseline: torch.distributed on a gloo group (CPU transport)"
+
+
+def not_comparable(env: Env) -> list[str]:
+    """Why symmtriton's times and the baseline's do not compare like for like here (empty: they
+    do, one rank per GPU and the baseline on NCCL)."""
+    why = []
+    if not env.on_gpu:
+        why.append("CPU host backend: symmtriton's kernels run in the Triton interpreter")
+    if env.shared_gpu:
+        why.append(f"{env.world_size} ranks share one GPU")
+    if env.on_gpu and env.dist_backend != "nccl":
+        why.append("the baseline moves data through the CPU (gloo), symmtriton through GPU memory")
+    return why
+
+
+def versus_baseline(env: Env, ours: dict, theirs: float) -> str:
+    """The line that follows a timing: :func:`baseline`, then each of ``ours`` (name ->
+    seconds) as a speed-up over ``theirs`` (seconds) where the comparison is like for like,
+    else a note saying why no ratio is given (both times are printed already)."""
+    why = not_comparable(env)
+    if why:
+        return f"  {baseline(env)}; times not comparable, no ratio given: {'; '.join(why)}"
+    ratios = ", ".join(f"{name} {theirs / t:.2f}x" for name, t in ours.items())
+    return f"  {baseline(env)}; speed-up over it: {ratios}"
+
+
 def buffer(env: Env, args) -> st.SymmetricMemoryBuffer:
     """The examples' symmetric buffer on ``env.group`` (``--buffer-mb``); collectives on the
     group use it (``SymmetricMemoryManager.buffer_for_group``)."""
-    return st.SymmetricMemoryManager.get_buffer(BUFFER_KEY, process_group=env.group, size_mb=args.buffer_mb)
+    return st.SymmetricMemoryManager.get_buffer(BUFFER_KEY, process_group=env.group,
+                                                size_mb=args.buffer_mb)
 
 
-def compare_variants(env: Env, args, title: str, variants: dict, expect: torch.Tensor, reference) -> None:
-    """Check and time the ways of running one collective, and print one line on rank 0.
+def compare_variants(env: Env, args, title: str, variants: dict, expect: torch.Tensor,
+                     reference) -> None:
+    """Check and time the ways of running one collective; print on rank 0 one line of times
+    and one of :func:`versus_baseline`.
 
     ``variants`` maps a name to a function that runs the collective and returns its result (or
     to ``None`` when that way is unavailable); each result must equal ``expect`` bit for bit on
     every rank. ``reference`` runs the same collective through ``torch.distributed`` (timed
     too). Raises :class:`CheckFailed` on a mismatch."""
-    parts = []
+    parts, times = [], {}
     for name, fn in variants.items():
         if fn is None:
             parts.append(f"{name} unavailable")
@@ -270,6 +318,9 @@ def compare_variants(env: Env, args, title: str, variants: dict, expect: torch.T
         got = fn()
         synchronize(env)
         all_ranks_agree(env, torch.equal(got, expect), f"{title} {name}")
-        parts.append(f"{name} {us(time_per_call(env, fn, args.iters, args.warmup))}")
-    parts.append(f"torch.distributed {us(time_per_call(env, reference, args.iters, args.warmup))}")
+        times[name] = time_per_call(env, fn, args.iters, args.warmup)
+        parts.append(f"{name} {us(times[name])}")
+    theirs = time_per_call(env, reference, args.iters, args.warmup)
+    parts.append(f"torch.distributed {us(theirs)}")
     log(env, f"{title}: {', '.join(parts)}; results match torch.distributed")
+    log(env, versus_baseline(env, times, theirs))

@@ -20,7 +20,8 @@ weights. One layer step:
 The counts stay on the device, so on GPU one step of each is captured in a CUDA graph once and
 replayed with new tokens and counts every step (the torch.distributed layer too when its group
 is NCCL). Rank 0 checks every step against the torch.distributed layer (bf16 tolerance on GPU)
-and prints the time per step of both.
+and prints the time per step of both, what the baseline runs on and the speed-up where the two
+compare like for like (one rank per GPU, NCCL).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ class MoE:
         views = buf.maybe_get_tensors(specs)["tensors"]
         shapes = [(W * cap, H), (W * cap, k), (W * cap, k)]
         if views is None:  # no symmetric memory: plain tensors (staged or torch fallback)
-            self.gathered = [torch.zeros(s, dtype=d, device=dev) for s, (_, d) in zip(shapes, specs)]
+            self.gathered = [torch.zeros(s, dtype=d, device=dev)
+                             for s, (_, d) in zip(shapes, specs)]
         else:
             self.gathered = [v.view(d).view(s) for (v, _), s, (_, d) in zip(views, shapes, specs)]
             for t in self.gathered:
@@ -155,10 +157,12 @@ def main() -> None:
     t_theirs = _common.time_per_call(env, theirs, args.iters, args.warmup)
     mode = "graph" if env.on_gpu else "eager"
     _common.log(env, f"ep_moe {env.describe()} hidden={args.hidden} tokens<={args.tokens}/rank "
-                     f"experts={args.experts}/rank topk={args.topk} {str(dtype).removeprefix('torch.')}: "
+                     f"experts={args.experts}/rank topk={args.topk} "
+                     f"{str(dtype).removeprefix('torch.')}: "
                      f"symmtriton {_common.us(t_ours)} ({mode}), torch.distributed "
                      f"{_common.us(t_theirs)} ({mode if env.dist_backend == 'nccl' else 'eager'}) "
                      f"per step; outputs match (max diff {worst:.3g})")
+    _common.log(env, _common.versus_baseline(env, {"symmtriton": t_ours}, t_theirs))
     _common.finish(env)
 
 

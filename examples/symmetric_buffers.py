@@ -34,8 +34,8 @@ def packing(env, buf) -> None:
     views = [raw.view(dtype) for (raw, _), (_, dtype) in zip(packed["tensors"], specs)]
     _common.all_ranks_agree(env, [v.numel() for v in views] == [n for n, _ in specs],
                             "maybe_get_tensors sizes")
-    _common.log(env, f"  maybe_get_tensors({[(n, str(d).removeprefix('torch.')) for n, d in specs]}, "
-                     f"alignment=16) -> byte offsets {offsets}")
+    names = [(n, str(d).removeprefix('torch.')) for n, d in specs]
+    _common.log(env, f"  maybe_get_tensors({names}, alignment=16) -> byte offsets {offsets}")
 
 
 def scratch_rule(env, buf) -> None:
@@ -70,8 +70,9 @@ def zero_copy_collectives(env, buf, n: int, dtype) -> None:
     dist.all_gather_into_tensor(ref, ref_shard, group=env.group)
     _common.all_ranks_agree(env, torch.equal(shard, ref_shard) and torch.equal(ag_out, ref),
                             "zero-copy reduce-scatter + all-gather")
-    _common.log(env, f"  zero-copy: reduce_scatter_tensor from byte {rs_off}, all_gather_into_tensor "
-                     f"into byte {ag_off}: equal to torch.distributed")
+    _common.log(env, f"  zero-copy: reduce_scatter_tensor from byte {rs_off}, "
+                     f"all_gather_into_tensor into byte {ag_off}: equal to torch.distributed "
+                     f"(checked, not timed; {_common.baseline(env)})")
 
 
 def main() -> None:
@@ -84,22 +85,24 @@ def main() -> None:
 
     buf = _common.buffer(env, args)
     again = st.SymmetricMemoryManager.get_buffer(_common.BUFFER_KEY)  # cached: no group needed
-    _common.all_ranks_agree(env, again is buf and st.SymmetricMemoryManager.is_initialized(_common.BUFFER_KEY),
-                            "get_buffer cache")
+    cached = again is buf and st.SymmetricMemoryManager.is_initialized(_common.BUFFER_KEY)
+    _common.all_ranks_agree(env, cached, "get_buffer cache")
     _common.log(env, f"symmetric_buffers {env.describe()}: {buf!r}")
     if buf.symm_mem_hdl is None:
-        _common.all_ranks_agree(env, buf.maybe_get_tensor((1,), dtype) == {"tensor": None, "handle": None},
-                                "None form")
+        none_form = buf.maybe_get_tensor((1,), dtype) == {"tensor": None, "handle": None}
+        _common.all_ranks_agree(env, none_form, "None form")
         _common.log(env, f"  symmetric memory unavailable ({buf.init_failure_reason}): the maybe_* "
                          "calls return None forms and collectives fall back to torch.distributed")
     else:
         got = buf.maybe_get_tensor((8, 16), dtype)
-        _common.log(env, f"  maybe_get_tensor((8, 16), {dtype}) -> tensor {tuple(got['tensor'].shape)} "
+        _common.log(env, f"  maybe_get_tensor((8, 16), {dtype}) -> tensor "
+                         f"{tuple(got['tensor'].shape)} "
                          f"at byte 0, handle rank {got['handle'].rank}/{got['handle'].world_size}")
         too_big = buf.maybe_get_tensor((buf.nbytes + 1,), torch.uint8)
         _common.all_ranks_agree(env, too_big["tensor"] is None and too_big["handle"] is None,
                                 "too large a request")
-        _common.log(env, f"  maybe_get_tensor of {buf.nbytes + 1} bytes -> None form (does not fit)")
+        _common.log(env, f"  maybe_get_tensor of {buf.nbytes + 1} bytes -> None form "
+                         "(does not fit)")
         packing(env, buf)
         scratch_rule(env, buf)
         zero_copy_collectives(env, buf, args.numel, dtype)

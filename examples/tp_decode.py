@@ -1,9 +1,9 @@
 """Tensor-parallel decoding with a sequence-sharded residual stream: symmtriton's fused
 reduce-scatter + residual add + RMSNorm + all-gather against torch.distributed collectives.
 
-    torchrun --nproc-per-node=8 examples/tp_decode.py              # 8 GPUs, hidden 4096, CUDA graphs
+    torchrun --nproc-per-node=8 examples/tp_decode.py          # 8 GPUs, hidden 4096, CUDA graphs
     TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1 torchrun --nproc-per-node=2 examples/tp_decode.py
-                                                                   # 2 ranks on 1 GPU (start MPS to time)
+                                                     # 2 ranks on 1 GPU (start MPS to time)
     SYMMTRITON_BACKEND=host torchrun --nproc-per-node=2 examples/tp_decode.py --steps 3 --iters 2
     torchrun --nproc-per-node=2 examples/tp_decode.py --mode ar    # no sequence parallelism
 
@@ -29,7 +29,9 @@ On GPU one decode step is captured in a CUDA graph and replayed (the
 torch.distributed path too when its group is NCCL; gloo cannot be captured). The check feeds
 the torch.distributed model the tokens the symmtriton model decoded, compares the final normed
 hidden states of every step (bf16 tolerance on GPU, fp32 on CPU), and rank 0 prints the
-per-token latency (one decode step) of both and their largest difference.
+per-token latency (one decode step) of both, what the torch.distributed baseline runs on (the
+speed-up only where the two compare like for like: one rank per GPU, NCCL) and the largest
+difference.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ class Model:
                         * cfg.hidden ** -0.5).to(cfg.dtype)
         self.final_norm = (1 + 0.1 * torch.randn(cfg.hidden, generator=g, device=dev)).to(cfg.dtype)
         self.prompt = torch.randint(0, cfg.vocab, (cfg.batch,), generator=g, device=dev)
-        self.layers = [Layer(cfg, env.world_size, env.rank, i, dev, seed) for i in range(cfg.layers)]
+        self.layers = [Layer(cfg, env.world_size, env.rank, i, dev, seed)
+                       for i in range(cfg.layers)]
         s = cfg.batch // env.world_size if sequence_parallel else cfg.batch
         # this rank's tokens (all of them when the residual is replicated)
         self.rows = slice(env.rank * s, (env.rank + 1) * s) if sequence_parallel else slice(None)
@@ -133,7 +136,8 @@ class Model:
             attn = scores.softmax(-1).to(cfg.dtype) @ layer.v_cache               # [S, hl, 1, hd]
             h = comm.row_parallel(attn.reshape(S, hl * hd), layer.wo, self.residual, layer.mlp_norm)
             gate, up = (h @ layer.w_gate_up).chunk(2, dim=-1)
-            next_norm = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.final_norm
+            last = i + 1 == len(self.layers)
+            next_norm = self.final_norm if last else self.layers[i + 1].attn_norm
             h = comm.row_parallel(F.silu(gate) * up, layer.w_down, self.residual, next_norm)
         self.tokens.copy_((h @ self.lm_head).argmax(-1))
         self.pos.add_(1).remainder_(cfg.max_len)
@@ -154,8 +158,8 @@ class SymmtritonComm:
         self.out = torch.empty(cfg.batch, cfg.hidden, dtype=cfg.dtype, device=env.device)
 
     def all_gather_normed(self, residual, weight):
-        torch.ops.symmtriton.all_gather_into_tensor(self.out, rmsnorm(residual, weight, self.cfg.eps),
-                                                    self.group_name)
+        torch.ops.symmtriton.all_gather_into_tensor(
+            self.out, rmsnorm(residual, weight, self.cfg.eps), self.group_name)
         return self.out
 
     def row_parallel(self, x, w, residual, norm_weight):
@@ -173,11 +177,13 @@ class TorchComm:
     def __init__(self, cfg: Config, env: _common.Env):
         self.cfg, self.group = cfg, env.group
         self.partial = torch.empty(cfg.batch, cfg.hidden, dtype=cfg.dtype, device=env.device)
-        self.shard = torch.empty(cfg.batch // env.world_size, cfg.hidden, dtype=cfg.dtype, device=env.device)
+        self.shard = torch.empty(cfg.batch // env.world_size, cfg.hidden, dtype=cfg.dtype,
+                                 device=env.device)
         self.out = torch.empty_like(self.partial)
 
     def all_gather_normed(self, residual, weight):
-        dist.all_gather_into_tensor(self.out, rmsnorm(residual, weight, self.cfg.eps), group=self.group)
+        dist.all_gather_into_tensor(self.out, rmsnorm(residual, weight, self.cfg.eps),
+                                    group=self.group)
         return self.out
 
     def row_parallel(self, x, w, residual, norm_weight):
@@ -265,7 +271,8 @@ def check(env, model: Model, symm_step, torch_step, steps: int, dtype) -> float:
     _common.synchronize(env)
     diff, scale = _common.max_over_ranks(env, diff), _common.max_over_ranks(env, scale)
     bound = TOLERANCE[dtype] * max(scale, 1.0)
-    _common.all_ranks_agree(env, diff <= bound, f"tp_decode: max abs diff {diff:.3g} > tolerance {bound:.3g}")
+    _common.all_ranks_agree(env, diff <= bound,
+                            f"tp_decode: max abs diff {diff:.3g} > tolerance {bound:.3g}")
     return diff, bound
 
 
@@ -279,7 +286,8 @@ def config_from(args, env, p: argparse.ArgumentParser) -> Config:
         ffn=args.ffn if args.ffn is not None else -(-hidden * 8 // 3 // 256) * 256,
         vocab=_common.pick(args.vocab, env, 32000, 512),
         batch=_common.pick(args.batch, env, 8 * world, 2 * world),
-        max_len=_common.pick(args.max_len, env, 256, 16), eps=args.eps, dtype=_common.dtype_of(args, env))
+        max_len=_common.pick(args.max_len, env, 256, 16), eps=args.eps,
+        dtype=_common.dtype_of(args, env))
     for what, value, divisor in (("--batch", cfg.batch, world), ("--heads", cfg.heads, world),
                                  ("--ffn", cfg.ffn, world), ("--hidden", cfg.hidden, cfg.heads)):
         if value % divisor:
@@ -292,16 +300,21 @@ def main() -> None:
     p.add_argument("--layers", type=_common.positive_int, help="transformer blocks (GPU 4, CPU 2)")
     p.add_argument("--hidden", type=_common.positive_int, help="hidden size (GPU 4096, CPU 256)")
     p.add_argument("--heads", type=_common.positive_int, help="attention heads (GPU 32, CPU 4)")
-    p.add_argument("--ffn", type=_common.positive_int, help="MLP width (default: 8/3 hidden, rounded up to 256)")
-    p.add_argument("--vocab", type=_common.positive_int, help="vocabulary size (GPU 32000, CPU 512)")
+    p.add_argument("--ffn", type=_common.positive_int,
+                   help="MLP width (default: 8/3 hidden, rounded up to 256)")
+    p.add_argument("--vocab", type=_common.positive_int,
+                   help="vocabulary size (GPU 32000, CPU 512)")
     p.add_argument("--batch", type=_common.positive_int,
-                   help="sequences decoded together = tokens per step (GPU 8 x world, CPU 2 x world)")
+                   help="sequences decoded together = tokens per step "
+                        "(GPU 8 x world, CPU 2 x world)")
     p.add_argument("--max-len", type=_common.positive_int, help="KV cache length (GPU 256, CPU 16)")
     p.add_argument("--steps", type=_common.positive_int, default=8,
                    help="decode steps compared between the two paths (default %(default)s)")
     p.add_argument("--eps", type=float, default=1e-6, help="RMSNorm epsilon (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="weights and prompt seed (default %(default)s)")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="run the decode steps eagerly on GPU")
+    p.add_argument("--seed", type=int, default=0,
+                   help="weights and prompt seed (default %(default)s)")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run the decode steps eagerly on GPU")
     p.add_argument("--mode", choices=("sp", "ar"), default="sp",
                    help="sp: sequence-parallel residual, fused reduce-scatter + all-gather; ar: "
                         "replicated residual, fused all-reduce (default %(default)s)")
@@ -323,14 +336,17 @@ def main() -> None:
     model.reset()
     t_symm = _common.time_per_call(env, symm_step, args.iters, args.warmup)
     t_torch = _common.time_per_call(env, torch_step, args.iters, args.warmup)
-    graph_note = {(True, True): "both", (True, False): f"symmtriton only ({env.dist_backend} cannot be captured)",
+    graph_note = {(True, True): "both",
+                  (True, False): f"symmtriton only ({env.dist_backend} cannot be captured)",
                   (False, False): "off"}[(graphs, torch_graph)]
     _common.log(env, (
         f"tp_decode {env.describe()} layers={cfg.layers} hidden={cfg.hidden} heads={cfg.heads} "
-        f"ffn={cfg.ffn} batch={cfg.batch} {str(cfg.dtype).removeprefix('torch.')} cuda_graphs={graph_note} "
+        f"ffn={cfg.ffn} batch={cfg.batch} {str(cfg.dtype).removeprefix('torch.')} "
+        f"cuda_graphs={graph_note} "
         f"mode={args.mode}\n"
         f"  per-token latency (one decode step): {symm_cls.name} {_common.us(t_symm)}, "
-        f"{torch_cls.name} {_common.us(t_torch)}; speed-up {t_torch / t_symm:.2f}x\n"
+        f"{torch_cls.name} {_common.us(t_torch)}\n"
+        f"{_common.versus_baseline(env, {symm_cls.name: t_symm}, t_torch)}\n"
         f"  max abs diff of the normed hidden states over {args.steps} steps: {diff:.3g} "
         f"(tolerance {bound:.3g}): outputs match"))
     _common.finish(env)

@@ -1,99 +1,151 @@
-"""``python -m symmtriton`` (this module's ``main``): a demo of the collectives on this machine, checked and timed.
+"""``python -m symmtriton`` (this module's ``main``): every public collective on this machine,
+checked against the pure-torch reference and timed.
 
 Starts ``--world-size`` local processes (no torchrun needed) on the default backend: ``host``
-(POSIX shared memory, Triton interpreter) without a GPU, ``cuda`` (several ranks on the GPUs
-there are) with one. Each runs all-gather, reduce-scatter and the fused
-reduce-scatter + add + RMSNorm + all-gather on symmetric memory, checks them against the
-pure-torch reference and reports the time per call.
+(POSIX shared memory, the Triton interpreter) without a GPU, ``cuda`` with one (every rank on
+GPU 0: the ranks share it, so times show the plumbing, not NVLink latency). Each rank runs
+every op family once on rank-tagged data (:mod:`symmtriton.workloads`), compares the result
+with :mod:`symmtriton.reference` (bit for bit, RMSNorm within 1-2 ulp), then times it:
+
+  all_gather_into_tensor, reduce_scatter_tensor, reduce_scatter_add_rmsnorm_all_gather,
+  reduce_scatter_add_rmsnorm, all_gather_v, reduce_scatter_v (skewed counts: rank 0 sends no
+  rows), all_reduce (in place, and into ``out=``), all_reduce_add_rmsnorm.
+
+One line per op: its input shape, dtype, path (``staged``: ordinary tensors, staged through the
+symmetric buffer inside the launch; ``zero-copy``: the operand peers access lies in the buffer;
+then the kernel: ``lines`` barrier-free, ``barrier``, ``push``, or the all-reduce's
+``one_shot``/``two_shot``; ``fallback``: torch.distributed, symmetric memory unavailable), OK or
+FAIL, and the time per call (slowest rank). The exit status is 1 when any check failed.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import dataclasses
 
 import torch
 import torch.distributed as dist
 
-import symmtriton as st
+from . import reference, timing
+from .bench import _variant
+from .memory import SymmetricMemoryManager
+from .ops.fused import reduce_scatter_add_rmsnorm
+from .testing import CPU_ENV, GPU_ENV, WorkerPool, device
+from .workloads import FUSED_EPS, Workload, make_workload
 
-from . import reference
-from .testing import CPU_ENV, GPU_ENV, WorkerPool, device, sync, tagged
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+#: (line label, workload op, placement, count distribution of the v ops). ``shard_norm`` is
+#: reduce_scatter_add_rmsnorm (:class:`ShardNorm`).
+CASES = (
+    ("all_gather_into_tensor", "all_gather", "staged", None),
+    ("reduce_scatter_tensor", "reduce_scatter", "zero_copy", None),
+    ("reduce_scatter_add_rmsnorm_all_gather", "fused", "staged", None),
+    ("reduce_scatter_add_rmsnorm", "shard_norm", "staged", None),
+    ("all_gather_v", "all_gather_v", "staged", "skewed"),
+    ("reduce_scatter_v", "reduce_scatter_v", "staged", "skewed"),
+    ("all_reduce (in place)", "all_reduce", "zero_copy", None),
+    ("all_reduce (out=)", "all_reduce", "staged", None),
+    ("all_reduce_add_rmsnorm", "all_reduce_add_rmsnorm", "staged", None),
+)
+#: the demo's buffer size in MiB (CPU: POSIX shared memory, reserved in full).
+BUFFER_MB = {"cuda": 64, "cpu": 16}
 
 
-def _demo(rank, world, numel, hidden, iters):
-    buf = st.SymmetricMemoryManager.get_buffer("demo", dist.group.WORLD, size_mb=64)
-    dtype = torch.bfloat16
-    rows = []
+class ShardNorm(Workload):
+    """``reduce_scatter_add_rmsnorm``: the ``fused`` workload's operands with this rank's
+    ``[rows, hidden]`` shard as output (no all-gather); checks the normed shard and the updated
+    residual."""
 
-    def timed(fn):
-        fn()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        sync()
-        return (time.perf_counter() - t0) / iters * 1e6
+    @classmethod
+    def make(cls, rows_numel: int, dtype, group, hidden: int) -> "ShardNorm":
+        wl = make_workload("fused", rows_numel, dtype, group, hidden=hidden)
+        out = torch.empty_like(wl.tensors["residual"])
+        fields = {f.name: getattr(wl, f.name) for f in dataclasses.fields(wl)}
+        return cls(**{**fields, "tensors": {**wl.tensors, "output": out}})
 
-    x = tagged(numel, dtype, rank)
-    out = torch.empty(world * numel, dtype=dtype, device=device())
-    us = timed(lambda: st.all_gather_into_tensor(out, x))
-    ok = torch.equal(out, reference.all_gather([tagged(numel, dtype, r) for r in range(world)]))
-    rows.append(("all_gather_into_tensor", world * numel * 2, ok, us))
+    def run(self, config=None):
+        t = self.tensors
+        return reduce_scatter_add_rmsnorm(t["input"], t["residual"], t["weight"], eps=FUSED_EPS,
+                                          group=self.group, out=t["output"], config=config)
 
-    inp = buf.maybe_get_tensor((world * numel,), dtype)["tensor"]  # zero-copy input
-    shard = torch.empty(numel, dtype=dtype, device=device())
+    def expected(self) -> dict:
+        inputs = [self._inputs(r) for r in range(self.world)]
+        normed, residual = reference.reduce_scatter_add_rmsnorm(
+            inputs, self._residual(self.rank), self.tensors["weight"], FUSED_EPS, self.rank)
+        return {"output": normed, "residual": residual}
 
-    def rs():
-        inp.copy_(tagged(world * numel, dtype, rank))
-        st.reduce_scatter_tensor(shard, inp)
 
-    us = timed(rs)
-    ok = torch.equal(shard, reference.reduce_scatter(
-        [tagged(world * numel, dtype, r) for r in range(world)], rank))
-    rows.append(("reduce_scatter_tensor", world * numel * 2, ok, us))
+def _workload(op: str, placement: str, counts, numel: int, rows: int, hidden: int, dtype, group):
+    """The operands of one case: ``numel`` elements per rank for the flat ops, ``rows`` rows
+    of ``hidden`` per rank (``world * rows`` tokens in all) for the row ops."""
+    world = dist.get_world_size(group)
+    if op == "shard_norm":
+        return ShardNorm.make(rows * hidden, dtype, group, hidden)
+    if op in ("all_gather", "reduce_scatter", "all_reduce"):
+        return make_workload(op, numel, dtype, group, placement=placement)
+    total = world * rows * hidden if op == "all_reduce_add_rmsnorm" else rows * hidden
+    return make_workload(op, total, dtype, group, placement=placement, hidden=hidden, counts=counts)
 
-    s = 2
-    f_in = tagged(world * s * hidden, dtype, rank, 1).view(world * s, hidden)
-    weight = torch.ones(hidden, dtype=dtype, device=device())
-    residual = tagged(s * hidden, dtype, rank, 2).view(s, hidden)
-    res0 = residual.clone()
-    normed = st.reduce_scatter_add_rmsnorm_all_gather(f_in, residual, weight)
-    inputs = [tagged(world * s * hidden, dtype, r, 1).view(world * s, hidden) for r in range(world)]
-    exp = [reference.reduce_scatter_add_rmsnorm(inputs, tagged(s * hidden, dtype, r, 2).view(s, hidden),
-                                                weight, 1e-6, r) for r in range(world)]
-    ok = torch.equal(residual, exp[rank][1]) and torch.allclose(
-        normed.float(), torch.cat([e[0] for e in exp]).float(), rtol=1.6e-2, atol=1e-2)
-    scratch = res0.clone()
-    us = timed(lambda: st.reduce_scatter_add_rmsnorm_all_gather(f_in, scratch, weight, out=normed))
-    rows.append(("reduce_scatter_add_rmsnorm_all_gather", world * s * hidden * 2, ok, us))
-    return buf.backend, str(device()), rows
+
+def _demo(rank, world, numel, rows, hidden, dtype_name, iters, warmup):
+    """Check and time every case on this rank: [(label, shape, path, ok, seconds | None)]."""
+    dev = device()
+    buf = SymmetricMemoryManager.get_buffer("demo", dist.group.WORLD, size_mb=BUFFER_MB[dev.type])
+    group, dtype, lines = dist.group.WORLD, DTYPES[dtype_name], []
+    for label, op, placement, counts in CASES:
+        wl = _workload(op, placement, counts, numel, rows, hidden, dtype, group)
+        ok = timing.all_ranks_ok(wl.check(), group)
+        kernel = _variant(None) if buf.symm_mem_hdl is not None else "fallback"
+        path = ", ".join(x for x in (placement.replace("_", "-"), kernel) if x)
+        t = timing.agreed_time(wl.run, "eager", device=dev, group=group, iters=iters, warmup=warmup)
+        shape = str(list(wl.tensors["input"].shape))
+        if wl.counts is not None:
+            shape += f" counts {list(wl.counts)}"
+        lines.append((label, shape, path, ok, t))
+    return buf.backend, str(dev), lines
+
+
+def human_time(seconds) -> str:
+    """``12.3 us``, ``4.56 ms`` or ``2.35 s``; ``-`` when the timing failed."""
+    if seconds is None:
+        return "-"
+    for unit, scale in (("us", 1e6), ("ms", 1e3)):
+        if seconds * scale < 1000:
+            return f"{seconds * scale:.1f} {unit}"
+    return f"{seconds:.2f} s"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m symmtriton", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, default=2, help="local processes (default 2)")
-    p.add_argument("--numel", type=int, default=4096, help="elements per rank for AG/RS (bf16)")
-    p.add_argument("--hidden", type=int, default=1024, help="hidden size of the fused op")
-    p.add_argument("--iters", type=int, default=None, help="timed calls (default 3 CPU, 100 GPU)")
+    p.add_argument("--numel", type=int, default=None,
+                   help="elements per rank of the flat ops: all-gather input, reduce-scatter "
+                        "output, all-reduce tensor (default 4096 GPU, 256 CPU)")
+    p.add_argument("--rows", type=int, default=2,
+                   help="rows per rank of the row ops (fused, v, all-reduce + RMSNorm; "
+                        "default %(default)s)")
+    p.add_argument("--hidden", type=int, default=None,
+                   help="row length of the row ops (default 1024 GPU, 64 CPU)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
+    p.add_argument("--iters", type=int, default=None, help="timed calls (default 100 GPU, 2 CPU)")
     args = p.parse_args(argv)
-    if args.world_size < 1 or args.numel < 1 or args.hidden < 1:
-        p.error("--world-size, --numel and --hidden must be >= 1")
     gpu = torch.cuda.is_available()
-    iters = args.iters or (100 if gpu else 3)
-    with WorkerPool(args.world_size, env=GPU_ENV if gpu else CPU_ENV, timeout=600) as pool:
-        results = pool.run(_demo, args.numel, args.hidden, iters)
-    backend, dev, _ = results[0]
-    print(f"symmtriton demo: {args.world_size} ranks, backend {backend} ({dev}), bf16, "
-          f"{iters} timed calls per op{' (Triton interpreter: slow by design)' if not gpu else ''}")
-    print(f"{'op':40s} {'bytes':>10s} {'correct':>8s} {'us/call (max over ranks)':>26s}")
-    all_ok = True
-    for i, (op, nbytes, _, _) in enumerate(results[0][2]):
-        ok = all(r[2][i][2] for r in results)
-        us = max(r[2][i][3] for r in results)
-        all_ok &= ok
-        print(f"{op:40s} {nbytes:10d} {str(ok):>8s} {us:26.1f}")
-    return 0 if all_ok else 1
-
-
+    numel, hidden, iters = (default if value is None else value for value, default in (
+        (args.numel, 4096 if gpu else 256), (args.hidden, 1024 if gpu else 64),
+        (args.iters, 100 if gpu else 2)))
+    if min(args.world_size, numel, args.rows, hidden, iters) < 1:
+        p.error("--world-size, --numel, --rows, --hidden and --iters must be >= 1")
+    with WorkerPool(args.world_size, env=GPU_ENV if gpu else CPU_ENV, timeout=900) as pool:
+        results = pool.run(_demo, numel, args.rows, hidden, args.dtype, iters, 10 if gpu else 0)
+    backend, dev, lines = results[0]
+    where = "the ranks share GPU 0" if gpu else "Triton interpreter: slow by design"
+    print(f"symmtriton demo: {args.world_size} ranks, backend {backend} ({dev}; {where}), "
+          f"timed calls per op: {iters}, time = the slowest rank's median")
+    print(f"{'op':38s} {'input shape':22s} {'dtype':9s} {'path':20s} {'check':5s} {'time':>9s}")
+    for label, shape, path, ok, t in lines:
+        print(f"{label:38s} {shape:22s} {args.dtype:9s} {path:20s} {'OK' if ok else 'FAIL':5s} "
+              f"{human_time(t):>9s}")
+    failed = [line[0] for line in lines if not line[3]]
+    print(f"all {len(lines)} checks passed" if not failed else f"FAILED: {', '.join(failed)}")
+    return 1 if failed else 0
