@@ -14,8 +14,9 @@ all-reduce's ``one_shot`` / ``two_shot``). Each row is checked against
 (``--graph-iters`` calls per replay): the slowest rank's median per call, with the timeout on
 (``on``) and off (``off``), and ``off/on`` (1.0: the timeout is free).
 
-benchmarks/results/barrier_probe_*.txt hold runs of an earlier version of this probe, which also
-timed barrier designs no longer in the tree; its ``lib_on`` / ``lib_off`` rows are these columns.
+benchmarks/results/archive/2026-11-25_922ac1d/barrier_probe_h100x2.txt holds a run of an
+earlier version of this probe, which also timed barrier designs no longer in the tree; its
+``lib_on`` / ``lib_off`` rows are these columns.
 
 Run (rank 0 prints; exit status 1 when a check failed):
 
