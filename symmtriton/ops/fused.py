@@ -29,8 +29,8 @@ from ..context import (LINES_ROWS_MAX_BYTES, aligned16, context, find_buffer, li
 from ..kernels.fused_rmsnorm import _fused_rmsnorm_kernel, _fused_rmsnorm_ll_kernel
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
-from .driver import (STALE, TL_DTYPE, Collective, ConfigChoice, call, choose_config, compiling,
-                     group_name, tensor_desc)
+from .driver import (STALE, TL_DTYPE, Collective, ConfigChoice, bump_versions, call,
+                     choose_config, compiling, group_name, tensor_desc)
 from .fallback import torch_fused_rmsnorm
 
 
@@ -90,9 +90,12 @@ class FusedPlan:
     def run(self, args, config):
         input, residual, weight, eps, out = args[:5]
         if out is None:
+            bump_versions((residual,))
             out, self.fresh_out = self.fresh_out, None
             if out is None:
                 out = torch.empty(self.out_shape, dtype=input.dtype, device=input.device)
+        else:
+            bump_versions((residual, out))
         kl = self.kernel
         if kl is not None:
             if not self.choice.current():
