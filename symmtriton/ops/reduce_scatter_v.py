@@ -14,7 +14,7 @@ from ..config import CONFIG_OP, LaunchConfig
 from ..context import ALIGN, aligned16, context, find_buffer, offset_in, region_after, symm_usable
 from ..kernels.reduce_scatter_v import _reduce_scatter_v_kernel
 from ..launch import Launch
-from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
+from ..validation import REDUCE_DTYPES, check_disjoint, check_same, check_tensor
 from ._vcommon import TL_COUNTS, CountsPlan, clamp_or_raise
 from .driver import TL_DTYPE, Collective, call, choose_config, compiling, group_name, tensor_desc
 
@@ -43,8 +43,7 @@ class ReduceScatterV(Collective):
             raise ValueError(f"{op}: output rows {tuple(output.shape[1:])} differ from input rows "
                              f"{tuple(input.shape[1:])}")
         C.check_counts(op, counts, dist.get_world_size(group), output.device)
-        check_distinct(op, "output", output, "input", input)
-        check_distinct(op, "output", output, "counts", counts)
+        check_disjoint(op, [("output", output), ("input", input), ("counts", counts)])
 
     def prepare(self, group, config, timeout_s, args):
         output, input, counts = args
