@@ -199,6 +199,7 @@ def call(op: Collective, group, config, timeout_s, args: tuple):
         result = plan.run(args, config)
         if result is not STALE:
             return result
+    env.timeout_ns(timeout_s)  # raises naming a bad timeout_s / SYMMTRITON_TIMEOUT_S
     op.validate(group, args)
     if uniform and plan is None:
         check_uniform(group, op.name, **op.uniform(args))
