@@ -339,7 +339,7 @@ class SymmetricMemoryManager:
         is collective). Every rank runs the same calls, so every rank picks the same buffer."""
         group = resolve_group(group)
         fallback = None
-        for buf in cls._buffers.values():
+        for buf in list(cls._buffers.values()):  # another thread may add one meanwhile
             if buf.process_group is group:
                 if buf.symm_mem_hdl is not None:
                     return buf

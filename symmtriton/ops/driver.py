@@ -15,6 +15,13 @@ Plans exist only for calls that validated; the cache is a small LRU, dropped whe
 created, closed or destroyed (its pointers may change). With ``SYMMTRITON_CHECK_UNIFORM=1`` the
 ranks compare every call's shapes first (:func:`check_uniform`).
 
+Autograd: a plan bumps the version counter of every tensor it writes (outputs, an in-place
+``tensor``, a fused op's ``residual``) before it writes, as torch's in-place ops do, so a
+backward that saved one of them raises "modified by an inplace operation" instead of using the
+new values (:data:`bump_versions`; host-side only, so CUDA graph replays do not bump).
+
+Threads: one thread at a time per group, see :mod:`._guard`.
+
 How to add an op (see ops/all_gather.py, the shortest):
 
 * ``kernels/<op>.py``: the device code (its kernel argument list is the contract);
@@ -31,6 +38,7 @@ How to add an op (see ops/all_gather.py, the shortest):
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from itertools import count
 from typing import Callable
@@ -46,6 +54,7 @@ from ..launch import Launch
 from ..memory import resolve_group
 from ..tuning import lookup_config
 from ..tuning import stamp as tuning_stamp
+from ._guard import GUARDS, concurrent_error, count_skipped, new_guard
 
 _GroupMember = dist.GroupMember
 _ProcessGroup = dist.ProcessGroup
@@ -182,11 +191,24 @@ class Collective:
 
 
 def call(op: Collective, group, config, timeout_s, args: tuple):
-    """Run ``op`` on ``args``: its stored plan, else validate -> prepare -> store -> run."""
+    """Run ``op`` on ``args``: its stored plan, else validate -> prepare -> store -> run, all
+    inside the group's in-flight guard (:mod:`._guard`)."""
     if group is None:
         group = _GroupMember.WORLD  # what resolve_group(None) returns, without its checks
     if group is None or type(group) is not _ProcessGroup:
         group = resolve_group(group, "group")
+    guard = GUARDS.get(group) or new_guard(group)
+    if not guard.lock.acquire(False):
+        raise concurrent_error(op.name, group, guard)
+    try:
+        return _call(op, group, config, timeout_s, args)
+    finally:
+        if guard.skipped:
+            count_skipped(guard)
+        guard.lock.release()
+
+
+def _call(op: Collective, group, config, timeout_s, args: tuple):
     try:
         key = op.key(group, config, timeout_s, args)
     except (AttributeError, TypeError):
@@ -228,6 +250,9 @@ PLAN_CACHE_MAX = 256
 #: benchmarks/host_path.py); the oldest tick is searched only when an insertion overflows.
 _PLANS: dict = {}
 _TICKS = count()
+#: held while the cache changes size (insert + evict, clear): calls of different groups may
+#: run in different threads (:mod:`._guard`); lookups need no lock.
+_PLANS_LOCK = threading.Lock()
 
 
 def get_plan(key):
@@ -247,27 +272,30 @@ def get_plan(key):
 def last_plan():
     """The plan used most recently (``None`` when there is none): for tools that report what a
     call launched."""
-    if not _PLANS:
+    entries = list(_PLANS.values())
+    if not entries:
         return None
-    return max(_PLANS.values(), key=lambda entry: entry[1])[0]
+    return max(entries, key=lambda entry: entry[1])[0]
 
 
 def put_plan(key, plan):
     """Store ``plan`` for ``key``, evicting the least recently used beyond :data:`PLAN_CACHE_MAX`."""
     if key is None:
         return plan
-    try:
-        _PLANS[key] = [plan, next(_TICKS)]
-    except TypeError:
-        return plan
-    while len(_PLANS) > PLAN_CACHE_MAX:
-        del _PLANS[min(_PLANS.items(), key=lambda item: item[1][1])[0]]
+    with _PLANS_LOCK:
+        try:
+            _PLANS[key] = [plan, next(_TICKS)]
+        except TypeError:
+            return plan
+        while len(_PLANS) > PLAN_CACHE_MAX:
+            del _PLANS[min(_PLANS.items(), key=lambda item: item[1][1])[0]]
     return plan
 
 
 def clear_plans(buf=None) -> None:
     """Drop every plan: which buffer a group's collectives use, and its pointers, may change."""
-    _PLANS.clear()
+    with _PLANS_LOCK:
+        _PLANS.clear()
 
 
 _memory.register_invalidation_hook(clear_plans)
