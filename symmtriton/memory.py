@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from . import backends
 from . import env
+from . import host_collectives
 from .backends import cuda as cuda_backend
 from .backends import host as host_backend
 from .kernels import protocol as _protocol
@@ -121,10 +122,9 @@ class SymmetricMemoryBuffer:
         self._setup()
 
     # -- set-up: every rank agrees before and after rendezvous, so none is left in a collective.
-    def _gather(self, obj) -> list:
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.process_group)
-        return out
+    def _gather(self, obj, what: str) -> list:
+        return host_collectives.all_gather_object(obj, self.process_group,
+                                                  f"creating a symmetric buffer ({what})")
 
     def _setup(self) -> None:
         """Allocate, agree, rendezvous, agree. Whatever ends it early (a failed vote, a peer
@@ -133,7 +133,7 @@ class SymmetricMemoryBuffer:
         local = hdl = None
         try:
             local, reason = self._allocate_local()
-            votes = self._gather((reason, self.nbytes, self.backend))
+            votes = self._gather((reason, self.nbytes, self.backend), "allocation vote")
             if len({v[1] for v in votes}) != 1 or len({v[2] for v in votes}) != 1:
                 raise ValueError(
                     "ranks disagree on the symmetric buffer: (bytes, backend) per rank = "
@@ -148,7 +148,8 @@ class SymmetricMemoryBuffer:
                 self._zero_line_area(hdl)
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
-            votes = self._gather((reason, hdl.multicast_ptr != 0 if hdl is not None else False))
+            votes = self._gather((reason, hdl.multicast_ptr != 0 if hdl is not None else False),
+                                 "rendezvous vote")
             failed = [f"rank {r}: {v[0]}" for r, v in enumerate(votes) if v[0] is not None]
             if failed:
                 self._fail("rendezvous failed on " + "; ".join(failed))

@@ -48,6 +48,7 @@ import torch.distributed as dist
 import triton.language as tl
 
 from .. import env
+from .. import host_collectives
 from .. import memory as _memory
 from ..config import LaunchConfig
 from ..launch import Launch
@@ -235,8 +236,7 @@ def check_uniform(group, op: str, **tensors: torch.Tensor) -> None:
     ranks that differ. Off by default: a mismatch is otherwise undetectable without
     communication, and corrupts or times out."""
     mine = {k: (tuple(t.shape), str(t.dtype)) for k, t in tensors.items()}
-    seen: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(seen, (op, mine), group=group)
+    seen = host_collectives.all_gather_object((op, mine), group, f"{op} ({env.CHECK_UNIFORM})")
     if any(s != seen[0] for s in seen):
         raise ValueError(f"{op}: ranks disagree on the call: " +
                          "; ".join(f"rank {r}: {s[0]} {s[1]}" for r, s in enumerate(seen)))
