@@ -62,10 +62,12 @@ def barrier(group, what: str) -> None:
 
 
 def _device(group) -> torch.device:
-    """Where the group's collectives take tensors: the current GPU for NCCL, else the CPU."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """Where the group's collectives take tensors: the CPU when its backend has gloo (``gloo``,
+    ``cpu:gloo,cuda:nccl``), else (NCCL alone) the current GPU."""
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or "nccl" not in backend:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _wait(work, deadline: float, group, what: str) -> None:

@@ -10,7 +10,9 @@ call away alike, the ranks' next calls on that group raise
 :class:`~symmtriton.errors.CollectiveMismatchError` instead of pairing wrongly (the call in
 flight may already have paired with a peer's other call: destroy the buffer). Calls on
 different groups from different threads run concurrently on the ``cuda`` backend (plans, buffers
-and launch contexts are per group; the shared plan cache is locked where it changes). On the
+and launch contexts are per group; the shared plan cache is locked where it changes; a thread
+still on another CUDA device, as new threads are, launches on the buffer's, through Triton's
+slower path: set the device in the thread for the fast one). On the
 ``host`` backend one guard covers every group: the Triton interpreter runs one kernel at a time
 per process (it patches ``triton.language`` and keeps the block index in module globals), so two
 collectives there raise the same error even on different groups.

@@ -201,33 +201,29 @@ def call(op: Collective, group, config, timeout_s, args: tuple):
     guard = GUARDS.get(group) or new_guard(group)
     if not guard.lock.acquire(False):
         raise concurrent_error(op.name, group, guard)
-    try:
-        return _call(op, group, config, timeout_s, args)
+    try:  # one frame: the guard costs a lock, not a call
+        try:
+            key = op.key(group, config, timeout_s, args)
+        except (AttributeError, TypeError):
+            key = None  # not tensors: validation raises
+        plan = get_plan(key)
+        uniform = env.check_uniform()
+        if plan is not None:
+            if uniform:
+                check_uniform(group, op.name, **op.uniform(args))
+            result = plan.run(args, config)
+            if result is not STALE:
+                return result
+        env.timeout_ns(timeout_s)  # raises naming a bad timeout_s / SYMMTRITON_TIMEOUT_S
+        op.validate(group, args)
+        if uniform and plan is None:
+            check_uniform(group, op.name, **op.uniform(args))
+        plan = put_plan(key, op.prepare(group, config, timeout_s, args))
+        return plan.run(args, config)
     finally:
         if guard.skipped:
             count_skipped(guard)
         guard.lock.release()
-
-
-def _call(op: Collective, group, config, timeout_s, args: tuple):
-    try:
-        key = op.key(group, config, timeout_s, args)
-    except (AttributeError, TypeError):
-        key = None  # not tensors: validation raises
-    plan = get_plan(key)
-    uniform = env.check_uniform()
-    if plan is not None:
-        if uniform:
-            check_uniform(group, op.name, **op.uniform(args))
-        result = plan.run(args, config)
-        if result is not STALE:
-            return result
-    env.timeout_ns(timeout_s)  # raises naming a bad timeout_s / SYMMTRITON_TIMEOUT_S
-    op.validate(group, args)
-    if uniform and plan is None:
-        check_uniform(group, op.name, **op.uniform(args))
-    plan = put_plan(key, op.prepare(group, config, timeout_s, args))
-    return plan.run(args, config)
 
 
 def check_uniform(group, op: str, **tensors: torch.Tensor) -> None:
