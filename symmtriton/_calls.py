@@ -10,9 +10,9 @@ import inspect
 import torch
 
 from .context import context
+from .errors import CollectiveTimeoutError, ConcurrentCollectiveError
 from .kernels import protocol as _protocol
 from .memory import SymmetricMemoryManager, resolve_group
-from .sync import CollectiveTimeoutError
 
 
 def call_failed(group) -> None:
@@ -51,6 +51,8 @@ def counts_calls(op):
             return op(*args, **kwargs)
         except CollectiveTimeoutError:
             raise  # the buffer is failed already; nothing to pair with
+        except ConcurrentCollectiveError:
+            raise  # counted by the call in flight when it returns (ops/_guard.py)
         except Exception as exc:
             if getattr(exc, "launched", False):
                 raise  # raised by a call every rank made (counts.counts_error): not skipped

@@ -6,7 +6,7 @@ variable                       default  meaning
 =============================  =======  =======================================================
 ``SYMMTRITON_BACKEND``         auto     ``cuda`` or ``host``: force the memory backend
 ``SYMMTRITON_DISABLE``         unset    ``1``: no symmetric memory (torch.distributed fallback)
-``SYMMTRITON_TIMEOUT_S``       300      barrier bound in seconds; ``0`` waits forever
+``SYMMTRITON_TIMEOUT_S``       300      barrier bound in s; ``0``/``inf``: forever
 ``SYMMTRITON_BARRIER_SCOPE``   auto     ``sys``: system-scope barrier atomics even on one GPU
 ``SYMMTRITON_CHECK_UNIFORM``   unset    ``1``: ranks compare every call's shapes (debugging)
 ``SYMMTRITON_DIRECT_LAUNCH``   1        ``0``: launch through ``JITFunction.run`` every time
@@ -16,7 +16,7 @@ variable                       default  meaning
 ``SYMMTRITON_EXIT_MARK``       unset    set: ``testing.teardown`` prints an exit mark (tools only)
 =============================  =======  =======================================================
 
-Only ``os`` and ``functools`` are imported: :mod:`symmtriton._interpret` reads
+Only the standard library is imported: :mod:`symmtriton._interpret` reads
 ``SYMMTRITON_BACKEND`` before torch or triton load. Per-call readers (:func:`timeout_key`,
 :func:`check_uniform`, ``tuning_cache_raw``) read the live environment with one dict lookup
 (:func:`reader`): a variable set mid-process takes effect at the next call, no refresh needed.
@@ -25,6 +25,7 @@ Only ``os`` and ``functools`` are imported: :mod:`symmtriton._interpret` reads
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 
 BACKEND = "SYMMTRITON_BACKEND"
@@ -85,8 +86,14 @@ def disabled() -> bool:
 
 
 # -- the barrier's timeout ------------------------------------------------------------------------
-#: (raw value of $SYMMTRITON_TIMEOUT_S, its bound in ns): the last parse, reused while it holds.
-_TIMEOUT: list = [object(), 0]
+#: largest bound in seconds (about 31.7 years): the kernels add it, in int64 ns, to a clock that
+#: counts ns since the epoch, so it stays far below 2**63. Longer is "wait forever": 0 or inf.
+MAX_TIMEOUT_S = 1e9
+#: what :func:`timeout_ns` accepts, for its errors.
+TIMEOUT_RANGE = "a number of seconds in [0, 1e9] (0 or inf: wait forever)"
+#: (raw value of $SYMMTRITON_TIMEOUT_S, its bound in ns): the last parse, reused while it holds
+#: (one tuple, replaced whole, so threads never see half of an update).
+_TIMEOUT: tuple = (object(), 0)
 
 
 def timeout_key(timeout_s: float | None):
@@ -96,26 +103,44 @@ def timeout_key(timeout_s: float | None):
 
 
 def timeout_ns(timeout_s: float | None = None) -> int:
-    """Barrier bound in ns: the argument, else ``$SYMMTRITON_TIMEOUT_S``, else 300 s; 0 = wait
-    forever. The environment is parsed once per distinct value."""
+    """Barrier bound in ns: the argument ``timeout_s``, else ``$SYMMTRITON_TIMEOUT_S``, else
+    300 s; 0 = wait forever (``0`` or ``inf`` seconds). A bool or non-number ``timeout_s``
+    raises ``TypeError``; NaN, a negative value or one above :data:`MAX_TIMEOUT_S` raises
+    ``ValueError`` naming the argument or the variable and :data:`TIMEOUT_RANGE`. The
+    environment is parsed once per distinct value."""
     if timeout_s is None:
         key = _timeout_raw()
-        if key == _TIMEOUT[0]:
-            return _TIMEOUT[1]
+        cached = _TIMEOUT
+        if key == cached[0]:
+            return cached[1]
         text = os.environ.get(TIMEOUT_S, "")
         try:
-            timeout_s = float(text) if text else DEFAULT_TIMEOUT_S
+            seconds = float(text) if text.strip() else DEFAULT_TIMEOUT_S
         except ValueError:
-            raise ValueError(f"{TIMEOUT_S}={text!r} is not a number of seconds") from None
-        _TIMEOUT[:] = [key, _to_ns(timeout_s)]
-        return _TIMEOUT[1]
-    return _to_ns(timeout_s)
+            raise ValueError(f"{TIMEOUT_S}={text!r} is not a number of seconds: expected "
+                             f"{TIMEOUT_RANGE}") from None
+        ns = _to_ns(seconds, f"{TIMEOUT_S}={text!r}")
+        globals()["_TIMEOUT"] = (key, ns)
+        return ns
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real):
+        raise TypeError(f"timeout_s must be None or {TIMEOUT_RANGE}, got "
+                        f"{type(timeout_s).__name__} {timeout_s!r}")
+    return _to_ns(float(timeout_s), f"timeout_s={timeout_s!r}")
 
 
-def _to_ns(timeout_s: float) -> int:
-    if timeout_s < 0:
-        raise ValueError(f"timeout must be >= 0 seconds, got {timeout_s}")
-    return int(timeout_s * 1e9)
+def _to_ns(seconds: float, what: str) -> int:
+    if seconds == float("inf"):
+        return 0
+    if not 0 <= seconds <= MAX_TIMEOUT_S:  # NaN fails both
+        raise ValueError(f"{what}: expected {TIMEOUT_RANGE}")
+    return max(1, int(seconds * 1e9)) if seconds > 0 else 0  # a tiny bound is not "forever"
+
+
+def timeout_s() -> float | None:
+    """``$SYMMTRITON_TIMEOUT_S`` in seconds (as :func:`timeout_ns` parses it), ``None`` for
+    wait forever: the bound of the host-side collectives (symmtriton.host_collectives)."""
+    ns = timeout_ns()
+    return ns / 1e9 if ns else None
 
 
 # -- launch options -------------------------------------------------------------------------------

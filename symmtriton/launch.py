@@ -68,17 +68,26 @@ class Launch:
             raise_timeout(self.buf, self.op, int(status[0]))
         fast = self._fast
         if fast is None or not fast(var):
-            run_args = self.args
-            if var is not None:
-                run_args = list(run_args)
-                run_args[self.var_index] = var
-            kern = self.fn.run(*run_args, grid=(self.grid,), warmup=False,
-                               num_warps=self.num_warps, **self.options, **self.constexprs)
-            if not self._fast_tried:
-                self._fast_tried = True
-                self._fast = _direct_launcher(self, kern)
+            device = self.buf.device
+            if device.type == "cuda" and torch.cuda.current_device() != device.index:
+                with torch.cuda.device(device):  # a new thread starts on device 0
+                    self._run(var)
+            else:
+                self._run(var)
         if self.sync_check and status[0]:
             raise_timeout(self.buf, self.op, int(status[0]))
+
+    def _run(self, var: int | None) -> None:
+        """Triton's own launch (on the current device: the buffer's)."""
+        run_args = self.args
+        if var is not None:
+            run_args = list(run_args)
+            run_args[self.var_index] = var
+        kern = self.fn.run(*run_args, grid=(self.grid,), warmup=False,
+                           num_warps=self.num_warps, **self.options, **self.constexprs)
+        if not self._fast_tried:
+            self._fast_tried = True
+            self._fast = _direct_launcher(self, kern)
 
 
 def bound_args(kl: Launch) -> list:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from . import backends
 from . import env
+from . import host_collectives
 from .backends import cuda as cuda_backend
 from .backends import host as host_backend
 from .kernels import protocol as _protocol
@@ -117,10 +118,9 @@ class SymmetricMemoryBuffer:
         self._setup()
 
     # -- set-up: every rank agrees before and after rendezvous, so none is left in a collective.
-    def _gather(self, obj) -> list:
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.process_group)
-        return out
+    def _gather(self, obj, what: str) -> list:
+        return host_collectives.all_gather_object(obj, self.process_group,
+                                                  f"creating a symmetric buffer ({what})")
 
     def _setup(self) -> None:
         """Allocate, agree, rendezvous, agree. Whatever ends it early (a failed vote, a peer
@@ -129,7 +129,7 @@ class SymmetricMemoryBuffer:
         local = hdl = None
         try:
             local, reason = self._allocate_local()
-            votes = self._gather((reason, self.nbytes, self.backend))
+            votes = self._gather((reason, self.nbytes, self.backend), "allocation vote")
             if len({v[1] for v in votes}) != 1 or len({v[2] for v in votes}) != 1:
                 raise ValueError(
                     "ranks disagree on the symmetric buffer: (bytes, backend) per rank = "
@@ -144,7 +144,8 @@ class SymmetricMemoryBuffer:
                 self._zero_line_area(hdl)
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
-            votes = self._gather((reason, hdl.multicast_ptr != 0 if hdl is not None else False))
+            votes = self._gather((reason, hdl.multicast_ptr != 0 if hdl is not None else False),
+                                 "rendezvous vote")
             failed = [f"rank {r}: {v[0]}" for r, v in enumerate(votes) if v[0] is not None]
             if failed:
                 self._fail("rendezvous failed on " + "; ".join(failed))
@@ -341,7 +342,7 @@ class SymmetricMemoryManager:
         is collective). Every rank runs the same calls, so every rank picks the same buffer."""
         group = resolve_group(group)
         fallback = None
-        for buf in cls._buffers.values():
+        for buf in list(cls._buffers.values()):  # another thread may add one meanwhile
             if buf.process_group is group:
                 if buf.symm_mem_hdl is not None:
                     return buf

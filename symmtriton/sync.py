@@ -14,17 +14,12 @@ import torch
 
 from . import counts as _counts
 from . import env
+from .errors import CollectiveMismatchError, CollectiveTimeoutError
 from .kernels import protocol as _protocol
 from .memory import SymmetricMemoryBuffer, SymmetricMemoryManager, resolve_group
 
-
-class CollectiveTimeoutError(RuntimeError):
-    """A barrier gave up waiting: some ranks did not reach the collective in time."""
-
-
-class CollectiveMismatchError(CollectiveTimeoutError):
-    """The ranks are out of step: a rank skipped a call (e.g. one that raised on that rank only)
-    or made an extra one, so calls would have paired with another rank's different call."""
+__all__ = ["CollectiveMismatchError", "CollectiveTimeoutError", "check_status", "raise_timeout",
+           "status_view", "synchronize"]
 
 
 def status_view(buf: SymmetricMemoryBuffer):

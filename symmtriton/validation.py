@@ -46,14 +46,31 @@ def check_gather_shapes(what: str, big: torch.Tensor, small: torch.Tensor, world
             f"{tuple(small.shape)} along dim 0 (world size {world})")
 
 
-def check_distinct(what: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor) -> None:
-    """``a`` and ``b`` do not overlap in memory."""
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
-        return
-    a0, b0 = a.data_ptr(), b.data_ptr()
-    a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
-    if a0 < b1 and b0 < a1:
-        raise ValueError(f"{what}: {a_name} and {b_name} overlap in memory")
+def check_disjoint(op: str, operands, aliases=()) -> None:
+    """No two of ``operands`` share memory: ``operands`` is ``[(name, tensor or None), ...]``
+    (``None`` and empty tensors skipped; tensors already checked contiguous), every pair is
+    compared, and the first overlapping pair raises ``ValueError`` naming both. Every operand,
+    read or written, must have memory of its own, except where the op allows an alias:
+    ``aliases`` holds ``(a, b, offset)``: ``b`` may lie inside ``a`` starting exactly ``offset``
+    bytes into it (``all_reduce`` in place, an all-gather's own shard, ``out=input``)."""
+    spans = [(name, t.device, t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+             for name, t in operands if t is not None and t.numel()]
+    for i, (a, a_dev, a0, a1) in enumerate(spans):
+        for b, b_dev, b0, b1 in spans[i + 1:]:
+            if a_dev == b_dev and a0 < b1 and b0 < a1 and not _allowed(aliases, a, a0, a1,
+                                                                       b, b0, b1):
+                raise ValueError(f"{op}: {a} and {b} overlap in memory; pass tensors that do "
+                                 "not share memory")
+
+
+def _allowed(aliases, a, a0, a1, b, b0, b1) -> bool:
+    spans = {a: (a0, a1), b: (b0, b1)}
+    for outer, inner, offset in aliases:
+        if {outer, inner} == {a, b} and outer != inner:
+            (o0, o1), (i0, i1) = spans[outer], spans[inner]
+            if i0 == o0 + offset and i1 <= o1:
+                return True
+    return False
 
 
 def check_count(name: str, value) -> int:

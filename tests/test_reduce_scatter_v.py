@@ -8,7 +8,8 @@ import triton.language as tl
 
 import symmtriton as st
 from symmtriton import reference
-from symmtriton.testing import WorkerPool, captured, device, raised_by, replay_with_counts, sync, tagged, value_error_of
+from symmtriton.testing import (WorkerPool, buffer_without_symmetric_memory, captured, device,
+                                raised_by, replay_with_counts, sync, tagged, value_error_of)
 
 CAP = 3  # rows each rank may receive
 ROW = (2, 5)
@@ -187,3 +188,41 @@ def _graph_replays(rank, world):
 def test_reduce_scatter_v_graph_replay_with_changing_counts(gpu_pool):
     assert gpu_pool.run(_graph_replays) == [[]] * gpu_pool.world_size
 
+
+
+def _zero_rows(rank, world, fallback):
+    """Zero rows (no input or output capacity, or rows of no elements): with counts summing to
+    zero a no-op on every rank, on the kernel path and the torch.distributed fallback alike;
+    positive counts over a zero capacity raise the counts error, as all_gather_v does."""
+    if fallback:
+        buffer_without_symmetric_memory("ep")
+    else:
+        st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=1)
+    d = device()
+    zeros = torch.zeros(world, dtype=torch.int32, device=d)
+    cases = {"no rows": (0, 0, 4), "no input rows": (CAP, 0, 4), "no output rows": (0, 6, 4),
+             "empty rows": (CAP, 6, 0)}
+    results = {}
+    for name, (cap_out, cap_in, width) in cases.items():
+        out = torch.full((cap_out, width), float(SENTINEL), device=d)
+        inp = torch.ones(cap_in, width, device=d)
+        try:
+            res = st.reduce_scatter_v(out, inp, zeros)
+            sync()
+            results[name] = res is out and bool((out == SENTINEL).all())
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            results[name] = f"{type(exc).__name__}: {exc}"[:200]
+    msg = value_error_of(lambda: st.reduce_scatter_v(torch.empty(0, 4, device=d),
+                                                     torch.empty(0, 4, device=d),
+                                                     torch.ones(world, dtype=torch.int32,
+                                                                device=d)))
+    results["counts over zero capacity"] = f"counts {[1] * world}" in msg or msg
+    results["usable after"] = _reduce_cases(rank, world, "float32", "staged") == []
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("fallback", [False, True], ids=["kernel", "fallback"])
+def test_reduce_scatter_v_zero_rows_is_a_no_op(cpu_pool, world, fallback):
+    for res in cpu_pool(world).run(_zero_rows, fallback):
+        assert {k: v for k, v in res.items() if v is not True} == {}

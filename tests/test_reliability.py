@@ -220,3 +220,38 @@ def _stress(rank, world, seed, steps):
 def test_seeded_random_stress_loses_nothing(pool, seed):
     res = pool.run(_stress, seed, 40, timeout=600)
     assert res == [([], res[0][1], 0)] * pool.world_size and len(res[0][1]) == 1, res
+
+
+def _destroy_and_call_on(rank, world):
+    """The last rank destroys its buffer and calls on (its call creates a new default buffer,
+    whose set-up votes wait for the others); the others' calls wait for it in their kernels.
+    Every rank raises CollectiveTimeoutError within the bound instead of blocking in gloo."""
+    dist.barrier()  # the set-up votes too wait at most the bound: start together
+    st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=1)
+    st.all_reduce(torch.ones(8, device=device()))
+    dist.barrier()
+    if rank == world - 1:
+        st.SymmetricMemoryManager.destroy("tp")
+    t0 = time.monotonic()
+    try:
+        st.all_reduce(torch.ones(8, device=device()))
+        st.synchronize()
+        return "no error", time.monotonic() - t0
+    except st.CollectiveTimeoutError as exc:
+        return str(exc), time.monotonic() - t0
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(3, marks=pytest.mark.full)])
+def test_rank_that_destroyed_its_buffer_and_calls_on_times_out(world):
+    env = {**CPU_ENV, "SYMMTRITON_TIMEOUT_S": str(TIMEOUT_S)}
+    pool = WorkerPool(world, env=env, timeout=90)
+    try:
+        res = pool.run(_destroy_and_call_on)
+    finally:
+        pool.close(force=True)  # a host collective was abandoned: the group is not reusable
+    for rank, (msg, elapsed) in enumerate(res):
+        assert elapsed < BOUND_S, res
+        if rank == world - 1:
+            assert msg.startswith("creating a symmetric buffer") and "waited" in msg, res
+        else:
+            assert re.search(rf"waiting for ranks \[{world - 1}\]", msg), res

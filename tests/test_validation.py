@@ -11,7 +11,7 @@ import symmtriton as st
 from symmtriton import env
 from symmtriton.launch import Launch
 from symmtriton import reference
-from symmtriton.testing import device, random_bits, sync
+from symmtriton.testing import device, errors_without_launch, random_bits, sync
 
 
 def _cases(world):
@@ -101,3 +101,113 @@ def _mismatched_sizes(rank, world):
 
 def test_sizes_that_differ_between_ranks_are_detected_when_checking(cpu_pool):
     assert cpu_pool(3).run(_mismatched_sizes) == [True] * 3
+
+
+def _overlap_cases(world):
+    """Every op with two operands that share memory (read or written): each must raise naming
+    the two, before any launch; the aliases an op allows must still run."""
+    d = device()
+    f32 = dict(dtype=torch.float32, device=d)
+    S, H = 2 * world, 16
+    x, w = torch.ones(S, H, **f32), torch.ones(H, **f32)
+    res_ar, out_ar = torch.zeros(S, H, **f32), torch.empty(S, H, **f32)
+    res, out_ag, out_rs = torch.zeros(S // world, H, **f32), torch.empty(S, H, **f32), \
+        torch.empty(S // world, H, **f32)
+    big = torch.zeros(9, **f32)
+    inp_v = torch.zeros(world * 2, 4, **f32)
+    counts = torch.zeros(world, dtype=torch.int32, device=d)
+    ag_rs = st.reduce_scatter_add_rmsnorm_all_gather
+    return {
+        "AR out overlaps tensor": (lambda: st.all_reduce(big[:8], out=big[1:]), "tensor and out"),
+        "AR+norm weight=out[0]": (lambda: st.all_reduce_add_rmsnorm(x, res_ar, out_ar[0], 1e-6,
+                                                                    out=out_ar), "weight and out"),
+        "AR+norm weight=residual[0]": (lambda: st.all_reduce_add_rmsnorm(x, res_ar, res_ar[0]),
+                                       "residual and weight"),
+        "AR+norm weight=input[0]": (lambda: st.all_reduce_add_rmsnorm(x, res_ar, x[0]),
+                                    "input and weight"),
+        "AR+norm out=input": (lambda: st.all_reduce_add_rmsnorm(x, res_ar, w, out=x),
+                              "input and out"),
+        "RS+norm+AG weight=out[0]": (lambda: ag_rs(x, res, out_ag[0], 1e-6, out=out_ag),
+                                     "weight and out"),
+        "RS+norm+AG weight=residual[0]": (lambda: ag_rs(x, res, res[0]), "residual and weight"),
+        "RS+norm+AG residual in out": (lambda: ag_rs(x, out_ag[:S // world], w, out=out_ag),
+                                       "residual and out"),
+        "RS+norm weight=out[0]": (lambda: st.reduce_scatter_add_rmsnorm(
+            x, res, out_rs[0], 1e-6, out=out_rs), "weight and out"),
+        "RS+norm weight=input[0]": (lambda: st.reduce_scatter_add_rmsnorm(x, res, x[0]),
+                                    "input and weight"),
+        "RS_v counts in input": (lambda: st.reduce_scatter_v(
+            torch.empty(2, 4, **f32), inp_v, inp_v.view(torch.int32)[0, :world]),
+            "input and counts"),
+        "AG_v inputs overlap": (lambda: st.all_gather_v(
+            [torch.empty(world * 2, 4, **f32), torch.empty(world * 2, 4, **f32)],
+            [inp_v[:2], inp_v[1:3]], counts), "input[0] and input[1]"),
+    }
+
+
+def _overlaps(rank, world):
+    st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=4)
+    cases = {name: (call, ValueError, fragment)
+             for name, (call, fragment) in _overlap_cases(world).items()}
+    results = errors_without_launch(cases)
+    d = device()
+    S, H = 2 * world, 16
+    # the aliases ops allow: all_reduce in place (out=tensor), out=input of the fused op
+    t = torch.full((8,), float(rank + 1), device=d)
+    results["AR out=tensor allowed"] = st.all_reduce(t, out=t) is t and \
+        bool((t == world * (world + 1) / 2).all())
+    x = torch.ones(S, H, device=d)
+    results["RS+norm+AG out=input allowed"] = st.reduce_scatter_add_rmsnorm_all_gather(
+        x, torch.zeros(2, H, device=d), torch.ones(H, device=d), out=x) is x
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_overlapping_operands_raise_naming_both_before_any_launch(cpu_pool, world):
+    for res in cpu_pool(world).run(_overlaps):
+        assert {k: v for k, v in res.items() if v is not True} == {}
+
+
+@pytest.mark.parametrize("value, exc", [("nan", ValueError), ("-1", ValueError),
+                                        ("1e12", ValueError), ("soon", ValueError)])
+def test_timeout_env_outside_its_range_names_the_variable_and_range(monkeypatch, value, exc):
+    monkeypatch.setenv(env.TIMEOUT_S, value)
+    with pytest.raises(exc, match=rf"{env.TIMEOUT_S}='{value}'.*\[0, 1e9\]"):
+        env.timeout_ns()
+
+
+@pytest.mark.parametrize("value, exc", [(float("nan"), ValueError), (-1.0, ValueError),
+                                        (1e12, ValueError), ("5", TypeError), (True, TypeError)])
+def test_timeout_argument_outside_its_range_names_the_argument_and_range(value, exc):
+    with pytest.raises(exc, match=r"timeout_s.*\[0, 1e9\]"):
+        env.timeout_ns(value)
+
+
+def test_timeout_inf_waits_forever_and_tiny_bounds_stay_bounds(monkeypatch):
+    monkeypatch.setenv(env.TIMEOUT_S, "inf")
+    assert env.timeout_ns() == 0 and env.timeout_s() is None
+    assert env.timeout_ns(float("inf")) == 0 and env.timeout_ns(0) == 0
+    assert env.timeout_ns(1e-12) == 1  # not 0, which would mean forever
+    assert env.timeout_ns(env.MAX_TIMEOUT_S) == int(env.MAX_TIMEOUT_S * 1e9)
+
+
+def _bad_timeouts(rank, world):
+    """A bad timeout raises before any launch on every path, the fallback included."""
+    st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=1)
+    x = torch.ones(8, device=device())
+    cases = {f"timeout_s={v!r}": (lambda v=v: st.all_reduce(x, timeout_s=v), exc, "timeout_s")
+             for v, exc in (("5", TypeError), (float("nan"), ValueError), (1e12, ValueError))}
+    os.environ[env.TIMEOUT_S] = "1e12"
+    try:
+        cases["env 1e12"] = (lambda: st.all_reduce(x), ValueError, env.TIMEOUT_S)
+        results = errors_without_launch(cases)
+        os.environ[env.TIMEOUT_S] = "inf"
+        results["env inf runs"] = st.all_reduce(x)[0].item() == world
+    finally:
+        os.environ.pop(env.TIMEOUT_S)
+    return results
+
+
+def test_bad_timeouts_raise_before_any_launch(cpu_pool):
+    for res in cpu_pool(2).run(_bad_timeouts):
+        assert {k: v for k, v in res.items() if v is not True} == {}

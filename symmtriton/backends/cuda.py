@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .. import host_collectives
 from .base import SymmHandle
 
 
@@ -48,8 +49,8 @@ class CudaHandle(SymmHandle):
         # earlier allocations): exchange them instead of assuming ours holds everywhere.
         props = torch.cuda.get_device_properties(tensor.device)
         where = (str(getattr(props, "uuid", "")) or props.name, tensor.device.index)
-        infos: list = [None] * world
-        dist.all_gather_object(infos, (delta, where), group=group)
+        infos = host_collectives.all_gather_object((delta, where), group,
+                                                   "cuda rendezvous (buffer offsets)")
         deltas = [d for d, _ in infos]
         # Per-block barriers need every rank's block b running at once. Ranks that share a GPU
         # share its SMs: one block per SM each is surely co-resident, so split the SMs.

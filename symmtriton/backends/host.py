@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import host_collectives
 from .base import SymmHandle
 
 SHM_DIR = "/dev/shm"
@@ -158,14 +159,14 @@ class HostHandle(SymmHandle):
 
     def __init__(self, seg: HostSegment, group: dist.ProcessGroup):
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        names: list = [None] * world
         try:
-            dist.all_gather_object(names, (seg.name, seg.total), group=group)
+            names = host_collectives.all_gather_object(
+                (seg.name, seg.total), group, "host rendezvous (segment names)")
             maps = []
             for r, (name, total) in enumerate(names):
                 maps.append(seg.map if r == rank else _map_peer(os.path.join(SHM_DIR, name), total))
             # Every rank has mapped every segment once all pass this point: unlink our own name.
-            dist.barrier(group=group)
+            host_collectives.barrier(group, "host rendezvous (segments mapped)")
         finally:
             seg.unlink()
         self._maps = maps
@@ -200,7 +201,7 @@ class HostHandle(SymmHandle):
         return self._bytes[rank][: self.buffer_size]
 
     def barrier(self) -> None:
-        dist.barrier(group=self._group)
+        host_collectives.barrier(self._group, "host handle barrier")
 
     def close(self) -> None:
         self._stop.set()

@@ -53,7 +53,7 @@ from ..memory import SymmetricMemoryBuffer, SymmetricMemoryManager, resolve_grou
 from ..ops import fused
 from ..ops.all_gather import all_gather_into_tensor
 from ..ops.reduce_scatter import reduce_scatter_tensor
-from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
+from ..validation import REDUCE_DTYPES, check_disjoint, check_same, check_tensor
 
 logger = logging.getLogger("symmtriton")
 
@@ -162,7 +162,7 @@ def fused_multimem_rs_add_norm_ag(residual_output_tensor, input_tensor, symm_mem
         weight = rms_norm_weights.view(-1)
         fused.validate(op, x, res, weight, eps, world, x, True)
         if res_in.data_ptr() != res.data_ptr():
-            check_distinct(op, "residual_output_tensor", res, "residual_input_tensor", res_in)
+            check_disjoint(op, [("residual_output_tensor", res), ("residual_input_tensor", res_in)])
             res.copy_(res_in.view(shard))
     fused.reduce_scatter_add_rmsnorm_all_gather(x, res, weight, eps, group=group, out=x)
     return residual_output_tensor

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from .. import counts as C
 from ..launch import Launch
-from .driver import STALE, ConfigChoice
+from .driver import STALE, ConfigChoice, bump_versions
 
 TL_COUNTS = {torch.int32: tl.int32, torch.int64: tl.int64}
 
@@ -32,6 +32,8 @@ class CountsPlan:
     def run(self, args, config):
         """Raises the counts error of an earlier call before launching (GPU), and of this one
         after (host backend: synchronous)."""
+        out = args[0]
+        bump_versions(tuple(out) if isinstance(out, (list, tuple)) else (out,))
         if self.fallback is not None:
             self.fallback(*args, self.group)
             return args[0]

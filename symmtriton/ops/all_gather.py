@@ -12,7 +12,7 @@ from ..context import (aligned16, context, find_buffer, lines_eligible, multimem
                        region_after, symm_usable)
 from ..kernels.all_gather import _all_gather_kernel, _all_gather_ll_kernel
 from ..launch import Launch
-from ..validation import check_distinct, check_gather_shapes, check_same, check_tensor
+from ..validation import check_disjoint, check_gather_shapes, check_same, check_tensor
 from ._lines import flat_lines_launch
 from .driver import (TL_DTYPE, Collective, ConfigChoice, OutputPlan, call, choose_config, compiling,
                      group_name)
@@ -40,8 +40,9 @@ class AllGather(Collective):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         check_gather_shapes(self.name, output, input, world, "output", "input")
         nbytes = input.numel() * input.element_size()
-        if input.data_ptr() != output.data_ptr() + rank * nbytes:  # else in place: allowed
-            check_distinct(self.name, "output", output, "input", input)
+        # in place: ``input`` may be this rank's shard of ``output``
+        check_disjoint(self.name, [("output", output), ("input", input)],
+                       [("output", "input", rank * nbytes)])
 
     def prepare(self, group, config, timeout_s, args):
         output, input = args

@@ -14,7 +14,7 @@ from ..config import CONFIG_OP, LaunchConfig, bit_unit
 from ..context import ALIGN, aligned16, context, find_buffer, offset_in, region_after, symm_usable
 from ..kernels.all_gather_v import _all_gather_v_kernel
 from ..launch import Launch
-from ..validation import check_distinct, check_same, check_tensor
+from ..validation import check_disjoint, check_same, check_tensor
 from ._vcommon import TL_COUNTS, CountsPlan, clamp_or_raise, pairs
 from .driver import TL_DTYPE, Collective, call, choose_config, compiling, group_name, tensor_desc
 from .fallback import torch_all_gather
@@ -75,11 +75,8 @@ class AllGatherV(Collective):
                                  f"{tuple(o.shape)} vs input[0] {tuple(ins[0].shape)}, output[0] "
                                  f"{tuple(outs[0].shape)}")
         C.check_counts(op, counts, dist.get_world_size(group), outs[0].device)
-        named = [*((f"output[{i}]", o) for i, o in enumerate(outs)),
-                 *((f"input[{i}]", t) for i, t in enumerate(ins)), ("counts", counts)]
-        for j, (a_name, a) in enumerate(named[:len(outs)]):
-            for b_name, b in named[j + 1:]:
-                check_distinct(op, a_name, a, b_name, b)
+        check_disjoint(op, [*((f"output[{i}]", o) for i, o in enumerate(outs)),
+                            *((f"input[{i}]", t) for i, t in enumerate(ins)), ("counts", counts)])
 
     def prepare(self, group, config, timeout_s, args):
         outs, ins = pairs(self.name, args[0], args[1])

@@ -29,7 +29,7 @@ from ..context import (LINES_MAX_BYTES, LINES_ROWS_MAX_BYTES, aligned16, context
 from ..kernels.all_reduce import _all_reduce_kernel, _all_reduce_ll_kernel
 from ..kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel, _all_reduce_rmsnorm_ll_kernel
 from ..launch import Launch
-from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
+from ..validation import REDUCE_DTYPES, check_disjoint, check_same, check_tensor
 from ._lines import flat_lines_launch
 from ._push import all_reduce_one_shot_push_launch, all_reduce_push_launch
 from .driver import (TL_DTYPE, Collective, ConfigChoice, OutputPlan, call, compiling, group_name,
@@ -62,8 +62,8 @@ class AllReduce(Collective):
             if dst.shape != tensor.shape:
                 raise ValueError(f"{self.name}: out shape {tuple(dst.shape)} must be tensor's "
                                  f"shape {tuple(tensor.shape)}")
-            if dst.data_ptr() != tensor.data_ptr():
-                check_distinct(self.name, "out", dst, "tensor", tensor)
+            # ``out`` may be ``tensor`` itself (in place)
+            check_disjoint(self.name, [("tensor", tensor), ("out", dst)], [("tensor", "out", 0)])
         _check_algorithm(algorithm)
 
     def prepare(self, group, config, timeout_s, args):
@@ -158,8 +158,7 @@ class AllReduceAddRmsnorm(Collective):
             raise ValueError(f"{self.name}: residual shape {tuple(residual.shape)} must be "
                              f"input's shape {tuple(input.shape)}")
         validate_rows(self.name, input, residual, weight, eps, 1, out, False)  # [S, H] everywhere
-        if out is not None:
-            check_distinct(self.name, "out", out, "input", input)
+        check_disjoint(self.name, [("input", input), ("out", out)])  # no out=input here
         _check_algorithm(algorithm)
 
     def prepare(self, group, config, timeout_s, args):

@@ -16,6 +16,13 @@ created, closed or destroyed (its pointers may change; a call given a view of a 
 then raises, :func:`symmtriton.lifetime.check_live`). With ``SYMMTRITON_CHECK_UNIFORM=1`` the
 ranks compare every call's shapes first (:func:`check_uniform`).
 
+Autograd: a plan bumps the version counter of every tensor it writes (outputs, an in-place
+``tensor``, a fused op's ``residual``) before it writes, as torch's in-place ops do, so a
+backward that saved one of them raises "modified by an inplace operation" instead of using the
+new values (:data:`bump_versions`; host-side only, so CUDA graph replays do not bump).
+
+Threads: one thread at a time per group, see :mod:`._guard`.
+
 How to add an op (see ops/all_gather.py, the shortest):
 
 * ``kernels/<op>.py``: the device code (its kernel argument list is the contract);
@@ -32,6 +39,7 @@ How to add an op (see ops/all_gather.py, the shortest):
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from itertools import count
 from typing import Callable
@@ -41,12 +49,14 @@ import torch.distributed as dist
 import triton.language as tl
 
 from .. import env
+from .. import host_collectives
 from ..config import LaunchConfig
 from ..launch import Launch
 from ..lifetime import check_live, register_invalidation_hook
 from ..memory import resolve_group
 from ..tuning import lookup_config
 from ..tuning import stamp as tuning_stamp
+from ._guard import GUARDS, concurrent_error, count_skipped, new_guard
 
 _GroupMember = dist.GroupMember
 _ProcessGroup = dist.ProcessGroup
@@ -58,6 +68,23 @@ TL_DTYPE = {
 
 #: what ``plan.run`` returns when the plan must be rebuilt.
 STALE = object()
+
+
+def _version_bumper():
+    """``bump(tensors)``: advance the autograd version counter of each tensor of the tuple
+    (``torch.autograd.graph.increment_version``; a no-op for inference tensors), through its C
+    entry point where that takes a tuple (~0.2 us)."""
+    raw = torch._C._increment_version
+    try:
+        raw((torch.empty(0),))
+        return raw
+    except TypeError:  # an older torch: one tensor per call
+        one = torch.autograd.graph.increment_version
+        return lambda tensors: [one(t) for t in tensors]
+
+
+#: ``bump_versions(tensors)``: see the module docstring ("Autograd").
+bump_versions = _version_bumper()
 
 
 def group_name(group=None) -> str:
@@ -134,6 +161,7 @@ class OutputPlan:
     group: object = None
 
     def run(self, args, config):
+        bump_versions((args[0],))
         if self.kernel is not None:
             if not self.choice.current():
                 return STALE
@@ -165,29 +193,39 @@ class Collective:
 
 
 def call(op: Collective, group, config, timeout_s, args: tuple):
-    """Run ``op`` on ``args``: its stored plan, else validate -> prepare -> store -> run."""
+    """Run ``op`` on ``args``: its stored plan, else validate -> prepare -> store -> run, all
+    inside the group's in-flight guard (:mod:`._guard`)."""
     if group is None:
         group = _GroupMember.WORLD  # what resolve_group(None) returns, without its checks
     if group is None or type(group) is not _ProcessGroup:
         group = resolve_group(group, "group")
-    try:
-        key = op.key(group, config, timeout_s, args)
-    except (AttributeError, TypeError):
-        key = None  # not tensors: validation raises
-    plan = get_plan(key)
-    uniform = env.check_uniform()
-    if plan is not None:
-        if uniform:
+    guard = GUARDS.get(group) or new_guard(group)
+    if not guard.lock.acquire(False):
+        raise concurrent_error(op.name, group, guard)
+    try:  # one frame: the guard costs a lock, not a call
+        try:
+            key = op.key(group, config, timeout_s, args)
+        except (AttributeError, TypeError):
+            key = None  # not tensors: validation raises
+        plan = get_plan(key)
+        uniform = env.check_uniform()
+        if plan is not None:
+            if uniform:
+                check_uniform(group, op.name, **op.uniform(args))
+            result = plan.run(args, config)
+            if result is not STALE:
+                return result
+        env.timeout_ns(timeout_s)  # raises naming a bad timeout_s / SYMMTRITON_TIMEOUT_S
+        op.validate(group, args)
+        check_live(args)  # no view of a destroyed buffer
+        if uniform and plan is None:
             check_uniform(group, op.name, **op.uniform(args))
-        result = plan.run(args, config)
-        if result is not STALE:
-            return result
-    op.validate(group, args)
-    check_live(args)  # no view of a destroyed buffer
-    if uniform and plan is None:
-        check_uniform(group, op.name, **op.uniform(args))
-    plan = put_plan(key, op.prepare(group, config, timeout_s, args))
-    return plan.run(args, config)
+        plan = put_plan(key, op.prepare(group, config, timeout_s, args))
+        return plan.run(args, config)
+    finally:
+        if guard.skipped:
+            count_skipped(guard)
+        guard.lock.release()
 
 
 def check_uniform(group, op: str, **tensors: torch.Tensor) -> None:
@@ -196,8 +234,7 @@ def check_uniform(group, op: str, **tensors: torch.Tensor) -> None:
     ranks that differ. Off by default: a mismatch is otherwise undetectable without
     communication, and corrupts or times out."""
     mine = {k: (tuple(t.shape), str(t.dtype)) for k, t in tensors.items()}
-    seen: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(seen, (op, mine), group=group)
+    seen = host_collectives.all_gather_object((op, mine), group, f"{op} ({env.CHECK_UNIFORM})")
     if any(s != seen[0] for s in seen):
         raise ValueError(f"{op}: ranks disagree on the call: " +
                          "; ".join(f"rank {r}: {s[0]} {s[1]}" for r, s in enumerate(seen)))
@@ -211,6 +248,9 @@ PLAN_CACHE_MAX = 256
 #: benchmarks/host_path.py); the oldest tick is searched only when an insertion overflows.
 _PLANS: dict = {}
 _TICKS = count()
+#: held while the cache changes size (insert + evict, clear): calls of different groups may
+#: run in different threads (:mod:`._guard`); lookups need no lock.
+_PLANS_LOCK = threading.Lock()
 
 
 def get_plan(key):
@@ -230,27 +270,30 @@ def get_plan(key):
 def last_plan():
     """The plan used most recently (``None`` when there is none): for tools that report what a
     call launched."""
-    if not _PLANS:
+    entries = list(_PLANS.values())
+    if not entries:
         return None
-    return max(_PLANS.values(), key=lambda entry: entry[1])[0]
+    return max(entries, key=lambda entry: entry[1])[0]
 
 
 def put_plan(key, plan):
     """Store ``plan`` for ``key``, evicting the least recently used beyond :data:`PLAN_CACHE_MAX`."""
     if key is None:
         return plan
-    try:
-        _PLANS[key] = [plan, next(_TICKS)]
-    except TypeError:
-        return plan
-    while len(_PLANS) > PLAN_CACHE_MAX:
-        del _PLANS[min(_PLANS.items(), key=lambda item: item[1][1])[0]]
+    with _PLANS_LOCK:
+        try:
+            _PLANS[key] = [plan, next(_TICKS)]
+        except TypeError:
+            return plan
+        while len(_PLANS) > PLAN_CACHE_MAX:
+            del _PLANS[min(_PLANS.items(), key=lambda item: item[1][1])[0]]
     return plan
 
 
 def clear_plans(buf=None) -> None:
     """Drop every plan: which buffer a group's collectives use, and its pointers, may change."""
-    _PLANS.clear()
+    with _PLANS_LOCK:
+        _PLANS.clear()
 
 
 register_invalidation_hook(clear_plans)

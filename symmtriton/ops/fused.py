@@ -28,9 +28,9 @@ from ..context import (LINES_ROWS_MAX_BYTES, aligned16, context, find_buffer, li
                        multimem_eligible, offset_in, region_after, symm_usable)
 from ..kernels.fused_rmsnorm import _fused_rmsnorm_kernel, _fused_rmsnorm_ll_kernel
 from ..launch import Launch
-from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
-from .driver import (STALE, TL_DTYPE, Collective, ConfigChoice, call, choose_config, compiling,
-                     group_name, tensor_desc)
+from ..validation import REDUCE_DTYPES, check_disjoint, check_same, check_tensor
+from .driver import (STALE, TL_DTYPE, Collective, ConfigChoice, bump_versions, call,
+                     choose_config, compiling, group_name, tensor_desc)
 from .fallback import torch_fused_rmsnorm
 
 
@@ -54,16 +54,15 @@ def validate(op: str, input, residual, weight, eps, world: int, out, all_gather:
                          f"{(S // world, H)} (input {(S, H)} over {world} ranks)")
     if tuple(weight.shape) != (H,):
         raise ValueError(f"{op}: weight shape {tuple(weight.shape)} must be ({H},)")
-    check_distinct(op, "residual", residual, "input", input)
     if out is not None:
         check_tensor("out", out)
         check_same(op, input=input, out=out)
         want = (S, H) if all_gather else (S // world, H)
         if tuple(out.shape) != want:
             raise ValueError(f"{op}: out shape {tuple(out.shape)} must be {want}")
-        check_distinct(op, "out", out, "residual", residual)
-        if out.data_ptr() != input.data_ptr():
-            check_distinct(op, "out", out, "input", input)
+    # ``out=input``: the result replaces the (zero-copy) input
+    check_disjoint(op, [("input", input), ("residual", residual), ("weight", weight),
+                        ("out", out)], [("input", "out", 0)])
 
 
 def _same_int_class(a: int, b: int) -> bool:
@@ -90,9 +89,12 @@ class FusedPlan:
     def run(self, args, config):
         input, residual, weight, eps, out = args[:5]
         if out is None:
+            bump_versions((residual,))
             out, self.fresh_out = self.fresh_out, None
             if out is None:
                 out = torch.empty(self.out_shape, dtype=input.dtype, device=input.device)
+        else:
+            bump_versions((residual, out))
         kl = self.kernel
         if kl is not None:
             if not self.choice.current():

@@ -12,7 +12,8 @@ from ..context import (aligned16, context, find_buffer, lines_eligible, multimem
                        push_eligible, region_after, symm_usable)
 from ..kernels.reduce_scatter import _reduce_scatter_kernel, _reduce_scatter_ll_kernel
 from ..launch import Launch
-from ..validation import REDUCE_DTYPES, check_distinct, check_gather_shapes, check_same, check_tensor
+from ..validation import (REDUCE_DTYPES, check_disjoint, check_gather_shapes, check_same,
+                          check_tensor)
 from .all_gather import AllGather
 from ._lines import flat_lines_launch
 from ._push import reduce_scatter_push_launch
@@ -31,7 +32,7 @@ class ReduceScatter(AllGather):  # the same call key and uniform tensors: (outpu
         check_same(self.name, output=output, input=input)
         world = dist.get_world_size(group)
         check_gather_shapes(self.name, input, output, world, "input", "output")
-        check_distinct(self.name, "output", output, "input", input)
+        check_disjoint(self.name, [("output", output), ("input", input)])
 
     def prepare(self, group, config, timeout_s, args):
         output, input = args

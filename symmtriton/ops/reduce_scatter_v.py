@@ -14,7 +14,7 @@ from ..config import CONFIG_OP, LaunchConfig
 from ..context import ALIGN, aligned16, context, find_buffer, offset_in, region_after, symm_usable
 from ..kernels.reduce_scatter_v import _reduce_scatter_v_kernel
 from ..launch import Launch
-from ..validation import REDUCE_DTYPES, check_distinct, check_same, check_tensor
+from ..validation import REDUCE_DTYPES, check_disjoint, check_same, check_tensor
 from ._vcommon import TL_COUNTS, CountsPlan, clamp_or_raise
 from .driver import TL_DTYPE, Collective, call, choose_config, compiling, group_name, tensor_desc
 
@@ -43,8 +43,7 @@ class ReduceScatterV(Collective):
             raise ValueError(f"{op}: output rows {tuple(output.shape[1:])} differ from input rows "
                              f"{tuple(input.shape[1:])}")
         C.check_counts(op, counts, dist.get_world_size(group), output.device)
-        check_distinct(op, "output", output, "input", input)
-        check_distinct(op, "output", output, "counts", counts)
+        check_disjoint(op, [("output", output), ("input", input), ("counts", counts)])
 
     def prepare(self, group, config, timeout_s, args):
         output, input, counts = args
@@ -68,16 +67,24 @@ class ReduceScatterV(Collective):
 
 def _kernel_launch(ctx, cfg: LaunchConfig, output, input, counts, region, row, slice_max,
                    stage_in, aligned, timeout_s):
-    """The launch of ``_reduce_scatter_v_kernel``: its arguments, listed here only."""
+    """The launch of ``_reduce_scatter_v_kernel``: its arguments, listed here only. An empty
+    tensor (zero rows, or rows of zero elements) has address 0, which Triton types as a 32-bit
+    int that does not cast to a pointer: it passes the buffer's own address, never
+    dereferenced (nothing to move), so the kernel runs as for any other size (same grid and
+    barriers on every rank, counts checked against the capacities)."""
     return Launch(
         OP.name, ctx.buf, _reduce_scatter_v_kernel, cfg.grid(slice_max, ctx.grid_cap),
         cfg.num_warps,
-        (input.data_ptr(), output.data_ptr(), counts.data_ptr(), ctx.buf_table, ctx.sig_table,
-         ctx.err_addr, ctx.err_addr + 4 * C.COUNTS_ERROR_WORD, ctx.grid_cap, region, row,
-         input.shape[0], output.shape[0], env.timeout_ns(timeout_s)),
+        (_address(input, ctx), _address(output, ctx), counts.data_ptr(), ctx.buf_table,
+         ctx.sig_table, ctx.err_addr, ctx.err_addr + 4 * C.COUNTS_ERROR_WORD, ctx.grid_cap,
+         region, row, input.shape[0], output.shape[0], env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], COUNTS_DTYPE=TL_COUNTS[counts.dtype], RANK=ctx.rank,
              WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, BLOCK_SIZE=cfg.block_size,
              STAGE_IN=stage_in, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned))
+
+
+def _address(t: torch.Tensor, ctx) -> int:
+    return t.data_ptr() if t.numel() else ctx.local_base
 
 
 def _torch_reduce_scatter_v(output, input, counts, group) -> None:
