@@ -2,7 +2,10 @@
 
 Worlds (``pool`` runs a test on each; ``gpu_pool`` on the GPU ones only):
 
-* ``cpu-w2``, ``cpu-w3``, ``cpu-w4``: host backend, Triton interpreter, gloo group.
+* ``cpu-w2``, ``cpu-w3``, ``cpu-w4``: host backend, Triton interpreter, gloo group. ``cpu-w4``
+  is marked ``full`` (the extended matrix CI runs after README's test command); so is ``cpu-w3``
+  of a test marked ``w3_full`` (at test or at parameter level), for tests whose W = 3 case adds
+  nothing to another default-tier test's W = 3 case of the same kernel and protocol.
 * ``gpu-w2-nccl``, ``gpu-w2-gloo`` (and ``gpu-w4-*``, ``gpu-w8-*``): two (four, eight) ranks,
   one per GPU, with an NCCL and with a gloo group; generated only when that many GPUs are visible
   at collection time.
@@ -24,6 +27,8 @@ import torch
 from symmtriton.testing import CPU_ENV, EXIT_MARK_ENV, GPU_ENV, GPU_PER_RANK_ENV, WorkerPool
 
 CPU_WORLD_SIZES = (2, 3, 4)
+#: CPU worlds of the extended matrix only (``-m full``); a pool starts on its first test
+FULL_CPU_WORLD_SIZES = (4,)
 SHARED_GPU_WORLD_SIZES = (2, 4, 8)
 PER_GPU_WORLD_SIZES = (2, 4, 8)
 PER_GPU_BACKENDS = ("nccl", "gloo")
@@ -74,17 +79,30 @@ def cpu_pool():
     return lambda world_size: _pool(PoolSpec("cpu", world_size))
 
 
+def _cpu_world(item):
+    """The CPU world size ``item`` runs on through ``pool``, or None."""
+    spec = getattr(item, "callspec", None) and item.callspec.params.get("pool_spec")
+    return spec.world_size if spec and spec.kind == "cpu" else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by marks
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("w3_full") and _cpu_world(item) == 3:
+            item.add_marker(pytest.mark.full)
+        if skip and "gpu" in item.keywords:
             item.add_marker(skip)
 
 
+def _marks(spec: PoolSpec):
+    if spec.kind == "gpu":
+        return pytest.mark.gpu
+    return pytest.mark.full if spec.world_size in FULL_CPU_WORLD_SIZES else ()
+
+
 def _params(specs) -> list:
-    return [pytest.param(s, id=s.id, marks=pytest.mark.gpu if s.kind == "gpu" else ()) for s in specs]
+    return [pytest.param(s, id=s.id, marks=_marks(s)) for s in specs]
 
 
 def pytest_generate_tests(metafunc):

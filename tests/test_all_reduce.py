@@ -66,7 +66,7 @@ def test_all_reduce_lines_exact(pool):
     assert pool.run(_ar_cases, "bfloat16", "lines", MODES, sizes, SMALL) == [[]] * pool.world_size
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("dtype", [pytest.param("float16", marks=pytest.mark.w3_full), "float32"])
 def test_all_reduce_other_dtypes_default_config(pool, dtype):
     for algorithm in ("lines", "one_shot", "two_shot"):
         modes = ("staged", "zero_copy_in_place")
@@ -94,6 +94,7 @@ def _repeat_and_default(rank, world):
     return ok
 
 
+@pytest.mark.w3_full
 def test_all_reduce_replay_and_default(pool):
     for ok in pool.run(_repeat_and_default):
         assert all(ok), ok
@@ -302,5 +303,6 @@ def test_one_shot_push_picked_by_algorithm_and_limits(cpu_pool):
     assert cpu_pool(3).run(_auto_push_kernel, large, "auto", (0, 0))[0][0] != one
 
 
+@pytest.mark.w3_full
 def test_all_reduce_push_default_config(pool):
     assert pool.run(_ar_push_cases, (3, 70000), None) == [[]] * pool.world_size

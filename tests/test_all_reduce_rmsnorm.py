@@ -58,19 +58,21 @@ def _cases(rank, world, dtype_name, mode, algorithm, shapes=SHAPES):
 
 
 @pytest.mark.parametrize("algorithm", ["one_shot", "two_shot"])
-@pytest.mark.parametrize("mode", ["staged", "zero_copy", "out"])
+@pytest.mark.parametrize("mode", ["staged", pytest.param("zero_copy", marks=pytest.mark.w3_full),
+                                  pytest.param("out", marks=pytest.mark.w3_full)])
 def test_all_reduce_rmsnorm_bf16(pool, mode, algorithm):
     assert pool.run(_cases, "bfloat16", mode, algorithm) == [[]] * pool.world_size
 
 
-@pytest.mark.parametrize("mode", ["staged", "zero_copy", "out"])
+@pytest.mark.parametrize("mode", ["staged", pytest.param("zero_copy", marks=pytest.mark.w3_full),
+                                  pytest.param("out", marks=pytest.mark.w3_full)])
 def test_all_reduce_rmsnorm_lines_bf16(pool, mode):
     """The barrier-free one-shot (kernels/ll.py): rows of whole 32-bit words."""
     shapes = ((1, 8), (3, 1000), (5, 38), (7, 1152))
     assert pool.run(_cases, "bfloat16", mode, "lines", shapes) == [[]] * pool.world_size
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("dtype", [pytest.param("float16", marks=pytest.mark.w3_full), "float32"])
 def test_all_reduce_rmsnorm_other_dtypes(pool, dtype):
     for algorithm in ("lines", "one_shot", "two_shot", None):
         got = pool.run(_cases, dtype, "staged", algorithm, ((3, 1000), (2, 24)))
@@ -95,6 +97,7 @@ def _replay(rank, world):
     return ok
 
 
+@pytest.mark.w3_full
 def test_all_reduce_rmsnorm_replay(pool):
     for ok in pool.run(_replay):
         assert ok == [True] * 4

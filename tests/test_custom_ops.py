@@ -113,6 +113,7 @@ def _fused_eager_cases(rank, world, dtype_name):
     return ok
 
 
+@pytest.mark.w3_full
 def test_fused_custom_ops_match_plain_functions(pool):
     for rank, ok in enumerate(pool.run(_fused_eager_cases, "bfloat16")):
         assert all(ok.values()), f"rank {rank}: {ok}"
@@ -206,6 +207,7 @@ def _compile_case(rank, world, fused):
     }
 
 
+@pytest.mark.w3_full
 def test_compile_fullgraph_all_gather_reduce_scatter(pool):
     for rank, r in enumerate(pool.run(_compile_case, False)):
         assert r["graph_breaks"] == 0 and r["graphs"] == 1, f"rank {rank}: {r}"
@@ -214,6 +216,7 @@ def test_compile_fullgraph_all_gather_reduce_scatter(pool):
         assert r["matches_eager"] and r["residual_updated"], f"rank {rank}: {r}"
 
 
+@pytest.mark.w3_full
 def test_compile_fullgraph_fused(pool):
     for rank, r in enumerate(pool.run(_compile_case, True)):
         assert r["graph_breaks"] == 0 and r["graphs"] == 1, f"rank {rank}: {r}"

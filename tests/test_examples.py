@@ -69,7 +69,9 @@ def test_example_help(name):
     assert "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES" in r.stdout
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.full)
+                                  if n in ("ep_moe", "reduce_scatter", "tp_decode") else n
+                                  for n in sorted(CASES)])
 def test_example_runs_on_two_cpu_ranks(name):
     flags, expect = CASES[name]
     r = _run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -92,6 +94,7 @@ def test_example_rejects_bad_flags(flags, message):
     assert r.returncode == 2 and message in r.stderr, r.stderr
 
 
+@pytest.mark.full
 def test_tp_decode_all_reduce_mode_runs_on_two_cpu_ranks():
     """``--mode ar``: replicated residual, all_reduce_add_rmsnorm against all_reduce + add +
     rms_norm."""

@@ -63,16 +63,18 @@ def _fused_cases(rank, world, dtype_name, mode, all_gather, rows=ROWS):
     return bad
 
 
+@pytest.mark.w3_full
 def test_fused_all_gather_every_shape(pool):
     """The full grid of H x rows, bf16, input staged into the buffer."""
     assert pool.run(_fused_cases, "bfloat16", "staged", True) == [[]] * pool.world_size
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("dtype", [pytest.param("float16", marks=pytest.mark.w3_full), "float32"])
 def test_fused_all_gather_other_dtypes(pool, dtype):
     assert pool.run(_fused_cases, dtype, "staged", True, (1, 3)) == [[]] * pool.world_size
 
 
+@pytest.mark.w3_full
 @pytest.mark.parametrize("mode", ["zero_copy", "in_place"])
 def test_fused_all_gather_zero_copy(pool, mode):
     assert pool.run(_fused_cases, "bfloat16", mode, True, (1, 3)) == [[]] * pool.world_size

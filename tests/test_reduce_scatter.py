@@ -39,16 +39,19 @@ def _rs_cases(rank, world, dtype_name, sizes, mode):
     return failures
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float16", marks=pytest.mark.w3_full),
+                                   pytest.param("float32", marks=pytest.mark.w3_full)])
 @pytest.mark.parametrize("mode", ["staged", "zero_copy"])
 def test_reduce_scatter_exact(pool, dtype, mode):
     assert pool.run(_rs_cases, dtype, SIZES, mode) == [[]] * pool.world_size
 
 
+@pytest.mark.w3_full
 def test_reduce_scatter_output_in_buffer_does_not_clobber_staging(pool):
     assert pool.run(_rs_cases, "bfloat16", SIZES, "output_in_buffer") == [[]] * pool.world_size
 
 
+@pytest.mark.w3_full
 def test_reduce_scatter_large(pool):
     assert pool.run(_rs_cases, "bfloat16", (1 << 20, (1 << 20) + 3), "zero_copy") == [[]] * pool.world_size
 

@@ -146,6 +146,7 @@ def _create_destroy_cycles(rank, world, cycles):
     return marks, _shm_files()
 
 
+@pytest.mark.w3_full
 def test_200_create_destroy_cycles_do_not_grow(pool):
     for (before, mid, after), files in pool.run(_create_destroy_cycles, 200, timeout=600):
         assert files == []
@@ -216,6 +217,7 @@ def _stress(rank, world, seed, steps):
     return bad, counters, int(pad[ERR_WORD])
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("seed", [7])
 def test_seeded_random_stress_loses_nothing(pool, seed):
     res = pool.run(_stress, seed, 40, timeout=600)
