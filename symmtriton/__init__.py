@@ -13,6 +13,7 @@ from .ops.fused import reduce_scatter_add_rmsnorm, reduce_scatter_add_rmsnorm_al
 from .ops.reduce_scatter import reduce_scatter_tensor
 from .ops.all_gather_v import all_gather_v
 from .ops.reduce_scatter_v import reduce_scatter_v
+from .errors import ConcurrentCollectiveError
 from .sync import CollectiveMismatchError, CollectiveTimeoutError, synchronize
 from . import custom_ops  # noqa: E402,F401 - registers torch.ops.symmtriton.* for torch.compile
 
@@ -28,6 +29,7 @@ __all__ = [
     "CollectiveTimeoutError",
     "synchronize",
     "CollectiveMismatchError",
+    "ConcurrentCollectiveError",
     "all_reduce",
     "all_reduce_add_rmsnorm",
     "all_gather_v",

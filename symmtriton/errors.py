@@ -1,6 +1,7 @@
 """The errors the collectives raise beyond ``ValueError``/``TypeError`` (a leaf module: the
 runtime modules that raise them import it without importing each other).
-``st.CollectiveTimeoutError`` and ``st.CollectiveMismatchError`` are public; see
+``st.CollectiveTimeoutError``, ``st.CollectiveMismatchError`` and
+``st.ConcurrentCollectiveError`` are public; see
 :mod:`symmtriton.sync` for when the kernels' timeouts show."""
 
 from __future__ import annotations
