@@ -44,7 +44,7 @@ def all_gather_object(obj, group, what: str) -> list:
     mine = torch.full((1,), len(data), dtype=torch.int64, device=device)
     _wait(dist.all_gather(sizes, mine, group=group, async_op=True), deadline, group, what)
     lengths = [int(n) for n in torch.cat(sizes).tolist()]
-    padded = torch.zeros(max(lengths), dtype=torch.uint8)
+    padded = torch.zeros(max(lengths), dtype=torch.uint8, device="cpu")  # whatever the default
     padded[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     rows = [torch.empty_like(padded, device=device) for _ in range(world)]
     _wait(dist.all_gather(rows, padded.to(device), group=group, async_op=True), deadline, group,

@@ -69,7 +69,8 @@ class Launch:
         fast = self._fast
         if fast is None or not fast(var):
             device = self.buf.device
-            if device.type == "cuda" and torch.cuda.current_device() != device.index:
+            if (device.type == "cuda" and torch.cuda.is_initialized()
+                    and torch.cuda.current_device() != device.index):
                 with torch.cuda.device(device):  # a new thread starts on device 0
                     self._run(var)
             else:

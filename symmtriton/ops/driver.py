@@ -76,7 +76,7 @@ def _version_bumper():
     entry point where that takes a tuple (~0.2 us)."""
     raw = torch._C._increment_version
     try:
-        raw((torch.empty(0),))
+        raw((torch.empty(0, device="cpu"),))
         return raw
     except TypeError:  # an older torch: one tensor per call
         one = torch.autograd.graph.increment_version
