@@ -136,7 +136,8 @@ def _auto_choice(rank, world):
     return list(chosen.values())
 
 
-@pytest.mark.parametrize("world", [pytest.param(2, marks=pytest.mark.full), 3])
+@pytest.mark.full  # all-gathers at the line cap (256 KiB a rank): the heaviest lines test
+@pytest.mark.parametrize("world", [2, 3])
 def test_auto_protocol_chooses_lines_for_small_word_messages(cpu_pool, world):
     for chosen in cpu_pool(world).run(_auto_choice):
         # 8 B and the cap per peer: lines; 14 B (not whole words): barriers; past the cap: barriers
