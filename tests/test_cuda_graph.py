@@ -163,6 +163,7 @@ def _push_eager(rank, world, zero_copy_last):
     return sorted(set(wrong))
 
 
+@pytest.mark.w3_full  # the push kernels run at W = 3 in their own test files
 def test_push_composition_is_exact(pool):
     """The staged and zero-copy push calls compose (on the CPU tier too, eagerly)."""
     assert pool.run(_push_eager, True) == [[]] * pool.world_size

@@ -191,41 +191,49 @@ def _check(pool, names, backend):
 
 
 # -- one test per public function ---------------------------------------------------------------
+@pytest.mark.w3_full  # W = 3 traces the same graphs as W = 2
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_gather_into_tensor_compiles(pool, backend):
     _check(pool, ["all_gather_into_tensor"], backend)
 
 
+@pytest.mark.w3_full  # W = 3 traces the same graphs as W = 2
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reduce_scatter_tensor_compiles(pool, backend):
     _check(pool, ["reduce_scatter_tensor"], backend)
 
 
+@pytest.mark.w3_full  # W = 3 traces the same graphs as W = 2
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reduce_scatter_add_rmsnorm_all_gather_compiles(pool, backend):
     _check(pool, ["reduce_scatter_add_rmsnorm_all_gather"], backend)
 
 
+@pytest.mark.w3_full  # W = 3 traces the same graphs as W = 2
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reduce_scatter_add_rmsnorm_compiles(pool, backend):
     _check(pool, ["reduce_scatter_add_rmsnorm"], backend)
 
 
+@pytest.mark.w3_full  # W = 3 traces the same graphs as W = 2
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_gather_v_compiles(pool, backend):
     _check(pool, ["all_gather_v"], backend)
 
 
+@pytest.mark.w3_full  # W = 3 traces the same graphs as W = 2
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reduce_scatter_v_compiles(pool, backend):
     _check(pool, ["reduce_scatter_v"], backend)
 
 
+@pytest.mark.w3_full  # W = 3 traces the same graphs as W = 2
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_reduce_compiles(pool, backend):
     _check(pool, ["all_reduce"], backend)
 
 
+@pytest.mark.w3_full  # W = 3 traces the same graphs as W = 2
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_reduce_add_rmsnorm_compiles(pool, backend):
     _check(pool, ["all_reduce_add_rmsnorm"], backend)
