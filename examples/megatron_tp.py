@@ -148,7 +148,8 @@ def main() -> None:
     _common.log(env, f"megatron_tp {env.describe()} layers={args.layers} hidden={args.hidden} "
                      f"tokens/rank={s} {str(dtype).removeprefix('torch.')}: Megatron's names on "
                      f"symmtriton {_common.us(t_ours)} per step, torch.distributed "
-                     f"{_common.us(t_torch)}; outputs match (max rel diff {worst:.1e})")
+                     f"{_common.us(t_torch)}; outputs match (max rel diff {worst:.1e})\n"
+                     f"{_common.versus_baseline(env, {'symmtriton': t_ours}, t_torch)}")
     smg.uninstall()
     parallel_state.destroy_model_parallel()
     _common.finish(env)
