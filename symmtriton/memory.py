@@ -31,7 +31,6 @@ from .backends import cuda as cuda_backend
 from .backends import host as host_backend
 from .kernels import protocol as _protocol
 from .lifetime import invalidate as _invalidate
-from .lifetime import register_invalidation_hook  # noqa: F401 - where hooks register
 from .lifetime import retire
 
 logger = logging.getLogger("symmtriton")
