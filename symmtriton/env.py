@@ -108,6 +108,7 @@ def timeout_ns(timeout_s: float | None = None) -> int:
     raises ``TypeError``; NaN, a negative value or one above :data:`MAX_TIMEOUT_S` raises
     ``ValueError`` naming the argument or the variable and :data:`TIMEOUT_RANGE`. The
     environment is parsed once per distinct value."""
+    global _TIMEOUT
     if timeout_s is None:
         key = _timeout_raw()
         cached = _TIMEOUT
@@ -120,7 +121,7 @@ def timeout_ns(timeout_s: float | None = None) -> int:
             raise ValueError(f"{TIMEOUT_S}={text!r} is not a number of seconds: expected "
                              f"{TIMEOUT_RANGE}") from None
         ns = _to_ns(seconds, f"{TIMEOUT_S}={text!r}")
-        globals()["_TIMEOUT"] = (key, ns)
+        _TIMEOUT = (key, ns)
         return ns
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real):
         raise TypeError(f"timeout_s must be None or {TIMEOUT_RANGE}, got "
