@@ -37,8 +37,11 @@ buffer after an error.
 
 Giving up is agreed: a block that gave up on call ``seq`` (a timeout or a mismatch) overwrites
 this rank's slot of that call's parity at every peer with poison lines (:func:`ll_poison`, flag
-``LL_POISON_FLAG``: never a call's). A late peer that has not yet read the lines this rank pushed
-sees the poison, a wrong flag, and gives up on the same call; one that read them before the
+``LL_POISON_FLAG`` after a timeout, ``LL_MISMATCH_POISON_FLAG`` after a mismatch: never a
+call's). A late peer that has not yet read the lines this rank pushed sees the poison, a wrong
+flag, and gives up on the same call, with ``GAVE_UP_BIT`` after a timeout and ``MISMATCH_BIT``
+after a mismatch (so with three or more ranks, a rank that reads a peer's poison before the
+skipper's lines still reports the mismatch); one that read them before the
 poison landed returned that call, and gives up at a later call (its next call on this parity
 reads the poison; the next on the other parity waits for lines this rank never sends).
 
@@ -67,6 +70,7 @@ MISMATCH_BIT = tl.constexpr(P.MISMATCH_BIT)
 GAVE_UP_BIT = tl.constexpr(P.GAVE_UP_BIT)
 LL_PARITIES = tl.constexpr(P.LL_PARITIES)
 LL_POISON_FLAG = tl.constexpr(P.LL_POISON_FLAG)
+LL_MISMATCH_POISON_FLAG = tl.constexpr(P.LL_MISMATCH_POISON_FLAG)
 #: lines one pass of :func:`ll_poison` stores.
 POISON_CHUNK = tl.constexpr(1024)
 
@@ -95,10 +99,12 @@ def ll_poison(buf_table, ll_off, seq, slot_words, status, RANK: tl.constexpr,
               WORLD_SIZE: tl.constexpr):
     """With ``status`` non-zero (this block gave up on call ``seq``): store poison lines over
     this rank's whole slot, parity of ``seq``, in every peer's line area (module docstring), so
-    no peer returns that call as a success after this rank failed it. Failure path only."""
+    no peer returns that call as a success after this rank failed it; the flag tells a mismatch
+    (``MISMATCH_BIT`` in ``status``) from a timeout. Failure path only."""
     if status != 0:
         tl.debug_barrier()  # after the block's own puts of this call
-        poison = tl.full([POISON_CHUNK], LL_POISON_FLAG, tl.int64) << 32
+        flag = tl.where((status & MISMATCH_BIT) != 0, LL_MISMATCH_POISON_FLAG, LL_POISON_FLAG)
+        poison = tl.full([POISON_CHUNK], 0, tl.int64) + (flag.to(tl.int64) << 32)
         for i in tl.static_range(1, WORLD_SIZE):
             q = (RANK + i) % WORLD_SIZE
             base = _lines(ll_slot(peer_addr(buf_table, q) + ll_off, seq, RANK, slot_words,
@@ -120,8 +126,9 @@ def ll_put(slot_addr, offs, words, mask, flag):
 @triton.jit
 def _take(v, flag, got, words, wrong):
     """One poll of lines ``v`` (int64, 0 where not loaded): lines with ``flag`` give their word,
-    lines with another non-zero flag are wrong (``wrong`` bit 1; bit 2: the flag was
-    ``LL_POISON_FLAG``, the peer gave up); either ends the wait for that line."""
+    lines with another non-zero flag are wrong (``wrong`` bit 1, a mismatch poison included;
+    bit 2: the flag was ``LL_POISON_FLAG``, the peer gave up on a timeout); either ends the wait
+    for that line."""
     f = (v >> 32).to(tl.int32)
     hit = ~got & (f == flag)
     bad = ~got & (f != flag) & (f != 0)
@@ -192,8 +199,8 @@ def ll_get(slot_addr, first, end, flag, src, skip, timeout_ns, pad, NW: tl.const
     """Wait for lines ``[first, first + NW)`` (those ``< end``) of the local slot at
     ``slot_addr`` to carry ``flag``, then clear them. Returns ``(words, status)``: ``NW`` int32
     words (0 past ``end``) and 0, or rank ``src``'s bit (a line still missing at the deadline),
-    with ``MISMATCH_BIT`` when a line carried another call's flag, with ``GAVE_UP_BIT`` when it
-    was poisoned (:func:`ll_poison`). Waits for nothing when
+    with ``MISMATCH_BIT`` when a line carried another call's flag or a mismatch poison, with
+    ``GAVE_UP_BIT`` when it carried a timeout poison (:func:`ll_poison`). Waits for nothing when
     ``skip`` is non-zero (a block that abandoned the call). ``pad``: this rank's signal pad (its
     error word and, in the interpreter, its clock: ``ptx.deadline_tick``).
 

@@ -41,9 +41,14 @@ def grid_cap(pad_words: int, world: int) -> int:
 # -- flag-in-data lines (kernels/ll.py) ---------------------------------------------------------
 #: parities of the line area: call ``seq`` uses parity ``seq % 2``.
 LL_PARITIES = 2
-#: the flag of a poisoned line (kernels/ll.py ``ll_poison``): even, so never a call's flag (odd),
-#: and not the 0 of a cleared line.
+#: the flag of a line poisoned by a rank that gave up on a timeout (kernels/ll.py ``ll_poison``):
+#: even, so never a call's flag (odd), and not the 0 of a cleared line; a reader records
+#: ``GAVE_UP_BIT``.
 LL_POISON_FLAG = 2
+#: the flag of a line poisoned by a rank that gave up on a mismatch: even too, and any flag but
+#: ``LL_POISON_FLAG`` reads as another call's, so a reader records ``MISMATCH_BIT`` whether it
+#: saw the skipper's lines or a peer's poison first.
+LL_MISMATCH_POISON_FLAG = 4
 #: bytes of one line: a 32-bit data word and a 32-bit flag.
 LL_LINE_BYTES = 8
 #: data bytes one line carries.

@@ -3,6 +3,8 @@ every rank whatever the grids, a call that raised on one rank only is an error o
 (never silently paired with another call), a call that raised on every rank keeps the ranks in
 step, and CUDA graphs replay the protocol with no host step."""
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,6 +17,9 @@ from symmtriton.kernels import protocol as P
 from symmtriton.testing import device, protocol, sync, tagged
 
 TIMEOUT_S = 20.0  # a protocol bug shows as a timeout error instead of a hang
+#: how late the rank before the skipper starts its next call: time for the others to see the
+#: mismatch and poison its lines first (kernels/ll.py), the order that must still read as one.
+LATE_S = 1.0
 
 
 def _pad_state(buf):
@@ -106,6 +111,8 @@ def _skipped_call_planned(rank, world, skipper):
             _ag(torch.empty(world * n + 1, device=device()), tagged(n, torch.float32, rank, 0))
         except ValueError:
             raised = "ValueError"
+    if rank == (skipper - 1) % world:
+        time.sleep(LATE_S)
     after = []
     for salt in (1, 2):
         out.fill_(-100.0)
@@ -121,8 +128,10 @@ def _skipped_call_planned(rank, world, skipper):
 @pytest.mark.parametrize("mode", ["barrier", "lines"])
 def test_call_skipped_on_one_rank_raises_on_every_rank(pool, mode):
     """Rank ``W - 1`` raises a ValueError on a call that the others make: their next calls must
-    raise on every rank (the ranks are out of step), never return another call's data; with
-    barriers and with flag-in-data lines (kernels/ll.py)."""
+    raise a mismatch on every rank (the ranks are out of step), never return another call's data
+    nor read as a timeout; with barriers and with flag-in-data lines (kernels/ll.py). Rank
+    ``W - 2`` comes late, so with lines it reads the poison of a peer that already saw the
+    mismatch before (or instead of) the skipper's own lines."""
     world = pool.world_size
     res = pool.run(_skipped_call, world - 1, mode)
     for rank, (first, raised, after) in enumerate(res):
