@@ -90,6 +90,7 @@ def test_signals_are_relaxed_where_no_data_precedes_them(compiler, which, relaxe
     assert r["waits"] == 2 and r["relaxed_signals"] == relaxed
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("which", sorted(KERNELS))
 def test_same_gpu_groups_signal_at_gpu_scope(compiler, which):
     """SCOPE="gpu" (every rank on one GPU): no system-scope operation is left in the kernel."""
@@ -97,6 +98,7 @@ def test_same_gpu_groups_signal_at_gpu_scope(compiler, which):
     assert r["cubin"] and r["signals"] and r["sys_atoms"] == 0
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("which", sorted(KERNELS))
 def test_single_rank_kernels_have_no_barrier_atomics(compiler, which):
     """W = 1: the barrier is only the block's bar.sync (no peer to signal, no clock to read)."""
@@ -104,6 +106,7 @@ def test_single_rank_kernels_have_no_barrier_atomics(compiler, which):
     assert r["cubin"] and r["atoms"] == 0 and not r["globaltimer"] and r["bar_sync"] > 0
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("which", sorted(KERNELS))
 def test_kernels_compile_when_counts_are_specialized_to_one(compiler, which):
     """Triton turns a runtime int equal to 1 into a constant: one element, one row, H = 1."""
@@ -173,6 +176,7 @@ def test_push_kernels_order_their_chunks_behind_release_flags(compiler, which, c
     assert r["clock_reads"] == sites and r["bar_before_release"]
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("which", sorted(PUSH_KERNELS))
 def test_push_kernels_on_one_gpu_use_gpu_scope(compiler, which):
     [r] = compiler.run(_compile_push, which, 90, "gpu")

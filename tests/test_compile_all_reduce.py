@@ -58,6 +58,7 @@ def test_peer_path_compiles_without_multimem_and_with_16_byte_loads(compiler, wh
     assert r["cubin"] and r["ld_reduce"] == 0 and r["st"] == 0 and r["v4_loads"] > 0
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("which", sorted(KERNELS))
 def test_kernels_compile_when_counts_are_specialized_to_one(compiler, which):
     """Triton turns a runtime int equal to 1 into a constant: one element, one row, H = 1."""

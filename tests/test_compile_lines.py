@@ -62,6 +62,7 @@ def test_lines_kernels_compile_for_sm100(compiler, which):
     assert r["cubin"] and r["line_stores"] > 0
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("which", sorted(KERNELS))
 def test_lines_kernels_compile_unaligned_and_with_counts_of_one(compiler, which):
     """No alignment promise (scalar accesses), and runtime ints Triton turns into the constant 1."""
