@@ -10,7 +10,7 @@ zero-copy) of bf16 (fp32 on the CPU), at each ``--sizes`` (nccl-tests' size: the
 output, the full input, the tensor) and each ``--protocols`` (``SYMMTRITON_PROTOCOL`` while the
 row's calls are planned; ``kernel`` says what ran: ``lines``, ``barrier``, ``push``, the
 all-reduce's ``one_shot`` / ``two_shot``). Each row is checked against
-:mod:`symmtriton.reference` first, then timed eager and, on a GPU, in a CUDA graph
+:mod:`symmtriton.tools.reference` first, then timed eager and, on a GPU, in a CUDA graph
 (``--graph-iters`` calls per replay): the slowest rank's median per call, with the timeout on
 (``on``) and off (``off``), and ``off/on`` (1.0: the timeout is free).
 
@@ -37,10 +37,10 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
-from symmtriton import bench, timing
-from symmtriton.bench_options import parse_bytes
-from symmtriton.testing import device, protocol, teardown
-from symmtriton.workloads import make_workload
+from symmtriton.tools.bench import cli, timing
+from symmtriton.tools.bench.options import parse_bytes
+from symmtriton.tools.bench.workloads import make_workload
+from symmtriton.tools.testing import device, protocol, teardown
 
 #: the probe's ops: workload name -> the public call with a timeout (``None``: the default)
 CALLS = {
@@ -60,7 +60,7 @@ def probe_row(op: str, nbytes: int, mode: str, dtype, group, args) -> dict:
     with protocol(mode):
         wl = make_workload(op, numel, dtype, group, placement="zero_copy")
         ok = timing.all_ranks_ok(wl.check(), group)
-        row = {"op": op, "protocol": mode, "kernel": bench._variant(None) or "-",
+        row = {"op": op, "protocol": mode, "kernel": cli._variant(None) or "-",
                "bytes": wl.total_bytes, "ok": ok}
         modes = ("eager", "graph") if dev.type == "cuda" else ("eager",)
         for timing_mode in modes:
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
             p.error(f"{what} must be a comma list of {', '.join(allowed)}, got {','.join(got)!r}")
     sizes = [parse_bytes(s) for s in (args.sizes or ("4K,1M,64M" if gpu else "1K")).split(",")]
     args.iters = args.iters or (200 if gpu else 3)
-    group, created = bench.init_distributed()
+    group, created = cli.init_distributed()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     dtype = torch.bfloat16 if gpu else torch.float32
     st.SymmetricMemoryManager.get_buffer("probe", group, size_mb=max(sizes) * 2 // 2**20 + 2)

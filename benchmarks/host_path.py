@@ -45,11 +45,13 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
-from symmtriton import bench, env, launch, testing
+from symmtriton import env, launch
 from symmtriton.launch import Launch
 from symmtriton.memory import resolve_group
 from symmtriton.ops import driver
 from symmtriton.ops.all_gather import OP as AG
+from symmtriton.tools import testing
+from symmtriton.tools.bench import cli
 
 #: public collectives timed end to end; shapes are built by :func:`_cases`.
 OPS = ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce",
@@ -241,7 +243,7 @@ def main() -> None:
     cuda = env.backend() != "host" and torch.cuda.is_available()
     calls = args.calls
     if "RANK" in os.environ:  # under torchrun
-        group, created = bench.init_distributed()
+        group, created = cli.init_distributed()
         try:
             text = measure(dist.get_rank(), dist.get_world_size(), args.bytes, calls,
                            args.repeats, ops)

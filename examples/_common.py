@@ -23,7 +23,7 @@ both times and says why they do not compare.
 On machines with NVLink multicast hardware that must not use it, export
 ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1``.
 
-Every example ends with :func:`finish` (``symmtriton.testing.teardown``): CUDA graphs made with
+Every example ends with :func:`finish` (``symmtriton.tools.testing.teardown``): CUDA graphs made with
 :func:`cuda_graph` are reset first (a graph that captured an NCCL collective keeps its
 communicator alive, and destroying the process group would wait for it forever), then the
 symmetric buffers are destroyed, then the process group.
@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton.backends import backend_device, select_backend
-from symmtriton.testing import OVERLAP_ENV, teardown
+from symmtriton.tools.testing import OVERLAP_ENV, teardown
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: the default buffer key of the examples
@@ -172,7 +172,7 @@ def cuda_graph() -> torch.cuda.CUDAGraph:
 
 def finish(env: Env) -> None:
     """Reset the graphs of :func:`cuda_graph`, free every symmetric buffer, leave the process
-    group (``symmtriton.testing.teardown``: synchronize, graphs, buffers, CUDA cache, barrier,
+    group (``symmtriton.tools.testing.teardown``: synchronize, graphs, buffers, CUDA cache, barrier,
     ``destroy_process_group``). Every rank calls it after its last collective."""
     graphs = list(_GRAPHS)
     _GRAPHS.clear()

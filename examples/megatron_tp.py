@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import _common
 from symmtriton.integrations import megatron as smg
-from symmtriton.reference import rmsnorm
+from symmtriton.tools.reference import rmsnorm
 
 #: largest allowed |symmtriton - torch.distributed| of the residual stream, as a fraction of its
 #: largest magnitude, by dtype (the fused op adds the residual in fp32, torch in the dtype).

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 import _common
 from symmtriton import custom_ops
-from symmtriton.reference import rmsnorm
+from symmtriton.tools.reference import rmsnorm
 
 #: largest allowed |symmtriton - torch.distributed| of the normed hidden states, as a fraction
 #: of their largest magnitude, by dtype. The paths round differently (the fused op reduces and

@@ -1,5 +1,5 @@
-"""``python -m symmtriton``: see :mod:`symmtriton.demo`."""
+"""``python -m symmtriton``: see :mod:`symmtriton.tools.demo`."""
 
-from .demo import main
+from .tools.demo import main
 
 raise SystemExit(main())

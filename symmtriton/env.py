@@ -37,7 +37,7 @@ DIRECT_LAUNCH = "SYMMTRITON_DIRECT_LAUNCH"
 PROTOCOL = "SYMMTRITON_PROTOCOL"
 PDL = "SYMMTRITON_PDL"
 TUNING_CACHE = "SYMMTRITON_TUNING_CACHE"
-EXIT_MARK = "SYMMTRITON_EXIT_MARK"  # read by symmtriton.testing.teardown (a tool)
+EXIT_MARK = "SYMMTRITON_EXIT_MARK"  # read by symmtriton.tools.testing.teardown (a tool)
 #: every variable above (README's table lists the same names; tests/test_layering.py checks it).
 ALL = (BACKEND, DISABLE, TIMEOUT_S, BARRIER_SCOPE, CHECK_UNIFORM, DIRECT_LAUNCH, PROTOCOL, PDL,
        TUNING_CACHE, EXIT_MARK)

@@ -78,10 +78,3 @@ def check_count(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
-
-
-def check_warmup(warmup) -> int:
-    """``warmup`` (untimed calls before timing) as an int >= 0; ``ValueError`` otherwise."""
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    return warmup

@@ -1,4 +1,4 @@
-"""Shared fixtures: one persistent worker pool per world (see symmtriton.testing).
+"""Shared fixtures: one persistent worker pool per world (see symmtriton.tools.testing).
 
 Worlds (``pool`` runs a test on each; ``gpu_pool`` on the GPU ones only):
 
@@ -25,7 +25,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from symmtriton.testing import CPU_ENV, EXIT_MARK_ENV, GPU_ENV, GPU_PER_RANK_ENV, WorkerPool
+from symmtriton.tools.testing import CPU_ENV, EXIT_MARK_ENV, GPU_ENV, GPU_PER_RANK_ENV, WorkerPool
 
 CPU_WORLD_SIZES = (2, 3, 4)
 #: CPU worlds of the extended matrix only (``-m full``); a pool starts on its first test
@@ -139,7 +139,7 @@ def _close(spec: PoolSpec) -> None:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Close every pool (each worker runs symmtriton.testing.teardown), all at once, and time it."""
+    """Close every pool (each worker runs symmtriton.tools.testing.teardown), all at once, and time it."""
     if os.environ.get(EXIT_MARK_ENV):
         print(f"symmtriton-exit-mark {time.time():.3f}", file=sys.__stderr__, flush=True)
     t0 = time.monotonic()

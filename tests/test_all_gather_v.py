@@ -7,9 +7,10 @@ import torch.distributed as dist
 import triton.language as tl
 
 import symmtriton as st
-from symmtriton import reference
+from symmtriton.tools import reference
 from symmtriton.config import LaunchConfig
-from symmtriton.testing import WorkerPool, captured, device, raised_by, random_bits, replay_with_counts, sync, tagged, value_error_of
+from symmtriton.tools.testing import WorkerPool, device, sync, tagged
+from helpers import captured, raised_by, random_bits, replay_with_counts, value_error_of
 
 CAP = 4  # rows each rank may send
 SENTINEL = -7
@@ -193,7 +194,7 @@ def test_all_gather_v_validates_before_launch(cpu_pool):
 
 def _compile(rank, world, ones):
     from symmtriton.kernels.all_gather_v import _all_gather_v_kernel
-    from symmtriton.testing import compile_for_target
+    from helpers import compile_for_target
 
     extra = dict(cap_in=1, cap_out=1) if ones else {}
     c = compile_for_target(_all_gather_v_kernel, 90, NT=3, DTYPE=tl.int32, COUNTS_DTYPE=tl.int64,

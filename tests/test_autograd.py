@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
-from symmtriton.testing import buffer_without_symmetric_memory, device
+from symmtriton.tools.testing import device
+from helpers import buffer_without_symmetric_memory
 
 STALE = "modified by an inplace operation"
 

@@ -13,22 +13,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from symmtriton import (bench, bench_baselines, bench_meta, bench_options, bench_report, timing,
-                        tuning, workloads)
+from symmtriton import tuning
+from symmtriton.tools.bench import baselines, cli, options, report, timing, workloads
+from symmtriton.tools.bench import meta as bench_meta
 from symmtriton.config import CONFIG_KEYS
 from symmtriton.kernels.all_reduce import (_all_reduce_kernel, _all_reduce_one_shot_push_kernel,
                                            _all_reduce_push_kernel)
 from symmtriton.kernels.reduce_scatter import (_reduce_scatter_kernel, _reduce_scatter_ll_kernel,
                                                _reduce_scatter_push_kernel)
 from symmtriton.ops import driver
-from symmtriton.testing import CPU_ENV
+from symmtriton.tools.testing import CPU_ENV
 
 TINY = ["--min-bytes", "1K", "--max-bytes", "1K", "--iters", "1", "--warmup", "0"]
 
 
 def _bench_main(rank, world, out_dir, cache, argv):
     os.environ[tuning.CACHE_ENV] = cache
-    return bench.main(list(argv) + ["--out-dir", out_dir])
+    return cli.main(list(argv) + ["--out-dir", out_dir])
 
 
 def _read(out_dir, stem):
@@ -44,8 +45,8 @@ def test_cli_sweep_with_tuning_in_pool(cpu_pool, tmp_path):
     argv = TINY + ["--ops", "all_gather,reduce_scatter,fused", "--tune", "--name", "tiny"]
     assert cpu_pool(2).run(_bench_main, out, cache, argv, timeout=300) == [0, 0]
     rows, data = _read(out, "tiny")
-    assert list(rows[0]) == list(bench_report.FIELDS)
-    assert set(CONFIG_KEYS) <= set(bench_report.FIELDS)
+    assert list(rows[0]) == list(report.FIELDS)
+    assert set(CONFIG_KEYS) <= set(report.FIELDS)
     # 3 ops x 1 size x 1 mode (graph is skipped on the CPU) x 2 placements
     assert [(r["op"], r["placement"], r["mode"]) for r in rows] == [
         (op, p, "eager") for op in ("all_gather", "reduce_scatter", "fused") for p in ("zero_copy", "staged")]
@@ -54,7 +55,7 @@ def test_cli_sweep_with_tuning_in_pool(cpu_pool, tmp_path):
         assert float(r["time_us"]) > 0 and float(r["baseline_us"]) > 0 and float(r["copy_us"]) > 0
         assert r["baseline"] == "gloo" and r["symm_mem_us"] == "" and r["efficiency"] == ""
         assert r["ceiling"] == "local" and float(r["ceiling_gbs"]) == float(r["copy_gbs"])
-        assert abs(float(r["busbw_gbs"]) - float(r["algbw_gbs"]) * bench_report.bus_factor(r["op"], 2)) < 2e-3
+        assert abs(float(r["busbw_gbs"]) - float(r["algbw_gbs"]) * report.bus_factor(r["op"], 2)) < 2e-3
     assert {r["size_bytes"] for r in rows} == {"1024"}
     meta = data["meta"]
     assert meta["device"] == "cpu" and meta["world_size"] == 2 and data["complete"] is True
@@ -74,7 +75,7 @@ def test_cli_sweep_with_tuning_in_pool(cpu_pool, tmp_path):
         ("max_over_ranks", meta["commit"])}
     # the launch setting and the SYMMTRITON_* variables set (an A/B names its side)
     assert meta["pdl"] is False and meta["environment"][tuning.CACHE_ENV] == cache
-    assert data["columns"] == list(bench_report.FIELDS) and len(data["rows"]) == len(rows)
+    assert data["columns"] == list(report.FIELDS) and len(data["rows"]) == len(rows)
     assert any("graph mode needs CUDA" in n for n in data["notes"])
     assert not {"host", "hostname", "node"} & set(meta)  # hostname-free
     assert socket.gethostname() not in [v for v in meta.values() if isinstance(v, str)]
@@ -108,11 +109,11 @@ def test_new_ops_rows_checked_in_pool(cpu_pool, tmp_path):
     for r in rows:
         assert r["check"] == "ok" and r["path"] == "symmetric" and r["block_size"] == ""
         assert float(r["time_us"]) > 0 and float(r["baseline_us"]) > 0 and r["baseline"] == "gloo"
-        assert abs(float(r["busbw_gbs"]) - float(r["algbw_gbs"]) * bench_report.bus_factor(r["op"], 2)) < 2e-3
+        assert abs(float(r["busbw_gbs"]) - float(r["algbw_gbs"]) * report.bus_factor(r["op"], 2)) < 2e-3
     sizes = {r["op"]: int(r["size_bytes"]) for r in rows}  # [S, 256] bf16 rows of 4 KiB
     assert sizes == {op: 4096 for op in NEW_OPS}
-    assert bench_report.bus_factor("all_reduce", 2) == 1.0
-    assert bench_report.bus_factor("all_gather_v", 2) == 0.5
+    assert report.bus_factor("all_reduce", 2) == 1.0
+    assert report.bus_factor("all_gather_v", 2) == 0.5
 
 
 def test_algorithm_option_forces_the_all_reduce_algorithm(cpu_pool, tmp_path):
@@ -144,7 +145,7 @@ def test_workload_rejects_an_algorithm_for_other_ops(cpu_pool):
 def test_cli_through_torchrun(tmp_path):
     env = {**os.environ, **CPU_ENV, tuning.CACHE_ENV: str(tmp_path / "tuning.json")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "symmtriton.bench", *TINY, "--ops", "all_gather", "--placement", "staged",
+           "-m", "symmtriton.tools.bench", *TINY, "--ops", "all_gather", "--placement", "staged",
            "--no-plot", "--out-dir", str(tmp_path), "--peer-copy-gbs", "1e-9"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -166,7 +167,7 @@ def test_cli_through_torchrun(tmp_path):
 
 
 def test_help_documents_the_options():
-    text = bench_options.build_parser().format_help()
+    text = options.build_parser().format_help()
     for opt in ("--ops", "--dtypes", "--modes", "--placement", "--min-bytes", "--max-bytes", "--iters",
                 "--warmup", "--tune", "--backend", "--out-dir", "busbw", "torchrun", "--quick",
                 "--step", "--min-iters", "--max-spread", "p2p", "4G", "--algorithm"):
@@ -188,40 +189,40 @@ def test_help_documents_the_options():
 ])
 def test_bad_options_exit_with_usage(argv, match, capsys):
     with pytest.raises(SystemExit) as exc:
-        bench_options.parse_options(argv)
+        options.parse_options(argv)
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
 
 
 def test_option_defaults_on_the_cpu():
-    opts = bench_options.parse_options([])
+    opts = options.parse_options([])
     assert opts.ops == ("all_gather", "reduce_scatter", "fused")  # the newer ops are opt-in
     assert opts.v_counts == ("uniform", "skewed")
     assert opts.dtypes == (torch.bfloat16,) and opts.modes == ("eager", "graph")
     assert opts.placements == ("zero_copy", "staged")
     assert opts.sizes == (1024, 4096, 16384, 65536) and opts.iters == 3 and opts.min_iters == 3
-    quick = bench_options.parse_options(["--quick", "--max-bytes", "256M"])
+    quick = options.parse_options(["--quick", "--max-bytes", "256M"])
     assert quick.sizes == (4 << 10, 64 << 10, 1 << 20, 16 << 20, 256 << 20) and quick.warmup == 3
-    assert bench_options.parse_options(["--max-bytes", "4G", "--step", "2"]).sizes[-1] == 4 << 30
+    assert options.parse_options(["--max-bytes", "4G", "--step", "2"]).sizes[-1] == 4 << 30
     assert opts.out_dir == os.path.join("benchmarks", "results")
 
 
 def test_sizes_and_shapes():
-    assert bench_options.parse_bytes("64K") == 65536 and bench_options.parse_bytes("1MB") == 1 << 20
-    assert bench_options.parse_bytes("256MiB") == 256 << 20 and bench_options.parse_bytes("100") == 100
-    assert bench_options.sweep_sizes(1024, 5000) == (1024, 2048, 4096)
-    ag = bench_baselines.shape_for("all_gather", 1024, torch.bfloat16, 3, 4096)
+    assert options.parse_bytes("64K") == 65536 and options.parse_bytes("1MB") == 1 << 20
+    assert options.parse_bytes("256MiB") == 256 << 20 and options.parse_bytes("100") == 100
+    assert options.sweep_sizes(1024, 5000) == (1024, 2048, 4096)
+    ag = baselines.shape_for("all_gather", 1024, torch.bfloat16, 3, 4096)
     assert (ag.numel, ag.total_bytes, ag.count) == (170, 1020, 510)
-    fu = bench_baselines.shape_for("fused", 1024, torch.bfloat16, 4, 4096)  # too small for 4 rows of 4096
+    fu = baselines.shape_for("fused", 1024, torch.bfloat16, 4, 4096)  # too small for 4 rows of 4096
     assert fu.hidden == 128 and fu.numel == 128 and fu.total_bytes == 1024
-    big = bench_baselines.shape_for("fused", 1 << 20, torch.bfloat16, 4, 4096)
+    big = baselines.shape_for("fused", 1 << 20, torch.bfloat16, 4, 4096)
     assert big.hidden == 4096 and big.count == 128 * 4096 and (big.count // big.hidden) % 4 == 0
-    assert bench_report.bus_factor("all_gather", 4) == 0.75 and bench_report.bus_factor("fused", 4) == 1.5
-    ar = bench_baselines.shape_for("all_reduce", 1000, torch.bfloat16, 4, 4096)  # the whole tensor
+    assert report.bus_factor("all_gather", 4) == 0.75 and report.bus_factor("fused", 4) == 1.5
+    ar = baselines.shape_for("all_reduce", 1000, torch.bfloat16, 4, 4096)  # the whole tensor
     assert (ar.numel, ar.total_bytes, ar.hidden) == (500, 1000, None)
-    arn = bench_baselines.shape_for("all_reduce_add_rmsnorm", 1 << 20, torch.bfloat16, 4, 4096)
+    arn = baselines.shape_for("all_reduce_add_rmsnorm", 1 << 20, torch.bfloat16, 4, 4096)
     assert (arn.hidden, arn.numel, arn.total_bytes) == (4096, 128 * 4096, 1 << 20)
-    agv = bench_baselines.shape_for("all_gather_v", 1 << 20, torch.bfloat16, 4, 4096)
+    agv = baselines.shape_for("all_gather_v", 1 << 20, torch.bfloat16, 4, 4096)
     assert (agv.hidden, agv.numel, agv.count) == (4096, 32 * 4096, 128 * 4096)
     assert workloads.v_counts("uniform", 12, 4) == (3, 3, 3, 3)
     assert workloads.v_counts("skewed", 12, 4) == (0, 2, 4, 6)  # rank 0 none, then 2 : 3 : 4, the rest last
@@ -229,20 +230,20 @@ def test_sizes_and_shapes():
 
 
 def test_table_format():
-    row = {k: None for k in bench_report.FIELDS}
+    row = {k: None for k in report.FIELDS}
     row.update(size_bytes=1024, count=512, dtype="bfloat16", op="all_gather", placement="staged",
                mode="eager", time_us=12.5, algbw_gbs=0.08, busbw_gbs=0.04, check="ok")
     meta = {"world_size": 2, "device": "cpu", "backend": "host", "dist_backend": "gloo",
             "torch": "x", "triton": "y", "date": "d"}
-    text = bench_report.format_table([row], meta)
+    text = report.format_table([row], meta)
     assert "busbw" in text and "12.50" in text and "all_gather" in text
 
 
 def test_rows_reach_the_csv_as_they_finish(tmp_path):
-    opts = bench_options.parse_options(["--out-dir", str(tmp_path), "--name", "live", "--no-plot"])
+    opts = options.parse_options(["--out-dir", str(tmp_path), "--name", "live", "--no-plot"])
     meta = {"device": "cpu", "world_size": 2, "layout": "cpu"}
-    files = bench_report.ResultFiles(opts, meta)
-    row = {k: None for k in bench_report.FIELDS}
+    files = report.ResultFiles(opts, meta)
+    row = {k: None for k in report.FIELDS}
     row.update(size_bytes=1024, op="all_gather", check="ok", time_us=3.5)
     files.add(row)  # an interrupted run stops here: the row and the metadata are on disk
     with open(tmp_path / "live.csv", newline="") as f:
@@ -270,12 +271,12 @@ def test_variant_names_the_kernel_a_row_launched(monkeypatch):
     for fn, constexprs, want in cases:
         plan = SimpleNamespace(kernel=SimpleNamespace(fn=fn, constexprs=constexprs))
         monkeypatch.setattr(driver, "last_plan", lambda plan=plan: plan)
-        assert bench._variant(None) == want
-        assert bench._variant("skewed") == f"skewed/{want}"
+        assert cli._variant(None) == want
+        assert cli._variant("skewed") == f"skewed/{want}"
 
 
 def _row(**kw):
-    row = {k: None for k in bench_report.FIELDS}
+    row = {k: None for k in report.FIELDS}
     row.update(size_bytes=256 << 20, op="all_gather", dtype="bfloat16", placement="zero_copy",
                mode="eager", world_size=2, baseline="nccl",
                symm_mem_op="_low_contention_all_gather")
@@ -290,7 +291,7 @@ def test_rows_over_the_peer_copy_ceiling_are_invalid():
     # 256 MiB at W=2: busbw = 134.2 GB/s per ms; ceiling 389 GB/s (0.345 ms)
     over = _row(time_us=379.1, baseline_us=550.8, symm_mem_us=117.0, speedup=1.453,
                 speedup_symm_mem=0.309)
-    warnings = bench_report.mark_validity(over, 389.1)
+    warnings = report.mark_validity(over, 389.1)
     assert over["valid"] is False and over["over_ceiling"] == "symm_mem"
     assert over["speedup_symm_mem"] is None and over["speedup"] == 1.453
     assert warnings == [
@@ -298,26 +299,26 @@ def test_rows_over_the_peer_copy_ceiling_are_invalid():
         "(_low_contention_all_gather) busbw 1147.2 GB/s exceeds the peer-copy ceiling 389.1 GB/s "
         "by 195% (more than 5%)"]
     under = _row(time_us=345.0 / 1.04, baseline_us=550.8, speedup=1.6)  # 4% over: within tolerance
-    assert bench_report.mark_validity(under, 389.1) == [] and under["valid"] is True
+    assert report.mark_validity(under, 389.1) == [] and under["valid"] is True
     assert under["over_ceiling"] is None and under["speedup"] == 1.6
     ours = _row(time_us=100.0, baseline_us=550.8, speedup=5.5, symm_mem_us=400.0,
                 speedup_symm_mem=4.0)
-    assert len(bench_report.mark_validity(ours, 389.1)) == 1
+    assert len(report.mark_validity(ours, 389.1)) == 1
     assert ours["over_ceiling"] == "symmtriton"
     assert ours["speedup"] is None and ours["speedup_symm_mem"] is None
     unknown = _row(time_us=1.0)
-    assert bench_report.mark_validity(unknown, None) == [] and unknown["valid"] is None
+    assert report.mark_validity(unknown, None) == [] and unknown["valid"] is None
     # multicast: a switch that reduces may beat a link; gathers stay bounded
-    assert bench_report.ceiling_applies("all_reduce", False)
-    assert not bench_report.ceiling_applies("all_reduce", True)
-    assert bench_report.ceiling_applies("all_gather", True)
+    assert report.ceiling_applies("all_reduce", False)
+    assert not report.ceiling_applies("all_reduce", True)
+    assert report.ceiling_applies("all_gather", True)
     # the CSV writes the flag as true / false / empty
-    assert bench_report._csv_row(over)["valid"] == "false"
-    assert bench_report._csv_row(unknown)["valid"] == ""
+    assert report._csv_row(over)["valid"] == "false"
+    assert report._csv_row(unknown)["valid"] == ""
 
 
 def test_ceiling_and_placement_metadata():
-    topo = bench_baselines.Topology
+    topo = baselines.Topology
     cpu = topo(("cpu",) * 2, 0, "cpu")
     shared = topo(("H200",) * 4, 1, "shared: 4 ranks on 1 GPU(s)")
     pergpu = topo(("H200",) * 2, 2, "one rank per GPU")

@@ -29,7 +29,7 @@ KERNELS = {
 def _compile(rank, world, which, capability, multimem, aligned, world_size=3, scope="sys"):
     import importlib
 
-    from symmtriton.testing import compile_for_target
+    from helpers import compile_for_target
 
     module, name, extra = KERNELS[which]
     kern = getattr(importlib.import_module(f"symmtriton.kernels.{module}"), name)
@@ -117,7 +117,7 @@ def test_kernels_compile_when_counts_are_specialized_to_one(compiler, which):
 def _compile_ones(rank, world, which):
     import importlib
 
-    from symmtriton.testing import compile_for_target
+    from helpers import compile_for_target
 
     module, name, extra = KERNELS[which]
     kern = getattr(importlib.import_module(f"symmtriton.kernels.{module}"), name)
@@ -138,7 +138,7 @@ PUSH_KERNELS = {
 def _compile_push(rank, world, which, capability, scope, world_size=3):
     import importlib
 
-    from symmtriton.testing import compile_for_target
+    from helpers import compile_for_target
 
     module, name, extra, _ = PUSH_KERNELS[which]
     kern = getattr(importlib.import_module(f"symmtriton.kernels.{module}"), name)

@@ -21,7 +21,7 @@ CASES = [(k, two_shot) for k in sorted(KERNELS) for two_shot in (False, True)]
 def _compile(rank, world, which, two_shot, capability, multimem, aligned, ones=False):
     import importlib
 
-    from symmtriton.testing import compile_for_target
+    from helpers import compile_for_target
 
     module, name, extra = KERNELS[which]
     kern = getattr(importlib.import_module(f"symmtriton.kernels.{module}"), name)

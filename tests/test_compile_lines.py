@@ -28,7 +28,7 @@ KERNELS = {
 def _compile(rank, world, which, capability, aligned, ones=False):
     import importlib
 
-    from symmtriton.testing import compile_for_target
+    from helpers import compile_for_target
 
     module, name, extra = KERNELS[which]
     kern = getattr(importlib.import_module(f"symmtriton.kernels.{module}"), name)
@@ -85,7 +85,7 @@ def _barrier_before_clear(rank, world, which, aligned):
     import importlib
     import re
 
-    from symmtriton.testing import compile_for_target
+    from helpers import compile_for_target
 
     module, name, extra = POLLED_IN_SEVERAL_WARPS[which]
     kern = getattr(importlib.import_module(f"symmtriton.kernels.{module}"), name)

@@ -7,8 +7,9 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
-from symmtriton import reference
-from symmtriton.testing import captured, device, protocol, sync, tagged
+from symmtriton.tools import reference
+from symmtriton.tools.testing import device, protocol, sync, tagged
+from helpers import captured
 
 
 

@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
-from symmtriton import reference
-from symmtriton.testing import device, random_bits, sync, tagged
+from symmtriton.tools import reference
+from symmtriton.tools.testing import device, sync, tagged
+from helpers import random_bits
 
 M = st.SymmetricMemoryManager
 

@@ -3,7 +3,7 @@ reports each one checked against the reference; a failed check makes it exit non
 
 import pytest
 
-from symmtriton import demo
+from symmtriton.tools import demo
 
 LABELS = [case[0] for case in demo.CASES]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from symmtriton.testing import EXIT_MARK_ENV
+from symmtriton.tools.testing import EXIT_MARK_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
-from symmtriton import reference
-from symmtriton.testing import device, sync, tagged
+from symmtriton.tools import reference
+from symmtriton.tools.testing import device, sync, tagged
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1e-2)}
 HIDDEN = (8, 1000, 1152, 4096 + 8)

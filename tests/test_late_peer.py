@@ -14,7 +14,7 @@ from symmtriton.kernels.all_reduce import _all_reduce_ll_kernel
 from symmtriton.kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_ll_kernel
 from symmtriton.kernels.fused_rmsnorm import _fused_rmsnorm_ll_kernel
 from symmtriton.kernels.reduce_scatter import _reduce_scatter_ll_kernel
-from symmtriton.testing import device, protocol, tagged
+from symmtriton.tools.testing import device, protocol, tagged
 
 LINES_KERNELS = (_all_gather_ll_kernel, _reduce_scatter_ll_kernel, _all_reduce_ll_kernel,
                  _all_reduce_rmsnorm_ll_kernel, _fused_rmsnorm_ll_kernel)

@@ -18,8 +18,9 @@ from symmtriton import env, tuning
 from symmtriton import launch as LA
 from symmtriton.launch import Launch
 from symmtriton.ops import driver as L
-from symmtriton import reference
-from symmtriton.testing import device, random_bits, sync
+from symmtriton.tools import reference
+from symmtriton.tools.testing import device, sync
+from helpers import random_bits
 
 
 def _count_launches():

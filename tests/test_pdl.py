@@ -16,10 +16,12 @@ import torch.distributed as dist
 import triton.language as tl
 
 import symmtriton as st
-from symmtriton import context, env, reference
+from symmtriton import context, env
 from symmtriton.launch import Launch
 from symmtriton.ops import driver
-from symmtriton.testing import captured, device, tagged
+from symmtriton.tools import reference
+from symmtriton.tools.testing import device, tagged
+from helpers import captured
 
 KERNELS = pathlib.Path(__file__).resolve().parents[1] / "kernels"
 
@@ -123,7 +125,7 @@ MEMORY_OP = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:ld|st|atom|red|multimem|cp\.async
 def _pdl_ptx(rank, world, which, capability):
     import importlib
 
-    from symmtriton.testing import compile_for_target
+    from helpers import compile_for_target
 
     module, name, extra = PTX_KERNELS[which]
     kern = getattr(importlib.import_module(f"symmtriton.kernels.{module}"), name)

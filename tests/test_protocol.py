@@ -11,10 +11,10 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton import context as L
-from symmtriton import reference
+from symmtriton.tools import reference
 from symmtriton.config import LaunchConfig
 from symmtriton.kernels import protocol as P
-from symmtriton.testing import device, protocol, sync, tagged
+from symmtriton.tools.testing import device, protocol, sync, tagged
 
 TIMEOUT_S = 20.0  # a protocol bug shows as a timeout error instead of a hang
 #: how late the rank before the skipper starts its next call: time for the others to see the

@@ -9,11 +9,12 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
-from symmtriton import env, reference
+from symmtriton import env
 from symmtriton.context import Ctx, push_eligible
 from symmtriton.kernels.reduce_scatter import _reduce_scatter_push_kernel
 from symmtriton.ops import driver
-from symmtriton.testing import device, protocol, sync, tagged
+from symmtriton.tools import reference
+from symmtriton.tools.testing import device, protocol, sync, tagged
 
 SIZES = (1, 7, 8, 1000, 4099, 65536 + 5)
 

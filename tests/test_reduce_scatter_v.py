@@ -7,9 +7,10 @@ import torch.distributed as dist
 import triton.language as tl
 
 import symmtriton as st
-from symmtriton import reference
-from symmtriton.testing import (WorkerPool, buffer_without_symmetric_memory, captured, device,
-                                raised_by, replay_with_counts, sync, tagged, value_error_of)
+from symmtriton.tools import reference
+from symmtriton.tools.testing import WorkerPool, device, sync, tagged
+from helpers import (buffer_without_symmetric_memory, captured, raised_by, replay_with_counts,
+                     value_error_of)
 
 CAP = 3  # rows each rank may receive
 ROW = (2, 5)
@@ -149,7 +150,7 @@ def test_reduce_scatter_v_validates_before_launch(cpu_pool):
 
 def _compile(rank, world, ones):
     from symmtriton.kernels.reduce_scatter_v import _reduce_scatter_v_kernel
-    from symmtriton.testing import compile_for_target
+    from helpers import compile_for_target
 
     extra = dict(cap_in=1, cap_out=1, row=1) if ones else {}
     c = compile_for_target(_reduce_scatter_v_kernel, 90, DTYPE=tl.bfloat16,

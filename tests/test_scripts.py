@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from symmtriton.testing import CPU_ENV
+from symmtriton.tools.testing import CPU_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import symmtriton as st
 from symmtriton.errors import ConcurrentCollectiveError
 from symmtriton.launch import Launch
-from symmtriton.testing import device
+from symmtriton.tools.testing import device
 
 HOLDER = "symmtriton-test-holder"
 

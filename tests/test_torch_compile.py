@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
-from symmtriton.testing import device, sync, tagged
+from symmtriton.tools.testing import device, sync, tagged
 
 BACKENDS = ("aot_eager", pytest.param("inductor", marks=pytest.mark.full))
 #: (rtol, atol) of RMSNorm outputs (the results named "normed"); everything else is exact.

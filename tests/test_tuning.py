@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from symmtriton import tuner, tuning
+from symmtriton import tuning
+from symmtriton.tools.bench import tune
 from symmtriton.config import CONFIG_KEYS, LaunchConfig, default_config, push_config
 
 #: small all-gather: 64 bf16 elements per rank = 32 int32 words, one block for every candidate.
@@ -29,7 +30,7 @@ def _tune_with_fake_times(rank, world, cache):
         calls.append(cfg)
         return fake_time(rank, AG_CANDIDATES.index(cfg))
 
-    res = tuner.tune("all_gather", AG_NUMEL, torch.bfloat16, None, AG_CANDIDATES, measure=measure)
+    res = tune.tune("all_gather", AG_NUMEL, torch.bfloat16, None, AG_CANDIDATES, measure=measure)
     key_numel, key_dtype = tuning.launch_key("all_gather", AG_NUMEL, torch.bfloat16)
     with open(cache) as f:
         on_disk = json.load(f)
@@ -60,12 +61,12 @@ def test_tuning_agrees_across_ranks_despite_rank_dependent_timings(pool, tmp_pat
 
 def _round_trip(rank, world, cache):
     os.environ[tuning.CACHE_ENV] = cache
-    ag = tuner.tune("all_gather", AG_NUMEL, torch.bfloat16, None, AG_CANDIDATES[:2], iters=1, warmup=0)
+    ag = tune.tune("all_gather", AG_NUMEL, torch.bfloat16, None, AG_CANDIDATES[:2], iters=1, warmup=0)
     rs_cands = (LaunchConfig(256, 1, 264), LaunchConfig(512, 2, 264))
-    rs = tuner.tune("reduce_scatter", 100, torch.float32, None, rs_cands, placement="zero_copy",
+    rs = tune.tune("reduce_scatter", 100, torch.float32, None, rs_cands, placement="zero_copy",
                      iters=1, warmup=0)
-    fused_cands = tuner.candidate_configs("fused", 16, torch.bfloat16, world, hidden=8, max_candidates=2)
-    fu = tuner.tune("fused", 16, torch.bfloat16, None, fused_cands, hidden=8, iters=1, warmup=0)
+    fused_cands = tune.candidate_configs("fused", 16, torch.bfloat16, world, hidden=8, max_candidates=2)
+    fu = tune.tune("fused", 16, torch.bfloat16, None, fused_cands, hidden=8, iters=1, warmup=0)
     tuning.reload_cache()  # forget the in-memory table: read the file again
     ag_key = tuning.launch_key("all_gather", AG_NUMEL, torch.bfloat16)
     got = {
@@ -110,7 +111,7 @@ def test_cache_round_trip_and_lookup(cpu_pool, tmp_path):
 def _mismatched(rank, world, cache):
     os.environ[tuning.CACHE_ENV] = cache
     try:
-        tuner.tune("all_gather", AG_NUMEL * (1 + rank), torch.bfloat16, None, AG_CANDIDATES,
+        tune.tune("all_gather", AG_NUMEL * (1 + rank), torch.bfloat16, None, AG_CANDIDATES,
                     measure=lambda cfg, run: 1.0)
     except ValueError as exc:
         return str(exc)
@@ -130,7 +131,7 @@ def _all_rejected(rank, world, cache):
         raise ValueError("config rejected before launch")
 
     with pytest.raises(RuntimeError, match="no candidate"):
-        tuner.tune("all_gather", AG_NUMEL, torch.bfloat16, None, AG_CANDIDATES, measure=measure)
+        tune.tune("all_gather", AG_NUMEL, torch.bfloat16, None, AG_CANDIDATES, measure=measure)
     return True
 
 
@@ -269,26 +270,26 @@ def test_lookup_rejects_unknown_op():
     ("fused", 4096 * 64, torch.bfloat16, 4096), ("fused", 3 * 1000, torch.float16, 1000),
 ])
 def test_candidate_configs(op, numel, dtype, hidden):
-    cands = tuner.candidate_configs(op, numel, dtype, 8, hidden=hidden, sm_count=132)
+    cands = tune.candidate_configs(op, numel, dtype, 8, hidden=hidden, sm_count=132)
     base = default_config(numel, dtype, 8, **({"hidden": hidden} if hidden else {"op": op}))
     assert cands[0] == base
     assert len(set(cands)) == len(cands)
-    assert cands == tuner.candidate_configs(op, numel, dtype, 8, hidden=hidden, sm_count=132)
+    assert cands == tune.candidate_configs(op, numel, dtype, 8, hidden=hidden, sm_count=132)
     if hidden:
         assert all(c.block_size == base.block_size >= hidden for c in cands)
-    few = tuner.candidate_configs(op, numel, dtype, 8, hidden=hidden, sm_count=132, max_candidates=3)
+    few = tune.candidate_configs(op, numel, dtype, 8, hidden=hidden, sm_count=132, max_candidates=3)
     assert few[0] == base and len(few) == min(3, len(cands)) and set(few) <= set(cands)
 
 
 def test_candidate_configs_validate():
     with pytest.raises(ValueError, match="hidden"):
-        tuner.candidate_configs("fused", 4096, torch.bfloat16, 2)
+        tune.candidate_configs("fused", 4096, torch.bfloat16, 2)
     with pytest.raises(ValueError, match="hidden"):
-        tuner.candidate_configs("all_gather", 4096, torch.int32, 2, hidden=64)
+        tune.candidate_configs("all_gather", 4096, torch.int32, 2, hidden=64)
     with pytest.raises(ValueError, match="'bogus'"):
-        tuner.candidate_configs("bogus", 4096, torch.int32, 2)
+        tune.candidate_configs("bogus", 4096, torch.int32, 2)
     with pytest.raises(ValueError, match="-1"):
-        tuner.candidate_configs("all_gather", -1, torch.int32, 2)
+        tune.candidate_configs("all_gather", -1, torch.int32, 2)
 
 
 def test_launch_key_matches_the_ops_units():

@@ -10,8 +10,9 @@ import torch.distributed as dist
 import symmtriton as st
 from symmtriton import env
 from symmtriton.launch import Launch
-from symmtriton import reference
-from symmtriton.testing import device, errors_without_launch, random_bits, sync
+from symmtriton.tools import reference
+from symmtriton.tools.testing import device, sync
+from helpers import errors_without_launch, random_bits
 
 
 def _cases(world):

@@ -7,10 +7,12 @@ import os
 import re
 from dataclasses import dataclass
 
-from . import tuning, workloads
-from .config import ALL_REDUCE_ALGORITHMS
-from .testing import device as _device
-from .validation import REDUCE_DTYPES
+from symmtriton import tuning
+from symmtriton.config import ALL_REDUCE_ALGORITHMS
+from symmtriton.validation import REDUCE_DTYPES
+
+from ..testing import device as _device
+from . import workloads
 
 MODES = ("eager", "graph")
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
@@ -97,7 +99,7 @@ class BenchOptions:
             raise ValueError(f"--backend must be auto, nccl or gloo, got {self.backend!r}")
 
     def counts(self, warmup: int) -> dict:
-        """Keyword counts of ``symmtriton.timing.agreed_time`` for a row warmed up ``warmup`` times."""
+        """Keyword counts of ``symmtriton.tools.bench.timing.agreed_time`` for a row warmed up ``warmup`` times."""
         return {"iters": self.iters, "warmup": warmup, "min_iters": self.min_iters,
                 "max_spread": self.max_spread, "graph_iters": self.graph_iters,
                 "batch": self.eager_batch}
@@ -118,7 +120,7 @@ columns (CSV/JSON; the table shows most of them):
   time_us      per call, to completion on every rank (see timing below); algbw = size/time;
                busbw = algbw*(W-1)/W (fused and all-reduce ops: *2(W-1)/W), as nccl-tests
                reports them
-  check        ok / FAIL against symmtriton.reference on rank-tagged data (all ranks agree);
+  check        ok / FAIL against symmtriton.tools.reference on rank-tagged data (all ranks agree);
                skip above 1 GiB (the references would need several times the size)
   baseline_us  torch.distributed (NCCL or gloo), speedup = baseline_us / time_us; fused ops:
                the unfused sequence (all-reduce or reduce-scatter, add, RMSNorm[, all-gather]);
@@ -147,13 +149,13 @@ stops there when their interquartile range is within --max-spread of the median;
 takes up to --iters.
 
 examples:
-  torchrun --nproc-per-node 2 -m symmtriton.bench                  # one rank per GPU, NCCL
-  torchrun --nproc-per-node 2 -m symmtriton.bench --quick          # 5 sizes, under a minute
-  torchrun --nproc-per-node 2 -m symmtriton.bench --ops all_gather,reduce_scatter --modes graph \\
+  torchrun --nproc-per-node 2 -m symmtriton.tools.bench                  # one rank per GPU, NCCL
+  torchrun --nproc-per-node 2 -m symmtriton.tools.bench --quick          # 5 sizes, under a minute
+  torchrun --nproc-per-node 2 -m symmtriton.tools.bench --ops all_gather,reduce_scatter --modes graph \\
       --min-bytes 256M --max-bytes 4G --step 2                     # where NCCL peaks
-  torchrun --nproc-per-node 2 -m symmtriton.bench --ops all_reduce,all_reduce_add_rmsnorm,\
+  torchrun --nproc-per-node 2 -m symmtriton.tools.bench --ops all_reduce,all_reduce_add_rmsnorm,\
       all_gather_v,reduce_scatter_v --max-bytes 64M --step 16      # the opt-in ops
-  torchrun --nproc-per-node 2 -m symmtriton.bench --max-bytes 4K --iters 2 --warmup 1  # CPU
+  torchrun --nproc-per-node 2 -m symmtriton.tools.bench --max-bytes 4K --iters 2 --warmup 1  # CPU
   symmtriton-bench --tune --modes graph          # tune the swept sizes, then benchmark
 """
 
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "all-reduce + add + RMSNorm, all-gather-v, reduce-scatter-v) against "
                     "torch.distributed, "
                     "PyTorch's symmetric-memory ops and copy ceilings. Run on every rank, "
-                    "e.g. torchrun --nproc-per-node 8 -m symmtriton.bench.",
+                    "e.g. torchrun --nproc-per-node 8 -m symmtriton.tools.bench.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     p.add_argument("--ops", default=",".join(workloads.OPS),
                    help=f"comma list of {', '.join(workloads.BENCH_OPS)} (default: "

@@ -19,6 +19,7 @@ Functions must be importable by name (module-level); their module is imported in
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing as mp
 import os
@@ -31,10 +32,10 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from .memory import SymmetricMemoryManager
-from .testing_helpers import (  # noqa: F401 - re-exported: the workers' helpers
-    buffer_without_symmetric_memory, captured, compile_for_target, device, errors_without_launch,
-    protocol, random_bits, raised_by, replay_with_counts, sync, tagged, value_error_of)
+from symmtriton import env as _env
+from symmtriton.backends import backend_device, select_backend
+from symmtriton.memory import SymmetricMemoryManager
+from symmtriton.ops.driver import clear_plans
 
 #: lets several processes rendezvous symmetric memory on one GPU (torch then skips multicast).
 OVERLAP_ENV = "TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES"
@@ -63,6 +64,49 @@ EXIT_MARK_ENV = "SYMMTRITON_EXIT_MARK"
 #: pause, 0 of 40 with it.
 GLOO_DRAIN_S = 0.05
 DIST_BACKENDS = ("gloo", "nccl")
+
+
+
+# -- operands and plans for the functions the workers run ---------------------------------------
+def device():
+    """The device this worker's collectives use (the backend's)."""
+    return backend_device(select_backend())
+
+
+def tagged(numel: int, dtype, rank: int, salt: int = 0, *, bound: int = 6):
+    """Rank-tagged integer values in ``[-bound, bound]``: sums over up to ``(256 // bound)``
+    ranks stay exact in bf16, fp16 and fp32, so reductions can be checked exactly.
+
+    Element ``i`` is ``(7 i + rank + 5 salt) mod (2 bound + 1) - bound``: periodic in ``i``,
+    so one period is built and tiled on the device (no ``numel``-sized int64 temporaries: the
+    bench fills GiB-sized operands with it)."""
+    period = 2 * bound + 1
+    one = torch.arange(period, dtype=torch.int64, device="cpu")
+    one = (one * 7 + rank + 5 * salt) % period - bound
+    return one.to(dtype).to(device()).repeat(-(-numel // period))[:numel]
+
+
+def sync():
+    """Wait for this worker's GPU work (nothing to wait for on the CPU)."""
+    if torch.cuda.is_available() and device().type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def protocol(mode: str):
+    """Plan the calls inside with ``$SYMMTRITON_PROTOCOL=mode`` (``lines``, ``barrier``, ``auto``),
+    then restore it; the plans are dropped on entry and exit, so each side plans afresh."""
+    old = os.environ.get(_env.PROTOCOL)
+    os.environ[_env.PROTOCOL] = mode
+    clear_plans()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(_env.PROTOCOL, None)
+        else:
+            os.environ[_env.PROTOCOL] = old
+        clear_plans()
 
 
 def free_port() -> int:

@@ -1,35 +1,19 @@
-"""Helpers for the functions that run on the workers of :mod:`symmtriton.testing` (which
-re-exports them: tests import them from there): the worker's device, rank-tagged operands, the
-sm_90/sm_100 compile check, validation and CUDA-graph checks."""
+"""Helpers for the tests' functions (most run on the workers of
+:class:`symmtriton.tools.testing.WorkerPool`, which import this module by name): random bit
+patterns, the sm_90/sm_100 compile check, buffers without symmetric memory, validation and
+CUDA-graph checks."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
+import torch.distributed as dist
 
-from . import env
-from .backends import backend_device, select_backend
-from .ops.driver import clear_plans
-
-
-def device():
-    """The device this worker's collectives use (the backend's)."""
-    return backend_device(select_backend())
-
-
-def tagged(numel: int, dtype, rank: int, salt: int = 0, *, bound: int = 6):
-    """Rank-tagged integer values in ``[-bound, bound]``: sums over up to ``(256 // bound)``
-    ranks stay exact in bf16, fp16 and fp32, so reductions can be checked exactly.
-
-    Element ``i`` is ``(7 i + rank + 5 salt) mod (2 bound + 1) - bound``: periodic in ``i``,
-    so one period is built and tiled on the device (no ``numel``-sized int64 temporaries: the
-    bench fills GiB-sized operands with it)."""
-    period = 2 * bound + 1
-    one = torch.arange(period, dtype=torch.int64, device="cpu")
-    one = (one * 7 + rank + 5 * salt) % period - bound
-    return one.to(dtype).to(device()).repeat(-(-numel // period))[:numel]
+import symmtriton as st
+from symmtriton.launch import Launch
+from symmtriton.memory import SymmetricMemoryManager
+from symmtriton.tools.testing import device, sync
 
 
 def random_bits(numel: int, dtype, rank: int, salt: int = 0):
@@ -39,11 +23,6 @@ def random_bits(numel: int, dtype, rank: int, salt: int = 0):
     g = torch.Generator().manual_seed(1_000_003 * rank + salt)
     raw = torch.randint(0, 256, (numel * esize,), dtype=torch.uint8, generator=g, device="cpu")
     return raw.view(dtype).to(device())
-
-
-def sync():
-    if torch.cuda.is_available() and device().type == "cuda":
-        torch.cuda.synchronize()
 
 
 #: runtime arguments that are not int64 addresses or offsets, by name.
@@ -82,12 +61,6 @@ def buffer_without_symmetric_memory(key: str = "tp", group=None):
     """``SymmetricMemoryManager.get_buffer(key)`` created with symmetric memory switched off
     (``SYMMTRITON_DISABLE=1`` while it is made): the collectives then take their
     torch.distributed fallback."""
-    import os
-
-    import torch.distributed as dist
-
-    from .memory import SymmetricMemoryManager
-
     os.environ["SYMMTRITON_DISABLE"] = "1"
     try:
         return SymmetricMemoryManager.get_buffer(key, group or dist.group.WORLD)
@@ -98,8 +71,6 @@ def buffer_without_symmetric_memory(key: str = "tp", group=None):
 def errors_without_launch(cases: dict) -> dict:
     """Run ``cases`` (name -> (call, exception type, text the message must hold)); returns name ->
     ``True`` or what went wrong, plus ``"no launch"``: whether no kernel was launched meanwhile."""
-    from .launch import Launch
-
     launches = []
     real = Launch.launch
     Launch.launch = lambda kl, var=None: launches.append(kl.op) or real(kl, var)
@@ -117,28 +88,9 @@ def errors_without_launch(cases: dict) -> dict:
     return res
 
 
-@contextlib.contextmanager
-def protocol(mode: str):
-    """Plan the calls inside with ``$SYMMTRITON_PROTOCOL=mode`` (``lines``, ``barrier``, ``auto``),
-    then restore it; the plans are dropped on entry and exit, so each side plans afresh."""
-    old = os.environ.get(env.PROTOCOL)
-    os.environ[env.PROTOCOL] = mode
-    clear_plans()
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(env.PROTOCOL, None)
-        else:
-            os.environ[env.PROTOCOL] = old
-        clear_plans()
-
-
 def captured(body):
     """``body()`` run once on a side stream (compiles kernels, makes plans), then captured in a
     new CUDA graph, which is returned (``graph.replay()`` runs ``body`` again)."""
-    import torch
-
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -156,10 +108,6 @@ def replay_with_counts(graph, counts, schedules, refill, check, bad_counts) -> l
     into ``counts``, ``refill(i)`` the inputs, replay, and ``check(i, schedule)`` the results;
     then replay with ``bad_counts``, which ``symmtriton.synchronize`` must report as a
     ``ValueError`` naming them. Returns the failures (empty when all went right)."""
-    import torch
-
-    import symmtriton as st
-
     failures = []
     for i, sched in enumerate(schedules):
         counts.copy_(torch.tensor(sched))
@@ -195,8 +143,6 @@ def raised_by(fn, cases: dict) -> dict:
 def value_error_of(fn) -> str:
     """The message of the ``ValueError`` that ``fn()`` raises, at once or (GPU: launches are
     asynchronous) at the following ``symmtriton.synchronize()``; ``""`` when none does."""
-    import symmtriton as st
-
     try:
         fn()
         sync()

@@ -1,19 +1,19 @@
-"""``symmtriton-bench`` / ``python -m symmtriton.bench``: sweep the collectives against
+"""``symmtriton-bench`` / ``python -m symmtriton.tools.bench``: sweep the collectives against
 torch.distributed, PyTorch's symmetric-memory ops and copy ceilings.
 
-Run it on every rank (``torchrun --nproc-per-node N -m symmtriton.bench ...``), or call
+Run it on every rank (``torchrun --nproc-per-node N -m symmtriton.tools.bench ...``), or call
 :func:`main` from every rank of an initialised process group. Rank 0 prints an nccl-tests-like
 table, a progress line per row on stderr, and writes ``<name>.json`` (metadata,
-:mod:`symmtriton.bench_meta`: commit, versions, GPU names, world size, rank placement, timing
+:mod:`symmtriton.tools.bench.meta`: commit, versions, GPU names, world size, rank placement, timing
 method, peer-copy ceiling, date) before the first row, ``<name>.csv`` row by row as each
 finishes (an interrupted run keeps what it measured), then the complete ``<name>.json`` and
 ``<name>.png`` (matplotlib optional) into ``--out-dir``.
 
 Every rank runs the same rows in the same order (the kernels' barriers are per block: all ranks
-must launch the same grid). Each row is checked against :mod:`symmtriton.reference` on
+must launch the same grid). Each row is checked against :mod:`symmtriton.tools.reference` on
 rank-tagged data before it is timed; the check result, like every time, is agreed over the group
 (a MIN of the ok flags; a MAX over ranks of every timed sample: a collective is done when its
-slowest rank is). Times run to completion (:mod:`symmtriton.timing`): eager samples of
+slowest rank is). Times run to completion (:mod:`symmtriton.tools.bench.timing`): eager samples of
 ``--eager-batch`` calls start after a barrier and stop after the whole device synchronised (work
 left on side streams or copy engines included); ``graph`` mode captures ``--graph-iters`` calls
 in one CUDA graph and times each replay with CUDA events. A row reports the median of
@@ -29,7 +29,7 @@ all-reduce rows name the algorithm their size picks by default (one_shot, two_sh
 Efficiency compares a row with the copy bandwidth to a peer GPU when the ranks are on different
 GPUs (measured once at start), else with a local copy. A row whose busbw (symmtriton's, the
 baseline's or symm_mem's) exceeds that peer-copy ceiling by more than 5% is marked
-``valid: false`` with a warning line (:func:`symmtriton.bench_report.mark_validity`). The exit
+``valid: false`` with a warning line (:func:`symmtriton.tools.bench.report.mark_validity`). The exit
 status is 1 when a row's check failed on some rank.
 """
 
@@ -43,17 +43,19 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import timing, tuner, tuning, workloads
-from .config import CONFIG_KEYS, OPS
-from .bench_baselines import Baselines, peer_copy_gbs, shape_for, topology
-from .bench_meta import bench_meta, ceiling_meta
-from .bench_options import BenchOptions, parse_options
-from .bench_report import (ResultFiles, bus_factor, bytes_moved, ceiling_applies, efficiency_report,
-                           format_table, mark_validity, row_label)
-from .memory import SymmetricMemoryManager
-from .ops import driver
-from .testing import OVERLAP_ENV, free_port, release, teardown
-from .testing import device as _device
+from symmtriton import tuning
+from symmtriton.config import CONFIG_KEYS, OPS
+from symmtriton.memory import SymmetricMemoryManager
+from symmtriton.ops import driver
+
+from ..testing import OVERLAP_ENV, free_port, release, teardown
+from ..testing import device as _device
+from . import timing, tune, workloads
+from .baselines import Baselines, peer_copy_gbs, shape_for, topology
+from .meta import bench_meta, ceiling_meta
+from .options import BenchOptions, parse_options
+from .report import (ResultFiles, bus_factor, bytes_moved, ceiling_applies, efficiency_report,
+                     format_table, mark_validity, row_label)
 
 BUFFER_KEY = "symmtriton_bench"
 #: rows at or above this size get an efficiency figure on the GPU.
@@ -108,10 +110,10 @@ def tune_sweep(opts: BenchOptions, group, ops, note, log) -> None:
             for nbytes in opts.sizes:
                 shape = shape_for(op, nbytes, dtype, world, opts.hidden)
                 key_numel, key_dtype = tuning.launch_key(op, shape.numel, dtype)
-                cands = tuner.candidate_configs(op, key_numel, key_dtype, world, hidden=shape.hidden,
+                cands = tune.candidate_configs(op, key_numel, key_dtype, world, hidden=shape.hidden,
                                                  max_candidates=None if dev.type == "cuda" else 2)
                 try:
-                    res = tuner.tune(op, shape.numel, dtype, group, cands, hidden=shape.hidden,
+                    res = tune.tune(op, shape.numel, dtype, group, cands, hidden=shape.hidden,
                                       iters=opts.iters, warmup=opts.warmup)
                 except (RuntimeError, ValueError) as exc:
                     note(f"tuning {op} skipped: {exc}")
@@ -153,7 +155,7 @@ def _variant(counts) -> str | None:
 
 def _row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check, base,
          meta) -> dict:
-    """One result row; ``meta`` (:func:`symmtriton.bench_meta.bench_meta`) gives the peer-copy
+    """One result row; ``meta`` (:func:`symmtriton.tools.bench.meta.bench_meta`) gives the peer-copy
     ceiling (the efficiency of cross-GPU rows) and the commit."""
     total, p2p_gbs = shape.total_bytes, meta["ceiling"]["peer_copy_gbs"]
     algbw = None if t is None else total / t / 1e9
@@ -193,7 +195,7 @@ def run_sweep(opts: BenchOptions, group, meta: dict, *,
     """Every row of ``opts`` on every rank, in the same order; returns (rows, notes), identical
     on every rank. ``on_row(row)`` is called as each row finishes. ``meta``'s peer-copy ceiling
     (``meta["ceiling"]``) is the efficiency ceiling of cross-GPU rows and validates every row
-    (:func:`symmtriton.bench_report.mark_validity`: a warning line and a note per time over it)."""
+    (:func:`symmtriton.tools.bench.report.mark_validity`: a warning line and a note per time over it)."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     dev, t_start = _device(), time.monotonic()
     notes: list[str] = []
@@ -310,6 +312,3 @@ def main(argv=None) -> int:
     teardown(group=group, destroy_group=created, keys=None if created else [BUFFER_KEY])
     return 1 if failed else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

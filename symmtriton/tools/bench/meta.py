@@ -1,6 +1,6 @@
 """The benchmark's provenance (the ``meta`` of its JSON, a tool): the project's commit, the
 versions, where the ranks run, how the times were taken and reduced, and the peer-copy ceiling
-rows are validated against (:func:`symmtriton.bench_report.mark_validity`). No host names."""
+rows are validated against (:func:`symmtriton.tools.bench.report.mark_validity`). No host names."""
 
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ import triton
 
 import symmtriton
 
-from . import tuning
-from .backends import select_backend
-from .bench_report import CEILING_TOLERANCE, GATHER_OPS
-from .context import pdl_enabled
-from .env import ALL as ENV_NAMES
+from symmtriton import tuning
+from symmtriton.backends import select_backend
+from symmtriton.context import pdl_enabled
+from symmtriton.env import ALL as ENV_NAMES
+
+from .report import CEILING_TOLERANCE, GATHER_OPS
 from .timing import TIMING_METHOD
 
 #: the project's checkout: the folder above the package (an editable install or a source tree).
@@ -28,7 +29,7 @@ CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(symmtriton.__file__))
 #: the ``rank_placement`` values.
 PLACEMENTS = ("one rank per GPU", "ranks sharing a GPU", "CPU host")
 #: how the peer-copy ceiling of a run that measures it is measured
-#: (:func:`symmtriton.bench_baselines.peer_copy_gbs`).
+#: (:func:`symmtriton.tools.bench.baselines.peer_copy_gbs`).
 MEASURED = ("measured in this run: a copy-engine copy of 256 MiB from every rank into the next "
             "rank's GPU at once (through the symmetric buffer's peer mapping), median of the "
             "slowest rank's")
@@ -68,7 +69,7 @@ def nccl_version() -> str | None:
 
 
 def rank_placement(topo) -> str:
-    """One of :data:`PLACEMENTS` for a :class:`symmtriton.bench_baselines.Topology`."""
+    """One of :data:`PLACEMENTS` for a :class:`symmtriton.tools.bench.baselines.Topology`."""
     if topo.gpus == 0:
         return PLACEMENTS[2]
     return PLACEMENTS[0] if topo.layout == "one rank per GPU" else PLACEMENTS[1]

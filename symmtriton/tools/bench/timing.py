@@ -13,7 +13,14 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .validation import check_count, check_warmup
+from symmtriton.validation import check_count
+
+
+def check_warmup(warmup) -> int:
+    """``warmup`` (untimed calls before timing) as an int >= 0; ``ValueError`` otherwise."""
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    return warmup
 
 
 def group_device(group) -> torch.device:

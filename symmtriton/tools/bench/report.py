@@ -1,5 +1,5 @@
 """The benchmark's outputs: the nccl-tests-style table, CSV/JSON files, the PNG plot and the
-kernel-efficiency lines (rows are the dicts :func:`symmtriton.bench.run_sweep` makes), and the
+kernel-efficiency lines (rows are the dicts :func:`symmtriton.tools.bench.cli.run_sweep` makes), and the
 check of every row against the peer-copy ceiling (:func:`mark_validity`).
 
 Files survive an interrupted run: :class:`ResultFiles` writes the JSON (the run's metadata)
@@ -14,7 +14,8 @@ import os
 import re
 import sys
 
-from .config import CONFIG_KEYS
+from symmtriton.config import CONFIG_KEYS
+
 from .workloads import V_COUNTS
 
 #: columns of the CSV (and of each JSON row), in order.

@@ -4,8 +4,8 @@ checked against the pure-torch reference and timed.
 Starts ``--world-size`` local processes (no torchrun needed) on the default backend: ``host``
 (POSIX shared memory, the Triton interpreter) without a GPU, ``cuda`` with one (every rank on
 GPU 0: the ranks share it, so times show the plumbing, not NVLink latency). Each rank runs
-every op family once on rank-tagged data (:mod:`symmtriton.workloads`), compares the result
-with :mod:`symmtriton.reference` (bit for bit, RMSNorm within 1-2 ulp), then times it:
+every op family once on rank-tagged data (:mod:`symmtriton.tools.bench.workloads`), compares the result
+with :mod:`symmtriton.tools.reference` (bit for bit, RMSNorm within 1-2 ulp), then times it:
 
   all_gather_into_tensor, reduce_scatter_tensor, reduce_scatter_add_rmsnorm_all_gather,
   reduce_scatter_add_rmsnorm, all_gather_v, reduce_scatter_v (skewed counts: rank 0 sends no
@@ -26,12 +26,14 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from . import reference, timing
-from .bench import _variant
-from .memory import SymmetricMemoryManager
-from .ops.fused import reduce_scatter_add_rmsnorm
+from symmtriton.memory import SymmetricMemoryManager
+from symmtriton.ops.fused import reduce_scatter_add_rmsnorm
+
+from . import reference
+from .bench import timing
+from .bench.cli import _variant
+from .bench.workloads import FUSED_EPS, Workload, make_workload
 from .testing import CPU_ENV, GPU_ENV, WorkerPool, device
-from .workloads import FUSED_EPS, Workload, make_workload
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: (line label, workload op, placement, count distribution of the v ops). ``shard_norm`` is

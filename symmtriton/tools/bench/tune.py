@@ -33,13 +33,16 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .backends import backend_device, select_backend
-from .config import LaunchConfig, check_dtype, check_hidden, check_op, default_config, size_bucket
-from .context import find_buffer
-from .memory import resolve_group
-from .timing import CaptureError, all_reduce_max, graph_time, group_barrier, group_device, median_time
-from .tuning import cache_key, device_name, dtype_name, launch_key, store_winner
-from .validation import check_count, check_warmup
+from symmtriton.backends import backend_device, select_backend
+from symmtriton.config import (LaunchConfig, check_dtype, check_hidden, check_op, default_config,
+                               size_bucket)
+from symmtriton.context import find_buffer
+from symmtriton.memory import resolve_group
+from symmtriton.tuning import cache_key, device_name, dtype_name, launch_key, store_winner
+from symmtriton.validation import check_count
+
+from .timing import (CaptureError, all_reduce_max, check_warmup, graph_time, group_barrier,
+                     group_device, median_time)
 from .workloads import make_workload
 
 # ------------------------------------------------------------------------------------------------

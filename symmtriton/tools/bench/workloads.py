@@ -1,7 +1,7 @@
-"""Benchmark and tuning workloads (a tool, for :mod:`symmtriton.bench` and :mod:`symmtriton.tuner`):
+"""Benchmark and tuning workloads (a tool, for :mod:`symmtriton.tools.bench` and :mod:`symmtriton.tools.bench.tune`):
 one collective's operands on this rank, filled with rank-tagged data
-(:func:`symmtriton.testing.tagged`), the call that runs it and the exact reference
-(:mod:`symmtriton.reference`) it must match. Ops are named by their config name
+(:func:`symmtriton.tools.testing.tagged`), the call that runs it and the exact reference
+(:mod:`symmtriton.tools.reference`) it must match. Ops are named by their config name
 (:data:`symmtriton.config.OPS`) or, for ops without a tuning-cache entry of their own, by their
 public function's name (:data:`symmtriton.config.UNTUNED_OPS`)."""
 
@@ -12,19 +12,21 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from . import reference, timing
-from .config import (ALL_REDUCE_ALGORITHMS, OPS, UNTUNED_OPS, LaunchConfig, check_dtype,
+from symmtriton.config import (ALL_REDUCE_ALGORITHMS, OPS, UNTUNED_OPS, LaunchConfig, check_dtype,
                      check_hidden)
-from .context import find_buffer
-from .memory import resolve_group
-from .ops.all_gather import all_gather_into_tensor
-from .ops.all_gather_v import all_gather_v
-from .ops.all_reduce import all_reduce, all_reduce_add_rmsnorm
-from .ops.fused import reduce_scatter_add_rmsnorm_all_gather
-from .ops.reduce_scatter import reduce_scatter_tensor
-from .ops.reduce_scatter_v import reduce_scatter_v
-from .testing import device, sync, tagged
-from .validation import check_count
+from symmtriton.context import find_buffer
+from symmtriton.memory import resolve_group
+from symmtriton.ops.all_gather import all_gather_into_tensor
+from symmtriton.ops.all_gather_v import all_gather_v
+from symmtriton.ops.all_reduce import all_reduce, all_reduce_add_rmsnorm
+from symmtriton.ops.fused import reduce_scatter_add_rmsnorm_all_gather
+from symmtriton.ops.reduce_scatter import reduce_scatter_tensor
+from symmtriton.ops.reduce_scatter_v import reduce_scatter_v
+from symmtriton.validation import check_count
+
+from .. import reference
+from ..testing import device, sync, tagged
+from . import timing
 
 
 __all__ = ["OPS", "BENCH_OPS", "V_OPS", "V_COUNTS", "PLACEMENTS", "FUSED_EPS", "Workload", "make_workload",
@@ -82,7 +84,7 @@ class Workload:
     ``placement``: ``"zero_copy"`` puts the operand that peers access (:data:`ZERO_COPY`) in the
     group's symmetric buffer (``maybe_get_tensor``, byte 0: the scratch area), ``"staged"`` uses
     ordinary tensors, so the op stages through the buffer. Data are rank-tagged
-    (:func:`symmtriton.testing.tagged`) so :meth:`check` compares exactly."""
+    (:func:`symmtriton.tools.testing.tagged`) so :meth:`check` compares exactly."""
 
     op: str
     numel: int
@@ -140,7 +142,7 @@ class Workload:
         return fn(t["output"], t["input"], t["counts"], g, config=config)
 
     def expected(self) -> dict:
-        """The reference results from every rank's tagged inputs (``symmtriton.reference``), by
+        """The reference results from every rank's tagged inputs (``symmtriton.tools.reference``), by
         tensor name: the output (rows the op must not touch hold :data:`GUARD`), and the
         all-reduce fused op's updated residual."""
         op, w, out = self.op, self.world, self.tensors["output"]

@@ -11,15 +11,17 @@ import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm
 import torch.nn.functional as F
 
-from . import reference, timing, workloads
-from .config import ROW_OPS
-from .ops.fallback import torch_all_gather, torch_reduce_scatter
-from .testing import device
+from symmtriton.config import ROW_OPS
+from symmtriton.ops.fallback import torch_all_gather, torch_reduce_scatter
+
+from .. import reference
+from ..testing import device
+from . import timing, workloads
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One row's operands: ``numel`` as :class:`symmtriton.workloads.Workload` counts it (per
+    """One row's operands: ``numel`` as :class:`symmtriton.tools.bench.workloads.Workload` counts it (per
     shard; the whole tensor for the all-reduce ops), ``count`` the elements of nccl-tests' size."""
 
     numel: int
@@ -264,7 +266,7 @@ def peer_copy_gbs(buf, topo: Topology, group, *, nbytes: int = 256 << 20, iters:
     """GB/s of a copy-engine copy from this GPU into the next rank's symmetric buffer (a peer
     GPU's memory, through the buffer's peer mapping), every rank copying at once as in a
     collective: ``iters`` samples of ``batch`` copies each, timed to completion, the slowest
-    rank's per sample, their median (:func:`symmtriton.timing.median_time`). The ceiling of rows
+    rank's per sample, their median (:func:`symmtriton.tools.bench.timing.median_time`). The ceiling of rows
     whose ranks are on different GPUs (each rank's busbw crosses the interconnect once). ``None``
     unless every rank has its own GPU and the buffer is symmetric. Collective."""
     world = dist.get_world_size(group)
