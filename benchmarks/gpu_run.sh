@@ -91,7 +91,8 @@ if [[ " $STAGES " == *" examples "* ]]; then
 fi
 if [[ " $STAGES " == *" bench "* ]]; then
   run "bench W=$NPROC one rank per GPU" 170 "$LOG" "rows in|FAIL|Error" \
-    "${TORCHRUN[@]}" --nproc-per-node="$NPROC" -m symmtriton.tools.bench --out-dir "$OUT" --commit "$COMMIT" ${BENCH_ARGS:-}
+    "${TORCHRUN[@]}" --nproc-per-node="$NPROC" -m symmtriton.tools.bench --out-dir "$OUT" \
+    --commit "$COMMIT" ${BENCH_ARGS:-}
 fi
 mps_started=""
 start_mps() {  # MPS for the ranks that share GPU 0 (stopped when the script exits)
@@ -115,7 +116,8 @@ fi
 if [[ " $STAGES " == *" shared_bench "* ]]; then
   start_mps
   run "bench W=$SHARED_BENCH_W on one GPU (MPS)" 120 "$LOG" "rows in|FAIL|Error" \
-    env CUDA_VISIBLE_DEVICES=0 "${TORCHRUN[@]}" --nproc-per-node="$SHARED_BENCH_W" -m symmtriton.tools.bench --out-dir "$OUT" --commit "$COMMIT" --quick \
+    env CUDA_VISIBLE_DEVICES=0 "${TORCHRUN[@]}" --nproc-per-node="$SHARED_BENCH_W" \
+    -m symmtriton.tools.bench --out-dir "$OUT" --commit "$COMMIT" --quick \
     --max-bytes 64M --no-plot ${SHARED_BENCH_ARGS:-}
 fi
 

@@ -23,8 +23,8 @@ both times and says why they do not compare.
 On machines with NVLink multicast hardware that must not use it, export
 ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1``.
 
-Every example ends with :func:`finish` (``symmtriton.tools.testing.teardown``): CUDA graphs made with
-:func:`cuda_graph` are reset first (a graph that captured an NCCL collective keeps its
+Every example ends with :func:`finish` (``symmtriton.tools.testing.teardown``): CUDA graphs
+made with :func:`cuda_graph` are reset first (a graph that captured an NCCL collective keeps its
 communicator alive, and destroying the process group would wait for it forever), then the
 symmetric buffers are destroyed, then the process group.
 """

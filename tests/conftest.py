@@ -139,7 +139,8 @@ def _close(spec: PoolSpec) -> None:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """Close every pool (each worker runs symmtriton.tools.testing.teardown), all at once, and time it."""
+    """Close every pool (each worker runs symmtriton.tools.testing.teardown), all at once, and
+    time it."""
     if os.environ.get(EXIT_MARK_ENV):
         print(f"symmtriton-exit-mark {time.time():.3f}", file=sys.__stderr__, flush=True)
     t0 = time.monotonic()

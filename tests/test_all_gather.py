@@ -5,9 +5,10 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
-from symmtriton.tools import reference
 from symmtriton.config import LaunchConfig
+from symmtriton.tools import reference
 from symmtriton.tools.testing import device, protocol, sync
+
 from helpers import random_bits
 
 SIZES = (1, 7, 8, 1000, 4099, 65536 + 5)

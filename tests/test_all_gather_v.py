@@ -7,9 +7,10 @@ import torch.distributed as dist
 import triton.language as tl
 
 import symmtriton as st
-from symmtriton.tools import reference
 from symmtriton.config import LaunchConfig
+from symmtriton.tools import reference
 from symmtriton.tools.testing import WorkerPool, device, sync, tagged
+
 from helpers import captured, raised_by, random_bits, replay_with_counts, value_error_of
 
 CAP = 4  # rows each rank may send

@@ -8,13 +8,14 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton import custom_ops as co
-from symmtriton.tools import reference
 from symmtriton.config import LaunchConfig, all_reduce_algorithm, all_reduce_config
 from symmtriton import context
 from symmtriton.context import LINES_MAX_BYTES
 from symmtriton.kernels.all_reduce import _all_reduce_one_shot_push_kernel, _all_reduce_push_kernel
 from symmtriton.ops import driver
+from symmtriton.tools import reference
 from symmtriton.tools.testing import device, protocol, sync, tagged
+
 from helpers import buffer_without_symmetric_memory, captured, errors_without_launch
 
 #: odd counts, a tail inside one chunk, several chunks per slice (with the small config below)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import symmtriton as st
 from symmtriton.tools import reference
 from symmtriton.tools.testing import device, sync, tagged
+
 from helpers import buffer_without_symmetric_memory, captured, errors_without_launch
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1.6e-2, 1e-2)}

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton.tools.testing import device
+
 from helpers import buffer_without_symmetric_memory
 
 STALE = "modified by an inplace operation"

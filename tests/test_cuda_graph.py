@@ -9,6 +9,7 @@ import torch.distributed as dist
 import symmtriton as st
 from symmtriton.tools import reference
 from symmtriton.tools.testing import device, protocol, sync, tagged
+
 from helpers import captured
 
 

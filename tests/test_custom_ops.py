@@ -12,9 +12,10 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton import custom_ops as co
-from symmtriton.tools import reference
 from symmtriton.ops import fused
+from symmtriton.tools import reference
 from symmtriton.tools.testing import device, sync, tagged
+
 from helpers import random_bits
 
 OPS = ("all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter_add_rmsnorm_all_gather",

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import symmtriton as st
 from symmtriton.tools import reference
 from symmtriton.tools.testing import device, sync, tagged
+
 from helpers import random_bits
 
 M = st.SymmetricMemoryManager

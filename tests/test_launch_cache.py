@@ -20,6 +20,7 @@ from symmtriton.launch import Launch
 from symmtriton.ops import driver as L
 from symmtriton.tools import reference
 from symmtriton.tools.testing import device, sync
+
 from helpers import random_bits
 
 

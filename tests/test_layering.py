@@ -101,7 +101,7 @@ def test_runtime_never_imports_tools():
     assert seen & tools == set()
 
 
-#: tool files still over the limit (owned elsewhere: to split), listed so that no other grows past it.
+#: tool files still over the limit (to split), listed so that no other grows past it.
 OVERSIZE_TOOLS: set = set()
 
 

@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
-from symmtriton.tools import reference
 from symmtriton.config import lines_config, lines_row_config, lines_row_split
 from symmtriton.context import LINES_MAX_BYTES, context
 from symmtriton.kernels.all_gather import _all_gather_ll_kernel
@@ -18,6 +17,7 @@ from symmtriton.kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_ll_kernel
 from symmtriton.kernels.fused_rmsnorm import _fused_rmsnorm_ll_kernel
 from symmtriton.kernels.reduce_scatter import _reduce_scatter_ll_kernel
 from symmtriton.ops import driver
+from symmtriton.tools import reference
 from symmtriton.tools.testing import device, protocol, sync, tagged
 
 LINES_KERNELS = (_all_gather_ll_kernel, _reduce_scatter_ll_kernel, _all_reduce_ll_kernel,

@@ -1,7 +1,8 @@
 """symmtriton.integrations.megatron against the installed megatron-core (the test extra pins
 megatron-core==0.16.1): after install(), Megatron's own names (torch_symm_triton's functions,
 parallel_state's global symmetric buffer) run symmtriton, checked against the pure-torch
-references (symmtriton.tools.reference) with Megatron's layout; uninstall() puts Megatron's objects back.
+references (symmtriton.tools.reference) with Megatron's layout; uninstall() puts Megatron's
+objects back.
 
 megatron-core is imported in the workers only (it takes seconds); without it the tests skip."""
 
@@ -16,8 +17,8 @@ if importlib.util.find_spec("megatron") is None or not importlib.util.find_spec(
                 allow_module_level=True)
 
 import symmtriton as st  # noqa: E402
-from symmtriton.tools import reference  # noqa: E402
 from symmtriton.integrations import megatron as smg  # noqa: E402
+from symmtriton.tools import reference  # noqa: E402
 from symmtriton.tools.testing import device, sync, tagged  # noqa: E402
 
 M = st.SymmetricMemoryManager

@@ -21,6 +21,7 @@ from symmtriton.launch import Launch
 from symmtriton.ops import driver
 from symmtriton.tools import reference
 from symmtriton.tools.testing import device, tagged
+
 from helpers import captured
 
 KERNELS = pathlib.Path(__file__).resolve().parents[1] / "kernels"

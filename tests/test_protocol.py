@@ -11,9 +11,9 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton import context as L
-from symmtriton.tools import reference
 from symmtriton.config import LaunchConfig
 from symmtriton.kernels import protocol as P
+from symmtriton.tools import reference
 from symmtriton.tools.testing import device, protocol, sync, tagged
 
 TIMEOUT_S = 20.0  # a protocol bug shows as a timeout error instead of a hang

@@ -9,6 +9,7 @@ import triton.language as tl
 import symmtriton as st
 from symmtriton.tools import reference
 from symmtriton.tools.testing import WorkerPool, device, sync, tagged
+
 from helpers import (buffer_without_symmetric_memory, captured, raised_by, replay_with_counts,
                      value_error_of)
 

@@ -12,11 +12,12 @@ import torch
 import torch.distributed as dist
 
 import symmtriton as st
-from symmtriton.tools import reference
 from symmtriton.context import context
 from symmtriton.backends.host import SHM_PREFIX, list_segments
 from symmtriton.kernels.protocol import ERR_WORD, SEQ0
+from symmtriton.tools import reference
 from symmtriton.tools.testing import CPU_ENV, WorkerPool, device, sync, tagged
+
 from helpers import random_bits
 
 TIMEOUT_S = 1.5

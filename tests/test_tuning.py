@@ -61,11 +61,13 @@ def test_tuning_agrees_across_ranks_despite_rank_dependent_timings(pool, tmp_pat
 
 def _round_trip(rank, world, cache):
     os.environ[tuning.CACHE_ENV] = cache
-    ag = tune.tune("all_gather", AG_NUMEL, torch.bfloat16, None, AG_CANDIDATES[:2], iters=1, warmup=0)
+    ag = tune.tune("all_gather", AG_NUMEL, torch.bfloat16, None, AG_CANDIDATES[:2], iters=1,
+                   warmup=0)
     rs_cands = (LaunchConfig(256, 1, 264), LaunchConfig(512, 2, 264))
     rs = tune.tune("reduce_scatter", 100, torch.float32, None, rs_cands, placement="zero_copy",
-                     iters=1, warmup=0)
-    fused_cands = tune.candidate_configs("fused", 16, torch.bfloat16, world, hidden=8, max_candidates=2)
+                   iters=1, warmup=0)
+    fused_cands = tune.candidate_configs("fused", 16, torch.bfloat16, world, hidden=8,
+                                         max_candidates=2)
     fu = tune.tune("fused", 16, torch.bfloat16, None, fused_cands, hidden=8, iters=1, warmup=0)
     tuning.reload_cache()  # forget the in-memory table: read the file again
     ag_key = tuning.launch_key("all_gather", AG_NUMEL, torch.bfloat16)
@@ -112,7 +114,7 @@ def _mismatched(rank, world, cache):
     os.environ[tuning.CACHE_ENV] = cache
     try:
         tune.tune("all_gather", AG_NUMEL * (1 + rank), torch.bfloat16, None, AG_CANDIDATES,
-                    measure=lambda cfg, run: 1.0)
+                  measure=lambda cfg, run: 1.0)
     except ValueError as exc:
         return str(exc)
     return None

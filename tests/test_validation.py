@@ -12,6 +12,7 @@ from symmtriton import env
 from symmtriton.launch import Launch
 from symmtriton.tools import reference
 from symmtriton.tools.testing import device, sync
+
 from helpers import errors_without_launch, random_bits
 
 

@@ -4,8 +4,9 @@ checked against the pure-torch reference and timed.
 Starts ``--world-size`` local processes (no torchrun needed) on the default backend: ``host``
 (POSIX shared memory, the Triton interpreter) without a GPU, ``cuda`` with one (every rank on
 GPU 0: the ranks share it, so times show the plumbing, not NVLink latency). Each rank runs
-every op family once on rank-tagged data (:mod:`symmtriton.tools.bench.workloads`), compares the result
-with :mod:`symmtriton.tools.reference` (bit for bit, RMSNorm within 1-2 ulp), then times it:
+every op family once on rank-tagged data (:mod:`symmtriton.tools.bench.workloads`), compares
+the result with :mod:`symmtriton.tools.reference` (bit for bit, RMSNorm within 1-2 ulp), then
+times it:
 
   all_gather_into_tensor, reduce_scatter_tensor, reduce_scatter_add_rmsnorm_all_gather,
   reduce_scatter_add_rmsnorm, all_gather_v, reduce_scatter_v (skewed counts: rank 0 sends no

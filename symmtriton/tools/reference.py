@@ -41,7 +41,8 @@ def all_reduce_add_rmsnorm(inputs: list[torch.Tensor], residual: torch.Tensor,
                            weight: torch.Tensor, eps: float):
     """(normed rows, updated residual): residual + the fp32 sum of ``inputs``, rounded to the
     residual's dtype, then RMSNorm."""
-    new_residual = (residual.float() + torch.stack([t.float() for t in inputs]).sum(0)).to(residual.dtype)
+    total = torch.stack([t.float() for t in inputs]).sum(0)
+    new_residual = (residual.float() + total).to(residual.dtype)
     return rmsnorm(new_residual, weight, eps), new_residual
 
 

@@ -15,6 +15,8 @@ several ranks sharing GPU 0 (:data:`GPU_ENV`: gloo group, since NCCL refuses suc
 gloo group, and the overlapping-devices variable removed).
 
 Functions must be importable by name (module-level); their module is imported in the workers.
+They build their operands with :func:`device`, :func:`tagged` and :func:`sync` (the bench's
+workloads too) and pin the synchronisation protocol with :func:`protocol`.
 """
 
 from __future__ import annotations
@@ -128,7 +130,8 @@ def _worker_main(rank: int, world_size: int, port: int, env: dict, dist_backend:
     if dev is not None:
         torch.cuda.set_device(dev)
     dist.init_process_group(dist_backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world_size, device_id=dev if dist_backend == "nccl" else None)
+                            world_size=world_size,
+                            device_id=dev if dist_backend == "nccl" else None)
     while True:
         task = tasks.get()
         if task is None:
@@ -157,15 +160,16 @@ class WorkerPool:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.env = dict(CPU_ENV if env is None else env)
         if dist_backend not in DIST_BACKENDS:
-            raise ValueError(f"dist_backend must be one of {', '.join(DIST_BACKENDS)}, got {dist_backend!r}")
+            raise ValueError(f"dist_backend must be one of {', '.join(DIST_BACKENDS)}, "
+                             f"got {dist_backend!r}")
         on_gpu = self.env.get("SYMMTRITON_BACKEND") == "cuda"
         if one_rank_per_gpu and not (on_gpu and torch.cuda.device_count() >= world_size):
-            raise ValueError(f"one_rank_per_gpu needs SYMMTRITON_BACKEND=cuda and {world_size} GPUs; "
-                             f"env has {self.env.get('SYMMTRITON_BACKEND')!r}, "
+            raise ValueError(f"one_rank_per_gpu needs SYMMTRITON_BACKEND=cuda and {world_size} "
+                             f"GPUs; env has {self.env.get('SYMMTRITON_BACKEND')!r}, "
                              f"{torch.cuda.device_count()} GPUs visible")
         if dist_backend == "nccl" and not one_rank_per_gpu:
-            raise ValueError("dist_backend 'nccl' needs one_rank_per_gpu=True (NCCL refuses several "
-                             "ranks on one GPU)")
+            raise ValueError("dist_backend 'nccl' needs one_rank_per_gpu=True (NCCL refuses "
+                             "several ranks on one GPU)")
         self.world_size = world_size
         self.dist_backend = dist_backend
         self.one_rank_per_gpu = one_rank_per_gpu
@@ -217,7 +221,8 @@ class WorkerPool:
                 missing = sorted(set(range(self.world_size)) - set(got))
                 self.close(force=True)
                 errors = [f"rank {r}:\n{res}" for r, (ok, res) in sorted(got.items()) if not ok]
-                why = f"ranks {dead} died" if dead else f"no answer within {timeout or self.timeout}s"
+                why = (f"ranks {dead} died" if dead
+                       else f"no answer within {timeout or self.timeout}s")
                 raise TimeoutError(f"{getattr(fn, '__name__', fn)}: {why} from ranks {missing}"
                                    + ("\n" + "\n".join(errors) if errors else ""))
             try:

@@ -21,8 +21,9 @@ from . import timing, workloads
 
 @dataclass(frozen=True)
 class Shape:
-    """One row's operands: ``numel`` as :class:`symmtriton.tools.bench.workloads.Workload` counts it (per
-    shard; the whole tensor for the all-reduce ops), ``count`` the elements of nccl-tests' size."""
+    """One row's operands: ``numel`` as :class:`symmtriton.tools.bench.workloads.Workload`
+    counts it (per shard; the whole tensor for the all-reduce ops), ``count`` the elements of
+    nccl-tests' size."""
 
     numel: int
     hidden: int | None
@@ -146,7 +147,9 @@ def symm_mem_baseline(op: str, shape: Shape, dtype, group, dev):
         else:  # one_shot_all_reduce, two_shot_all_reduce_ (in place)
             fn = (lambda i=big, f=fn_op: f(i, "sum", name))
         fns.append((op_name, fn))
-    return fns, None if fns else f"no usable torch.ops.symm_mem op for {op} (multicast: {multicast})"
+    if fns:
+        return fns, None
+    return fns, f"no usable torch.ops.symm_mem op for {op} (multicast: {multicast})"
 
 
 def _wait_tensor(t):
@@ -200,11 +203,14 @@ class Baselines:
             return not eager or eager.get(name) is not None
 
         def run(fn):
-            return timing.agreed_time(fn, mode, device=self.dev, group=self.group, **self.opts.counts(warmup))
+            return timing.agreed_time(fn, mode, device=self.dev, group=self.group,
+                                      **self.opts.counts(warmup))
 
         gloo = "nccl" not in self.dist_name
-        base = {"baseline": self.dist_name, "baseline_s": None, "symm_mem_s": None, "symm_mem_op": None}
-        if capturable("baseline_s", gloo and f"torch.distributed over {self.dist_name} is not capturable: skipped"):
+        base = {"baseline": self.dist_name, "baseline_s": None, "symm_mem_s": None,
+                "symm_mem_op": None}
+        no_graph = f"torch.distributed over {self.dist_name} is not capturable: skipped"
+        if capturable("baseline_s", gloo and no_graph):
             base["baseline_s"] = run(dist_baseline(op, shape, dtype, self.group, self.dev, counts))
         if self._symm_key != (op, dtype, shape.total_bytes):
             self._symm_key, self._symm = None, ([], None)  # free the previous operands first
@@ -241,7 +247,9 @@ class Topology:
 
     @property
     def slug(self) -> str:
-        return "" if self.gpus == 0 else ("pergpu" if self.layout == "one rank per GPU" else "shared")
+        if self.gpus == 0:
+            return ""
+        return "pergpu" if self.layout == "one rank per GPU" else "shared"
 
 
 def topology(group, dev) -> Topology:
@@ -266,9 +274,9 @@ def peer_copy_gbs(buf, topo: Topology, group, *, nbytes: int = 256 << 20, iters:
     """GB/s of a copy-engine copy from this GPU into the next rank's symmetric buffer (a peer
     GPU's memory, through the buffer's peer mapping), every rank copying at once as in a
     collective: ``iters`` samples of ``batch`` copies each, timed to completion, the slowest
-    rank's per sample, their median (:func:`symmtriton.tools.bench.timing.median_time`). The ceiling of rows
-    whose ranks are on different GPUs (each rank's busbw crosses the interconnect once). ``None``
-    unless every rank has its own GPU and the buffer is symmetric. Collective."""
+    rank's per sample, their median (:func:`symmtriton.tools.bench.timing.median_time`). The
+    ceiling of rows whose ranks are on different GPUs (each rank's busbw crosses the interconnect
+    once). ``None`` unless every rank has its own GPU and the buffer is symmetric. Collective."""
     world = dist.get_world_size(group)
     usable = topo.layout == "one rank per GPU" and world > 1 and buf.symm_mem_hdl is not None
     if not timing.all_ranks_ok(usable, group):

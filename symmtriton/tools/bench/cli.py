@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from symmtriton import tuning
-from symmtriton.config import CONFIG_KEYS, OPS
+from symmtriton.config import OPS
 from symmtriton.memory import SymmetricMemoryManager
 from symmtriton.ops import driver
 
@@ -54,12 +54,10 @@ from . import timing, tune, workloads
 from .baselines import Baselines, peer_copy_gbs, shape_for, topology
 from .meta import bench_meta, ceiling_meta
 from .options import BenchOptions, parse_options
-from .report import (ResultFiles, bus_factor, bytes_moved, ceiling_applies, efficiency_report,
-                     format_table, mark_validity, row_label)
+from .report import (ResultFiles, ceiling_applies, efficiency_report, format_table,
+                     mark_validity, result_row, row_label)
 
 BUFFER_KEY = "symmtriton_bench"
-#: rows at or above this size get an efficiency figure on the GPU.
-EFF_MIN_BYTES = 1 << 20
 #: rows above this size are not checked: the fp64 references would need several times the size.
 CHECK_MAX_BYTES = 1 << 30
 #: rows above this size warm up with at most 3 calls (each call is milliseconds).
@@ -80,8 +78,9 @@ def init_distributed(backend: str = "auto"):
         local_rank = int(env.get("LOCAL_RANK", "0"))
         local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
     except ValueError:
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
         raise ValueError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers, got "
-                         f"{[env.get(k) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'LOCAL_WORLD_SIZE')]}") from None
+                         f"{[env.get(k) for k in names]}") from None
     cuda = _device().type == "cuda"
     shared = cuda and local_world > torch.cuda.device_count()
     if cuda:
@@ -110,33 +109,27 @@ def tune_sweep(opts: BenchOptions, group, ops, note, log) -> None:
             for nbytes in opts.sizes:
                 shape = shape_for(op, nbytes, dtype, world, opts.hidden)
                 key_numel, key_dtype = tuning.launch_key(op, shape.numel, dtype)
-                cands = tune.candidate_configs(op, key_numel, key_dtype, world, hidden=shape.hidden,
-                                                 max_candidates=None if dev.type == "cuda" else 2)
+                cands = tune.candidate_configs(op, key_numel, key_dtype, world,
+                                               hidden=shape.hidden,
+                                               max_candidates=None if dev.type == "cuda" else 2)
                 try:
                     res = tune.tune(op, shape.numel, dtype, group, cands, hidden=shape.hidden,
-                                      iters=opts.iters, warmup=opts.warmup)
+                                    iters=opts.iters, warmup=opts.warmup)
                 except (RuntimeError, ValueError) as exc:
                     note(f"tuning {op} skipped: {exc}")
                     break
-                log(f"tune {op} {tuning.dtype_name(dtype)} {shape.total_bytes} B: {res.winner.as_dict()} "
-                    f"{res.winner_time_s * 1e6:.1f} us ({len(cands)} candidates)")
+                log(f"tune {op} {tuning.dtype_name(dtype)} {shape.total_bytes} B: "
+                    f"{res.winner.as_dict()} {res.winner_time_s * 1e6:.1f} us "
+                    f"({len(cands)} candidates)")
     if dev.type != "cuda":
         note("tuned on the CPU interpreter: the cache holds plumbing, not speed")
-
-
-def _us(t):
-    return None if t is None else round(t * 1e6, 3)
-
-
-def _ratio(a, b):
-    return None if a is None or b is None or b <= 0 else round(a / b, 3)
 
 
 def _variant(counts) -> str | None:
     """The row's ``variant``: the count distribution (variable-count ops) and the kernel the last
     plan launched: ``lines`` (barrier-free, kernels/ll.py), ``push`` / ``push_one_shot``
-    (flagged chunks, kernels/push.py), ``one_shot``/``two_shot`` (the all-reduce's barrier kernels) or
-    ``barrier``; ``None`` parts are left out."""
+    (flagged chunks, kernels/push.py), ``one_shot``/``two_shot`` (the all-reduce's barrier
+    kernels) or ``barrier``; ``None`` parts are left out."""
     kernel = getattr(driver.last_plan(), "kernel", None)
     name = getattr(getattr(kernel, "fn", None), "__name__", "")
     kind = None
@@ -153,51 +146,14 @@ def _variant(counts) -> str | None:
     return "/".join(x for x in (counts, kind) if x) or None
 
 
-def _row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check, base,
-         meta) -> dict:
-    """One result row; ``meta`` (:func:`symmtriton.tools.bench.meta.bench_meta`) gives the peer-copy
-    ceiling (the efficiency of cross-GPU rows) and the commit."""
-    total, p2p_gbs = shape.total_bytes, meta["ceiling"]["peer_copy_gbs"]
-    algbw = None if t is None else total / t / 1e9
-    busbw = None if algbw is None else algbw * bus_factor(op, world)
-    copy_s = base.get("copy_s")
-    copy_gbs = None if not copy_s else 2 * total / copy_s / 1e9
-    ceiling, ceiling_gbs = ("p2p", p2p_gbs) if p2p_gbs else ("local", copy_gbs)
-    eff = None
-    if _device().type == "cuda" and total >= EFF_MIN_BYTES and t and ceiling_gbs:
-        moved_gbs = busbw if ceiling == "p2p" else bytes_moved(op, placement, total, world) / t / 1e9
-        eff = moved_gbs / ceiling_gbs
-    return {
-        "size_bytes": total, "count": shape.count, "dtype": tuning.dtype_name(dtype), "op": op,
-        "variant": variant, "placement": placement, "mode": mode, "world_size": world, "path": path,
-        **(cfg.as_dict() if cfg else dict.fromkeys(CONFIG_KEYS)), "time_us": _us(t),
-        "algbw_gbs": None if algbw is None else round(algbw, 3),
-        "busbw_gbs": None if busbw is None else round(busbw, 3), "check": check,
-        "baseline": base.get("baseline"), "baseline_us": _us(base.get("baseline_s")),
-        "speedup": _ratio(base.get("baseline_s"), t),
-        "symm_mem_op": base.get("symm_mem_op"), "symm_mem_us": _us(base.get("symm_mem_s")),
-        "speedup_symm_mem": _ratio(base.get("symm_mem_s"), t),
-        "copy_us": _us(copy_s), "copy_gbs": None if copy_gbs is None else round(copy_gbs, 3),
-        "ceiling": ceiling if ceiling_gbs else None,
-        "ceiling_gbs": None if not ceiling_gbs else round(ceiling_gbs, 3),
-        "efficiency": None if eff is None else round(eff, 3), "valid": None, "over_ceiling": None,
-        "time_reduction": meta["time_reduction"], "commit": meta["commit"],
-    }
-
-
 def _log(rank: int, msg: str, *, err: bool = False) -> None:
     if rank == 0:
         print(msg, file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def run_sweep(opts: BenchOptions, group, meta: dict, *,
-              on_row=None) -> tuple[list[dict], list[str]]:
-    """Every row of ``opts`` on every rank, in the same order; returns (rows, notes), identical
-    on every rank. ``on_row(row)`` is called as each row finishes. ``meta``'s peer-copy ceiling
-    (``meta["ceiling"]``) is the efficiency ceiling of cross-GPU rows and validates every row
-    (:func:`symmtriton.tools.bench.report.mark_validity`: a warning line and a note per time over it)."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    dev, t_start = _device(), time.monotonic()
+def _notes(rank: int):
+    """``(notes, note, warn)``: the run's note lines, ``note(msg)`` adding one once (printed
+    ``# note:`` on rank 0), ``warn(msg)`` adding one every time (``# WARNING:``)."""
     notes: list[str] = []
 
     def note(msg):
@@ -209,53 +165,85 @@ def run_sweep(opts: BenchOptions, group, meta: dict, *,
         notes.append(msg)
         _log(rank, f"# WARNING: {msg}", err=True)
 
-    ops = list(opts.ops)
+    return notes, note, warn
+
+
+def _sweep_plan(opts: BenchOptions, dev, note) -> list[tuple]:
+    """The rows, in order: ``(op, dtype, nbytes, v-count kind, mode, placement)`` (graph mode
+    only with CUDA)."""
     modes = list(opts.modes)
     if "graph" in modes and dev.type != "cuda":
         modes.remove("graph")
         note("graph mode needs CUDA: skipped")
+    return [(op, dtype, nbytes, kind, mode, placement) for op in opts.ops for dtype in opts.dtypes
+            for nbytes in opts.sizes
+            for kind in (opts.v_counts if op in workloads.V_OPS else (None,))
+            for mode in modes for placement in opts.placements]
+
+
+def _check(wl, nbytes: int, group, note, what: str) -> str:
+    """``ok`` / ``FAIL`` (agreed over ``group``) of ``wl.check()``, ``skip`` above
+    :data:`CHECK_MAX_BYTES`; an exception (raised before launch: alike on every rank) fails."""
+    if nbytes > CHECK_MAX_BYTES:
+        return "skip"
+    ok = True
+    try:
+        ok = wl.check()
+    except Exception as exc:
+        ok = False
+        note(f"{what}: {type(exc).__name__}: {exc}")
+    return "ok" if timing.all_ranks_ok(ok, group) else "FAIL"
+
+
+def _measure(opts: BenchOptions, group, dev, spec: tuple, shape, warmup: int, note) -> tuple:
+    """``(time, launch config, check, variant)`` of symmtriton's call for one row ``spec``."""
+    op, dtype, _, kind, mode, placement = spec
+    world = dist.get_world_size(group)
+    wl = workloads.make_workload(op, shape.numel, dtype, group, placement=placement,
+                                 hidden=shape.hidden, counts=kind,
+                                 algorithm=opts.algorithm if op in workloads.WHOLE_OPS else None)
+    cfg = None  # untuned ops pick their launch config inside
+    if op in OPS:
+        key_numel, key_dtype = tuning.launch_key(op, shape.numel, dtype)
+        cfg = tuning.lookup_config(op, key_numel, key_dtype, world, hidden=shape.hidden)
+    check = _check(wl, shape.total_bytes, group, note, f"{op} {placement}")
+    wl.reset()
+    t = timing.agreed_time(wl.run, mode, device=dev, group=group, **opts.counts(warmup))
+    del wl
+    return t, cfg, check, _variant(kind)
+
+
+def run_sweep(opts: BenchOptions, group, meta: dict, *,
+              on_row=None) -> tuple[list[dict], list[str]]:
+    """Every row of ``opts`` on every rank, in the same order; returns (rows, notes), identical
+    on every rank. ``on_row(row)`` is called as each row finishes. ``meta``'s peer-copy ceiling
+    (``meta["ceiling"]``) is the efficiency ceiling of cross-GPU rows and validates every row
+    (:func:`symmtriton.tools.bench.report.mark_validity`: a warning line and a note per time
+    over it)."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    dev, t_start = _device(), time.monotonic()
+    notes, note, warn = _notes(rank)
+    plan = _sweep_plan(opts, dev, note)
     buf = SymmetricMemoryManager.buffer_for_group(group)
     path = "symmetric" if buf.symm_mem_hdl is not None else "fallback"
     if path == "fallback":
         note(f"symmetric memory unavailable ({buf.init_failure_reason}): symmtriton rows measure "
              "the torch.distributed fallback; zero_copy rows are skipped")
     if opts.tune and path == "symmetric":
-        tune_sweep(opts, group, ops, note, lambda msg: _log(rank, msg, err=True))
-
-    plan = [(op, dtype, nbytes, kind, mode, placement) for op in ops for dtype in opts.dtypes
-            for nbytes in opts.sizes for kind in (opts.v_counts if op in workloads.V_OPS else (None,))
-            for mode in modes for placement in opts.placements]
+        tune_sweep(opts, group, list(opts.ops), note, lambda msg: _log(rank, msg, err=True))
     rows: list[dict] = []
     baselines = Baselines(opts, group, note)
-    for i, (op, dtype, nbytes, kind, mode, placement) in enumerate(plan, 1):
+    for i, spec in enumerate(plan, 1):
+        op, dtype, nbytes, kind, mode, placement = spec
         shape = shape_for(op, nbytes, dtype, world, opts.hidden)
         counts = workloads.v_counts(kind, shape.count // shape.hidden, world) if kind else None
         warmup = opts.warmup if shape.total_bytes <= BIG_BYTES else min(opts.warmup, 3)
         base = baselines.get(op, dtype, shape, mode, warmup, counts)
         if placement == "zero_copy" and path == "fallback":
             continue
-        wl = workloads.make_workload(op, shape.numel, dtype, group, placement=placement,
-                                     hidden=shape.hidden, counts=kind,
-                                     algorithm=opts.algorithm if op in workloads.WHOLE_OPS else None)
-        cfg = None  # untuned ops pick their launch config inside
-        if op in OPS:
-            key_numel, key_dtype = tuning.launch_key(op, shape.numel, dtype)
-            cfg = tuning.lookup_config(op, key_numel, key_dtype, world, hidden=shape.hidden)
-        check = "skip"
-        if shape.total_bytes <= CHECK_MAX_BYTES:
-            ok = True
-            try:
-                ok = wl.check()
-            except Exception as exc:  # a raise before launch: alike on every rank
-                ok = False
-                note(f"{op} {placement}: {type(exc).__name__}: {exc}")
-            check = "ok" if timing.all_ranks_ok(ok, group) else "FAIL"
-        wl.reset()
-        t = timing.agreed_time(wl.run, mode, device=dev, group=group, **opts.counts(warmup))
-        del wl
-        variant = _variant(kind)
-        row = _row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check, base,
-                   meta)
+        t, cfg, check, variant = _measure(opts, group, dev, spec, shape, warmup, note)
+        row = result_row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check,
+                         base, meta, on_gpu=dev.type == "cuda")
         applies = ceiling_applies(op, meta["multicast"])
         for msg in mark_validity(row, meta["ceiling"]["peer_copy_gbs"] if applies else None):
             warn(msg)
@@ -287,7 +275,8 @@ def main(argv=None) -> int:
         meta = bench_meta(group, opts, argv, topo, p2p, buf, ceiling, multicast)
         files = ResultFiles(opts, meta) if rank == 0 else None
         if p2p is not None:
-            _log(rank, f"# peer copy (every rank into the next rank's GPU at once): {p2p:.0f} GB/s", err=True)
+            _log(rank, "# peer copy (every rank into the next rank's GPU at once): "
+                       f"{p2p:.0f} GB/s", err=True)
         _log(rank, f"# peer-copy ceiling: {ceiling['peer_copy_gbs']} GB/s, {ceiling['source']}",
              err=True)
         rows, notes = run_sweep(opts, group, meta, on_row=files.add if files else None)
@@ -299,8 +288,8 @@ def main(argv=None) -> int:
             if eff:
                 print(eff)
             paths = files.finish(rows, notes)
-            print(f"# {len(rows)} rows in {time.monotonic() - t0:.1f} s; wrote " + ", ".join(paths.values()),
-                  file=sys.stderr)
+            print(f"# {len(rows)} rows in {time.monotonic() - t0:.1f} s; wrote "
+                  + ", ".join(paths.values()), file=sys.stderr)
             if failed:
                 print("# FAIL: some rows did not match the reference", file=sys.stderr)
             if invalid:

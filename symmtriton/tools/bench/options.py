@@ -15,14 +15,15 @@ from ..testing import device as _device
 from . import workloads
 
 MODES = ("eager", "graph")
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
-          "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
+          "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
 #: ``--quick``: sizes 4K, 64K, 1M, 16M, 256M (GPU) and at most 20 timed samples per row.
 QUICK = {"min_bytes": "4K", "step": 16, "iters": 20, "warmup": 3}
 
 
 def parse_bytes(text: str) -> int:
-    """``"64K"``, ``"1MB"``, ``"256MiB"``, ``"4G"``, ``"4096"`` -> bytes (K = 1024, as nccl-tests)."""
+    """``"64K"``, ``"1MB"``, ``"256MiB"``, ``"4G"``, ``"4096"`` -> bytes (K = 1024, as
+    nccl-tests)."""
     m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in _UNITS:
         raise ValueError(f"not a byte size: {text!r} (examples: 1024, 64K, 1MB, 256M, 4G)")
@@ -86,7 +87,8 @@ class BenchOptions:
     def __post_init__(self):
         for key in ("iters", "min_iters", "graph_iters", "hidden", "eager_batch"):
             if getattr(self, key) < 1:
-                raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+                raise ValueError(f"--{key.replace('_', '-')} must be >= 1, "
+                                 f"got {getattr(self, key)}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
         if not self.max_spread >= 0:
@@ -99,7 +101,8 @@ class BenchOptions:
             raise ValueError(f"--backend must be auto, nccl or gloo, got {self.backend!r}")
 
     def counts(self, warmup: int) -> dict:
-        """Keyword counts of ``symmtriton.tools.bench.timing.agreed_time`` for a row warmed up ``warmup`` times."""
+        """Keyword counts of :func:`symmtriton.tools.bench.timing.agreed_time` for a row
+        warmed up ``warmup`` times."""
         return {"iters": self.iters, "warmup": warmup, "min_iters": self.min_iters,
                 "max_spread": self.max_spread, "graph_iters": self.graph_iters,
                 "batch": self.eager_batch}
@@ -120,8 +123,8 @@ columns (CSV/JSON; the table shows most of them):
   time_us      per call, to completion on every rank (see timing below); algbw = size/time;
                busbw = algbw*(W-1)/W (fused and all-reduce ops: *2(W-1)/W), as nccl-tests
                reports them
-  check        ok / FAIL against symmtriton.tools.reference on rank-tagged data (all ranks agree);
-               skip above 1 GiB (the references would need several times the size)
+  check        ok / FAIL against symmtriton.tools.reference on rank-tagged data (all ranks
+               agree); skip above 1 GiB (the references would need several times the size)
   baseline_us  torch.distributed (NCCL or gloo), speedup = baseline_us / time_us; fused ops:
                the unfused sequence (all-reduce or reduce-scatter, add, RMSNorm[, all-gather]);
                v ops: the uniform collective on tensors padded to max(counts) rows per rank
@@ -149,13 +152,15 @@ stops there when their interquartile range is within --max-spread of the median;
 takes up to --iters.
 
 examples:
-  torchrun --nproc-per-node 2 -m symmtriton.tools.bench                  # one rank per GPU, NCCL
-  torchrun --nproc-per-node 2 -m symmtriton.tools.bench --quick          # 5 sizes, under a minute
-  torchrun --nproc-per-node 2 -m symmtriton.tools.bench --ops all_gather,reduce_scatter --modes graph \\
-      --min-bytes 256M --max-bytes 4G --step 2                     # where NCCL peaks
-  torchrun --nproc-per-node 2 -m symmtriton.tools.bench --ops all_reduce,all_reduce_add_rmsnorm,\
-      all_gather_v,reduce_scatter_v --max-bytes 64M --step 16      # the opt-in ops
-  torchrun --nproc-per-node 2 -m symmtriton.tools.bench --max-bytes 4K --iters 2 --warmup 1  # CPU
+  torchrun --nproc-per-node 2 -m symmtriton.tools.bench            # one rank per GPU, NCCL
+  torchrun --nproc-per-node 2 -m symmtriton.tools.bench --quick    # 5 sizes, under a minute
+  torchrun --nproc-per-node 2 -m symmtriton.tools.bench --ops all_gather,reduce_scatter \\
+      --modes graph --min-bytes 256M --max-bytes 4G --step 2     # where NCCL peaks
+  torchrun --nproc-per-node 2 -m symmtriton.tools.bench \\
+      --ops all_reduce,all_reduce_add_rmsnorm,all_gather_v,reduce_scatter_v \\
+      --max-bytes 64M --step 16                                  # the opt-in ops
+  torchrun --nproc-per-node 2 -m symmtriton.tools.bench --max-bytes 4K --iters 2 \\
+      --warmup 1                                                 # CPU
   symmtriton-bench --tune --modes graph          # tune the swept sizes, then benchmark
 """
 
@@ -170,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "PyTorch's symmetric-memory ops and copy ceilings. Run on every rank, "
                     "e.g. torchrun --nproc-per-node 8 -m symmtriton.tools.bench.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    _add_sweep_options(p)
+    _add_timing_options(p)
+    _add_run_options(p)
+    return p
+
+
+def _add_sweep_options(p: argparse.ArgumentParser) -> None:
+    """What the sweep runs: ops, count distributions, dtypes, modes, placements, sizes."""
     p.add_argument("--ops", default=",".join(workloads.OPS),
                    help=f"comma list of {', '.join(workloads.BENCH_OPS)} (default: "
                         f"{','.join(workloads.OPS)})")
@@ -196,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest size (default 256M on the GPU, 64K on the CPU; up to 4G and "
                         "more for bus bandwidth where NCCL peaks)")
     p.add_argument("--step", type=int, default=None, help="size factor between rows (default 4)")
+
+
+def _add_timing_options(p: argparse.ArgumentParser) -> None:
+    """How each row is timed, and the ceiling rows are validated against."""
     p.add_argument("--iters", type=int, default=None,
                    help="most timed samples per row (eager: of --eager-batch calls; graph: "
                         "replays), median reported (default 50 GPU, 3 CPU)")
@@ -205,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after --min-iters calls when (p75 - p25) / median is at most this "
                         "on every rank (default 0.05; 0 always runs --iters)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed calls before timing (default 10 GPU, 1 CPU; at most 3 above 64 MiB)")
+                   help="untimed calls before timing (default 10 GPU, 1 CPU; at most 3 above "
+                        "64 MiB)")
     p.add_argument("--graph-iters", type=int, default=10,
                    help="calls captured in one CUDA graph in graph mode (default 10)")
     p.add_argument("--eager-batch", type=int, default=None,
@@ -213,7 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "device synchronised (default 10 GPU, 1 CPU)")
     p.add_argument("--peer-copy-gbs", type=float, default=None,
                    help="peer-copy ceiling in GB/s to validate rows against when this run does "
-                        "not measure one (e.g. ranks on one GPU); recorded as given by this option")
+                        "not measure one (e.g. ranks on one GPU); recorded as given by this "
+                        "option")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Provenance, operands, output files, tuning, baselines, process group and buffer."""
     p.add_argument("--commit", default=None,
                    help="the project's commit to record when the bench runs outside a git "
                         "checkout (default: git rev-parse HEAD of the package's checkout)")
@@ -239,7 +262,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "for the one-shot push (default auto)")
     p.add_argument("--buffer-mb", type=float, default=None,
                    help="symmetric buffer size in MiB (default: 3 x max size, at least 1)")
-    return p
 
 
 def parse_options(argv=None) -> BenchOptions:
@@ -248,9 +270,15 @@ def parse_options(argv=None) -> BenchOptions:
     args = parser.parse_args(argv)
     on_gpu = _device().type == "cuda"
     quick = QUICK if args.quick else {}
-    iters = args.iters if args.iters is not None else min(50 if on_gpu else 3, quick.get("iters", 1 << 30))
+    iters = args.iters
+    if iters is None:
+        iters = min(50 if on_gpu else 3, quick.get("iters", 1 << 30))
+    warmup = args.warmup
+    if warmup is None:
+        warmup = quick.get("warmup", 10 if on_gpu else 1)
     try:
-        dtype_names = _csv_list(args.dtypes, [tuning.dtype_name(t) for t in REDUCE_DTYPES], "dtypes")
+        dtype_names = _csv_list(args.dtypes, [tuning.dtype_name(t) for t in REDUCE_DTYPES],
+                                "dtypes")
         return BenchOptions(
             ops=_csv_list(args.ops, workloads.BENCH_OPS, "ops"),
             v_counts=_csv_list(args.v_counts, workloads.V_COUNTS, "v-counts"),
@@ -263,12 +291,13 @@ def parse_options(argv=None) -> BenchOptions:
             iters=iters,
             min_iters=args.min_iters if args.min_iters is not None else min(10, max(iters, 1)),
             max_spread=args.max_spread,
-            warmup=args.warmup if args.warmup is not None else quick.get("warmup", 10 if on_gpu else 1),
-            graph_iters=args.graph_iters, hidden=args.hidden, out_dir=args.out_dir, name=args.name,
+            warmup=warmup, graph_iters=args.graph_iters, hidden=args.hidden,
+            out_dir=args.out_dir, name=args.name,
             tune=args.tune, baselines=args.baselines, plot=args.plot, backend=args.backend,
             buffer_mb=args.buffer_mb,
             algorithm=None if args.algorithm == "auto" else args.algorithm,
-            eager_batch=args.eager_batch if args.eager_batch is not None else (10 if on_gpu else 1),
+            eager_batch=(args.eager_batch if args.eager_batch is not None
+                         else (10 if on_gpu else 1)),
             peer_copy_gbs=args.peer_copy_gbs, commit=args.commit)
     except ValueError as exc:
         parser.error(str(exc))  # usage + message, exit status 2

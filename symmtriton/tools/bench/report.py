@@ -1,6 +1,7 @@
-"""The benchmark's outputs: the nccl-tests-style table, CSV/JSON files, the PNG plot and the
-kernel-efficiency lines (rows are the dicts :func:`symmtriton.tools.bench.cli.run_sweep` makes), and the
-check of every row against the peer-copy ceiling (:func:`mark_validity`).
+"""The benchmark's outputs: its rows (:func:`result_row`, one per row
+:func:`symmtriton.tools.bench.cli.run_sweep` measures), the nccl-tests-style table, CSV/JSON
+files, the PNG plot and the kernel-efficiency lines, and the check of every row against the
+peer-copy ceiling (:func:`mark_validity`).
 
 Files survive an interrupted run: :class:`ResultFiles` writes the JSON (the run's metadata)
 before the first row and the CSV row by row, flushed as each row finishes; the end of the run
@@ -15,12 +16,15 @@ import re
 import sys
 
 from symmtriton.config import CONFIG_KEYS
+from symmtriton.tuning import dtype_name
 
 from .workloads import V_COUNTS
 
+#: rows at or above this size get an efficiency figure on the GPU.
+EFF_MIN_BYTES = 1 << 20
 #: columns of the CSV (and of each JSON row), in order.
-FIELDS = ("size_bytes", "count", "dtype", "op", "variant", "placement", "mode", "world_size", "path",
-          *CONFIG_KEYS, "time_us", "algbw_gbs", "busbw_gbs", "check",
+FIELDS = ("size_bytes", "count", "dtype", "op", "variant", "placement", "mode", "world_size",
+          "path", *CONFIG_KEYS, "time_us", "algbw_gbs", "busbw_gbs", "check",
           "baseline", "baseline_us", "speedup", "symm_mem_op", "symm_mem_us", "speedup_symm_mem",
           "copy_us", "copy_gbs", "ceiling", "ceiling_gbs", "efficiency", "valid", "over_ceiling",
           "time_reduction", "commit")
@@ -100,6 +104,48 @@ def bytes_moved(op: str, placement: str, total: int, world: int) -> int:
     return moved + (2 * total if placement == "staged" else 0)
 
 
+def _us(t):
+    return None if t is None else round(t * 1e6, 3)
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b <= 0 else round(a / b, 3)
+
+
+def result_row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check, base,
+               meta, *, on_gpu: bool) -> dict:
+    """One result row; ``meta`` (:func:`symmtriton.tools.bench.meta.bench_meta`) gives the
+    peer-copy ceiling (the efficiency of cross-GPU rows) and the commit."""
+    total, p2p_gbs = shape.total_bytes, meta["ceiling"]["peer_copy_gbs"]
+    algbw = None if t is None else total / t / 1e9
+    busbw = None if algbw is None else algbw * bus_factor(op, world)
+    copy_s = base.get("copy_s")
+    copy_gbs = None if not copy_s else 2 * total / copy_s / 1e9
+    ceiling, ceiling_gbs = ("p2p", p2p_gbs) if p2p_gbs else ("local", copy_gbs)
+    eff = None
+    if on_gpu and total >= EFF_MIN_BYTES and t and ceiling_gbs:
+        moved = bytes_moved(op, placement, total, world)
+        moved_gbs = busbw if ceiling == "p2p" else moved / t / 1e9
+        eff = moved_gbs / ceiling_gbs
+    return {
+        "size_bytes": total, "count": shape.count, "dtype": dtype_name(dtype), "op": op,
+        "variant": variant, "placement": placement, "mode": mode, "world_size": world,
+        "path": path,
+        **(cfg.as_dict() if cfg else dict.fromkeys(CONFIG_KEYS)), "time_us": _us(t),
+        "algbw_gbs": None if algbw is None else round(algbw, 3),
+        "busbw_gbs": None if busbw is None else round(busbw, 3), "check": check,
+        "baseline": base.get("baseline"), "baseline_us": _us(base.get("baseline_s")),
+        "speedup": _ratio(base.get("baseline_s"), t),
+        "symm_mem_op": base.get("symm_mem_op"), "symm_mem_us": _us(base.get("symm_mem_s")),
+        "speedup_symm_mem": _ratio(base.get("symm_mem_s"), t),
+        "copy_us": _us(copy_s), "copy_gbs": None if copy_gbs is None else round(copy_gbs, 3),
+        "ceiling": ceiling if ceiling_gbs else None,
+        "ceiling_gbs": None if not ceiling_gbs else round(ceiling_gbs, 3),
+        "efficiency": None if eff is None else round(eff, 3), "valid": None, "over_ceiling": None,
+        "time_reduction": meta["time_reduction"], "commit": meta["commit"],
+    }
+
+
 def _fmt(v, width, prec=2):
     if v is None:
         return "-".rjust(width)
@@ -112,21 +158,22 @@ def _fmt(v, width, prec=2):
 
 def format_table(rows: list[dict], meta: dict) -> str:
     """nccl-tests-like text table of ``rows``."""
-    cols = [("size", "size_bytes", 12), ("count", "count", 11), ("type", "dtype", 9), ("op", "op", 22),
-            ("variant", "variant", 8), ("placement", "placement", 10), ("mode", "mode", 6),
-            ("time", "time_us", 10),
-            ("algbw", "algbw_gbs", 8), ("busbw", "busbw_gbs", 8), ("check", "check", 6),
+    cols = [("size", "size_bytes", 12), ("count", "count", 11), ("type", "dtype", 9),
+            ("op", "op", 22), ("variant", "variant", 8), ("placement", "placement", 10),
+            ("mode", "mode", 6), ("time", "time_us", 10), ("algbw", "algbw_gbs", 8),
+            ("busbw", "busbw_gbs", 8), ("check", "check", 6),
             ("block", "block_size", 6), ("warps", "num_warps", 5), ("maxblk", "max_blocks", 6),
             ("base", "baseline_us", 10), ("speedup", "speedup", 8), ("symm_mem", "symm_mem_us", 10),
             ("copy", "copy_us", 9), ("eff", "efficiency", 6), ("valid", "valid", 5)]
-    units = {"size": "(B)", "count": "(elems)", "time": "(us)", "algbw": "(GB/s)", "busbw": "(GB/s)",
-             "base": "(us)", "symm_mem": "(us)", "copy": "(us)"}
+    units = {"size": "(B)", "count": "(elems)", "time": "(us)", "algbw": "(GB/s)",
+             "busbw": "(GB/s)", "base": "(us)", "symm_mem": "(us)", "copy": "(us)"}
     lines = [f"# symmtriton-bench: world {meta['world_size']} ({meta.get('layout', '?')}), device "
-             f"{meta['device']}, backend {meta['backend']}/{meta['dist_backend']}, torch {meta['torch']}, "
-             f"triton {meta['triton']}, pdl {meta.get('pdl')}, commit {meta.get('commit')}, "
-             f"{meta['date']}",
-             "# base = torch.distributed, symm_mem = torch.ops.symm_mem (fastest), copy = local device copy, "
-             "eff = efficiency against the row's ceiling (p2p or local copy)",
+             f"{meta['device']}, backend {meta['backend']}/{meta['dist_backend']}, "
+             f"torch {meta['torch']}, triton {meta['triton']}, pdl {meta.get('pdl')}, "
+             f"commit {meta.get('commit')}, {meta['date']}",
+             "# base = torch.distributed, symm_mem = torch.ops.symm_mem (fastest), "
+             "copy = local device copy, eff = efficiency against the row's ceiling (p2p or "
+             "local copy)",
              f"# times: to completion, max over ranks; valid = every busbw within "
              f"{100 * CEILING_TOLERANCE:.0f}% of the peer-copy ceiling "
              f"({(meta.get('ceiling') or {}).get('peer_copy_gbs') or 'none known'} GB/s)",
@@ -171,8 +218,8 @@ class ResultFiles:
     def _json(self, rows, notes, complete: bool) -> None:
         tmp = self.paths["json"] + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"meta": self.meta, "complete": complete, "notes": notes, "columns": list(FIELDS),
-                       "rows": rows}, f, indent=1)
+            json.dump({"meta": self.meta, "complete": complete, "notes": notes,
+                       "columns": list(FIELDS), "rows": rows}, f, indent=1)
             f.write("\n")
         os.replace(tmp, self.paths["json"])
 
@@ -191,7 +238,8 @@ class ResultFiles:
                 plot(rows, png, self.meta)
                 self.paths["png"] = png
             except ImportError:
-                print("# note: matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
+                print("# note: matplotlib is not installed: no plot (pip install matplotlib)",
+                      file=sys.stderr)
         return self.paths
 
 
@@ -250,8 +298,8 @@ def efficiency_report(rows: list[dict]) -> str:
             continue
         head = f"# efficiency {row_label(r)}: "
         if r["ceiling"] == "p2p":
-            out.append(head + f"busbw {r['busbw_gbs']:.0f} GB/s vs peer copy {r['ceiling_gbs']:.0f} GB/s "
-                              f"= {100 * r['efficiency']:.0f}%")
+            out.append(head + f"busbw {r['busbw_gbs']:.0f} GB/s vs peer copy "
+                              f"{r['ceiling_gbs']:.0f} GB/s = {100 * r['efficiency']:.0f}%")
         else:
             moved = bytes_moved(r["op"], r["placement"], r["size_bytes"], r["world_size"])
             out.append(head + f"{moved / (r['time_us'] * 1e-6) / 1e9:.0f} GB/s moved vs local copy "

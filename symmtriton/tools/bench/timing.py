@@ -174,7 +174,8 @@ def _abandon_capture(device: torch.device, pool, stream) -> None:
 
 
 def graph_time(fn: Callable[[], object], *, iters: int, warmup: int, graph_iters: int,
-               device: torch.device, group, min_iters: int | None = None, max_spread: float = 0.05) -> float:
+               device: torch.device, group, min_iters: int | None = None,
+               max_spread: float = 0.05) -> float:
     """Seconds per call of ``fn`` inside a CUDA graph: ``warmup`` (at least one) eager calls on
     a side stream, ``graph_iters`` calls captured in one graph, one replay and a barrier, then
     ``iters`` replays back to back (:func:`replay_samples`; ``min_iters`` and ``max_spread`` as
@@ -212,7 +213,8 @@ def graph_time(fn: Callable[[], object], *, iters: int, warmup: int, graph_iters
                          max_spread) / graph_iters
 
 
-def agreed_time(fn: Callable[[], object], mode: str, *, device: torch.device, group, **counts) -> float | None:
+def agreed_time(fn: Callable[[], object], mode: str, *, device: torch.device, group,
+                **counts) -> float | None:
     """Seconds per call of ``fn`` agreed over ``group`` (MAX over ranks): :func:`graph_time`
     when ``mode`` is ``"graph"``, else :func:`median_time` (``counts``: their counts; each
     ignores the other's ``graph_iters`` / ``batch``). ``None`` when it failed on some rank;

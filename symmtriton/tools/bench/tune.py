@@ -77,8 +77,10 @@ def candidate_configs(op: str, numel: int, dtype: torch.dtype, world: int, *,
     world = check_count("world", world)
     check_hidden(op, numel, hidden)
     if sm_count is None:
-        sm_count = (torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-                    if device_name() != "cpu" else 132)
+        sm_count = 132  # H100, off the GPU
+        if device_name() != "cpu":
+            props = torch.cuda.get_device_properties(torch.cuda.current_device())
+            sm_count = props.multi_processor_count
     grids = sorted({max(1, sm_count // 4), max(1, sm_count // 2), sm_count, 2 * sm_count})
     if op == "fused":
         out = _row_candidates(default_config(numel, dtype, world, hidden=hidden), numel // hidden,
@@ -132,7 +134,8 @@ def _row_candidates(base: LaunchConfig, rows: int, world: int, grids) -> list[La
             sig = (warps, min(rows, bound))
             if sig not in seen:
                 seen.add(sig)
-                out.append(LaunchConfig(block_size=base.block_size, num_warps=warps, max_blocks=bound))
+                out.append(LaunchConfig(block_size=base.block_size, num_warps=warps,
+                                        max_blocks=bound))
     return out
 
 
@@ -169,8 +172,9 @@ def tune(op: str, numel: int, dtype: torch.dtype, group=None,
          persist: bool = True) -> TuneResult:
     """Time ``candidates`` for ``op`` on shards of ``numel`` elements of ``dtype`` (tensor
     level: the AG input, the RS output, the fused residual of ``numel // hidden`` rows of
-    ``hidden``; see :func:`launch_key`) and record the winner every rank agreed on. **Collective**: every rank of ``group`` calls it with the
-    same arguments; the protocol is in the module docstring.
+    ``hidden``; see :func:`launch_key`) and record the winner every rank agreed on.
+    **Collective**: every rank of ``group`` calls it with the same arguments; the protocol is in
+    the module docstring.
 
     ``candidates``: default :func:`candidate_configs` of the launch key. ``iters``/``warmup``:
     default 20/5 on the GPU, 2/1 on the CPU. ``mode``: ``"graph"`` (default on the GPU: each
@@ -187,16 +191,53 @@ def tune(op: str, numel: int, dtype: torch.dtype, group=None,
     check_dtype(dtype)
     numel = check_count("numel", numel)
     group = resolve_group(group, "group")
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world = dist.get_world_size(group)
     key_numel, key_dtype = launch_key(op, numel, dtype)
     if candidates is None:
         candidates = candidate_configs(op, key_numel, key_dtype, world, hidden=hidden)
+    candidates = _checked_candidates(candidates)
+    mode, iters, warmup = _timing_counts(mode, graph_iters, iters, warmup)
+
+    # 1. agree on the arguments before anything is launched.
+    _agree_arguments((op, numel, dtype_name(dtype), placement, hidden, iters, warmup, mode,
+                      graph_iters, [c.as_dict() for c in candidates], measure is None, persist),
+                     group)
+    wl = _workload(op, numel, dtype, group, placement, hidden)
+    dev = wl.tensors["input"].device
+    if measure is None and mode == "graph":
+        mode = _graph_or_eager(wl, dev, group, op)
+
+    # 2. same candidates, same order, same counts on every rank.
+    local = [_candidate_time(functools.partial(wl.run, cfg), cfg, measure, mode, iters, warmup,
+                             graph_iters, dev, group) for cfg in candidates]
+    # 3. a collective is as slow as its slowest rank.
+    times = all_reduce_max(local, group)
+    # 4. rank 0 chooses, everyone takes its choice.
+    idx = _agreed_choice(times, group)
+    if idx < 0:
+        raise RuntimeError(f"tune: no candidate of {op} ran on every rank (all rejected)")
+    winner = candidates[idx]
+
+    # 5. record; rank 0 writes the file; nobody returns before it is there.
+    key = cache_key(op, key_numel, key_dtype, world, hidden)
+    _record(key, winner, times[idx], mode, key_numel, persist, group)
+    return TuneResult(op, numel, dtype, world, key, winner, candidates, tuple(times),
+                      "measure" if measure is not None else mode)
+
+
+def _checked_candidates(candidates) -> tuple:
+    """``candidates`` as a non-empty tuple of :class:`LaunchConfig`."""
     candidates = tuple(candidates)
     if not candidates:
         raise ValueError("candidates is empty: nothing to tune")
     for c in candidates:
         if not isinstance(c, LaunchConfig):
             raise TypeError(f"candidates must be LaunchConfig instances, got {c!r}")
+    return candidates
+
+
+def _timing_counts(mode, graph_iters, iters, warmup) -> tuple:
+    """``(mode, iters, warmup)`` checked, with :func:`tune`'s defaults for this device."""
     on_gpu = backend_device(select_backend()).type == "cuda"
     mode = ("graph" if on_gpu else "eager") if mode is None else mode
     if mode not in ("graph", "eager"):
@@ -206,71 +247,79 @@ def tune(op: str, numel: int, dtype: torch.dtype, group=None,
     check_count("graph_iters", graph_iters)
     iters = (20 if on_gpu else 2) if iters is None else check_count("iters", iters)
     warmup = (5 if on_gpu else 1) if warmup is None else check_warmup(warmup)
+    return mode, iters, warmup
 
-    # 1. agree on the arguments before anything is launched.
-    signature = (op, numel, dtype_name(dtype), placement, hidden, iters, warmup, mode, graph_iters,
-                 [c.as_dict() for c in candidates], measure is None, persist)
-    signatures: list = [None] * world
+
+def _agree_arguments(signature: tuple, group) -> None:
+    """``ValueError`` on every rank unless every rank of ``group`` passed ``signature``."""
+    signatures: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(signatures, signature, group=group)
     if any(s != signatures[0] for s in signatures):
         differing = [r for r, s in enumerate(signatures) if s != signatures[0]]
-        raise ValueError(f"tune: ranks {differing} called tune with arguments that differ from rank "
-                         f"0's {signatures[0]!r}; every rank must pass the same op, size, dtype, "
-                         "candidates and options")
+        raise ValueError(f"tune: ranks {differing} called tune with arguments that differ from "
+                         f"rank 0's {signatures[0]!r}; every rank must pass the same op, size, "
+                         "dtype, candidates and options")
+
+
+def _workload(op: str, numel: int, dtype, group, placement: str, hidden):
+    """The workload the candidates run; ``RuntimeError`` without symmetric memory."""
     buf = find_buffer(group)
     if buf.symm_mem_hdl is None:
-        raise RuntimeError(f"tune: symmetric memory is unavailable ({buf.init_failure_reason}); the "
-                           "ops would fall back to torch.distributed, which has nothing to tune")
-    wl = make_workload(op, numel, dtype, group, placement=placement, hidden=hidden)
-    dev = wl.tensors["input"].device
-    if measure is None and mode == "graph":
-        try:  # capturability does not depend on the config: probe once with the op's own
-            graph_time(wl.run, iters=1, warmup=1, graph_iters=1, device=dev, group=group)
-        except CaptureError:
-            mode = "eager"
-            if rank == 0:
-                warnings.warn(f"tune: {op} cannot be captured in a CUDA graph here; timing eagerly",
-                              RuntimeWarning, stacklevel=2)
+        raise RuntimeError(f"tune: symmetric memory is unavailable ({buf.init_failure_reason}); "
+                           "the ops would fall back to torch.distributed, which has nothing to "
+                           "tune")
+    return make_workload(op, numel, dtype, group, placement=placement, hidden=hidden)
 
-    # 2. same candidates, same order, same counts on every rank.
-    local = []
-    for cfg in candidates:
-        run = functools.partial(wl.run, cfg)
-        try:
-            if measure is not None:
-                t = float(measure(cfg, run))
-            elif mode == "graph":
-                t = graph_time(run, iters=iters, warmup=warmup, graph_iters=graph_iters, device=dev,
-                               group=group)
-            else:
-                t = median_time(run, iters=iters, warmup=warmup, device=dev, group=group)
-        except CaptureError:  # agreed on every rank
-            t = math.inf
-        except ValueError:  # the op rejected the config before launching, on every rank alike
-            t = math.inf
-        local.append(t if t == t else math.inf)  # NaN -> rejected
 
-    # 3. a collective is as slow as its slowest rank.
-    times = all_reduce_max(local, group)
+def _graph_or_eager(wl, dev, group, op: str) -> str:
+    """``"graph"`` when the op captures in a CUDA graph here (agreed over ``group``), else
+    ``"eager"`` with a warning from group rank 0 (on :func:`tune`'s caller). Capturability does
+    not depend on the config: probed once with the op's own."""
+    try:
+        graph_time(wl.run, iters=1, warmup=1, graph_iters=1, device=dev, group=group)
+    except CaptureError:
+        if dist.get_rank(group) == 0:
+            warnings.warn(f"tune: {op} cannot be captured in a CUDA graph here; timing eagerly",
+                          RuntimeWarning, stacklevel=3)
+        return "eager"
+    return "graph"
 
-    # 4. rank 0 chooses, everyone takes its choice.
+
+def _candidate_time(run, cfg: LaunchConfig, measure, mode: str, iters: int, warmup: int,
+                    graph_iters: int, dev, group) -> float:
+    """One candidate's time on this rank; ``inf`` when it cannot be captured (agreed), the op
+    rejects the config (before launching, on every rank alike) or the time is NaN."""
+    try:
+        if measure is not None:
+            t = float(measure(cfg, run))
+        elif mode == "graph":
+            t = graph_time(run, iters=iters, warmup=warmup, graph_iters=graph_iters, device=dev,
+                           group=group)
+        else:
+            t = median_time(run, iters=iters, warmup=warmup, device=dev, group=group)
+    except (CaptureError, ValueError):
+        t = math.inf
+    return t if t == t else math.inf  # NaN -> rejected
+
+
+def _record(key: tuple, winner: LaunchConfig, time_s: float, mode: str, key_numel: int,
+            persist: bool, group) -> None:
+    """Every rank records ``winner`` in memory; with ``persist`` group rank 0 merges it into the
+    cache file, then a group barrier (no rank returns before the file holds it)."""
+    extra = {"time_us": round(time_s * 1e6, 3), "mode": mode, "tuned_numel": key_numel,
+             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    store_winner(key, winner, write=persist and dist.get_rank(group) == 0, extra=extra)
+    if persist:
+        group_barrier(group)
+
+
+def _agreed_choice(times: list, group) -> int:
+    """Group rank 0's pick, broadcast: the index of the fastest finite time (the first on
+    ties), or -1 when none is finite."""
     choice = torch.tensor([-1], dtype=torch.int64, device=group_device(group))
-    if rank == 0:
+    if dist.get_rank(group) == 0:
         finite = [i for i, t in enumerate(times) if math.isfinite(t)]
         if finite:
             choice.fill_(min(finite, key=lambda i: (times[i], i)))
     dist.broadcast(choice, src=dist.get_global_rank(group, 0), group=group)
-    idx = int(choice.item())
-    if idx < 0:
-        raise RuntimeError(f"tune: no candidate of {op} ran on every rank (all rejected)")
-    winner = candidates[idx]
-
-    # 5. record; rank 0 writes the file; nobody returns before it is there.
-    key = cache_key(op, key_numel, key_dtype, world, hidden)
-    extra = {"time_us": round(times[idx] * 1e6, 3), "mode": mode, "tuned_numel": key_numel,
-             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    store_winner(key, winner, write=persist and rank == 0, extra=extra)
-    if persist:
-        group_barrier(group)
-    return TuneResult(op, numel, dtype, world, key, winner, candidates, tuple(times),
-                      "measure" if measure is not None else mode)
+    return int(choice.item())

@@ -1,7 +1,7 @@
-"""Benchmark and tuning workloads (a tool, for :mod:`symmtriton.tools.bench` and :mod:`symmtriton.tools.bench.tune`):
-one collective's operands on this rank, filled with rank-tagged data
-(:func:`symmtriton.tools.testing.tagged`), the call that runs it and the exact reference
-(:mod:`symmtriton.tools.reference`) it must match. Ops are named by their config name
+"""Benchmark and tuning workloads (for :mod:`symmtriton.tools.bench.cli` and
+:mod:`symmtriton.tools.bench.tune`): one collective's operands on this rank, filled with
+rank-tagged data (:func:`symmtriton.tools.testing.tagged`), the call that runs it and the exact
+reference (:mod:`symmtriton.tools.reference`) it must match. Ops are named by their config name
 (:data:`symmtriton.config.OPS`) or, for ops without a tuning-cache entry of their own, by their
 public function's name (:data:`symmtriton.config.UNTUNED_OPS`)."""
 
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from symmtriton.config import (ALL_REDUCE_ALGORITHMS, OPS, UNTUNED_OPS, LaunchConfig, check_dtype,
-                     check_hidden)
+from symmtriton.config import (ALL_REDUCE_ALGORITHMS, OPS, UNTUNED_OPS, LaunchConfig,
+                               check_dtype, check_hidden)
 from symmtriton.context import find_buffer
 from symmtriton.memory import resolve_group
 from symmtriton.ops.all_gather import all_gather_into_tensor
@@ -29,8 +29,8 @@ from ..testing import device, sync, tagged
 from . import timing
 
 
-__all__ = ["OPS", "BENCH_OPS", "V_OPS", "V_COUNTS", "PLACEMENTS", "FUSED_EPS", "Workload", "make_workload",
-           "size_factor", "v_counts"]
+__all__ = ["OPS", "BENCH_OPS", "V_OPS", "V_COUNTS", "PLACEMENTS", "FUSED_EPS", "Workload",
+           "make_workload", "size_factor", "v_counts"]
 #: every op the bench measures: the tuned ops first, then the others.
 BENCH_OPS = OPS + UNTUNED_OPS
 #: the variable-count ops and the count distributions their rows run (see :func:`v_counts`).
@@ -111,7 +111,8 @@ class Workload:
     def _residual(self, rank: int) -> torch.Tensor:
         """The fused op's residual shard of ``rank``; the all-reduce's replicated residual."""
         r = self.tensors["residual"]
-        return tagged(r.numel(), self.dtype, rank if self.op == "fused" else 0, salt=1).view(r.shape)
+        owner = rank if self.op == "fused" else 0
+        return tagged(r.numel(), self.dtype, owner, salt=1).view(r.shape)
 
     def reset(self) -> None:
         """Refill the inputs with their tagged values (the fused ops update their residual, and
@@ -142,9 +143,9 @@ class Workload:
         return fn(t["output"], t["input"], t["counts"], g, config=config)
 
     def expected(self) -> dict:
-        """The reference results from every rank's tagged inputs (``symmtriton.tools.reference``), by
-        tensor name: the output (rows the op must not touch hold :data:`GUARD`), and the
-        all-reduce fused op's updated residual."""
+        """The reference results from every rank's tagged inputs
+        (:mod:`symmtriton.tools.reference`), by tensor name: the output (rows the op must not
+        touch hold :data:`GUARD`), and the all-reduce fused op's updated residual."""
         op, w, out = self.op, self.world, self.tensors["output"]
         inputs = [self._inputs(r) for r in range(w)]
         if op == "all_gather":
@@ -152,14 +153,16 @@ class Workload:
         if op == "reduce_scatter":
             return {"output": reference.reduce_scatter(inputs, self.rank)}
         if op == "all_reduce":
-            return {"input" if self.placement == "zero_copy" else "output": reference.all_reduce(inputs)}
+            name = "input" if self.placement == "zero_copy" else "output"
+            return {name: reference.all_reduce(inputs)}
         weight = self.tensors.get("weight")
         if op == "fused":
             normed = [reference.reduce_scatter_add_rmsnorm(inputs, self._residual(r), weight,
                                                            FUSED_EPS, r)[0] for r in range(w)]
             return {"output": reference.all_gather(normed)}
         if op == "all_reduce_add_rmsnorm":
-            normed, res = reference.all_reduce_add_rmsnorm(inputs, self._residual(0), weight, FUSED_EPS)
+            normed, res = reference.all_reduce_add_rmsnorm(inputs, self._residual(0), weight,
+                                                           FUSED_EPS)
             return {"output": normed, "residual": res}
         if op == "all_gather_v":
             return {"output": reference.all_gather_v(inputs, list(self.counts))}
@@ -199,7 +202,8 @@ def _shapes(op: str, numel: int, hidden: int, world: int, counts) -> dict:
     if op == "reduce_scatter":
         return {"input": (world * numel,), "output": (numel,)}
     if op == "fused":
-        return {"input": (world * rows, hidden), "residual": (rows, hidden), "output": (world * rows, hidden)}
+        return {"input": (world * rows, hidden), "residual": (rows, hidden),
+                "output": (world * rows, hidden)}
     if op == "all_reduce":
         return {"input": (numel,), "output": (numel,)}
     if op == "all_reduce_add_rmsnorm":
@@ -234,7 +238,8 @@ def make_workload(op: str, numel: int, dtype: torch.dtype, group=None, *, placem
     if op in V_OPS:
         rows = v_counts("uniform" if counts is None else counts, world * (numel // hidden), world)
     elif counts is not None:
-        raise ValueError(f"counts applies to {', '.join(V_OPS)} only, got counts={counts!r} for {op!r}")
+        raise ValueError(f"counts applies to {', '.join(V_OPS)} only, got counts={counts!r} "
+                         f"for {op!r}")
     if algorithm is not None and (op not in WHOLE_OPS or algorithm not in ALL_REDUCE_ALGORITHMS):
         raise ValueError(f"algorithm must be None or one of {', '.join(ALL_REDUCE_ALGORITHMS)} for "
                          f"{', '.join(WHOLE_OPS)}, got algorithm={algorithm!r} for {op!r}")
