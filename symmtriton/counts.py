@@ -1,14 +1,15 @@
-"""Device-resident counts of the variable-count collectives (``all_gather_v``,
-``reduce_scatter_v``): their validation, their clamping rule, and their error word.
+"""The row counts of the variable-count ops (``all_gather_v``, ``reduce_scatter_v``): the
+``counts`` tensor (rows per rank, int32 or int64 on the device), its checks, the clamping the
+kernels apply to it, and the counts error word that reports a clamp.
 
-The kernels read ``counts`` when they run and clamp it so nothing moves out of bounds
+The kernels read ``counts`` when they run and clamp it so no row moves out of bounds
 (``kernels/common.py``, ``clamped_counts``): a count lies in ``[0, cap_each]`` and rank ``r``'s
 rows ``[start_r, start_r + n_r)`` end by ``cap_total``. When clamping changed anything, block 0
-stores its ``COUNT_*`` bits in the buffer's status word ``COUNTS_ERROR_WORD`` (int32 host memory,
-next to the barrier's timeout word 0). The host backend launches synchronously and raises at
-once; on the GPU the next variable-count call, or :func:`symmtriton.synchronize`, raises
-``ValueError`` naming the counts (their values when the error is raised) and clears the word:
-the barriers still ran, so the buffer stays usable.
+stores its ``COUNT_*`` bits in the counts error word (``COUNTS_ERROR_WORD`` of the buffer's int32
+host status words; word 0 is the barrier's timeout word). The host backend launches
+synchronously and raises at once; on the GPU the next variable-count call, or
+:func:`symmtriton.synchronize`, raises ``ValueError`` naming the counts (their values when the
+error is raised) and clears the word: the barriers still ran, so the buffer stays usable.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import torch
 
 #: index of the counts error word in ``SymmetricMemoryBuffer.status`` (int32 words).
 COUNTS_ERROR_WORD = 1
-#: the error bits, as in kernels/common.py.
+#: the bits of the counts error word, as in kernels/common.py.
 COUNT_NEGATIVE, COUNT_OVER_EACH, COUNT_OVER_TOTAL = 1, 2, 4
 COUNTS_DTYPES = (torch.int32, torch.int64)
 
 
 def check_counts(op: str, counts, world: int, device: torch.device) -> torch.Tensor:
-    """``counts`` is an int32/int64 tensor ``[world]`` on ``device``, contiguous."""
+    """``counts`` (rows per rank) is an int32/int64 tensor ``[world]`` on ``device``,
+    contiguous; ``TypeError`` / ``ValueError`` naming ``op`` otherwise."""
     if not isinstance(counts, torch.Tensor):
         raise TypeError(f"{op}: counts must be a torch.Tensor, got {type(counts).__name__}")
     if counts.dtype not in COUNTS_DTYPES:
@@ -40,8 +42,8 @@ def check_counts(op: str, counts, world: int, device: torch.device) -> torch.Ten
 
 
 def clamp(counts: list[int], cap_each: int, cap_total: int):
-    """The kernels' clamping on the host (for the torch.distributed fallback):
-    ``(starts, ns, error bits)``."""
+    """The kernels' clamping of row counts, on the host (for the torch.distributed fallback):
+    ``(first row per rank, rows per rank, counts error bits)``."""
     starts, ns, before, code = [], [], 0, 0
     for c in counts:
         if c < 0:
@@ -59,9 +61,10 @@ def clamp(counts: list[int], cap_each: int, cap_total: int):
 
 def counts_error(op: str, counts, code: int, each: str, total: str, *,
                  launched: bool = False) -> ValueError:
-    """The error for error bits ``code``; ``each``/``total`` name the capacities. ``launched``:
-    raised by the call that moved the clamped rows (host backend, fallback), which every rank
-    made: its ``launched`` attribute tells ``_calls.counts_calls`` not to count it as skipped."""
+    """The error for counts error bits ``code``; ``each``/``total`` name the row capacities.
+    ``launched``: raised by the call that moved the clamped rows (host backend, fallback), which
+    every rank made: its ``launched`` attribute tells ``_calls.counts_calls`` not to count it
+    as skipped."""
     values = counts.tolist() if isinstance(counts, torch.Tensor) else counts
     why = [w for bit, w in ((COUNT_NEGATIVE, "a count is negative"),
                             (COUNT_OVER_EACH, f"a count exceeds {each}"),
@@ -73,13 +76,15 @@ def counts_error(op: str, counts, code: int, each: str, total: str, *,
 
 
 def remember(buf, op: str, counts: torch.Tensor, each: str, total: str) -> None:
-    """Record the call whose counts a later error word refers to (GPU: raised afterwards)."""
+    """Record the call whose row counts a later counts error word refers to (GPU: raised
+    afterwards)."""
     buf._counts_call = (op, counts, each, total)
 
 
 def check_error(buf, status, where: str | None = None, *, launched: bool = False) -> None:
-    """Raise the recorded counts error of ``buf`` (``status``: its status word view), once;
-    ``launched``: right after the launch that set it (see :func:`counts_error`)."""
+    """Raise the counts error ``buf``'s counts error word records (``status``: its status
+    words), once, and clear the word; ``launched``: right after the launch that set it (see
+    :func:`counts_error`)."""
     code = int(status[COUNTS_ERROR_WORD])
     if not code:
         return

@@ -51,8 +51,8 @@ if os.name == "posix" and isinstance(_ENV_DATA, dict):
         """A function of no arguments returning the raw value of environment variable ``name``
         (bytes) or ``None``: a change detector for per-call paths, reading the live environment
         every call (a variable set later takes effect at the next call). ``os.environ.get`` of a
-        missing variable raises and catches a KeyError inside (microseconds); this is one dict
-        lookup through a C call (``functools.partial`` of ``dict.get``, ~50 ns)."""
+        missing variable raises and catches a KeyError inside; this is one dict lookup through
+        a C call (``functools.partial`` of ``dict.get``)."""
         return functools.partial(_ENV_DATA.get, name.encode())
 else:  # pragma: no cover - non-CPython/POSIX environ
     def reader(name: str):
@@ -167,11 +167,11 @@ PROTOCOLS = ("auto", "lines", "barrier", "push")
 
 def protocol() -> str:
     """``$SYMMTRITON_PROTOCOL``: how collectives synchronise. ``auto`` (default): flag-in-data
-    lines (kernels/ll.py) for small messages (``context.lines_eligible``), barriers above, and a
-    large reduce-scatter or two-shot all-reduce without multicast pushed in flagged chunks
-    (``context.push_eligible``); ``lines``: lines whenever the line area holds the message;
+    lines for small messages (``config.lines_eligible``), barriers above, and a large
+    reduce-scatter or two-shot all-reduce without multicast pushed in flagged chunks
+    (``config.push_eligible``); ``lines``: lines whenever the line area holds the message;
     ``barrier``: never lines, never push; ``push``: never lines, and the reduce-scatter and the
-    all-reduce (one-shot or two-shot, ``context.push_one_shot_eligible``) push whenever the
+    all-reduce (one-shot or two-shot, ``config.push_one_shot_eligible``) push whenever the
     buffer has room. Read when a call is planned (its first call with those tensors): set it
     alike on every rank, before the calls (or drop the plans,
     ``symmtriton.ops.driver.clear_plans``)."""

@@ -9,9 +9,9 @@ all lay out from byte 0 on every call, so the views of one call alias the views 
 call, and every collective that runs on the buffer may overwrite them. Take a view, fill it,
 run the collective, read the result; copy out what must outlive the next collective.
 
-Past those ``size_in_mb`` MiB each rank's allocation holds the small-message line area of the
-collectives (:attr:`SymmetricMemoryBuffer.ll_off`, kernels/ll.py): the allocation API never
-hands it out, so no view aliases it. It is zeroed once, before the ranks agree the buffer is up.
+Past those ``size_in_mb`` MiB each rank's allocation holds the line area of the lines protocol
+(:attr:`SymmetricMemoryBuffer.lines_off`): the allocation API never hands it out, so no view
+aliases it. It is zeroed once, before the ranks agree the buffer is up.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ import torch.distributed as dist
 from . import backends
 from . import env
 from . import host_collectives
-from .backends import cuda as cuda_backend
-from .backends import host as host_backend
+from . import presets
 from .kernels import protocol as _protocol
 from .lifetime import invalidate as _invalidate
 from .lifetime import retire
@@ -36,11 +35,7 @@ from .lifetime import retire
 logger = logging.getLogger("symmtriton")
 
 _MIB = 1024 * 1024
-#: data bytes a source slot of the line area holds (kernels/ll.py), per backend: the largest
-#: message per peer the barrier-free path carries. Each rank's area is 2 x world x twice this
-#: (flags). The host backend's is smaller: /dev/shm is often small, and the interpreter gains
-#: nothing from large line messages.
-LL_SLOT_BYTES = {"cuda": 1024 * 1024, "host": 256 * 1024}
+
 
 def _size_mb(name: str, value) -> None:
     """A size in MiB: a real number (not a bool, else ``TypeError``), finite and > 0."""
@@ -108,11 +103,12 @@ class SymmetricMemoryBuffer:
         self.world_size = dist.get_world_size(self.process_group)
         self.backend = backends.select_backend()
         #: the line area: its byte offset in every rank's allocation, its words per source slot
-        #: (0: none, at one rank) and the whole allocation's size
-        self.ll_off = -(-self.nbytes // 16) * 16
-        self.ll_words = (LL_SLOT_BYTES[self.backend] // _protocol.LL_WORD_BYTES
-                         if self.world_size > 1 else 0)
-        self.alloc_bytes = self.ll_off + _protocol.ll_area_bytes(self.world_size, self.ll_words)
+        #: (``presets.LINES_SLOT_BYTES``; 0: none, at one rank) and the whole allocation's size
+        self.lines_off = -(-self.nbytes // 16) * 16
+        self.lines_words = (presets.LINES_SLOT_BYTES[self.backend] // _protocol.LL_WORD_BYTES
+                            if self.world_size > 1 else 0)
+        self.alloc_bytes = self.lines_off + _protocol.ll_area_bytes(self.world_size,
+                                                                    self.lines_words)
         self.device = backends.backend_device(self.backend)
         self._setup()
 
@@ -139,7 +135,9 @@ class SymmetricMemoryBuffer:
                 return
             reason = None
             try:
-                hdl, local = self._rendezvous(local), None  # the handle owns the memory now
+                hdl = backends.rendezvous(self.backend, local, self.alloc_bytes,
+                                          self.process_group)
+                local = None  # the handle owns the memory now
                 self._zero_line_area(hdl)
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
@@ -159,37 +157,29 @@ class SymmetricMemoryBuffer:
         finally:
             if hdl is not None:
                 hdl.close()
-            if isinstance(local, host_backend.HostSegment):
-                local.close()
+            backends.release_local(local)
 
     def _allocate_local(self):
         """(this rank's memory, None) or (None, the reason it could not be had)."""
         try:
             if env.disabled():
                 raise RuntimeError(f"disabled by {env.DISABLE}=1")
-            if self.backend == "cuda":
-                return cuda_backend.allocate_local(self.alloc_bytes, self.device), None
-            return host_backend.allocate_local(self.alloc_bytes), None
+            return backends.allocate_local(self.backend, self.alloc_bytes, self.device), None
         except Exception as exc:  # any allocation failure becomes a recorded reason
             return None, f"{type(exc).__name__}: {exc}"
-
-    def _rendezvous(self, local):
-        if self.backend == "cuda":
-            return cuda_backend.rendezvous(local, self.alloc_bytes, self.process_group)
-        return host_backend.rendezvous(local, self.process_group)
 
     def _zero_line_area(self, hdl) -> None:
         """Zero this rank's line area and wait for it: the vote after the rendezvous then tells
         every rank that every area is clean before any peer can write into it."""
-        hdl.local_tensor()[self.ll_off:self.alloc_bytes].zero_()
+        hdl.local_tensor()[self.lines_off:self.alloc_bytes].zero_()
         if self.backend == "cuda":
             torch.cuda.synchronize(self.device)
 
     def _fail(self, reason: str) -> None:
         self.init_failure_reason = reason
         if self.rank == 0:
-            logger.warning("symmetric memory unavailable, collectives fall back to torch.distributed: %s",
-                           reason)
+            logger.warning("symmetric memory unavailable, collectives fall back to "
+                           "torch.distributed: %s", reason)
 
     # -- the allocation API (every call lays out from byte 0: see the module docstring).
     def _can_allocate(self, numel: int, dtype: torch.dtype) -> bool:
@@ -214,7 +204,8 @@ class SymmetricMemoryBuffer:
         symmetric memory is unavailable or the tensor does not fit. A negative or non-integer
         dimension raises."""
         if not isinstance(tensor_shape, (tuple, list, torch.Size)):
-            raise TypeError(f"tensor_shape must be a tuple, list or torch.Size, got {tensor_shape!r}")
+            raise TypeError(
+                f"tensor_shape must be a tuple, list or torch.Size, got {tensor_shape!r}")
         dims = [_count("tensor_shape entry", d) for d in tensor_shape]
         numel = math.prod(dims)
         if not self._can_allocate(numel, dtype):
@@ -250,6 +241,10 @@ class SymmetricMemoryBuffer:
                 "tensors": [(self.symm_buffer[o:o + n], o) for o, n in layout]}
 
     # -- helpers for the collectives.
+    # the names ops/ and tests/ read until they move to lines_off / lines_words
+    ll_off = property(lambda self: self.lines_off)
+    ll_words = property(lambda self: self.lines_words)
+
     def byte_offset_of(self, tensor: torch.Tensor) -> int | None:
         """Byte offset of ``tensor``'s data inside this rank's buffer, or ``None`` when the tensor
         does not lie entirely inside it."""
@@ -277,7 +272,8 @@ class SymmetricMemoryBuffer:
         _invalidate(self)
 
     def __repr__(self) -> str:
-        state = "ok" if self.symm_mem_hdl is not None else f"unavailable ({self.init_failure_reason})"
+        state = ("ok" if self.symm_mem_hdl is not None
+                 else f"unavailable ({self.init_failure_reason})")
         return (f"SymmetricMemoryBuffer({self.size_in_mb} MiB, backend={self.backend}, "
                 f"rank={self.rank}/{self.world_size}, multicast={self.has_multicast}, {state})")
 

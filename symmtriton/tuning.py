@@ -39,7 +39,8 @@ import torch
 
 from . import env
 from .backends import select_backend
-from .config import CONFIG_KEYS, LaunchConfig, bit_unit, check_dtype, check_op, default_config, size_bucket
+from .config import (CONFIG_KEYS, LaunchConfig, bit_unit, check_dtype, check_op, default_config,
+                     size_bucket)
 from .validation import check_count
 
 CACHE_ENV = env.TUNING_CACHE
@@ -136,8 +137,8 @@ def _parse_record(rec) -> tuple[_Key, LaunchConfig]:
     if not isinstance(rec, dict):
         raise ValueError(f"entry is not an object: {rec!r}")
     try:
-        device, world, op, dtype, bucket, cfg = (rec[k] for k in
-                                                 ("device", "world_size", "op", "dtype", "bucket", "config"))
+        device, world, op, dtype, bucket, cfg = (
+            rec[k] for k in ("device", "world_size", "op", "dtype", "bucket", "config"))
     except KeyError as exc:
         raise ValueError(f"entry lacks {exc.args[0]!r}: {rec!r}") from None
     if not isinstance(device, str):
@@ -205,7 +206,7 @@ def _load(path: str, raw) -> _Table:
 
 def _table() -> _Table:
     global _TABLE
-    raw = env.tuning_cache_raw()  # one dict lookup (os.environ.get of unset: ~4 us)
+    raw = env.tuning_cache_raw()  # one dict lookup, not os.environ.get
     if _TABLE.path is None or raw != _TABLE.env:
         path = cache_path()
         if path != _TABLE.path:
@@ -236,7 +237,8 @@ def reload_cache() -> None:
     _GENERATION[0] += 1
 
 
-def cache_key(op: str, numel: int, dtype: torch.dtype, world: int, hidden: int | None = None) -> _Key:
+def cache_key(op: str, numel: int, dtype: torch.dtype, world: int,
+              hidden: int | None = None) -> _Key:
     """The cache key of a launch (see the module docstring); ``hidden`` counts for fused only."""
     return (device_name(), world, op, dtype, size_bucket(numel), hidden if op == "fused" else None)
 
@@ -288,7 +290,8 @@ def _atomic_write_json(path: str, data) -> None:
         raise
 
 
-def store_winner(key: _Key, config: LaunchConfig, *, write: bool, extra: dict | None = None) -> None:
+def store_winner(key: _Key, config: LaunchConfig, *, write: bool,
+                 extra: dict | None = None) -> None:
     """Record ``config`` for ``key`` in this process's table and, with ``write``, merge it into
     the cache file (re-read first, so entries other processes wrote survive; unreadable content
     is replaced)."""
@@ -305,8 +308,8 @@ def store_winner(key: _Key, config: LaunchConfig, *, write: bool, extra: dict | 
     if write:
         _, records, _ = _read_file(table.path)
         records[key] = rec
-        ordered = sorted(records.values(), key=lambda r: (r["device"], r["world_size"], r["op"],
-                                                          r["dtype"], r["bucket"], r.get("hidden") or 0))
+        ordered = sorted(records.values(), key=lambda r: (
+            r["device"], r["world_size"], r["op"], r["dtype"], r["bucket"], r.get("hidden") or 0))
         try:
             _atomic_write_json(table.path, {"version": CACHE_VERSION, "entries": ordered})
         except OSError as exc:  # never leave the other ranks waiting over a file problem

@@ -9,8 +9,8 @@ import torch.distributed as dist
 import symmtriton as st
 from symmtriton import custom_ops as co
 from symmtriton.config import LaunchConfig, all_reduce_algorithm, all_reduce_config
-from symmtriton import context
-from symmtriton.context import LINES_MAX_BYTES
+from symmtriton import presets
+from symmtriton.presets import LINES_MAX_BYTES
 from symmtriton.kernels.all_reduce import _all_reduce_one_shot_push_kernel, _all_reduce_push_kernel
 from symmtriton.ops import driver
 from symmtriton.tools import reference
@@ -275,17 +275,17 @@ def test_all_reduce_one_shot_push_exact(pool):
 
 def _auto_push_kernel(rank, world, n, protocol_mode, limits):
     """The kernel the default algorithm picks for ``n`` bf16 (staged, in place) under
-    ``protocol_mode``, with ``context.PUSH_ONE_SHOT_MIN_BYTES`` set to ``limits``."""
+    ``protocol_mode``, with ``presets.PUSH_ONE_SHOT_MIN_BYTES`` set to ``limits``."""
     st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=8)
     x = torch.ones(n, dtype=torch.bfloat16, device=device())
-    saved, context.PUSH_ONE_SHOT_MIN_BYTES = context.PUSH_ONE_SHOT_MIN_BYTES, limits
+    saved, presets.PUSH_ONE_SHOT_MIN_BYTES = presets.PUSH_ONE_SHOT_MIN_BYTES, limits
     try:
         with protocol(protocol_mode):
             st.all_reduce(x)
             sync()
             name = driver.last_plan().kernel.fn.__name__  # the plans go with the context
     finally:
-        context.PUSH_ONE_SHOT_MIN_BYTES = saved
+        presets.PUSH_ONE_SHOT_MIN_BYTES = saved
     return name, bool((x == world).all())
 
 

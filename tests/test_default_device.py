@@ -52,7 +52,8 @@ def _collectives(rank, world, dev, salt):
     res0 = tagged(s * H, torch.float32, rank, salt + 1, bound=2).view(s, H)
     normed, new_res = reference.reduce_scatter_add_rmsnorm(rows, res0, weight, 1e-6, rank)
     gathered = torch.cat([reference.reduce_scatter_add_rmsnorm(rows, tagged(
-        s * H, torch.float32, r, salt + 1, bound=2).view(s, H), weight, 1e-6, r)[0] for r in range(world)])
+        s * H, torch.float32, r, salt + 1, bound=2).view(s, H), weight, 1e-6, r)[0]
+        for r in range(world)])
     for fn, expect in ((st.reduce_scatter_add_rmsnorm, normed),
                        (st.reduce_scatter_add_rmsnorm_all_gather, gathered)):
         residual = res0.clone()
@@ -89,7 +90,8 @@ def test_meta_default_device_changes_nothing(cpu_pool):
 
 
 def test_meta_default_device_with_the_torch_fallback(cpu_pool):
-    for created, bad_under, bad_after, stray in cpu_pool(2).run(_under_default_device, "meta", True):
+    results = cpu_pool(2).run(_under_default_device, "meta", True)
+    for created, bad_under, bad_after, stray in results:
         assert created == (False, False, False)
         assert (bad_under, bad_after, stray) == (0, 0, "meta")
 

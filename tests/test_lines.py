@@ -175,7 +175,7 @@ def test_env_protocol_is_validated(monkeypatch, mode):
                                                      (32768, 256), (65536, 512), (1 << 20, 512)])
 def test_flat_chunks_halve_for_mid_sizes(peer_bytes, chunk_bytes):
     """config.lines_config: 256-byte chunks for more than 4 and at most 32 KiB per peer, 512
-    bytes otherwise; the row kernels start at 256 (config.ROW_UNIT_BYTES) for rows of more than 4
+    bytes otherwise; the row kernels start at 256 (presets.ROW_UNIT_BYTES) for rows of more than 4
     KiB, else at 512."""
     assert lines_config(peer_bytes // 2, torch.bfloat16, 2).block_size * 2 == chunk_bytes
     assert lines_row_config(4096, torch.bfloat16, 2).block_size * 2 == 256

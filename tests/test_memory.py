@@ -1,7 +1,6 @@
-"""SymmetricMemoryBuffer / SymmetricMemoryManager on real process groups (CPU and GPU pools)."""
+"""SymmetricMemoryBuffer / SymmetricMemoryManager on real process groups (CPU and GPU pools);
+the host backend's segments: tests/test_host_backend.py."""
 
-import errno
-import fcntl
 import math
 import os
 import re
@@ -13,7 +12,6 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton.ops import driver
-from symmtriton.backends import host as host_backend
 from symmtriton.backends.host import SHM_PREFIX, list_segments
 
 M = st.SymmetricMemoryManager
@@ -186,7 +184,8 @@ def _layout(rank, world):
                      t["tensor"].data_ptr() == buf.symm_buffer.data_ptr())
     a = buf._allocate(10, torch.float32)
     out["allocate"] = (a.shape, a.dtype, a.data_ptr() == buf.symm_buffer.data_ptr())
-    out["can"] = (buf._can_allocate(262144, torch.float32), buf._can_allocate(262145, torch.float32))
+    out["can"] = (buf._can_allocate(262144, torch.float32),
+                  buf._can_allocate(262145, torch.float32))
     out["too_big"] = (buf.maybe_get_tensor((1024, 1025), torch.uint8),
                       buf.maybe_get_tensors([(2**20 - 8, torch.uint8), (16, torch.uint8)]))
     with pytest.raises(ValueError, match="buffer holds"):
@@ -203,8 +202,10 @@ def _layout(rank, world):
 
 def test_packing_alignment_and_none_forms(pool):
     for out in pool.run(_layout):
-        assert out[16] == [(0, 6, True, 0), (16, 20, True, 16), (48, 1, True, 48), (64, 14, True, 64)]
-        assert out[64] == [(0, 6, True, 0), (64, 20, True, 64), (128, 1, True, 128), (192, 14, True, 192)]
+        assert out[16] == [(0, 6, True, 0), (16, 20, True, 16), (48, 1, True, 48),
+                           (64, 14, True, 64)]
+        assert out[64] == [(0, 6, True, 0), (64, 20, True, 64), (128, 1, True, 128),
+                           (192, 14, True, 192)]
         # below a dtype's size, each start is rounded up to the dtype's size
         assert out[1] == [(0, 6, True, 0), (8, 20, True, 8), (28, 1, True, 28), (30, 14, True, 30)]
         assert out[2] == out[1]
@@ -212,7 +213,8 @@ def test_packing_alignment_and_none_forms(pool):
         assert out["tensor"] == ((4, 6), torch.bfloat16, True, True)
         assert out["allocate"] == (torch.Size([10]), torch.float32, True)
         assert out["can"] == (True, False)
-        assert out["too_big"] == ({"tensor": None, "handle": None}, {"handle": None, "tensors": None})
+        assert out["too_big"] == ({"tensor": None, "handle": None},
+                                  {"handle": None, "tensors": None})
 
 
 def _destroy_frees(rank, world):
@@ -279,80 +281,6 @@ def test_size_disagreement_raises_on_every_rank(cpu_pool):
     assert cpu_pool(2).run(_sizes_disagree) == [True, True]
 
 
-def _no_room_on_one_rank(rank, world):
-    """The last rank's /dev/shm cannot supply the pages (posix_fallocate fails as on a full
-    tmpfs): every rank records that reason, keeps no segment, and falls back."""
-    real = os.posix_fallocate
-
-    def no_space(fd, offset, length):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    if rank == world - 1:
-        os.posix_fallocate = no_space
-    try:
-        buf = M.get_buffer("full", dist.group.WORLD, size_mb=1)
-    finally:
-        os.posix_fallocate = real
-    dist.barrier()  # every rank has released its segment
-    out = torch.empty(2 * world, dtype=torch.int64)
-    st.all_gather_into_tensor(out, torch.tensor([rank, 7 * rank]))  # the torch.distributed fallback
-    return buf.init_failure_reason, buf.symm_mem_hdl is None, _shm_files(), out.tolist()
-
-
-def test_shm_without_room_is_a_recorded_failure(cpu_pool):
-    res = cpu_pool(2).run(_no_room_on_one_rank)
-    assert len({r[0] for r in res}) == 1
-    assert "rank 1: OSError: [Errno 28] No space left on device" in res[0][0]
-    for r in res:
-        assert r[1:] == (True, [], [0, 0, 1, 7])
-
-
-def test_segment_pages_are_reserved_at_creation():
-    seg = host_backend.allocate_local(3 * 4096 + 5)
-    try:
-        assert os.fstat(seg._fd).st_blocks * 512 >= seg.total > 3 * 4096 + 5
-    finally:
-        seg.close()
-    assert not os.path.exists(seg.path)
-
-
-NEVER_A_PID = 2**22 + 1  # above PID_MAX_LIMIT: no process can have it
-
-
-def _sweep(rank, world, directory):
-    """Segments of dead processes go on the next creation; live ones and foreign files stay."""
-    real_dir = host_backend.SHM_DIR
-    host_backend.SHM_DIR = directory  # a private directory: no concurrent job can interfere
-    held = None
-    try:
-        names = {"stale": f"{SHM_PREFIX}{rank:016x}-p{NEVER_A_PID}",
-                 "live": f"{SHM_PREFIX}{rank + 16:016x}-p{os.getppid()}",
-                 "locked": f"{SHM_PREFIX}{rank + 32:016x}-p{NEVER_A_PID}",
-                 "foreign": f"{SHM_PREFIX}{rank + 48:016x}-p{NEVER_A_PID}.bak"}
-        for name in names.values():
-            open(os.path.join(directory, name), "wb").close()
-        # a creator in another pid namespace: its pid means nothing here, but it holds the lock
-        held = os.open(os.path.join(directory, names["locked"]), os.O_RDONLY)
-        fcntl.flock(held, fcntl.LOCK_SH)
-        dist.barrier()
-        buf = M.get_buffer("sweep", dist.group.WORLD, size_mb=1)
-        dist.barrier()
-        left = {k: os.path.exists(os.path.join(directory, n)) for k, n in names.items()}
-        return left, buf.init_failure_reason, sorted(os.listdir(directory))
-    finally:
-        host_backend.SHM_DIR = real_dir
-        if held is not None:
-            os.close(held)
-
-
-def test_segments_of_dead_processes_are_swept(cpu_pool, tmp_path):
-    res = cpu_pool(2).run(_sweep, str(tmp_path))
-    for left, reason, _ in res:
-        assert left == {"stale": False, "live": True, "locked": True, "foreign": True}
-        assert reason is None
-    assert len(res[0][2]) == 6  # live, locked, foreign of each rank; the buffers' are unlinked
-
-
 def _api_edges(rank, world):
     buf = M.get_buffer("edges", dist.group.WORLD, size_mb=1)
     out = {}
@@ -372,9 +300,11 @@ def _api_edges(rank, world):
         for call in (lambda: buf._can_allocate(numel, torch.float32),
                      lambda: buf._allocate(numel, torch.float32),
                      lambda: buf.maybe_get_tensors([(numel, torch.float32)])):
-            with pytest.raises(TypeError, match=re.escape(f"numel must be an integer, got {numel!r}")):
+            message = re.escape(f"numel must be an integer, got {numel!r}")
+            with pytest.raises(TypeError, match=message):
                 call()
-    for call in (lambda: buf._can_allocate(-1, torch.float32), lambda: buf._allocate(-1, torch.float32),
+    for call in (lambda: buf._can_allocate(-1, torch.float32),
+                 lambda: buf._allocate(-1, torch.float32),
                  lambda: buf.maybe_get_tensors([(-1, torch.float32)])):
         with pytest.raises(ValueError, match="numel must be >= 0, got -1"):
             call()

@@ -34,8 +34,8 @@ def _tune_with_fake_times(rank, world, cache):
     key_numel, key_dtype = tuning.launch_key("all_gather", AG_NUMEL, torch.bfloat16)
     with open(cache) as f:
         on_disk = json.load(f)
-    return (res.winner, res.times_s, calls, tuning.lookup_config("all_gather", key_numel, key_dtype, world),
-            on_disk, tuning.device_name())
+    looked_up = tuning.lookup_config("all_gather", key_numel, key_dtype, world)
+    return res.winner, res.times_s, calls, looked_up, on_disk, tuning.device_name()
 
 
 def test_tuning_agrees_across_ranks_despite_rank_dependent_timings(pool, tmp_path):
@@ -44,7 +44,8 @@ def test_tuning_agrees_across_ranks_despite_rank_dependent_timings(pool, tmp_pat
     results = pool.run(_tune_with_fake_times, cache)
     slowest = [max(fake_time(r, i) for r in range(world)) for i in range(len(AG_CANDIDATES))]
     expected = AG_CANDIDATES[slowest.index(min(slowest))]
-    local_picks = {AG_CANDIDATES[min(range(3), key=lambda i: fake_time(r, i))] for r in range(world)}
+    local_picks = {AG_CANDIDATES[min(range(3), key=lambda i: fake_time(r, i))]
+                   for r in range(world)}
     assert len(local_picks) > 1  # local choices would disagree: the test means something
     gpu = pool.env["SYMMTRITON_BACKEND"] == "cuda"
     for winner, times, calls, looked_up, on_disk, device_name in results:
@@ -55,7 +56,8 @@ def test_tuning_agrees_across_ranks_despite_rank_dependent_timings(pool, tmp_pat
         assert looked_up == expected
         [entry] = on_disk["entries"]
         assert entry["config"] == expected.as_dict() and set(entry["config"]) == set(CONFIG_KEYS)
-        assert (entry["device"], entry["world_size"], entry["op"], entry["dtype"]) == (device_name, world, "all_gather", "int32")
+        assert (entry["device"], entry["world_size"], entry["op"], entry["dtype"]) == (
+            device_name, world, "all_gather", "int32")
     assert not [p for p in os.listdir(tmp_path) if p != "tuning.json"]  # no temporary files left
 
 
@@ -159,8 +161,8 @@ def _entry(**over):
 
 
 def test_reduce_scatter_defaults_to_small_chunks_beyond_two_ranks(cache_file):
-    """config.RS_WIDE_CHUNK_BYTES: 4 KiB chunks, 4 warps for reduce-scatter at more than 2 ranks;
-    16 KiB and 8 warps at 2 ranks and for the other ops (shards below 2 MiB)."""
+    """presets.RS_WIDE_CHUNK_BYTES: 4 KiB chunks, 4 warps for reduce-scatter at more than 2
+    ranks; 16 KiB and 8 warps at 2 ranks and for the other ops (shards below 2 MiB)."""
     n = 1 << 19
     assert default_config(n, torch.bfloat16, 4, op="reduce_scatter") == LaunchConfig(2048, 4, 264)
     wide32 = default_config(n // 2, torch.float32, 3, op="reduce_scatter")
@@ -172,7 +174,7 @@ def test_reduce_scatter_defaults_to_small_chunks_beyond_two_ranks(cache_file):
 
 
 def test_reduce_scatter_chunks_grow_with_large_shards():
-    """config.RS_LARGE_CHUNKS: 32 / 64 / 128 KiB chunks and 16 warps from 2 / 8 / 128 MiB shards
+    """presets.RS_LARGE_CHUNKS: 32 / 64 / 128 KiB chunks and 16 warps from 2 / 8 / 128 MiB shards
     at 2 ranks; 4 KiB beyond 2 ranks; the other ops keep 16 KiB."""
     mib, world = 1 << 20, 2
     for shard_bytes, chunk in ((2 * mib, 32768), (8 * mib - 2, 32768), (8 * mib, 65536),
@@ -202,14 +204,16 @@ def test_lookup_uses_cached_entry_by_bucket(cache_file):
     assert tuning.lookup_config("reduce_scatter", 513, torch.bfloat16, 4) == want
     assert tuning.lookup_config("reduce_scatter", 1025, torch.bfloat16, 4) == default_config(
         1025, torch.bfloat16, 4, op="reduce_scatter")
-    assert tuning.lookup_config("all_gather", 1000, torch.bfloat16, 4) == default_config(1000, torch.bfloat16, 4)
+    assert tuning.lookup_config("all_gather", 1000, torch.bfloat16, 4) == default_config(
+        1000, torch.bfloat16, 4)
 
 
 @pytest.mark.parametrize("content", [
     "{not json",
     json.dumps([1, 2]),
     json.dumps({"version": 99, "entries": [_entry()]}),
-    json.dumps({"version": 1, "entries": [_entry(config={"block_size": 3, "num_warps": 1, "max_blocks": 1})]}),
+    json.dumps({"version": 1, "entries": [
+        _entry(config={"block_size": 3, "num_warps": 1, "max_blocks": 1})]}),
     json.dumps({"version": 1, "entries": [_entry(config={"block_size": 512})]}),
     json.dumps({"version": 1, "entries": [_entry(op="all_reduce")]}),
     json.dumps({"version": 1, "entries": [_entry(dtype="bfloat17")]}),
@@ -222,8 +226,8 @@ def test_invalid_cache_is_ignored_with_one_warning(cache_file, content):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            assert tuning.lookup_config("reduce_scatter", 1000, torch.bfloat16, 4) == default_config(
-                1000, torch.bfloat16, 4, op="reduce_scatter")
+            want = default_config(1000, torch.bfloat16, 4, op="reduce_scatter")
+            assert tuning.lookup_config("reduce_scatter", 1000, torch.bfloat16, 4) == want
         tuning.reload_cache()
         tuning.lookup_config("reduce_scatter", 1000, torch.bfloat16, 4)
     assert len([w for w in caught if "tuning cache" in str(w.message)]) == 1
@@ -232,7 +236,8 @@ def test_invalid_cache_is_ignored_with_one_warning(cache_file, content):
 def test_valid_entries_survive_next_to_invalid_ones(cache_file):
     cache_file.write_text(json.dumps({"version": 1, "entries": [_entry(bucket=3), _entry()]}))
     with pytest.warns(RuntimeWarning, match="bucket"):
-        assert tuning.lookup_config("reduce_scatter", 1000, torch.bfloat16, 4) == LaunchConfig(512, 2, 7)
+        got = tuning.lookup_config("reduce_scatter", 1000, torch.bfloat16, 4)
+    assert got == LaunchConfig(512, 2, 7)
 
 
 def test_store_winner_merges_atomically(cache_file):
@@ -241,7 +246,8 @@ def test_store_winner_merges_atomically(cache_file):
     tuning.store_winner(key, LaunchConfig(1024, 4, 132), write=True, extra={"time_us": 3.5})
     data = json.loads(cache_file.read_text())
     assert data["version"] == tuning.CACHE_VERSION
-    assert {(e["op"], e["bucket"]) for e in data["entries"]} == {("reduce_scatter", 1024), ("all_gather", 4096)}
+    assert {(e["op"], e["bucket"]) for e in data["entries"]} == {("reduce_scatter", 1024),
+                                                                 ("all_gather", 4096)}
     assert os.listdir(cache_file.parent) == [cache_file.name]
     tuning.reload_cache()
     assert tuning.lookup_config("all_gather", 3000, torch.int32, 8) == LaunchConfig(1024, 4, 132)
@@ -250,10 +256,11 @@ def test_store_winner_merges_atomically(cache_file):
 def test_missing_or_empty_cache_means_defaults_silently(cache_file):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert tuning.lookup_config("all_gather", 77, torch.int32, 2) == default_config(77, torch.int32, 2)
+        want = default_config(77, torch.int32, 2)
+        assert tuning.lookup_config("all_gather", 77, torch.int32, 2) == want
         cache_file.write_text("")
         tuning.reload_cache()
-        assert tuning.lookup_config("all_gather", 77, torch.int32, 2) == default_config(77, torch.int32, 2)
+        assert tuning.lookup_config("all_gather", 77, torch.int32, 2) == want
 
 
 def test_default_cache_path(monkeypatch):
@@ -279,7 +286,8 @@ def test_candidate_configs(op, numel, dtype, hidden):
     assert cands == tune.candidate_configs(op, numel, dtype, 8, hidden=hidden, sm_count=132)
     if hidden:
         assert all(c.block_size == base.block_size >= hidden for c in cands)
-    few = tune.candidate_configs(op, numel, dtype, 8, hidden=hidden, sm_count=132, max_candidates=3)
+    few = tune.candidate_configs(op, numel, dtype, 8, hidden=hidden, sm_count=132,
+                                 max_candidates=3)
     assert few[0] == base and len(few) == min(3, len(cands)) and set(few) <= set(cands)
 
 
@@ -299,4 +307,4 @@ def test_launch_key_matches_the_ops_units():
     assert tuning.launch_key("all_gather", 3, torch.bfloat16) == (3, torch.int16)
     assert tuning.launch_key("all_gather", 3, torch.uint8) == (3, torch.uint8)
     assert tuning.launch_key("reduce_scatter", 3, torch.bfloat16) == (3, torch.bfloat16)
-    assert tuning.size_bucket(1) == 1 and tuning.size_bucket(1024) == 1024 and tuning.size_bucket(1025) == 2048
+    assert [tuning.size_bucket(n) for n in (1, 1024, 1025)] == [1, 1024, 2048]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .. import env
+from . import cuda, host
 
 BACKENDS = ("cuda", "host")
 ENV_BACKEND = env.BACKEND
@@ -31,3 +32,25 @@ def backend_device(backend: str) -> torch.device:
     if backend == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def allocate_local(backend: str, nbytes: int, device: torch.device):
+    """This rank's memory of ``nbytes`` on ``backend``, not yet shared with the group."""
+    if backend == "cuda":
+        return cuda.allocate_local(nbytes, device)
+    return host.allocate_local(nbytes)
+
+
+def rendezvous(backend: str, local, nbytes: int, group):
+    """Share ``local`` (from :func:`allocate_local`) with ``group``: the handle it returns owns
+    the memory."""
+    if backend == "cuda":
+        return cuda.rendezvous(local, nbytes, group)
+    return host.rendezvous(local, group)
+
+
+def release_local(local) -> None:
+    """Free memory from :func:`allocate_local` that was never shared: a host segment leaves
+    ``/dev/shm`` now (a CUDA tensor goes with its last reference)."""
+    if isinstance(local, host.HostSegment):
+        local.close()

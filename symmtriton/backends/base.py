@@ -59,12 +59,15 @@ class SymmHandle:
         """32-bit words in each rank's signal pad (the barrier slots follow the reserved ones)."""
         return self.signal_pad_size // 4
 
-    def get_buffer(self, rank: int, sizes, dtype: torch.dtype, storage_offset: int = 0) -> torch.Tensor:
+    def get_buffer(self, rank: int, sizes, dtype: torch.dtype,
+                   storage_offset: int = 0) -> torch.Tensor:
         """A tensor view of ``rank``'s buffer: ``sizes`` elements of ``dtype`` starting at element
         ``storage_offset``. Raises ``ValueError`` when the view would leave the buffer."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} is outside the group of size {self.world_size}")
-        sizes = tuple(int(s) for s in (sizes if isinstance(sizes, (tuple, list, torch.Size)) else (sizes,)))
+        if not isinstance(sizes, (tuple, list, torch.Size)):
+            sizes = (sizes,)
+        sizes = tuple(int(s) for s in sizes)
         numel = 1
         for s in sizes:
             numel *= s

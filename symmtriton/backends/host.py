@@ -33,16 +33,13 @@ import torch
 import torch.distributed as dist
 
 from .. import host_collectives
+from ..presets import HOST_GRID_LIMIT
 from .base import SymmHandle
 
 SHM_DIR = "/dev/shm"
 SHM_PREFIX = "symmtriton-"
 _SEGMENT_NAME = re.compile(re.escape(SHM_PREFIX) + r"[0-9a-f]{16}-p([0-9]+)")
 HOST_SIGNAL_PAD_SIZE = 16 * 1024  # bytes per rank: 4096 uint32 barrier slots
-# Interpreted blocks run one after another, each with a cross-process barrier round trip: a few
-# blocks still exercise the multi-block chunk mapping; more only add barriers (a 2 MiB
-# all-gather over 3 ranks took 117 s with 128 blocks).
-HOST_GRID_LIMIT = 4
 _PAGE = mmap.PAGESIZE
 
 
@@ -183,7 +180,8 @@ class HostHandle(SymmHandle):
         self._clock = np.frombuffer(seg.map, dtype=np.int64, count=1, offset=seg.pad_offset)
         self._clock[0] = time.monotonic_ns()
         self._stop = threading.Event()
-        self._ticker = threading.Thread(target=self._tick, name="symmtriton-host-clock", daemon=True)
+        self._ticker = threading.Thread(target=self._tick, name="symmtriton-host-clock",
+                                        daemon=True)
         self._ticker.start()
 
     def _tick(self) -> None:
@@ -195,7 +193,8 @@ class HostHandle(SymmHandle):
         return self._bytes[self.rank][: self.buffer_size]
 
     def signal_pad(self, rank: int) -> torch.Tensor:
-        return self._bytes[rank][self._pad_offset:self._pad_offset + self.signal_pad_size].view(torch.int32)
+        pad = self._bytes[rank][self._pad_offset:self._pad_offset + self.signal_pad_size]
+        return pad.view(torch.int32)
 
     def _peer_bytes(self, rank: int) -> torch.Tensor:
         return self._bytes[rank][: self.buffer_size]
