@@ -19,7 +19,7 @@ After the launch the region may be reused by the next operation on the stream: e
 writes it again first passes that operation's start barrier, which this rank reaches only after
 this launch is complete.
 
-``_all_gather_ll_kernel`` (small messages, no barrier; lines of kernels/ll.py): block ``b``
+``_all_gather_lines_kernel`` (small messages, no barrier; lines of kernels/lines.py): block ``b``
 pushes elements ``[c * BLOCK, (c + 1) * BLOCK)`` of the shard (chunks ``c % blocks == b``; any
 8-, 16- or 32-bit ``DTYPE``: a bit copy) as lines into slot ``RANK`` of every peer and copies them to shard ``RANK`` of the output, then takes the
 same chunks of every peer's slot into the peers' shards of the output. Nothing of the buffer
@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_shards, ll_push_to
-from .ll import ll_flag, ll_get, ll_poison, ll_slot
+from .common import copy_shards, lines_push_to
+from .lines import lines_flag, lines_get, lines_poison, lines_slot
 from .ptx import as_i64, as_ptr, pdl_wait, peer_addr, store_all, words_to_elems
 
 
@@ -73,7 +73,7 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
 
 
 @triton.jit
-def _all_gather_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, ll_off,
+def _all_gather_lines_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, lines_off,
                           slot_words, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
                           WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK: tl.constexpr,
                           SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
@@ -88,26 +88,26 @@ def _all_gather_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq
     nchunks = tl.cdiv(n, BLOCK)
     c = pid
     while c < nchunks:  # push; chunks c = pid (mod nprog), see ptx.py on loops
-        ll_push_to(src, buf_table, -1, ll_off, c * BLOCK, n, seq, slot_words, DTYPE, BLOCK, RANK,
+        lines_push_to(src, buf_table, -1, lines_off, c * BLOCK, n, seq, slot_words, DTYPE, BLOCK, RANK,
                     WORLD_SIZE)
         offs = c * BLOCK + tl.arange(0, BLOCK)
         tl.store(dst + RANK * as_i64(n) + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
         c += nprog
     pad = own_pad(sig_table, RANK)
-    area = peer_addr(buf_table, RANK) + ll_off
-    flag = ll_flag(seq)
+    area = peer_addr(buf_table, RANK) + lines_off
+    flag = lines_flag(seq)
     status = tl.full([], 0, tl.int32)
     c = pid
     while (c < nchunks) & (status == 0):  # receive
         offs = c * BLOCK + tl.arange(0, BLOCK)
         for i in tl.static_range(1, WORLD_SIZE):
             peer = (RANK + WORLD_SIZE - i) % WORLD_SIZE
-            words, st = ll_get(ll_slot(area, seq, peer, slot_words, WORLD_SIZE), c * (BLOCK // EPW),
+            words, st = lines_get(lines_slot(area, seq, peer, slot_words, WORLD_SIZE), c * (BLOCK // EPW),
                                n // EPW, flag, peer, status, timeout_ns, pad, BLOCK // EPW,
                                USE_PTX, True)
             status = status | st
             tl.store(dst + peer * as_i64(n) + offs, words_to_elems(words, DTYPE), mask=offs < n)
         c += nprog
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
-    ll_poison(buf_table, ll_off, seq, slot_words, status, RANK, WORLD_SIZE)
+    lines_poison(buf_table, lines_off, seq, slot_words, status, RANK, WORLD_SIZE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

@@ -20,7 +20,7 @@ and in every phase, so a per-block barrier orders everything a chunk goes throug
    region any more (it may be overwritten, e.g. by the next GEMM, once the launch is complete);
 5. with ``COPY_OUT``: copy this block's chunks from the result area to ``out``.
 
-``_all_reduce_ll_kernel`` (one-shot for small tensors, no barrier; lines of kernels/ll.py):
+``_all_reduce_lines_kernel`` (one-shot for small tensors, no barrier; lines of kernels/lines.py):
 block ``b`` pushes chunks ``c % blocks == b`` of the input as lines into slot ``RANK`` of every
 peer, then sums each of those chunks over the ranks in rank order (its own from the input, the
 peers' from its slots; fp32, the same order on every rank, so every rank gets the same bits) and
@@ -51,8 +51,8 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_units, ll_push_chunks, ll_reduce_store
-from .ll import ll_poison
+from .common import copy_units, lines_push_chunks, lines_reduce_store
+from .lines import lines_poison
 from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr, store_all
 from .push import (clear_flags, flag_peers, push_reduce_call, push_slices, reduce_slots,
                    wait_flags)
@@ -104,7 +104,7 @@ def _all_reduce_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
 
 
 @triton.jit
-def _all_reduce_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, ll_off,
+def _all_reduce_lines_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, lines_off,
                           slot_words, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
                           WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK: tl.constexpr,
                           SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
@@ -114,14 +114,14 @@ def _all_reduce_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq
     nprog = tl.num_programs(0)
     seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
-    ll_push_chunks(src, buf_table, -1, ll_off, n, pid, nprog, seq, slot_words, DTYPE, BLOCK, RANK,
+    lines_push_chunks(src, buf_table, -1, lines_off, n, pid, nprog, seq, slot_words, DTYPE, BLOCK, RANK,
                    WORLD_SIZE)
-    status = ll_reduce_store(src, as_ptr(out_addr, DTYPE, ALIGNED),
-                             peer_addr(buf_table, RANK) + ll_off, n, pid, nprog, seq, slot_words,
+    status = lines_reduce_store(src, as_ptr(out_addr, DTYPE, ALIGNED),
+                             peer_addr(buf_table, RANK) + lines_off, n, pid, nprog, seq, slot_words,
                              timeout_ns, own_pad(sig_table, RANK), DTYPE, BLOCK, RANK, WORLD_SIZE,
                              USE_PTX)
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
-    ll_poison(buf_table, ll_off, seq, slot_words, status, RANK, WORLD_SIZE)
+    lines_poison(buf_table, lines_off, seq, slot_words, status, RANK, WORLD_SIZE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
 
 

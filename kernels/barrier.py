@@ -8,7 +8,7 @@ rank ``q`` holds the last barrier value rank ``r``'s block ``b`` stored there. N
 reset: every value only grows, so CUDA graphs replay with no host-side step.
 
 Call sequence. Every launch of a collective on a buffer is one *call* (the barrier-free ops of
-kernels/ll.py count the same way and take their flags from the same counters). Block ``b`` reads its
+kernels/lines.py count the same way and take their flags from the same counters). Block ``b`` reads its
 counter ``seq = counter[b]`` (:func:`call_seq`); every launch advances every counter by one
 (:func:`call_end`: block ``b`` stores ``seq + 1`` to ``counter[b + k * blocks]`` for every
 ``k >= 0`` below ``cap``, indices no other block of the launch reads), so all counters hold the
@@ -162,7 +162,7 @@ def barrier(sig_table, pid, seq, status, err_addr, timeout_ns, seq_cap, K: tl.co
 def give_up(sig_table, seq, status, err_addr, seq_cap, RANK: tl.constexpr,
             WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, SCOPE: tl.constexpr):
     """What a barrier does when its wait fails, for an op that waits without one (the lines of
-    kernels/ll.py): with ``status`` non-zero, record it in both error words and, after a
+    kernels/lines.py): with ``status`` non-zero, record it in both error words and, after a
     mismatch, poison this rank's slots on every peer, so peers in a barrier op see it too."""
     if status != 0:
         _abandon(sig_table, status, seq * NB + 1, err_addr, own_pad(sig_table, RANK), seq_cap,

@@ -35,7 +35,7 @@ def pdl_wait(PDL: tl.constexpr):
     completed and its memory operations are visible. So a kernel that waits before its first
     memory access sees exactly what it would without PDL: stream order is kept, and every
     protocol argument that rests on "the stream began call ``seq + 1`` after call ``seq``
-    completed" (kernels/barrier.py, kernels/ll.py) still holds; only the launch latency and the
+    completed" (kernels/barrier.py, kernels/lines.py) still holds; only the launch latency and the
     block set-up before the wait overlap the previous grid's tail.
 
     No kernel calls ``griddepcontrol.launch_dependents``: the next grid then launches only once

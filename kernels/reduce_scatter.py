@@ -15,7 +15,7 @@ Phases of ``_reduce_scatter_kernel`` (block ``b`` handles chunks ``c`` with ``c 
 A block whose barrier fails (timeout, ranks out of step: kernels/barrier.py) skips the phases
 after it.
 
-``_reduce_scatter_ll_kernel`` (small messages, no barrier; lines of kernels/ll.py): block ``b``
+``_reduce_scatter_lines_kernel`` (small messages, no barrier; lines of kernels/lines.py): block ``b``
 pushes chunk ``c`` (``c % blocks == b``; ``BLOCK`` elements) of slice ``q`` of the local input
 as lines into slot ``RANK`` of rank ``q``, for every peer ``q``, then sums chunk ``c`` over the
 ranks in rank order (its own slice from the input, the peers' from its slots; fp32, the same
@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_shards, ll_push_chunks, ll_reduce_store
-from .ll import ll_poison
+from .common import copy_shards, lines_push_chunks, lines_reduce_store
+from .lines import lines_poison
 from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr
 from .push import push_reduce_call
 
@@ -75,7 +75,7 @@ def _reduce_scatter_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err
 
 
 @triton.jit
-def _reduce_scatter_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, ll_off,
+def _reduce_scatter_lines_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, lines_off,
                               slot_words, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
                               WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                               BLOCK: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
@@ -87,14 +87,14 @@ def _reduce_scatter_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr,
     src = as_ptr(in_addr, DTYPE, ALIGNED)
     for i in tl.static_range(1, WORLD_SIZE):  # push slice q to rank q
         q = (RANK + i) % WORLD_SIZE
-        ll_push_chunks(src + q * as_i64(n), buf_table, q, ll_off, n, pid, nprog, seq, slot_words,
+        lines_push_chunks(src + q * as_i64(n), buf_table, q, lines_off, n, pid, nprog, seq, slot_words,
                        DTYPE, BLOCK, RANK, WORLD_SIZE)
-    status = ll_reduce_store(src + RANK * as_i64(n), as_ptr(out_addr, DTYPE, ALIGNED),
-                             peer_addr(buf_table, RANK) + ll_off, n, pid, nprog, seq, slot_words,
+    status = lines_reduce_store(src + RANK * as_i64(n), as_ptr(out_addr, DTYPE, ALIGNED),
+                             peer_addr(buf_table, RANK) + lines_off, n, pid, nprog, seq, slot_words,
                              timeout_ns, own_pad(sig_table, RANK), DTYPE, BLOCK, RANK, WORLD_SIZE,
                              USE_PTX)
     give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
-    ll_poison(buf_table, ll_off, seq, slot_words, status, RANK, WORLD_SIZE)
+    lines_poison(buf_table, lines_off, seq, slot_words, status, RANK, WORLD_SIZE)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
 
 

@@ -190,7 +190,7 @@ def push_config(numel: int, dtype: torch.dtype, world: int) -> LaunchConfig:
                         num_warps=16 if large else 8, max_blocks=264)
 
 
-#: data bytes per chunk of the barrier-free kernels (kernels/ll.py): a block moves twice that
+#: data bytes per chunk of the barrier-free kernels (kernels/lines.py): a block moves twice that
 #: (flags) per chunk and peer. Measured on 2x H200, W=2, graph, zero-copy bf16 (chunk 4096 /
 #: 1024 / 512 B): all-gather 64 KiB 4.49 / 4.04 / 3.28 us, all-reduce 64 KiB 4.52 / 4.33 /
 #: 3.62 us, 1 KiB unchanged
@@ -250,7 +250,7 @@ def _lines_chunks(numel: int, esize: int, chunk_bytes: int) -> LaunchConfig:
 def lines_row_split(cfg: "LaunchConfig", rows: int, hidden: int, itemsize: int, cap: int,
                     slot_lines: int, sequential: bool) -> tuple[int, int, int, int]:
     """How the barrier-free row kernels cut ``rows`` rows of ``hidden`` elements
-    (kernels/ll_rows.py): ``(grid, chunk, nc, num_warps)``. A unit is ``chunk`` elements (whole
+    (kernels/lines_rows.py): ``(grid, chunk, nc, num_warps)``. A unit is ``chunk`` elements (whole
     32-bit words, at most the row's power of two): ``cfg.block_size``, doubled while there are
     more units than blocks (a block's units run one after another, each waiting twice) or their
     inboxes (``nc`` lines each) overflow a slot of ``slot_lines``, with a warp per 256 words (at
@@ -309,7 +309,7 @@ def all_reduce_config(numel: int, dtype: torch.dtype, world: int, algorithm: str
     return LaunchConfig(block_size=chunk // dtype.itemsize, num_warps=16, max_blocks=264)
 
 
-#: all-reduce algorithms: ``lines`` (one-shot over flag-in-data lines, kernels/ll.py; chosen for
+#: all-reduce algorithms: ``lines`` (one-shot over flag-in-data lines, kernels/lines.py; chosen for
 #: small tensors by ops/all_reduce.py:choose_algorithm) and the barrier kernels' two (their
 #: ``TWO_SHOT`` constexpr), see :func:`all_reduce_algorithm`.
 ALL_REDUCE_ALGORITHMS = ("lines", "one_shot", "two_shot")

@@ -37,8 +37,8 @@ class Ctx:
     grid_cap: int
     local_base: int
     scope: str  # memory scope of the barrier's atomics (see barrier_scope)
-    ll_off: int = 0  # the line area (kernels/ll.py): its offset in every rank's allocation
-    ll_words: int = 0  # and its words per source slot (0: no area)
+    lines_off: int = 0  # the line area (kernels/lines.py): its offset in every rank's allocation
+    lines_words: int = 0  # and its words per source slot (0: no area)
 
     @property
     def world_p2(self) -> int:
@@ -64,7 +64,7 @@ def context(buf: SymmetricMemoryBuffer) -> Ctx:
                            f"for {hdl.world_size} ranks")
     ctx = Ctx(buf, hdl.rank, hdl.world_size, hdl.buffer_ptrs_dev, hdl.signal_pad_ptrs_dev,
               hdl.multicast_ptr if buf.has_multicast else 0, buf.status.data_ptr(),
-              cap, hdl.buffer_ptrs[hdl.rank], barrier_scope(hdl), buf.ll_off, buf.ll_words)
+              cap, hdl.buffer_ptrs[hdl.rank], barrier_scope(hdl), buf.lines_off, buf.lines_words)
     buf._launch_ctx = ctx
     return ctx
 
@@ -123,7 +123,7 @@ def multimem_eligible(ctx: Ctx, dtype: torch.dtype | None, *addrs_and_sizes: int
 
 
 #: largest message per peer (bytes) that ``$SYMMTRITON_PROTOCOL=auto`` sends as lines
-#: (kernels/ll.py) rather than with barriers: flat ops, and the row ops (their norm is done per
+#: (kernels/lines.py) rather than with barriers: flat ops, and the row ops (their norm is done per
 #: row by one block: lines win longer). Measured on 2x H200, W=2, graph, zero-copy bf16, lines /
 #: barriers (benchmarks/results/archive/2026-11-26_3ac72a2/lines_vs_barrier_h200x2_w2.csv):
 #: all-gather 512 KiB per peer 7.40 / 7.36 us, 1 MiB 13.8 / 8.8; reduce-scatter 512 KiB 8.9 /
@@ -142,12 +142,12 @@ LINES_SHARED_GPU_MAX_BYTES = 64 * 1024
 
 
 def lines_fit(ctx: Ctx, per_peer_bytes: int, row_bytes: int) -> bool:
-    """The barrier-free path (kernels/ll.py) can carry a call that sends ``per_peer_bytes`` to
+    """The barrier-free path (kernels/lines.py) can carry a call that sends ``per_peer_bytes`` to
     each peer in rows of ``row_bytes`` (the whole message for flat ops): the buffer has a line
     area (more than one rank), rows are whole 32-bit words, and the message fits a slot.
     Depends only on values alike on every rank."""
-    return (ctx.ll_words > 0 and row_bytes % 4 == 0 and per_peer_bytes % 4 == 0
-            and per_peer_bytes // 4 <= ctx.ll_words)
+    return (ctx.lines_words > 0 and row_bytes % 4 == 0 and per_peer_bytes % 4 == 0
+            and per_peer_bytes // 4 <= ctx.lines_words)
 
 
 def lines_eligible(ctx: Ctx, per_peer_bytes: int, row_bytes: int,

@@ -167,7 +167,7 @@ PROTOCOLS = ("auto", "lines", "barrier", "push")
 
 def protocol() -> str:
     """``$SYMMTRITON_PROTOCOL``: how collectives synchronise. ``auto`` (default): flag-in-data
-    lines (kernels/ll.py) for small messages (``context.lines_eligible``), barriers above, and a
+    lines (kernels/lines.py) for small messages (``context.lines_eligible``), barriers above, and a
     large reduce-scatter or two-shot all-reduce without multicast pushed in flagged chunks
     (``context.push_eligible``); ``lines``: lines whenever the line area holds the message;
     ``barrier``: never lines, never push; ``push``: never lines, and the reduce-scatter and the

@@ -10,7 +10,7 @@ call, and every collective that runs on the buffer may overwrite them. Take a vi
 run the collective, read the result; copy out what must outlive the next collective.
 
 Past those ``size_in_mb`` MiB each rank's allocation holds the small-message line area of the
-collectives (:attr:`SymmetricMemoryBuffer.ll_off`, kernels/ll.py): the allocation API never
+collectives (:attr:`SymmetricMemoryBuffer.lines_off`, kernels/lines.py): the allocation API never
 hands it out, so no view aliases it. It is zeroed once, before the ranks agree the buffer is up.
 """
 
@@ -36,11 +36,11 @@ from .lifetime import retire
 logger = logging.getLogger("symmtriton")
 
 _MIB = 1024 * 1024
-#: data bytes a source slot of the line area holds (kernels/ll.py), per backend: the largest
+#: data bytes a source slot of the line area holds (kernels/lines.py), per backend: the largest
 #: message per peer the barrier-free path carries. Each rank's area is 2 x world x twice this
 #: (flags). The host backend's is smaller: /dev/shm is often small, and the interpreter gains
 #: nothing from large line messages.
-LL_SLOT_BYTES = {"cuda": 1024 * 1024, "host": 256 * 1024}
+LINES_SLOT_BYTES = {"cuda": 1024 * 1024, "host": 256 * 1024}
 
 def _size_mb(name: str, value) -> None:
     """A size in MiB: a real number (not a bool, else ``TypeError``), finite and > 0."""
@@ -109,10 +109,10 @@ class SymmetricMemoryBuffer:
         self.backend = backends.select_backend()
         #: the line area: its byte offset in every rank's allocation, its words per source slot
         #: (0: none, at one rank) and the whole allocation's size
-        self.ll_off = -(-self.nbytes // 16) * 16
-        self.ll_words = (LL_SLOT_BYTES[self.backend] // _protocol.LL_WORD_BYTES
+        self.lines_off = -(-self.nbytes // 16) * 16
+        self.lines_words = (LINES_SLOT_BYTES[self.backend] // _protocol.LINES_WORD_BYTES
                          if self.world_size > 1 else 0)
-        self.alloc_bytes = self.ll_off + _protocol.ll_area_bytes(self.world_size, self.ll_words)
+        self.alloc_bytes = self.lines_off + _protocol.lines_area_bytes(self.world_size, self.lines_words)
         self.device = backends.backend_device(self.backend)
         self._setup()
 
@@ -181,7 +181,7 @@ class SymmetricMemoryBuffer:
     def _zero_line_area(self, hdl) -> None:
         """Zero this rank's line area and wait for it: the vote after the rendezvous then tells
         every rank that every area is clean before any peer can write into it."""
-        hdl.local_tensor()[self.ll_off:self.alloc_bytes].zero_()
+        hdl.local_tensor()[self.lines_off:self.alloc_bytes].zero_()
         if self.backend == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -100,14 +100,14 @@ def test_every_kernel_waits_first():
             first = ast.unparse(node.body[0]) if node.body else ""
             if args.get("PDL") != "tl.constexpr" or first != "pdl_wait(PDL)":
                 bad.append(f"{path.name}:{node.name}")
-    assert {"_all_gather_kernel", "_all_gather_ll_kernel", "_reduce_scatter_kernel",
+    assert {"_all_gather_kernel", "_all_gather_lines_kernel", "_reduce_scatter_kernel",
             "_fused_rmsnorm_kernel", "_all_reduce_kernel", "_all_gather_v_kernel"} <= found
     assert bad == []
 
 
 COMMON = dict(RANK=1, WORLD_SIZE=3, WORLD_P2=4, SCOPE="sys", USE_PTX=True, ALIGNED=True)
 PTX_KERNELS = {
-    "all_gather_lines": ("all_gather", "_all_gather_ll_kernel", dict(DTYPE=tl.int32, BLOCK=1024)),
+    "all_gather_lines": ("all_gather", "_all_gather_lines_kernel", dict(DTYPE=tl.int32, BLOCK=1024)),
     "reduce_scatter": ("reduce_scatter", "_reduce_scatter_kernel",
                        dict(DTYPE=tl.bfloat16, BLOCK_SIZE=2048, STAGE_IN=True,
                             USE_MULTIMEM=False)),

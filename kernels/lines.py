@@ -1,24 +1,24 @@
 """Flag-in-data exchange ("LL" lines, as in NCCL's LL protocol) for small messages: the data
 carries its own flag, so an op needs no barrier at all.
 
-Area. Past the scratch bytes of every rank's buffer (``ll_off``, the same on every rank) lies a
-line area of ``LL_PARITIES`` (2) parities x ``WORLD_SIZE`` source slots x ``slot_words``
+Area. Past the scratch bytes of every rank's buffer (``lines_off``, the same on every rank) lies a
+line area of ``LINES_PARITIES`` (2) parities x ``WORLD_SIZE`` source slots x ``slot_words``
 lines (kernels/protocol.py). A line is one int64: ``(flag << 32) | word``, one 32-bit data
 word with its flag; 8-byte aligned stores and loads of it are single-copy atomic, so a reader
 that sees the flag sees the word. Call ``seq`` (the call counter of kernels/barrier.py) uses
-parity ``seq % 2`` and the flag :func:`ll_flag` (``seq``, odd, never 0). Rank ``r``'s data for
+parity ``seq % 2`` and the flag :func:`lines_flag` (``seq``, odd, never 0). Rank ``r``'s data for
 rank ``q`` goes to slot ``r`` of ``q``'s area.
 
 Protocol of one call (every op: push everything, then receive):
 
-- put (:func:`ll_put`): plain stores of the lines into the peer's slot (16-byte stores of two
+- put (:func:`lines_put`): plain stores of the lines into the peer's slot (16-byte stores of two
   lines where aligned; each 8-byte line is one element of the access, written whole); no
   fence, no signal: each line orders itself;
-- get (:func:`ll_get`): volatile loads of the local lines (16-byte pairs where aligned) until
+- get (:func:`lines_get`): volatile loads of the local lines (16-byte pairs where aligned) until
   every flag equals this call's flag, then store 0 over them (local stores).
 
 Which block pushes a line does not matter, only its place in the slot: the flat ops and the row
-kernels (kernels/ll_rows.py) push and receive the same chunks in the same block.
+kernels (kernels/lines_rows.py) push and receive the same chunks in the same block.
 
 Why no barrier is needed to reuse a slot: every line of the area is 0 except while a call is
 in flight. A writer writes parity ``p`` again at call ``seq + 2`` only after its call
@@ -36,8 +36,8 @@ is a timeout after ``timeout_ns`` (``ptx.deadline_tick``); the area must be dest
 buffer after an error.
 
 Giving up is agreed: a block that gave up on call ``seq`` (a timeout or a mismatch) overwrites
-this rank's slot of that call's parity at every peer with poison lines (:func:`ll_poison`, flag
-``LL_POISON_FLAG`` after a timeout, ``LL_MISMATCH_POISON_FLAG`` after a mismatch: never a
+this rank's slot of that call's parity at every peer with poison lines (:func:`lines_poison`, flag
+``LINES_POISON_FLAG`` after a timeout, ``LINES_MISMATCH_POISON_FLAG`` after a mismatch: never a
 call's). A late peer that has not yet read the lines this rank pushed sees the poison, a wrong
 flag, and gives up on the same call, with ``GAVE_UP_BIT`` after a timeout and ``MISMATCH_BIT``
 after a mismatch (so with three or more ranks, a rank that reads a peer's poison before the
@@ -68,24 +68,24 @@ from .ptx import deadline_tick, peer_addr
 ERR_WORD = tl.constexpr(P.ERR_WORD)
 MISMATCH_BIT = tl.constexpr(P.MISMATCH_BIT)
 GAVE_UP_BIT = tl.constexpr(P.GAVE_UP_BIT)
-LL_PARITIES = tl.constexpr(P.LL_PARITIES)
-LL_POISON_FLAG = tl.constexpr(P.LL_POISON_FLAG)
-LL_MISMATCH_POISON_FLAG = tl.constexpr(P.LL_MISMATCH_POISON_FLAG)
-#: lines one pass of :func:`ll_poison` stores.
+LINES_PARITIES = tl.constexpr(P.LINES_PARITIES)
+LINES_POISON_FLAG = tl.constexpr(P.LINES_POISON_FLAG)
+LINES_MISMATCH_POISON_FLAG = tl.constexpr(P.LINES_MISMATCH_POISON_FLAG)
+#: lines one pass of :func:`lines_poison` stores.
 POISON_CHUNK = tl.constexpr(1024)
 
 
 @triton.jit
-def ll_flag(seq):
+def lines_flag(seq):
     """The flag of call ``seq``: odd, so never the 0 of a cleared line."""
     return ((seq & 0x3FFFFFFF) << 1) | 1
 
 
 @triton.jit
-def ll_slot(area_addr, seq, src, slot_words, WORLD_SIZE: tl.constexpr):
+def lines_slot(area_addr, seq, src, slot_words, WORLD_SIZE: tl.constexpr):
     """Address (int64) of source ``src``'s slot, parity of call ``seq``, in the area at
     ``area_addr``."""
-    parity = (seq % LL_PARITIES).to(tl.int64)
+    parity = (seq % LINES_PARITIES).to(tl.int64)
     return area_addr + ((parity * WORLD_SIZE + src) * slot_words) * 8
 
 
@@ -95,7 +95,7 @@ def _lines(slot_addr):
 
 
 @triton.jit
-def ll_poison(buf_table, ll_off, seq, slot_words, status, RANK: tl.constexpr,
+def lines_poison(buf_table, lines_off, seq, slot_words, status, RANK: tl.constexpr,
               WORLD_SIZE: tl.constexpr):
     """With ``status`` non-zero (this block gave up on call ``seq``): store poison lines over
     this rank's whole slot, parity of ``seq``, in every peer's line area (module docstring), so
@@ -103,11 +103,11 @@ def ll_poison(buf_table, ll_off, seq, slot_words, status, RANK: tl.constexpr,
     (``MISMATCH_BIT`` in ``status``) from a timeout. Failure path only."""
     if status != 0:
         tl.debug_barrier()  # after the block's own puts of this call
-        flag = tl.where((status & MISMATCH_BIT) != 0, LL_MISMATCH_POISON_FLAG, LL_POISON_FLAG)
+        flag = tl.where((status & MISMATCH_BIT) != 0, LINES_MISMATCH_POISON_FLAG, LINES_POISON_FLAG)
         poison = tl.full([POISON_CHUNK], 0, tl.int64) + (flag.to(tl.int64) << 32)
         for i in tl.static_range(1, WORLD_SIZE):
             q = (RANK + i) % WORLD_SIZE
-            base = _lines(ll_slot(peer_addr(buf_table, q) + ll_off, seq, RANK, slot_words,
+            base = _lines(lines_slot(peer_addr(buf_table, q) + lines_off, seq, RANK, slot_words,
                                   WORLD_SIZE))
             k = 0
             while k < slot_words:  # see ptx.py on loops
@@ -117,7 +117,7 @@ def ll_poison(buf_table, ll_off, seq, slot_words, status, RANK: tl.constexpr,
 
 
 @triton.jit
-def ll_put(slot_addr, offs, words, mask, flag):
+def lines_put(slot_addr, offs, words, mask, flag):
     """Store ``words`` (32-bit, any int type) as lines ``offs`` of the slot at ``slot_addr``."""
     lines = (words.to(tl.int64) & 0xFFFFFFFF) | (flag.to(tl.int64) << 32)
     tl.store(_lines(slot_addr) + offs, lines, mask=mask)
@@ -127,12 +127,12 @@ def ll_put(slot_addr, offs, words, mask, flag):
 def _take(v, flag, got, words, wrong):
     """One poll of lines ``v`` (int64, 0 where not loaded): lines with ``flag`` give their word,
     lines with another non-zero flag are wrong (``wrong`` bit 1, a mismatch poison included;
-    bit 2: the flag was ``LL_POISON_FLAG``, the peer gave up on a timeout); either ends the wait
+    bit 2: the flag was ``LINES_POISON_FLAG``, the peer gave up on a timeout); either ends the wait
     for that line."""
     f = (v >> 32).to(tl.int32)
     hit = ~got & (f == flag)
     bad = ~got & (f != flag) & (f != 0)
-    poisoned = bad & (f == LL_POISON_FLAG)
+    poisoned = bad & (f == LINES_POISON_FLAG)
     wrong = wrong | tl.where(poisoned, 2, bad.to(tl.int32))
     return got | hit | bad, tl.where(hit, v.to(tl.int32), words), wrong
 
@@ -140,7 +140,7 @@ def _take(v, flag, got, words, wrong):
 @triton.jit
 def _get_pairs(base, first, end, flag, skip, timeout_ns, pad, NW: tl.constexpr,
                USE_PTX: tl.constexpr):
-    """:func:`ll_get`'s wait, one ``ld.volatile.global.v2.b64`` per pair of lines."""
+    """:func:`lines_get`'s wait, one ``ld.volatile.global.v2.b64`` per pair of lines."""
     lo_off = first + 2 * tl.arange(0, NW // 2)
     got_lo = (lo_off >= end) | (skip != 0)
     got_hi = (lo_off + 1 >= end) | (skip != 0)
@@ -172,7 +172,7 @@ def _get_pairs(base, first, end, flag, skip, timeout_ns, pad, NW: tl.constexpr,
 @triton.jit
 def _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW: tl.constexpr,
                USE_PTX: tl.constexpr):
-    """:func:`ll_get`'s wait, one volatile load per line."""
+    """:func:`lines_get`'s wait, one volatile load per line."""
     offs = first + tl.arange(0, NW)
     mask = offs < end
     got = ~mask | (skip != 0)
@@ -194,13 +194,13 @@ def _get_lines(base, first, end, flag, skip, timeout_ns, pad, NW: tl.constexpr,
 
 
 @triton.jit
-def ll_get(slot_addr, first, end, flag, src, skip, timeout_ns, pad, NW: tl.constexpr,
+def lines_get(slot_addr, first, end, flag, src, skip, timeout_ns, pad, NW: tl.constexpr,
            USE_PTX: tl.constexpr, PAIRS: tl.constexpr):
     """Wait for lines ``[first, first + NW)`` (those ``< end``) of the local slot at
     ``slot_addr`` to carry ``flag``, then clear them. Returns ``(words, status)``: ``NW`` int32
     words (0 past ``end``) and 0, or rank ``src``'s bit (a line still missing at the deadline),
     with ``MISMATCH_BIT`` when a line carried another call's flag or a mismatch poison, with
-    ``GAVE_UP_BIT`` when it carried a timeout poison (:func:`ll_poison`). Waits for nothing when
+    ``GAVE_UP_BIT`` when it carried a timeout poison (:func:`lines_poison`). Waits for nothing when
     ``skip`` is non-zero (a block that abandoned the call). ``pad``: this rank's signal pad (its
     error word and, in the interpreter, its clock: ``ptx.deadline_tick``).
 
@@ -223,7 +223,7 @@ def ll_get(slot_addr, first, end, flag, src, skip, timeout_ns, pad, NW: tl.const
 
 @triton.jit
 def _status(got, wrong, src):
-    """A wait's status (:func:`ll_get`) from its lines' ``got`` and ``wrong``: rank ``src``'s bit
+    """A wait's status (:func:`lines_get`) from its lines' ``got`` and ``wrong``: rank ``src``'s bit
     with ``MISMATCH_BIT`` (another call's flag), ``GAVE_UP_BIT`` (poison) or neither (a line
     still missing at the deadline); 0 when every line came."""
     mismatch = tl.max(wrong & 1, axis=0) != 0
