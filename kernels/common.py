@@ -54,8 +54,8 @@ def copy_units(src_addr, dst_addr, n, per_slice, stride, pid, nprog, DTYPE: tl.c
 
 
 @triton.jit
-def lines_push_vals(vals, buf_table, peer, lines_off, start, end, seq, slot_words, DTYPE: tl.constexpr,
-                 RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
+def lines_push_vals(vals, buf_table, peer, lines_off, start, end, seq, slot_words,
+                    DTYPE: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
     """Push ``vals``, elements ``[start, start + BLOCK)`` of a message (those ``< end`` count), as
     lines (word ``k`` of the message = line ``k``, kernels/lines.py) into slot ``RANK`` of the line
     area of rank ``peer``, or of every peer when ``peer`` is -1."""
@@ -65,38 +65,39 @@ def lines_push_vals(vals, buf_table, peer, lines_off, start, end, seq, slot_word
     for i in tl.static_range(1, WORLD_SIZE):
         q = (RANK + i) % WORLD_SIZE
         if (peer == -1) | (peer == q):
-            lines_put(lines_slot(peer_addr(buf_table, q) + lines_off, seq, RANK, slot_words, WORLD_SIZE),
-                   woffs, words, woffs < end // EPW, lines_flag(seq))
+            slot = lines_slot(peer_addr(buf_table, q) + lines_off, seq, RANK, slot_words,
+                              WORLD_SIZE)
+            lines_put(slot, woffs, words, woffs < end // EPW, lines_flag(seq))
 
 
 @triton.jit
 def lines_push_to(src, buf_table, peer, lines_off, start, end, seq, slot_words, DTYPE: tl.constexpr,
-               BLOCK: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
+                  BLOCK: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
     """:func:`lines_push_vals` of elements ``[start, min(start + BLOCK, end))`` of a message whose
     element ``j`` is at pointer ``src + j`` (loaded once for all peers)."""
     offs = start + tl.arange(0, BLOCK)
-    lines_push_vals(tl.load(src + offs, mask=offs < end, other=0.0), buf_table, peer, lines_off, start,
-                 end, seq, slot_words, DTYPE, RANK, WORLD_SIZE)
+    lines_push_vals(tl.load(src + offs, mask=offs < end, other=0.0), buf_table, peer, lines_off,
+                    start, end, seq, slot_words, DTYPE, RANK, WORLD_SIZE)
 
 
 @triton.jit
 def lines_push_chunks(src, buf_table, peer, lines_off, n, pid, nprog, seq, slot_words,
-                   DTYPE: tl.constexpr, CHUNK: tl.constexpr, RANK: tl.constexpr,
-                   WORLD_SIZE: tl.constexpr):
+                      DTYPE: tl.constexpr, CHUNK: tl.constexpr, RANK: tl.constexpr,
+                      WORLD_SIZE: tl.constexpr):
     """:func:`lines_push_to` of a whole message of ``n`` elements at pointer ``src``, in chunks of
     ``CHUNK`` elements, chunk ``c`` by block ``c % nprog``: a message spread over many blocks
     leaves through many SMs at once."""
     c = pid
     while c * CHUNK < n:  # see ptx.py on loops
         lines_push_to(src, buf_table, peer, lines_off, as_i64(c) * CHUNK, n, seq, slot_words, DTYPE,
-                   CHUNK, RANK, WORLD_SIZE)
+                      CHUNK, RANK, WORLD_SIZE)
         c += nprog
 
 
 @triton.jit
 def lines_reduce_chunk(own, area, start, end, seq, flag, slot_words, status, timeout_ns, pad,
-                    DTYPE: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr,
-                    WORLD_SIZE: tl.constexpr, USE_PTX: tl.constexpr, PAIRS: tl.constexpr):
+                       DTYPE: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr,
+                       WORLD_SIZE: tl.constexpr, USE_PTX: tl.constexpr, PAIRS: tl.constexpr):
     """Sum over ranks, in rank order (the same on every rank), of elements ``[start,
     min(start + BLOCK, end))`` of a message pushed as lines (kernels/lines.py): this rank's own
     part read at pointer ``own``, each peer's from its slot of this rank's line area ``area``
@@ -112,8 +113,8 @@ def lines_reduce_chunk(own, area, start, end, seq, flag, slot_words, status, tim
             v = mine
         else:
             words, st = lines_get(lines_slot(area, seq, r, slot_words, WORLD_SIZE), start // EPW,
-                               end // EPW, flag, r, status, timeout_ns, pad, BLOCK // EPW, USE_PTX,
-                               PAIRS)
+                                  end // EPW, flag, r, status, timeout_ns, pad, BLOCK // EPW,
+                                  USE_PTX, PAIRS)
             status = status | st
             v = words_to_elems(words, DTYPE)
         acc += v.to(tl.float32)
@@ -122,8 +123,8 @@ def lines_reduce_chunk(own, area, start, end, seq, flag, slot_words, status, tim
 
 @triton.jit
 def lines_reduce_store(own, dst, area, n, pid, nprog, seq, slot_words, timeout_ns, pad,
-                    DTYPE: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr,
-                    WORLD_SIZE: tl.constexpr, USE_PTX: tl.constexpr):
+                       DTYPE: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr,
+                       WORLD_SIZE: tl.constexpr, USE_PTX: tl.constexpr):
     """The receiving half of the flat barrier-free reductions: for chunks ``c = pid (mod
     nprog)`` of a message of ``n`` elements, :func:`lines_reduce_chunk` (this rank's part at
     pointer ``own``) stored at pointer ``dst`` in ``DTYPE``. Returns the waits' status (the
@@ -133,8 +134,8 @@ def lines_reduce_store(own, dst, area, n, pid, nprog, seq, slot_words, timeout_n
     while (c < tl.cdiv(n, BLOCK)) & (status == 0):  # see ptx.py on loops
         offs = c * BLOCK + tl.arange(0, BLOCK)
         acc, status = lines_reduce_chunk(own, area, c * BLOCK, n, seq, lines_flag(seq), slot_words,
-                                      status, timeout_ns, pad, DTYPE, BLOCK, RANK, WORLD_SIZE,
-                                      USE_PTX, True)
+                                         status, timeout_ns, pad, DTYPE, BLOCK, RANK, WORLD_SIZE,
+                                         USE_PTX, True)
         tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
         c += nprog
     return status

@@ -15,14 +15,14 @@ row's reduction spreads over up to ``C`` blocks instead of one. Phases of a kern
    order (one ``tl.sum`` of the same shape everywhere: the same bits in every block and on every
    rank), reload ``x``, normalise, store.
 
-Stats lines lie in this rank's own slot of its line area (slot ``RANK``: peers write only their
-own slots), parity of the call, local to the GPU. Each unit has an inbox of ``NC`` lines (unit
-``v``'s at line ``v * NC``); the block of unit ``(row, c)`` writes ``(flag << 32) | bits(ss)``
-to entry ``c`` of the inbox of every unit of its row, and each unit's block waits for the ``C``
-entries of its own inbox and clears them (``lines.lines_get``), as a rank does with its slots: a line
-has one writer and one reader, and holds 0 or the flag of the call in flight (kernels/lines.py). So
-no atomic is needed, and the area is all 0 between calls. The wait ends with a block barrier
-before the clear (kernels/lines.py, "Warps"): no warp of the block still polls a line it clears.
+Stats lines lie in this rank's own slot of its line area (slot ``RANK``: peers write only their own
+slots), parity of the call, local to the GPU. Each unit has an inbox of ``NC`` lines (unit ``v``'s
+at line ``v * NC``); the block of unit ``(row, c)`` writes ``(flag << 32) | bits(ss)`` to entry
+``c`` of the inbox of every unit of its row, and each unit's block waits for the ``C`` entries of
+its own inbox and clears them (``lines.lines_get``), as a rank does with its slots: a line has one
+writer and one reader, and holds 0 or the flag of the call in flight (kernels/lines.py). So no
+atomic is needed, and the area is all 0 between calls. The wait ends with a block barrier before the
+clear (kernels/lines.py, "Warps"): no warp of the block still polls a line it clears.
 (Measured on 2x H200, W=2, graph, bf16 all-reduce + add + RMSNorm [1, 2, 4, 8, 16] x 4096:
 inboxes 3.86 / 3.88 / 3.98 / 4.26 / 4.55 us, in the same run stats lines shared by the row and
 counted by a relaxed atomic 4.08 / 4.12 / 4.37 / 4.64 / 5.12;
@@ -32,7 +32,7 @@ holds on the GPU (the grid is bounded by co-residency) but not in the interprete
 blocks one after another, so there a launch with ``C > 1`` has one block.
 
 A block whose waits failed goes on (its later waits return at once) and still publishes, so the
-row's other blocks never wait for it; the call raises (``barrier.give_up``).
+row's other blocks never wait for it; the call raises (``lines.lines_finish``).
 """
 
 import triton
@@ -95,8 +95,8 @@ def unit_norm(u, c0, C, stats, x_row, out_row, w_addr, H, eps, flag, src, status
     # loads first, the wait after: their latency overlaps it
     w = tl.load(w_addr.to(tl.pointer_type(W_DTYPE)) + cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_row + cols, mask=mask, other=0.0)
-    words, st = lines_get(stats, u * NC, u * NC + C, flag, src, status, timeout_ns, pad, NC, USE_PTX,
-                       False)
+    words, st = lines_get(stats, u * NC, u * NC + C, flag, src, status, timeout_ns, pad, NC,
+                          USE_PTX, False)
     ss = tl.sum(words.to(tl.float32, bitcast=True), axis=0)  # 0.0 past C
     tl.store(out_row + cols, rms_scaled(x, mask, ss, w, H, eps), mask=mask)
     return status | st

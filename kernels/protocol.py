@@ -41,9 +41,9 @@ def grid_cap(pad_words: int, world: int) -> int:
 # -- flag-in-data lines (kernels/lines.py) ---------------------------------------------------------
 #: parities of the line area: call ``seq`` uses parity ``seq % 2``.
 LINES_PARITIES = 2
-#: the flag of a line poisoned by a rank that gave up on a timeout (kernels/lines.py ``lines_poison``):
-#: even, so never a call's flag (odd), and not the 0 of a cleared line; a reader records
-#: ``GAVE_UP_BIT``.
+#: the flag of a line poisoned by a rank that gave up on a timeout (kernels/lines.py
+#: ``lines_poison``): even, so never a call's flag (odd), and not the 0 of a cleared line; a reader
+#: records ``GAVE_UP_BIT``.
 LINES_POISON_FLAG = 2
 #: the flag of a line poisoned by a rank that gave up on a mismatch: even too, and any flag but
 #: ``LINES_POISON_FLAG`` reads as another call's, so a reader records ``MISMATCH_BIT`` whether it

@@ -10,12 +10,14 @@ import triton.language as tl
 COMMON = dict(RANK=1, WORLD_SIZE=3, WORLD_P2=4, SCOPE="sys", USE_PTX=True)
 KERNELS = {
     "all_gather": ("all_gather", "_all_gather_lines_kernel", dict(DTYPE=tl.int32, BLOCK=1024)),
-    "all_gather_bytes": ("all_gather", "_all_gather_lines_kernel", dict(DTYPE=tl.uint8, BLOCK=4096)),
+    "all_gather_bytes": ("all_gather", "_all_gather_lines_kernel",
+                         dict(DTYPE=tl.uint8, BLOCK=4096)),
     "reduce_scatter": ("reduce_scatter", "_reduce_scatter_lines_kernel",
                        dict(DTYPE=tl.bfloat16, BLOCK=2048)),
     "all_reduce": ("all_reduce", "_all_reduce_lines_kernel", dict(DTYPE=tl.float16, BLOCK=2048)),
     "all_reduce_rmsnorm": ("all_reduce_rmsnorm", "_all_reduce_rmsnorm_lines_kernel",
-                           dict(DTYPE=tl.bfloat16, W_DTYPE=tl.float32, CHUNK=256, NC=16, num_warps=1)),
+                           dict(DTYPE=tl.bfloat16, W_DTYPE=tl.float32, CHUNK=256, NC=16,
+                                num_warps=1)),
     "fused_rmsnorm": ("fused_rmsnorm", "_fused_rmsnorm_lines_kernel",
                       dict(DTYPE=tl.bfloat16, W_DTYPE=tl.bfloat16, CHUNK=256, NC=16,
                            ALL_GATHER=True, num_warps=1)),
