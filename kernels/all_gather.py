@@ -19,20 +19,20 @@ After the launch the region may be reused by the next operation on the stream: e
 writes it again first passes that operation's start barrier, which this rank reaches only after
 this launch is complete.
 
-``_all_gather_ll_kernel`` (small messages, no barrier; lines of kernels/ll.py): block ``b``
-pushes elements ``[c * BLOCK, (c + 1) * BLOCK)`` of the shard (chunks ``c % blocks == b``; any
-8-, 16- or 32-bit ``DTYPE``: a bit copy) as lines into slot ``RANK`` of every peer and copies them to shard ``RANK`` of the output, then takes the
-same chunks of every peer's slot into the peers' shards of the output. Nothing of the buffer
-outside the line area is touched.
+``_all_gather_lines_kernel`` (small messages, no barrier; lines of kernels/lines.py): block ``b``
+pushes elements ``[c * BLOCK, (c + 1) * BLOCK)`` of the shard (chunks ``c % blocks == b``; any 8-,
+16- or 32-bit ``DTYPE``: a bit copy) as lines into slot ``RANK`` of every peer and copies them to
+shard ``RANK`` of the output, then takes the same chunks of every peer's slot into the peers' shards
+of the output. Nothing of the buffer outside the line area is touched.
 """
 
 import triton
 import triton.language as tl
 
-from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_shards, ll_push_to
-from .ll import ll_flag, ll_get, ll_poison, ll_slot
-from .ptx import as_i64, as_ptr, pdl_wait, peer_addr, store_all, words_to_elems
+from .barrier import barrier, call_begin, call_end
+from .common import copy_shards, lines_push_to
+from .lines import lines_begin, lines_finish, lines_flag, lines_get, lines_slot
+from .ptx import as_i64, as_ptr, peer_addr, store_all, words_to_elems
 
 
 @triton.jit
@@ -42,11 +42,8 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
                        BLOCK_SIZE: tl.constexpr, COPY_OUT: tl.constexpr,
                        USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
                        ALIGNED: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)  # before any memory access
+    pid, nprog, seq = call_begin(sig_table, RANK, WORLD_SIZE, PDL)
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
                   WORLD_P2, SCOPE, USE_PTX, False, True)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
@@ -58,8 +55,8 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
         start = c * BLOCK_SIZE
         offs = start + tl.arange(0, BLOCK_SIZE)
         vals = tl.load(src + offs, mask=offs < n)
-        store_all(mc_addr, buf_table, shard_off, start, n, vals, BLOCK_SIZE, DTYPE, RANK, WORLD_SIZE,
-                  USE_MULTIMEM, ALIGNED)
+        store_all(mc_addr, buf_table, shard_off, start, n, vals, BLOCK_SIZE, DTYPE, RANK,
+                  WORLD_SIZE, USE_MULTIMEM, ALIGNED)
         if COPY_OUT:  # this rank's shard goes to the output now, not after the end barrier
             tl.store(dst + RANK * as_i64(n) + offs, vals, mask=offs < n)
         c += nprog
@@ -73,41 +70,36 @@ def _all_gather_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
 
 
 @triton.jit
-def _all_gather_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, ll_off,
-                          slot_words, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
-                          WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK: tl.constexpr,
-                          SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
-                          PDL: tl.constexpr):
-    pdl_wait(PDL)  # before any memory access
+def _all_gather_lines_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, lines_off,
+                             slot_words, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
+                             WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK: tl.constexpr,
+                             SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
+                             PDL: tl.constexpr):
+    pid, nprog, seq, pad, area = lines_begin(sig_table, buf_table, lines_off, RANK, WORLD_SIZE,
+                                             PDL)
     EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth  # elements per 32-bit word
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
     dst = as_ptr(out_addr, DTYPE, ALIGNED)
     nchunks = tl.cdiv(n, BLOCK)
     c = pid
     while c < nchunks:  # push; chunks c = pid (mod nprog), see ptx.py on loops
-        ll_push_to(src, buf_table, -1, ll_off, c * BLOCK, n, seq, slot_words, DTYPE, BLOCK, RANK,
-                    WORLD_SIZE)
+        lines_push_to(src, buf_table, -1, lines_off, c * BLOCK, n, seq, slot_words, DTYPE, BLOCK,
+                      RANK, WORLD_SIZE)
         offs = c * BLOCK + tl.arange(0, BLOCK)
         tl.store(dst + RANK * as_i64(n) + offs, tl.load(src + offs, mask=offs < n), mask=offs < n)
         c += nprog
-    pad = own_pad(sig_table, RANK)
-    area = peer_addr(buf_table, RANK) + ll_off
-    flag = ll_flag(seq)
+    flag = lines_flag(seq)
     status = tl.full([], 0, tl.int32)
     c = pid
     while (c < nchunks) & (status == 0):  # receive
         offs = c * BLOCK + tl.arange(0, BLOCK)
         for i in tl.static_range(1, WORLD_SIZE):
             peer = (RANK + WORLD_SIZE - i) % WORLD_SIZE
-            words, st = ll_get(ll_slot(area, seq, peer, slot_words, WORLD_SIZE), c * (BLOCK // EPW),
-                               n // EPW, flag, peer, status, timeout_ns, pad, BLOCK // EPW,
-                               USE_PTX, True)
+            words, st = lines_get(lines_slot(area, seq, peer, slot_words, WORLD_SIZE),
+                                  c * (BLOCK // EPW), n // EPW, flag, peer, status, timeout_ns, pad,
+                                  BLOCK // EPW, USE_PTX, True)
             status = status | st
             tl.store(dst + peer * as_i64(n) + offs, words_to_elems(words, DTYPE), mask=offs < n)
         c += nprog
-    give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
-    ll_poison(buf_table, ll_off, seq, slot_words, status, RANK, WORLD_SIZE)
-    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
+    lines_finish(sig_table, buf_table, lines_off, pid, seq, slot_words, status, err_addr, seq_cap,
+                 RANK, WORLD_SIZE, WORLD_P2, SCOPE)

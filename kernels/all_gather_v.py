@@ -31,9 +31,9 @@ after it. After the launch the regions may be reused by the next operation on th
 import triton
 import triton.language as tl
 
-from .barrier import barrier, call_end, call_seq
+from .barrier import barrier, call_begin, call_end
 from .common import clamped_counts, copy_slices, lane, row_elems
-from .ptx import as_ptr, pdl_wait, peer_addr, store_all
+from .ptx import as_ptr, peer_addr, store_all
 
 #: int64 columns of a tensor's row in the table.
 DESC_COLS = tl.constexpr(5)
@@ -46,14 +46,11 @@ def _all_gather_v_kernel(desc_addr, counts_addr, buf_table, sig_table, err_addr,
                          WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
                          ALIGNED: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)  # before any memory access
+    pid, nprog, seq = call_begin(sig_table, RANK, WORLD_SIZE, PDL)
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
     start, n = clamped_counts(counts_addr, count_err_addr, pid, cap_in, cap_out, COUNTS_DTYPE,
                               WORLD_SIZE, WORLD_P2)
     desc = desc_addr.to(tl.pointer_type(tl.int64))
-    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
                   WORLD_P2, SCOPE, USE_PTX, False, True)
     n = tl.where(bad != 0, 0, n)  # a block that abandoned the call moves nothing

@@ -20,7 +20,7 @@ and in every phase, so a per-block barrier orders everything a chunk goes throug
    region any more (it may be overwritten, e.g. by the next GEMM, once the launch is complete);
 5. with ``COPY_OUT``: copy this block's chunks from the result area to ``out``.
 
-``_all_reduce_ll_kernel`` (one-shot for small tensors, no barrier; lines of kernels/ll.py):
+``_all_reduce_lines_kernel`` (one-shot for small tensors, no barrier; lines of kernels/lines.py):
 block ``b`` pushes chunks ``c % blocks == b`` of the input as lines into slot ``RANK`` of every
 peer, then sums each of those chunks over the ranks in rank order (its own from the input, the
 peers' from its slots; fp32, the same order on every rank, so every rank gets the same bits) and
@@ -50,27 +50,24 @@ needs to lie in the buffer.
 import triton
 import triton.language as tl
 
-from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_units, ll_push_chunks, ll_reduce_store
-from .ll import ll_poison
-from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr, store_all
+from .barrier import barrier, call_begin, call_end, call_finish, own_pad
+from .common import copy_units, lines_push_chunks, lines_reduce_store
+from .lines import lines_begin, lines_finish
+from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
 from .push import (clear_flags, flag_peers, push_reduce_call, push_slices, reduce_slots,
                    wait_flags)
 
 
 @triton.jit
 def _all_reduce_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_addr, seq_cap,
-                       region_off, res_off, n, cps, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
-                       WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                       TWO_SHOT: tl.constexpr, STAGE_IN: tl.constexpr, COPY_OUT: tl.constexpr,
-                       USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
-                       ALIGNED: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)  # before any memory access
+                       region_off, res_off, n, cps, timeout_ns, DTYPE: tl.constexpr,
+                       RANK: tl.constexpr, WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
+                       BLOCK_SIZE: tl.constexpr, TWO_SHOT: tl.constexpr, STAGE_IN: tl.constexpr,
+                       COPY_OUT: tl.constexpr, USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr,
+                       USE_PTX: tl.constexpr, ALIGNED: tl.constexpr, PDL: tl.constexpr):
+    pid, nprog, seq = call_begin(sig_table, RANK, WORLD_SIZE, PDL)
     SLICES: tl.constexpr = WORLD_SIZE if TWO_SHOT else 1
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
     local = peer_addr(buf_table, RANK)
-    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     if STAGE_IN:
         copy_units(in_addr, local + region_off, n, cps, BLOCK_SIZE, pid, nprog, DTYPE, BLOCK_SIZE,
                    SLICES, ALIGNED)
@@ -104,25 +101,21 @@ def _all_reduce_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err_add
 
 
 @triton.jit
-def _all_reduce_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, ll_off,
-                          slot_words, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
-                          WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK: tl.constexpr,
-                          SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
-                          PDL: tl.constexpr):
-    pdl_wait(PDL)  # before any memory access
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
+def _all_reduce_lines_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, lines_off,
+                             slot_words, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
+                             WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK: tl.constexpr,
+                             SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
+                             PDL: tl.constexpr):
+    pid, nprog, seq, pad, area = lines_begin(sig_table, buf_table, lines_off, RANK, WORLD_SIZE,
+                                             PDL)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
-    ll_push_chunks(src, buf_table, -1, ll_off, n, pid, nprog, seq, slot_words, DTYPE, BLOCK, RANK,
-                   WORLD_SIZE)
-    status = ll_reduce_store(src, as_ptr(out_addr, DTYPE, ALIGNED),
-                             peer_addr(buf_table, RANK) + ll_off, n, pid, nprog, seq, slot_words,
-                             timeout_ns, own_pad(sig_table, RANK), DTYPE, BLOCK, RANK, WORLD_SIZE,
-                             USE_PTX)
-    give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
-    ll_poison(buf_table, ll_off, seq, slot_words, status, RANK, WORLD_SIZE)
-    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
+    lines_push_chunks(src, buf_table, -1, lines_off, n, pid, nprog, seq, slot_words, DTYPE, BLOCK,
+                      RANK, WORLD_SIZE)
+    status = lines_reduce_store(src, as_ptr(out_addr, DTYPE, ALIGNED), area, n, pid, nprog, seq,
+                                slot_words, timeout_ns, pad, DTYPE, BLOCK, RANK, WORLD_SIZE,
+                                USE_PTX)
+    lines_finish(sig_table, buf_table, lines_off, pid, seq, slot_words, status, err_addr, seq_cap,
+                 RANK, WORLD_SIZE, WORLD_P2, SCOPE)
 
 
 @triton.jit
@@ -151,10 +144,7 @@ def _all_reduce_push_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, s
                             WORLD_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                             GATHER: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
                             ALIGNED: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)  # before any memory access
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
+    pid, nprog, seq = call_begin(sig_table, RANK, WORLD_SIZE, PDL)
     local = peer_addr(buf_table, RANK)
     L = cps * BLOCK_SIZE  # elements per slice
     flag2_off = flag_off + (WORLD_SIZE - 1) * as_i64(cps) * 4  # round 2's flags
@@ -193,8 +183,7 @@ def _all_reduce_push_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, s
                     offs += tl.arange(0, BLOCK_SIZE)
                     tl.store(dst + offs, tl.load(gathered + offs, mask=offs < n), mask=offs < n)
         j = tl.where(status != 0, cps, j + nprog)
-    give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
-    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
+    call_finish(sig_table, pid, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
 
 
 @triton.jit
@@ -204,7 +193,6 @@ def _all_reduce_one_shot_push_kernel(in_addr, out_addr, buf_table, sig_table, er
                                      WORLD_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                                      SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
                                      ALIGNED: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)  # before any memory access
     push_reduce_call(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, slot_off,
                      flag_off, n, timeout_ns, DTYPE, RANK, WORLD_SIZE, WORLD_P2, BLOCK_SIZE, True,
-                     SCOPE, USE_PTX, ALIGNED)
+                     SCOPE, USE_PTX, ALIGNED, PDL)

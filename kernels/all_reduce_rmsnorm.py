@@ -25,22 +25,22 @@ buffer) holds each rank's input. Phases of ``_all_reduce_rmsnorm_kernel``:
 
 A row is one chunk: ``BLOCK_H`` (a power of two >= H) covers it, the tail masked.
 
-``_all_reduce_rmsnorm_ll_kernel`` (one-shot for small inputs, no barrier; lines of
-kernels/ll.py; rows in units of ``CHUNK`` elements, kernels/ll_rows.py): each unit's block pushes
-it as lines into slot ``RANK`` of every peer, sums it over the ranks in rank order (its own part
-from the input, the peers' from its slots; fp32, the same bits on every rank), adds the residual
-and stores the rounded sum back to the residual; the row's norm follows as in ll_rows.py. Nothing
-of the buffer outside the line area is touched.
+``_all_reduce_rmsnorm_lines_kernel`` (one-shot for small inputs, no barrier; lines of
+kernels/lines.py; rows in units of ``CHUNK`` elements, kernels/lines_rows.py): each unit's block
+pushes it as lines into slot ``RANK`` of every peer, sums it over the ranks in rank order (its own
+part from the input, the peers' from its slots; fp32, the same bits on every rank), adds the
+residual and stores the rounded sum back to the residual; the row's norm follows as in
+lines_rows.py. Nothing of the buffer outside the line area is touched.
 """
 
 import triton
 import triton.language as tl
 
-from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_units, ll_push_to, ll_reduce_chunk, rms_normed, row_operands
-from .ll import ll_flag, ll_poison, ll_slot
-from .ll_rows import norm_units, unit_done, unit_span, unit_weight
-from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr, store_all
+from .barrier import barrier, call_begin, call_end
+from .common import copy_units, lines_push_to, lines_reduce_chunk, rms_normed, row_operands
+from .lines import lines_begin, lines_finish, lines_flag, lines_slot
+from .lines_rows import norm_units, unit_done, unit_span, unit_weight
+from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
 
 
 @triton.jit
@@ -62,13 +62,10 @@ def _all_reduce_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, s
                                STAGE_IN: tl.constexpr, USE_MULTIMEM: tl.constexpr,
                                SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
                                PDL: tl.constexpr):
-    pdl_wait(PDL)  # before any memory access
+    pid, nprog, seq = call_begin(sig_table, RANK, WORLD_SIZE, PDL)
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     SLICES: tl.constexpr = WORLD_SIZE if TWO_SHOT else 1
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
     local = peer_addr(buf_table, RANK) + region_off
-    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     if STAGE_IN:
         copy_units(in_addr, local, as_i64(S) * H, rps, H, pid, nprog, DTYPE, BLOCK_H, SLICES,
                    ALIGNED)
@@ -110,18 +107,16 @@ def _all_reduce_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, s
 
 
 @triton.jit
-def _all_reduce_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_table,
-                                  err_addr, seq_cap, ll_off, slot_words, S, H, eps, timeout_ns,
-                                  DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
-                                  RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
-                                  WORLD_P2: tl.constexpr, CHUNK: tl.constexpr,
-                                  NC: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
-                                  ALIGNED: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)  # before any memory access
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
-    flag = ll_flag(seq)
+def _all_reduce_rmsnorm_lines_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_table,
+                                     err_addr, seq_cap, lines_off, slot_words, S, H, eps,
+                                     timeout_ns, DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
+                                     RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
+                                     WORLD_P2: tl.constexpr, CHUNK: tl.constexpr, NC: tl.constexpr,
+                                     SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
+                                     ALIGNED: tl.constexpr, PDL: tl.constexpr):
+    pid, nprog, seq, pad, area = lines_begin(sig_table, buf_table, lines_off, RANK, WORLD_SIZE,
+                                             PDL)
+    flag = lines_flag(seq)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
     res = as_ptr(res_addr, DTYPE, ALIGNED)
     out = as_ptr(out_addr, DTYPE, ALIGNED)
@@ -130,29 +125,26 @@ def _all_reduce_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table
     u = pid
     while u < U:  # 1. push; see ptx.py on loops
         r, c0, start, end = unit_span(u, C, H, CHUNK)
-        ll_push_to(src, buf_table, -1, ll_off, start, end, seq, slot_words, DTYPE, CHUNK, RANK,
-                   WORLD_SIZE)
+        lines_push_to(src, buf_table, -1, lines_off, start, end, seq, slot_words, DTYPE, CHUNK,
+                      RANK, WORLD_SIZE)
         u += nprog
-    area = peer_addr(buf_table, RANK) + ll_off
-    stats = ll_slot(area, seq, RANK, slot_words, WORLD_SIZE)
-    pad = own_pad(sig_table, RANK)
+    stats = lines_slot(area, seq, RANK, slot_words, WORLD_SIZE)
     status = tl.full([], 0, tl.int32)
     u = pid
-    while u < U:  # 2. reduce, add, store the residual (ll_rows.py)
+    while u < U:  # 2. reduce, add, store the residual (lines_rows.py)
         r, c0, start, end = unit_span(u, C, H, CHUNK)
         offs = start + tl.arange(0, CHUNK)
         r0 = tl.load(res + offs, mask=offs < end, other=0.0)  # loads before the waits
         w = unit_weight(w_addr, c0, H, W_DTYPE, CHUNK, NC)
-        acc, status = ll_reduce_chunk(src, area, start, end, seq, flag, slot_words, status,
-                                      timeout_ns, pad, DTYPE, CHUNK, RANK, WORLD_SIZE, USE_PTX,
-                                      ALIGNED)
+        acc, status = lines_reduce_chunk(src, area, start, end, seq, flag, slot_words, status,
+                                         timeout_ns, pad, DTYPE, CHUNK, RANK, WORLD_SIZE, USE_PTX,
+                                         ALIGNED)
         x = (acc + r0.to(tl.float32)).to(DTYPE)
         tl.store(res + offs, x, mask=offs < end)
         unit_done(x, c0, u, C, stats, out + r * H, w, H, eps, flag, NC)
         u += nprog
-    if NC > 1:  # 3. normalise (ll_rows.py)
+    if NC > 1:  # 3. normalise (lines_rows.py)
         status = norm_units(pid, nprog, U, C, stats, res, out, w_addr, H, eps, flag, status,
                             timeout_ns, pad, 0, S, W_DTYPE, CHUNK, NC, RANK, USE_PTX)
-    give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
-    ll_poison(buf_table, ll_off, seq, slot_words, status, RANK, WORLD_SIZE)
-    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
+    lines_finish(sig_table, buf_table, lines_off, pid, seq, slot_words, status, err_addr, seq_cap,
+                 RANK, WORLD_SIZE, WORLD_P2, SCOPE)

@@ -8,12 +8,12 @@ rank ``q`` holds the last barrier value rank ``r``'s block ``b`` stored there. N
 reset: every value only grows, so CUDA graphs replay with no host-side step.
 
 Call sequence. Every launch of a collective on a buffer is one *call* (the barrier-free ops of
-kernels/ll.py count the same way and take their flags from the same counters). Block ``b`` reads its
-counter ``seq = counter[b]`` (:func:`call_seq`); every launch advances every counter by one
+kernels/lines.py count the same way and take their flags from the same counters). Block ``b`` reads
+its counter ``seq = counter[b]`` (:func:`call_seq`); every launch advances every counter by one
 (:func:`call_end`: block ``b`` stores ``seq + 1`` to ``counter[b + k * blocks]`` for every
 ``k >= 0`` below ``cap``, indices no other block of the launch reads), so all counters hold the
-number of calls made, whatever the grids, and every block of a launch reads the same ``seq``.
-A call that fails on the host before launching adds ``SKIP_BUMP`` (2) to every counter
+number of calls made, whatever the grids, and every block of a launch reads the same ``seq``. A call
+that fails on the host before launching adds ``SKIP_BUMP`` (2) to every counter
 (``_calls.call_failed``, stream-ordered), so the ranks' counters then differ by two calls.
 
 Barrier ``k`` of call ``seq`` (``k`` = 0 start, 1 end) uses the value ``v = seq * 2 + k + 1``:
@@ -53,12 +53,19 @@ and rank, which can only come after this rank arrived at the barrier that consum
 
 With ``WORLD_SIZE == 1`` the barrier is one ``bar.sync`` and there are no counters.
 
+Every kernel begins with :func:`call_begin` (the block, the grid, the call number; a lines
+kernel of kernels/lines.py through ``lines.lines_begin``). A barrier kernel ends with
+:func:`call_end`; one whose waits are not barriers (the flagged chunks of kernels/push.py) with
+:func:`call_finish` (:func:`give_up` first); a lines kernel with ``lines.lines_finish`` (its
+poison too).
+
 Programmatic dependent launch (PDL): a kernel launched with it may begin while the previous
 grid on its stream finishes, so every kernel runs ``ptx.pdl_wait`` (``griddepcontrol.wait``:
 the previous grid complete, its writes visible) before its first memory access, the counter
-read of :func:`call_seq` included, and none triggers its dependents early. Hence "this rank's
-stream finished every earlier launch before this one touched memory", which the counters, the
-start barrier's reuse argument and the lines' flags rest on, holds with PDL as without it.
+read of :func:`call_seq` included (:func:`call_begin` waits first), and none triggers its
+dependents early. Hence "this rank's stream finished every earlier launch before this one
+touched memory", which the counters, the start barrier's reuse argument and the lines' flags
+rest on, holds with PDL as without it.
 
 Timeout: with ``timeout_ns > 0``, a wait that keeps missing a peer for ``ptx.CLOCK_EVERY``
 polls (64) reads the global clock (``%globaltimer``; never on the fast path) to start a deadline, at
@@ -73,7 +80,7 @@ import triton
 import triton.language as tl
 
 from . import protocol as P
-from .ptx import signal_wait
+from .ptx import pdl_wait, signal_wait
 
 ERR_WORD = tl.constexpr(P.ERR_WORD)
 SEQ0 = tl.constexpr(P.SEQ0)
@@ -98,6 +105,17 @@ def call_seq(sig_table, pid, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
     if WORLD_SIZE > 1:
         seq = tl.load(own_pad(sig_table, RANK).to(tl.pointer_type(tl.int32)) + SEQ0 + pid)
     return seq
+
+
+@triton.jit
+def call_begin(sig_table, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr, PDL: tl.constexpr):
+    """The first statement of every kernel: with ``PDL``, wait for the previous grid
+    (``ptx.pdl_wait``, before any memory access); then ``(pid, nprog, seq)``: this block, the
+    grid's blocks, and the call number (:func:`call_seq`)."""
+    pdl_wait(PDL)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    return pid, nprog, call_seq(sig_table, pid, RANK, WORLD_SIZE)
 
 
 @triton.jit
@@ -162,8 +180,17 @@ def barrier(sig_table, pid, seq, status, err_addr, timeout_ns, seq_cap, K: tl.co
 def give_up(sig_table, seq, status, err_addr, seq_cap, RANK: tl.constexpr,
             WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, SCOPE: tl.constexpr):
     """What a barrier does when its wait fails, for an op that waits without one (the lines of
-    kernels/ll.py): with ``status`` non-zero, record it in both error words and, after a
+    kernels/lines.py): with ``status`` non-zero, record it in both error words and, after a
     mismatch, poison this rank's slots on every peer, so peers in a barrier op see it too."""
     if status != 0:
         _abandon(sig_table, status, seq * NB + 1, err_addr, own_pad(sig_table, RANK), seq_cap,
                  RANK, WORLD_SIZE, WORLD_P2, SCOPE)
+
+
+@triton.jit
+def call_finish(sig_table, pid, seq, status, err_addr, seq_cap, RANK: tl.constexpr,
+                WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, SCOPE: tl.constexpr):
+    """The last statement of a kernel whose waits are not barriers: :func:`give_up` with the
+    waits' ``status``, then :func:`call_end`."""
+    give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
+    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)

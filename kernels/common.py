@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .ll import ll_flag, ll_get, ll_put, ll_slot
+from .lines import lines_flag, lines_get, lines_put, lines_slot
 from .ptx import as_i64, as_ptr, elems_to_words, peer_addr, words_to_elems
 
 
@@ -54,10 +54,10 @@ def copy_units(src_addr, dst_addr, n, per_slice, stride, pid, nprog, DTYPE: tl.c
 
 
 @triton.jit
-def ll_push_vals(vals, buf_table, peer, ll_off, start, end, seq, slot_words, DTYPE: tl.constexpr,
-                 RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
+def lines_push_vals(vals, buf_table, peer, lines_off, start, end, seq, slot_words,
+                    DTYPE: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
     """Push ``vals``, elements ``[start, start + BLOCK)`` of a message (those ``< end`` count), as
-    lines (word ``k`` of the message = line ``k``, kernels/ll.py) into slot ``RANK`` of the line
+    lines (word ``k`` of the message = line ``k``, kernels/lines.py) into slot ``RANK`` of the line
     area of rank ``peer``, or of every peer when ``peer`` is -1."""
     EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth
     woffs = start // EPW + tl.arange(0, vals.shape[0] // EPW)
@@ -65,44 +65,45 @@ def ll_push_vals(vals, buf_table, peer, ll_off, start, end, seq, slot_words, DTY
     for i in tl.static_range(1, WORLD_SIZE):
         q = (RANK + i) % WORLD_SIZE
         if (peer == -1) | (peer == q):
-            ll_put(ll_slot(peer_addr(buf_table, q) + ll_off, seq, RANK, slot_words, WORLD_SIZE),
-                   woffs, words, woffs < end // EPW, ll_flag(seq))
+            slot = lines_slot(peer_addr(buf_table, q) + lines_off, seq, RANK, slot_words,
+                              WORLD_SIZE)
+            lines_put(slot, woffs, words, woffs < end // EPW, lines_flag(seq))
 
 
 @triton.jit
-def ll_push_to(src, buf_table, peer, ll_off, start, end, seq, slot_words, DTYPE: tl.constexpr,
-               BLOCK: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
-    """:func:`ll_push_vals` of elements ``[start, min(start + BLOCK, end))`` of a message whose
+def lines_push_to(src, buf_table, peer, lines_off, start, end, seq, slot_words, DTYPE: tl.constexpr,
+                  BLOCK: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr):
+    """:func:`lines_push_vals` of elements ``[start, min(start + BLOCK, end))`` of a message whose
     element ``j`` is at pointer ``src + j`` (loaded once for all peers)."""
     offs = start + tl.arange(0, BLOCK)
-    ll_push_vals(tl.load(src + offs, mask=offs < end, other=0.0), buf_table, peer, ll_off, start,
-                 end, seq, slot_words, DTYPE, RANK, WORLD_SIZE)
+    lines_push_vals(tl.load(src + offs, mask=offs < end, other=0.0), buf_table, peer, lines_off,
+                    start, end, seq, slot_words, DTYPE, RANK, WORLD_SIZE)
 
 
 @triton.jit
-def ll_push_chunks(src, buf_table, peer, ll_off, n, pid, nprog, seq, slot_words,
-                   DTYPE: tl.constexpr, CHUNK: tl.constexpr, RANK: tl.constexpr,
-                   WORLD_SIZE: tl.constexpr):
-    """:func:`ll_push_to` of a whole message of ``n`` elements at pointer ``src``, in chunks of
+def lines_push_chunks(src, buf_table, peer, lines_off, n, pid, nprog, seq, slot_words,
+                      DTYPE: tl.constexpr, CHUNK: tl.constexpr, RANK: tl.constexpr,
+                      WORLD_SIZE: tl.constexpr):
+    """:func:`lines_push_to` of a whole message of ``n`` elements at pointer ``src``, in chunks of
     ``CHUNK`` elements, chunk ``c`` by block ``c % nprog``: a message spread over many blocks
     leaves through many SMs at once."""
     c = pid
     while c * CHUNK < n:  # see ptx.py on loops
-        ll_push_to(src, buf_table, peer, ll_off, as_i64(c) * CHUNK, n, seq, slot_words, DTYPE,
-                   CHUNK, RANK, WORLD_SIZE)
+        lines_push_to(src, buf_table, peer, lines_off, as_i64(c) * CHUNK, n, seq, slot_words, DTYPE,
+                      CHUNK, RANK, WORLD_SIZE)
         c += nprog
 
 
 @triton.jit
-def ll_reduce_chunk(own, area, start, end, seq, flag, slot_words, status, timeout_ns, pad,
-                    DTYPE: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr,
-                    WORLD_SIZE: tl.constexpr, USE_PTX: tl.constexpr, PAIRS: tl.constexpr):
+def lines_reduce_chunk(own, area, start, end, seq, flag, slot_words, status, timeout_ns, pad,
+                       DTYPE: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr,
+                       WORLD_SIZE: tl.constexpr, USE_PTX: tl.constexpr, PAIRS: tl.constexpr):
     """Sum over ranks, in rank order (the same on every rank), of elements ``[start,
-    min(start + BLOCK, end))`` of a message pushed as lines (kernels/ll.py): this rank's own
+    min(start + BLOCK, end))`` of a message pushed as lines (kernels/lines.py): this rank's own
     part read at pointer ``own``, each peer's from its slot of this rank's line area ``area``
     (line ``k`` = word ``k`` of the message). fp32; masked lanes are 0. Returns ``(acc,
     status)``, ``status`` or-ed with the waits' (no wait when it is non-zero). ``PAIRS``:
-    ``start`` is a multiple of two words (16-byte polls, ``ll.ll_get``)."""
+    ``start`` is a multiple of two words (16-byte polls, ``lines.lines_get``)."""
     EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth
     offs = tl.arange(0, BLOCK)
     mine = tl.load(own + start + offs, mask=start + offs < end, other=0.0)  # before any wait
@@ -111,9 +112,9 @@ def ll_reduce_chunk(own, area, start, end, seq, flag, slot_words, status, timeou
         if r == RANK:
             v = mine
         else:
-            words, st = ll_get(ll_slot(area, seq, r, slot_words, WORLD_SIZE), start // EPW,
-                               end // EPW, flag, r, status, timeout_ns, pad, BLOCK // EPW, USE_PTX,
-                               PAIRS)
+            words, st = lines_get(lines_slot(area, seq, r, slot_words, WORLD_SIZE), start // EPW,
+                                  end // EPW, flag, r, status, timeout_ns, pad, BLOCK // EPW,
+                                  USE_PTX, PAIRS)
             status = status | st
             v = words_to_elems(words, DTYPE)
         acc += v.to(tl.float32)
@@ -121,20 +122,20 @@ def ll_reduce_chunk(own, area, start, end, seq, flag, slot_words, status, timeou
 
 
 @triton.jit
-def ll_reduce_store(own, dst, area, n, pid, nprog, seq, slot_words, timeout_ns, pad,
-                    DTYPE: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr,
-                    WORLD_SIZE: tl.constexpr, USE_PTX: tl.constexpr):
+def lines_reduce_store(own, dst, area, n, pid, nprog, seq, slot_words, timeout_ns, pad,
+                       DTYPE: tl.constexpr, BLOCK: tl.constexpr, RANK: tl.constexpr,
+                       WORLD_SIZE: tl.constexpr, USE_PTX: tl.constexpr):
     """The receiving half of the flat barrier-free reductions: for chunks ``c = pid (mod
-    nprog)`` of a message of ``n`` elements, :func:`ll_reduce_chunk` (this rank's part at
+    nprog)`` of a message of ``n`` elements, :func:`lines_reduce_chunk` (this rank's part at
     pointer ``own``) stored at pointer ``dst`` in ``DTYPE``. Returns the waits' status (the
     loop stops at the first failure)."""
     status = tl.full([], 0, tl.int32)
     c = pid
     while (c < tl.cdiv(n, BLOCK)) & (status == 0):  # see ptx.py on loops
         offs = c * BLOCK + tl.arange(0, BLOCK)
-        acc, status = ll_reduce_chunk(own, area, c * BLOCK, n, seq, ll_flag(seq), slot_words,
-                                      status, timeout_ns, pad, DTYPE, BLOCK, RANK, WORLD_SIZE,
-                                      USE_PTX, True)
+        acc, status = lines_reduce_chunk(own, area, c * BLOCK, n, seq, lines_flag(seq), slot_words,
+                                         status, timeout_ns, pad, DTYPE, BLOCK, RANK, WORLD_SIZE,
+                                         USE_PTX, True)
         tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
         c += nprog
     return status

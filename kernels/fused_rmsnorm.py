@@ -24,31 +24,31 @@ after it.
 
 A row is one chunk: ``BLOCK_H`` (a power of two >= H) covers it, the tail masked.
 
-``_fused_rmsnorm_ll_kernel`` (small inputs, no barrier, one exchange; lines of kernels/ll.py; rows
-of whole 32-bit words in units of ``CHUNK`` elements, kernels/ll_rows.py). Without ``ALL_GATHER``:
-rows ``q*s + i`` of the input go into slot ``RANK`` of rank ``q`` (line ``i * H_words + k``); this
-rank's row ``RANK*s + i`` is summed over the ranks in rank order (its own part from the input, the
-peers' from its slots, fp32), the residual added, the rounded sum stored back to the residual, and
-its RMSNorm times ``weight`` to row ``i`` of ``out``. With ``ALL_GATHER`` a second exchange
-(all-gather of the normed rows) is replaced by work done on every rank: every input row (lines ``r
-* H_words``) and this rank's residual rows ``i`` (lines ``(S + i) * H_words``; pushed by the block
-that later updates that piece) go to every peer, and every rank computes every row ``r = q*s + i``
-as rank ``q`` does (the same sums in the same order: the same bits) with rank ``q``'s residual row,
-stores it to row ``r`` of ``out`` and, for its own rows, the sum to the residual (a peer's row
-waits for its norm in ``out``). Small messages are latency-bound: one exchange of ``(S + s) * H``
-elements per peer beats two of ``s * H`` (the fused rows of
-benchmarks/results/archive/2026-11-26_3ac72a2/lines_vs_barrier_h200x2_w2.csv). ``out`` may be
-the input: a block overwrites only pieces it has pushed and read (ll_rows.py).
+``_fused_rmsnorm_lines_kernel`` (small inputs, no barrier, one exchange; lines of kernels/lines.py;
+rows of whole 32-bit words in units of ``CHUNK`` elements, kernels/lines_rows.py). Without
+``ALL_GATHER``: rows ``q*s + i`` of the input go into slot ``RANK`` of rank ``q`` (line
+``i * H_words + k``); this rank's row ``RANK*s + i`` is summed over the ranks in rank order (its own
+part from the input, the peers' from its slots, fp32), the residual added, the rounded sum stored
+back to the residual, and its RMSNorm times ``weight`` to row ``i`` of ``out``. With ``ALL_GATHER``
+a second exchange (all-gather of the normed rows) is replaced by work done on every rank: every
+input row (lines ``r * H_words``) and this rank's residual rows ``i`` (lines ``(S + i) * H_words``;
+pushed by the block that later updates that piece) go to every peer, and every rank computes every
+row ``r = q*s + i`` as rank ``q`` does (the same sums in the same order: the same bits) with rank
+``q``'s residual row, stores it to row ``r`` of ``out`` and, for its own rows, the sum to the
+residual (a peer's row waits for its norm in ``out``). Small messages are latency-bound: one
+exchange of ``(S + s) * H`` elements per peer beats two of ``s * H`` (the fused rows of
+benchmarks/results/archive/2026-11-26_3ac72a2/lines_vs_barrier_h200x2_w2.csv). ``out`` may be the
+input: a block overwrites only pieces it has pushed and read (lines_rows.py).
 """
 
 import triton
 import triton.language as tl
 
-from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_shards, ll_push_to, ll_reduce_chunk, rms_normed, row_operands
-from .ll import ll_flag, ll_get, ll_poison, ll_slot
-from .ll_rows import norm_units, unit_done, unit_span, unit_weight
-from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr, store_all, words_to_elems
+from .barrier import barrier, call_begin, call_end
+from .common import copy_shards, lines_push_to, lines_reduce_chunk, rms_normed, row_operands
+from .lines import lines_begin, lines_finish, lines_flag, lines_get, lines_slot
+from .lines_rows import norm_units, unit_done, unit_span, unit_weight
+from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all, words_to_elems
 
 
 @triton.jit
@@ -60,12 +60,9 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
                           ALL_GATHER: tl.constexpr, COPY_OUT: tl.constexpr,
                           USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
                           ALIGNED: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)  # before any memory access
+    pid, nprog, seq = call_begin(sig_table, RANK, WORLD_SIZE, PDL)
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
     local = peer_addr(buf_table, RANK) + region_off
-    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     if STAGE_IN:
         copy_shards(in_addr, local, s * H, H, s, pid, nprog, 0, DTYPE, BLOCK_H, WORLD_SIZE,
                     ALIGNED)
@@ -99,87 +96,107 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
 
 
 @triton.jit
-def _fused_rmsnorm_ll_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_table, err_addr,
-                             seq_cap, ll_off, slot_words, s, H, eps, timeout_ns,
-                             DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, RANK: tl.constexpr,
-                             WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
-                             CHUNK: tl.constexpr, NC: tl.constexpr, ALL_GATHER: tl.constexpr,
-                             SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
-                             PDL: tl.constexpr):
-    pdl_wait(PDL)  # before any memory access
+def _push_units(src, res, buf_table, lines_off, s, U, C, H, pid, nprog, seq, slot_words,
+                DTYPE: tl.constexpr, CHUNK: tl.constexpr, RANK: tl.constexpr,
+                WORLD_SIZE: tl.constexpr, ALL_GATHER: tl.constexpr):
+    """Phase 1 of ``_fused_rmsnorm_lines_kernel``, units ``u = pid (mod nprog)`` below ``U``:
+    with ``ALL_GATHER`` every input row, and this rank's residual rows, to every peer; else rows
+    ``q*s + i`` of the input to rank ``q``."""
+    S = WORLD_SIZE * as_i64(s)
+    u = pid
+    while u < U:  # see ptx.py on loops
+        r, c0, start, end = unit_span(u, C, H, CHUNK)
+        if ALL_GATHER:
+            lines_push_to(src, buf_table, -1, lines_off, start, end, seq, slot_words, DTYPE,
+                          CHUNK, RANK, WORLD_SIZE)
+            if r // s == RANK:  # residual row i = r - RANK*s as lines of row S + i
+                shift = (S - RANK * s) * H
+                lines_push_to(res - S * H, buf_table, -1, lines_off, start + shift, end + shift,
+                              seq, slot_words, DTYPE, CHUNK, RANK, WORLD_SIZE)
+        else:
+            for k in tl.static_range(1, WORLD_SIZE):
+                q = (RANK + k) % WORLD_SIZE
+                lines_push_to(src + q * as_i64(s) * H, buf_table, q, lines_off, start, end, seq,
+                              slot_words, DTYPE, CHUNK, RANK, WORLD_SIZE)
+        u += nprog
+
+
+@triton.jit
+def _gathered_unit(src, res, out, area, r, c0, start, end, s, H, seq, flag, slot_words, status,
+                   timeout_ns, pad, DTYPE: tl.constexpr, CHUNK: tl.constexpr, NC: tl.constexpr,
+                   RANK: tl.constexpr, WORLD_SIZE: tl.constexpr, USE_PTX: tl.constexpr,
+                   ALIGNED: tl.constexpr):
+    """Phase 2 with ``ALL_GATHER``: the unit ``[start, end)`` of row ``r = q*s + i``, as rank
+    ``q`` computes it (with rank ``q``'s residual row ``i``, from its lines when ``q`` is a
+    peer). Stores ``x`` to the residual (``q == RANK``) or, with ``NC > 1``, to the output row
+    where it waits for its norm. Returns ``(x, status)``."""
     EPW: tl.constexpr = 32 // DTYPE.primitive_bitwidth  # elements per 32-bit word
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
-    flag = ll_flag(seq)
+    offs = tl.arange(0, CHUNK)
+    mask = start + offs < end
+    q = r // s
+    i = r - q * s
+    r0 = tl.zeros([CHUNK], tl.float32)
+    if q == RANK:
+        r0 = tl.load(res + i * H + c0 + offs, mask=mask, other=0.0).to(tl.float32)
+    acc, status = lines_reduce_chunk(src, area, start, end, seq, flag, slot_words, status,
+                                     timeout_ns, pad, DTYPE, CHUNK, RANK, WORLD_SIZE, USE_PTX,
+                                     ALIGNED)
+    if q != RANK:  # rank q's residual piece
+        shift = (WORLD_SIZE * as_i64(s) - q * s) * H  # residual row i as lines of row S + i
+        words, st = lines_get(lines_slot(area, seq, q, slot_words, WORLD_SIZE),
+                              (start + shift) // EPW, (end + shift) // EPW, flag, q.to(tl.int32),
+                              status, timeout_ns, pad, CHUNK // EPW, USE_PTX, ALIGNED)
+        status = status | st
+        r0 = words_to_elems(words, DTYPE).to(tl.float32)
+    x = (acc + r0).to(DTYPE)
+    if q == RANK:
+        tl.store(res + i * H + c0 + offs, x, mask=mask)
+    elif NC > 1:  # x waits for its norm in the output row
+        tl.store(out + start + offs, x, mask=mask)
+    return x, status
+
+
+@triton.jit
+def _fused_rmsnorm_lines_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_table,
+                                err_addr, seq_cap, lines_off, slot_words, s, H, eps, timeout_ns,
+                                DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, RANK: tl.constexpr,
+                                WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
+                                CHUNK: tl.constexpr, NC: tl.constexpr, ALL_GATHER: tl.constexpr,
+                                SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
+                                ALIGNED: tl.constexpr, PDL: tl.constexpr):
+    pid, nprog, seq, pad, area = lines_begin(sig_table, buf_table, lines_off, RANK, WORLD_SIZE,
+                                             PDL)
+    flag = lines_flag(seq)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
     res = as_ptr(res_addr, DTYPE, ALIGNED)
     out = as_ptr(out_addr, DTYPE, ALIGNED)
-    S = WORLD_SIZE * as_i64(s)
     C = tl.cdiv(H, CHUNK)
-    R = S if ALL_GATHER else as_i64(s)  # the rows this rank computes
-    U = R * C
-    u = pid
-    while u < U:  # 1. push; see ptx.py on loops
-        r, c0, start, end = unit_span(u, C, H, CHUNK)
-        if ALL_GATHER:  # every input row, and this rank's residual rows, to every peer
-            ll_push_to(src, buf_table, -1, ll_off, start, end, seq, slot_words, DTYPE, CHUNK,
-                       RANK, WORLD_SIZE)
-            if r // s == RANK:  # residual row i = r - RANK*s as lines of row S + i
-                shift = (S - RANK * s) * H
-                ll_push_to(res - S * H, buf_table, -1, ll_off, start + shift, end + shift, seq,
-                           slot_words, DTYPE, CHUNK, RANK, WORLD_SIZE)
-        else:  # rows q*s + i to rank q
-            for k in tl.static_range(1, WORLD_SIZE):
-                q = (RANK + k) % WORLD_SIZE
-                ll_push_to(src + q * as_i64(s) * H, buf_table, q, ll_off, start, end, seq,
-                           slot_words, DTYPE, CHUNK, RANK, WORLD_SIZE)
-        u += nprog
-    area = peer_addr(buf_table, RANK) + ll_off
-    stats = ll_slot(area, seq, RANK, slot_words, WORLD_SIZE)
-    pad = own_pad(sig_table, RANK)
+    U = (WORLD_SIZE * as_i64(s) if ALL_GATHER else as_i64(s)) * C  # units of the rows computed
+    _push_units(src, res, buf_table, lines_off, s, U, C, H, pid, nprog, seq, slot_words, DTYPE,
+                CHUNK, RANK, WORLD_SIZE, ALL_GATHER)  # 1. push
+    stats = lines_slot(area, seq, RANK, slot_words, WORLD_SIZE)
     status = tl.full([], 0, tl.int32)
     u = pid
-    while u < U:  # 2. reduce and add (ll_rows.py)
+    while u < U:  # 2. reduce and add (lines_rows.py)
         r, c0, start, end = unit_span(u, C, H, CHUNK)
-        offs = tl.arange(0, CHUNK)
-        mask = start + offs < end
         w = unit_weight(w_addr, c0, H, W_DTYPE, CHUNK, NC)  # loads before the waits
         if ALL_GATHER:  # row r = q*s + i as rank q computes it
-            q = r // s
-            i = r - q * s
-            r0 = tl.zeros([CHUNK], tl.float32)
-            if q == RANK:
-                r0 = tl.load(res + i * H + c0 + offs, mask=mask, other=0.0).to(tl.float32)
-            acc, status = ll_reduce_chunk(src, area, start, end, seq, flag, slot_words, status,
-                                          timeout_ns, pad, DTYPE, CHUNK, RANK, WORLD_SIZE,
-                                          USE_PTX, ALIGNED)
-            if q != RANK:  # rank q's residual piece
-                shift = (S - q * s) * H  # residual row i as lines of row S + i
-                words, st = ll_get(ll_slot(area, seq, q, slot_words, WORLD_SIZE),
-                                   (start + shift) // EPW, (end + shift) // EPW, flag,
-                                   q.to(tl.int32), status, timeout_ns, pad, CHUNK // EPW, USE_PTX,
-                                   ALIGNED)
-                status = status | st
-                r0 = words_to_elems(words, DTYPE).to(tl.float32)
-            x = (acc + r0).to(DTYPE)
-            if q == RANK:
-                tl.store(res + i * H + c0 + offs, x, mask=mask)
-            elif NC > 1:  # x waits for its norm in the output row
-                tl.store(out + start + offs, x, mask=mask)
+            x, status = _gathered_unit(src, res, out, area, r, c0, start, end, s, H, seq, flag,
+                                       slot_words, status, timeout_ns, pad, DTYPE, CHUNK, NC,
+                                       RANK, WORLD_SIZE, USE_PTX, ALIGNED)
         else:  # this rank's row r
-            r0 = tl.load(res + start + offs, mask=mask, other=0.0)
-            acc, status = ll_reduce_chunk(src + RANK * as_i64(s) * H, area, start, end, seq, flag,
-                                          slot_words, status, timeout_ns, pad, DTYPE, CHUNK,
-                                          RANK, WORLD_SIZE, USE_PTX, ALIGNED)
+            offs = start + tl.arange(0, CHUNK)
+            r0 = tl.load(res + offs, mask=offs < end, other=0.0)
+            acc, status = lines_reduce_chunk(src + RANK * as_i64(s) * H, area, start, end, seq,
+                                             flag, slot_words, status, timeout_ns, pad, DTYPE,
+                                             CHUNK, RANK, WORLD_SIZE, USE_PTX, ALIGNED)
             x = (acc + r0.to(tl.float32)).to(DTYPE)
-            tl.store(res + start + offs, x, mask=mask)
+            tl.store(res + offs, x, mask=offs < end)
         unit_done(x, c0, u, C, stats, out + r * H, w, H, eps, flag, NC)
         u += nprog
-    if NC > 1:  # 3. normalise (ll_rows.py); x waits in the residual for this rank's rows
+    if NC > 1:  # 3. normalise (lines_rows.py); x waits in the residual for this rank's rows
         status = norm_units(pid, nprog, U, C, stats, res, out, w_addr, H, eps, flag, status,
                             timeout_ns, pad, RANK * as_i64(s) if ALL_GATHER else 0, s, W_DTYPE,
                             CHUNK, NC, RANK, USE_PTX)
-    give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
-    ll_poison(buf_table, ll_off, seq, slot_words, status, RANK, WORLD_SIZE)
-    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
+    lines_finish(sig_table, buf_table, lines_off, pid, seq, slot_words, status, err_addr, seq_cap,
+                 RANK, WORLD_SIZE, WORLD_P2, SCOPE)

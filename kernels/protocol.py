@@ -27,7 +27,7 @@ SKIP_BUMP = 2
 #: timeout sets only the bits of the ranks that did not arrive.
 MISMATCH_BIT = 1 << 30
 #: error word bit for "a peer gave up on this call" (it timed out or saw a mismatch, and poisoned
-#: its lines: kernels/ll.py); the low bits name those peers.
+#: its lines: kernels/lines.py); the low bits name those peers.
 GAVE_UP_BIT = 1 << 28
 #: added to a barrier value to poison peers' slots after a mismatch (far ahead of any call).
 POISON = 1 << 29
@@ -38,24 +38,24 @@ def grid_cap(pad_words: int, world: int) -> int:
     counter and ``world`` slots per block after the ``SEQ0`` reserved words."""
     return (pad_words - SEQ0) // (world + 1)
 
-# -- flag-in-data lines (kernels/ll.py) ---------------------------------------------------------
+# -- flag-in-data lines (kernels/lines.py) ---------------------------------------------------------
 #: parities of the line area: call ``seq`` uses parity ``seq % 2``.
-LL_PARITIES = 2
-#: the flag of a line poisoned by a rank that gave up on a timeout (kernels/ll.py ``ll_poison``):
-#: even, so never a call's flag (odd), and not the 0 of a cleared line; a reader records
-#: ``GAVE_UP_BIT``.
-LL_POISON_FLAG = 2
+LINES_PARITIES = 2
+#: the flag of a line poisoned by a rank that gave up on a timeout (kernels/lines.py
+#: ``lines_poison``): even, so never a call's flag (odd), and not the 0 of a cleared line; a reader
+#: records ``GAVE_UP_BIT``.
+LINES_POISON_FLAG = 2
 #: the flag of a line poisoned by a rank that gave up on a mismatch: even too, and any flag but
-#: ``LL_POISON_FLAG`` reads as another call's, so a reader records ``MISMATCH_BIT`` whether it
+#: ``LINES_POISON_FLAG`` reads as another call's, so a reader records ``MISMATCH_BIT`` whether it
 #: saw the skipper's lines or a peer's poison first.
-LL_MISMATCH_POISON_FLAG = 4
+LINES_MISMATCH_POISON_FLAG = 4
 #: bytes of one line: a 32-bit data word and a 32-bit flag.
-LL_LINE_BYTES = 8
+LINES_LINE_BYTES = 8
 #: data bytes one line carries.
-LL_WORD_BYTES = 4
+LINES_WORD_BYTES = 4
 
 
-def ll_area_bytes(world: int, slot_words: int) -> int:
-    """Bytes of each rank's line area: ``LL_PARITIES`` x ``world`` source slots of
+def lines_area_bytes(world: int, slot_words: int) -> int:
+    """Bytes of each rank's line area: ``LINES_PARITIES`` x ``world`` source slots of
     ``slot_words`` lines (none for one rank: nothing to exchange)."""
-    return 0 if world < 2 else LL_PARITIES * world * slot_words * LL_LINE_BYTES
+    return 0 if world < 2 else LINES_PARITIES * world * slot_words * LINES_LINE_BYTES

@@ -17,9 +17,10 @@ through ``int(1-element array)``, which NumPy >= 2.4 rejects; a ``while`` condit
 branches around the instruction inside a ``{ }`` scope, whose label is local to that scope.
 
 Programmatic dependent launch (PDL, sm_90+): every kernel entry point (``_<op>_kernel``) takes a
-``PDL`` constexpr and calls :func:`pdl_wait` as its first statement, before any memory access
-of any kind (inputs, pointer tables, the signal pad and its call counters, the line area). The
-host sets ``PDL`` together with the ``launch_pdl`` launch option (``symmtriton/launch.py``).
+``PDL`` constexpr and calls :func:`pdl_wait` first (its first statement is
+``barrier.call_begin``, whose first statement is the wait), before any memory access of any
+kind (inputs, pointer tables, the signal pad and its call counters, the line area). The host
+sets ``PDL`` together with the ``launch_pdl`` launch option (``symmtriton/launch.py``).
 """
 
 import triton
@@ -35,7 +36,7 @@ def pdl_wait(PDL: tl.constexpr):
     completed and its memory operations are visible. So a kernel that waits before its first
     memory access sees exactly what it would without PDL: stream order is kept, and every
     protocol argument that rests on "the stream began call ``seq + 1`` after call ``seq``
-    completed" (kernels/barrier.py, kernels/ll.py) still holds; only the launch latency and the
+    completed" (kernels/barrier.py, kernels/lines.py) still holds; only the launch latency and the
     block set-up before the wait overlap the previous grid's tail.
 
     No kernel calls ``griddepcontrol.launch_dependents``: the next grid then launches only once
@@ -97,7 +98,8 @@ def deadline_tick(misses, deadline_ns, timeout_ns, err_word, clock_addr, USE_PTX
     """One miss of a wait loop with a bound: every ``CLOCK_EVERY`` misses (never on the fast path)
     read the clock; the first read starts the deadline ``timeout_ns`` ahead, at once expired
     when the int32 ``err_word`` (device memory) is set (a wait after an error gives up at its
-    first clock read). Returns ``(deadline_ns, expired)``; never expires with ``timeout_ns == 0``."""
+    first clock read). Returns ``(deadline_ns, expired)``; never expires with
+    ``timeout_ns == 0``."""
     expired = 0
     if (timeout_ns > 0) & (misses % CLOCK_EVERY == 0):
         now = clock_ns(clock_addr, USE_PTX)

@@ -26,7 +26,7 @@ has landed. A flag is cleared only by its owner, before the barrier of the call 
 whatever other ops left in the bytes of the areas is cleared or overwritten before it is read.
 
 A wait that passes its deadline (``timeout_ns`` > 0, ``ptx.deadline_tick``) returns the late
-peers' bits; the kernel then records them as the barrier does (``barrier.give_up``) and skips
+peers' bits; the kernel then records them as the barrier does (``barrier.call_finish``) and skips
 the rest of the call. The ranks are in step once the start barrier passed (it checks the call
 counters), so a flag never belongs to another call.
 """
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from . import protocol as P
-from .barrier import barrier, call_end, call_seq, give_up, own_pad
+from .barrier import barrier, call_begin, call_finish, own_pad
 from .ptx import as_i64, as_ptr, peer_addr, signal_put, wait_slots
 
 ERR_WORD = tl.constexpr(P.ERR_WORD)
@@ -141,7 +141,7 @@ def push_reduce_call(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap,
                      flag_off, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
                      WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                      WHOLE: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
-                     ALIGNED: tl.constexpr):
+                     ALIGNED: tl.constexpr, PDL: tl.constexpr):
     """One call of a one-round push reduction into the ``n`` elements at ``out_addr``: every
     peer gets slice ``q`` (of ``n`` elements) of the input at ``in_addr`` from this rank, and
     ``out`` = the sum over the ranks of slice ``RANK`` (a reduce-scatter); with ``WHOLE`` every
@@ -151,11 +151,11 @@ def push_reduce_call(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap,
     Phases: clear this block's flags, the start barrier, then for chunks ``c = pid (mod
     nprog)``: push chunk ``c`` one ahead of the chunk it waits for, wait for every peer's chunk
     ``c`` (acquire), sum in rank order in fp32 and store. Areas: ``WORLD_SIZE - 1`` slots of ``n``
-    elements and rows of ``cdiv(n, BLOCK_SIZE)`` flags (see the module docstring)."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
+    elements and rows of ``cdiv(n, BLOCK_SIZE)`` flags (see the module docstring). The whole of
+    a kernel: it begins with ``barrier.call_begin`` (``PDL``) and ends with
+    ``barrier.call_finish``."""
+    pid, nprog, seq = call_begin(sig_table, RANK, WORLD_SIZE, PDL)
     nchunks = tl.cdiv(n, BLOCK_SIZE)
-    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     local = peer_addr(buf_table, RANK)
     clear_flags(local, flag_off, nchunks, pid, nprog, WORLD_SIZE)
     bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
@@ -188,5 +188,4 @@ def push_reduce_call(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap,
                                ALIGNED)
             tl.store(dst + offs, acc.to(DTYPE), mask=offs < n)
         c = tl.where(status != 0, nchunks, nxt)
-    give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
-    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
+    call_finish(sig_table, pid, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)

@@ -15,11 +15,11 @@ Phases of ``_reduce_scatter_kernel`` (block ``b`` handles chunks ``c`` with ``c 
 A block whose barrier fails (timeout, ranks out of step: kernels/barrier.py) skips the phases
 after it.
 
-``_reduce_scatter_ll_kernel`` (small messages, no barrier; lines of kernels/ll.py): block ``b``
-pushes chunk ``c`` (``c % blocks == b``; ``BLOCK`` elements) of slice ``q`` of the local input
+``_reduce_scatter_lines_kernel`` (small messages, no barrier; lines of kernels/lines.py): block
+``b`` pushes chunk ``c`` (``c % blocks == b``; ``BLOCK`` elements) of slice ``q`` of the local input
 as lines into slot ``RANK`` of rank ``q``, for every peer ``q``, then sums chunk ``c`` over the
-ranks in rank order (its own slice from the input, the peers' from its slots; fp32, the same
-order on every rank) into the output. Nothing of the buffer outside the line area is touched.
+ranks in rank order (its own slice from the input, the peers' from its slots; fp32, the same order
+on every rank) into the output. Nothing of the buffer outside the line area is touched.
 
 ``_reduce_scatter_push_kernel`` (large messages without multicast; the flagged chunks of
 kernels/push.py): block ``b`` clears its flags, passes the start barrier, then for its chunks
@@ -33,10 +33,10 @@ previous chunk's wait, so every block has a push in flight while it waits. No en
 import triton
 import triton.language as tl
 
-from .barrier import barrier, call_end, call_seq, give_up, own_pad
-from .common import copy_shards, ll_push_chunks, ll_reduce_store
-from .ll import ll_poison
-from .ptx import as_i64, as_ptr, load_reduce, pdl_wait, peer_addr
+from .barrier import barrier, call_begin, call_end
+from .common import copy_shards, lines_push_chunks, lines_reduce_store
+from .lines import lines_begin, lines_finish
+from .ptx import as_i64, as_ptr, load_reduce, peer_addr
 from .push import push_reduce_call
 
 
@@ -47,12 +47,9 @@ def _reduce_scatter_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err
                            BLOCK_SIZE: tl.constexpr, STAGE_IN: tl.constexpr,
                            USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
                            ALIGNED: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)  # before any memory access
+    pid, nprog, seq = call_begin(sig_table, RANK, WORLD_SIZE, PDL)
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
     nchunks = tl.cdiv(n, BLOCK_SIZE)
-    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     if STAGE_IN:
         local = peer_addr(buf_table, RANK) + region_off
         copy_shards(in_addr, local, n, BLOCK_SIZE, nchunks, pid, nprog, 0, DTYPE, BLOCK_SIZE,
@@ -75,27 +72,23 @@ def _reduce_scatter_kernel(in_addr, out_addr, buf_table, sig_table, mc_addr, err
 
 
 @triton.jit
-def _reduce_scatter_ll_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, ll_off,
-                              slot_words, n, timeout_ns, DTYPE: tl.constexpr, RANK: tl.constexpr,
-                              WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
-                              BLOCK: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
-                              ALIGNED: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)  # before any memory access
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
+def _reduce_scatter_lines_kernel(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap,
+                                 lines_off, slot_words, n, timeout_ns, DTYPE: tl.constexpr,
+                                 RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
+                                 WORLD_P2: tl.constexpr, BLOCK: tl.constexpr, SCOPE: tl.constexpr,
+                                 USE_PTX: tl.constexpr, ALIGNED: tl.constexpr, PDL: tl.constexpr):
+    pid, nprog, seq, pad, area = lines_begin(sig_table, buf_table, lines_off, RANK, WORLD_SIZE,
+                                             PDL)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
     for i in tl.static_range(1, WORLD_SIZE):  # push slice q to rank q
         q = (RANK + i) % WORLD_SIZE
-        ll_push_chunks(src + q * as_i64(n), buf_table, q, ll_off, n, pid, nprog, seq, slot_words,
-                       DTYPE, BLOCK, RANK, WORLD_SIZE)
-    status = ll_reduce_store(src + RANK * as_i64(n), as_ptr(out_addr, DTYPE, ALIGNED),
-                             peer_addr(buf_table, RANK) + ll_off, n, pid, nprog, seq, slot_words,
-                             timeout_ns, own_pad(sig_table, RANK), DTYPE, BLOCK, RANK, WORLD_SIZE,
-                             USE_PTX)
-    give_up(sig_table, seq, status, err_addr, seq_cap, RANK, WORLD_SIZE, WORLD_P2, SCOPE)
-    ll_poison(buf_table, ll_off, seq, slot_words, status, RANK, WORLD_SIZE)
-    call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
+        lines_push_chunks(src + q * as_i64(n), buf_table, q, lines_off, n, pid, nprog, seq,
+                          slot_words, DTYPE, BLOCK, RANK, WORLD_SIZE)
+    status = lines_reduce_store(src + RANK * as_i64(n), as_ptr(out_addr, DTYPE, ALIGNED), area, n,
+                                pid, nprog, seq, slot_words, timeout_ns, pad, DTYPE, BLOCK, RANK,
+                                WORLD_SIZE, USE_PTX)
+    lines_finish(sig_table, buf_table, lines_off, pid, seq, slot_words, status, err_addr, seq_cap,
+                 RANK, WORLD_SIZE, WORLD_P2, SCOPE)
 
 
 @triton.jit
@@ -105,7 +98,6 @@ def _reduce_scatter_push_kernel(in_addr, out_addr, buf_table, sig_table, err_add
                                 WORLD_P2: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                                 SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
                                 PDL: tl.constexpr):
-    pdl_wait(PDL)  # before any memory access
     push_reduce_call(in_addr, out_addr, buf_table, sig_table, err_addr, seq_cap, slot_off,
                      flag_off, n, timeout_ns, DTYPE, RANK, WORLD_SIZE, WORLD_P2, BLOCK_SIZE, False,
-                     SCOPE, USE_PTX, ALIGNED)
+                     SCOPE, USE_PTX, ALIGNED, PDL)

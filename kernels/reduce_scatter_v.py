@@ -26,9 +26,9 @@ Rows of the output past ``counts[RANK]`` are never written.
 import triton
 import triton.language as tl
 
-from .barrier import barrier, call_end, call_seq
+from .barrier import barrier, call_begin, call_end
 from .common import clamped_counts, copy_slices, lane, row_elems
-from .ptx import as_ptr, load_reduce, pdl_wait, peer_addr
+from .ptx import as_ptr, load_reduce, peer_addr
 
 
 @triton.jit
@@ -39,11 +39,8 @@ def _reduce_scatter_v_kernel(in_addr, out_addr, counts_addr, buf_table, sig_tabl
                              BLOCK_SIZE: tl.constexpr, STAGE_IN: tl.constexpr,
                              SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
                              PDL: tl.constexpr):
-    pdl_wait(PDL)  # before any memory access
+    pid, nprog, seq = call_begin(sig_table, RANK, WORLD_SIZE, PDL)
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    seq = call_seq(sig_table, pid, RANK, WORLD_SIZE)
     start, n = clamped_counts(counts_addr, count_err_addr, pid, cap_out, cap_in, COUNTS_DTYPE,
                               WORLD_SIZE, WORLD_P2)
     if STAGE_IN:

@@ -38,10 +38,6 @@ class Ctx:
     lines_off: int = 0  # the line area: its offset in every rank's allocation
     lines_words: int = 0  # and its 32-bit words per source slot (0: no area)
 
-    # the names ops/ and tests/ read until they move to lines_off / lines_words
-    ll_off = property(lambda self: self.lines_off)
-    ll_words = property(lambda self: self.lines_words)
-
     @property
     def world_p2(self) -> int:
         return 1 << (self.world - 1).bit_length()

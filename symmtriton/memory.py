@@ -105,9 +105,9 @@ class SymmetricMemoryBuffer:
         #: the line area: its byte offset in every rank's allocation, its words per source slot
         #: (``presets.LINES_SLOT_BYTES``; 0: none, at one rank) and the whole allocation's size
         self.lines_off = -(-self.nbytes // 16) * 16
-        self.lines_words = (presets.LINES_SLOT_BYTES[self.backend] // _protocol.LL_WORD_BYTES
+        self.lines_words = (presets.LINES_SLOT_BYTES[self.backend] // _protocol.LINES_WORD_BYTES
                             if self.world_size > 1 else 0)
-        self.alloc_bytes = self.lines_off + _protocol.ll_area_bytes(self.world_size,
+        self.alloc_bytes = self.lines_off + _protocol.lines_area_bytes(self.world_size,
                                                                     self.lines_words)
         self.device = backends.backend_device(self.backend)
         self._setup()
@@ -241,9 +241,6 @@ class SymmetricMemoryBuffer:
                 "tensors": [(self.symm_buffer[o:o + n], o) for o, n in layout]}
 
     # -- helpers for the collectives.
-    # the names ops/ and tests/ read until they move to lines_off / lines_words
-    ll_off = property(lambda self: self.lines_off)
-    ll_words = property(lambda self: self.lines_words)
 
     def byte_offset_of(self, tensor: torch.Tensor) -> int | None:
         """Byte offset of ``tensor``'s data inside this rank's buffer, or ``None`` when the tensor

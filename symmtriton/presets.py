@@ -91,7 +91,7 @@ ALL_REDUCE_ONE_SHOT_MAX_BYTES = _preset("ALL_REDUCE_ONE_SHOT_MAX_BYTES", 512 * _
 #: chunk bytes of a block for large shards (the tuning cache may replace the whole config)
 DEFAULT_CHUNK_BYTES = _preset(
     "DEFAULT_CHUNK_BYTES", 16 * _KIB,
-    "not measured on its own: a starting point that symmtriton.tuner's winners replace")
+    "not measured on its own: a starting point that symmtriton.tools.bench.tune's winners replace")
 #: most warps per block of the default configs
 DEFAULT_NUM_WARPS = _preset(
     "DEFAULT_NUM_WARPS", 8,

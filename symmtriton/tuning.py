@@ -1,6 +1,6 @@
 """The agreed launch configs: the cache file of tuned winners and :func:`lookup_config`, what
 every collective calls (runtime: below ``ops/``; the tuner that fills the file is
-:mod:`symmtriton.tuner`, a tool above it).
+:mod:`symmtriton.tools.bench.tune`, a tool above it).
 
 :func:`lookup_config` picks a call's launch config: the tuned winner for this GPU, world size,
 op, launch dtype and power-of-two size bucket when the cache holds one, else

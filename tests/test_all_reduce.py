@@ -61,7 +61,7 @@ def test_all_reduce_exact(pool, algorithm):
 
 
 def test_all_reduce_lines_exact(pool):
-    """The barrier-free one-shot (kernels/ll.py): sizes of whole 32-bit words, several chunks per
+    """The barrier-free one-shot (kernels/lines.py): sizes of whole 32-bit words, several chunks per
     block, every placement."""
     sizes = (2, 38, 1000, 2 * 1024 + 4)
     assert pool.run(_ar_cases, "bfloat16", "lines", MODES, sizes, SMALL) == [[]] * pool.world_size

@@ -68,7 +68,7 @@ def test_all_reduce_rmsnorm_bf16(pool, mode, algorithm):
 @pytest.mark.parametrize("mode", ["staged", pytest.param("zero_copy", marks=pytest.mark.w3_full),
                                   pytest.param("out", marks=pytest.mark.w3_full)])
 def test_all_reduce_rmsnorm_lines_bf16(pool, mode):
-    """The barrier-free one-shot (kernels/ll.py): rows of whole 32-bit words."""
+    """The barrier-free one-shot (kernels/lines.py): rows of whole 32-bit words."""
     shapes = ((1, 8), (3, 1000), (5, 38), (7, 1152))
     assert pool.run(_cases, "bfloat16", mode, "lines", shapes) == [[]] * pool.world_size
 

@@ -19,7 +19,7 @@ from symmtriton.tools.bench import meta as bench_meta
 from symmtriton.config import CONFIG_KEYS
 from symmtriton.kernels.all_reduce import (_all_reduce_kernel, _all_reduce_one_shot_push_kernel,
                                            _all_reduce_push_kernel)
-from symmtriton.kernels.reduce_scatter import (_reduce_scatter_kernel, _reduce_scatter_ll_kernel,
+from symmtriton.kernels.reduce_scatter import (_reduce_scatter_kernel, _reduce_scatter_lines_kernel,
                                                _reduce_scatter_push_kernel)
 from symmtriton.ops import driver
 from symmtriton.tools.testing import CPU_ENV
@@ -268,7 +268,7 @@ def test_variant_names_the_kernel_a_row_launched(monkeypatch):
     ``lines``, ``barrier`` and the all-reduce's ``one_shot`` / ``two_shot``."""
     cases = ((_reduce_scatter_push_kernel, {}, "push"), (_all_reduce_push_kernel, {}, "push"),
              (_all_reduce_one_shot_push_kernel, {}, "push_one_shot"),
-             (_reduce_scatter_ll_kernel, {}, "lines"), (_reduce_scatter_kernel, {}, "barrier"),
+             (_reduce_scatter_lines_kernel, {}, "lines"), (_reduce_scatter_kernel, {}, "barrier"),
              (_all_reduce_kernel, {"TWO_SHOT": True}, "two_shot"))
     for fn, constexprs, want in cases:
         plan = SimpleNamespace(kernel=SimpleNamespace(fn=fn, constexprs=constexprs))

@@ -35,7 +35,8 @@ def _compile(rank, world, which, capability, multimem, aligned, world_size=3, sc
     kern = getattr(importlib.import_module(f"symmtriton.kernels.{module}"), name)
     group = dict(COMMON, WORLD_SIZE=world_size, WORLD_P2=triton.next_power_of_2(world_size),
                  SCOPE=scope, RANK=min(COMMON["RANK"], world_size - 1))
-    c = compile_for_target(kern, capability, **group, **extra, USE_MULTIMEM=multimem, ALIGNED=aligned)
+    c = compile_for_target(kern, capability, **group, **extra, USE_MULTIMEM=multimem,
+                           ALIGNED=aligned)
     ptx = c.asm["ptx"]
     return {
         "ld_reduce": ptx.count("multimem.ld_reduce"),

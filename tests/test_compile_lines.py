@@ -1,4 +1,4 @@
-"""Compile tier for the barrier-free kernels (kernels/ll.py), as tests/test_compile.py for the
+"""Compile tier for the barrier-free kernels (kernels/lines.py), as tests/test_compile.py for the
 others: compiled for sm_90 / sm_100 by Triton's bundled ptxas on this (GPU-less) machine. With
 the launcher's alignment promise the lines go out as 16-byte stores (two lines each) and come
 in through 16-byte volatile loads (inline PTX: Triton does not vectorize volatile loads); there
@@ -9,17 +9,19 @@ import triton.language as tl
 
 COMMON = dict(RANK=1, WORLD_SIZE=3, WORLD_P2=4, SCOPE="sys", USE_PTX=True)
 KERNELS = {
-    "all_gather": ("all_gather", "_all_gather_ll_kernel", dict(DTYPE=tl.int32, BLOCK=1024)),
-    "all_gather_bytes": ("all_gather", "_all_gather_ll_kernel", dict(DTYPE=tl.uint8, BLOCK=4096)),
-    "reduce_scatter": ("reduce_scatter", "_reduce_scatter_ll_kernel",
+    "all_gather": ("all_gather", "_all_gather_lines_kernel", dict(DTYPE=tl.int32, BLOCK=1024)),
+    "all_gather_bytes": ("all_gather", "_all_gather_lines_kernel",
+                         dict(DTYPE=tl.uint8, BLOCK=4096)),
+    "reduce_scatter": ("reduce_scatter", "_reduce_scatter_lines_kernel",
                        dict(DTYPE=tl.bfloat16, BLOCK=2048)),
-    "all_reduce": ("all_reduce", "_all_reduce_ll_kernel", dict(DTYPE=tl.float16, BLOCK=2048)),
-    "all_reduce_rmsnorm": ("all_reduce_rmsnorm", "_all_reduce_rmsnorm_ll_kernel",
-                           dict(DTYPE=tl.bfloat16, W_DTYPE=tl.float32, CHUNK=256, NC=16, num_warps=1)),
-    "fused_rmsnorm": ("fused_rmsnorm", "_fused_rmsnorm_ll_kernel",
+    "all_reduce": ("all_reduce", "_all_reduce_lines_kernel", dict(DTYPE=tl.float16, BLOCK=2048)),
+    "all_reduce_rmsnorm": ("all_reduce_rmsnorm", "_all_reduce_rmsnorm_lines_kernel",
+                           dict(DTYPE=tl.bfloat16, W_DTYPE=tl.float32, CHUNK=256, NC=16,
+                                num_warps=1)),
+    "fused_rmsnorm": ("fused_rmsnorm", "_fused_rmsnorm_lines_kernel",
                       dict(DTYPE=tl.bfloat16, W_DTYPE=tl.bfloat16, CHUNK=256, NC=16,
                            ALL_GATHER=True, num_warps=1)),
-    "fused_rmsnorm_whole_rows": ("fused_rmsnorm", "_fused_rmsnorm_ll_kernel",
+    "fused_rmsnorm_whole_rows": ("fused_rmsnorm", "_fused_rmsnorm_lines_kernel",
                                  dict(DTYPE=tl.float16, W_DTYPE=tl.float16, CHUNK=1024, NC=1,
                                       ALL_GATHER=False)),
 }
@@ -52,7 +54,7 @@ def test_lines_kernels_store_16_byte_pairs_and_poll_without_barriers(compiler, w
     [r] = compiler.run(_compile, which, 90, True)
     assert r["cubin"] and r["line_stores"] > 0 and r["pair_loads"] > 0
     assert r["signals"] == 0 and r["multimem"] == 0 and r["pdl"] == 0
-    # rows in several units pass their stats through inboxes, with no atomic (kernels/ll_rows.py)
+    # rows in several units pass their stats through inboxes, with no atomic (kernels/lines_rows.py)
     assert r["gpu_atomics"] == 0
 
 
@@ -71,12 +73,12 @@ def test_lines_kernels_compile_unaligned_and_with_counts_of_one(compiler, which)
 
 
 
-#: waits whose lines Triton keeps copies of in several warps (kernels/ll.py, "Warps"): the
+#: waits whose lines Triton keeps copies of in several warps (kernels/lines.py, "Warps"): the
 #: all-gather's 64 lines in 4 warps, and a row kernel's inbox (its last wait), 4 lines in 2 warps.
 POLLED_IN_SEVERAL_WARPS = {
-    "all_gather": ("all_gather", "_all_gather_ll_kernel",
+    "all_gather": ("all_gather", "_all_gather_lines_kernel",
                    dict(num_warps=4, DTYPE=tl.int32, BLOCK=64)),
-    "row_inbox": ("all_reduce_rmsnorm", "_all_reduce_rmsnorm_ll_kernel",
+    "row_inbox": ("all_reduce_rmsnorm", "_all_reduce_rmsnorm_lines_kernel",
                   dict(num_warps=2, DTYPE=tl.bfloat16, W_DTYPE=tl.bfloat16, CHUNK=1024, NC=4)),
 }
 

@@ -1,7 +1,7 @@
 """Every repository path the documentation cites exists: in every Markdown file, and in the
 comments and docstrings of symmtriton/, kernels/, tests/, examples/ and benchmarks/ (plus the
 comments of benchmarks/*.sh). A cited path is a run of path characters that starts with a
-top-level folder (``kernels/ll.py``, ``benchmarks/results/...``, ``docs/...``) or, relative to
+top-level folder (``kernels/lines.py``, ``benchmarks/results/...``, ``docs/...``) or, relative to
 the citing file or a package folder, with ``results/``, ``latest/``, ``archive/``, ``ops/``,
 ``backends/`` or an archive folder (``2026-11-26_3ac72a2/...``). URLs, glob patterns
 (``*``) and placeholders (``<op>``) are not paths; ``name.{csv,json}`` stands for both files."""
@@ -87,10 +87,10 @@ def test_paths_cited_in_comments_and_docstrings_exist():
 
 
 def test_the_path_pattern():
-    text = ("see kernels/ll.py, `tests/test_<op>.py`, symmtriton/bench*.py, https://x.org/docs/a, "
+    text = ("see kernels/lines.py, `tests/test_<op>.py`, symmtriton/bench*.py, https://x.org/docs/a, "
             "latest/h200_w1.{csv,json} and benchmarks/results/archive/2026-11-26_3ac72a2/x.csv.")
     assert list(_cited(text)) == [
-        ("kernels/ll.py", ["kernels/ll.py"]),
+        ("kernels/lines.py", ["kernels/lines.py"]),
         ("latest/h200_w1", ["latest/h200_w1.csv", "latest/h200_w1.json"]),
         ("benchmarks/results/archive/2026-11-26_3ac72a2/x.csv",
          ["benchmarks/results/archive/2026-11-26_3ac72a2/x.csv"])]

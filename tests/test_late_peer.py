@@ -1,4 +1,4 @@
-"""A late peer on the barrier-free path (kernels/ll.py): the ranks that gave up on a call and
+"""A late peer on the barrier-free path (kernels/lines.py): the ranks that gave up on a call and
 the rank that came late agree that the call failed. Every op with a lines kernel; the late rank
 pushes its lines after the others' deadline, finds the poisoned lines they left in its area, and
 raises at the same call (the late rank calls only after the others' calls returned)."""
@@ -9,15 +9,15 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton.ops import driver
-from symmtriton.kernels.all_gather import _all_gather_ll_kernel
-from symmtriton.kernels.all_reduce import _all_reduce_ll_kernel
-from symmtriton.kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_ll_kernel
-from symmtriton.kernels.fused_rmsnorm import _fused_rmsnorm_ll_kernel
-from symmtriton.kernels.reduce_scatter import _reduce_scatter_ll_kernel
+from symmtriton.kernels.all_gather import _all_gather_lines_kernel
+from symmtriton.kernels.all_reduce import _all_reduce_lines_kernel
+from symmtriton.kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_lines_kernel
+from symmtriton.kernels.fused_rmsnorm import _fused_rmsnorm_lines_kernel
+from symmtriton.kernels.reduce_scatter import _reduce_scatter_lines_kernel
 from symmtriton.tools.testing import device, protocol, tagged
 
-LINES_KERNELS = (_all_gather_ll_kernel, _reduce_scatter_ll_kernel, _all_reduce_ll_kernel,
-                 _all_reduce_rmsnorm_ll_kernel, _fused_rmsnorm_ll_kernel)
+LINES_KERNELS = (_all_gather_lines_kernel, _reduce_scatter_lines_kernel, _all_reduce_lines_kernel,
+                 _all_reduce_rmsnorm_lines_kernel, _fused_rmsnorm_lines_kernel)
 
 TIMEOUT_S = 1.0
 

@@ -1,4 +1,4 @@
-"""The barrier-free path (kernels/ll.py): flag-in-data lines carry small messages of every op
+"""The barrier-free path (kernels/lines.py): flag-in-data lines carry small messages of every op
 that has it, exactly, call after call on both parities, and leave the line area all zero.
 
 Each op runs on rank-tagged integer data (exact sums) under ``$SYMMTRITON_PROTOCOL=lines`` and
@@ -11,17 +11,17 @@ import torch.distributed as dist
 import symmtriton as st
 from symmtriton.config import lines_config, lines_row_config, lines_row_split
 from symmtriton.context import LINES_MAX_BYTES, context
-from symmtriton.kernels.all_gather import _all_gather_ll_kernel
-from symmtriton.kernels.all_reduce import _all_reduce_ll_kernel
-from symmtriton.kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_ll_kernel
-from symmtriton.kernels.fused_rmsnorm import _fused_rmsnorm_ll_kernel
-from symmtriton.kernels.reduce_scatter import _reduce_scatter_ll_kernel
+from symmtriton.kernels.all_gather import _all_gather_lines_kernel
+from symmtriton.kernels.all_reduce import _all_reduce_lines_kernel
+from symmtriton.kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_lines_kernel
+from symmtriton.kernels.fused_rmsnorm import _fused_rmsnorm_lines_kernel
+from symmtriton.kernels.reduce_scatter import _reduce_scatter_lines_kernel
 from symmtriton.ops import driver
 from symmtriton.tools import reference
 from symmtriton.tools.testing import device, protocol, sync, tagged
 
-LINES_KERNELS = (_all_gather_ll_kernel, _reduce_scatter_ll_kernel, _all_reduce_ll_kernel,
-                 _all_reduce_rmsnorm_ll_kernel, _fused_rmsnorm_ll_kernel)
+LINES_KERNELS = (_all_gather_lines_kernel, _reduce_scatter_lines_kernel, _all_reduce_lines_kernel,
+                 _all_reduce_rmsnorm_lines_kernel, _fused_rmsnorm_lines_kernel)
 
 
 def _last_kernel():
@@ -31,7 +31,7 @@ def _last_kernel():
 def _line_area(buf) -> torch.Tensor:
     """This rank's line area as int64 lines."""
     hdl = buf.symm_mem_hdl
-    return hdl.local_tensor()[buf.ll_off:buf.alloc_bytes].view(torch.int64)
+    return hdl.local_tensor()[buf.lines_off:buf.alloc_bytes].view(torch.int64)
 
 
 def _ops(rank, world, salt):
@@ -124,14 +124,14 @@ def _auto_choice(rank, world):
     """``auto`` sends small messages as lines and larger ones (or odd byte counts) with barriers."""
     buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=8)
     # the auto limit on all this rank pushes (to world - 1 peers), or the slot if smaller
-    cap = min(LINES_MAX_BYTES // (world - 1), buf.ll_words * 4)
+    cap = min(LINES_MAX_BYTES // (world - 1), buf.lines_words * 4)
     chosen = {}
     with protocol("auto"):
         for n in (4, 7, cap // 2, cap // 2 + 2):
             x = tagged(n, torch.bfloat16, rank)
             st.all_gather_into_tensor(torch.empty(world * n, dtype=torch.bfloat16,
                                                   device=device()), x)
-            chosen[n] = _last_kernel() is _all_gather_ll_kernel
+            chosen[n] = _last_kernel() is _all_gather_lines_kernel
         sync()
     return list(chosen.values())
 
@@ -150,8 +150,8 @@ def _area_layout(rank, world):
     # the scratch API never reaches the area
     whole = buf.maybe_get_tensor((buf.nbytes,), torch.uint8)["tensor"]
     past = buf.maybe_get_tensor((buf.nbytes + 1,), torch.uint8)["tensor"]
-    return (ctx.ll_off >= whole.numel(), past is None, ctx.ll_words,
-            buf.alloc_bytes - buf.ll_off)
+    return (ctx.lines_off >= whole.numel(), past is None, ctx.lines_words,
+            buf.alloc_bytes - buf.lines_off)
 
 
 def test_line_area_lies_past_the_scratch_bytes(cpu_pool):
@@ -184,7 +184,7 @@ def test_flat_chunks_halve_for_mid_sizes(peer_bytes, chunk_bytes):
 
 
 def test_row_split_fills_the_blocks_and_fits_the_slot():
-    """config.lines_row_split: how the barrier-free row kernels cut rows (kernels/ll_rows.py)."""
+    """config.lines_row_split: how the barrier-free row kernels cut rows (kernels/lines_rows.py)."""
     cfg = lines_row_config(4096, torch.bfloat16, 2)
     big = 1 << 18  # inbox lines of a GPU slot
     # decode rows: 256-byte units, one block (a warp) each; 512 bytes when they outnumber blocks

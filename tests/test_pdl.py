@@ -1,8 +1,8 @@
-"""Programmatic dependent launch (PDL): ``$SYMMTRITON_PDL`` and its parse; every kernel entry
-point waits (``ptx.pdl_wait``) as its first statement, and compiled with ``PDL`` its PTX holds one
-``griddepcontrol.wait`` before any memory access and never an early trigger; the launch layer
-passes ``launch_pdl`` and ``PDL`` together, only when PDL is on (stand-ins for Triton on the
-CPU); on a GPU the ops give the same results with PDL on and off, eager and in a CUDA graph."""
+"""Programmatic dependent launch (PDL): ``$SYMMTRITON_PDL`` and its parse; every kernel entry point
+waits (``ptx.pdl_wait``) first, through its first statement, and compiled with ``PDL`` its PTX holds
+one ``griddepcontrol.wait`` before any memory access and never an early trigger; the launch layer
+passes ``launch_pdl`` and ``PDL`` together, only when PDL is on (stand-ins for Triton on the CPU);
+on a GPU the ops give the same results with PDL on and off, eager and in a CUDA graph."""
 
 import ast
 import os
@@ -90,27 +90,54 @@ def test_pdl_on_below_sm90_raises(monkeypatch):
 
 
 # -- the kernels ----------------------------------------------------------------------------------
+def _device_functions():
+    """Every top-level function of kernels/, by name."""
+    return {node.name: node for path in KERNELS.glob("*.py")
+            for node in ast.parse(path.read_text()).body if isinstance(node, ast.FunctionDef)}
+
+
+def _waits_first(fn, functions, seen=()):
+    """``fn`` takes ``PDL: tl.constexpr`` and its first statement (after its docstring) is
+    ``pdl_wait(PDL)``, or a call (its value possibly assigned) of a function of kernels/ that
+    waits first, given ``PDL``."""
+    args = [a.arg for a in fn.args.args]
+    notes = {a.arg: ast.unparse(a.annotation) if a.annotation else "" for a in fn.args.args}
+    body = fn.body[1:] if ast.get_docstring(fn) is not None else fn.body
+    if notes.get("PDL") != "tl.constexpr" or not body or fn.name in seen:
+        return False
+    first = body[0]
+    call = first.value if isinstance(first, (ast.Expr, ast.Assign)) else None
+    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name):
+        return False
+    if ast.unparse(call) == "pdl_wait(PDL)":
+        return True
+    callee = functions.get(call.func.id)
+    if callee is None or "PDL" not in [a.arg for a in callee.args.args]:
+        return False
+    i = [a.arg for a in callee.args.args].index("PDL")
+    given = {k.arg: k.value for k in call.keywords}
+    passed = call.args[i] if i < len(call.args) else given.get("PDL")
+    return (isinstance(passed, ast.Name) and passed.id == "PDL" and "PDL" in args
+            and _waits_first(callee, functions, seen + (fn.name,)))
+
+
 def test_every_kernel_waits_first():
-    """Every ``@triton.jit`` ``_<op>_kernel`` in kernels/ takes ``PDL: tl.constexpr`` and calls
-    ``pdl_wait(PDL)`` as its first statement (before any memory access)."""
-    found, bad = set(), []
-    for path in KERNELS.glob("*.py"):
-        for node in ast.parse(path.read_text()).body:
-            if not (isinstance(node, ast.FunctionDef) and re.fullmatch(r"_\w+_kernel", node.name)):
-                continue
-            found.add(node.name)
-            args = {a.arg: ast.unparse(a.annotation) if a.annotation else "" for a in node.args.args}
-            first = ast.unparse(node.body[0]) if node.body else ""
-            if args.get("PDL") != "tl.constexpr" or first != "pdl_wait(PDL)":
-                bad.append(f"{path.name}:{node.name}")
-    assert {"_all_gather_kernel", "_all_gather_ll_kernel", "_reduce_scatter_kernel",
+    """Every ``@triton.jit`` ``_<op>_kernel`` in kernels/ takes ``PDL: tl.constexpr`` and waits
+    (``pdl_wait(PDL)``) first, before any memory access: its first statement is the wait or a
+    call of a device function that waits first (``barrier.call_begin``, ``lines.lines_begin``,
+    ``push.push_reduce_call``), given ``PDL``."""
+    functions = _device_functions()
+    found = {name for name in functions if re.fullmatch(r"_\w+_kernel", name)}
+    bad = sorted(name for name in found if not _waits_first(functions[name], functions))
+    assert {"_all_gather_kernel", "_all_gather_lines_kernel", "_reduce_scatter_kernel",
             "_fused_rmsnorm_kernel", "_all_reduce_kernel", "_all_gather_v_kernel"} <= found
     assert bad == []
 
 
 COMMON = dict(RANK=1, WORLD_SIZE=3, WORLD_P2=4, SCOPE="sys", USE_PTX=True, ALIGNED=True)
 PTX_KERNELS = {
-    "all_gather_lines": ("all_gather", "_all_gather_ll_kernel", dict(DTYPE=tl.int32, BLOCK=1024)),
+    "all_gather_lines": ("all_gather", "_all_gather_lines_kernel",
+                         dict(DTYPE=tl.int32, BLOCK=1024)),
     "reduce_scatter": ("reduce_scatter", "_reduce_scatter_kernel",
                        dict(DTYPE=tl.bfloat16, BLOCK_SIZE=2048, STAGE_IN=True,
                             USE_MULTIMEM=False)),
@@ -173,7 +200,8 @@ class _Ops:
             st.all_gather_into_tensor(t["ag_out"], t["ag_in"])
             st.reduce_scatter_tensor(t["rs_out"], t["rs_in"])
             st.all_reduce(t["ar_in"], out=t["ar_out"])
-            st.reduce_scatter_add_rmsnorm_all_gather(t["f_in"], t["f_res"], t["f_w"], out=t["f_out"])
+            st.reduce_scatter_add_rmsnorm_all_gather(t["f_in"], t["f_res"], t["f_w"],
+                                                     out=t["f_out"])
 
     def fill(self, salt):
         r, w = self.rank, self.world

@@ -18,7 +18,7 @@ from symmtriton.tools.testing import device, protocol, sync, tagged
 
 TIMEOUT_S = 20.0  # a protocol bug shows as a timeout error instead of a hang
 #: how late the rank before the skipper starts its next call: time for the others to see the
-#: mismatch and poison its lines first (kernels/ll.py), the order that must still read as one.
+#: mismatch and poison its lines first (kernels/lines.py), the order that must still read as one.
 LATE_S = 1.0
 
 
@@ -129,7 +129,7 @@ def _skipped_call_planned(rank, world, skipper):
 def test_call_skipped_on_one_rank_raises_on_every_rank(pool, mode):
     """Rank ``W - 1`` raises a ValueError on a call that the others make: their next calls must
     raise a mismatch on every rank (the ranks are out of step), never return another call's data
-    nor read as a timeout; with barriers and with flag-in-data lines (kernels/ll.py). Rank
+    nor read as a timeout; with barriers and with flag-in-data lines (kernels/lines.py). Rank
     ``W - 2`` comes late, so with lines it reads the poison of a peer that already saw the
     mismatch before (or instead of) the skipper's own lines."""
     world = pool.world_size

@@ -1,5 +1,5 @@
-"""Host side shared by the flat barrier-free kernels (kernels/ll.py): ``_all_gather_ll_kernel``,
-``_reduce_scatter_ll_kernel`` and ``_all_reduce_ll_kernel`` take the same arguments, listed
+"""Host side shared by the flat barrier-free kernels (kernels/lines.py): ``_all_gather_lines_kernel``,
+``_reduce_scatter_lines_kernel`` and ``_all_reduce_lines_kernel`` take the same arguments, listed
 here only."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def flat_lines_launch(op: str, ctx: Ctx, kernel, cfg: LaunchConfig, grid_numel: 
     return Launch(
         op, ctx.buf, kernel, cfg.grid(grid_numel, ctx.grid_cap), cfg.num_warps,
         (src.data_ptr(), dst.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
-         ctx.grid_cap, ctx.ll_off, ctx.ll_words, n, env.timeout_ns(timeout_s)),
+         ctx.grid_cap, ctx.lines_off, ctx.lines_words, n, env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[dtype], RANK=ctx.rank, WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2,
              BLOCK=block, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx,
              ALIGNED=aligned16(src.data_ptr(), dst.data_ptr(), nbytes)))

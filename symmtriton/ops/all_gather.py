@@ -10,7 +10,7 @@ from .._calls import counts_calls
 from ..config import CONFIG_OP, LaunchConfig, bit_unit, lines_block, lines_config
 from ..context import (aligned16, context, find_buffer, lines_eligible, multimem_eligible, offset_in,
                        region_after, symm_usable)
-from ..kernels.all_gather import _all_gather_kernel, _all_gather_ll_kernel
+from ..kernels.all_gather import _all_gather_kernel, _all_gather_lines_kernel
 from ..launch import Launch
 from ..validation import check_disjoint, check_gather_shapes, check_same, check_tensor
 from ._lines import flat_lines_launch
@@ -56,7 +56,7 @@ class AllGather(Collective):
             # the widest unit both addresses allow (a per-rank constexpr); ``cfg.block_size``
             # counts 32-bit words, so every rank launches the same grid
             unit = bit_unit(nbytes, input.data_ptr(), output.data_ptr())
-            launch = flat_lines_launch(self.name, context(buf), _all_gather_ll_kernel, cfg,
+            launch = flat_lines_launch(self.name, context(buf), _all_gather_lines_kernel, cfg,
                                        nbytes // 4, input, output, nbytes // unit.itemsize, unit,
                                        lines_block(cfg.block_size, 4) * (4 // unit.itemsize),
                                        timeout_s)

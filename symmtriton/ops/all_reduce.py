@@ -5,7 +5,7 @@ kernels/all_reduce_rmsnorm.py, for tensor parallelism without sequence paralleli
     residual = residual + sum over ranks of input              # all_reduce_add_rmsnorm: in place
     out      = rmsnorm(residual) * weight                      #   (fp32 statistics)
 
-Both run over flag-in-data lines (``"lines"``: one-shot without a barrier, kernels/ll.py; small
+Both run over flag-in-data lines (``"lines"``: one-shot without a barrier, kernels/lines.py; small
 tensors, see :func:`choose_algorithm`), one-shot (every rank reduces the whole tensor) or two-shot
 (each rank reduces ``1/world`` of it and stores the sums on every rank), chosen by size or forced
 with ``algorithm=``. Zero-copy when the
@@ -26,8 +26,8 @@ from ..config import (ALL_REDUCE_ALGORITHMS, MAX_FUSED_HIDDEN, LaunchConfig, all
 from ..context import (LINES_MAX_BYTES, LINES_ROWS_MAX_BYTES, aligned16, context, find_buffer,
                        lines_eligible, lines_fit, multimem_eligible, offset_in, push_eligible,
                        push_one_shot_eligible, region_after, symm_usable)
-from ..kernels.all_reduce import _all_reduce_kernel, _all_reduce_ll_kernel
-from ..kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel, _all_reduce_rmsnorm_ll_kernel
+from ..kernels.all_reduce import _all_reduce_kernel, _all_reduce_lines_kernel
+from ..kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel, _all_reduce_rmsnorm_lines_kernel
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_disjoint, check_same, check_tensor
 from ._lines import flat_lines_launch
@@ -77,7 +77,7 @@ class AllReduce(Collective):
                                 LINES_MAX_BYTES)
         if algo == "lines":
             cfg = config or lines_config(n, tensor.dtype, world)
-            launch = flat_lines_launch(ALL_REDUCE.name, context(buf), _all_reduce_ll_kernel, cfg,
+            launch = flat_lines_launch(ALL_REDUCE.name, context(buf), _all_reduce_lines_kernel, cfg,
                                        n, tensor, dst, n, tensor.dtype,
                                        lines_block(cfg.block_size, esize), timeout_s)
             return OutputPlan(launch, ConfigChoice(cfg))
@@ -235,7 +235,7 @@ def choose_algorithm(buf, device, algorithm, nbytes: int, row_bytes: int, world:
     if algorithm == "lines":
         if usable and not lines_fit(context(buf), nbytes, row_bytes):
             raise ValueError(f"algorithm='lines' needs rows of whole 32-bit words and at most "
-                             f"{buf.ll_words * 4} bytes, got {nbytes} bytes in rows of "
+                             f"{buf.lines_words * 4} bytes, got {nbytes} bytes in rows of "
                              f"{row_bytes}")
         return algorithm
     if algorithm is not None:
@@ -246,18 +246,18 @@ def choose_algorithm(buf, device, algorithm, nbytes: int, row_bytes: int, world:
 
 
 def _fused_lines_launch(ctx, cfg: LaunchConfig, args, out, var_index, timeout_s):
-    """The launch of ``_all_reduce_rmsnorm_ll_kernel``: its arguments, listed here only."""
+    """The launch of ``_all_reduce_rmsnorm_lines_kernel``: its arguments, listed here only."""
     input, residual, weight, eps = args[:4]
     S, H = input.shape
     aligned = (aligned16(input.data_ptr(), out.data_ptr(), residual.data_ptr(),
                          H * input.element_size())
                and aligned16(weight.data_ptr(), H * weight.element_size()))
     grid, chunk, nc, warps = lines_row_split(cfg, S, H, input.element_size(), ctx.grid_cap,
-                                             ctx.ll_words, not ctx.use_ptx)
+                                             ctx.lines_words, not ctx.use_ptx)
     return Launch(
-        ALL_REDUCE_ADD_RMSNORM.name, ctx.buf, _all_reduce_rmsnorm_ll_kernel, grid, warps,
+        ALL_REDUCE_ADD_RMSNORM.name, ctx.buf, _all_reduce_rmsnorm_lines_kernel, grid, warps,
         (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(), ctx.buf_table,
-         ctx.sig_table, ctx.err_addr, ctx.grid_cap, ctx.ll_off, ctx.ll_words, S, H, float(eps),
+         ctx.sig_table, ctx.err_addr, ctx.grid_cap, ctx.lines_off, ctx.lines_words, S, H, float(eps),
          env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype], RANK=ctx.rank,
              WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, CHUNK=chunk, NC=nc, SCOPE=ctx.scope,

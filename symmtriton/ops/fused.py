@@ -26,7 +26,7 @@ from .._calls import counts_calls
 from ..config import CONFIG_OP, MAX_FUSED_HIDDEN, LaunchConfig, lines_row_config, lines_row_split
 from ..context import (LINES_ROWS_MAX_BYTES, aligned16, context, find_buffer, lines_eligible,
                        multimem_eligible, offset_in, region_after, symm_usable)
-from ..kernels.fused_rmsnorm import _fused_rmsnorm_kernel, _fused_rmsnorm_ll_kernel
+from ..kernels.fused_rmsnorm import _fused_rmsnorm_kernel, _fused_rmsnorm_lines_kernel
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_disjoint, check_same, check_tensor
 from .driver import (STALE, TL_DTYPE, Collective, ConfigChoice, bump_versions, call,
@@ -195,7 +195,7 @@ def _kernel_launch(op, ctx, cfg: LaunchConfig, args, out, region, stage_in, copy
 
 
 def _lines_launch(op, ctx, cfg: LaunchConfig, args, out, all_gather, var_index, timeout_s):
-    """The launch of ``_fused_rmsnorm_ll_kernel`` (small inputs, no barrier): its arguments,
+    """The launch of ``_fused_rmsnorm_lines_kernel`` (small inputs, no barrier): its arguments,
     listed here only."""
     input, residual, weight, eps, _ = args
     S, H = input.shape
@@ -204,12 +204,12 @@ def _lines_launch(op, ctx, cfg: LaunchConfig, args, out, all_gather, var_index, 
                and aligned16(weight.data_ptr(), H * weight.element_size()))
     s = S // ctx.world
     grid, chunk, nc, warps = lines_row_split(cfg, S if all_gather else s, H,
-                                             input.element_size(), ctx.grid_cap, ctx.ll_words,
+                                             input.element_size(), ctx.grid_cap, ctx.lines_words,
                                              not ctx.use_ptx)
     return Launch(
-        op, ctx.buf, _fused_rmsnorm_ll_kernel, grid, warps,
+        op, ctx.buf, _fused_rmsnorm_lines_kernel, grid, warps,
         (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(), ctx.buf_table,
-         ctx.sig_table, ctx.err_addr, ctx.grid_cap, ctx.ll_off, ctx.ll_words, s, H, float(eps),
+         ctx.sig_table, ctx.err_addr, ctx.grid_cap, ctx.lines_off, ctx.lines_words, s, H, float(eps),
          env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype], RANK=ctx.rank,
              WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, CHUNK=chunk, NC=nc,

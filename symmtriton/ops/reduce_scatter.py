@@ -10,7 +10,7 @@ from .._calls import counts_calls
 from ..config import CONFIG_OP, LaunchConfig, lines_block, lines_config, push_config
 from ..context import (aligned16, context, find_buffer, lines_eligible, multimem_eligible, offset_in,
                        push_eligible, region_after, symm_usable)
-from ..kernels.reduce_scatter import _reduce_scatter_kernel, _reduce_scatter_ll_kernel
+from ..kernels.reduce_scatter import _reduce_scatter_kernel, _reduce_scatter_lines_kernel
 from ..launch import Launch
 from ..validation import (REDUCE_DTYPES, check_disjoint, check_gather_shapes, check_same,
                           check_tensor)
@@ -44,7 +44,7 @@ class ReduceScatter(AllGather):  # the same call key and uniform tensors: (outpu
         nbytes = n * output.element_size()  # to each peer
         if symm_usable(buf, input.device, 0) and lines_eligible(context(buf), nbytes, nbytes):
             cfg = config or lines_config(n, input.dtype, world)
-            launch = flat_lines_launch(self.name, context(buf), _reduce_scatter_ll_kernel, cfg, n,
+            launch = flat_lines_launch(self.name, context(buf), _reduce_scatter_lines_kernel, cfg, n,
                                        input, output, n, input.dtype,
                                        lines_block(cfg.block_size, input.element_size()),
                                        timeout_s)

@@ -127,7 +127,7 @@ def tune_sweep(opts: BenchOptions, group, ops, note, log) -> None:
 
 def _variant(counts) -> str | None:
     """The row's ``variant``: the count distribution (variable-count ops) and the kernel the last
-    plan launched: ``lines`` (barrier-free, kernels/ll.py), ``push`` / ``push_one_shot``
+    plan launched: ``lines`` (barrier-free, kernels/lines.py), ``push`` / ``push_one_shot``
     (flagged chunks, kernels/push.py), ``one_shot``/``two_shot`` (the all-reduce's barrier
     kernels) or ``barrier``; ``None`` parts are left out."""
     kernel = getattr(driver.last_plan(), "kernel", None)
@@ -135,7 +135,7 @@ def _variant(counts) -> str | None:
     kind = None
     if kernel is not None:
         kind = "barrier"
-        if name.endswith("_ll_kernel"):
+        if name.endswith("_lines_kernel"):
             kind = "lines"
         elif name.endswith("_one_shot_push_kernel"):
             kind = "push_one_shot"

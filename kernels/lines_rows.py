@@ -1,4 +1,4 @@
-"""Rows in units, for the barrier-free fused RMSNorm kernels (lines of kernels/ll.py).
+"""Rows in units, for the barrier-free fused RMSNorm kernels (lines of kernels/lines.py).
 
 A row of ``H`` elements is cut into ``C = cdiv(H, CHUNK)`` units of ``CHUNK`` elements (the last
 one masked); unit ``u = row * C + k`` is handled by block ``u % blocks`` in every phase, so one
@@ -6,7 +6,7 @@ row's reduction spreads over up to ``C`` blocks instead of one. Phases of a kern
 
 1. push: each unit's pieces of the messages, by the unit's block (so a kernel running in place
    overwrites only pieces its own block has pushed);
-2. reduce (:func:`unit_span`, ``common.ll_reduce_chunk``): the unit summed over the ranks in
+2. reduce (:func:`unit_span`, ``common.lines_reduce_chunk``): the unit summed over the ranks in
    rank order, plus the residual, rounded to the dtype: ``x``. With ``C == 1`` the row is
    whole: :func:`unit_done` normalises and stores it at once. Else the kernel keeps ``x`` in
    memory it owns (the residual, or the output row of a row it computes for a peer) and
@@ -15,14 +15,14 @@ row's reduction spreads over up to ``C`` blocks instead of one. Phases of a kern
    order (one ``tl.sum`` of the same shape everywhere: the same bits in every block and on every
    rank), reload ``x``, normalise, store.
 
-Stats lines lie in this rank's own slot of its line area (slot ``RANK``: peers write only their
-own slots), parity of the call, local to the GPU. Each unit has an inbox of ``NC`` lines (unit
-``v``'s at line ``v * NC``); the block of unit ``(row, c)`` writes ``(flag << 32) | bits(ss)``
-to entry ``c`` of the inbox of every unit of its row, and each unit's block waits for the ``C``
-entries of its own inbox and clears them (``ll.ll_get``), as a rank does with its slots: a line
-has one writer and one reader, and holds 0 or the flag of the call in flight (kernels/ll.py). So
-no atomic is needed, and the area is all 0 between calls. The wait ends with a block barrier
-before the clear (kernels/ll.py, "Warps"): no warp of the block still polls a line it clears.
+Stats lines lie in this rank's own slot of its line area (slot ``RANK``: peers write only their own
+slots), parity of the call, local to the GPU. Each unit has an inbox of ``NC`` lines (unit ``v``'s
+at line ``v * NC``); the block of unit ``(row, c)`` writes ``(flag << 32) | bits(ss)`` to entry
+``c`` of the inbox of every unit of its row, and each unit's block waits for the ``C`` entries of
+its own inbox and clears them (``lines.lines_get``), as a rank does with its slots: a line has one
+writer and one reader, and holds 0 or the flag of the call in flight (kernels/lines.py). So no
+atomic is needed, and the area is all 0 between calls. The wait ends with a block barrier before the
+clear (kernels/lines.py, "Warps"): no warp of the block still polls a line it clears.
 (Measured on 2x H200, W=2, graph, bf16 all-reduce + add + RMSNorm [1, 2, 4, 8, 16] x 4096:
 inboxes 3.86 / 3.88 / 3.98 / 4.26 / 4.55 us, in the same run stats lines shared by the row and
 counted by a relaxed atomic 4.08 / 4.12 / 4.37 / 4.64 / 5.12;
@@ -32,14 +32,14 @@ holds on the GPU (the grid is bounded by co-residency) but not in the interprete
 blocks one after another, so there a launch with ``C > 1`` has one block.
 
 A block whose waits failed goes on (its later waits return at once) and still publishes, so the
-row's other blocks never wait for it; the call raises (``barrier.give_up``).
+row's other blocks never wait for it; the call raises (``lines.lines_finish``).
 """
 
 import triton
 import triton.language as tl
 
 from .common import rms_normed, rms_scaled, sum_sq
-from .ll import ll_get, ll_put
+from .lines import lines_get, lines_put
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def unit_done(x, c0, u, C, stats, out_row, w, H, eps, flag, NC: tl.constexpr):
         k = tl.arange(0, NC)
         c = u % C
         ss = tl.zeros([NC], tl.float32) + sum_sq(x, mask)
-        ll_put(stats, (u - c + k) * NC + c, ss.to(tl.int32, bitcast=True), k < C, flag)
+        lines_put(stats, (u - c + k) * NC + c, ss.to(tl.int32, bitcast=True), k < C, flag)
 
 
 @triton.jit
@@ -95,8 +95,8 @@ def unit_norm(u, c0, C, stats, x_row, out_row, w_addr, H, eps, flag, src, status
     # loads first, the wait after: their latency overlaps it
     w = tl.load(w_addr.to(tl.pointer_type(W_DTYPE)) + cols, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_row + cols, mask=mask, other=0.0)
-    words, st = ll_get(stats, u * NC, u * NC + C, flag, src, status, timeout_ns, pad, NC, USE_PTX,
-                       False)
+    words, st = lines_get(stats, u * NC, u * NC + C, flag, src, status, timeout_ns, pad, NC,
+                          USE_PTX, False)
     ss = tl.sum(words.to(tl.float32, bitcast=True), axis=0)  # 0.0 past C
     tl.store(out_row + cols, rms_scaled(x, mask, ss, w, H, eps), mask=mask)
     return status | st
