@@ -13,6 +13,7 @@ from .ops.fused import reduce_scatter_add_rmsnorm, reduce_scatter_add_rmsnorm_al
 from .ops.reduce_scatter import reduce_scatter_tensor
 from .ops.all_gather_v import all_gather_v
 from .ops.reduce_scatter_v import reduce_scatter_v
+from .ops.moe import MoeHandle, moe_combine, moe_dispatch
 from .errors import ConcurrentCollectiveError
 from .sync import CollectiveMismatchError, CollectiveTimeoutError, synchronize
 from . import custom_ops  # noqa: E402,F401 - registers torch.ops.symmtriton.* for torch.compile
@@ -34,5 +35,8 @@ __all__ = [
     "all_reduce_add_rmsnorm",
     "all_gather_v",
     "reduce_scatter_v",
+    "moe_dispatch",
+    "moe_combine",
+    "MoeHandle",
 ]
 __version__ = "0.1.0"

@@ -81,6 +81,13 @@ def remember(buf, op: str, counts: torch.Tensor, each: str, total: str) -> None:
     buf._counts_call = (op, counts, each, total)
 
 
+def remember_error(buf, make_error) -> None:
+    """Record ``make_error(code, where, launched) -> ValueError``, the error a later counts
+    error word raises, for an op whose device-side check is not about row counts (the expert
+    ids of ``moe_dispatch`` / ``moe_combine``)."""
+    buf._counts_call = make_error
+
+
 def check_error(buf, status, where: str | None = None, *, launched: bool = False) -> None:
     """Raise the counts error ``buf``'s counts error word records (``status``: its status
     words), once, and clear the word; ``launched``: right after the launch that set it (see
@@ -89,6 +96,9 @@ def check_error(buf, status, where: str | None = None, *, launched: bool = False
     if not code:
         return
     status[COUNTS_ERROR_WORD] = 0
-    op, counts, each, total = getattr(buf, "_counts_call", ("collective", [], "?", "?"))
+    call = getattr(buf, "_counts_call", ("collective", [], "?", "?"))
+    if callable(call):
+        raise call(code, where, launched)
+    op, counts, each, total = call
     raise counts_error(op if where is None else f"{where} ({op})", counts, code, each, total,
                        launched=launched)

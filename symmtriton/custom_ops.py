@@ -14,6 +14,10 @@ Importing this module registers, under the namespace ``symmtriton``::
     torch.ops.symmtriton.all_reduce_out(tensor, group_name, out, algorithm=None) -> ()
     torch.ops.symmtriton.all_reduce_add_rmsnorm(input, residual, weight, eps, group_name, out,
                                                algorithm=None) -> ()
+    torch.ops.symmtriton.moe_dispatch(x, topk_idx, num_experts, max_tokens_per_rank,
+                                      group_name, recv_x, recv_counts, rowmap) -> ()
+    torch.ops.symmtriton.moe_combine(expert_out, topk_idx, topk_weights, rowmap, num_experts,
+                                     group_name, out) -> ()
 
 Each op writes its result into its output tensor (``output`` / ``out``; ``all_reduce_`` into
 ``tensor``; the fused ops also update ``residual`` in place) and returns nothing: the schema
@@ -47,6 +51,7 @@ from torch.distributed import distributed_c10d
 from .memory import resolve_group
 from .ops import all_reduce as _all_reduce
 from .ops import fused
+from .ops import moe as _moe
 from .ops.all_gather import all_gather_into_tensor as _all_gather_into_tensor
 from .ops.all_gather_v import all_gather_v as _all_gather_v
 from .ops.driver import group_name
@@ -66,6 +71,8 @@ __all__ = [
     "all_reduce_add_rmsnorm",
     "all_gather_v",
     "reduce_scatter_v",
+    "moe_dispatch",
+    "moe_combine",
     "group_name",
     "group_from_name",
     "all_gather",
@@ -246,4 +253,37 @@ def reduce_scatter_v(output: torch.Tensor, input: torch.Tensor, counts: torch.Te
 
 @reduce_scatter_v.register_fake
 def _reduce_scatter_v_fake(output, input, counts, group_name):
+    return None
+
+
+# -- MoE all-to-all (expert parallelism) -----------------------------------------------------------
+@torch.library.custom_op(f"{NAMESPACE}::moe_dispatch",
+                         mutates_args=("recv_x", "recv_counts", "rowmap"))
+def moe_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
+                 max_tokens_per_rank: int, group_name: str, recv_x: torch.Tensor,
+                 recv_counts: torch.Tensor, rowmap: torch.Tensor) -> None:
+    """:func:`symmtriton.moe_dispatch` on the group named ``group_name`` into the given
+    ``recv_x``, ``recv_counts`` and ``rowmap`` (the handle's)."""
+    _moe.dispatch_into(x, topk_idx, num_experts, max_tokens_per_rank, recv_x, recv_counts, rowmap,
+                       group_from_name(group_name))
+
+
+@moe_dispatch.register_fake
+def _moe_dispatch_fake(x, topk_idx, num_experts, max_tokens_per_rank, group_name, recv_x,
+                       recv_counts, rowmap):
+    return None
+
+
+@torch.library.custom_op(f"{NAMESPACE}::moe_combine", mutates_args=("out",))
+def moe_combine(expert_out: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                rowmap: torch.Tensor, num_experts: int, group_name: str,
+                out: torch.Tensor) -> None:
+    """:func:`symmtriton.moe_combine` with the handle's ``rowmap`` on the group named
+    ``group_name``; writes ``out``."""
+    _moe.combine_into(expert_out, topk_idx, topk_weights, rowmap, num_experts, out,
+                      group_from_name(group_name))
+
+
+@moe_combine.register_fake
+def _moe_combine_fake(expert_out, topk_idx, topk_weights, rowmap, num_experts, group_name, out):
     return None

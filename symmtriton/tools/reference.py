@@ -57,3 +57,59 @@ def reduce_scatter_v(inputs: list[torch.Tensor], counts: list[int], rank: int) -
     start = sum(counts[:rank])
     total = torch.stack([t[:sum(counts)].double() for t in inputs]).sum(0)
     return total[start:start + counts[rank]].to(inputs[0].dtype)
+
+
+def moe_rows(topk_idxs: list[torch.Tensor], num_experts: int, max_tokens: int) -> dict:
+    """Where ``moe_dispatch`` puts every (source rank, token, expert) pair: ``{(r, t, e): (d, j,
+    i)}``, row ``i`` of local expert ``j`` on rank ``d`` (``d = e // (E / W)``), rows of each
+    expert packed in the order (source rank, token index). ``topk_idxs``: every rank's
+    ``[T_r, K]``; -1 is an unused slot; an expert named twice by a token is one pair."""
+    world = len(topk_idxs)
+    local = num_experts // world
+    filled = [[0] * local for _ in range(world)]
+    rows = {}
+    for r, idx in enumerate(topk_idxs):
+        for t, experts in enumerate(idx.tolist()):
+            for e in dict.fromkeys(e for e in experts if e >= 0):
+                d, j = divmod(e, local)
+                rows[(r, t, e)] = (d, j, filled[d][j])
+                filled[d][j] += 1
+    return rows
+
+
+def moe_dispatch(xs: list[torch.Tensor], topk_idxs: list[torch.Tensor], num_experts: int,
+                 max_tokens: int, rank: int):
+    """``(recv_x [E/W, W * max_tokens, H], recv_counts [E/W])`` of rank ``rank``: the tokens
+    routed to each of its experts, packed from row 0 (see :func:`moe_rows`); rows past the
+    counts are 0."""
+    local = num_experts // len(xs)
+    recv = xs[0].new_zeros((local, len(xs) * max_tokens, xs[0].shape[1]))
+    counts = torch.zeros(local, dtype=torch.int32)
+    for (r, t, _), (d, j, i) in moe_rows(topk_idxs, num_experts, max_tokens).items():
+        if d == rank:
+            recv[j, i] = xs[r][t]
+            counts[j] += 1
+    return recv, counts
+
+
+def moe_combine(expert_outs: list[torch.Tensor], topk_idxs: list[torch.Tensor],
+                topk_weights: list[torch.Tensor], num_experts: int, max_tokens: int,
+                rank: int) -> torch.Tensor:
+    """``y [T, H]`` of rank ``rank``: for each token the sum, over the ranks ``d`` owning one of
+    its experts in rank order, of ``d``'s partial ``sum_k w[t, k] * expert_outs[d][row]`` over
+    the slots whose expert ``d`` owns (in slot order), all in fp32, cast to the rows' dtype;
+    zeros for a token without experts. ``expert_outs``: every rank's ``[E/W, W * max_tokens,
+    H]``."""
+    rows = moe_rows(topk_idxs, num_experts, max_tokens)
+    idx, w = topk_idxs[rank].tolist(), topk_weights[rank].float()
+    y = torch.zeros(len(idx), expert_outs[0].shape[2], dtype=torch.float32)
+    for t, experts in enumerate(idx):
+        partials = {}
+        for k, e in enumerate(experts):
+            if e >= 0:
+                d, j, i = rows[(rank, t, e)]
+                row = expert_outs[d][j, i].float()
+                partials[d] = partials.get(d, torch.zeros_like(row)) + w[t, k] * row
+        for d in sorted(partials):
+            y[t] += partials[d]
+    return y.to(expert_outs[0].dtype)

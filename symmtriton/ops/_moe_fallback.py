@@ -1,0 +1,103 @@
+"""The ``torch.distributed`` path of ``moe_dispatch`` / ``moe_combine`` (symmtriton/ops/moe.py),
+for calls symmetric memory cannot carry: the same results and the same ``rowmap`` as the kernels
+(kernels/moe_dispatch.py), so a dispatch on one path pairs with a combine on the other.
+
+Both move padded, equal-split ``all_to_all_single`` messages (every rank sends ``M`` token slots
+to every rank), so nothing is read back to the host but the expert-id check; that check is
+skipped while a CUDA graph is being captured.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from .fallback import torch_all_gather
+
+
+def _all_to_all(t: torch.Tensor, group) -> torch.Tensor:
+    """``t`` ``[W, ...]`` with block ``d`` sent to rank ``d``; block ``r`` of the result came from
+    rank ``r``. Moved as bytes (gloo has no all-to-all for every dtype)."""
+    out = torch.empty_like(t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        dist.all_to_all_single(out.view(torch.uint8), t.contiguous().view(torch.uint8),
+                               group=group)
+    return out
+
+
+def clean_ids(topk_idx: torch.Tensor, num_experts: int):
+    """``(ids, bad)``: ``topk_idx`` as int64 with every unused or out-of-range slot -1, and
+    whether an id was out of range (a device tensor: read it only where the host may wait)."""
+    ids = topk_idx.long()
+    bad = (ids < -1) | (ids >= num_experts)
+    return torch.where(bad | (ids < 0), -1, ids), bad.any()
+
+
+def _raise_bad(bad: torch.Tensor, make_error) -> None:
+    """Raise ``make_error`` when ``bad`` (every rank made the call: ``launched``)."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return
+    if bool(bad):
+        raise make_error(0, None, True)
+
+
+def dispatch(a, group, make_error) -> None:
+    """``moe_dispatch`` of the operands ``a`` (``ops.moe.DispatchOperands``) through
+    ``torch.distributed``: writes ``a.recv_x``, ``a.recv_counts`` and ``a.rowmap``."""
+    world = dist.get_world_size(group)
+    (T, H), K, M = a.x.shape, a.topk_idx.shape[1], a.max_tokens
+    E = a.num_experts
+    EL = E // world
+    ids, bad = clean_ids(a.topk_idx, E)
+    hot = torch.zeros(T, E + 1, dtype=torch.int32, device=a.x.device)
+    hot.scatter_(1, torch.where(ids < 0, E, ids), 1)  # one per (token, expert), however named
+    hot = hot[:, :E]
+    pos = (hot.cumsum(0) - hot).gather(1, ids.clamp(min=0))  # the token's index in its expert
+    dest = torch.where(ids >= 0, ids // EL, -1)
+    ranks = torch.arange(world, device=a.x.device)[:, None, None]
+    meta = torch.full((world, M, K), -1, dtype=torch.int32, device=a.x.device)
+    meta[:, :T] = torch.where(dest[None] == ranks, (ids % EL) * M + pos, -1).int()
+    xs = a.x.new_zeros((world, M, H))
+    xs[:, :T] = a.x
+    meta, xs = _all_to_all(meta, group), _all_to_all(xs, group)
+    cnt = _all_to_all(hot.sum(0, dtype=torch.int32).view(world, EL), group)  # [source, expert]
+    offs = (cnt.cumsum(0, dtype=torch.int32) - cnt).long()
+    j = torch.where(meta >= 0, meta // M, 0).long()
+    rows = j * (world * M) + offs.gather(1, j.view(world, M * K)).view(world, M, K) + meta % M
+    rows = torch.where(meta >= 0, rows, -1)
+    a.rowmap.copy_(rows)
+    a.recv_counts.copy_(cnt.sum(0))
+    valid = rows >= 0
+    src = torch.arange(world * M, device=a.x.device)[:, None].expand(world * M, K)
+    a.recv_x.view(-1, H)[rows[valid]] = xs.view(world * M, H)[src[valid.view(world * M, K)]]
+    _raise_bad(bad, make_error)
+
+
+def combine(a, group, make_error) -> None:
+    """``moe_combine`` of the operands ``a`` (``ops.moe.CombineOperands``) through
+    ``torch.distributed``: writes ``a.out``."""
+    world, M, K = a.rowmap.shape
+    T, H = a.out.shape
+    E = a.num_experts
+    dev = a.out.device
+    w = torch.zeros(M, K, dtype=torch.float32, device=dev)
+    w[:T] = a.topk_weights.float()
+    weights = torch_all_gather(w.new_empty(world, M, K), w, group)  # [source, token, slot]
+    flat = a.expert_out.view(-1, H)
+    rows = a.rowmap.long()
+    valid = (rows >= 0) & (rows < flat.shape[0])
+    part = torch.zeros(world, M, H, dtype=torch.float32, device=dev)
+    for k in range(K):  # slot order, as the kernel
+        v = flat[rows[:, :, k].clamp(0, flat.shape[0] - 1)].float()
+        part += torch.where(valid[:, :, k, None], weights[:, :, k, None] * v, 0.0)
+    part = _all_to_all(part, group)  # [rank that computed it, token of this rank]
+    ids, bad = clean_ids(a.topk_idx, E)
+    dest = torch.where(ids >= 0, ids // (E // world), -1)
+    acc = torch.zeros(T, H, dtype=torch.float32, device=dev)
+    for d in range(world):  # rank order, as the kernel
+        acc += torch.where((dest == d).any(1)[:, None], part[d, :T], 0.0)
+    a.out.copy_(acc)
+    _raise_bad(bad, make_error)
