@@ -85,7 +85,7 @@ def combine(a, group, make_error) -> None:
     dev = a.out.device
     w = torch.zeros(M, K, dtype=torch.float32, device=dev)
     w[:T] = a.topk_weights.float()
-    weights = torch_all_gather(w.new_empty(world, M, K), w, group)  # [source, token, slot]
+    weights = torch_all_gather(w.new_empty(world * M, K), w, group).view(world, M, K)
     flat = a.expert_out.view(-1, H)
     rows = a.rowmap.long()
     valid = (rows >= 0) & (rows < flat.shape[0])

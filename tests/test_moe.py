@@ -1,0 +1,317 @@
+"""moe_dispatch / moe_combine: routing read on the device, rows packed per local expert, one
+pre-reduced row back per (token, rank); against the pure-torch reference, exactly (rank-tagged
+integer tokens in [-2, 2], experts scaling them by 1 or 2, weights 0.5 or 1: every sum over up to
+8 slots is a multiple of 0.5 below 32, exact in fp32 and in bf16, whose rounding the interpreter
+does not share). Kernel path, torch.distributed path and the two mixed; expert ids out of range;
+validation; a rank that raised alone; torch.compile; CUDA graph replays with new routing."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import symmtriton as st
+from symmtriton.ops.driver import last_plan
+from symmtriton.tools import reference
+from symmtriton.tools.testing import device, sync, tagged
+
+from helpers import buffer_without_symmetric_memory, captured, raised_by, value_error_of
+
+M = 5  # max_tokens_per_rank
+TIMEOUT_S = 20.0
+
+
+def tokens(kind, rank, world):
+    """Tokens of ``rank``: ``"zero"``: rank 0 has none; else ``M`` (the last rank ``M - 1``)."""
+    if kind == "zero" and rank == 0:
+        return 0
+    return M - 1 if rank == world - 1 else M
+
+
+def route(kind, rank, world, T, K, EL, salt=0):
+    """``topk_idx`` int64 ``[T, K]`` of ``rank``: ``uniform`` (K random experts, distinct up to E; token
+    1 padding, token 2 with an unused slot), ``skewed`` (mostly the first experts, named again
+    when ``K > EL``), ``one_rank`` (only the last rank's experts), ``every_rank`` (every rank
+    owns one of each token's experts), ``zero`` (uniform, rank 0 without tokens)."""
+    E = world * EL
+    g = torch.Generator().manual_seed(1000 * salt + 10 * rank + world)
+    rows = [torch.randperm(E, generator=g).repeat(-(-K // E))[:K] for _ in range(T)]
+    idx = torch.stack(rows) if T else torch.zeros(0, K, dtype=torch.int64)
+    t, k = torch.arange(T)[:, None], torch.arange(K)[None, :]
+    if kind == "skewed":
+        idx = torch.where(t % 4 == 3, idx, k % EL)
+    elif kind == "one_rank":
+        idx = (world - 1) * EL + (t + k) % EL
+    elif kind == "every_rank":
+        idx = (k % world) * EL + (t + k // world) % EL
+    elif T > 2:
+        idx[1] = -1
+        idx[2, 0] = -1
+    return idx
+
+
+def inputs(kind, rank, world, K, EL, H, dtype, salt=0):
+    """``(x, topk_idx, topk_weights)`` of ``rank`` (on the CPU)."""
+    T = tokens(kind, rank, world)
+    x = tagged(T * H, dtype, rank, salt, bound=2).cpu().view(T, H)
+    g = torch.Generator().manual_seed(77 + rank + salt)
+    w = torch.randint(-1, 1, (T, K), generator=g).float().exp2()
+    return x, route(kind, rank, world, T, K, EL, salt), w
+
+
+def expert(recv, rank, EL):
+    """The experts: local expert ``j`` of ``rank`` scales its rows by ``(global id) % 2 + 1``."""
+    scale = torch.tensor([(rank * EL + j) % 2 + 1 for j in range(EL)], dtype=recv.dtype)
+    return recv * scale.to(recv.device)[:, None, None]
+
+
+def references(kind, rank, world, K, EL, H, dtype, salt=0):
+    """``(recv_x, recv_counts, y)`` of ``rank`` from every rank's inputs."""
+    ins = [inputs(kind, r, world, K, EL, H, dtype, salt) for r in range(world)]
+    xs, idxs, ws = zip(*ins)
+    recv = [reference.moe_dispatch(list(xs), list(idxs), world * EL, M, d) for d in range(world)]
+    outs = [expert(recv[d][0], d, EL) for d in range(world)]
+    y = reference.moe_combine(outs, list(idxs), list(ws), world * EL, M, rank)
+    return recv[rank][0], recv[rank][1], y
+
+
+def _one_step(kind, rank, world, K, EL, H, dtype, salt, idx_dtype=torch.int64,
+              want_paths=("kernel", "kernel")):
+    """One dispatch + experts + combine; which results differ from the reference (or which
+    paths differ from ``want_paths``)."""
+    x, idx, w = (t.to(device()) for t in inputs(kind, rank, world, K, EL, H, dtype, salt))
+    recv, handle = st.moe_dispatch(x, idx.to(idx_dtype), world * EL, max_tokens_per_rank=M,
+                                   timeout_s=TIMEOUT_S)
+    paths = [_path()]
+    y = st.moe_combine(expert(recv, rank, EL), idx.to(idx_dtype), w, handle, timeout_s=TIMEOUT_S)
+    paths.append(_path())
+    sync()
+    ref_x, ref_counts, ref_y = references(kind, rank, world, K, EL, H, dtype, salt)
+    bad = []
+    if not torch.equal(handle.recv_counts.cpu(), ref_counts):
+        bad.append(("counts", salt, handle.recv_counts.tolist(), ref_counts.tolist()))
+    if not all(torch.equal(recv[j, :c].cpu(), ref_x[j, :c]) for j, c in enumerate(ref_counts)):
+        bad.append(("recv_x", salt))
+    if recv.dtype != dtype or y.dtype != dtype or not torch.equal(y.cpu(), ref_y):
+        bad.append(("y", salt))
+    if paths != list(want_paths):
+        bad.append(("paths", paths))
+    return bad
+
+
+def _path() -> str:
+    """The path the last call took: ``"kernel"`` or ``"torch"``."""
+    return "kernel" if last_plan().kernel is not None else "torch"
+
+
+def _steps(rank, world, kind, K, EL, H, dtype, idx_dtype, fallback):
+    if fallback:
+        buffer_without_symmetric_memory("ep")
+    else:
+        st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=1)
+    # twice on the same shapes: the areas and the plans are reused with new routing and tokens
+    paths = ("torch", "torch") if fallback else ("kernel", "kernel")
+    return [b for salt in (0, 1) for b in _one_step(kind, rank, world, K, EL, H, dtype, salt,
+                                                      idx_dtype, paths)]
+
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+#: (routing, K, local experts, H, dtype, topk_idx dtype)
+CASES = {
+    "uniform-k2-tail": ("uniform", 2, 2, 13, BF16, torch.int64),
+    "uniform-k8-fp32": ("uniform", 8, 4, 16, FP32, torch.int32),
+    "skewed-k8-tail": ("skewed", 8, 2, 13, BF16, torch.int64),
+    "one_rank-k1-fp16": ("one_rank", 1, 2, 24, FP16, torch.int32),
+    "every_rank-k8": ("every_rank", 8, 2, 24, BF16, torch.int64),
+    "zero_tokens-k4": ("zero", 4, 2, 9, BF16, torch.int64),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dispatch_combine_exact(pool, case):
+    assert pool.run(_steps, *CASES[case], False) == [[]] * pool.world_size
+
+
+@pytest.mark.parametrize("case", ["uniform-k2-tail", "every_rank-k8", "zero_tokens-k4"])
+def test_torch_fallback_same_results(cpu_pool, case):
+    pool = cpu_pool(2)
+    assert pool.run(_steps, *CASES[case], True) == [[]] * 2
+
+
+def _mixed_paths(rank, world):
+    """A 1 MiB buffer holds the dispatch's bf16 staging but not the combine's fp32 partials:
+    the kernel's handle feeds the torch.distributed combine."""
+    st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=1)
+    return _one_step("uniform", rank, world, 2, 2, 40000, BF16, 3, want_paths=("kernel", "torch"))
+
+
+def test_kernel_dispatch_with_fallback_combine(cpu_pool):
+    assert cpu_pool(2).run(_mixed_paths) == [[]] * 2
+
+
+def _bad_expert(rank, world):
+    """Rank 0 names expert ``E`` (out of range): its call raises (host backend: at once; GPU: at
+    the next call or synchronize) naming it, nothing lands out of bounds, and the ranks stay in
+    step: the next calls work on every rank."""
+    st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=1)
+    EL, K, H = 2, 2, 8
+    x, idx, w = (t.to(device()) for t in inputs("uniform", rank, world, K, EL, H, BF16))
+    if rank == 0:
+        idx[0, 0] = world * EL
+    state = {}
+
+    def dispatch():
+        state["recv"], state["handle"] = st.moe_dispatch(x, idx, world * EL, max_tokens_per_rank=M,
+                                                         timeout_s=TIMEOUT_S)
+    msg = value_error_of(dispatch)
+    ok = ("expert id outside [-1, " in msg) == (rank == 0)
+    return ok, _one_step("uniform", rank, world, K, EL, H, BF16, 1)
+
+
+def test_expert_out_of_range_raises_and_ranks_stay_in_step(pool):
+    assert pool.run(_bad_expert) == [(True, [])] * pool.world_size
+
+
+def _bad_inputs(rank, world):
+    st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=1)
+    d, E = device(), 2 * world
+    x = torch.zeros(3, 8, dtype=BF16, device=d)
+    idx = torch.zeros(3, 2, dtype=torch.int64, device=d)
+    w = torch.ones(3, 2, device=d)
+    w1 = w[:, :1].contiguous()
+
+    def dispatch(*args, **kw):
+        return st.moe_dispatch(*args, **{"max_tokens_per_rank": M, **kw})
+    cases = {
+        "x dtype": (x.int(), idx, E), "x shape": (x[0], idx, E), "idx dtype": (x, idx.float(), E),
+        "idx tokens": (x, idx[:2], E), "experts % W": (x, idx, E + 1), "experts type": (x, idx, 2.0),
+        "too many tokens": (torch.zeros(M + 1, 8, dtype=BF16, device=d),
+                            torch.zeros(M + 1, 2, dtype=torch.int64, device=d), E),
+    }
+    got = raised_by(dispatch, cases)
+    got["fp8"] = raised_by(lambda: dispatch(x, idx, E, use_fp8=True), {"": ()})[""]
+    got["max tokens"] = raised_by(lambda: dispatch(x, idx, E, max_tokens_per_rank=0), {"": ()})[""]
+    recv, handle = dispatch(x, idx, E)
+    combine = {
+        "K mismatch": (recv, idx, w1, handle), "idx K": (recv, idx[:, :1].contiguous(), w1, handle),
+        "weights dtype": (recv, idx, w.int(), handle), "out shape": (recv[:1], idx, w, handle),
+        "handle": (recv, idx, w, (handle.recv_counts, handle.rowmap)),
+    }
+    got.update(raised_by(st.moe_combine, combine))
+    got["out"] = raised_by(lambda: st.moe_combine(recv, idx, w, handle, out=x[:, :4]), {"": ()})[""]
+    msgs = {}
+    for name, fn in (("tokens", lambda: dispatch(torch.zeros(M + 1, 8, dtype=BF16, device=d),
+                                                 torch.zeros(M + 1, 2, dtype=torch.int64,
+                                                             device=d), E)),
+                     ("experts", lambda: dispatch(x, idx, E + 1)),
+                     ("fp8", lambda: dispatch(x, idx, E, use_fp8=True)),
+                     ("K", lambda: st.moe_combine(recv, idx, w1, handle))):
+        msgs[name] = value_error_of(fn)
+    return got, msgs
+
+
+def test_validation_names_the_value_before_launch(cpu_pool):
+    for got, msgs in cpu_pool(2).run(_bad_inputs):
+        assert None not in got.values(), got
+        assert got["x dtype"] == got["idx dtype"] == got["handle"] == "TypeError", got
+        assert f"more than max_tokens_per_rank={M}" in msgs["tokens"]
+        assert "num_experts=5 is not divisible by the group size 2" in msgs["experts"]
+        assert msgs["fp8"] == "moe_dispatch: use_fp8=True is not supported yet"
+        assert "topk_weights shape (3, 1) differs from topk_idx shape (3, 2)" in msgs["K"]
+
+
+def _raised_alone(rank, world):
+    """The last rank passes too many tokens (a ValueError there only): every rank's next calls
+    raise CollectiveMismatchError, none hangs."""
+    st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=1)
+    first = _one_step("uniform", rank, world, 2, 2, 8, BF16, 0)
+    if rank == world - 1:
+        big = torch.zeros(M + 1, 8, dtype=BF16, device=device())
+        try:
+            st.moe_dispatch(big, torch.zeros(M + 1, 2, dtype=torch.int64, device=device()),
+                            2 * world, max_tokens_per_rank=M)
+        except ValueError:
+            pass
+    after = []
+    for salt in (1, 2):
+        try:
+            _one_step("uniform", rank, world, 2, 2, 8, BF16, salt)
+            st.synchronize()
+            after.append("returned")
+        except st.CollectiveTimeoutError as exc:
+            after.append(type(exc).__name__)
+    return first, after
+
+
+def test_a_rank_that_raised_alone_does_not_hang_its_peers(pool):
+    for first, after in pool.run(_raised_alone):
+        assert first == [] and after == ["CollectiveMismatchError"] * 2, (first, after)
+
+
+def _layer(x, idx, w, num_experts, rank, EL):
+    recv, handle = st.moe_dispatch(x, idx, num_experts, max_tokens_per_rank=M)
+    return st.moe_combine(expert(recv, rank, EL), idx, w, handle), handle.recv_counts
+
+
+def _compiled(rank, world):
+    """``torch.compile(fullgraph=True)`` traces the pair as its two custom ops and gives the
+    eager results."""
+    st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=1)
+    torch._dynamo.reset()
+    EL, K, H = 2, 4, 12
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    x, idx, w = (t.to(device()) for t in inputs("uniform", rank, world, K, EL, H, BF16))
+    fn = torch.compile(_layer, backend=backend, fullgraph=True)
+    y, counts = fn(x, idx, w, world * EL, rank, EL)
+    y_eager, counts_eager = _layer(x, idx, w, world * EL, rank, EL)
+    sync()
+    ops = [str(n.target) for g in graphs for n in g.graph.nodes if "symmtriton" in str(n.target)]
+    return len(graphs), ops, torch.equal(y, y_eager) and torch.equal(counts, counts_eager)
+
+
+def test_torch_compile_fullgraph(pool):
+    ops = ["symmtriton.moe_dispatch", "symmtriton.moe_combine"]
+    assert pool.run(_compiled, timeout=600) == [(1, ops, True)] * pool.world_size
+
+
+def _graph_replays(rank, world, replays):
+    """Dispatch + experts + combine captured once (fixed T = M, padding by -1), replayed with new
+    routing and tokens each time; exact every replay."""
+    st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=64)
+    EL, K, H = 2, 4, 200
+    x = torch.zeros(M, H, dtype=BF16, device=device())
+    idx = torch.full((M, K), -1, dtype=torch.int64, device=device())
+    w = torch.zeros(M, K, device=device())
+    out = {}
+
+    def fill(salt):
+        sx, sidx, sw = inputs("uniform", rank, world, K, EL, H, BF16, salt)
+        T = sx.shape[0]
+        x.zero_()
+        idx.fill_(-1)
+        x[:T], idx[:T], w[:T] = sx, sidx, sw
+
+    def body():
+        out["y"], out["counts"] = _layer(x, idx, w, world * EL, rank, EL)
+    fill(0)
+    graph = captured(body)
+    bad = []
+    for it in range(replays):
+        fill(it + 1)
+        graph.replay()
+        torch.cuda.synchronize()
+        _, ref_counts, ref_y = references("uniform", rank, world, K, EL, H, BF16, it + 1)
+        T = ref_y.shape[0]
+        if not (torch.equal(out["y"][:T].cpu(), ref_y) and
+                torch.equal(out["counts"].cpu(), ref_counts)):
+            bad.append(it)
+    st.synchronize()
+    return bad[:5]
+
+
+@pytest.mark.gpu
+def test_graph_replays_with_new_routing(gpu_pool):
+    assert gpu_pool.run(_graph_replays, 1000, timeout=600) == [[]] * gpu_pool.world_size
