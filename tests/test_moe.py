@@ -28,10 +28,10 @@ def tokens(kind, rank, world):
 
 
 def route(kind, rank, world, T, K, EL, salt=0):
-    """``topk_idx`` int64 ``[T, K]`` of ``rank``: ``uniform`` (K random experts, distinct up to E; token
-    1 padding, token 2 with an unused slot), ``skewed`` (mostly the first experts, named again
-    when ``K > EL``), ``one_rank`` (only the last rank's experts), ``every_rank`` (every rank
-    owns one of each token's experts), ``zero`` (uniform, rank 0 without tokens)."""
+    """``topk_idx`` int64 ``[T, K]`` of ``rank``: ``uniform`` (K random experts, distinct up to
+    E; token 1 padding, token 2 with an unused slot), ``skewed`` (mostly the first experts,
+    named again when ``K > EL``), ``one_rank`` (only the last rank's experts), ``every_rank``
+    (every rank owns one of each token's experts), ``zero`` (uniform, rank 0 without tokens)."""
     E = world * EL
     g = torch.Generator().manual_seed(1000 * salt + 10 * rank + world)
     rows = [torch.randperm(E, generator=g).repeat(-(-K // E))[:K] for _ in range(T)]
@@ -182,8 +182,9 @@ def _bad_inputs(rank, world):
     def dispatch(*args, **kw):
         return st.moe_dispatch(*args, **{"max_tokens_per_rank": M, **kw})
     cases = {
-        "x dtype": (x.int(), idx, E), "x shape": (x[0], idx, E), "idx dtype": (x, idx.float(), E),
-        "idx tokens": (x, idx[:2], E), "experts % W": (x, idx, E + 1), "experts type": (x, idx, 2.0),
+        "x dtype": (x.int(), idx, E), "x shape": (x[0], idx, E),
+        "idx dtype": (x, idx.float(), E), "idx tokens": (x, idx[:2], E),
+        "experts % W": (x, idx, E + 1), "experts type": (x, idx, 2.0),
         "too many tokens": (torch.zeros(M + 1, 8, dtype=BF16, device=d),
                             torch.zeros(M + 1, 2, dtype=torch.int64, device=d), E),
     }

@@ -14,7 +14,7 @@ backend, at the next MoE or variable-count call or :func:`symmtriton.synchronize
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,8 @@ from . import _moe_fallback as fallback
 from .._calls import counts_calls
 from ..memory import resolve_group
 from ..validation import check_count, check_tensor
-from ._moe_checks import ROW_DTYPES, check_combine, check_dispatch, check_experts, check_routing
+from ._moe_operands import (ROW_DTYPES, CombineOperands, DispatchOperands, MoeHandle,
+                            check_combine, check_dispatch, check_experts, check_routing)
 from ._vcommon import TL_COUNTS
 from .driver import (STALE, TL_DTYPE, Collective, ConfigChoice, bump_versions, call, compiling,
                      group_name, tensor_desc)
@@ -39,37 +40,6 @@ from .driver import (STALE, TL_DTYPE, Collective, ConfigChoice, bump_versions, c
 MOE_CHUNK_BYTES = 32768
 #: most (token, expert) flags one block holds while it scans the routing (``BT * E_P2``).
 SCAN_FLAGS = 4096
-
-
-class MoeHandle(NamedTuple):
-    """What :func:`moe_combine` needs of its :func:`moe_dispatch`: ``recv_counts`` (int32
-    ``[E/W]``, rows per local expert), ``rowmap`` (int32 ``[W, M, K]``: the row of ``recv_x``,
-    flat over ``[E/W, W * M]``, of each source rank's token and slot, -1 where this rank does
-    not own the slot's expert), the expert count and this rank's token count."""
-
-    recv_counts: torch.Tensor
-    rowmap: torch.Tensor
-    num_experts: int
-    tokens: int
-
-
-class DispatchOperands(NamedTuple):
-    x: torch.Tensor
-    topk_idx: torch.Tensor
-    num_experts: int
-    max_tokens: int
-    recv_x: torch.Tensor
-    recv_counts: torch.Tensor
-    rowmap: torch.Tensor
-
-
-class CombineOperands(NamedTuple):
-    expert_out: torch.Tensor
-    topk_idx: torch.Tensor
-    topk_weights: torch.Tensor
-    rowmap: torch.Tensor
-    num_experts: int
-    out: torch.Tensor
 
 
 def moe_config(hidden: int, dtype: torch.dtype) -> LaunchConfig:

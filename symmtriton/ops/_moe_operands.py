@@ -1,11 +1,51 @@
-"""Input checks of ``moe_dispatch`` / ``moe_combine`` (symmtriton/ops/moe.py): ``ValueError`` /
-``TypeError`` naming the bad value, before anything is launched."""
+"""The operands of ``moe_dispatch`` / ``moe_combine`` (symmtriton/ops/moe.py): their records,
+the handle that links the two, and their checks (``ValueError`` / ``TypeError`` naming the bad
+value, before anything is launched)."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from ..validation import check_count, check_disjoint, check_tensor
+
+
+class MoeHandle(NamedTuple):
+    """What :func:`moe_combine` needs of its :func:`moe_dispatch`: ``recv_counts`` (int32
+    ``[E/W]``, rows per local expert), ``rowmap`` (int32 ``[W, M, K]``: the row of ``recv_x``,
+    flat over ``[E/W, W * M]``, of each source rank's token and slot, -1 where this rank does
+    not own the slot's expert), the expert count and this rank's token count."""
+
+    recv_counts: torch.Tensor
+    rowmap: torch.Tensor
+    num_experts: int
+    tokens: int
+
+
+class DispatchOperands(NamedTuple):
+    """A dispatch of ``x`` routed by ``topk_idx`` into ``recv_x``, ``recv_counts`` and
+    ``rowmap`` (``max_tokens``: ``max_tokens_per_rank``)."""
+
+    x: torch.Tensor
+    topk_idx: torch.Tensor
+    num_experts: int
+    max_tokens: int
+    recv_x: torch.Tensor
+    recv_counts: torch.Tensor
+    rowmap: torch.Tensor
+
+
+class CombineOperands(NamedTuple):
+    """A combine of ``expert_out`` by the dispatch's ``rowmap`` into ``out``."""
+
+    expert_out: torch.Tensor
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    rowmap: torch.Tensor
+    num_experts: int
+    out: torch.Tensor
+
 
 #: dtypes of the token rows (x, expert_out) and of the routing.
 ROW_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
