@@ -1,27 +1,29 @@
-"""Expert-parallel MoE layer: dispatch by ``all_gather_v``, combine by ``reduce_scatter_v``,
-against the same layer on torch.distributed.
+"""Expert-parallel MoE layer on symmtriton's all-to-all pair (moe_dispatch / moe_combine), against
+the same layer on all_gather_v / reduce_scatter_v and on torch.distributed.all_to_all_single.
 
     torchrun --nproc-per-node=2 examples/ep_moe.py                  # 2 GPUs, CUDA graphs
     SYMMTRITON_BACKEND=host torchrun --nproc-per-node=2 examples/ep_moe.py --steps 3 --iters 2
 
 Every rank holds ``--experts`` experts (a ``[H, H]`` matrix each; expert ``e`` lives on rank
 ``e // experts``) and, each step, a different number of tokens (at most ``--tokens``; some ranks
-none). A router (the same on every rank) picks ``--topk`` experts per token with softmax
-weights. One layer step:
+none; the rest are padding, routed to no expert). A router (the same on every rank) picks
+``--topk`` experts per token with softmax weights. One layer step, three ways:
 
-    symmtriton:         all_gather_into_tensor of this rank's token count -> counts [W] (device)
-                        all_gather_v(hidden, routing int64, probs fp32) by counts: one launch,
-                        packed in rank order straight into the symmetric buffer (zero-copy)
-                        local experts over the gathered tokens
-                        reduce_scatter_v of the expert outputs by counts -> this rank's tokens
-    torch.distributed:  all_gather_into_tensor of the padded tensors (and the counts), the same
-                        experts, reduce_scatter_tensor of the padded outputs
+    all-to-all:         moe_dispatch -> recv_x [experts, W * tokens, H] packed per expert ->
+                        one batched matmul over the local experts -> moe_combine (weighted sum
+                        of each token's expert rows, one pre-reduced row per token and rank)
+    all_gather_v:       all_gather_into_tensor of the token counts, all_gather_v of (hidden,
+                        routing, probs) into the symmetric buffer, the local experts over every
+                        gathered token, reduce_scatter_v of the weighted outputs
+    torch.distributed:  all_to_all_single of the padded tokens and routing, the same batched
+                        experts on the tokens routed here, all_to_all_single of the weighted
+                        partial sums back
 
-The counts stay on the device, so on GPU one step of each is captured in a CUDA graph once and
-replayed with new tokens and counts every step (the torch.distributed layer too when its group
-is NCCL). Rank 0 checks every step against the torch.distributed layer (bf16 tolerance on GPU)
-and prints the time per step of both, what the baseline runs on and the speed-up where the two
-compare like for like (one rank per GPU, NCCL).
+Nothing is read back to the host, so on GPU each is captured in a CUDA graph once and replayed
+with new tokens every step (the torch.distributed layer too when its group is NCCL). Rank 0
+checks every step's three outputs against each other (bf16 tolerance on GPU) and prints the time
+per step of each, what the baseline runs on and the speed-up where they compare like for like
+(one rank per GPU, NCCL).
 """
 
 from __future__ import annotations
@@ -49,54 +51,69 @@ class MoE:
         self.x = torch.zeros(cap, H, dtype=dtype, device=dev)  # this step's tokens (first n)
         self.n = torch.zeros(1, dtype=torch.int64, device=dev)  # this rank's token count
         self.counts = torch.zeros(W, dtype=torch.int64, device=dev)
-        self.out = torch.zeros(cap, H, dtype=dtype, device=dev)
+        self.outs = {name: torch.zeros(cap, H, dtype=dtype, device=dev)
+                     for name in ("all-to-all", "all_gather_v", "torch.distributed")}
         specs = [(W * cap * H, dtype), (W * cap * k, torch.int64), (W * cap * k, torch.float32)]
         views = buf.maybe_get_tensors(specs)["tensors"]
         shapes = [(W * cap, H), (W * cap, k), (W * cap, k)]
         if views is None:  # no symmetric memory: plain tensors (staged or torch fallback)
             self.gathered = [torch.zeros(s, dtype=d, device=dev)
                              for s, (_, d) in zip(shapes, specs)]
-        else:
+        else:  # the scratch area: the all-to-all's staging reuses it between the steps
             self.gathered = [v.view(d).view(s) for (v, _), s, (_, d) in zip(views, shapes, specs)]
             for t in self.gathered:
                 t.zero_()
 
-    def route(self, x):
-        probs, idx = torch.topk(torch.softmax((x @ self.router).float(), dim=-1), self.k, dim=-1)
-        return idx, probs / probs.sum(-1, keepdim=True)
+    def route(self):
+        """``(topk_idx, weights)`` of this step's tokens; padding tokens (from ``n`` on) get -1."""
+        logits = (self.x @ self.router).float()
+        probs, idx = torch.topk(torch.softmax(logits, dim=-1), self.k, dim=-1)
+        valid = torch.arange(self.cap, device=self.x.device)[:, None] < self.n
+        return torch.where(valid, idx, -1), probs / probs.sum(-1, keepdim=True)
 
-    def run_experts(self, x, idx, probs, valid):
-        """Sum over this rank's experts of (routing weight x expert(token)); 0 on invalid rows."""
+    def run_experts(self, x, idx, probs):
+        """Sum over this rank's experts of (routing weight x expert(token)), fp32 (0 for a token
+        routed to none of them)."""
         y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for j, e in enumerate(self.local):
             weight = (probs * (idx == e)).sum(-1, keepdim=True)
             y += weight * (x @ self.experts[j]).float()
-        return torch.where(valid[:, None], y, 0.0).to(x.dtype)
+        return y
 
-    def step_symmtriton(self):
-        env = self.env
+    def step_all_to_all(self):
+        """moe_dispatch -> the local experts, batched -> moe_combine."""
+        idx, probs = self.route()
+        recv, handle = st.moe_dispatch(self.x, idx, self.n_experts, self.env.group,
+                                       max_tokens_per_rank=self.cap)
+        expert_out = torch.bmm(recv, self.experts)  # rows past handle.recv_counts: unused
+        return st.moe_combine(expert_out, idx, probs, handle, self.env.group,
+                              out=self.outs["all-to-all"])
+
+    def step_gather_v(self):
+        """all_gather_v of every token to every rank -> experts -> reduce_scatter_v."""
+        env, out = self.env, self.outs["all_gather_v"]
         st.all_gather_into_tensor(self.counts, self.n, env.group)
-        idx, probs = self.route(self.x)
+        idx, probs = self.route()
         hidden, g_idx, g_probs = self.gathered
         st.all_gather_v(self.gathered, [self.x, idx, probs], self.counts, env.group)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        y = self.run_experts(hidden, g_idx, g_probs, rows < self.counts.sum())
-        st.reduce_scatter_v(self.out, y, self.counts, env.group)
-        return self.out
-
-    def step_torch(self, out):
-        """The same layer on padded tensors: rank r's tokens at rows r * cap .. + counts[r]."""
-        env, cap = self.env, self.cap
-        idx, probs = self.route(self.x)
-        counts = torch.empty_like(self.counts)
-        dist.all_gather_into_tensor(counts, self.n, group=env.group)
-        gathered = [t.new_empty((env.world_size * cap, *t.shape[1:])) for t in (self.x, idx, probs)]
-        for g_t, t in zip(gathered, (self.x, idx, probs)):
-            dist.all_gather_into_tensor(g_t, t, group=env.group)
-        valid = (torch.arange(cap, device=counts.device)[None, :] < counts[:, None]).view(-1)
-        y = self.run_experts(*gathered, valid)
-        dist.reduce_scatter_tensor(out, y, group=env.group)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+        y = self.run_experts(hidden, torch.where(rows < self.counts.sum(), g_idx, -1), g_probs)
+        st.reduce_scatter_v(out, y.to(out.dtype), self.counts, env.group)
         return out
+
+    def step_torch(self):
+        """all_to_all_single of every rank's padded tokens -> experts -> all_to_all_single of the
+        weighted partial sums back (no count exchange: padded to ``--tokens``)."""
+        env, W, out = self.env, self.env.world_size, self.outs["torch.distributed"]
+        idx, probs = self.route()
+        sent = [t.expand(W, *t.shape).contiguous() for t in (self.x, idx, probs)]
+        got = [torch.empty_like(t) for t in sent]
+        for g_t, t in zip(got, sent):
+            dist.all_to_all_single(g_t, t, group=env.group)
+        y = self.run_experts(*got)  # [source, token, H]
+        back = torch.empty_like(y)
+        dist.all_to_all_single(back, y, group=env.group)
+        return out.copy_(back.sum(0))
 
 
 def tokens_of(step: int, rank: int, world: int, cap: int) -> int:
@@ -135,10 +152,10 @@ def main() -> None:
         p.error(f"--topk {args.topk} exceeds the {env.world_size * args.experts} experts")
     dtype = _common.dtype_of(args, env)
     moe = MoE(env, args, dtype, _common.buffer(env, args))
-    ref_out = torch.empty_like(moe.out)
-    ours = graphed(env, moe.step_symmtriton)
-    theirs = graphed(env, lambda: moe.step_torch(ref_out)) if env.dist_backend == "nccl" else \
-        (lambda: moe.step_torch(ref_out))
+    torch_graphs = env.dist_backend == "nccl"
+    steps = {"all-to-all": graphed(env, moe.step_all_to_all),
+             "all_gather_v": graphed(env, moe.step_gather_v),
+             "torch.distributed": graphed(env, moe.step_torch) if torch_graphs else moe.step_torch}
     tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-5, atol=1e-5)
     worst = 0.0
     for step in range(args.steps):
@@ -146,23 +163,30 @@ def main() -> None:
         gen = torch.Generator().manual_seed(100 * step + env.rank)
         moe.x.copy_(torch.randn(moe.x.shape, generator=gen).to(dtype))
         moe.n.fill_(n)
-        ours()
-        theirs()
+        for fn in steps.values():
+            fn()
         _common.synchronize(env)
-        got, want = moe.out[:n].float(), ref_out[:n].float()
-        worst = max(worst, float((got - want).abs().max()) if n else 0.0)
-        _common.all_ranks_agree(env, torch.allclose(got, want, **tol), f"ep_moe step {step}")
-    st.synchronize(env.group)  # raises if any step's counts overflowed a capacity
-    t_ours = _common.time_per_call(env, ours, args.iters, args.warmup)
-    t_theirs = _common.time_per_call(env, theirs, args.iters, args.warmup)
+        want = moe.outs["torch.distributed"][:n].float()
+        ok = True
+        for name in ("all-to-all", "all_gather_v"):
+            got = moe.outs[name][:n].float()
+            worst = max(worst, float((got - want).abs().max()) if n else 0.0)
+            ok = ok and torch.allclose(got, want, **tol)
+        _common.all_ranks_agree(env, ok, f"ep_moe step {step}")
+    st.synchronize(env.group)  # raises if a step's counts or expert ids were out of range
+    times = {name: _common.time_per_call(env, fn, args.iters, args.warmup)
+             for name, fn in steps.items()}
     mode = "graph" if env.on_gpu else "eager"
+    modes = {"all-to-all": mode, "all_gather_v": mode,
+             "torch.distributed": mode if torch_graphs else "eager"}
     _common.log(env, f"ep_moe {env.describe()} hidden={args.hidden} tokens<={args.tokens}/rank "
                      f"experts={args.experts}/rank topk={args.topk} "
-                     f"{str(dtype).removeprefix('torch.')}: "
-                     f"symmtriton {_common.us(t_ours)} ({mode}), torch.distributed "
-                     f"{_common.us(t_theirs)} ({mode if env.dist_backend == 'nccl' else 'eager'}) "
-                     f"per step; outputs match (max diff {worst:.3g})")
-    _common.log(env, _common.versus_baseline(env, {"symmtriton": t_ours}, t_theirs))
+                     f"{str(dtype).removeprefix('torch.')}: " +
+                     ", ".join(f"{name} {_common.us(t)} ({modes[name]})"
+                               for name, t in times.items()) +
+                     f" per step; outputs match (max diff {worst:.3g})")
+    theirs = times.pop("torch.distributed")
+    _common.log(env, _common.versus_baseline(env, times, theirs))
     _common.finish(env)
 
 
