@@ -61,7 +61,7 @@ def counts_error(op: str, counts, code: int, each: str, total: str, *,
                  launched: bool = False) -> ValueError:
     """The error for error bits ``code``; ``each``/``total`` name the capacities. ``launched``:
     raised by the call that moved the clamped rows (host backend, fallback), which every rank
-    made: its ``launched`` attribute tells ``_calls.counts_calls`` not to count it as skipped."""
+    made: its ``launched`` attribute tells ``_calls.sequenced`` not to count it as skipped."""
     values = counts.tolist() if isinstance(counts, torch.Tensor) else counts
     why = [w for bit, w in ((COUNT_NEGATIVE, "a count is negative"),
                             (COUNT_OVER_EACH, f"a count exceeds {each}"),
