@@ -5,9 +5,10 @@ the plans' ``run`` read, by field name. Immutable tuples with typed, named field
 
 One record per operand layout: :class:`Flat` (``all_gather_into_tensor``,
 ``reduce_scatter_tensor``), :class:`AllReduceOperands` (``all_reduce``), :class:`Rows` (the
-RMSNorm row ops), :class:`VarOperands` (``all_gather_v``, ``reduce_scatter_v``). Also the
-``key`` and ``uniform`` methods the two :class:`Flat` ops share (plain functions, bound as
-methods by each op's class: no op inherits another).
+RMSNorm row ops), :class:`VarOperands` (``all_gather_v``, ``reduce_scatter_v``). The public
+functions build theirs with :func:`record`. Also the ``key`` and ``uniform`` methods the two
+:class:`Flat` ops share (plain functions, bound as methods by each op's class: no op inherits
+another).
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from typing import NamedTuple
 import torch
 
 from .. import env
+
+#: ``record(Record, (field, ...))``: a record built in C, every field given, in order (no
+#: defaults, no count check). The public functions build theirs so on every call: the
+#: generated ``Record(...)``, a Python frame, costs ~0.1 us more (benchmarks/host_path.py).
+record = tuple.__new__
 
 
 class Flat(NamedTuple):

@@ -14,7 +14,7 @@ from ..kernels.all_gather import _all_gather_kernel, _all_gather_ll_kernel
 from ..launch import Launch
 from ..validation import check_disjoint, check_gather_shapes, check_same, check_tensor
 from ._lines import flat_lines_launch
-from ._operands import Flat, flat_key, flat_uniform
+from ._operands import Flat, flat_key, flat_uniform, record
 from .driver import (TL_DTYPE, Collective, ConfigChoice, OutputPlan, barrier_path, call,
                      choose_config, eager_only, group_name)
 from .fallback import torch_all_gather
@@ -113,4 +113,4 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group=None
     ``input`` may be ``output``'s own shard (in place). Under ``torch.compile`` it traces as
     ``torch.ops.symmtriton.all_gather_into_tensor`` (``config``/``timeout_s``: eager only,
     see :func:`.driver.eager_only`)."""
-    return call(OP, group, config, timeout_s, Flat(output, input))
+    return call(OP, group, config, timeout_s, record(Flat, (output, input)))

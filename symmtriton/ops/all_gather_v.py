@@ -15,7 +15,7 @@ from ..context import ALIGN, aligned16, context, find_buffer, offset_in, region_
 from ..kernels.all_gather_v import _all_gather_v_kernel
 from ..launch import Launch
 from ..validation import check_disjoint, check_same, check_tensor
-from ._operands import VarOperands
+from ._operands import VarOperands, record
 from ._vcommon import TL_COUNTS, CountsPlan, clamp_or_raise, pairs
 from .driver import (TL_DTYPE, Collective, call, choose_config, eager_only, group_name,
                      tensor_desc)
@@ -180,4 +180,4 @@ def all_gather_v(output, input, counts: torch.Tensor, group=None, *,
     Zero-copy for outputs in the group's symmetric buffer (same offset on every rank), staged in
     the buffer otherwise, ``torch.distributed`` when symmetric memory cannot carry the call.
     Under ``torch.compile`` it traces as ``torch.ops.symmtriton.all_gather_v``."""
-    return call(OP, group, config, timeout_s, VarOperands(output, input, counts))
+    return call(OP, group, config, timeout_s, record(VarOperands, (output, input, counts)))

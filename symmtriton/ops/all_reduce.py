@@ -31,7 +31,7 @@ from ..kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel, _all_reduce
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_disjoint, check_same, check_tensor
 from ._lines import flat_lines_launch
-from ._operands import AllReduceOperands, Rows
+from ._operands import AllReduceOperands, Rows, record
 from ._push import all_reduce_one_shot_push_launch, all_reduce_push_launch
 from ._rows import (RowsPlan, rows_aligned, rows_key, rows_lines_launch, rows_out, rows_uniform,
                     validate_rows)
@@ -309,7 +309,7 @@ def all_reduce(tensor: torch.Tensor, group=None, *, out: torch.Tensor | None = N
     ``out=tensor``) or ``torch.ops.symmtriton.all_reduce_out`` (``config``/``timeout_s``: eager
     only, see :func:`.driver.eager_only`)."""
     return call(ALL_REDUCE, group, config, timeout_s,
-                AllReduceOperands(tensor if out is None else out, tensor, algorithm))
+                record(AllReduceOperands, (tensor if out is None else out, tensor, algorithm)))
 
 
 def _traced_all_reduce_add_rmsnorm(input, residual, weight, eps=1e-6, group=None, out=None, *,
@@ -336,4 +336,4 @@ def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: 
     :func:`all_reduce`. Under ``torch.compile`` it traces as
     ``torch.ops.symmtriton.all_reduce_add_rmsnorm``."""
     return call(ALL_REDUCE_ADD_RMSNORM, group, config, timeout_s,
-                Rows(input, residual, weight, eps, out, algorithm))
+                record(Rows, (input, residual, weight, eps, out, algorithm)))

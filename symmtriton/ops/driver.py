@@ -39,9 +39,9 @@ How to add an op (see ops/all_gather.py, the shortest):
   the only place that lists the kernel's arguments) with ``Launch.on(ctx, ...)``, which adds
   the context's shared constexprs (``RANK``, ``WORLD_SIZE``, ``WORLD_P2``, ``SCOPE``,
   ``USE_PTX``); then the public function, the eager path ``call(OP, group, config, timeout_s,
-  Record(...))``, decorated ``@sequenced(_traced)`` where ``_traced``, with the same
-  parameters, dispatches to its ``torch.ops`` op under ``torch.compile`` (:func:`eager_only`
-  first);
+  record(Record, (...)))`` (:func:`~._operands.record`), decorated ``@sequenced(_traced)``
+  where ``_traced``, with the same parameters, dispatches to its ``torch.ops`` op under
+  ``torch.compile`` (:func:`eager_only` first);
 * ``custom_ops.py``: its schema and public function, one row of ``TABLE``; ``__init__.py``:
   export it; ``config.py``: its config name; ``tests/test_<op>.py``; a workload in
   ``workloads.py`` for bench and tuner.

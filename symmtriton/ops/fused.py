@@ -25,7 +25,7 @@ from ..context import (LINES_ROWS_MAX_BYTES, context, find_buffer, lines_eligibl
                        multimem_eligible, offset_in, region_after, symm_usable)
 from ..kernels.fused_rmsnorm import _fused_rmsnorm_kernel, _fused_rmsnorm_ll_kernel
 from ..launch import Launch
-from ._operands import Rows
+from ._operands import Rows, record
 from ._rows import (RowsPlan, rows_aligned, rows_key, rows_lines_launch, rows_out, rows_uniform,
                     validate_rows)
 from .driver import (TL_DTYPE, Collective, ConfigChoice, barrier_path, call, choose_config,
@@ -144,7 +144,7 @@ def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.T
     torch.distributed + torch ops with the same result. Under ``torch.compile`` it traces as
     ``torch.ops.symmtriton.reduce_scatter_add_rmsnorm_all_gather``."""
     return call(RS_ADD_RMSNORM_AG, group, config, timeout_s,
-                Rows(input, residual, weight, eps, out))
+                record(Rows, (input, residual, weight, eps, out, None)))
 
 
 @sequenced(_tracer(RS_ADD_RMSNORM))
@@ -154,4 +154,5 @@ def reduce_scatter_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weig
                                timeout_s: float | None = None) -> torch.Tensor:
     """As :func:`reduce_scatter_add_rmsnorm_all_gather` without the all-gather: ``out`` is this
     rank's normed shard [S/W, H], for layers that keep the sequence-sharded output."""
-    return call(RS_ADD_RMSNORM, group, config, timeout_s, Rows(input, residual, weight, eps, out))
+    return call(RS_ADD_RMSNORM, group, config, timeout_s,
+                record(Rows, (input, residual, weight, eps, out, None)))

@@ -15,7 +15,7 @@ from ..launch import Launch
 from ..validation import (REDUCE_DTYPES, check_disjoint, check_gather_shapes, check_same,
                           check_tensor)
 from ._lines import flat_lines_launch
-from ._operands import Flat, flat_key, flat_uniform
+from ._operands import Flat, flat_key, flat_uniform, record
 from ._push import reduce_scatter_push_launch
 from .driver import (TL_DTYPE, Collective, ConfigChoice, OutputPlan, barrier_path, call,
                      choose_config, eager_only, group_name)
@@ -103,4 +103,4 @@ def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group=None,
     rank, e.g. written there by the preceding GEMM); otherwise it is staged into the buffer in
     the same launch. Falls back to ``torch.distributed`` when symmetric memory cannot carry it.
     Under ``torch.compile`` it traces as ``torch.ops.symmtriton.reduce_scatter_tensor``."""
-    return call(OP, group, config, timeout_s, Flat(output, input))
+    return call(OP, group, config, timeout_s, record(Flat, (output, input)))

@@ -15,7 +15,7 @@ from ..context import ALIGN, aligned16, context, find_buffer, offset_in, region_
 from ..kernels.reduce_scatter_v import _reduce_scatter_v_kernel
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_disjoint, check_same, check_tensor
-from ._operands import VarOperands
+from ._operands import VarOperands, record
 from ._vcommon import TL_COUNTS, CountsPlan, clamp_or_raise
 from .driver import (TL_DTYPE, Collective, call, choose_config, eager_only, group_name,
                      tensor_desc)
@@ -128,4 +128,4 @@ def reduce_scatter_v(output: torch.Tensor, input: torch.Tensor, counts: torch.Te
     :func:`symmtriton.all_gather_v`. Zero-copy when ``input`` lies in the group's symmetric
     buffer, staged otherwise, ``torch.distributed`` when symmetric memory cannot carry it. Under
     ``torch.compile`` it traces as ``torch.ops.symmtriton.reduce_scatter_v``."""
-    return call(OP, group, config, timeout_s, VarOperands(output, input, counts))
+    return call(OP, group, config, timeout_s, record(VarOperands, (output, input, counts)))
