@@ -3,7 +3,7 @@
 An eager collective is host-bound at small sizes (the aim: at most 12 us per call on the host), so
 this measures the Python layers every call crosses, each timed alone on its own operands:
 
-  counts_calls wrapper (symmtriton/_calls.py) -> public function (``compiling()``) ->
+  ``sequenced`` wrapper (symmtriton/_calls.py: ``is_compiling()``) -> public function ->
   ``driver.call``: ``resolve_group``, ``op.key``, ``get_plan``, the uniform-check switch, then
   ``plan.run``: ``choice.current()`` (the tuned config still holds) -> ``Launch.launch``: the
   buffer's status word, then Triton's launcher.
@@ -49,6 +49,7 @@ from symmtriton import env, launch
 from symmtriton.launch import Launch
 from symmtriton.memory import resolve_group
 from symmtriton.ops import driver
+from symmtriton.ops._operands import Flat
 from symmtriton.ops.all_gather import OP as AG
 from symmtriton.tools import testing
 from symmtriton.tools.bench import cli
@@ -124,12 +125,12 @@ def _cases(nbytes: int, world: int, rank: int, dtype, dev) -> dict:
         "all_reduce_add_rmsnorm": lambda: st.all_reduce_add_rmsnorm(x, res_f, w, out=out_f),
         "all_gather_v": lambda: st.all_gather_v(ag_out, ag_in, counts),
         "reduce_scatter_v": lambda: st.reduce_scatter_v(rs_out, rs_in, counts),
-    }, (ag_out, ag_in)
+    }, Flat(ag_out, ag_in)
 
 
 def _layers(ag_args, calls: int, repeats: int) -> list:
     """(row, us) for the all-gather path split by layer (no-op launch)."""
-    out, inp = ag_args
+    out, inp = ag_args.output, ag_args.input
     pub = st.all_gather_into_tensor
     group = resolve_group(None, "group")
     key = AG.key(group, None, None, ag_args)
@@ -138,8 +139,8 @@ def _layers(ag_args, calls: int, repeats: int) -> list:
     rows = [
         ("loop (empty lambda)", lambda: None),
         ("all_gather_into_tensor (all layers)", lambda: pub(out, inp)),
-        ("  without counts_calls", lambda: pub.__wrapped__(out, inp)),
-        ("  compiling()", lambda: driver.compiling(AG.name, None, None)),
+        ("  without sequenced", lambda: pub.__wrapped__(out, inp)),
+        ("  is_compiling()", torch.compiler.is_compiling),
         ("  driver.call", lambda: driver.call(AG, None, None, None, ag_args)),
         ("    group=None -> WORLD", lambda: driver._GroupMember.WORLD),
         ("    op.key", lambda: AG.key(group, None, None, ag_args)),

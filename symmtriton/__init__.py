@@ -13,7 +13,9 @@ from .ops.fused import reduce_scatter_add_rmsnorm, reduce_scatter_add_rmsnorm_al
 from .ops.reduce_scatter import reduce_scatter_tensor
 from .ops.all_gather_v import all_gather_v
 from .ops.reduce_scatter_v import reduce_scatter_v
-from .ops.moe import MoeHandle, moe_combine, moe_dispatch
+from .ops._moe import MoeHandle
+from .ops.moe_combine import moe_combine
+from .ops.moe_dispatch import moe_dispatch
 from .errors import ConcurrentCollectiveError
 from .sync import CollectiveMismatchError, CollectiveTimeoutError, synchronize
 from . import custom_ops  # noqa: E402,F401 - registers torch.ops.symmtriton.* for torch.compile

@@ -1,6 +1,6 @@
 """Host side of the call-sequence protocol (kernels/barrier.py): a collective that raises on
-this rank before launching still counts as a call, so the ranks' call counters tell a skipped
-call from a matched one."""
+this rank before launching still takes its place in the call sequence (:func:`sequenced`), so
+the ranks' call counters tell a skipped call from a matched one."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from .context import context
 from .errors import CollectiveTimeoutError, ConcurrentCollectiveError
 from .kernels import protocol as _protocol
 from .memory import SymmetricMemoryManager, resolve_group
+
+#: ``torch.compiler.is_compiling`` (Dynamo knows the function, under any name), one lookup less.
+_is_compiling = torch.compiler.is_compiling
 
 
 def call_failed(group) -> None:
@@ -36,30 +39,42 @@ def call_failed(group) -> None:
     hdl.signal_pad(hdl.rank)[seq:seq + ctx.grid_cap].add_(_protocol.SKIP_BUMP)
 
 
-def counts_calls(op):
-    """Decorator for a public collective (``group`` among its arguments): a call that raises
-    before launching still counts as a call on this rank (:func:`call_failed`). Not while
-    ``torch.compile`` traces: tracing launches nothing (the traced op counts when it runs), and
-    its error then reaches the caller as raised."""
-    sig = inspect.signature(op)
+def _parameters(fn) -> list:
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
-    @functools.wraps(op)
-    def wrapper(*args, **kwargs):
-        if torch.compiler.is_compiling():
-            return op(*args, **kwargs)
-        try:
-            return op(*args, **kwargs)
-        except CollectiveTimeoutError:
-            raise  # the buffer is failed already; nothing to pair with
-        except ConcurrentCollectiveError:
-            raise  # counted by the call in flight when it returns (ops/_guard.py)
-        except Exception as exc:
-            if getattr(exc, "launched", False):
-                raise  # raised by a call every rank made (counts.counts_error): not skipped
+
+def sequenced(traced):
+    """Decorator of a public collective's eager path (``group`` among its parameters), given
+    ``traced``, the path that runs instead while ``torch.compile`` traces (its custom op), with
+    the same parameters (checked here): one ``torch.compiler.is_compiling`` per call picks the
+    path. In eager, a call that raises before launching still takes its place in this rank's
+    call sequence (:func:`call_failed`). While tracing, nothing launches (the traced op is
+    sequenced when it runs) and an error reaches the caller as raised."""
+
+    def decorate(op):
+        if _parameters(traced) != _parameters(op):
+            raise TypeError(f"{traced.__qualname__} must take the parameters of "
+                            f"{op.__qualname__}")
+        sig = inspect.signature(op)
+
+        @functools.wraps(op)
+        def wrapper(*args, **kwargs):
+            if _is_compiling():
+                return traced(*args, **kwargs)
             try:
-                group = sig.bind(*args, **kwargs).arguments.get("group")
-            except TypeError:
-                group = None
-            call_failed(group)
-            raise
-    return wrapper
+                return op(*args, **kwargs)
+            except CollectiveTimeoutError:
+                raise  # the buffer is failed already; nothing to pair with
+            except ConcurrentCollectiveError:
+                raise  # sequenced by the call in flight when it returns (ops/_guard.py)
+            except Exception as exc:
+                if getattr(exc, "launched", False):
+                    raise  # raised by a call every rank made (counts.counts_error): not skipped
+                try:
+                    group = sig.bind(*args, **kwargs).arguments.get("group")
+                except TypeError:
+                    group = None
+                call_failed(group)
+                raise
+        return wrapper
+    return decorate

@@ -1,8 +1,8 @@
 """A buffer's launch context: what a kernel needs from a group's buffer, computed once per
 buffer (:func:`context`), and where operands and staging regions lie in it.
 
-Which path a call takes and with which config is decided in :mod:`symmtriton.config`; its path
-predicates and the line thresholds (:mod:`symmtriton.presets`) are importable from here too.
+Which path a call takes and with which config is decided in :mod:`symmtriton.config`, from the
+thresholds of :mod:`symmtriton.presets`.
 What here decides a path or a grid (the buffer layout, ``multicast_ptr`` agreed at rendezvous,
 the grid cap from the signal-pad size, the barrier scope) is alike on every rank.
 """
@@ -14,11 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from . import env
-from .config import (ALIGN, aligned16, lines_eligible, lines_fit,  # noqa: F401 - re-exported
-                     multimem_eligible, push_eligible, push_one_shot_eligible)
+from .config import ALIGN
 from .kernels import protocol as _protocol
 from .memory import SymmetricMemoryBuffer, SymmetricMemoryManager
-from .presets import LINES_MAX_BYTES, LINES_ROWS_MAX_BYTES  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

@@ -61,10 +61,9 @@ def clamp(counts: list[int], cap_each: int, cap_total: int):
 
 def counts_error(op: str, counts, code: int, each: str, total: str, *,
                  launched: bool = False) -> ValueError:
-    """The error for counts error bits ``code``; ``each``/``total`` name the row capacities.
-    ``launched``: raised by the call that moved the clamped rows (host backend, fallback), which
-    every rank made: its ``launched`` attribute tells ``_calls.counts_calls`` not to count it
-    as skipped."""
+    """The error for error bits ``code``; ``each``/``total`` name the capacities. ``launched``:
+    raised by the call that moved the clamped rows (host backend, fallback), which every rank
+    made: its ``launched`` attribute tells ``_calls.sequenced`` not to count it as skipped."""
     values = counts.tolist() if isinstance(counts, torch.Tensor) else counts
     why = [w for bit, w in ((COUNT_NEGATIVE, "a count is negative"),
                             (COUNT_OVER_EACH, f"a count exceeds {each}"),

@@ -1,6 +1,7 @@
 """The public collectives as ``torch.library`` custom ops, for ``torch.compile`` and CUDA graphs.
 
-Importing this module registers, under the namespace ``symmtriton``::
+Importing this module registers, under the namespace ``symmtriton``, from one table
+(:data:`TABLE`: each op's schema and the public function it runs)::
 
     torch.ops.symmtriton.all_gather_into_tensor(output, input, group_name) -> ()
     torch.ops.symmtriton.reduce_scatter_tensor(output, input, group_name) -> ()
@@ -20,7 +21,9 @@ Importing this module registers, under the namespace ``symmtriton``::
                                      group_name, out) -> ()
 
 Each op writes its result into its output tensor (``output`` / ``out``; ``all_reduce_`` into
-``tensor``; the fused ops also update ``residual`` in place) and returns nothing: the schema
+``tensor``; the fused ops also update ``residual`` in place; ``moe_dispatch`` into ``recv_x``
+and the handle's ``recv_counts`` and ``rowmap``, which ``symmtriton.moe_dispatch`` allocates
+before it calls the op) and returns nothing: the schema
 marks exactly those arguments as mutated, so ``torch.compile(fullgraph=True)`` traces a model
 that calls them without graph breaks, and functionalization knows which tensors change. Fake
 (meta) implementations let the compiler trace shapes without running a collective.
@@ -49,12 +52,16 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
 from .memory import resolve_group
-from .ops import all_reduce as _all_reduce
-from .ops import fused
-from .ops import moe as _moe
 from .ops.all_gather import all_gather_into_tensor as _all_gather_into_tensor
 from .ops.all_gather_v import all_gather_v as _all_gather_v
+from .ops.all_reduce import all_reduce as _all_reduce
+from .ops.all_reduce import all_reduce_add_rmsnorm as _all_reduce_add_rmsnorm
 from .ops.driver import group_name
+from .ops.fused import reduce_scatter_add_rmsnorm as _reduce_scatter_add_rmsnorm
+from .ops.fused import (reduce_scatter_add_rmsnorm_all_gather as
+                        _reduce_scatter_add_rmsnorm_all_gather)
+from .ops.moe_combine import combine_into as _moe_combine_into
+from .ops.moe_dispatch import dispatch_into as _moe_dispatch_into
 from .ops.reduce_scatter import reduce_scatter_tensor as _reduce_scatter_tensor
 from .ops.reduce_scatter_v import reduce_scatter_v as _reduce_scatter_v
 
@@ -62,6 +69,7 @@ NAMESPACE = "symmtriton"
 
 __all__ = [
     "NAMESPACE",
+    "OPS",
     "all_gather_into_tensor",
     "reduce_scatter_tensor",
     "reduce_scatter_add_rmsnorm_all_gather",
@@ -93,61 +101,80 @@ def group_from_name(name: str) -> dist.ProcessGroup:
 
 
 # -- the ops -------------------------------------------------------------------------------------
-@torch.library.custom_op(f"{NAMESPACE}::all_gather_into_tensor", mutates_args=("output",))
-def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group_name: str) -> None:
-    """:func:`symmtriton.all_gather_into_tensor` on the group named ``group_name``; writes
-    ``output``."""
-    _all_gather_into_tensor(output, input, group_from_name(group_name))
+#: the arguments of the row ops, and the tail of the variable-count ops'
+_ROWS = ("Tensor input, Tensor(a1!) residual, Tensor weight, float eps, str group_name, "
+         "Tensor(a5!) out")
+_COUNTED = "Tensor counts, str group_name"
+
+#: name -> (schema, the public function it runs): every op of the namespace. The schema's
+#: arguments are the function's, by name, except ``group_name``, which names its ``group``;
+#: ``(aN!)`` marks the arguments the op writes.
+TABLE = {
+    "all_gather_into_tensor":
+        ("(Tensor(a0!) output, Tensor input, str group_name) -> ()", _all_gather_into_tensor),
+    "reduce_scatter_tensor":
+        ("(Tensor(a0!) output, Tensor input, str group_name) -> ()", _reduce_scatter_tensor),
+    "reduce_scatter_add_rmsnorm_all_gather":
+        (f"({_ROWS}) -> ()", _reduce_scatter_add_rmsnorm_all_gather),
+    "reduce_scatter_add_rmsnorm": (f"({_ROWS}) -> ()", _reduce_scatter_add_rmsnorm),
+    "all_reduce_": ("(Tensor(a0!) tensor, str group_name, str? algorithm=None) -> ()", _all_reduce),
+    "all_reduce_out":
+        ("(Tensor tensor, str group_name, Tensor(a2!) out, str? algorithm=None) -> ()",
+         _all_reduce),
+    "all_reduce_add_rmsnorm":
+        (f"({_ROWS}, str? algorithm=None) -> ()", _all_reduce_add_rmsnorm),
+    "all_gather_v": (f"(Tensor(a0!)[] output, Tensor[] input, {_COUNTED}) -> ()", _all_gather_v),
+    "reduce_scatter_v":
+        (f"(Tensor(a0!) output, Tensor input, {_COUNTED}) -> ()", _reduce_scatter_v),
+    "moe_dispatch":
+        ("(Tensor x, Tensor topk_idx, int num_experts, int max_tokens_per_rank, str group_name, "
+         "Tensor(a5!) recv_x, Tensor(a6!) recv_counts, Tensor(a7!) rowmap) -> ()",
+         _moe_dispatch_into),
+    "moe_combine":
+        ("(Tensor expert_out, Tensor topk_idx, Tensor topk_weights, Tensor rowmap, "
+         "int num_experts, str group_name, Tensor(a6!) out) -> ()", _moe_combine_into),
+}
 
 
-@all_gather_into_tensor.register_fake
-def _all_gather_into_tensor_fake(output, input, group_name):
+def _no_result(*args, **kwargs) -> None:
+    """The fake (meta) implementation of every op: they return nothing."""
     return None
 
 
-@torch.library.custom_op(f"{NAMESPACE}::reduce_scatter_tensor", mutates_args=("output",))
-def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group_name: str) -> None:
-    """:func:`symmtriton.reduce_scatter_tensor` (sum) on the group named ``group_name``; writes
-    ``output``."""
-    _reduce_scatter_tensor(output, input, group_from_name(group_name))
+def _register(name: str, schema: str, public):
+    """``torch.library.custom_op`` ``symmtriton::<name>`` of ``schema``, running ``public`` on
+    the group named ``group_name`` with the other arguments by name; its fake: no result."""
+    parsed = torch._C.parse_schema(f"{NAMESPACE}::{name}{schema}")
+    names = [a.name for a in parsed.arguments]
+    written = [a.name for a in parsed.arguments
+               if a.alias_info is not None and a.alias_info.is_write]
+
+    def run(*args, **kwargs) -> None:
+        kwargs.update(zip(names, args))
+        group = group_from_name(kwargs.pop("group_name"))
+        public(**kwargs, group=group)
+
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = f":func:`symmtriton.{public.__name__}` as ``torch.ops.{NAMESPACE}.{name}``."
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", run, mutates_args=written,
+                                 schema=schema)
+    op.register_fake(_no_result)
+    return op
 
 
-@reduce_scatter_tensor.register_fake
-def _reduce_scatter_tensor_fake(output, input, group_name):
-    return None
-
-
-@torch.library.custom_op(f"{NAMESPACE}::reduce_scatter_add_rmsnorm_all_gather",
-                         mutates_args=("residual", "out"))
-def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.Tensor,
-                                          weight: torch.Tensor, eps: float, group_name: str,
-                                          out: torch.Tensor) -> None:
-    """``symmtriton.ops.fused.reduce_scatter_add_rmsnorm_all_gather``: reduce-scatter ``input``
-    ``[S, H]``, add the shard to ``residual`` ``[S/W, H]`` (updated in place), RMSNorm it with
-    ``weight`` ``[H]`` and ``eps``, and all-gather the normed rows into ``out`` ``[S, H]``."""
-    fused.reduce_scatter_add_rmsnorm_all_gather(input, residual, weight, eps,
-                                                group_from_name(group_name), out)
-
-
-@reduce_scatter_add_rmsnorm_all_gather.register_fake
-def _reduce_scatter_add_rmsnorm_all_gather_fake(input, residual, weight, eps, group_name, out):
-    return None
-
-
-@torch.library.custom_op(f"{NAMESPACE}::reduce_scatter_add_rmsnorm",
-                         mutates_args=("residual", "out"))
-def reduce_scatter_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                               eps: float, group_name: str, out: torch.Tensor) -> None:
-    """``symmtriton.ops.fused.reduce_scatter_add_rmsnorm``: like
-    :func:`reduce_scatter_add_rmsnorm_all_gather` without the all-gather; ``out`` is the normed
-    shard ``[S/W, H]``."""
-    fused.reduce_scatter_add_rmsnorm(input, residual, weight, eps, group_from_name(group_name),
-                                     out)
-
-
-@reduce_scatter_add_rmsnorm.register_fake
-def _reduce_scatter_add_rmsnorm_fake(input, residual, weight, eps, group_name, out):
-    return None
+#: name -> its custom op (``torch.library.CustomOpDef``), registered from :data:`TABLE`.
+OPS = {name: _register(name, schema, public) for name, (schema, public) in TABLE.items()}
+all_gather_into_tensor = OPS["all_gather_into_tensor"]
+reduce_scatter_tensor = OPS["reduce_scatter_tensor"]
+reduce_scatter_add_rmsnorm_all_gather = OPS["reduce_scatter_add_rmsnorm_all_gather"]
+reduce_scatter_add_rmsnorm = OPS["reduce_scatter_add_rmsnorm"]
+all_reduce_ = OPS["all_reduce_"]
+all_reduce_out = OPS["all_reduce_out"]
+all_reduce_add_rmsnorm = OPS["all_reduce_add_rmsnorm"]
+all_gather_v = OPS["all_gather_v"]
+reduce_scatter_v = OPS["reduce_scatter_v"]
+moe_dispatch = OPS["moe_dispatch"]
+moe_combine = OPS["moe_combine"]
 
 
 # -- conveniences that allocate the result ---------------------------------------------------------
@@ -186,104 +213,3 @@ def reduce_scatter(input: torch.Tensor, group=None) -> torch.Tensor:
     output = input.new_empty((input.shape[0] // world, *input.shape[1:]))
     reduce_scatter_tensor(output, input, group_name(group))
     return output
-
-
-# -- all-reduce (tensor parallelism without sequence parallelism) ----------------------------------
-@torch.library.custom_op(f"{NAMESPACE}::all_reduce_", mutates_args=("tensor",))
-def all_reduce_(tensor: torch.Tensor, group_name: str, algorithm: str | None = None) -> None:
-    """:func:`symmtriton.all_reduce` (sum, in place) on the group named ``group_name``."""
-    _all_reduce.all_reduce(tensor, group_from_name(group_name), algorithm=algorithm)
-
-
-@all_reduce_.register_fake
-def _all_reduce__fake(tensor, group_name, algorithm=None):
-    return None
-
-
-@torch.library.custom_op(f"{NAMESPACE}::all_reduce_out", mutates_args=("out",))
-def all_reduce_out(tensor: torch.Tensor, group_name: str, out: torch.Tensor,
-                   algorithm: str | None = None) -> None:
-    """:func:`symmtriton.all_reduce` with ``out`` (``tensor`` is only read)."""
-    _all_reduce.all_reduce(tensor, group_from_name(group_name), out=out, algorithm=algorithm)
-
-
-@all_reduce_out.register_fake
-def _all_reduce_out_fake(tensor, group_name, out, algorithm=None):
-    return None
-
-
-@torch.library.custom_op(f"{NAMESPACE}::all_reduce_add_rmsnorm", mutates_args=("residual", "out"))
-def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                           eps: float, group_name: str, out: torch.Tensor,
-                           algorithm: str | None = None) -> None:
-    """:func:`symmtriton.all_reduce_add_rmsnorm`: all-reduce ``input`` ``[S, H]``, add the sum to
-    ``residual`` ``[S, H]`` (updated in place), RMSNorm it with ``weight`` and ``eps`` into
-    ``out``."""
-    _all_reduce.all_reduce_add_rmsnorm(input, residual, weight, eps=eps,
-                                       group=group_from_name(group_name), out=out,
-                                       algorithm=algorithm)
-
-
-@all_reduce_add_rmsnorm.register_fake
-def _all_reduce_add_rmsnorm_fake(input, residual, weight, eps, group_name, out, algorithm=None):
-    return None
-
-
-# -- variable-count collectives (expert parallelism) -------------------------------------------
-@torch.library.custom_op(f"{NAMESPACE}::all_gather_v", mutates_args=("output",))
-def all_gather_v(output: list[torch.Tensor], input: list[torch.Tensor], counts: torch.Tensor,
-                 group_name: str) -> None:
-    """:func:`symmtriton.all_gather_v` of the tensor pairs ``output[i]``/``input[i]`` (one
-    launch) on the group named ``group_name``; writes every ``output[i]``."""
-    _all_gather_v(list(output), list(input), counts, group_from_name(group_name))
-
-
-@all_gather_v.register_fake
-def _all_gather_v_fake(output, input, counts, group_name):
-    return None
-
-
-@torch.library.custom_op(f"{NAMESPACE}::reduce_scatter_v", mutates_args=("output",))
-def reduce_scatter_v(output: torch.Tensor, input: torch.Tensor, counts: torch.Tensor,
-                     group_name: str) -> None:
-    """:func:`symmtriton.reduce_scatter_v` (sum) on the group named ``group_name``; writes
-    ``output``."""
-    _reduce_scatter_v(output, input, counts, group_from_name(group_name))
-
-
-@reduce_scatter_v.register_fake
-def _reduce_scatter_v_fake(output, input, counts, group_name):
-    return None
-
-
-# -- MoE all-to-all (expert parallelism) -----------------------------------------------------------
-@torch.library.custom_op(f"{NAMESPACE}::moe_dispatch",
-                         mutates_args=("recv_x", "recv_counts", "rowmap"))
-def moe_dispatch(x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int,
-                 max_tokens_per_rank: int, group_name: str, recv_x: torch.Tensor,
-                 recv_counts: torch.Tensor, rowmap: torch.Tensor) -> None:
-    """:func:`symmtriton.moe_dispatch` on the group named ``group_name`` into the given
-    ``recv_x``, ``recv_counts`` and ``rowmap`` (the handle's)."""
-    _moe.dispatch_into(x, topk_idx, num_experts, max_tokens_per_rank, recv_x, recv_counts, rowmap,
-                       group_from_name(group_name))
-
-
-@moe_dispatch.register_fake
-def _moe_dispatch_fake(x, topk_idx, num_experts, max_tokens_per_rank, group_name, recv_x,
-                       recv_counts, rowmap):
-    return None
-
-
-@torch.library.custom_op(f"{NAMESPACE}::moe_combine", mutates_args=("out",))
-def moe_combine(expert_out: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
-                rowmap: torch.Tensor, num_experts: int, group_name: str,
-                out: torch.Tensor) -> None:
-    """:func:`symmtriton.moe_combine` with the handle's ``rowmap`` on the group named
-    ``group_name``; writes ``out``."""
-    _moe.combine_into(expert_out, topk_idx, topk_weights, rowmap, num_experts, out,
-                      group_from_name(group_name))
-
-
-@moe_combine.register_fake
-def _moe_combine_fake(expert_out, topk_idx, topk_weights, rowmap, num_experts, group_name, out):
-    return None

@@ -19,12 +19,28 @@ the plan's buffer; never one without the other, never in the interpreter.
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 
 from . import env
-from .context import pdl_enabled
+from .context import Ctx, pdl_enabled
 from .sync import raise_timeout, status_view
+
+#: ctx -> its :func:`ctx_constexprs` (weak: a closed buffer's context goes with it).
+_CTX_CONSTEXPRS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def ctx_constexprs(ctx: Ctx) -> dict:
+    """The constexprs every kernel takes from its buffer's launch context: ``RANK``,
+    ``WORLD_SIZE``, ``WORLD_P2``, ``SCOPE`` and ``USE_PTX``. Built once per context and shared:
+    :meth:`Launch.on` spreads it into each launch's own constexprs (never change it)."""
+    shared = _CTX_CONSTEXPRS.get(ctx)
+    if shared is None:
+        shared = dict(RANK=ctx.rank, WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2,
+                      SCOPE=ctx.scope, USE_PTX=ctx.use_ptx)
+        _CTX_CONSTEXPRS[ctx] = shared
+    return shared
 
 
 class Launch:
@@ -57,6 +73,14 @@ class Launch:
         self.sync_check = buf.device.type == "cpu"
         self._fast = None
         self._fast_tried = False
+
+    @classmethod
+    def on(cls, ctx: Ctx, op: str, fn, grid: int, num_warps: int, args: tuple, constexprs: dict,
+           var_index: int | None = None) -> Launch:
+        """The launch of ``fn`` on ``ctx``'s buffer, with the context's shared constexprs
+        (:func:`ctx_constexprs`) and the kernel's own (``constexprs``)."""
+        return cls(op, ctx.buf, fn, grid, num_warps, args, {**ctx_constexprs(ctx), **constexprs},
+                   var_index)
 
     def launch(self, var: int | None = None) -> None:
         """Launch (``var``: the value of its variable arg, else the stored one) and check the
@@ -114,6 +138,15 @@ def raw_launcher(kern):
         return None
 
 
+def _device_getter(active):
+    """The current-device query of Triton's ``active`` driver; where that is torch's, the same
+    answer without its ``_lazy_init`` (CUDA is initialised once a kernel ran)."""
+    get_device = active.get_current_device
+    if get_device is torch.cuda.current_device:
+        get_device = getattr(torch._C, "_cuda_getDevice", get_device)
+    return get_device
+
+
 def _direct_launcher(kl: Launch, kern):
     """A function that launches ``kl`` again through the ``CompiledKernel`` ``kern`` that its
     first launch returned, skipping Triton's argument binding and cache lookup: it does what
@@ -126,9 +159,8 @@ def _direct_launcher(kl: Launch, kern):
     While no launch hook is registered (Triton's ``knobs.runtime.launch_enter_hook`` and
     ``launch_exit_hook`` are empty ``HookChain``s, the default), it calls the launcher's C entry
     point itself (:func:`raw_launcher`) with ``None`` for the hooks and their metadata: Triton 3.6
-    otherwise builds the metadata dict and calls both empty chains from C on every launch, and
-    ``CudaLauncher.__call__`` allocates no scratch here. A hook registered later (a profiler)
-    takes Triton's own path from the next launch on."""
+    otherwise builds the metadata dict and calls both empty chains from C on every launch. A
+    hook registered later (a profiler) takes Triton's own path from the next launch on."""
     if kern is None or env.interpreting() or not env.direct_launch():
         return None
     try:
@@ -144,15 +176,10 @@ def _direct_launcher(kl: Launch, kern):
             return None
         all_args = bound_args(kl)
         var_index = kl.var_index  # positional, so the same index in all_args
-        active = driver.active
-        get_device, get_stream = active.get_current_device, active.get_current_stream
-        if get_device is torch.cuda.current_device:
-            # the same answer without its _lazy_init (CUDA is initialised: ``kern`` ran)
-            get_device = getattr(torch._C, "_cuda_getDevice", get_device)
+        get_device, get_stream = _device_getter(driver.active), driver.active.get_current_stream
         device = get_device()
         runner = kern.run  # initialises the handles (function, launcher)
-        function, packed = kern.function, kern.packed_metadata
-        grid = (kl.grid, 1, 1)
+        function, packed, grid = kern.function, kern.packed_metadata, kl.grid
         rt = knobs.runtime
         enter0, exit0 = rt.launch_enter_hook, rt.launch_exit_hook
         raw = raw_launcher(kern) if type(enter0) is HookChain and type(exit0) is HookChain else None
@@ -170,11 +197,12 @@ def _direct_launcher(kl: Launch, kern):
         enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
         if (c_launch is not None and enter is enter0 and leave is exit0 and not enter_calls
                 and not exit_calls):
-            c_launch(grid[0], 1, 1, stream, function, coop, pdl, None, None, packed, None, None, None,
-                     *all_args)
+            c_launch(grid, 1, 1, stream, function, coop, pdl, None, None, packed, None, None,
+                     None, *all_args)
             return True
-        meta = kern.launch_metadata(grid, stream, *all_args) if enter is not None else None
-        runner(grid[0], 1, 1, stream, function, packed, meta, enter, leave, *all_args)
+        meta = (kern.launch_metadata((grid, 1, 1), stream, *all_args)
+                if enter is not None else None)
+        runner(grid, 1, 1, stream, function, packed, meta, enter, leave, *all_args)
         return True
 
     return fast

@@ -17,10 +17,6 @@ from symmtriton import tuning
 from symmtriton.tools.bench import baselines, cli, options, report, timing, workloads
 from symmtriton.tools.bench import meta as bench_meta
 from symmtriton.config import CONFIG_KEYS
-from symmtriton.kernels.all_reduce import (_all_reduce_kernel, _all_reduce_one_shot_push_kernel,
-                                           _all_reduce_push_kernel)
-from symmtriton.kernels.reduce_scatter import (_reduce_scatter_kernel, _reduce_scatter_lines_kernel,
-                                               _reduce_scatter_push_kernel)
 from symmtriton.ops import driver
 from symmtriton.tools.testing import CPU_ENV
 
@@ -263,18 +259,22 @@ def test_relative_spread():
     assert abs(timing.relative_spread([1.0, 2.0, 3.0, 4.0, 5.0]) - 2.0 / 3.0) < 1e-12
 
 
-def test_variant_names_the_kernel_a_row_launched(monkeypatch):
-    """The ``variant`` column: ``push`` for the flagged-chunk kernels (kernels/push.py), beside
-    ``lines``, ``barrier`` and the all-reduce's ``one_shot`` / ``two_shot``."""
-    cases = ((_reduce_scatter_push_kernel, {}, "push"), (_all_reduce_push_kernel, {}, "push"),
-             (_all_reduce_one_shot_push_kernel, {}, "push_one_shot"),
-             (_reduce_scatter_lines_kernel, {}, "lines"), (_reduce_scatter_kernel, {}, "barrier"),
-             (_all_reduce_kernel, {"TWO_SHOT": True}, "two_shot"))
-    for fn, constexprs, want in cases:
-        plan = SimpleNamespace(kernel=SimpleNamespace(fn=fn, constexprs=constexprs))
+def test_variant_names_the_path_a_row_took(monkeypatch):
+    """The ``variant`` column, from the last plan's ``path`` and ``algorithm``: ``push`` for the
+    flagged-chunk kernels (kernels/push.py), ``push_one_shot`` for the all-reduce's one round,
+    beside ``lines``, ``barrier``, ``multimem`` and the all-reduce's ``one_shot`` /
+    ``two_shot``; nothing for an empty call or the fallback."""
+    cases = (("push", None, "push"), ("push", "two_shot", "push"),
+             ("push", "one_shot", "push_one_shot"), ("lines", None, "lines"),
+             ("lines", "lines", "lines"), ("barrier", None, "barrier"),
+             ("multimem", None, "multimem"), ("barrier", "two_shot", "two_shot"),
+             ("multimem", "one_shot", "one_shot"), ("fallback", "two_shot", None),
+             ("empty", None, None))
+    for path, algorithm, want in cases:
+        plan = SimpleNamespace(path=path, algorithm=algorithm)
         monkeypatch.setattr(driver, "last_plan", lambda plan=plan: plan)
         assert cli._variant(None) == want
-        assert cli._variant("skewed") == f"skewed/{want}"
+        assert cli._variant("skewed") == "/".join(x for x in ("skewed", want) if x)
 
 
 def _row(**kw):

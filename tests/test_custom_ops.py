@@ -29,7 +29,8 @@ MUTATED = {"all_gather_into_tensor": {"output"}, "reduce_scatter_tensor": {"outp
 @pytest.mark.parametrize("name", OPS)
 def test_op_registered_with_mutation_annotations(name):
     schema = getattr(torch.ops.symmtriton, name).default._schema
-    mutated = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    mutated = {a.name for a in schema.arguments
+               if a.alias_info is not None and a.alias_info.is_write}
     assert mutated == MUTATED[name]
     assert len(schema.returns) == 0
     assert [a.name for a in schema.arguments if str(a.type) == "str"] == ["group_name"]
@@ -58,7 +59,8 @@ def _eager_cases(rank, world):
     ok = {}
     # all-gather: staged, multi-dim, bit patterns of every kind
     x = random_bits(3 * 37, torch.bfloat16, rank).view(3, 37)
-    ref = reference.all_gather([random_bits(3 * 37, torch.bfloat16, r).view(3, 37) for r in range(world)])
+    ref = reference.all_gather([random_bits(3 * 37, torch.bfloat16, r).view(3, 37)
+                                for r in range(world)])
     out = torch.empty(world * 3, 37, dtype=torch.bfloat16, device=device())
     ok["ag_op_returns_none"] = torch.ops.symmtriton.all_gather_into_tensor(out, x, name) is None
     plain = st.all_gather_into_tensor(torch.empty_like(out), x, group)
@@ -73,7 +75,8 @@ def _eager_cases(rank, world):
     # reduce-scatter: staged and zero-copy (input in the buffer); small integers sum exactly
     n = 5 * world
     inp = tagged(n * 9, torch.float32, rank).view(n, 9)
-    expect = reference.reduce_scatter([tagged(n * 9, torch.float32, r).view(n, 9) for r in range(world)], rank)
+    expect = reference.reduce_scatter([tagged(n * 9, torch.float32, r).view(n, 9)
+                                       for r in range(world)], rank)
     rs = torch.empty(5, 9, device=device())
     torch.ops.symmtriton.reduce_scatter_tensor(rs, inp, name)
     plain = st.reduce_scatter_tensor(torch.empty_like(rs), inp, group)
@@ -125,14 +128,15 @@ def _errors(rank, world):
     """Bad input raises the plain function's ValueError/TypeError through the op."""
     name = co.group_name(dist.group.WORLD)
     x = torch.zeros(4, device=device())
+    i32 = dict(dtype=torch.int32, device=device())
     caught = {}
     for key, call in {
-        "unknown_group": lambda: co.all_gather_into_tensor(torch.zeros(4 * world, device=device()), x,
-                                                           "no-such-group"),
-        "ag_shape": lambda: co.all_gather_into_tensor(torch.zeros(4 * world + 1, device=device()), x, name),
-        "rs_dtype": lambda: co.reduce_scatter_tensor(torch.zeros(1, dtype=torch.int32, device=device()),
-                                                     torch.zeros(world, dtype=torch.int32, device=device()),
-                                                     name),
+        "unknown_group": lambda: co.all_gather_into_tensor(torch.zeros(4 * world, device=device()),
+                                                           x, "no-such-group"),
+        "ag_shape": lambda: co.all_gather_into_tensor(torch.zeros(4 * world + 1, device=device()),
+                                                      x, name),
+        "rs_dtype": lambda: co.reduce_scatter_tensor(torch.zeros(1, **i32),
+                                                     torch.zeros(world, **i32), name),
         "rs_divisible": lambda: co.reduce_scatter(torch.zeros(world + 1, device=device())),
     }.items():
         try:
@@ -145,11 +149,11 @@ def _errors(rank, world):
 
 def test_bad_input_raises_through_the_ops(cpu_pool):
     got = cpu_pool(2).run(_errors)
-    assert got[0] == {"unknown_group": "ValueError", "ag_shape": "ValueError", "rs_dtype": "TypeError",
-                      "rs_divisible": "ValueError"}
+    assert got[0] == {"unknown_group": "ValueError", "ag_shape": "ValueError",
+                      "rs_dtype": "TypeError", "rs_divisible": "ValueError"}
 
 
-# -- torch.compile(fullgraph=True) ------------------------------------------------------------------
+# -- torch.compile(fullgraph=True) ---------------------------------------------------------------
 class _SeqParallelBlock(torch.nn.Module):
     """Column-parallel matmul, row-parallel matmul, reduce-scatter, all-gather and (when
     ``fused``) the fused reduce-scatter + add + RMSNorm + all-gather, as a sequence-parallel layer
@@ -162,10 +166,10 @@ class _SeqParallelBlock(torch.nn.Module):
         self.fused = fused
         rank = dist.get_rank(group)
         # small integers: matmuls and sums stay exact in fp32, so compiled == eager bit for bit
-        self.w_col = torch.nn.Parameter((torch.arange(hidden * hidden).view(hidden, hidden) % 3 - 1.0 + rank)
-                                        .to(device()), requires_grad=False)
-        self.w_row = torch.nn.Parameter((torch.arange(hidden * hidden).view(hidden, hidden) % 5 - 2.0)
-                                        .to(device()), requires_grad=False)
+        square = torch.arange(hidden * hidden).view(hidden, hidden)
+        self.w_col = torch.nn.Parameter((square % 3 - 1.0 + rank).to(device()),
+                                        requires_grad=False)
+        self.w_row = torch.nn.Parameter((square % 5 - 2.0).to(device()), requires_grad=False)
         self.norm_weight = torch.nn.Parameter(1 + torch.arange(hidden, device=device()) % 4 / 4.0,
                                               requires_grad=False)
 
@@ -205,7 +209,8 @@ def _compile_case(rank, world, fused):
         "graphs": explain.graph_count,
         "ops_seen": ops_seen,
         "matches_eager": torch.allclose(got, eager, rtol=0, atol=atol),
-        "residual_updated": torch.equal(res_compiled, res_eager) and (not fused or not torch.equal(res_eager, res0)),
+        "residual_updated": (torch.equal(res_compiled, res_eager)
+                             and (not fused or not torch.equal(res_eager, res0))),
     }
 
 

@@ -16,10 +16,11 @@ from triton.runtime import driver as triton_driver
 import symmtriton as st
 from symmtriton import env, tuning
 from symmtriton import launch as LA
+from symmtriton.context import context
 from symmtriton.launch import Launch
 from symmtriton.ops import driver as L
 from symmtriton.tools import reference
-from symmtriton.tools.testing import device, sync
+from symmtriton.tools.testing import device, protocol, sync
 
 from helpers import random_bits
 
@@ -56,18 +57,24 @@ def _repeat_and_change(rank, world):
         st.all_gather_into_tensor(out2[: world * n], x)            # same shape, new pointer
         st.all_gather_into_tensor(out.view(torch.int32), x.view(torch.int32))  # new dtype
         st.all_gather_into_tensor(out, x, timeout_s=100.0)
-        st.all_gather_into_tensor(out, x, config=st.LaunchConfig(block_size=64, num_warps=1, max_blocks=2))
+        st.all_gather_into_tensor(out, x, config=st.LaunchConfig(block_size=64, num_warps=1,
+                                                                 max_blocks=2))
         sync()
         results["ag still right"] = torch.equal(out.view(torch.int32), ref.view(torch.int32))
         new = launches[3:]
-        results["new plans"] = len({id(p) for p in new}) == 5 and all(p is not plans[0] for p in new)
-        results["ptr arg"] = new[1].args[1] == out2.data_ptr() and plans[0].args[1] == out.data_ptr()
-        results["dtype arg"] = str(new[2].constexprs["DTYPE"]) != "" and new[2].constexprs["DTYPE"] == plans[0].constexprs["DTYPE"]
+        results["new plans"] = (len({id(p) for p in new}) == 5
+                                and all(p is not plans[0] for p in new))
+        results["ptr arg"] = (new[1].args[1] == out2.data_ptr()
+                              and plans[0].args[1] == out.data_ptr())
+        results["dtype arg"] = (str(new[2].constexprs["DTYPE"]) != ""
+                                and new[2].constexprs["DTYPE"] == plans[0].constexprs["DTYPE"])
         results["timeout arg"] = new[3].args[-1] == 100 * 10**9
         # the config's block (the lines kernel's BLOCK at this size, else BLOCK_SIZE)
-        results["config"] = new[4].constexprs.get("BLOCK", new[4].constexprs.get("BLOCK_SIZE")) == 64
+        block = new[4].constexprs.get("BLOCK", new[4].constexprs.get("BLOCK_SIZE"))
+        results["config"] = block == 64
         # reduce-scatter and fused reuse plans too
-        rs_in = torch.stack([random_bits(world * 16, torch.float32, r) for r in range(world)])[rank].contiguous()
+        rs_in = torch.stack([random_bits(world * 16, torch.float32, r)
+                             for r in range(world)])[rank].contiguous()
         rs_out = torch.empty(16, dtype=torch.float32, device=d)
         k = len(launches)
         for _ in range(2):
@@ -84,7 +91,8 @@ def _repeat_and_change(rank, world):
             outs.append(st.reduce_scatter_add_rmsnorm_all_gather(fin, res, w))  # new out each call
         sync()
         results["fused out=None reused"] = launches[k] is launches[k + 1]
-        results["fused outs equal"] = torch.equal(outs[0], outs[1]) and outs[0].data_ptr() != outs[1].data_ptr()
+        results["fused outs equal"] = (torch.equal(outs[0], outs[1])
+                                       and outs[0].data_ptr() != outs[1].data_ptr())
         # bad input after a cached plan still raises, before any launch
         k = len(launches)
         for call, exc in [
@@ -149,11 +157,63 @@ def test_changed_group_gets_a_new_plan(cpu_pool):
         assert r == (True, True, True, True)
 
 
+def _paths(rank, world):
+    """(case, the last plan's path and algorithm) for calls that take each path; and whether
+    the launch's constexprs hold its context's shared block, built once."""
+    buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=4)
+    d = device()
+    got = {}
+
+    def take(case, fn, *args, **kwargs):
+        fn(*args, **kwargs)
+        sync()
+        plan = L.last_plan()
+        got[case] = (plan.path, plan.algorithm if hasattr(plan, "algorithm") else "-")
+
+    x, out = torch.ones(64, device=d), torch.empty(64 * world, device=d)
+    big = torch.ones(1 << 20, device=d)  # 4 MiB per rank: a staged all-gather does not fit
+    rows, w = torch.ones(2 * world, 8, device=d), torch.ones(8, device=d)
+    res = torch.zeros(2, 8, device=d)
+    take("empty", st.all_gather_into_tensor, torch.empty(0, device=d), torch.empty(0, device=d))
+    take("fallback", st.all_gather_into_tensor, torch.empty(world << 20, device=d), big)
+    with protocol("lines"):
+        take("lines", st.all_gather_into_tensor, out, x)
+        take("rows lines", st.reduce_scatter_add_rmsnorm_all_gather, rows, res, w)
+    with protocol("barrier"):
+        take("barrier", st.all_gather_into_tensor, out, x)
+        take("ar barrier", st.all_reduce, x.clone(), algorithm="two_shot")
+        take("rows barrier", st.all_reduce_add_rmsnorm, rows, rows.clone(), w,
+             algorithm="one_shot")
+        take("v", st.reduce_scatter_v, x[:8].clone(), out.clone(),
+             torch.full((world,), 8, dtype=torch.int32, device=d))
+        kl = L.last_plan().kernel
+        shared = LA.ctx_constexprs(context(buf))
+    with protocol("push"):
+        take("push", st.reduce_scatter_tensor, x.clone(), out.clone())
+        take("ar push one", st.all_reduce, x.clone(), algorithm="one_shot")
+        take("ar push two", st.all_reduce, x.clone(), algorithm="two_shot")
+    got["shared"] = (shared is LA.ctx_constexprs(context(buf))
+                     and {k: kl.constexprs[k] for k in shared} == shared)
+    st.SymmetricMemoryManager.destroy("tp")
+    return got
+
+
+def test_plans_name_their_path(cpu_pool):
+    """A plan's ``path`` (driver.PATHS) and, for the all-reduce family, ``algorithm``: what
+    tools report of a call."""
+    want = {"empty": ("empty", None), "fallback": ("fallback", None), "lines": ("lines", None),
+            "rows lines": ("lines", None), "barrier": ("barrier", None),
+            "ar barrier": ("barrier", "two_shot"), "rows barrier": ("barrier", "one_shot"),
+            "v": ("barrier", "-"), "push": ("push", None), "ar push one": ("push", "one_shot"),
+            "ar push two": ("push", "two_shot"), "shared": True}
+    assert cpu_pool(2).run(_paths) == [want] * 2
+
+
 def test_plan_cache_is_bounded():
     L.clear_plans()
     try:
         for i in range(L.PLAN_CACHE_MAX + 10):
-            L.put_plan(("k", i), L.OutputPlan())
+            L.put_plan(("k", i), L.OutputPlan("empty"))
         assert len(L._PLANS) == L.PLAN_CACHE_MAX
         assert L.get_plan(("k", 0)) is None and L.get_plan(("k", L.PLAN_CACHE_MAX + 9)) is not None
         assert L.get_plan((["unhashable"],)) is None
@@ -178,10 +238,10 @@ def test_plan_cache_evicts_the_least_recently_used():
     L.clear_plans()
     try:
         for i in range(L.PLAN_CACHE_MAX):
-            L.put_plan(("k", i), L.OutputPlan())
+            L.put_plan(("k", i), L.OutputPlan("empty"))
         used = L.get_plan(("k", 0))
         assert used is not None and L.last_plan() is used  # used: now the most recent
-        L.put_plan(("k", "new"), L.OutputPlan())
+        L.put_plan(("k", "new"), L.OutputPlan("empty"))
         assert L.get_plan(("k", 1)) is None  # the least recently used went
         assert L.get_plan(("k", 0)) is not None and L.get_plan(("k", "new")) is not None
     finally:
@@ -245,15 +305,15 @@ def test_direct_launcher_calls_the_c_entry_point_until_a_hook_is_registered(monk
     kl = NS(grid=3, args=(11, 12), constexprs={"C": 5}, var_index=1,
             fn=NS(fn=lambda a, b, C, D=9: None))
     fast = LA._direct_launcher(kl, kern)
-    assert fast(None) and calls[-1] == ("C", (3, 1, 1, 99, 7, 0, 1, None, None, (4, 1, 0), None, None,
-                                              None, 11, 12, 5, 9))
+    assert fast(None) and calls[-1] == ("C", (3, 1, 1, 99, 7, 0, 1, None, None, (4, 1, 0), None,
+                                              None, None, 11, 12, 5, 9))
     assert fast(42) and calls[-1][1][-3:] == (42, 5, 9)  # the variable argument
     hook = lambda meta: None  # noqa: E731
     enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
     enter.add(hook)
     try:
-        assert fast(None) and calls[-1] == ("triton", (3, 1, 1, 99, 7, (4, 1, 0), "meta", enter, leave,
-                                                       11, 42, 5, 9))
+        assert fast(None) and calls[-1] == ("triton", (3, 1, 1, 99, 7, (4, 1, 0), "meta", enter,
+                                                       leave, 11, 42, 5, 9))
     finally:
         enter.remove(hook)
     assert fast(None) and calls[-1][0] == "C"

@@ -10,7 +10,8 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton.config import lines_config, lines_row_config, lines_row_split
-from symmtriton.context import LINES_MAX_BYTES, context
+from symmtriton.context import context
+from symmtriton.presets import LINES_MAX_BYTES
 from symmtriton.kernels.all_gather import _all_gather_lines_kernel
 from symmtriton.kernels.all_reduce import _all_reduce_lines_kernel
 from symmtriton.kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_lines_kernel

@@ -100,7 +100,7 @@ def _one_step(kind, rank, world, K, EL, H, dtype, salt, idx_dtype=torch.int64,
 
 def _path() -> str:
     """The path the last call took: ``"kernel"`` or ``"torch"``."""
-    return "kernel" if last_plan().kernel is not None else "torch"
+    return {"barrier": "kernel", "fallback": "torch"}[last_plan().path]
 
 
 def _steps(rank, world, kind, K, EL, H, dtype, idx_dtype, fallback):

@@ -10,7 +10,8 @@ import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton import env
-from symmtriton.context import Ctx, push_eligible
+from symmtriton.config import push_eligible
+from symmtriton.context import Ctx
 from symmtriton.kernels.reduce_scatter import _reduce_scatter_push_kernel
 from symmtriton.ops import driver
 from symmtriton.tools import reference

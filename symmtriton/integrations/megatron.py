@@ -51,6 +51,7 @@ from .._calls import call_failed
 from ..backends.base import SymmHandle
 from ..memory import SymmetricMemoryBuffer, SymmetricMemoryManager, resolve_group
 from ..ops import fused
+from ..ops._rows import validate_rows
 from ..ops.all_gather import all_gather_into_tensor
 from ..ops.reduce_scatter import reduce_scatter_tensor
 from ..validation import REDUCE_DTYPES, check_disjoint, check_same, check_tensor
@@ -160,7 +161,7 @@ def fused_multimem_rs_add_norm_ag(residual_output_tensor, input_tensor, symm_mem
                                  f"input_tensor ({rows}, {H}) over {world} ranks are {shard}")
         x, res = input_tensor.view(rows, H), residual_output_tensor.view(shard)
         weight = rms_norm_weights.view(-1)
-        fused.validate(op, x, res, weight, eps, world, x, True)
+        validate_rows(op, x, res, weight, eps, world, x, True)
         if res_in.data_ptr() != res.data_ptr():
             check_disjoint(op, [("residual_output_tensor", res), ("residual_input_tensor", res_in)])
             res.copy_(res_in.view(shard))

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from .. import env
-from ..config import LaunchConfig
-from ..context import Ctx, aligned16
+from ..config import LaunchConfig, aligned16
+from ..context import Ctx
 from ..launch import Launch
 from .driver import TL_DTYPE
 
@@ -20,10 +20,9 @@ def flat_lines_launch(op: str, ctx: Ctx, kernel, cfg: LaunchConfig, grid_numel: 
     same count on every rank: the all-gather's ``n`` depends on per-rank alignment, its grid
     does not)."""
     nbytes = n * dtype.itemsize
-    return Launch(
-        op, ctx.buf, kernel, cfg.grid(grid_numel, ctx.grid_cap), cfg.num_warps,
+    return Launch.on(
+        ctx, op, kernel, cfg.grid(grid_numel, ctx.grid_cap), cfg.num_warps,
         (src.data_ptr(), dst.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
          ctx.grid_cap, ctx.lines_off, ctx.lines_words, n, env.timeout_ns(timeout_s)),
-        dict(DTYPE=TL_DTYPE[dtype], RANK=ctx.rank, WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2,
-             BLOCK=block, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx,
+        dict(DTYPE=TL_DTYPE[dtype], BLOCK=block,
              ALIGNED=aligned16(src.data_ptr(), dst.data_ptr(), nbytes)))

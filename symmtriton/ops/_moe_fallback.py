@@ -1,6 +1,7 @@
-"""The ``torch.distributed`` path of ``moe_dispatch`` / ``moe_combine`` (symmtriton/ops/moe.py),
-for calls symmetric memory cannot carry: the same results and the same ``rowmap`` as the kernels
-(kernels/moe_dispatch.py), so a dispatch on one path pairs with a combine on the other.
+"""The ``torch.distributed`` path of ``moe_dispatch`` / ``moe_combine`` (ops/moe_dispatch.py,
+ops/moe_combine.py), for calls symmetric memory cannot carry: the same results and the same
+``rowmap`` as the kernels (kernels/moe_dispatch.py), so a dispatch on one path pairs with a
+combine on the other.
 
 Both move padded, equal-split ``all_to_all_single`` messages (every rank sends ``M`` token slots
 to every rank), so nothing is read back to the host but the expert-id check; that check is
@@ -45,7 +46,7 @@ def _raise_bad(bad: torch.Tensor, make_error) -> None:
 
 
 def dispatch(a, group, make_error) -> None:
-    """``moe_dispatch`` of the operands ``a`` (``ops.moe.DispatchOperands``) through
+    """``moe_dispatch`` of the operands ``a`` (``_operands.DispatchOperands``) through
     ``torch.distributed``: writes ``a.recv_x``, ``a.recv_counts`` and ``a.rowmap``."""
     world = dist.get_world_size(group)
     (T, H), K, M = a.x.shape, a.topk_idx.shape[1], a.max_tokens
@@ -77,7 +78,7 @@ def dispatch(a, group, make_error) -> None:
 
 
 def combine(a, group, make_error) -> None:
-    """``moe_combine`` of the operands ``a`` (``ops.moe.CombineOperands``) through
+    """``moe_combine`` of the operands ``a`` (``_operands.CombineOperands``) through
     ``torch.distributed``: writes ``a.out``."""
     world, M, K = a.rowmap.shape
     T, H = a.out.shape

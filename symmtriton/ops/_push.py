@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from .. import env
-from ..config import LaunchConfig
-from ..context import ALIGN, Ctx, aligned16, offset_in, region_after, symm_usable
+from ..config import ALIGN, LaunchConfig, aligned16
+from ..context import Ctx, offset_in, region_after, symm_usable
 from ..kernels.all_reduce import _all_reduce_one_shot_push_kernel, _all_reduce_push_kernel
 from ..kernels.reduce_scatter import _reduce_scatter_push_kernel
 from ..launch import Launch
@@ -41,13 +41,11 @@ def _one_round_launch(op: str, ctx: Ctx, cfg: LaunchConfig, kernel, out: torch.T
         return None
     slot_off, flag_off = areas
     aligned = aligned16(input.data_ptr(), out.data_ptr(), ctx.local_base + slot_off, n * esize)
-    return Launch(
-        op, ctx.buf, kernel, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
+    return Launch.on(
+        ctx, op, kernel, cfg.grid(n, ctx.grid_cap), cfg.num_warps,
         (input.data_ptr(), out.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
          ctx.grid_cap, slot_off, flag_off, n, env.timeout_ns(timeout_s)),
-        dict(DTYPE=TL_DTYPE[input.dtype], RANK=ctx.rank, WORLD_SIZE=ctx.world,
-             WORLD_P2=ctx.world_p2, BLOCK_SIZE=cfg.block_size, SCOPE=ctx.scope,
-             USE_PTX=ctx.use_ptx, ALIGNED=aligned))
+        dict(DTYPE=TL_DTYPE[input.dtype], BLOCK_SIZE=cfg.block_size, ALIGNED=aligned))
 
 
 def reduce_scatter_push_launch(op: str, ctx: Ctx, cfg: LaunchConfig, output: torch.Tensor,
@@ -86,10 +84,9 @@ def all_reduce_push_launch(op: str, ctx: Ctx, cfg: LaunchConfig, dst: torch.Tens
     base = ctx.local_base
     aligned = aligned16(tensor.data_ptr(), dst.data_ptr(), base + slot_off, base + gather_off,
                         cfg.block_size * esize)
-    return Launch(
-        op, ctx.buf, _all_reduce_push_kernel, cfg.row_grid(cps, ctx.grid_cap), cfg.num_warps,
+    return Launch.on(
+        ctx, op, _all_reduce_push_kernel, cfg.row_grid(cps, ctx.grid_cap), cfg.num_warps,
         (tensor.data_ptr(), dst.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
          ctx.grid_cap, slot_off, flag_off, gather_off, n, cps, env.timeout_ns(timeout_s)),
-        dict(DTYPE=TL_DTYPE[tensor.dtype], RANK=ctx.rank, WORLD_SIZE=ctx.world,
-             WORLD_P2=ctx.world_p2, BLOCK_SIZE=cfg.block_size, GATHER=gather, SCOPE=ctx.scope,
-             USE_PTX=ctx.use_ptx, ALIGNED=aligned))
+        dict(DTYPE=TL_DTYPE[tensor.dtype], BLOCK_SIZE=cfg.block_size, GATHER=gather,
+             ALIGNED=aligned))

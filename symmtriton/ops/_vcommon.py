@@ -10,6 +10,7 @@ import triton.language as tl
 
 from .. import counts as C
 from ..launch import Launch
+from ._operands import VarOperands
 from .driver import STALE, ConfigChoice, bump_versions
 
 TL_COUNTS = {torch.int32: tl.int32, torch.int64: tl.int64}
@@ -17,10 +18,12 @@ TL_COUNTS = {torch.int32: tl.int32, torch.int64: tl.int64}
 
 @dataclass(eq=False)
 class CountsPlan:
-    """The plan of a variable-count op (args ``(output, input, counts)``): launch ``kernel``
-    (keeping ``table``, the tensor table it reads, alive), or run ``fallback(*args, group)``.
-    ``each``/``total`` name the capacities in a counts error."""
+    """The plan of a variable-count op (operands :class:`~._operands.VarOperands`): launch
+    ``kernel`` (``path`` ``"barrier"``, keeping ``table``, the tensor table it reads, alive), or
+    run ``fallback(output, input, counts, group)`` (``"fallback"``). ``each``/``total`` name
+    the capacities in a counts error."""
 
+    path: str
     kernel: Launch | None = None
     choice: ConfigChoice | None = None
     fallback: Callable | None = None
@@ -29,23 +32,23 @@ class CountsPlan:
     total: str = ""
     table: torch.Tensor | None = None
 
-    def run(self, args, config):
+    def run(self, a: VarOperands, config):
         """Raises the counts error of an earlier call before launching (GPU), and of this one
         after (host backend: synchronous)."""
-        out = args[0]
+        out = a.output
         bump_versions(tuple(out) if isinstance(out, (list, tuple)) else (out,))
         if self.fallback is not None:
-            self.fallback(*args, self.group)
-            return args[0]
+            self.fallback(out, a.input, a.counts, self.group)
+            return out
         if not self.choice.current():
             return STALE
         kern = self.kernel
         C.check_error(kern.buf, kern.status)
-        C.remember(kern.buf, kern.op, args[2], self.each, self.total)
+        C.remember(kern.buf, kern.op, a.counts, self.each, self.total)
         kern.launch()
         if kern.sync_check:
             C.check_error(kern.buf, kern.status, launched=True)
-        return args[0]
+        return out
 
 
 def clamp_or_raise(op: str, counts: torch.Tensor, cap_each: int, cap_total: int, each: str,

@@ -9,14 +9,16 @@ import torch.distributed as dist
 
 from .. import counts as C
 from .. import env
-from .._calls import counts_calls
-from ..config import CONFIG_OP, LaunchConfig, bit_unit
-from ..context import ALIGN, aligned16, context, find_buffer, offset_in, region_after, symm_usable
+from .._calls import sequenced
+from ..config import ALIGN, CONFIG_OP, LaunchConfig, aligned16, bit_unit
+from ..context import context, find_buffer, offset_in, region_after, symm_usable
 from ..kernels.all_gather_v import _all_gather_v_kernel
 from ..launch import Launch
 from ..validation import check_disjoint, check_same, check_tensor
+from ._operands import VarOperands, record
 from ._vcommon import TL_COUNTS, CountsPlan, clamp_or_raise, pairs
-from .driver import TL_DTYPE, Collective, call, choose_config, compiling, group_name, tensor_desc
+from .driver import (TL_DTYPE, Collective, call, choose_config, eager_only, group_name,
+                     tensor_desc)
 from .fallback import torch_all_gather
 
 #: most tensors one call moves (one kernel table row each).
@@ -44,19 +46,19 @@ class AllGatherV(Collective):
     name = "all_gather_v"
     config_op = CONFIG_OP[name]
 
-    def key(self, group, config, timeout_s, args):
-        outs, ins = pairs(self.name, args[0], args[1])
+    def key(self, group, config, timeout_s, a: VarOperands):
+        outs, ins = pairs(self.name, a.output, a.input)
         return (self.name, group, tuple(map(tensor_desc, outs)), tuple(map(tensor_desc, ins)),
-                tensor_desc(args[2]), config, env.timeout_key(timeout_s))
+                tensor_desc(a.counts), config, env.timeout_key(timeout_s))
 
-    def uniform(self, args):
-        outs, ins = pairs(self.name, args[0], args[1])
+    def uniform(self, a: VarOperands):
+        outs, ins = pairs(self.name, a.output, a.input)
         return {**{f"output[{i}]": t for i, t in enumerate(outs)},
                 **{f"input[{i}]": t for i, t in enumerate(ins)}}
 
-    def validate(self, group, args):
-        outs, ins = pairs(self.name, args[0], args[1])
-        counts, op = args[2], self.name
+    def validate(self, group, a: VarOperands):
+        outs, ins = pairs(self.name, a.output, a.input)
+        counts, op = a.counts, self.name
         if not 1 <= len(outs) <= MAX_TENSORS:
             raise ValueError(f"{op}: between 1 and {MAX_TENSORS} tensors per call, got {len(outs)}")
         for i, (o, t) in enumerate(zip(outs, ins)):
@@ -78,9 +80,9 @@ class AllGatherV(Collective):
         check_disjoint(op, [*((f"output[{i}]", o) for i, o in enumerate(outs)),
                             *((f"input[{i}]", t) for i, t in enumerate(ins)), ("counts", counts)])
 
-    def prepare(self, group, config, timeout_s, args):
-        outs, ins = pairs(self.name, args[0], args[1])
-        counts = args[2]
+    def prepare(self, group, config, timeout_s, a: VarOperands):
+        outs, ins = pairs(self.name, a.output, a.input)
+        counts = a.counts
         cap_in, cap_out = ins[0].shape[0], outs[0].shape[0]
         rows = [math.prod(t.shape[1:]) * t.element_size() for t in ins]  # bytes per row
         buf = find_buffer(group)
@@ -94,7 +96,7 @@ class AllGatherV(Collective):
                 end += -(-cap_out * row // ALIGN) * ALIGN
         region_end = max([end] + [r + cap_out * row for (r, _), row in zip(regions, rows)])
         if not symm_usable(buf, outs[0].device, region_end):
-            return CountsPlan(fallback=_torch_all_gather_v, group=group)
+            return CountsPlan("fallback", fallback=_torch_all_gather_v, group=group)
         world = dist.get_world_size(group)
         # the config is keyed by the unit of values alike on every rank, its grid counted in
         # that unit; this rank's tensors may allow only a narrower one (as for all_gather)
@@ -112,9 +114,9 @@ class AllGatherV(Collective):
         aligned = all(row % ALIGN == 0 for row in rows) and aligned16(
             *(p for o, t, (r, _) in zip(outs, ins, regions)
               for p in (o.data_ptr(), t.data_ptr(), ctx.local_base + r)))
-        return CountsPlan(_kernel_launch(ctx, choice.config, table, counts, len(outs), unit,
-                                         key_unit, cap_in, cap_out, shard, aligned, timeout_s),
-                          choice, each=EACH, total=TOTAL, table=table)
+        kernel = _kernel_launch(ctx, choice.config, table, counts, len(outs), unit, key_unit,
+                                cap_in, cap_out, shard, aligned, timeout_s)
+        return CountsPlan("barrier", kernel, choice, each=EACH, total=TOTAL, table=table)
 
 
 def _kernel_launch(ctx, cfg: LaunchConfig, table, counts, nt, unit, key_unit, cap_in, cap_out,
@@ -123,15 +125,13 @@ def _kernel_launch(ctx, cfg: LaunchConfig, table, counts, nt, unit, key_unit, ca
     ``shard`` count ``key_unit``s (the same on every rank); the kernel copies in ``unit``s with
     its block scaled to the same bytes, so every rank launches the same grid and its block ``b``
     moves the same bytes on every rank."""
-    return Launch(
-        OP.name, ctx.buf, _all_gather_v_kernel, cfg.grid(shard, ctx.grid_cap), cfg.num_warps,
+    return Launch.on(
+        ctx, OP.name, _all_gather_v_kernel, cfg.grid(shard, ctx.grid_cap), cfg.num_warps,
         (table.data_ptr(), counts.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
          ctx.err_addr + 4 * C.COUNTS_ERROR_WORD, ctx.grid_cap, cap_in, cap_out,
          env.timeout_ns(timeout_s)),
-        dict(NT=nt, DTYPE=TL_DTYPE[unit], COUNTS_DTYPE=TL_COUNTS[counts.dtype], RANK=ctx.rank,
-             WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2,
-             BLOCK_SIZE=cfg.block_size * (key_unit.itemsize // unit.itemsize),
-             SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned))
+        dict(NT=nt, DTYPE=TL_DTYPE[unit], COUNTS_DTYPE=TL_COUNTS[counts.dtype],
+             BLOCK_SIZE=cfg.block_size * (key_unit.itemsize // unit.itemsize), ALIGNED=aligned))
 
 
 def _torch_all_gather_v(output, input, counts, group) -> None:
@@ -153,7 +153,15 @@ def _torch_all_gather_v(output, input, counts, group) -> None:
 OP = AllGatherV()
 
 
-@counts_calls
+def _traced(output, input, counts, group=None, *, config=None, timeout_s=None):
+    """Under ``torch.compile``: ``torch.ops.symmtriton.all_gather_v`` (lists of tensors)."""
+    eager_only(OP.name, config, timeout_s)
+    outs, ins = pairs(OP.name, output, input)
+    torch.ops.symmtriton.all_gather_v(outs, ins, counts, group_name(group))
+    return output
+
+
+@sequenced(_traced)
 def all_gather_v(output, input, counts: torch.Tensor, group=None, *,
                  config: LaunchConfig | None = None, timeout_s: float | None = None):
     """Gather a variable number of rows from every rank of ``group``: rank ``r`` sends its first
@@ -172,8 +180,4 @@ def all_gather_v(output, input, counts: torch.Tensor, group=None, *,
     Zero-copy for outputs in the group's symmetric buffer (same offset on every rank), staged in
     the buffer otherwise, ``torch.distributed`` when symmetric memory cannot carry the call.
     Under ``torch.compile`` it traces as ``torch.ops.symmtriton.all_gather_v``."""
-    if compiling(OP.name, config, timeout_s):
-        outs, ins = pairs(OP.name, output, input)
-        torch.ops.symmtriton.all_gather_v(outs, ins, counts, group_name(group))
-        return output
-    return call(OP, group, config, timeout_s, (output, input, counts))
+    return call(OP, group, config, timeout_s, record(VarOperands, (output, input, counts)))

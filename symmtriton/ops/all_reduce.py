@@ -19,42 +19,40 @@ import torch
 import torch.distributed as dist
 
 from .. import env
-from .._calls import counts_calls
-from ..config import (ALL_REDUCE_ALGORITHMS, MAX_FUSED_HIDDEN, LaunchConfig, all_reduce_algorithm,
-                      all_reduce_config, default_config, lines_block, lines_config,
-                      lines_row_config, lines_row_split, push_config)
-from ..context import (LINES_MAX_BYTES, LINES_ROWS_MAX_BYTES, aligned16, context, find_buffer,
-                       lines_eligible, lines_fit, multimem_eligible, offset_in, push_eligible,
-                       push_one_shot_eligible, region_after, symm_usable)
+from .._calls import sequenced
+from ..config import (ALL_REDUCE_ALGORITHMS, MAX_FUSED_HIDDEN, LaunchConfig, aligned16,
+                      all_reduce_algorithm, all_reduce_config, default_config, lines_block,
+                      lines_config, lines_eligible, lines_fit, lines_row_config, multimem_eligible,
+                      push_config, push_eligible, push_one_shot_eligible)
+from ..context import context, find_buffer, offset_in, region_after, symm_usable
+from ..presets import LINES_MAX_BYTES, LINES_ROWS_MAX_BYTES
 from ..kernels.all_reduce import _all_reduce_kernel, _all_reduce_lines_kernel
 from ..kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel, _all_reduce_rmsnorm_lines_kernel
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_disjoint, check_same, check_tensor
 from ._lines import flat_lines_launch
+from ._operands import AllReduceOperands, Rows, record
 from ._push import all_reduce_one_shot_push_launch, all_reduce_push_launch
-from .driver import (TL_DTYPE, Collective, ConfigChoice, OutputPlan, call, compiling, group_name,
-                     tensor_desc)
+from ._rows import (RowsPlan, rows_aligned, rows_key, rows_lines_launch, rows_out, rows_uniform,
+                    validate_rows)
+from .driver import (TL_DTYPE, Collective, ConfigChoice, OutputPlan, barrier_path, call,
+                     eager_only, group_name, tensor_desc)
 from .fallback import torch_all_reduce, torch_all_reduce_add_rmsnorm
-from .fused import FusedPlan
-from .fused import validate as validate_rows
 
 
 class AllReduce(Collective):
-    """args ``(dst, tensor, algorithm)``: ``dst`` is ``out``, or ``tensor`` (in place)."""
-
     name = "all_reduce"
     config_op = None  # untuned: config.default_config
 
-    def key(self, group, config, timeout_s, args):
-        dst, tensor, algorithm = args
-        return (self.name, group, tensor_desc(dst), tensor_desc(tensor), algorithm, config,
-                env.timeout_key(timeout_s))
+    def key(self, group, config, timeout_s, a: AllReduceOperands):
+        return (self.name, group, tensor_desc(a.output), tensor_desc(a.input), a.algorithm,
+                config, env.timeout_key(timeout_s))
 
-    def uniform(self, args):
-        return {"tensor": args[1]}
+    def uniform(self, a: AllReduceOperands):
+        return {"tensor": a.input}
 
-    def validate(self, group, args):
-        dst, tensor, algorithm = args
+    def validate(self, group, a: AllReduceOperands):
+        dst, tensor = a.output, a.input
         _check_flat("tensor", tensor)
         if dst is not tensor:
             _check_flat("out", dst)
@@ -64,165 +62,177 @@ class AllReduce(Collective):
                                  f"shape {tuple(tensor.shape)}")
             # ``out`` may be ``tensor`` itself (in place)
             check_disjoint(self.name, [("tensor", tensor), ("out", dst)], [("tensor", "out", 0)])
-        _check_algorithm(algorithm)
+        _check_algorithm(a.algorithm)
 
-    def prepare(self, group, config, timeout_s, args):
-        dst, tensor, algorithm = args
+    def prepare(self, group, config, timeout_s, a: AllReduceOperands):
+        dst, tensor = a.output, a.input
         world = dist.get_world_size(group)
         n, esize = tensor.numel(), tensor.element_size()
         if n == 0:
-            return OutputPlan()
+            return OutputPlan("empty")
         buf = find_buffer(group)
-        algo = choose_algorithm(buf, tensor.device, algorithm, n * esize, n * esize, world,
+        algo = choose_algorithm(buf, tensor.device, a.algorithm, n * esize, n * esize, world,
                                 LINES_MAX_BYTES)
         if algo == "lines":
             cfg = config or lines_config(n, tensor.dtype, world)
-            launch = flat_lines_launch(ALL_REDUCE.name, context(buf), _all_reduce_lines_kernel, cfg,
-                                       n, tensor, dst, n, tensor.dtype,
+            launch = flat_lines_launch(self.name, context(buf), _all_reduce_lines_kernel, cfg, n,
+                                       tensor, dst, n, tensor.dtype,
                                        lines_block(cfg.block_size, esize), timeout_s)
-            return OutputPlan(launch, ConfigChoice(cfg))
-        in_off, out_off = offset_in(buf, tensor), offset_in(buf, dst)
-        region = in_off if in_off is not None else region_after(buf, tensor, dst)
-        in_place = dst.data_ptr() == tensor.data_ptr()
-        if algo == "two_shot":  # where the sums land on every rank (kernels/all_reduce.py)
-            if in_place or (out_off is None and in_off is None):
-                res = region  # the output itself, or the staging region (scratch)
-            elif out_off is not None:
-                res = out_off  # ``out`` lies in the buffer: the sums land there directly
-            else:
-                res = region_after(buf, tensor, dst)  # keep the zero-copy input intact
-            copy_out = res != out_off
-        else:  # one-shot: straight to ``dst``, unless that is the zero-copy input peers still read
-            copy_out = in_place and in_off is not None
-            res = region_after(buf, tensor) if copy_out else region
+            return OutputPlan("lines", launch, ConfigChoice(cfg), algorithm=algo)
+        in_off = offset_in(buf, tensor)
+        region, res, copy_out = _layout(buf, a, algo, in_off)
         if not symm_usable(buf, tensor.device, max(region, res) + n * esize):
-            return OutputPlan(fallback=torch_all_reduce, group=group)
+            return OutputPlan("fallback", fallback=torch_all_reduce, group=group, algorithm=algo)
         choice = ConfigChoice(config or all_reduce_config(n, tensor.dtype, world, algo))
         ctx = context(buf)
         multimem = multimem_eligible(ctx, tensor.dtype, ctx.local_base + region,
                                      ctx.local_base + res, n * esize,
                                      choice.config.block_size * esize)
-        if push_one_shot_eligible(ctx, n * esize, multimem, in_off is None, algo, algorithm):
-            cfg = config or push_config(n, tensor.dtype, world)
-            push = all_reduce_one_shot_push_launch(self.name, ctx, cfg, dst, tensor, timeout_s)
-            if push is not None:
-                return OutputPlan(push, ConfigChoice(cfg))
-        per_rank = -(-n // world)
-        if algo == "two_shot" and push_eligible(ctx, "all_reduce", per_rank * esize, multimem,
-                                                in_off is None):
-            cfg = config or push_config(per_rank, tensor.dtype, world)
-            push = all_reduce_push_launch(self.name, ctx, cfg, dst, tensor, timeout_s)
-            if push is not None:
-                return OutputPlan(push, ConfigChoice(cfg))
-        return OutputPlan(_kernel_launch(ctx, choice.config, dst, tensor, algo, region, res,
-                                         in_off is None, copy_out, multimem, timeout_s), choice)
+        push = _push_plan(ctx, config, a, algo, multimem, in_off is None, timeout_s)
+        if push is not None:
+            return push
+        return OutputPlan(barrier_path(multimem),
+                          _kernel_launch(ctx, choice.config, a, algo, region, res,
+                                         in_off is None, copy_out, multimem, timeout_s),
+                          choice, algorithm=algo)
 
 
-def _kernel_launch(ctx, cfg: LaunchConfig, dst, tensor, algo, region, res, stage_in, copy_out,
-                   use_mm, timeout_s):
+def _layout(buf, a: AllReduceOperands, algo: str, in_off):
+    """``(region, res, copy_out)`` of a barrier all-reduce: where the input is (or is staged),
+    where the sums land on every rank (kernels/all_reduce.py), and whether they are copied out
+    to ``a.output`` from there."""
+    dst, tensor = a.output, a.input
+    out_off = offset_in(buf, dst)
+    region = in_off if in_off is not None else region_after(buf, tensor, dst)
+    in_place = dst.data_ptr() == tensor.data_ptr()
+    if algo == "two_shot":
+        if in_place or (out_off is None and in_off is None):
+            res = region  # the output itself, or the staging region (scratch)
+        elif out_off is not None:
+            res = out_off  # ``out`` lies in the buffer: the sums land there directly
+        else:
+            res = region_after(buf, tensor, dst)  # keep the zero-copy input intact
+        return region, res, res != out_off
+    # one-shot: straight to ``dst``, unless that is the zero-copy input peers still read
+    copy_out = in_place and in_off is not None
+    return region, region_after(buf, tensor) if copy_out else region, copy_out
+
+
+def _push_plan(ctx, config, a: AllReduceOperands, algo, multimem, staged, timeout_s):
+    """The plan of a push all-reduce (kernels/push.py: one round of the whole tensor, or the
+    two-shot's two rounds) where ``context`` chooses one and its areas fit, else ``None``."""
+    dst, tensor = a.output, a.input
+    n, world = tensor.numel(), ctx.world
+    if push_one_shot_eligible(ctx, n * tensor.element_size(), multimem, staged, algo,
+                              a.algorithm):
+        cfg = config or push_config(n, tensor.dtype, world)
+        push = all_reduce_one_shot_push_launch(ALL_REDUCE.name, ctx, cfg, dst, tensor, timeout_s)
+        if push is not None:
+            return OutputPlan("push", push, ConfigChoice(cfg), algorithm="one_shot")
+    per_rank = -(-n // world)
+    if algo == "two_shot" and push_eligible(ctx, "all_reduce", per_rank * tensor.element_size(),
+                                            multimem, staged):
+        cfg = config or push_config(per_rank, tensor.dtype, world)
+        push = all_reduce_push_launch(ALL_REDUCE.name, ctx, cfg, dst, tensor, timeout_s)
+        if push is not None:
+            return OutputPlan("push", push, ConfigChoice(cfg), algorithm="two_shot")
+    return None
+
+
+def _kernel_launch(ctx, cfg: LaunchConfig, a: AllReduceOperands, algo, region, res, stage_in,
+                   copy_out, use_mm, timeout_s):
     """The launch of ``_all_reduce_kernel``: its arguments, listed here only."""
-    n, esize = tensor.numel(), tensor.element_size()
+    src, dst = a.input.data_ptr(), a.output.data_ptr()
+    n, esize = a.input.numel(), a.input.element_size()
     chunks = -(-n // cfg.block_size)
     cps = chunks if algo == "one_shot" else -(-chunks // ctx.world)
     base = ctx.local_base
-    aligned = aligned16(tensor.data_ptr(), dst.data_ptr(), base + region, base + res, n * esize)
-    return Launch(
-        ALL_REDUCE.name, ctx.buf, _all_reduce_kernel, cfg.row_grid(cps, ctx.grid_cap),
-        cfg.num_warps,
-        (tensor.data_ptr(), dst.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.mc_addr,
-         ctx.err_addr, ctx.grid_cap, region, res, n, cps, env.timeout_ns(timeout_s)),
-        dict(DTYPE=TL_DTYPE[tensor.dtype], RANK=ctx.rank, WORLD_SIZE=ctx.world,
-             WORLD_P2=ctx.world_p2, BLOCK_SIZE=cfg.block_size, TWO_SHOT=algo == "two_shot",
-             STAGE_IN=stage_in, COPY_OUT=copy_out, USE_MULTIMEM=use_mm, SCOPE=ctx.scope,
-             USE_PTX=ctx.use_ptx, ALIGNED=aligned))
+    return Launch.on(
+        ctx, ALL_REDUCE.name, _all_reduce_kernel, cfg.row_grid(cps, ctx.grid_cap), cfg.num_warps,
+        (src, dst, ctx.buf_table, ctx.sig_table, ctx.mc_addr, ctx.err_addr, ctx.grid_cap, region,
+         res, n, cps, env.timeout_ns(timeout_s)),
+        dict(DTYPE=TL_DTYPE[a.input.dtype], BLOCK_SIZE=cfg.block_size,
+             TWO_SHOT=algo == "two_shot", STAGE_IN=stage_in, COPY_OUT=copy_out,
+             USE_MULTIMEM=use_mm,
+             ALIGNED=aligned16(src, dst, base + region, base + res, n * esize)))
 
 
 class AllReduceAddRmsnorm(Collective):
-    """args ``(input, residual, weight, eps, out, algorithm)``."""
-
     name = "all_reduce_add_rmsnorm"
     config_op = None  # untuned: config.default_config
+    key = rows_key
+    uniform = rows_uniform
 
-    def key(self, group, config, timeout_s, args):
-        input, residual, weight, eps, out, algorithm = args
-        return (self.name, group, tensor_desc(input), tensor_desc(residual), tensor_desc(weight),
-                tensor_desc(out), type(eps), eps, algorithm, config, env.timeout_key(timeout_s))
-
-    def uniform(self, args):
-        return {"input": args[0], "residual": args[1], "weight": args[2]}
-
-    def validate(self, group, args):
-        input, residual, weight, eps, out, algorithm = args
+    def validate(self, group, a: Rows):
+        input, residual = a.input, a.residual
         if (isinstance(input, torch.Tensor) and isinstance(residual, torch.Tensor)
                 and residual.shape != input.shape):
             raise ValueError(f"{self.name}: residual shape {tuple(residual.shape)} must be "
                              f"input's shape {tuple(input.shape)}")
-        validate_rows(self.name, input, residual, weight, eps, 1, out, False)  # [S, H] everywhere
-        check_disjoint(self.name, [("input", input), ("out", out)])  # no out=input here
-        _check_algorithm(algorithm)
+        # [S, H] everywhere: the rows of one rank
+        validate_rows(self.name, input, residual, a.weight, a.eps, 1, a.out, False)
+        check_disjoint(self.name, [("input", input), ("out", a.out)])  # no out=input here
+        _check_algorithm(a.algorithm)
 
-    def prepare(self, group, config, timeout_s, args):
-        input, residual, weight, eps, out, algorithm = args
+    def prepare(self, group, config, timeout_s, a: Rows):
+        input = a.input
         world = dist.get_world_size(group)
         S, H = input.shape
         esize = input.element_size()
         if config is not None and config.block_size < H:
-            raise ValueError(f"{self.name}: config.block_size {config.block_size} must cover the "
-                             f"row (H={H})")
-        plan = FusedPlan((S, H), group)
-        new_out = out is None  # a new ``out`` per call: its pointer varies (``var_index``)
-        if new_out:
-            out = plan.fresh_out = torch.empty_like(input)
+            raise ValueError(f"{self.name}: config.block_size {config.block_size} must cover "
+                             f"the row (H={H})")
+        out, var_index = rows_out(a, (S, H))  # a new ``out``: its pointer varies per call
+        fresh = out if var_index is not None else None
         if S == 0 or H == 0:
-            return plan
+            return RowsPlan("empty", (S, H), group, fresh_out=fresh)
         buf = find_buffer(group)
-        algo = choose_algorithm(buf, input.device, algorithm, S * H * esize, H * esize, world,
+        algo = choose_algorithm(buf, input.device, a.algorithm, S * H * esize, H * esize, world,
                                 LINES_ROWS_MAX_BYTES)
         if algo == "lines" and H <= MAX_FUSED_HIDDEN:
-            plan.choice = ConfigChoice(config or lines_row_config(H, input.dtype, world))
-            plan.kernel = _fused_lines_launch(context(buf), plan.choice.config, args, out,
-                                              1 if new_out else None, timeout_s)
-            return plan
+            choice = ConfigChoice(config or lines_row_config(H, input.dtype, world))
+            kernel = rows_lines_launch(self.name, context(buf), _all_reduce_rmsnorm_lines_kernel,
+                                       choice.config, a, out, S, S, var_index, timeout_s, {})
+            return RowsPlan("lines", (S, H), group, kernel, choice, fresh_out=fresh,
+                            algorithm=algo)
         in_off = offset_in(buf, input)
-        region = in_off if in_off is not None else region_after(buf, input, residual, weight, out)
+        region = (in_off if in_off is not None
+                  else region_after(buf, input, a.residual, a.weight, out))
         # two-shot: where the reduced rows land on every rank (kernels/all_reduce_rmsnorm.py)
         res = region
         if algo == "two_shot" and in_off is not None:
-            res = region_after(buf, input, residual, weight, out)
+            res = region_after(buf, input, a.residual, a.weight, out)
         end = max(region, res) + S * H * esize
         if H > MAX_FUSED_HIDDEN or algo == "lines" or not symm_usable(buf, input.device, end):
-            plan.fallback = _torch_fused
-            return plan
+            return RowsPlan("fallback", (S, H), group, fallback=_torch_fused, fresh_out=fresh,
+                            algorithm=algo)
         rps = S if algo == "one_shot" else -(-S // world)
-        plan.choice = ConfigChoice(config or default_config(rps * H, input.dtype, world, hidden=H))
-        plan.kernel = _fused_launch(context(buf), plan.choice.config, args, out, algo, region, res,
-                                    rps, in_off is None, 1 if new_out else None, timeout_s)
-        return plan
+        choice = ConfigChoice(config or default_config(rps * H, input.dtype, world, hidden=H))
+        ctx = context(buf)
+        use_mm = multimem_eligible(ctx, input.dtype, ctx.local_base + region,
+                                   ctx.local_base + res, H * esize,
+                                   choice.config.block_size * esize)
+        kernel = _fused_launch(ctx, choice.config, a, out, algo, region, res, rps, in_off is None,
+                               use_mm, var_index, timeout_s)
+        return RowsPlan(barrier_path(use_mm), (S, H), group, kernel, choice, fresh_out=fresh,
+                        algorithm=algo)
 
 
-def _fused_launch(ctx, cfg: LaunchConfig, args, out, algo, region, res, rps, stage_in, var_index,
-                  timeout_s):
+def _fused_launch(ctx, cfg: LaunchConfig, a: Rows, out, algo, region, res, rps, stage_in,
+                  use_mm, var_index, timeout_s):
     """The launch of ``_all_reduce_rmsnorm_kernel``: its arguments, listed here only."""
-    input, residual, weight, eps = args[:4]
-    S, H = input.shape
-    esize = input.element_size()
-    base, row_bytes = ctx.local_base, H * esize
-    aligned = (aligned16(input.data_ptr(), out.data_ptr(), residual.data_ptr(), base + region,
-                         base + res, row_bytes)
-               and aligned16(weight.data_ptr(), H * weight.element_size()))
-    use_mm = multimem_eligible(ctx, input.dtype, base + region, base + res, row_bytes,
-                               cfg.block_size * esize)
-    return Launch(
-        ALL_REDUCE_ADD_RMSNORM.name, ctx.buf, _all_reduce_rmsnorm_kernel,
+    S, H = a.input.shape
+    base = ctx.local_base
+    return Launch.on(
+        ctx, ALL_REDUCE_ADD_RMSNORM.name, _all_reduce_rmsnorm_kernel,
         cfg.row_grid(rps, ctx.grid_cap), cfg.num_warps,
-        (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(), ctx.buf_table,
-         ctx.sig_table, ctx.mc_addr, ctx.err_addr, ctx.grid_cap, region, res, S, H, rps,
-         float(eps), env.timeout_ns(timeout_s)),
-        dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype], RANK=ctx.rank,
-             WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, BLOCK_H=cfg.block_size,
-             TWO_SHOT=algo == "two_shot", STAGE_IN=stage_in, USE_MULTIMEM=use_mm,
-             SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned),
-        var_index=var_index)
+        (a.input.data_ptr(), out.data_ptr(), a.residual.data_ptr(), a.weight.data_ptr(),
+         ctx.buf_table, ctx.sig_table, ctx.mc_addr, ctx.err_addr, ctx.grid_cap, region, res, S,
+         H, rps, float(a.eps), env.timeout_ns(timeout_s)),
+        dict(DTYPE=TL_DTYPE[a.input.dtype], W_DTYPE=TL_DTYPE[a.weight.dtype],
+             BLOCK_H=cfg.block_size, TWO_SHOT=algo == "two_shot", STAGE_IN=stage_in,
+             USE_MULTIMEM=use_mm, ALIGNED=rows_aligned(a, out, base + region, base + res)),
+        var_index)
 
 
 def choose_algorithm(buf, device, algorithm, nbytes: int, row_bytes: int, world: int,
@@ -243,26 +253,6 @@ def choose_algorithm(buf, device, algorithm, nbytes: int, row_bytes: int, world:
     if usable and lines_eligible(context(buf), nbytes, row_bytes, max_bytes):
         return "lines"
     return all_reduce_algorithm(nbytes, world)
-
-
-def _fused_lines_launch(ctx, cfg: LaunchConfig, args, out, var_index, timeout_s):
-    """The launch of ``_all_reduce_rmsnorm_lines_kernel``: its arguments, listed here only."""
-    input, residual, weight, eps = args[:4]
-    S, H = input.shape
-    aligned = (aligned16(input.data_ptr(), out.data_ptr(), residual.data_ptr(),
-                         H * input.element_size())
-               and aligned16(weight.data_ptr(), H * weight.element_size()))
-    grid, chunk, nc, warps = lines_row_split(cfg, S, H, input.element_size(), ctx.grid_cap,
-                                             ctx.lines_words, not ctx.use_ptx)
-    return Launch(
-        ALL_REDUCE_ADD_RMSNORM.name, ctx.buf, _all_reduce_rmsnorm_lines_kernel, grid, warps,
-        (input.data_ptr(), out.data_ptr(), residual.data_ptr(), weight.data_ptr(), ctx.buf_table,
-         ctx.sig_table, ctx.err_addr, ctx.grid_cap, ctx.lines_off, ctx.lines_words, S, H, float(eps),
-         env.timeout_ns(timeout_s)),
-        dict(DTYPE=TL_DTYPE[input.dtype], W_DTYPE=TL_DTYPE[weight.dtype], RANK=ctx.rank,
-             WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, CHUNK=chunk, NC=nc, SCOPE=ctx.scope,
-             USE_PTX=ctx.use_ptx, ALIGNED=aligned),
-        var_index=var_index)
 
 
 def _check_flat(name: str, t) -> None:
@@ -289,7 +279,19 @@ ALL_REDUCE = AllReduce()
 ALL_REDUCE_ADD_RMSNORM = AllReduceAddRmsnorm()
 
 
-@counts_calls
+def _traced_all_reduce(tensor, group=None, *, out=None, config=None, timeout_s=None,
+                       algorithm=None):
+    """Under ``torch.compile``: ``torch.ops.symmtriton.all_reduce_`` or ``all_reduce_out``."""
+    eager_only(ALL_REDUCE.name, config, timeout_s)
+    _check_algorithm(algorithm)
+    if out is None or out is tensor:
+        torch.ops.symmtriton.all_reduce_(tensor, group_name(group), algorithm)
+        return tensor
+    torch.ops.symmtriton.all_reduce_out(tensor, group_name(group), out, algorithm)
+    return out
+
+
+@sequenced(_traced_all_reduce)
 def all_reduce(tensor: torch.Tensor, group=None, *, out: torch.Tensor | None = None,
                config: LaunchConfig | None = None, timeout_s: float | None = None,
                algorithm: str | None = None) -> torch.Tensor:
@@ -305,19 +307,24 @@ def all_reduce(tensor: torch.Tensor, group=None, *, out: torch.Tensor | None = N
 
     Under ``torch.compile`` it traces as ``torch.ops.symmtriton.all_reduce_`` (in place, also for
     ``out=tensor``) or ``torch.ops.symmtriton.all_reduce_out`` (``config``/``timeout_s``: eager
-    only, see :func:`.driver.compiling`)."""
-    if compiling(ALL_REDUCE.name, config, timeout_s):
-        _check_algorithm(algorithm)
-        if out is None or out is tensor:
-            torch.ops.symmtriton.all_reduce_(tensor, group_name(group), algorithm)
-            return tensor
-        torch.ops.symmtriton.all_reduce_out(tensor, group_name(group), out, algorithm)
-        return out
+    only, see :func:`.driver.eager_only`)."""
     return call(ALL_REDUCE, group, config, timeout_s,
-                (tensor if out is None else out, tensor, algorithm))
+                record(AllReduceOperands, (tensor if out is None else out, tensor, algorithm)))
 
 
-@counts_calls
+def _traced_all_reduce_add_rmsnorm(input, residual, weight, eps=1e-6, group=None, out=None, *,
+                                   config=None, timeout_s=None, algorithm=None):
+    """Under ``torch.compile``: ``torch.ops.symmtriton.all_reduce_add_rmsnorm``."""
+    eager_only(ALL_REDUCE_ADD_RMSNORM.name, config, timeout_s)
+    _check_algorithm(algorithm)
+    if out is None:
+        out = torch.empty_like(input)
+    torch.ops.symmtriton.all_reduce_add_rmsnorm(input, residual, weight, eps, group_name(group),
+                                                out, algorithm)
+    return out
+
+
+@sequenced(_traced_all_reduce_add_rmsnorm)
 def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                            eps: float = 1e-6, group=None, out: torch.Tensor | None = None, *,
                            config: LaunchConfig | None = None, timeout_s: float | None = None,
@@ -328,12 +335,5 @@ def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: 
     when ``None``; it must not overlap ``input``, which is only read). ``algorithm`` as for
     :func:`all_reduce`. Under ``torch.compile`` it traces as
     ``torch.ops.symmtriton.all_reduce_add_rmsnorm``."""
-    if compiling(ALL_REDUCE_ADD_RMSNORM.name, config, timeout_s):
-        _check_algorithm(algorithm)
-        if out is None:
-            out = torch.empty_like(input)
-        torch.ops.symmtriton.all_reduce_add_rmsnorm(input, residual, weight, eps,
-                                                    group_name(group), out, algorithm)
-        return out
     return call(ALL_REDUCE_ADD_RMSNORM, group, config, timeout_s,
-                (input, residual, weight, eps, out, algorithm))
+                record(Rows, (input, residual, weight, eps, out, algorithm)))

@@ -26,15 +26,25 @@ Threads: one thread at a time per group, see :mod:`._guard`.
 How to add an op (see ops/all_gather.py, the shortest):
 
 * ``kernels/<op>.py``: the device code (its kernel argument list is the contract);
-* ``ops/<op>.py``: a :class:`Collective` subclass with ``name`` (the public function's name),
-  ``config_op`` (its key in :data:`symmtriton.config.CONFIG_OP`), ``key``, ``uniform``,
-  ``validate`` and ``prepare``; ``prepare`` builds the kernel's :class:`~symmtriton.launch.Launch`
-  in one function (``_kernel_launch``: the only place that lists the kernel's arguments) and
-  returns an :class:`OutputPlan` (ops writing one ``output``) or its own plan dataclass with a
-  ``run(args, config)`` method; then the public function: ``torch.ops`` dispatch under
-  ``torch.compile`` (:func:`compiling`), else ``call(OP, group, config, timeout_s, args)``;
-* ``custom_ops.py``: its ``torch.library`` op; ``__init__.py``: export it; ``config.py``: its
-  config name; ``tests/test_<op>.py``; a workload in ``workloads.py`` for bench and tuner.
+* ``ops/_operands.py``: the op's operand record, a ``typing.NamedTuple`` (or an existing one of
+  the same layout: :class:`~._operands.Flat`, :class:`~._operands.Rows`, ...); every reader
+  takes its fields by name;
+* ``ops/<op>.py``: a :class:`Collective` subclass (no op inherits another: what ops share is a
+  function of a shared module, e.g. ``key = flat_key``, or ``ops/_rows.py`` for the row ops)
+  with ``name`` (the public function's name), ``config_op`` (its key in
+  :data:`symmtriton.config.CONFIG_OP`), ``key``, ``uniform``, ``validate`` and ``prepare``;
+  ``prepare`` returns a plan naming its ``path`` (:data:`PATHS`): an :class:`OutputPlan` (ops
+  writing one ``output``) or a plan class of its own with ``path`` and ``run(args, config)``;
+  its kernel's :class:`~symmtriton.launch.Launch` is built in one function (``_kernel_launch``:
+  the only place that lists the kernel's arguments) with ``Launch.on(ctx, ...)``, which adds
+  the context's shared constexprs (``RANK``, ``WORLD_SIZE``, ``WORLD_P2``, ``SCOPE``,
+  ``USE_PTX``); then the public function, the eager path ``call(OP, group, config, timeout_s,
+  record(Record, (...)))`` (:func:`~._operands.record`), decorated ``@sequenced(_traced)``
+  where ``_traced``, with the same parameters, dispatches to its ``torch.ops`` op under
+  ``torch.compile`` (:func:`eager_only` first);
+* ``custom_ops.py``: its schema and public function, one row of ``TABLE``; ``__init__.py``:
+  export it; ``config.py``: its config name; ``tests/test_<op>.py``; a workload in
+  ``workloads.py`` for bench and tuner.
 """
 
 from __future__ import annotations
@@ -88,19 +98,17 @@ bump_versions = _version_bumper()
 
 
 def group_name(group=None) -> str:
-    """The name the ``torch.ops.symmtriton`` ops take for ``group`` (``None``: the default group)."""
+    """The name the ``torch.ops.symmtriton`` ops take for ``group`` (``None``: the default
+    group)."""
     return resolve_group(group, "group").group_name
 
 
-def compiling(name: str, config, timeout_s) -> bool:
-    """Inside ``torch.compile`` tracing: the public functions dispatch to their custom ops, whose
-    schema has no ``config``/``timeout_s`` (``ValueError`` when one is given, never ignored)."""
-    if not torch.compiler.is_compiling():
-        return False
+def eager_only(name: str, config, timeout_s) -> None:
+    """While ``torch.compile`` traces, the public functions dispatch to their custom ops, whose
+    schema has no ``config``/``timeout_s``: ``ValueError`` when one is given, never ignored."""
     if config is not None or timeout_s is not None:
         raise ValueError(f"{name}: config= and timeout_s= apply to eager calls only; under "
                          "torch.compile use the tuning cache and SYMMTRITON_TIMEOUT_S")
-    return True
 
 
 def tensor_desc(t):
@@ -108,7 +116,7 @@ def tensor_desc(t):
     return None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
 
 
-# -- the config a plan was made with ----------------------------------------------------------------
+# -- the config a plan was made with -------------------------------------------------------------
 class ConfigChoice:
     """A plan's launch config: forced by ``config=`` (``op`` is None), or the tuning cache's
     answer for ``(op, numel, dtype, world, hidden)``, which may change when a config is tuned.
@@ -116,7 +124,8 @@ class ConfigChoice:
     :meth:`current` runs per call: while the tuning table's :func:`~symmtriton.tuning.stamp`
     is the one the answer was taken under, it holds without a lookup (one dict lookup and an int
     compare; the lookup with its ``torch.cuda.current_device()`` cost ~0.4 us on the CPU,
-    benchmarks/host_path.py); after a change, one lookup decides (an equal config keeps the plan) and renews the stamp."""
+    benchmarks/host_path.py); after a change, one lookup decides (an equal config keeps the
+    plan) and renews the stamp."""
 
     __slots__ = ("config", "op", "numel", "dtype", "world", "hidden", "stamp")
 
@@ -150,25 +159,43 @@ def choose_config(forced: LaunchConfig | None, op: str, numel: int, dtype: torch
 
 
 # -- plans -------------------------------------------------------------------------------------
+#: the words of a plan's ``path`` (what a call runs), read by tools that report it:
+#: ``"empty"`` nothing to move; ``"fallback"`` torch.distributed (:mod:`.fallback`); the
+#: symmetric-memory kernels: ``"lines"`` flag-in-data lines (kernels/lines.py), ``"barrier"``
+#: per-block barriers with peer loads and stores, ``"multimem"`` the same with multimem
+#: instructions, ``"push"`` flagged chunks (kernels/push.py).
+PATHS = ("empty", "fallback", "lines", "barrier", "multimem", "push")
+
+
+def barrier_path(multimem: bool) -> str:
+    """The path of a barrier kernel launched with ``USE_MULTIMEM=multimem``."""
+    return "multimem" if multimem else "barrier"
+
+
 @dataclass(eq=False)
 class OutputPlan:
-    """The plan of an op that writes one ``output`` and returns it (args ``(output, input)``):
-    launch ``kernel``, or run ``fallback(output, input, group)``, or neither (nothing to move)."""
+    """The plan of an op that writes one ``output`` and returns it (operands with ``output`` and
+    ``input``: :class:`~._operands.Flat`, :class:`~._operands.AllReduceOperands`): launch
+    ``kernel``, or run ``fallback(output, input, group)``, or neither (``path`` ``"empty"``).
+    ``algorithm``: the all-reduce's (``"one_shot"``/``"two_shot"``, ``"lines"``), else None."""
 
+    path: str
     kernel: Launch | None = None
     choice: ConfigChoice | None = None
     fallback: Callable | None = None
     group: object = None
+    algorithm: str | None = None
 
     def run(self, args, config):
-        bump_versions((args[0],))
+        output = args.output
+        bump_versions((output,))
         if self.kernel is not None:
             if not self.choice.current():
                 return STALE
             self.kernel.launch()
         elif self.fallback is not None:
-            self.fallback(args[0], args[1], self.group)
-        return args[0]
+            self.fallback(output, args.input, self.group)
+        return output
 
 
 class Collective:
@@ -189,12 +216,15 @@ class Collective:
         raise NotImplementedError
 
     def prepare(self, group, config, timeout_s, args):
+        """The plan of this call: an object with ``path`` (one of :data:`PATHS`) and
+        ``run(args, config)``, which returns the op's result or :data:`STALE`."""
         raise NotImplementedError
 
 
-def call(op: Collective, group, config, timeout_s, args: tuple):
-    """Run ``op`` on ``args``: its stored plan, else validate -> prepare -> store -> run, all
-    inside the group's in-flight guard (:mod:`._guard`)."""
+def call(op: Collective, group, config, timeout_s, args):
+    """Run ``op`` on ``args`` (its operand record, :mod:`._operands`): its stored plan, else
+    validate -> prepare -> store -> run, all inside the group's in-flight guard
+    (:mod:`._guard`)."""
     if group is None:
         group = _GroupMember.WORLD  # what resolve_group(None) returns, without its checks
     if group is None or type(group) is not _ProcessGroup:
@@ -277,7 +307,8 @@ def last_plan():
 
 
 def put_plan(key, plan):
-    """Store ``plan`` for ``key``, evicting the least recently used beyond :data:`PLAN_CACHE_MAX`."""
+    """Store ``plan`` for ``key``, evicting the least recently used beyond
+    :data:`PLAN_CACHE_MAX`."""
     if key is None:
         return plan
     with _PLANS_LOCK:

@@ -9,14 +9,16 @@ import torch.distributed as dist
 
 from .. import counts as C
 from .. import env
-from .._calls import counts_calls
-from ..config import CONFIG_OP, LaunchConfig
-from ..context import ALIGN, aligned16, context, find_buffer, offset_in, region_after, symm_usable
+from .._calls import sequenced
+from ..config import ALIGN, CONFIG_OP, LaunchConfig, aligned16
+from ..context import context, find_buffer, offset_in, region_after, symm_usable
 from ..kernels.reduce_scatter_v import _reduce_scatter_v_kernel
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_disjoint, check_same, check_tensor
+from ._operands import VarOperands, record
 from ._vcommon import TL_COUNTS, CountsPlan, clamp_or_raise
-from .driver import TL_DTYPE, Collective, call, choose_config, compiling, group_name, tensor_desc
+from .driver import (TL_DTYPE, Collective, call, choose_config, eager_only, group_name,
+                     tensor_desc)
 
 EACH, TOTAL = "the output capacity (output.shape[0])", "the input capacity (input.shape[0])"
 
@@ -25,16 +27,15 @@ class ReduceScatterV(Collective):
     name = "reduce_scatter_v"
     config_op = CONFIG_OP[name]
 
-    def key(self, group, config, timeout_s, args):
-        output, input, counts = args
-        return (self.name, group, tensor_desc(output), tensor_desc(input), tensor_desc(counts),
-                config, env.timeout_key(timeout_s))
+    def key(self, group, config, timeout_s, a: VarOperands):
+        return (self.name, group, tensor_desc(a.output), tensor_desc(a.input),
+                tensor_desc(a.counts), config, env.timeout_key(timeout_s))
 
-    def uniform(self, args):
-        return {"output": args[0], "input": args[1]}
+    def uniform(self, a: VarOperands):
+        return {"output": a.output, "input": a.input}
 
-    def validate(self, group, args):
-        output, input, counts = args
+    def validate(self, group, a: VarOperands):
+        output, input, counts = a.output, a.input, a.counts
         op = self.name
         check_tensor("output", output, dtypes=REDUCE_DTYPES)
         check_tensor("input", input, dtypes=REDUCE_DTYPES)
@@ -45,24 +46,24 @@ class ReduceScatterV(Collective):
         C.check_counts(op, counts, dist.get_world_size(group), output.device)
         check_disjoint(op, [("output", output), ("input", input), ("counts", counts)])
 
-    def prepare(self, group, config, timeout_s, args):
-        output, input, counts = args
+    def prepare(self, group, config, timeout_s, a: VarOperands):
+        output, input, counts = a.output, a.input, a.counts
         row = math.prod(input.shape[1:])
         esize = input.element_size()
         buf = find_buffer(group)
         in_off = offset_in(buf, input)
         region = in_off if in_off is not None else region_after(buf, output, counts)
         if not symm_usable(buf, input.device, region + input.shape[0] * row * esize):
-            return CountsPlan(fallback=_torch_reduce_scatter_v, group=group)
+            return CountsPlan("fallback", fallback=_torch_reduce_scatter_v, group=group)
         slice_max = max(1, output.shape[0] * row)
         choice = choose_config(config, self.config_op, slice_max, input.dtype,
                                dist.get_world_size(group))
         ctx = context(buf)
         aligned = (row * esize) % ALIGN == 0 and aligned16(
             input.data_ptr(), output.data_ptr(), ctx.local_base + region)
-        return CountsPlan(_kernel_launch(ctx, choice.config, output, input, counts, region, row,
-                                         slice_max, in_off is None, aligned, timeout_s),
-                          choice, each=EACH, total=TOTAL)
+        kernel = _kernel_launch(ctx, choice.config, output, input, counts, region, row,
+                                slice_max, in_off is None, aligned, timeout_s)
+        return CountsPlan("barrier", kernel, choice, each=EACH, total=TOTAL)
 
 
 def _kernel_launch(ctx, cfg: LaunchConfig, output, input, counts, region, row, slice_max,
@@ -72,15 +73,14 @@ def _kernel_launch(ctx, cfg: LaunchConfig, output, input, counts, region, row, s
     int that does not cast to a pointer: it passes the buffer's own address, never
     dereferenced (nothing to move), so the kernel runs as for any other size (same grid and
     barriers on every rank, counts checked against the capacities)."""
-    return Launch(
-        OP.name, ctx.buf, _reduce_scatter_v_kernel, cfg.grid(slice_max, ctx.grid_cap),
+    return Launch.on(
+        ctx, OP.name, _reduce_scatter_v_kernel, cfg.grid(slice_max, ctx.grid_cap),
         cfg.num_warps,
         (_address(input, ctx), _address(output, ctx), counts.data_ptr(), ctx.buf_table,
          ctx.sig_table, ctx.err_addr, ctx.err_addr + 4 * C.COUNTS_ERROR_WORD, ctx.grid_cap,
          region, row, input.shape[0], output.shape[0], env.timeout_ns(timeout_s)),
-        dict(DTYPE=TL_DTYPE[input.dtype], COUNTS_DTYPE=TL_COUNTS[counts.dtype], RANK=ctx.rank,
-             WORLD_SIZE=ctx.world, WORLD_P2=ctx.world_p2, BLOCK_SIZE=cfg.block_size,
-             STAGE_IN=stage_in, SCOPE=ctx.scope, USE_PTX=ctx.use_ptx, ALIGNED=aligned))
+        dict(DTYPE=TL_DTYPE[input.dtype], COUNTS_DTYPE=TL_COUNTS[counts.dtype],
+             BLOCK_SIZE=cfg.block_size, STAGE_IN=stage_in, ALIGNED=aligned))
 
 
 def _address(t: torch.Tensor, ctx) -> int:
@@ -106,7 +106,14 @@ def _torch_reduce_scatter_v(output, input, counts, group) -> None:
 OP = ReduceScatterV()
 
 
-@counts_calls
+def _traced(output, input, counts, group=None, *, config=None, timeout_s=None):
+    """Under ``torch.compile``: ``torch.ops.symmtriton.reduce_scatter_v``."""
+    eager_only(OP.name, config, timeout_s)
+    torch.ops.symmtriton.reduce_scatter_v(output, input, counts, group_name(group))
+    return output
+
+
+@sequenced(_traced)
 def reduce_scatter_v(output: torch.Tensor, input: torch.Tensor, counts: torch.Tensor, group=None,
                      *, config: LaunchConfig | None = None,
                      timeout_s: float | None = None) -> torch.Tensor:
@@ -121,7 +128,4 @@ def reduce_scatter_v(output: torch.Tensor, input: torch.Tensor, counts: torch.Te
     :func:`symmtriton.all_gather_v`. Zero-copy when ``input`` lies in the group's symmetric
     buffer, staged otherwise, ``torch.distributed`` when symmetric memory cannot carry it. Under
     ``torch.compile`` it traces as ``torch.ops.symmtriton.reduce_scatter_v``."""
-    if compiling(OP.name, config, timeout_s):
-        torch.ops.symmtriton.reduce_scatter_v(output, input, counts, group_name(group))
-        return output
-    return call(OP, group, config, timeout_s, (output, input, counts))
+    return call(OP, group, config, timeout_s, record(VarOperands, (output, input, counts)))

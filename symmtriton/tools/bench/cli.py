@@ -126,23 +126,20 @@ def tune_sweep(opts: BenchOptions, group, ops, note, log) -> None:
 
 
 def _variant(counts) -> str | None:
-    """The row's ``variant``: the count distribution (variable-count ops) and the kernel the last
-    plan launched: ``lines`` (barrier-free, kernels/lines.py), ``push`` / ``push_one_shot``
-    (flagged chunks, kernels/push.py), ``one_shot``/``two_shot`` (the all-reduce's barrier
-    kernels) or ``barrier``; ``None`` parts are left out."""
-    kernel = getattr(driver.last_plan(), "kernel", None)
-    name = getattr(getattr(kernel, "fn", None), "__name__", "")
-    kind = None
-    if kernel is not None:
-        kind = "barrier"
-        if name.endswith("_lines_kernel"):
-            kind = "lines"
-        elif name.endswith("_one_shot_push_kernel"):
-            kind = "push_one_shot"
-        elif name.endswith("_push_kernel"):
-            kind = "push"
-        elif "TWO_SHOT" in kernel.constexprs:
-            kind = "two_shot" if kernel.constexprs["TWO_SHOT"] else "one_shot"
+    """The row's ``variant``: the count distribution (variable-count ops) and the path of the
+    last plan (its ``path`` and ``algorithm``, ``symmtriton.ops.driver.PATHS``): ``lines``
+    (barrier-free, kernels/lines.py), ``push`` / ``push_one_shot`` (flagged chunks,
+    kernels/push.py), ``one_shot``/``two_shot`` (the all-reduce's barrier kernels), ``barrier``
+    or ``multimem``; nothing for an empty call or the fallback; ``None`` parts are left out."""
+    plan = driver.last_plan()
+    kind = getattr(plan, "path", None)
+    algorithm = getattr(plan, "algorithm", None)
+    if kind in ("empty", "fallback"):
+        kind = None
+    elif kind == "push" and algorithm == "one_shot":
+        kind = "push_one_shot"
+    elif kind in ("barrier", "multimem") and algorithm in ("one_shot", "two_shot"):
+        kind = algorithm
     return "/".join(x for x in (counts, kind) if x) or None
 
 

@@ -1,14 +1,23 @@
-"""The operands of ``moe_dispatch`` / ``moe_combine`` (symmtriton/ops/moe.py): their records,
-the handle that links the two, and their checks (``ValueError`` / ``TypeError`` naming the bad
-value, before anything is launched)."""
+"""What ``moe_dispatch`` and ``moe_combine`` (symmtriton/ops/moe_dispatch.py,
+symmtriton/ops/moe_combine.py) share: the handle that links them, the checks of their operands
+(``ValueError`` / ``TypeError`` naming the bad value, before anything is launched; the operand
+records are in ``ops/_operands.py``), their launch config, where their areas lie in the buffer,
+the error of an expert id out of range, and their plan."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
+from .. import counts as C
+from .. import presets
+from ..config import ALIGN, LaunchConfig, size_bucket
+from ..context import context
+from ..launch import Launch
 from ..validation import check_count, check_disjoint, check_tensor
+from .driver import STALE, ConfigChoice, bump_versions
 
 
 class MoeHandle(NamedTuple):
@@ -21,30 +30,6 @@ class MoeHandle(NamedTuple):
     rowmap: torch.Tensor
     num_experts: int
     tokens: int
-
-
-class DispatchOperands(NamedTuple):
-    """A dispatch of ``x`` routed by ``topk_idx`` into ``recv_x``, ``recv_counts`` and
-    ``rowmap`` (``max_tokens``: ``max_tokens_per_rank``)."""
-
-    x: torch.Tensor
-    topk_idx: torch.Tensor
-    num_experts: int
-    max_tokens: int
-    recv_x: torch.Tensor
-    recv_counts: torch.Tensor
-    rowmap: torch.Tensor
-
-
-class CombineOperands(NamedTuple):
-    """A combine of ``expert_out`` by the dispatch's ``rowmap`` into ``out``."""
-
-    expert_out: torch.Tensor
-    topk_idx: torch.Tensor
-    topk_weights: torch.Tensor
-    rowmap: torch.Tensor
-    num_experts: int
-    out: torch.Tensor
 
 
 #: dtypes of the token rows (x, expert_out) and of the routing.
@@ -92,7 +77,7 @@ def _check_rows(op: str, name: str, t, dims: int) -> None:
 
 
 def check_dispatch(op: str, a, world: int) -> None:
-    """The operands of a dispatch (``ops.moe.DispatchOperands``)."""
+    """The operands of a dispatch (``_operands.DispatchOperands``)."""
     _check_rows(op, "x", a.x, 2)
     K = check_routing(op, "x", a.x, a.topk_idx)
     E = check_experts(op, a.num_experts, world)
@@ -112,7 +97,7 @@ def check_dispatch(op: str, a, world: int) -> None:
 
 
 def check_combine(op: str, a, world: int) -> None:
-    """The operands of a combine (``ops.moe.CombineOperands``)."""
+    """The operands of a combine (``_operands.CombineOperands``)."""
     _check_rows(op, "expert_out", a.expert_out, 3)
     check_tensor("handle.rowmap", a.rowmap, dtypes=(torch.int32,))
     E = check_experts(op, a.num_experts, world)
@@ -140,3 +125,90 @@ def check_combine(op: str, a, world: int) -> None:
                          f"{tuple(a.out.shape)} of {a.out.dtype}")
     check_disjoint(op, [(n, getattr(a, n)) for n in ("out", "expert_out", "topk_idx",
                                                      "topk_weights", "rowmap")])
+
+
+# -- launch config, areas, errors, plan ------------------------------------------------------------
+#: bytes of one chunk of a row (fp32 accumulators of the combine: ``BLOCK_H * 4``).
+MOE_CHUNK_BYTES = 32768
+
+
+def moe_config(hidden: int) -> LaunchConfig:
+    """Chunks of a row of at most ``MOE_CHUNK_BYTES`` of fp32 (a power of two, the whole row
+    when it fits), 512 elements per warp, one token per block up to the default grid bound."""
+    block = min(size_bucket(hidden), MOE_CHUNK_BYTES // 4)
+    return LaunchConfig(block, max(1, min(16, block // 512)), presets.DEFAULT_MAX_BLOCKS)
+
+
+def p2(n: int) -> int:
+    """The power of two at or above ``n`` (1 for 0): a constexpr's lane count."""
+    return size_bucket(max(1, n))
+
+
+def up(n: int) -> int:
+    """``n`` rounded up to a 16-byte boundary."""
+    return -(-n // ALIGN) * ALIGN
+
+
+def area_start(buf, *extents) -> int:
+    """First 16-byte-aligned offset past every ``(tensor, bytes)`` whose tensor lies in ``buf``
+    (its extent counted as ``bytes``: the capacity, alike on every rank)."""
+    end = 0
+    for t, nbytes in extents:
+        off = buf.byte_offset_of(t)
+        if off is not None:
+            end = max(end, off + nbytes)
+    return up(end)
+
+
+def addr(ctx, t: torch.Tensor) -> int:
+    """``t``'s address; the buffer's for an empty tensor (which may have none: 0 tokens)."""
+    return t.data_ptr() if t.numel() else ctx.local_base
+
+
+def ctx_for(buf, device):
+    """The launch context, or ``None`` when the buffer has no symmetric memory on ``device``."""
+    if buf.symm_mem_hdl is None or device != buf.device:
+        return None
+    return context(buf)
+
+
+def bad_expert_error(op: str, num_experts: int):
+    """``make(code, where, launched) -> ValueError`` for an expert id out of range
+    (:func:`symmtriton.counts.remember_error`)."""
+    def make(code, where, launched):
+        err = ValueError(f"{op if where is None else f'{where} ({op})'}: topk_idx holds an "
+                         f"expert id outside [-1, {num_experts}); the kernel skipped it (nothing "
+                         "was written out of bounds), so the routed rows are incomplete")
+        err.launched = launched
+        return err
+    return make
+
+
+@dataclass(eq=False)
+class MoePlan:
+    """``path`` ``"barrier"``: launch ``kernel`` (after raising the error an earlier call left in
+    the counts error word); ``"fallback"``: run ``fallback(operands, group, make_error)``.
+    ``outputs(operands)``: the tensors a call writes."""
+
+    path: str
+    make_error: Callable
+    outputs: Callable
+    kernel: Launch | None = None
+    choice: ConfigChoice | None = None
+    fallback: Callable | None = None
+    group: object = None
+
+    def run(self, a, config):
+        bump_versions(self.outputs(a))
+        if self.fallback is not None:
+            self.fallback(a, self.group, self.make_error)
+            return a
+        if not self.choice.current():
+            return STALE
+        kern = self.kernel
+        C.check_error(kern.buf, kern.status)
+        C.remember_error(kern.buf, self.make_error)
+        kern.launch()
+        if kern.sync_check:
+            C.check_error(kern.buf, kern.status, launched=True)
+        return a

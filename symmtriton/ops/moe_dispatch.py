@@ -1,0 +1,165 @@
+"""``moe_dispatch``: host side of kernels/moe_dispatch.py (expert parallelism: all-to-all in
+DeepEP's low-latency layout; its combine: ops/moe_combine.py, what both share: ops/_moe.py).
+
+Outputs are new tensors per call (a plan is kept per set of operand addresses, so a loop whose
+tensors come back at the same addresses, or a CUDA graph, reuses it). The tokens are staged
+through the group's buffer inside the launch (areas past every operand that lies in the buffer);
+where the buffer cannot carry the call, ``ops/_moe_fallback.py`` moves the same rows with
+``torch.distributed``. An expert id out of range is skipped on the device and raises
+``ValueError`` through the counts error word (:mod:`symmtriton.counts`): at once on the host
+backend, at the next MoE or variable-count call or :func:`symmtriton.synchronize` on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .. import counts as C
+from .. import env
+from .._calls import sequenced
+from ..config import ALIGN, LaunchConfig, aligned16
+from ..context import find_buffer, symm_usable
+from ..kernels.moe_dispatch import _moe_dispatch_kernel
+from ..launch import Launch
+from ..memory import resolve_group
+from ..validation import check_count, check_tensor
+from . import _moe_fallback as fallback
+from ._moe import (ROW_DTYPES, MoeHandle, MoePlan, addr, area_start, bad_expert_error,
+                   check_dispatch, check_experts, check_routing, ctx_for, moe_config, p2, up)
+from ._operands import DispatchOperands, record
+from ._vcommon import TL_COUNTS
+from .driver import TL_DTYPE, Collective, ConfigChoice, call, eager_only, group_name, tensor_desc
+
+#: most (token, expert) flags one block holds while it scans the routing (``BT * E_P2``).
+SCAN_FLAGS = 4096
+
+
+def _outputs(a: DispatchOperands):
+    return (a.recv_x, a.recv_counts, a.rowmap)
+
+
+class MoeDispatch(Collective):
+    name = "moe_dispatch"
+    config_op = None  # untuned: ops/_moe.py moe_config
+
+    def key(self, group, config, timeout_s, a: DispatchOperands):
+        return (self.name, group, tensor_desc(a.x), tensor_desc(a.topk_idx), a.num_experts,
+                a.max_tokens, tensor_desc(a.recv_x), tensor_desc(a.recv_counts),
+                tensor_desc(a.rowmap), config, env.timeout_key(timeout_s))
+
+    def uniform(self, a: DispatchOperands):
+        return {"recv_x": a.recv_x, "rowmap": a.rowmap}
+
+    def validate(self, group, a: DispatchOperands):
+        check_dispatch(self.name, a, dist.get_world_size(group))
+
+    def prepare(self, group, config, timeout_s, a: DispatchOperands):
+        make_error = bad_expert_error(self.name, a.num_experts)
+        buf = find_buffer(group)
+        ctx = ctx_for(buf, a.x.device)
+        M, (T, H), K = a.max_tokens, a.x.shape, a.topk_idx.shape[1]
+        cfg = config or moe_config(H)
+        if ctx is not None:
+            world, EL, esize = ctx.world, a.recv_x.shape[0], a.x.element_size()
+            grid = cfg.row_grid(M, ctx.grid_cap)
+            x_off = area_start(buf, (a.x, M * H * esize),
+                               (a.topk_idx, M * K * a.topk_idx.element_size()))
+            meta_off = up(x_off + world * M * H * esize)
+            cnt_off = up(meta_off + world * M * K * 4)
+            if symm_usable(buf, a.x.device, cnt_off + grid * world * EL * 4):
+                aligned = (H * esize) % ALIGN == 0 and aligned16(
+                    addr(ctx, a.x), a.recv_x.data_ptr(), ctx.local_base + x_off)
+                kern = _kernel_launch(ctx, cfg, grid, a, (x_off, meta_off, cnt_off), aligned,
+                                      timeout_s)
+                return MoePlan("barrier", make_error, _outputs, kern, ConfigChoice(cfg))
+        return MoePlan("fallback", make_error, _outputs, fallback=fallback.dispatch, group=group)
+
+
+def _kernel_launch(ctx, cfg: LaunchConfig, grid: int, a: DispatchOperands, offsets, aligned,
+                   timeout_s) -> Launch:
+    """The launch of ``_moe_dispatch_kernel``: its arguments, listed here only."""
+    (T, H), K, M = a.x.shape, a.topk_idx.shape[1], a.max_tokens
+    EL, E_P2 = a.recv_x.shape[0], p2(a.num_experts)
+    return Launch.on(
+        ctx, OP.name, _moe_dispatch_kernel, grid, cfg.num_warps,
+        (addr(ctx, a.x), addr(ctx, a.topk_idx), a.recv_x.data_ptr(), a.recv_counts.data_ptr(),
+         a.rowmap.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
+         ctx.err_addr + 4 * C.COUNTS_ERROR_WORD, ctx.grid_cap, T, M, H, *offsets,
+         env.timeout_ns(timeout_s)),
+        dict(DTYPE=TL_DTYPE[a.x.dtype], IDX_DTYPE=TL_COUNTS[a.topk_idx.dtype], K=K, K_P2=p2(K),
+             EL=EL, EL_P2=p2(EL), E_P2=E_P2, BT=min(p2(M), max(1, SCAN_FLAGS // E_P2)),
+             BLOCK_H=cfg.block_size, ALIGNED=aligned))
+
+
+OP = MoeDispatch()
+
+
+def _new_outputs(x, topk_idx, num_experts, group, max_tokens):
+    """``(recv_x, recv_counts, rowmap)``, new, for the dispatch of ``x`` (checked far enough to
+    size them; the rest is checked on the plan driver's path)."""
+    world = dist.get_world_size(resolve_group(group, "group"))
+    check_tensor("x", x, dtypes=ROW_DTYPES)
+    if x.dim() != 2:
+        raise ValueError(f"{OP.name}: x must be [tokens, hidden], got shape {tuple(x.shape)}")
+    check_routing(OP.name, "x", x, topk_idx)
+    EL = check_experts(OP.name, num_experts, world) // world
+    M = check_count("max_tokens_per_rank", max_tokens)
+    return (x.new_empty((EL, world * M, x.shape[1])),
+            torch.empty(EL, dtype=torch.int32, device=x.device),
+            torch.empty((world, M, topk_idx.shape[1]), dtype=torch.int32, device=x.device))
+
+
+def _check_fp8(use_fp8) -> None:
+    if use_fp8:
+        raise ValueError("moe_dispatch: use_fp8=True is not supported yet")
+
+
+def _traced(x, topk_idx, num_experts, group=None, *, max_tokens_per_rank, use_fp8=False,
+            config=None, timeout_s=None):
+    """Under ``torch.compile``: the outputs, then ``torch.ops.symmtriton.moe_dispatch``."""
+    eager_only(OP.name, config, timeout_s)
+    _check_fp8(use_fp8)
+    recv_x, counts, rowmap = _new_outputs(x, topk_idx, num_experts, group, max_tokens_per_rank)
+    torch.ops.symmtriton.moe_dispatch(x, topk_idx, num_experts, max_tokens_per_rank,
+                                      group_name(group), recv_x, counts, rowmap)
+    return recv_x, MoeHandle(counts, rowmap, num_experts, x.shape[0])
+
+
+@sequenced(_traced)
+def moe_dispatch(x, topk_idx, num_experts: int, group=None, *, max_tokens_per_rank: int,
+                 use_fp8: bool = False, config: LaunchConfig | None = None,
+                 timeout_s: float | None = None):
+    """Send every token of ``x`` ``[T, H]`` (bf16, fp16 or fp32; ``T <= max_tokens_per_rank``,
+    ``T`` may differ between ranks and be 0) to the ranks owning its experts ``topk_idx``
+    ``[T, K]`` (int32/int64 on the device; -1 = unused slot): expert ``e`` of ``num_experts``
+    lives on rank ``e // (num_experts / W)``. A token crosses to a rank once however many of its
+    experts that rank owns. Returns ``(recv_x, handle)``: ``recv_x`` ``[E/W, W *
+    max_tokens_per_rank, H]`` holds, per local expert, the rows routed to it packed from row 0 in
+    the order (source rank, token index); ``handle.recv_counts`` (int32 ``[E/W]`` on the device)
+    counts them (rows past it are unspecified). Nothing is read back to the host, so a captured
+    CUDA graph replays with new routing. ``use_fp8=True`` is not supported yet (``ValueError``).
+
+    Staged through the group's symmetric buffer (``torch.distributed`` where it cannot carry the
+    call); an expert id out of range raises ``ValueError`` (see the module docstring). Under
+    ``torch.compile`` it traces as ``torch.ops.symmtriton.moe_dispatch``."""
+    _check_fp8(use_fp8)
+    recv_x, counts, rowmap = _new_outputs(x, topk_idx, num_experts, group, max_tokens_per_rank)
+    call(OP, group, config, timeout_s, record(DispatchOperands, (
+        x, topk_idx, num_experts, max_tokens_per_rank, recv_x, counts, rowmap)))
+    return recv_x, MoeHandle(counts, rowmap, num_experts, x.shape[0])
+
+
+def _traced_into(x, topk_idx, num_experts, max_tokens_per_rank, recv_x, recv_counts, rowmap,
+                 group=None):
+    torch.ops.symmtriton.moe_dispatch(x, topk_idx, num_experts, max_tokens_per_rank,
+                                      group_name(group), recv_x, recv_counts, rowmap)
+
+
+@sequenced(_traced_into)
+def dispatch_into(x, topk_idx, num_experts, max_tokens_per_rank, recv_x, recv_counts, rowmap,
+                  group=None) -> None:
+    """:func:`moe_dispatch` into given outputs: what ``torch.ops.symmtriton.moe_dispatch``
+    runs."""
+    call(OP, group, None, None, record(DispatchOperands, (
+        x, topk_idx, num_experts, max_tokens_per_rank, recv_x, recv_counts, rowmap)))
