@@ -50,8 +50,8 @@ from symmtriton.ops import driver
 
 from ..testing import OVERLAP_ENV, free_port, release, teardown
 from ..testing import device as _device
-from . import timing, tune, workloads
-from .baselines import Baselines, peer_copy_gbs, shape_for, topology
+from . import moe, timing, tune, workloads
+from .baselines import Baselines, Shape, peer_copy_gbs, shape_for, topology
 from .meta import bench_meta, ceiling_meta
 from .options import BenchOptions, parse_options
 from .report import (ResultFiles, ceiling_applies, efficiency_report, format_table,
@@ -172,10 +172,13 @@ def _sweep_plan(opts: BenchOptions, dev, note) -> list[tuple]:
     if "graph" in modes and dev.type != "cuda":
         modes.remove("graph")
         note("graph mode needs CUDA: skipped")
+    if "zero_copy" in opts.placements and set(opts.ops) & set(moe.MOE_OPS):
+        note("moe_dispatch / moe_combine: staged rows only")
     return [(op, dtype, nbytes, kind, mode, placement) for op in opts.ops for dtype in opts.dtypes
-            for nbytes in opts.sizes
+            for nbytes in (opts.sizes if op not in moe.MOE_OPS else (None,))
             for kind in (opts.v_counts if op in workloads.V_OPS else (None,))
-            for mode in modes for placement in opts.placements]
+            for mode in modes for placement in opts.placements
+            if op not in moe.MOE_OPS or placement == "staged"]
 
 
 def _check(wl, nbytes: int, group, note, what: str) -> str:
@@ -231,25 +234,40 @@ def run_sweep(opts: BenchOptions, group, meta: dict, *,
     rows: list[dict] = []
     baselines = Baselines(opts, group, note)
     for i, spec in enumerate(plan, 1):
-        op, dtype, nbytes, kind, mode, placement = spec
-        shape = shape_for(op, nbytes, dtype, world, opts.hidden)
-        counts = workloads.v_counts(kind, shape.count // shape.hidden, world) if kind else None
-        warmup = opts.warmup if shape.total_bytes <= BIG_BYTES else min(opts.warmup, 3)
-        base = baselines.get(op, dtype, shape, mode, warmup, counts)
-        if placement == "zero_copy" and path == "fallback":
+        row = _row(opts, group, dev, spec, baselines, path, meta, note)
+        if row is None:
             continue
-        t, cfg, check, variant = _measure(opts, group, dev, spec, shape, warmup, note)
-        row = result_row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check,
-                         base, meta, on_gpu=dev.type == "cuda")
-        applies = ceiling_applies(op, meta["multicast"])
+        applies = ceiling_applies(row["op"], meta["multicast"])
         for msg in mark_validity(row, meta["ceiling"]["peer_copy_gbs"] if applies else None):
             warn(msg)
         rows.append(row)
         if on_row is not None:
             on_row(row)
         _log(rank, f"[{i}/{len(plan)} {time.monotonic() - t_start:6.1f} s] {row_label(row)}: "
-                   f"{row['time_us']} us ({check})", err=True)
+                   f"{row['time_us']} us ({row['check']})", err=True)
     return rows, notes
+
+
+def _row(opts: BenchOptions, group, dev, spec: tuple, baselines, path: str, meta: dict, note):
+    """The result row of ``spec`` (``None``: a zero-copy row without symmetric memory). An MoE
+    row's shape is ``opts.moe`` (:mod:`symmtriton.tools.bench.moe`), its size this rank's
+    tokens."""
+    op, dtype, nbytes, kind, mode, placement = spec
+    world = dist.get_world_size(group)
+    if op in moe.MOE_OPS:
+        t, check, base = moe.measure(opts, opts.moe, op, dtype, mode, opts.warmup, group, note)
+        n = opts.moe.tokens * opts.moe.hidden
+        shape, cfg, variant = Shape(n, opts.moe.hidden, n * dtype.itemsize, n), None, _variant(None)
+    else:
+        shape = shape_for(op, nbytes, dtype, world, opts.hidden)
+        counts = workloads.v_counts(kind, shape.count // shape.hidden, world) if kind else None
+        warmup = opts.warmup if shape.total_bytes <= BIG_BYTES else min(opts.warmup, 3)
+        base = baselines.get(op, dtype, shape, mode, warmup, counts)
+        if placement == "zero_copy" and path == "fallback":
+            return None
+        t, cfg, check, variant = _measure(opts, group, dev, spec, shape, warmup, note)
+    return result_row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check,
+                      base, meta, on_gpu=dev.type == "cuda")
 
 
 def main(argv=None) -> int:
@@ -261,7 +279,8 @@ def main(argv=None) -> int:
     # Leaving: on success every rank tears down together (graphs, buffers, barrier, group); on
     # an error only local memory is released: peers may be stuck, a barrier could hang.
     try:
-        size_mb = opts.buffer_mb or max(1.0, math.ceil(3 * max(opts.sizes) / (1 << 20)))
+        size_mb = opts.buffer_mb or max(1.0, math.ceil(3 * max(opts.sizes) / (1 << 20)),
+                                        moe.buffer_mb(opts, dist.get_world_size(group)))
         buf = SymmetricMemoryManager.get_buffer(BUFFER_KEY, group, size_mb=size_mb)
         topo = topology(group, _device())
         p2p = peer_copy_gbs(buf, topo, group)

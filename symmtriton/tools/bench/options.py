@@ -12,7 +12,7 @@ from symmtriton.config import ALL_REDUCE_ALGORITHMS
 from symmtriton.validation import REDUCE_DTYPES
 
 from ..testing import device as _device
-from . import workloads
+from . import moe, workloads
 
 MODES = ("eager", "graph")
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
@@ -83,6 +83,7 @@ class BenchOptions:
     eager_batch: int = 1
     peer_copy_gbs: float | None = None
     commit: str | None = None
+    moe: moe.MoeShape = moe.MoeShape(moe.TOKENS, moe.HIDDEN, moe.TOPK, moe.EXPERTS)
 
     def __post_init__(self):
         for key in ("iters", "min_iters", "graph_iters", "hidden", "eager_batch"):
@@ -99,6 +100,11 @@ class BenchOptions:
             raise ValueError(f"--peer-copy-gbs must be > 0, got {self.peer_copy_gbs}")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"--backend must be auto, nccl or gloo, got {self.backend!r}")
+        for key in ("tokens", "topk", "experts", "hidden"):
+            if getattr(self.moe, key) < 1:
+                raise ValueError(f"--{key} must be >= 1, got {getattr(self.moe, key)}")
+        if self.moe.topk > self.moe.experts:
+            raise ValueError(f"--topk {self.moe.topk} exceeds --experts {self.moe.experts}")
 
     def counts(self, warmup: int) -> dict:
         """Keyword counts of :func:`symmtriton.tools.bench.timing.agreed_time` for a row
@@ -112,7 +118,8 @@ EPILOG = """\
 columns (CSV/JSON; the table shows most of them):
   size_bytes   nccl-tests size: gathered output (all_gather, all_gather_v), full input
                (reduce_scatter, reduce_scatter_v, fused), the tensor (all_reduce,
-               all_reduce_add_rmsnorm)
+               all_reduce_add_rmsnorm); moe_dispatch / moe_combine: one rank's tokens
+               (--tokens x --hidden), one row per dtype and mode, staged only
   count        elements in size_bytes
   variant      the kernel the row launched: lines, barrier, push, push_one_shot, or the
                all-reduce's one_shot / two_shot; all_gather_v / reduce_scatter_v: the counts
@@ -127,7 +134,9 @@ columns (CSV/JSON; the table shows most of them):
                agree); skip above 1 GiB (the references would need several times the size)
   baseline_us  torch.distributed (NCCL or gloo), speedup = baseline_us / time_us; fused ops:
                the unfused sequence (all-reduce or reduce-scatter, add, RMSNorm[, all-gather]);
-               v ops: the uniform collective on tensors padded to max(counts) rows per rank
+               v ops: the uniform collective on tensors padded to max(counts) rows per rank;
+               MoE ops: all_to_all_single of the same rows (eager: splits exchanged first;
+               graph: padded to --tokens per rank)
   symm_mem_us  the fastest torch.ops.symm_mem op (named in symm_mem_op) that this torch has and
                that runs (all_reduce: one_shot_all_reduce, two_shot_all_reduce_; fused ops:
                one_shot_all_reduce of the input, communication only); none for the v ops
@@ -159,6 +168,8 @@ examples:
   torchrun --nproc-per-node 2 -m symmtriton.tools.bench \\
       --ops all_reduce,all_reduce_add_rmsnorm,all_gather_v,reduce_scatter_v \\
       --max-bytes 64M --step 16                                  # the opt-in ops
+  torchrun --nproc-per-node 2 -m symmtriton.tools.bench --ops moe_dispatch,moe_combine \
+      --tokens 128 --hidden 7168 --topk 8 --experts 64           # MoE all-to-all (defaults)
   torchrun --nproc-per-node 2 -m symmtriton.tools.bench --max-bytes 4K --iters 2 \\
       --warmup 1                                                 # CPU
   symmtriton-bench --tune --modes graph          # tune the swept sizes, then benchmark
@@ -170,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="symmtriton-bench",
         description="Benchmark symmtriton's collectives (all-gather, reduce-scatter, fused "
                     "reduce-scatter + add + RMSNorm + all-gather; opt-in: all-reduce, fused "
-                    "all-reduce + add + RMSNorm, all-gather-v, reduce-scatter-v) against "
+                    "all-reduce + add + RMSNorm, all-gather-v, reduce-scatter-v, MoE dispatch / "
+                    "combine) against "
                     "torch.distributed, "
                     "PyTorch's symmetric-memory ops and copy ceilings. Run on every rank, "
                     "e.g. torchrun --nproc-per-node 8 -m symmtriton.tools.bench.",
@@ -240,9 +252,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--commit", default=None,
                    help="the project's commit to record when the bench runs outside a git "
                         "checkout (default: git rev-parse HEAD of the package's checkout)")
-    p.add_argument("--hidden", type=int, default=4096,
+    p.add_argument("--hidden", type=int, default=None,
                    help="hidden size H of the row ops' [S, H] operands (fused ops, v ops) "
-                        "(default 4096; smaller when a size holds fewer than W rows)")
+                        "(default 4096; smaller when a size holds fewer than W rows) and of the "
+                        f"MoE rows' tokens (default {moe.HIDDEN})")
+    p.add_argument("--tokens", type=int, default=moe.TOKENS,
+                   help=f"MoE rows: tokens per rank (default {moe.TOKENS})")
+    p.add_argument("--topk", type=int, default=moe.TOPK,
+                   help=f"MoE rows: experts per token (default {moe.TOPK})")
+    p.add_argument("--experts", type=int, default=moe.EXPERTS,
+                   help=f"MoE rows: experts in all, a multiple of the world size (default "
+                        f"{moe.EXPERTS})")
     p.add_argument("--out-dir", default=os.path.join("benchmarks", "results"),
                    help="where rank 0 writes CSV, JSON and PNG (default benchmarks/results)")
     p.add_argument("--name", default=None,
@@ -291,13 +311,14 @@ def parse_options(argv=None) -> BenchOptions:
             iters=iters,
             min_iters=args.min_iters if args.min_iters is not None else min(10, max(iters, 1)),
             max_spread=args.max_spread,
-            warmup=warmup, graph_iters=args.graph_iters, hidden=args.hidden,
+            warmup=warmup, graph_iters=args.graph_iters, hidden=args.hidden or 4096,
             out_dir=args.out_dir, name=args.name,
             tune=args.tune, baselines=args.baselines, plot=args.plot, backend=args.backend,
             buffer_mb=args.buffer_mb,
             algorithm=None if args.algorithm == "auto" else args.algorithm,
             eager_batch=(args.eager_batch if args.eager_batch is not None
                          else (10 if on_gpu else 1)),
-            peer_copy_gbs=args.peer_copy_gbs, commit=args.commit)
+            peer_copy_gbs=args.peer_copy_gbs, commit=args.commit,
+            moe=moe.MoeShape(args.tokens, args.hidden or moe.HIDDEN, args.topk, args.experts))
     except ValueError as exc:
         parser.error(str(exc))  # usage + message, exit status 2

@@ -1,0 +1,179 @@
+"""The benchmark's MoE rows (``--ops moe_dispatch,moe_combine``): one row per dtype, mode and
+op, of ``--tokens`` tokens per rank with hidden size ``--hidden`` (default 7168 here), each
+routed to ``--topk`` of ``--experts`` experts (K distinct experts drawn per token, seeded by
+rank), checked exactly against :mod:`symmtriton.tools.reference` (tokens in [-2, 2], experts
+that scale by 1 or 2, weights 0.5 or 1) before it is timed.
+
+The combine row times the combine alone, on the handle of one dispatch made beforehand. The
+row's size is this rank's tokens (``tokens x hidden`` elements of the dtype). Baseline: the
+``torch.distributed`` all-to-all of the same rows (each token once to every rank owning one of
+its experts; back, one row per (token, rank)): in eager the send counts are exchanged first
+(``all_to_all_single`` of the splits, read on the host), in graphs every rank sends its
+``tokens`` slots padded to capacity. torch's ``symm_mem.all_to_all_vdev`` is not timed (it
+needs torch's NVSHMEM symmetric-memory backend).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from symmtriton.ops.moe_combine import moe_combine
+from symmtriton.ops.moe_dispatch import moe_dispatch
+
+from .. import reference
+from ..testing import device, sync, tagged
+from . import timing
+
+MOE_OPS = ("moe_dispatch", "moe_combine")
+#: defaults of ``--tokens``, ``--hidden`` (MoE rows), ``--topk``, ``--experts``.
+TOKENS, HIDDEN, TOPK, EXPERTS = 128, 7168, 8, 64
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    tokens: int
+    hidden: int
+    topk: int
+    experts: int
+
+    def buffer_bytes(self, world: int, dtype: torch.dtype) -> int:
+        """What the pair stages in the symmetric buffer at most (the combine's fp32 partials,
+        or the dispatch's rows and routing), with room for alignment and the count areas."""
+        rows = world * self.tokens * self.hidden
+        slots = world * self.tokens * self.topk * 4
+        return max(rows * 4 + slots, rows * dtype.itemsize + slots + (1 << 20)) + (1 << 20)
+
+
+def buffer_mb(opts, world: int) -> float:
+    """MiB of symmetric buffer the MoE rows of ``opts`` stage (0 without MoE rows)."""
+    if not set(opts.ops) & set(MOE_OPS):
+        return 0.0
+    return max(opts.moe.buffer_bytes(world, dtype) for dtype in opts.dtypes) / (1 << 20)
+
+
+def inputs(shape: MoeShape, rank: int, dtype: torch.dtype):
+    """``(x, topk_idx, topk_weights)`` of ``rank`` on the CPU."""
+    T, H, K, E = shape.tokens, shape.hidden, shape.topk, shape.experts
+    g = torch.Generator().manual_seed(4242 + rank)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.randint(-1, 1, (T, K), generator=g).float().exp2()
+    return tagged(T * H, dtype, rank, bound=2).cpu().view(T, H), idx, w
+
+
+def experts(recv: torch.Tensor, rank: int) -> torch.Tensor:
+    """The local experts: expert ``j`` of ``rank`` scales its rows by ``(global id) % 2 + 1``."""
+    EL = recv.shape[0]
+    scale = torch.tensor([(rank * EL + j) % 2 + 1 for j in range(EL)], dtype=recv.dtype)
+    return recv * scale.to(recv.device)[:, None, None]
+
+
+class MoeWorkload:
+    """The operands of one MoE row on this rank: the routing, and for the combine the handle and
+    expert outputs of one dispatch."""
+
+    def __init__(self, op: str, shape: MoeShape, dtype: torch.dtype, group):
+        self.op, self.shape, self.dtype, self.group = op, shape, dtype, group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.x, self.idx, self.w = (t.to(device()) for t in inputs(shape, self.rank, dtype))
+        self.out = torch.empty_like(self.x)
+        self.recv, self.handle, self.expert_out = None, None, None
+        if op == "moe_combine":
+            self.recv, self.handle = self._dispatch()
+            self.expert_out = experts(self.recv, self.rank)
+
+    def _dispatch(self):
+        return moe_dispatch(self.x, self.idx, self.shape.experts, self.group,
+                            max_tokens_per_rank=self.shape.tokens)
+
+    def run(self):
+        if self.op == "moe_dispatch":
+            self.recv, self.handle = self._dispatch()
+            return self.recv
+        return moe_combine(self.expert_out, self.idx, self.w, self.handle, self.group,
+                           out=self.out)
+
+    def check(self) -> bool:
+        """One call, compared with the reference exactly (valid rows and counts of the
+        dispatch; the combine's output)."""
+        self.run()
+        sync()
+        ins = [inputs(self.shape, r, self.dtype) for r in range(self.world)]
+        xs, idxs, ws = (list(t) for t in zip(*ins))
+        E, M = self.shape.experts, self.shape.tokens
+        if self.op == "moe_combine":
+            outs = [experts(reference.moe_dispatch(xs, idxs, E, M, d)[0], d)
+                    for d in range(self.world)]
+            return torch.equal(self.out.cpu(), reference.moe_combine(outs, idxs, ws, E, M,
+                                                                     self.rank))
+        recv, counts = reference.moe_dispatch(xs, idxs, E, M, self.rank)
+        got = self.recv.cpu()
+        return torch.equal(self.handle.recv_counts.cpu(), counts) and all(
+            torch.equal(got[j, :c], recv[j, :c]) for j, c in enumerate(counts.tolist()))
+
+
+def _routes(wl: MoeWorkload):
+    """``(order, send)``: this rank's tokens in the order of the ranks they go to (a token once
+    per rank owning one of its experts), and how many go to each rank (a device tensor)."""
+    EL = wl.shape.experts // wl.world
+    ranks = torch.arange(wl.world, device=wl.idx.device)
+    hit = ((wl.idx // EL)[:, :, None] == ranks).any(1)  # [T, W]
+    order = hit.t().nonzero()[:, 1]
+    return order, hit.sum(0)
+
+
+def baseline(wl: MoeWorkload, mode: str):
+    """``torch.distributed``'s all-to-all of the rows the op moves (module docstring)."""
+    group, world = wl.group, wl.world
+    if mode == "graph":
+        send = wl.x.expand(world, *wl.x.shape).contiguous()
+        if wl.op == "moe_combine":
+            send = send.float()  # the partial sums travel in fp32, as the kernel's
+        recv = torch.empty_like(send)
+        return lambda: dist.all_to_all_single(recv, send, group=group)
+    order, counts = _routes(wl)
+    send = wl.x[order]
+    if wl.op == "moe_combine":
+        send = send.float()
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    out_splits, in_splits = counts.tolist(), recv_counts.tolist()
+    recv = send.new_empty((sum(in_splits), send.shape[1]))
+
+    def dispatch():
+        got = torch.empty_like(counts)
+        dist.all_to_all_single(got, counts, group=group)
+        splits = got.tolist()  # the host waits for the counts, as a user's eager code does
+        out = send.new_empty((sum(splits), send.shape[1]))
+        dist.all_to_all_single(out, send, splits, out_splits, group=group)
+
+    def combine():  # the splits are known from the dispatch: the rows go back at once
+        dist.all_to_all_single(send, recv, out_splits, in_splits, group=group)
+
+    return dispatch if wl.op == "moe_dispatch" else combine
+
+
+def measure(opts, shape: MoeShape, op: str, dtype, mode: str, warmup: int, group, note):
+    """``(time, check, baseline dict)`` of one MoE row (every rank, in the same order)."""
+    dev = device()
+    wl = MoeWorkload(op, shape, dtype, group)
+    ok = True
+    try:
+        ok = wl.check()
+    except Exception as exc:
+        ok = False
+        note(f"{op}: {type(exc).__name__}: {exc}")
+    check = "ok" if timing.all_ranks_ok(ok, group) else "FAIL"
+    t = timing.agreed_time(wl.run, mode, device=dev, group=group, **opts.counts(warmup))
+    base = {}
+    if opts.baselines:
+        name = str(dist.get_backend(group))
+        base = {"baseline": name, "baseline_s": None}
+        if mode == "graph" and "nccl" not in name:
+            note(f"graph mode: torch.distributed over {name} is not capturable: skipped")
+        else:
+            base["baseline_s"] = timing.agreed_time(baseline(wl, mode), mode, device=dev,
+                                                    group=group, **opts.counts(warmup))
+    return t, check, base
