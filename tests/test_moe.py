@@ -5,12 +5,15 @@ integer tokens in [-2, 2], experts scaling them by 1 or 2, weights 0.5 or 1: eve
 does not share). Kernel path, torch.distributed path and the two mixed; expert ids out of range;
 validation; a rank that raised alone; torch.compile; CUDA graph replays with new routing."""
 
+import csv
+
 import pytest
 import torch
 import torch.distributed as dist
 
 import symmtriton as st
 from symmtriton.ops.driver import last_plan
+from symmtriton.tools.bench import cli
 from symmtriton.tools import reference
 from symmtriton.tools.testing import device, sync, tagged
 
@@ -58,10 +61,14 @@ def inputs(kind, rank, world, K, EL, H, dtype, salt=0):
     return x, route(kind, rank, world, T, K, EL, salt), w
 
 
+def scales(rank, EL, dtype):
+    """``[EL, 1, 1]``: local expert ``j`` of ``rank`` scales its rows by ``(global id) % 2 + 1``."""
+    return torch.tensor([(rank * EL + j) % 2 + 1 for j in range(EL)], dtype=dtype)[:, None, None]
+
+
 def expert(recv, rank, EL):
-    """The experts: local expert ``j`` of ``rank`` scales its rows by ``(global id) % 2 + 1``."""
-    scale = torch.tensor([(rank * EL + j) % 2 + 1 for j in range(EL)], dtype=recv.dtype)
-    return recv * scale.to(recv.device)[:, None, None]
+    """The experts (:func:`scales`) applied to ``recv``."""
+    return recv * scales(rank, EL, recv.dtype).to(recv.device)
 
 
 def references(kind, rank, world, K, EL, H, dtype, salt=0):
@@ -248,9 +255,10 @@ def test_a_rank_that_raised_alone_does_not_hang_its_peers(pool):
         assert first == [] and after == ["CollectiveMismatchError"] * 2, (first, after)
 
 
-def _layer(x, idx, w, num_experts, rank, EL):
+def _layer(x, idx, w, num_experts, scale):
+    """Dispatch, the experts (``scale``: :func:`scales` on the device), combine."""
     recv, handle = st.moe_dispatch(x, idx, num_experts, max_tokens_per_rank=M)
-    return st.moe_combine(expert(recv, rank, EL), idx, w, handle), handle.recv_counts
+    return st.moe_combine(recv * scale, idx, w, handle), handle.recv_counts
 
 
 def _compiled(rank, world):
@@ -266,8 +274,9 @@ def _compiled(rank, world):
         return gm.forward
     x, idx, w = (t.to(device()) for t in inputs("uniform", rank, world, K, EL, H, BF16))
     fn = torch.compile(_layer, backend=backend, fullgraph=True)
-    y, counts = fn(x, idx, w, world * EL, rank, EL)
-    y_eager, counts_eager = _layer(x, idx, w, world * EL, rank, EL)
+    scale = scales(rank, EL, BF16).to(device())
+    y, counts = fn(x, idx, w, world * EL, scale)
+    y_eager, counts_eager = _layer(x, idx, w, world * EL, scale)
     sync()
     ops = [str(n.target) for g in graphs for n in g.graph.nodes if "symmtriton" in str(n.target)]
     return len(graphs), ops, torch.equal(y, y_eager) and torch.equal(counts, counts_eager)
@@ -286,6 +295,7 @@ def _graph_replays(rank, world, replays):
     x = torch.zeros(M, H, dtype=BF16, device=device())
     idx = torch.full((M, K), -1, dtype=torch.int64, device=device())
     w = torch.zeros(M, K, device=device())
+    scale = scales(rank, EL, BF16).to(device())  # made before the capture (no host copy in it)
     out = {}
 
     def fill(salt):
@@ -296,7 +306,7 @@ def _graph_replays(rank, world, replays):
         x[:T], idx[:T], w[:T] = sx, sidx, sw
 
     def body():
-        out["y"], out["counts"] = _layer(x, idx, w, world * EL, rank, EL)
+        out["y"], out["counts"] = _layer(x, idx, w, world * EL, scale)
     fill(0)
     graph = captured(body)
     bad = []
@@ -316,3 +326,19 @@ def _graph_replays(rank, world, replays):
 @pytest.mark.gpu
 def test_graph_replays_with_new_routing(gpu_pool):
     assert gpu_pool.run(_graph_replays, 1000, timeout=600) == [[]] * gpu_pool.world_size
+
+
+def _bench(rank, world, out_dir):
+    return cli.main(["--ops", "moe_dispatch,moe_combine", "--tokens", "4", "--hidden", "24",
+                     "--topk", "2", "--experts", str(2 * world), "--iters", "1", "--warmup", "0",
+                     "--no-plot", "--out-dir", out_dir, "--name", "moe"])
+
+
+def test_bench_rows_checked_with_their_baseline(cpu_pool, tmp_path):
+    assert cpu_pool(2).run(_bench, str(tmp_path), timeout=300) == [0, 0]
+    with open(tmp_path / "moe.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["op"], r["variant"], r["placement"], r["check"]) for r in rows] == [
+        ("moe_dispatch", "barrier", "staged", "ok"), ("moe_combine", "barrier", "staged", "ok")]
+    assert all(float(r["time_us"]) > 0 and float(r["baseline_us"]) > 0 for r in rows)
+    assert {r["size_bytes"] for r in rows} == {str(4 * 24 * 2)}
