@@ -12,8 +12,10 @@ Areas of every rank's buffer (byte offsets alike on every rank): ``wts_off`` fp3
 ``d``'s partial sum for this rank's token ``t``). The weights are pulled (one remote load of
 ``K`` values per token and rank) rather than pushed: the staged copy needs no area on the peers.
 
-Units: token ``t < M`` belongs to block ``t % blocks`` on every rank. Phases of
-``_moe_combine_kernel``:
+Units: token ``t < M`` belongs to block ``t % blocks`` on every rank, as source and as
+destination, so the per-block barrier (kernels/barrier.py) orders everything a block reads after
+it. Both barriers signal and poll at ``SCOPE`` (``gpu`` when every rank runs on this GPU, else
+``sys``). Phases of ``_moe_combine_kernel``:
 
 0. stage: the block converts the weights of its tokens to fp32 at ``wts_off`` of this rank;
 1. start barrier (release / acquire): the weights are visible to every peer's block ``b``, and

@@ -15,7 +15,8 @@ expert).
 
 Units: token ``t < M`` belongs to block ``t % blocks`` on every rank, as source and as
 destination, so the per-block barrier (kernels/barrier.py) orders everything a block reads after
-it. Phases of ``_moe_dispatch_kernel``:
+it. Both barriers signal and poll at ``SCOPE`` (``gpu`` when every rank runs on this GPU, else
+``sys``). Phases of ``_moe_dispatch_kernel``:
 
 0. start barrier (relaxed arrive, acquire poll): every peer's block ``b`` has begun this launch,
    so its earlier reads of its buffer (an earlier call) are over;
