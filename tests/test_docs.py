@@ -87,8 +87,9 @@ def test_paths_cited_in_comments_and_docstrings_exist():
 
 
 def test_the_path_pattern():
-    text = ("see kernels/lines.py, `tests/test_<op>.py`, symmtriton/bench*.py, https://x.org/docs/a, "
-            "latest/h200_w1.{csv,json} and benchmarks/results/archive/2026-11-26_3ac72a2/x.csv.")
+    text = ("see kernels/lines.py, `tests/test_<op>.py`, symmtriton/bench*.py, "
+            "https://x.org/docs/a, latest/h200_w1.{csv,json} and "
+            "benchmarks/results/archive/2026-11-26_3ac72a2/x.csv.")
     assert list(_cited(text)) == [
         ("kernels/lines.py", ["kernels/lines.py"]),
         ("latest/h200_w1", ["latest/h200_w1.csv", "latest/h200_w1.json"]),
