@@ -25,11 +25,13 @@ BRACES = re.compile(r"\.\{([\w,]+)\}")
 
 
 def _files(suffix: str, dirs=(".",)):
-    """Files ending in ``suffix`` under ``dirs``, never entering :data:`SKIP_DIRS`."""
+    """Files ending in ``suffix`` under ``dirs``, never entering :data:`SKIP_DIRS` nor a hidden
+    folder (a local virtual environment, caches)."""
     for d in dirs:
         for folder, subdirs, names in os.walk(ROOT / d):
             subdirs[:] = sorted(n for n in subdirs
-                                if n not in SKIP_DIRS and not n.endswith(".egg-info"))
+                                if n not in SKIP_DIRS and not n.startswith(".")
+                                and not n.endswith(".egg-info"))
             yield from (pathlib.Path(folder) / n for n in sorted(names) if n.endswith(suffix))
 
 
