@@ -4,9 +4,9 @@ lines, barrier or push: the ``*_eligible`` predicates) and with which :class:`La
 
 The numbers these rules read are named in :mod:`symmtriton.presets`, each with the run that
 justifies it. :func:`default_config` is the barrier kernels' config; the tuning cache
-(:mod:`symmtriton.tuning`, filled by :mod:`symmtriton.tools.bench.tune`) may replace it with a winner every
-rank agreed on. Every rank must launch the same grid for the same call (the barrier is per
-block), so every decision here is a pure function of values alike on every rank.
+(:mod:`symmtriton.tuning`, filled by :mod:`symmtriton.tools.bench.tune`) may replace it with a
+winner every rank agreed on. Every rank must launch the same grid for the same call (the barrier
+is per block), so every decision here is a pure function of values alike on every rank.
 """
 
 from __future__ import annotations

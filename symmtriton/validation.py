@@ -1,4 +1,5 @@
-"""Input checks shared by the public collectives: each raises before any launch, naming the value."""
+"""Input checks shared by the public collectives: each raises before any launch, naming the
+value."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def check_gather_shapes(what: str, big: torch.Tensor, small: torch.Tensor, world
     ``[world * s0, *rest]``, or the stacked ``[world, s0, *rest]``)."""
     cat = (big.dim() == small.dim() and big.shape[0] == world * small.shape[0]
            and big.shape[1:] == small.shape[1:])
-    stacked = big.dim() == small.dim() + 1 and big.shape[0] == world and big.shape[1:] == small.shape
+    stacked = (big.dim() == small.dim() + 1 and big.shape[0] == world
+               and big.shape[1:] == small.shape)
     if not (cat or stacked):
         raise ValueError(
             f"{what}: {big_name} shape {tuple(big.shape)} must be {world} x {small_name} shape "

@@ -70,7 +70,8 @@ def _pool(spec: PoolSpec) -> WorkerPool:
     if spec not in _POOLS:
         _POOLS[spec] = WorkerPool(spec.world_size, env=spec.env,
                                   timeout=float(os.environ.get("SYMMTRITON_TEST_TIMEOUT", 120)),
-                                  dist_backend=spec.dist_backend, one_rank_per_gpu=spec.one_rank_per_gpu)
+                                  dist_backend=spec.dist_backend,
+                                  one_rank_per_gpu=spec.one_rank_per_gpu)
     return _POOLS[spec]
 
 

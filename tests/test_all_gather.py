@@ -24,8 +24,9 @@ def _gather_cases(rank, world, dtype_name, sizes, mode):
         if mode == "zero_copy":
             out = buf.maybe_get_tensor((world * n,), dtype)["tensor"]
         else:
-            out = torch.full((world * n,), 3, dtype=dtype, device=device()) if dtype != torch.float16 \
-                else torch.empty((world * n,), dtype=dtype, device=device())
+            out = (torch.full((world * n,), 3, dtype=dtype, device=device())
+                   if dtype != torch.float16
+                   else torch.empty((world * n,), dtype=dtype, device=device()))
         if mode == "in_place":
             out[rank * n:(rank + 1) * n].copy_(inp)
             inp = out[rank * n:(rank + 1) * n]
@@ -56,7 +57,8 @@ def test_all_gather_buffer_placements(pool, mode):
 
 @pytest.mark.w3_full
 def test_all_gather_large(pool):
-    assert pool.run(_gather_cases, "bfloat16", (1 << 20, (1 << 20) + 3), "staged") == [[]] * pool.world_size
+    sizes = (1 << 20, (1 << 20) + 3)
+    assert pool.run(_gather_cases, "bfloat16", sizes, "staged") == [[]] * pool.world_size
 
 
 def _shapes(rank, world):
@@ -91,8 +93,10 @@ def _back_to_back(rank, world):
         st.reduce_scatter_tensor(rs_out, rs_in)
         sync()
         expect_ag = torch.tensor([[100.0 * it + r] * n for r in range(world)], device=device())
-        full = (torch.arange(world * n, dtype=torch.float32, device=device()) % 11) * world + sum(range(world))
-        if not torch.equal(got, expect_ag) or not torch.equal(rs_out, full[rank * n:(rank + 1) * n]):
+        full = ((torch.arange(world * n, dtype=torch.float32, device=device()) % 11) * world
+                + sum(range(world)))
+        if (not torch.equal(got, expect_ag)
+                or not torch.equal(rs_out, full[rank * n:(rank + 1) * n])):
             bad.append(it)
     return bad
 

@@ -69,7 +69,8 @@ def _gather_cases(rank, world, mode, single):
         total = sum(sched)
         for i, o in enumerate(outs[:1] if single else outs):
             ref = reference.all_gather_v([_inputs(r, salt)[i] for r in range(world)], sched)
-            if not (ok_ret and _equal_bits(o[:total], ref) and _equal_bits(o[total:], guard[i][total:])):
+            if not (ok_ret and _equal_bits(o[:total], ref)
+                    and _equal_bits(o[total:], guard[i][total:])):
                 failures.append((sched, i, mode))
             guard[i] = o.clone()  # rows past the sum keep whatever the last call left
     return failures
@@ -178,7 +179,8 @@ def _bad_inputs(rank, world):
         "dtype": (out, inp.double(), counts),
         "list lengths": ([out], [inp, inp], counts),
         "list and tensor": ([out], inp, counts),
-        "capacities": ([out, torch.empty(8, 4, device=d)], [inp, torch.empty(3, 4, device=d)], counts),
+        "capacities": ([out, torch.empty(8, 4, device=d)], [inp, torch.empty(3, 4, device=d)],
+                       counts),
         "too many": ([torch.empty(8, 4, device=d) for _ in range(5)],
                      [torch.empty(2, 4, device=d) for _ in range(5)], counts),
         "overlap": (out, out[:2], counts),
@@ -252,8 +254,8 @@ def _compiled(rank, world):
     outs = _outputs(None, world, "staged")
     sched = _schedule(world)[0]
     ins = [_inputs(rank, 0)[0], tagged(CAP * 2, torch.int64, rank).view(CAP, 2)]
-    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(outs[:2], ins,
-                                                                  torch.tensor(sched, device=device()))
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = compiled(outs[:2], ins, torch.tensor(sched, device=device()))
     refs = [reference.all_gather_v([_inputs(r, 0)[0] for r in range(world)], sched),
             reference.all_gather_v([tagged(CAP * 2, torch.int64, r).view(CAP, 2)
                                     for r in range(world)], sched)]
@@ -267,7 +269,9 @@ def _compiled(rank, world):
 @pytest.mark.parametrize("op", ["all_gather_v", "reduce_scatter_v"])
 def test_v_custom_ops_mark_output_mutated(op):
     schema = getattr(torch.ops.symmtriton, op).default._schema
-    assert [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write] == ["output"]
+    written = [a.name for a in schema.arguments
+               if a.alias_info is not None and a.alias_info.is_write]
+    assert written == ["output"]
     assert len(schema.returns) == 0
 
 

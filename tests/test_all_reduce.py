@@ -208,7 +208,8 @@ def test_all_reduce_cuda_graph_replay(gpu_pool):
                                           ("all_reduce_add_rmsnorm", {"residual", "out"})])
 def test_custom_ops_registered_with_mutation_annotations(name, mutated):
     schema = getattr(torch.ops.symmtriton, name).default._schema
-    written = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    written = {a.name for a in schema.arguments
+               if a.alias_info is not None and a.alias_info.is_write}
     assert written == mutated
     assert len(schema.returns) == 0
 
@@ -259,7 +260,8 @@ def _ar_push_cases(rank, world, sizes, config, algorithm="two_shot"):
     sync()
     with protocol("push"):
         bad = _ar_cases(rank, world, "bfloat16", algorithm, MODES, sizes, config)
-        want = _all_reduce_push_kernel if algorithm == "two_shot" else _all_reduce_one_shot_push_kernel
+        want = (_all_reduce_push_kernel if algorithm == "two_shot"
+                else _all_reduce_one_shot_push_kernel)
         if driver.last_plan().kernel.fn is not want:
             bad.append(("not pushed", driver.last_plan().kernel.fn))
     return bad

@@ -45,7 +45,8 @@ def test_cli_sweep_with_tuning_in_pool(cpu_pool, tmp_path):
     assert set(CONFIG_KEYS) <= set(report.FIELDS)
     # 3 ops x 1 size x 1 mode (graph is skipped on the CPU) x 2 placements
     assert [(r["op"], r["placement"], r["mode"]) for r in rows] == [
-        (op, p, "eager") for op in ("all_gather", "reduce_scatter", "fused") for p in ("zero_copy", "staged")]
+        (op, p, "eager") for op in ("all_gather", "reduce_scatter", "fused")
+        for p in ("zero_copy", "staged")]
     for r in rows:
         assert r["check"] == "ok" and r["path"] == "symmetric" and r["world_size"] == "2"
         assert float(r["time_us"]) > 0 and float(r["baseline_us"]) > 0 and float(r["copy_us"]) > 0
@@ -92,8 +93,8 @@ def test_new_ops_rows_checked_in_pool(cpu_pool, tmp_path):
     """The opt-in ops on the host backend at W=2: every row present, checked against the
     reference (exact on tagged data; a FAIL would make the exit status 1), with its baseline."""
     out, cache = str(tmp_path / "out"), str(tmp_path / "tuning.json")
-    argv = ["--min-bytes", "4K", "--max-bytes", "4K", "--iters", "1", "--warmup", "0", "--hidden", "256",
-            "--ops", ",".join(NEW_OPS), "--no-plot", "--name", "new"]
+    argv = ["--min-bytes", "4K", "--max-bytes", "4K", "--iters", "1", "--warmup", "0",
+            "--hidden", "256", "--ops", ",".join(NEW_OPS), "--no-plot", "--name", "new"]
     assert cpu_pool(2).run(_bench_main, out, cache, argv, timeout=300) == [0, 0]
     rows, data = _read(out, "new")
     # the variant: count distribution / the kernel the call launched (4 KiB: lines for the
@@ -166,9 +167,9 @@ def test_cli_through_torchrun(tmp_path):
 
 def test_help_documents_the_options():
     text = options.build_parser().format_help()
-    for opt in ("--ops", "--dtypes", "--modes", "--placement", "--min-bytes", "--max-bytes", "--iters",
-                "--warmup", "--tune", "--backend", "--out-dir", "busbw", "torchrun", "--quick",
-                "--step", "--min-iters", "--max-spread", "p2p", "4G", "--algorithm"):
+    for opt in ("--ops", "--dtypes", "--modes", "--placement", "--min-bytes", "--max-bytes",
+                "--iters", "--warmup", "--tune", "--backend", "--out-dir", "busbw", "torchrun",
+                "--quick", "--step", "--min-iters", "--max-spread", "p2p", "4G", "--algorithm"):
         assert opt in text
 
 
@@ -223,8 +224,10 @@ def test_sizes_and_shapes():
     agv = baselines.shape_for("all_gather_v", 1 << 20, torch.bfloat16, 4, 4096)
     assert (agv.hidden, agv.numel, agv.count) == (4096, 32 * 4096, 128 * 4096)
     assert workloads.v_counts("uniform", 12, 4) == (3, 3, 3, 3)
-    assert workloads.v_counts("skewed", 12, 4) == (0, 2, 4, 6)  # rank 0 none, then 2 : 3 : 4, the rest last
-    assert workloads.v_counts("skewed", 8, 2) == (0, 8) and workloads.v_counts("skewed", 5, 1) == (5,)
+    # rank 0 none, then 2 : 3 : 4, the rest last
+    assert workloads.v_counts("skewed", 12, 4) == (0, 2, 4, 6)
+    assert workloads.v_counts("skewed", 8, 2) == (0, 8)
+    assert workloads.v_counts("skewed", 5, 1) == (5,)
 
 
 def test_table_format():

@@ -48,9 +48,11 @@ def _graph_replays(rank, world, replays):
         graph.replay()
         torch.cuda.synchronize()
         ag_ref = reference.all_gather([tagged(n, torch.bfloat16, r, salt) for r in range(world)])
-        rs_ref = reference.reduce_scatter([tagged(world * n, torch.bfloat16, r, salt) for r in range(world)], rank)
+        rs_ref = reference.reduce_scatter(
+            [tagged(world * n, torch.bfloat16, r, salt) for r in range(world)], rank)
         # the fused op ran 3 times: residual gained the reduced shard 3 times
-        inputs = [tagged(world * s * H, torch.bfloat16, r, salt).view(world * s, H) for r in range(world)]
+        inputs = [tagged(world * s * H, torch.bfloat16, r, salt).view(world * s, H)
+                  for r in range(world)]
         shard = reference.reduce_scatter(inputs, rank).float()
         ok = (torch.equal(ag_out, ag_ref) and torch.equal(rs_out, rs_ref)
               and torch.equal(f_res, (res0.float() + 3 * shard).to(torch.bfloat16)))

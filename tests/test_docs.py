@@ -25,11 +25,13 @@ BRACES = re.compile(r"\.\{([\w,]+)\}")
 
 
 def _files(suffix: str, dirs=(".",)):
-    """Files ending in ``suffix`` under ``dirs``, never entering :data:`SKIP_DIRS`."""
+    """Files ending in ``suffix`` under ``dirs``, never entering :data:`SKIP_DIRS` nor a hidden
+    folder (a local virtual environment, caches)."""
     for d in dirs:
         for folder, subdirs, names in os.walk(ROOT / d):
             subdirs[:] = sorted(n for n in subdirs
-                                if n not in SKIP_DIRS and not n.endswith(".egg-info"))
+                                if n not in SKIP_DIRS and not n.startswith(".")
+                                and not n.endswith(".egg-info"))
             yield from (pathlib.Path(folder) / n for n in sorted(names) if n.endswith(suffix))
 
 
@@ -87,8 +89,9 @@ def test_paths_cited_in_comments_and_docstrings_exist():
 
 
 def test_the_path_pattern():
-    text = ("see kernels/lines.py, `tests/test_<op>.py`, symmtriton/bench*.py, https://x.org/docs/a, "
-            "latest/h200_w1.{csv,json} and benchmarks/results/archive/2026-11-26_3ac72a2/x.csv.")
+    text = ("see kernels/lines.py, `tests/test_<op>.py`, symmtriton/bench*.py, "
+            "https://x.org/docs/a, latest/h200_w1.{csv,json} and "
+            "benchmarks/results/archive/2026-11-26_3ac72a2/x.csv.")
     assert list(_cited(text)) == [
         ("kernels/lines.py", ["kernels/lines.py"]),
         ("latest/h200_w1", ["latest/h200_w1.csv", "latest/h200_w1.json"]),

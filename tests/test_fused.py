@@ -93,7 +93,8 @@ def _fallback(rank, world):
         st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD)
     finally:
         os.environ.pop("SYMMTRITON_DISABLE")
-    return [_case(rank, world, torch.float32, s, 1000, 3, "staged", ag) for s in (1, 3) for ag in (True, False)]
+    return [_case(rank, world, torch.float32, s, 1000, 3, "staged", ag)
+            for s in (1, 3) for ag in (True, False)]
 
 
 def test_fused_fallback_matches(pool):

@@ -61,7 +61,7 @@ def _growth(rank, world):
     collective uses the new one, and a view of the old one raises instead of being used."""
     group = dist.group.WORLD
     out = {}
-    first = M.get_buffer("first", group, size_mb=1)  # another key of the group, registered first
+    M.get_buffer("first", group, size_mb=1)  # another key of the group, registered first
     old = M.get_buffer("grow", group, size_mb=1)
     stale = old.maybe_get_tensor((2 * world, 3), torch.float32)["tensor"]
     inp = torch.full((2, 3), float(rank + 1))
@@ -127,7 +127,7 @@ def _bad_sizes(rank, world):
                      (-1, ValueError), (-0.5, ValueError), ("8", TypeError), (True, TypeError),
                      ([8], TypeError)):
         for key in ("sized", "unborn"):  # an existing key and a new one: checked alike
-            with pytest.raises(exc, match=re.escape(f"size_mb must be a ") + r".*"
+            with pytest.raises(exc, match=re.escape("size_mb must be a ") + r".*"
                                + re.escape(f"got {bad!r}")):
                 M.get_buffer(key, dist.group.WORLD, size_mb=bad)
     out = (M.is_initialized("unborn"), M.get_buffer("sized", size_mb=np.float64(0.5)).size_in_mb)

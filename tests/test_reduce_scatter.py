@@ -35,7 +35,8 @@ def _rs_cases(rank, world, dtype_name, sizes, mode):
             out = buf.maybe_get_tensor((n,), dtype)["tensor"]
         res = st.reduce_scatter_tensor(out, inp)
         sync()
-        ref = reference.reduce_scatter([tagged(world * n, dtype, r, salt) for r in range(world)], rank)
+        ref = reference.reduce_scatter([tagged(world * n, dtype, r, salt) for r in range(world)],
+                                       rank)
         if res is not out or not torch.equal(out, ref):
             failures.append((n, mode))
     return failures
@@ -55,7 +56,8 @@ def test_reduce_scatter_output_in_buffer_does_not_clobber_staging(pool):
 
 @pytest.mark.w3_full
 def test_reduce_scatter_large(pool):
-    assert pool.run(_rs_cases, "bfloat16", (1 << 20, (1 << 20) + 3), "zero_copy") == [[]] * pool.world_size
+    sizes = (1 << 20, (1 << 20) + 3)
+    assert pool.run(_rs_cases, "bfloat16", sizes, "zero_copy") == [[]] * pool.world_size
 
 
 def _rs_multi_dim(rank, world):
@@ -108,8 +110,8 @@ def _rs_push_cases(rank, world, mode):
             sync()
             if driver.last_plan().kernel.fn is not _reduce_scatter_push_kernel:
                 failures.append((n, "not pushed"))
-            ref = reference.reduce_scatter([tagged(world * n, dtype, r, salt) for r in range(world)],
-                                           rank)
+            ref = reference.reduce_scatter(
+                [tagged(world * n, dtype, r, salt) for r in range(world)], rank)
             if not torch.equal(out, ref):
                 failures.append((n, mode))
     return failures

@@ -69,8 +69,8 @@ def _exit_soon(rank, world):
         return "exiting"
     time.sleep(2.0)  # the peer is gone now
     try:
-        st.all_gather_into_tensor(torch.empty(64 * world, device=device()), torch.ones(64, device=device()),
-                                  timeout_s=TIMEOUT_S)
+        st.all_gather_into_tensor(torch.empty(64 * world, device=device()),
+                                  torch.ones(64, device=device()), timeout_s=TIMEOUT_S)
         st.synchronize()
         return "no error"
     except st.CollectiveTimeoutError as e:
@@ -200,7 +200,8 @@ def _stress(rank, world, seed, steps):
             w = torch.ones(H, dtype=dtype, device=device())
             st.reduce_scatter_add_rmsnorm_all_gather(x, res, w)
             sync()
-            inputs = [tagged(world * s * H, dtype, r, step).view(world * s, H) for r in range(world)]
+            inputs = [tagged(world * s * H, dtype, r, step).view(world * s, H)
+                      for r in range(world)]
             _, new_res = reference.reduce_scatter_add_rmsnorm(
                 inputs, tagged(s * H, dtype, rank, step + 1, bound=2).view(s, H), w, 1e-6, rank)
             ok = torch.equal(res, new_res)

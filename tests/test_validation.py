@@ -25,35 +25,54 @@ def _cases(world):
     big = torch.zeros(8 * world + 1, **bf)
     fused = st.reduce_scatter_add_rmsnorm_all_gather
     cases = [
-        ("AG input not a tensor", lambda: st.all_gather_into_tensor(out8, [1, 2]), TypeError, "input must be a torch.Tensor"),
-        ("AG dtype mismatch", lambda: st.all_gather_into_tensor(out8.float(), x8), TypeError, "dtype"),
-        ("AG non-contiguous", lambda: st.all_gather_into_tensor(out8, torch.zeros(16, **bf)[::2]), ValueError, "contiguous"),
-        ("AG output shape", lambda: st.all_gather_into_tensor(torch.zeros(8 * world + 1, **bf), x8), ValueError, "must be"),
-        ("AG 0-d input", lambda: st.all_gather_into_tensor(out8, torch.zeros((), **bf)), ValueError, "at least one dimension"),
-        ("AG overlapping", lambda: st.all_gather_into_tensor(big[1:], big[:8]), ValueError, "overlap"),
-        ("AG group type", lambda: st.all_gather_into_tensor(out8, x8, group="tp"), TypeError, "ProcessGroup"),
-        ("RS integer dtype", lambda: st.reduce_scatter_tensor(torch.zeros(8, dtype=torch.int32, device=d),
-                                                              torch.zeros(8 * world, dtype=torch.int32, device=d)), TypeError, "supported"),
-        ("RS output shape", lambda: st.reduce_scatter_tensor(torch.zeros(7, **bf), out8), ValueError, "must be"),
-        ("RS output aliases input", lambda: st.reduce_scatter_tensor(out8[:8], out8), ValueError, "overlap"),
+        ("AG input not a tensor", lambda: st.all_gather_into_tensor(out8, [1, 2]),
+         TypeError, "input must be a torch.Tensor"),
+        ("AG dtype mismatch", lambda: st.all_gather_into_tensor(out8.float(), x8),
+         TypeError, "dtype"),
+        ("AG non-contiguous", lambda: st.all_gather_into_tensor(out8, torch.zeros(16, **bf)[::2]),
+         ValueError, "contiguous"),
+        ("AG output shape", lambda: st.all_gather_into_tensor(torch.zeros(8 * world + 1, **bf), x8),
+         ValueError, "must be"),
+        ("AG 0-d input", lambda: st.all_gather_into_tensor(out8, torch.zeros((), **bf)),
+         ValueError, "at least one dimension"),
+        ("AG overlapping", lambda: st.all_gather_into_tensor(big[1:], big[:8]),
+         ValueError, "overlap"),
+        ("AG group type", lambda: st.all_gather_into_tensor(out8, x8, group="tp"),
+         TypeError, "ProcessGroup"),
+        ("RS integer dtype", lambda: st.reduce_scatter_tensor(
+            torch.zeros(8, dtype=torch.int32, device=d),
+            torch.zeros(8 * world, dtype=torch.int32, device=d)), TypeError, "supported"),
+        ("RS output shape", lambda: st.reduce_scatter_tensor(torch.zeros(7, **bf), out8),
+         ValueError, "must be"),
+        ("RS output aliases input", lambda: st.reduce_scatter_tensor(out8[:8], out8),
+         ValueError, "overlap"),
         ("fused 1-D input", lambda: fused(out8, res, w), ValueError, "2-D"),
-        ("fused residual shape", lambda: fused(fin, torch.zeros(3, H, **bf), w), ValueError, "residual shape"),
-        ("fused weight shape", lambda: fused(fin, res, torch.ones(H + 1, **bf)), ValueError, "weight shape"),
+        ("fused residual shape", lambda: fused(fin, torch.zeros(3, H, **bf), w),
+         ValueError, "residual shape"),
+        ("fused weight shape", lambda: fused(fin, res, torch.ones(H + 1, **bf)),
+         ValueError, "weight shape"),
         ("fused eps", lambda: fused(fin, res, w, eps=-1.0), ValueError, "eps"),
         ("fused eps type", lambda: fused(fin, res, w, eps="small"), ValueError, "eps"),
-        ("fused out shape", lambda: fused(fin, res, w, out=torch.zeros(S, H + 1, **bf)), ValueError, "out shape"),
+        ("fused out shape", lambda: fused(fin, res, w, out=torch.zeros(S, H + 1, **bf)),
+         ValueError, "out shape"),
         ("fused residual dtype", lambda: fused(fin, res.float(), w), TypeError, "dtype"),
         ("fused residual aliases input", lambda: fused(fin, fin[:2], w), ValueError, "overlap"),
-        ("negative timeout", lambda: st.all_gather_into_tensor(out8, x8, timeout_s=-1), ValueError, "timeout"),
-        ("manager without group", lambda: st.SymmetricMemoryManager.get_buffer("nope"), ValueError, "process_group"),
-        ("bad LaunchConfig", lambda: st.LaunchConfig(block_size=1000, num_warps=4, max_blocks=8), ValueError, "power of two"),
-        ("bad config value", lambda: st.LaunchConfig(block_size=1024, num_warps=0, max_blocks=8), ValueError, "num_warps"),
+        ("negative timeout", lambda: st.all_gather_into_tensor(out8, x8, timeout_s=-1),
+         ValueError, "timeout"),
+        ("manager without group", lambda: st.SymmetricMemoryManager.get_buffer("nope"),
+         ValueError, "process_group"),
+        ("bad LaunchConfig", lambda: st.LaunchConfig(block_size=1000, num_warps=4, max_blocks=8),
+         ValueError, "power of two"),
+        ("bad config value", lambda: st.LaunchConfig(block_size=1024, num_warps=0, max_blocks=8),
+         ValueError, "num_warps"),
     ]
     if world > 1:
-        cases.append(("fused rows not divisible", lambda: fused(torch.zeros(world + 1, H, **bf), res, w),
-                      ValueError, "divisible"))
+        cases.append(("fused rows not divisible",
+                      lambda: fused(torch.zeros(world + 1, H, **bf), res, w), ValueError,
+                      "divisible"))
     if d.type == "cuda":
-        cases.append(("AG device mismatch", lambda: st.all_gather_into_tensor(out8.cpu(), x8), ValueError, "is on"))
+        cases.append(("AG device mismatch", lambda: st.all_gather_into_tensor(out8.cpu(), x8),
+                      ValueError, "is on"))
     return cases
 
 
@@ -75,7 +94,8 @@ def _bad_inputs(rank, world):
         st.all_gather_into_tensor(out, random_bits(n, torch.float32, rank))
         sync()
         ref = reference.all_gather([random_bits(n, torch.float32, r) for r in range(world)])
-        results["usable after"] = torch.equal(out.view(torch.int32), ref.view(torch.int32)) and bool(launches)
+        results["usable after"] = (torch.equal(out.view(torch.int32), ref.view(torch.int32))
+                                   and bool(launches))
     finally:
         Launch.launch = real_launch
     return results, buf.symm_mem_hdl is not None

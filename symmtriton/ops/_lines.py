@@ -1,6 +1,6 @@
-"""Host side shared by the flat barrier-free kernels (kernels/lines.py): ``_all_gather_lines_kernel``,
-``_reduce_scatter_lines_kernel`` and ``_all_reduce_lines_kernel`` take the same arguments, listed
-here only."""
+"""Host side shared by the flat barrier-free kernels (kernels/lines.py):
+``_all_gather_lines_kernel``, ``_reduce_scatter_lines_kernel`` and ``_all_reduce_lines_kernel``
+take the same arguments, listed here only."""
 
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ from ..config import (ALL_REDUCE_ALGORITHMS, MAX_FUSED_HIDDEN, LaunchConfig, ali
 from ..context import context, find_buffer, offset_in, region_after, symm_usable
 from ..presets import LINES_MAX_BYTES, LINES_ROWS_MAX_BYTES
 from ..kernels.all_reduce import _all_reduce_kernel, _all_reduce_lines_kernel
-from ..kernels.all_reduce_rmsnorm import _all_reduce_rmsnorm_kernel, _all_reduce_rmsnorm_lines_kernel
+from ..kernels.all_reduce_rmsnorm import (_all_reduce_rmsnorm_kernel,
+                                          _all_reduce_rmsnorm_lines_kernel)
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_disjoint, check_same, check_tensor
 from ._lines import flat_lines_launch

@@ -47,8 +47,8 @@ class ReduceScatter(Collective):
         nbytes = n * output.element_size()  # to each peer
         if symm_usable(buf, input.device, 0) and lines_eligible(context(buf), nbytes, nbytes):
             cfg = config or lines_config(n, input.dtype, world)
-            launch = flat_lines_launch(self.name, context(buf), _reduce_scatter_lines_kernel, cfg, n,
-                                       input, output, n, input.dtype,
+            launch = flat_lines_launch(self.name, context(buf), _reduce_scatter_lines_kernel, cfg,
+                                       n, input, output, n, input.dtype,
                                        lines_block(cfg.block_size, input.element_size()),
                                        timeout_s)
             return OutputPlan("lines", launch, ConfigChoice(cfg))

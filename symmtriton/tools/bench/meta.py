@@ -98,7 +98,7 @@ def ceiling_meta(topo, world: int, measured_gbs: float | None, given_gbs: float 
     return {"peer_copy_gbs": gbs, "source": source,
             "tolerance": CEILING_TOLERANCE,
             "checked": "busbw of symmtriton, the baseline and symm_mem in each row; rows over "
-                       f"(1 + tolerance) x the ceiling are valid: false"
+                       "(1 + tolerance) x the ceiling are valid: false"
                        + (f"; multicast: only {', '.join(GATHER_OPS)} (a switch that reduces "
                           "gives more busbw than a link carries)" if multicast else "")}
 
