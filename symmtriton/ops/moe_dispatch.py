@@ -58,7 +58,7 @@ class MoeDispatch(Collective):
         make_error = bad_expert_error(self.name, a.num_experts)
         buf = find_buffer(group)
         ctx = ctx_for(buf, a.x.device)
-        M, (T, H), K = a.max_tokens, a.x.shape, a.topk_idx.shape[1]
+        M, H, K = a.max_tokens, a.x.shape[1], a.topk_idx.shape[1]
         cfg = config or moe_config(H)
         if ctx is not None:
             world, EL, esize = ctx.world, a.recv_x.shape[0], a.x.element_size()

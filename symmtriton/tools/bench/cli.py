@@ -220,7 +220,7 @@ def run_sweep(opts: BenchOptions, group, meta: dict, *,
     (``meta["ceiling"]``) is the efficiency ceiling of cross-GPU rows and validates every row
     (:func:`symmtriton.tools.bench.report.mark_validity`: a warning line and a note per time
     over it)."""
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
     dev, t_start = _device(), time.monotonic()
     notes, note, warn = _notes(rank)
     plan = _sweep_plan(opts, dev, note)
