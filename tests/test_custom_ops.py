@@ -21,8 +21,8 @@ from helpers import random_bits
 OPS = ("all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter_add_rmsnorm_all_gather",
        "reduce_scatter_add_rmsnorm")
 MUTATED = {"all_gather_into_tensor": {"output"}, "reduce_scatter_tensor": {"output"},
-           "reduce_scatter_add_rmsnorm_all_gather": {"residual", "out"},
-           "reduce_scatter_add_rmsnorm": {"residual", "out"}}
+           "reduce_scatter_add_rmsnorm_all_gather": {"residual", "out", "scales"},
+           "reduce_scatter_add_rmsnorm": {"residual", "out", "scales"}}
 
 
 # -- registration (no process group needed) -------------------------------------------------------
