@@ -110,6 +110,8 @@ class RowsPlan:
     def run(self, a: Rows, config):
         fresh, self.fresh_out = self.fresh_out, None
         bump_versions((a.residual,) if a.out is None else (a.residual, a.out))
+        if a.scales is not None:
+            bump_versions((a.scales,))
         out, scales = fresh if fresh is not None else new_outputs(a, self.out_shape, self.quant)
         kl = self.kernel
         if kl is not None:

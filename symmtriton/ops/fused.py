@@ -155,7 +155,8 @@ def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.T
     ``out_dtype`` (``torch.float8_e4m3fn`` or ``float8_e5m2``): the normed rows quantised in the
     same launch, with the static ``scale`` (returns ``out``) or per row (``scale=None``:
     returns ``(out, scales)``, ``scales`` [rows, 1] fp32); see ``symmtriton.ops._quant``. The
-    rows are gathered in the input's dtype and quantised on every rank alike."""
+    rows are gathered in the input's dtype and quantised on every rank alike. ``out_dtype`` and
+    whether ``scale`` is given must be the same on every rank."""
     return call(RS_ADD_RMSNORM_AG, group, config, timeout_s,
                 record(Rows, (input, residual, weight, eps, out, None, out_dtype, scale, None)))
 
