@@ -41,27 +41,31 @@ from .common import copy_units, lines_push_to, lines_reduce_chunk, rms_normed, r
 from .lines import lines_begin, lines_finish, lines_flag, lines_slot
 from .lines_rows import norm_units, unit_done, unit_span, unit_weight
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all
+from .quant import store_row
 
 
 @triton.jit
-def _finish_row(x, row, res, out, w, cols, mask, H, eps):
+def _finish_row(x, row, res, out, w, cols, mask, H, eps, out_addr, q_addr, QUANT: tl.constexpr,
+                Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr):
     """Store the reduced row ``x`` (residual dtype) to the residual and its RMSNorm (fp32
-    statistics) times ``w`` to ``out``."""
+    statistics) times ``w`` to ``out`` (quantised with ``QUANT``: kernels/quant.py)."""
     off = row * H + cols
     tl.store(res + off, x, mask=mask)
-    tl.store(out + off, rms_normed(x, mask, w, H, eps), mask=mask)
+    store_row(out + off, rms_normed(x, mask, w, H, eps), mask, out_addr, q_addr, row, QUANT,
+              Q_DTYPE, Q_MAX)
 
 
 @triton.jit
 def _all_reduce_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_table, mc_addr,
                                err_addr, seq_cap, region_off, res_off, S, H, rps, eps,
-                               timeout_ns,
+                               timeout_ns, q_addr,
                                DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, RANK: tl.constexpr,
                                WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
                                BLOCK_H: tl.constexpr, TWO_SHOT: tl.constexpr,
                                STAGE_IN: tl.constexpr, USE_MULTIMEM: tl.constexpr,
                                SCOPE: tl.constexpr, USE_PTX: tl.constexpr, ALIGNED: tl.constexpr,
-                               PDL: tl.constexpr):
+                               PDL: tl.constexpr, QUANT: tl.constexpr, Q_DTYPE: tl.constexpr,
+                               Q_MAX: tl.constexpr):
     pid, nprog, seq = call_begin(sig_table, RANK, WORLD_SIZE, PDL)
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     SLICES: tl.constexpr = WORLD_SIZE if TWO_SHOT else 1
@@ -71,8 +75,8 @@ def _all_reduce_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, s
                    ALIGNED)
     bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
                   WORLD_P2, SCOPE, USE_PTX, True, True)
-    cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, BLOCK_H,
-                                           ALIGNED)
+    cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, Q_DTYPE,
+                                           BLOCK_H, ALIGNED)
     first = tl.zeros([], dtype=tl.int64)  # the first row of this rank's slice
     if TWO_SHOT:
         first += RANK * as_i64(rps)
@@ -89,7 +93,8 @@ def _all_reduce_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, s
                 store_all(mc_addr, buf_table, res_off + row * H * ESIZE, 0, H, x, BLOCK_H, DTYPE,
                           RANK, WORLD_SIZE, USE_MULTIMEM, ALIGNED)
             else:
-                _finish_row(x, row, res, out, w, cols, mask, H, eps)
+                _finish_row(x, row, res, out, w, cols, mask, H, eps, out_addr, q_addr, QUANT,
+                            Q_DTYPE, Q_MAX)
         j += nprog
     bad = barrier(sig_table, pid, seq, bad, err_addr, timeout_ns, seq_cap, 1, RANK, WORLD_SIZE,
                   WORLD_P2, SCOPE, USE_PTX, True, True)
@@ -101,7 +106,8 @@ def _all_reduce_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, s
                 row = q * as_i64(rps) + j
                 if row < S:
                     x = tl.load(src + row * H + cols, mask=mask)
-                    _finish_row(x, row, res, out, w, cols, mask, H, eps)
+                    _finish_row(x, row, res, out, w, cols, mask, H, eps, out_addr, q_addr, QUANT,
+                            Q_DTYPE, Q_MAX)
             j += nprog
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
 
@@ -109,17 +115,19 @@ def _all_reduce_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, s
 @triton.jit
 def _all_reduce_rmsnorm_lines_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_table,
                                      err_addr, seq_cap, lines_off, slot_words, S, H, eps,
-                                     timeout_ns, DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
+                                     timeout_ns, q_addr, DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
                                      RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
                                      WORLD_P2: tl.constexpr, CHUNK: tl.constexpr, NC: tl.constexpr,
                                      SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
-                                     ALIGNED: tl.constexpr, PDL: tl.constexpr):
+                                     ALIGNED: tl.constexpr, PDL: tl.constexpr,
+                                     QUANT: tl.constexpr, Q_DTYPE: tl.constexpr,
+                                     Q_MAX: tl.constexpr):
     pid, nprog, seq, pad, area = lines_begin(sig_table, buf_table, lines_off, RANK, WORLD_SIZE,
                                              PDL)
     flag = lines_flag(seq)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
     res = as_ptr(res_addr, DTYPE, ALIGNED)
-    out = as_ptr(out_addr, DTYPE, ALIGNED)
+    out = as_ptr(out_addr, Q_DTYPE, ALIGNED)
     C = tl.cdiv(H, CHUNK)
     U = S * C
     u = pid
@@ -141,7 +149,8 @@ def _all_reduce_rmsnorm_lines_kernel(in_addr, out_addr, res_addr, w_addr, buf_ta
                                          ALIGNED)
         x = (acc + r0.to(tl.float32)).to(DTYPE)
         tl.store(res + offs, x, mask=offs < end)
-        unit_done(x, c0, u, C, stats, out + r * H, w, H, eps, flag, NC)
+        unit_done(x, c0, u, C, stats, out + r * H, w, H, eps, flag, r, out_addr, q_addr, NC,
+                  QUANT, Q_DTYPE, Q_MAX)
         u += nprog
     if NC > 1:  # 3. normalise (lines_rows.py)
         status = norm_units(pid, nprog, U, C, stats, res, out, w_addr, H, eps, flag, status,

@@ -165,13 +165,13 @@ def rms_normed(x, mask, w, H, eps):
 
 @triton.jit
 def row_operands(res_addr, out_addr, w_addr, H, DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
-                 BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr):
+                 OUT_DTYPE: tl.constexpr, BLOCK_H: tl.constexpr, ALIGNED: tl.constexpr):
     """What the fused RMSNorm kernels hold for every row: the column offsets and their mask (the
-    row's tail), residual and output pointers, and the weight in fp32."""
+    row's tail), residual and output (``OUT_DTYPE``) pointers, and the weight in fp32."""
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
     res = as_ptr(res_addr, DTYPE, ALIGNED)
-    out = as_ptr(out_addr, DTYPE, ALIGNED)
+    out = as_ptr(out_addr, OUT_DTYPE, ALIGNED)
     w = tl.load(as_ptr(w_addr, W_DTYPE, ALIGNED) + cols, mask=mask, other=0.0).to(tl.float32)
     return cols, mask, res, out, w
 

@@ -47,19 +47,21 @@ import triton.language as tl
 from .barrier import barrier, call_begin, call_end
 from .common import copy_shards, lines_push_to, lines_reduce_chunk, rms_normed, row_operands
 from .lines import lines_begin, lines_finish, lines_flag, lines_get, lines_slot
+from .quant import quant_shards, store_row
 from .lines_rows import norm_units, unit_done, unit_span, unit_weight
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all, words_to_elems
 
 
 @triton.jit
 def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_table, mc_addr,
-                          err_addr, seq_cap, region_off, s, H, eps, timeout_ns,
+                          err_addr, seq_cap, region_off, s, H, eps, timeout_ns, q_addr,
                           DTYPE: tl.constexpr,
                           W_DTYPE: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
                           WORLD_P2: tl.constexpr, BLOCK_H: tl.constexpr, STAGE_IN: tl.constexpr,
                           ALL_GATHER: tl.constexpr, COPY_OUT: tl.constexpr,
                           USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
-                          ALIGNED: tl.constexpr, PDL: tl.constexpr):
+                          ALIGNED: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr,
+                          Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr):
     pid, nprog, seq = call_begin(sig_table, RANK, WORLD_SIZE, PDL)
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     local = peer_addr(buf_table, RANK) + region_off
@@ -68,8 +70,8 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
                     ALIGNED)
     bad = barrier(sig_table, pid, seq, 0, err_addr, timeout_ns, seq_cap, 0, RANK, WORLD_SIZE,
                   WORLD_P2, SCOPE, USE_PTX, True, True)
-    cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, BLOCK_H,
-                                           ALIGNED)
+    cols, mask, res, out, w = row_operands(res_addr, out_addr, w_addr, H, DTYPE, W_DTYPE, Q_DTYPE,
+                                           BLOCK_H, ALIGNED)
     i = tl.where(bad != 0, s, pid)
     while i < s:
         row_off = region_off + (RANK * s + i).to(tl.int64) * H * ESIZE
@@ -83,13 +85,19 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
             store_all(mc_addr, buf_table, row_off, 0, H, y, BLOCK_H, DTYPE, RANK, WORLD_SIZE,
                       USE_MULTIMEM, ALIGNED)
             if COPY_OUT:  # this rank's rows go to the output now, not after the end barrier
-                tl.store(out + (RANK * s + i).to(tl.int64) * H + cols, y, mask=mask)
+                row = (RANK * s + i).to(tl.int64)
+                store_row(out + row * H + cols, y, mask, out_addr, q_addr, row, QUANT, Q_DTYPE,
+                          Q_MAX)
         else:
-            tl.store(out + i.to(tl.int64) * H + cols, y, mask=mask)
+            store_row(out + i.to(tl.int64) * H + cols, y, mask, out_addr, q_addr, i, QUANT,
+                      Q_DTYPE, Q_MAX)
         i += nprog
     bad = barrier(sig_table, pid, seq, bad, err_addr, timeout_ns, seq_cap, 1, RANK, WORLD_SIZE,
                   WORLD_P2, SCOPE, USE_PTX, ALL_GATHER, ALL_GATHER)
-    if COPY_OUT:
+    if COPY_OUT & (QUANT != 0):  # the gathered rows quantised on their way out
+        quant_shards(local, out_addr, q_addr, s, H, pid, nprog, bad, DTYPE, BLOCK_H, WORLD_SIZE,
+                     RANK, QUANT, Q_DTYPE, Q_MAX)
+    elif COPY_OUT:
         copy_shards(local, out_addr, s * H, H, s, pid, nprog, bad, DTYPE, BLOCK_H, WORLD_SIZE,
                     ALIGNED, RANK)
     call_end(sig_table, pid, seq, seq_cap, RANK, WORLD_SIZE)
@@ -159,17 +167,19 @@ def _gathered_unit(src, res, out, area, r, c0, start, end, s, H, seq, flag, slot
 @triton.jit
 def _fused_rmsnorm_lines_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_table,
                                 err_addr, seq_cap, lines_off, slot_words, s, H, eps, timeout_ns,
-                                DTYPE: tl.constexpr, W_DTYPE: tl.constexpr, RANK: tl.constexpr,
-                                WORLD_SIZE: tl.constexpr, WORLD_P2: tl.constexpr,
-                                CHUNK: tl.constexpr, NC: tl.constexpr, ALL_GATHER: tl.constexpr,
-                                SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
-                                ALIGNED: tl.constexpr, PDL: tl.constexpr):
+                                q_addr, DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
+                                RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
+                                WORLD_P2: tl.constexpr, CHUNK: tl.constexpr, NC: tl.constexpr,
+                                ALL_GATHER: tl.constexpr, SCOPE: tl.constexpr,
+                                USE_PTX: tl.constexpr,
+                                ALIGNED: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr,
+                                Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr):
     pid, nprog, seq, pad, area = lines_begin(sig_table, buf_table, lines_off, RANK, WORLD_SIZE,
                                              PDL)
     flag = lines_flag(seq)
     src = as_ptr(in_addr, DTYPE, ALIGNED)
     res = as_ptr(res_addr, DTYPE, ALIGNED)
-    out = as_ptr(out_addr, DTYPE, ALIGNED)
+    out = as_ptr(out_addr, Q_DTYPE, ALIGNED)
     C = tl.cdiv(H, CHUNK)
     U = (WORLD_SIZE * as_i64(s) if ALL_GATHER else as_i64(s)) * C  # units of the rows computed
     _push_units(src, res, buf_table, lines_off, s, U, C, H, pid, nprog, seq, slot_words, DTYPE,
@@ -192,7 +202,8 @@ def _fused_rmsnorm_lines_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, 
                                              CHUNK, RANK, WORLD_SIZE, USE_PTX, ALIGNED)
             x = (acc + r0.to(tl.float32)).to(DTYPE)
             tl.store(res + offs, x, mask=offs < end)
-        unit_done(x, c0, u, C, stats, out + r * H, w, H, eps, flag, NC)
+        unit_done(x, c0, u, C, stats, out + r * H, w, H, eps, flag, r, out_addr, q_addr, NC,
+                  QUANT, Q_DTYPE, Q_MAX)
         u += nprog
     if NC > 1:  # 3. normalise (lines_rows.py); x waits in the residual for this rank's rows
         status = norm_units(pid, nprog, U, C, stats, res, out, w_addr, H, eps, flag, status,

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from .common import rms_normed, rms_scaled, sum_sq
 from .lines import lines_get, lines_put
+from .quant import store_row
 
 
 @triton.jit
@@ -65,15 +66,18 @@ def unit_weight(w_addr, c0, H, W_DTYPE: tl.constexpr, CHUNK: tl.constexpr, NC: t
 
 
 @triton.jit
-def unit_done(x, c0, u, C, stats, out_row, w, H, eps, flag, NC: tl.constexpr):
-    """Phase 2's end for unit ``u`` (columns ``c0 + [0, CHUNK)`` of its row, ``x`` in the
+def unit_done(x, c0, u, C, stats, out_row, w, H, eps, flag, r, out_addr, q_addr,
+              NC: tl.constexpr, QUANT: tl.constexpr, Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr):
+    """Phase 2's end for unit ``u`` (columns ``c0 + [0, CHUNK)`` of its row ``r``, ``x`` in the
     dtype): with ``NC == 1`` (whole rows) store its RMSNorm times the weight ``w``
-    (:func:`unit_weight`) at pointer ``out_row + column``; else send its sum of squares to the
+    (:func:`unit_weight`) at pointer ``out_row + column`` (quantised with ``QUANT``:
+    kernels/quant.py, whose kernels run FP8 rows whole); else send its sum of squares to the
     inboxes of its row's ``C`` units in the slot at ``stats``."""
     cols = c0 + tl.arange(0, x.shape[0])
     mask = cols < H
     if NC == 1:
-        tl.store(out_row + cols, rms_normed(x, mask, w, H, eps), mask=mask)
+        store_row(out_row + cols, rms_normed(x, mask, w, H, eps), mask, out_addr, q_addr, r,
+                  QUANT, Q_DTYPE, Q_MAX)
     else:
         k = tl.arange(0, NC)
         c = u % C

@@ -6,19 +6,23 @@ Importing this module registers, under the namespace ``symmtriton``, from one ta
     torch.ops.symmtriton.all_gather_into_tensor(output, input, group_name) -> ()
     torch.ops.symmtriton.reduce_scatter_tensor(output, input, group_name) -> ()
     torch.ops.symmtriton.reduce_scatter_add_rmsnorm_all_gather(input, residual, weight, eps,
-                                                              group_name, out) -> ()
+                                                              group_name, out, *FP8) -> ()
     torch.ops.symmtriton.reduce_scatter_add_rmsnorm(input, residual, weight, eps, group_name,
-                                                   out) -> ()
+                                                   out, *FP8) -> ()
     torch.ops.symmtriton.all_gather_v(output[], input[], counts, group_name) -> ()
     torch.ops.symmtriton.reduce_scatter_v(output, input, counts, group_name) -> ()
     torch.ops.symmtriton.all_reduce_(tensor, group_name, algorithm=None) -> ()
     torch.ops.symmtriton.all_reduce_out(tensor, group_name, out, algorithm=None) -> ()
     torch.ops.symmtriton.all_reduce_add_rmsnorm(input, residual, weight, eps, group_name, out,
-                                               algorithm=None) -> ()
+                                               algorithm=None, *FP8) -> ()
     torch.ops.symmtriton.moe_dispatch(x, topk_idx, num_experts, max_tokens_per_rank,
                                       group_name, recv_x, recv_counts, rowmap) -> ()
     torch.ops.symmtriton.moe_combine(expert_out, topk_idx, topk_weights, rowmap, num_experts,
                                      group_name, out) -> ()
+
+with ``*FP8`` = ``out_dtype=None, scale=None, scales=None``: the FP8 output of the row ops
+(``out_dtype``, ``scale`` as for the public functions; ``scales``, written, the [rows, 1] fp32
+row scales of dynamic scaling, which the public functions return beside ``out``).
 
 Each op writes its result into its output tensor (``output`` / ``out``; ``all_reduce_`` into
 ``tensor``; the fused ops also update ``residual`` in place; ``moe_dispatch`` into ``recv_x``
@@ -55,11 +59,10 @@ from .memory import resolve_group
 from .ops.all_gather import all_gather_into_tensor as _all_gather_into_tensor
 from .ops.all_gather_v import all_gather_v as _all_gather_v
 from .ops.all_reduce import all_reduce as _all_reduce
-from .ops.all_reduce import all_reduce_add_rmsnorm as _all_reduce_add_rmsnorm
+from .ops._rows import rows_entry
+from .ops.all_reduce import ALL_REDUCE_ADD_RMSNORM
 from .ops.driver import group_name
-from .ops.fused import reduce_scatter_add_rmsnorm as _reduce_scatter_add_rmsnorm
-from .ops.fused import (reduce_scatter_add_rmsnorm_all_gather as
-                        _reduce_scatter_add_rmsnorm_all_gather)
+from .ops.fused import RS_ADD_RMSNORM, RS_ADD_RMSNORM_AG
 from .ops.moe_combine import combine_into as _moe_combine_into
 from .ops.moe_dispatch import dispatch_into as _moe_dispatch_into
 from .ops.reduce_scatter import reduce_scatter_tensor as _reduce_scatter_tensor
@@ -105,24 +108,27 @@ def group_from_name(name: str) -> dist.ProcessGroup:
 _ROWS = ("Tensor input, Tensor(a1!) residual, Tensor weight, float eps, str group_name, "
          "Tensor(a5!) out")
 _COUNTED = "Tensor counts, str group_name"
+_FP8 = "ScalarType? out_dtype=None, Tensor? scale=None, Tensor(a8!)? scales=None"
 
 #: name -> (schema, the public function it runs): every op of the namespace. The schema's
 #: arguments are the function's, by name, except ``group_name``, which names its ``group``;
-#: ``(aN!)`` marks the arguments the op writes.
+#: ``(aN!)`` marks the arguments the op writes. The row ops run their public function's body
+#: with the ``scales`` argument (``ops._rows.rows_entry``).
 TABLE = {
     "all_gather_into_tensor":
         ("(Tensor(a0!) output, Tensor input, str group_name) -> ()", _all_gather_into_tensor),
     "reduce_scatter_tensor":
         ("(Tensor(a0!) output, Tensor input, str group_name) -> ()", _reduce_scatter_tensor),
     "reduce_scatter_add_rmsnorm_all_gather":
-        (f"({_ROWS}) -> ()", _reduce_scatter_add_rmsnorm_all_gather),
-    "reduce_scatter_add_rmsnorm": (f"({_ROWS}) -> ()", _reduce_scatter_add_rmsnorm),
+        (f"({_ROWS}, {_FP8}) -> ()", rows_entry(RS_ADD_RMSNORM_AG)),
+    "reduce_scatter_add_rmsnorm": (f"({_ROWS}, {_FP8}) -> ()", rows_entry(RS_ADD_RMSNORM)),
     "all_reduce_": ("(Tensor(a0!) tensor, str group_name, str? algorithm=None) -> ()", _all_reduce),
     "all_reduce_out":
         ("(Tensor tensor, str group_name, Tensor(a2!) out, str? algorithm=None) -> ()",
          _all_reduce),
     "all_reduce_add_rmsnorm":
-        (f"({_ROWS}, str? algorithm=None) -> ()", _all_reduce_add_rmsnorm),
+        (f"({_ROWS}, str? algorithm=None, {_FP8}) -> ()",
+         rows_entry(ALL_REDUCE_ADD_RMSNORM)),
     "all_gather_v": (f"(Tensor(a0!)[] output, Tensor[] input, {_COUNTED}) -> ()", _all_gather_v),
     "reduce_scatter_v":
         (f"(Tensor(a0!) output, Tensor input, {_COUNTED}) -> ()", _reduce_scatter_v),

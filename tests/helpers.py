@@ -34,15 +34,19 @@ def compile_for_target(kernel, capability: int, num_warps: int = 4, **constexprs
     a machine without a GPU, in a process without ``TRITON_INTERPRET``). With ``ALIGNED`` every
     integer argument is compiled as divisible by 16, as Triton specializes a launch whose
     addresses, offsets and counts are (the common case: element counts that are multiples of
-    16). ``PDL`` (the kernels' programmatic-dependent-launch wait) is ``False`` unless given;
-    ``num_warps`` as the launch's. Returns the compiled kernel (``.asm["ptx"]``,
-    ``.asm["cubin"]``)."""
+    16). ``PDL`` (the kernels' programmatic-dependent-launch wait) is ``False`` unless given,
+    the row kernels' ``QUANT`` 0 (no FP8 output); ``num_warps`` as the launch's. Returns the
+    compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     if "PDL" in kernel.arg_names:
         constexprs.setdefault("PDL", False)
+    if "QUANT" in kernel.arg_names:  # the row kernels' FP8 output (kernels/quant.py): none
+        constexprs.setdefault("QUANT", 0)
+        constexprs.setdefault("Q_DTYPE", constexprs["DTYPE"])
+        constexprs.setdefault("Q_MAX", 0.0)
 
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):

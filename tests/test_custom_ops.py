@@ -21,8 +21,8 @@ from helpers import random_bits
 OPS = ("all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter_add_rmsnorm_all_gather",
        "reduce_scatter_add_rmsnorm")
 MUTATED = {"all_gather_into_tensor": {"output"}, "reduce_scatter_tensor": {"output"},
-           "reduce_scatter_add_rmsnorm_all_gather": {"residual", "out"},
-           "reduce_scatter_add_rmsnorm": {"residual", "out"}}
+           "reduce_scatter_add_rmsnorm_all_gather": {"residual", "out", "scales"},
+           "reduce_scatter_add_rmsnorm": {"residual", "out", "scales"}}
 
 
 # -- registration (no process group needed) -------------------------------------------------------
@@ -38,8 +38,9 @@ def test_op_registered_with_mutation_annotations(name):
 
 @pytest.mark.parametrize("name", ["all_reduce_", "all_reduce_out", "all_reduce_add_rmsnorm"])
 def test_all_reduce_ops_take_an_optional_algorithm(name):
-    last = getattr(torch.ops.symmtriton, name).default._schema.arguments[-1]
-    assert (last.name, str(last.type), last.default_value) == ("algorithm", "Optional[str]", None)
+    args = getattr(torch.ops.symmtriton, name).default._schema.arguments
+    [algo] = [a for a in args if a.name == "algorithm"]
+    assert (str(algo.type), algo.default_value) == ("Optional[str]", None)
 
 
 def test_group_name_arguments_are_validated():

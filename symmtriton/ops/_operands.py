@@ -47,7 +47,9 @@ class Rows(NamedTuple):
     """The row ops (``reduce_scatter_add_rmsnorm[_all_gather]``, ``all_reduce_add_rmsnorm``):
     ``input`` [S, H] reduced, added to ``residual`` in place, RMSNorm with ``weight`` and
     ``eps`` into ``out`` (``None``: a new tensor per call). ``algorithm``: the all-reduce's
-    (``all_reduce_add_rmsnorm``; ``None`` for the reduce-scatter family)."""
+    (``all_reduce_add_rmsnorm``; ``None`` for the reduce-scatter family). ``out_dtype``,
+    ``scale``: the FP8 output (ops/_quant.py); ``scales``: where dynamic scaling stores the
+    row scales (``None``: a new tensor per call)."""
 
     input: torch.Tensor
     residual: torch.Tensor
@@ -55,6 +57,9 @@ class Rows(NamedTuple):
     eps: float
     out: torch.Tensor | None
     algorithm: str | None = None
+    out_dtype: torch.dtype | None = None
+    scale: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
 
 
 class VarOperands(NamedTuple):

@@ -34,11 +34,12 @@ from ..validation import REDUCE_DTYPES, check_disjoint, check_same, check_tensor
 from ._lines import flat_lines_launch
 from ._operands import AllReduceOperands, Rows, record
 from ._push import all_reduce_one_shot_push_launch, all_reduce_push_launch
+from ._quant import check_quant, q_arg, quant_constexprs, quant_mode
 from ._rows import (RowsPlan, rows_aligned, rows_key, rows_lines_launch, rows_out, rows_uniform,
-                    validate_rows)
+                    traced_rows, validate_rows, var_arg)
 from .driver import (TL_DTYPE, Collective, ConfigChoice, OutputPlan, barrier_path, call,
                      eager_only, group_name, tensor_desc)
-from .fallback import torch_all_reduce, torch_all_reduce_add_rmsnorm
+from .fallback import torch_all_reduce, torch_all_reduce_rmsnorm
 
 
 class AllReduce(Collective):
@@ -171,7 +172,8 @@ class AllReduceAddRmsnorm(Collective):
             raise ValueError(f"{self.name}: residual shape {tuple(residual.shape)} must be "
                              f"input's shape {tuple(input.shape)}")
         # [S, H] everywhere: the rows of one rank
-        validate_rows(self.name, input, residual, a.weight, a.eps, 1, a.out, False)
+        validate_rows(self.name, input, residual, a.weight, a.eps, 1, a.out, False, a.out_dtype)
+        check_quant(self.name, a, input.shape[0])
         check_disjoint(self.name, [("input", input), ("out", a.out)])  # no out=input here
         _check_algorithm(a.algorithm)
 
@@ -183,19 +185,20 @@ class AllReduceAddRmsnorm(Collective):
         if config is not None and config.block_size < H:
             raise ValueError(f"{self.name}: config.block_size {config.block_size} must cover "
                              f"the row (H={H})")
-        out, var_index = rows_out(a, (S, H))  # a new ``out``: its pointer varies per call
-        fresh = out if var_index is not None else None
+        out, scales, fresh, var_index = rows_out(a, (S, H))  # new ones: their pointers vary
+        quant = quant_mode(a)
         if S == 0 or H == 0:
-            return RowsPlan("empty", (S, H), group, fresh_out=fresh)
+            return RowsPlan("empty", (S, H), group, fresh_out=fresh, quant=quant)
         buf = find_buffer(group)
         algo = choose_algorithm(buf, input.device, a.algorithm, S * H * esize, H * esize, world,
                                 LINES_ROWS_MAX_BYTES)
         if algo == "lines" and H <= MAX_FUSED_HIDDEN:
             choice = ConfigChoice(config or lines_row_config(H, input.dtype, world))
             kernel = rows_lines_launch(self.name, context(buf), _all_reduce_rmsnorm_lines_kernel,
-                                       choice.config, a, out, S, S, var_index, timeout_s, {})
+                                       choice.config, a, out, scales, S, S, var_index,
+                                       timeout_s, {})
             return RowsPlan("lines", (S, H), group, kernel, choice, fresh_out=fresh,
-                            algorithm=algo)
+                            algorithm=algo, quant=quant)
         in_off = offset_in(buf, input)
         region = (in_off if in_off is not None
                   else region_after(buf, input, a.residual, a.weight, out))
@@ -205,35 +208,36 @@ class AllReduceAddRmsnorm(Collective):
             res = region_after(buf, input, a.residual, a.weight, out)
         end = max(region, res) + S * H * esize
         if H > MAX_FUSED_HIDDEN or algo == "lines" or not symm_usable(buf, input.device, end):
-            return RowsPlan("fallback", (S, H), group, fallback=_torch_fused, fresh_out=fresh,
-                            algorithm=algo)
+            return RowsPlan("fallback", (S, H), group, fallback=torch_all_reduce_rmsnorm,
+                            fresh_out=fresh, algorithm=algo, quant=quant)
         rps = S if algo == "one_shot" else -(-S // world)
         choice = ConfigChoice(config or default_config(rps * H, input.dtype, world, hidden=H))
         ctx = context(buf)
         use_mm = multimem_eligible(ctx, input.dtype, ctx.local_base + region,
                                    ctx.local_base + res, H * esize,
                                    choice.config.block_size * esize)
-        kernel = _fused_launch(ctx, choice.config, a, out, algo, region, res, rps, in_off is None,
-                               use_mm, var_index, timeout_s)
+        kernel = _fused_launch(ctx, choice.config, a, out, scales, algo, region, res, rps,
+                               in_off is None, use_mm, var_index, timeout_s)
         return RowsPlan(barrier_path(use_mm), (S, H), group, kernel, choice, fresh_out=fresh,
-                        algorithm=algo)
+                        algorithm=algo, quant=quant)
 
 
-def _fused_launch(ctx, cfg: LaunchConfig, a: Rows, out, algo, region, res, rps, stage_in,
-                  use_mm, var_index, timeout_s):
+def _fused_launch(ctx, cfg: LaunchConfig, a: Rows, out, scales, algo, region, res, rps,
+                  stage_in, use_mm, var_index, timeout_s):
     """The launch of ``_all_reduce_rmsnorm_kernel``: its arguments, listed here only."""
     S, H = a.input.shape
     base = ctx.local_base
+    args = (a.input.data_ptr(), out.data_ptr(), a.residual.data_ptr(), a.weight.data_ptr(),
+            ctx.buf_table, ctx.sig_table, ctx.mc_addr, ctx.err_addr, ctx.grid_cap, region, res,
+            S, H, rps, float(a.eps), env.timeout_ns(timeout_s), q_arg(a, out, scales))
     return Launch.on(
         ctx, ALL_REDUCE_ADD_RMSNORM.name, _all_reduce_rmsnorm_kernel,
-        cfg.row_grid(rps, ctx.grid_cap), cfg.num_warps,
-        (a.input.data_ptr(), out.data_ptr(), a.residual.data_ptr(), a.weight.data_ptr(),
-         ctx.buf_table, ctx.sig_table, ctx.mc_addr, ctx.err_addr, ctx.grid_cap, region, res, S,
-         H, rps, float(a.eps), env.timeout_ns(timeout_s)),
+        cfg.row_grid(rps, ctx.grid_cap), cfg.num_warps, args,
         dict(DTYPE=TL_DTYPE[a.input.dtype], W_DTYPE=TL_DTYPE[a.weight.dtype],
              BLOCK_H=cfg.block_size, TWO_SHOT=algo == "two_shot", STAGE_IN=stage_in,
-             USE_MULTIMEM=use_mm, ALIGNED=rows_aligned(a, out, base + region, base + res)),
-        var_index)
+             USE_MULTIMEM=use_mm, ALIGNED=rows_aligned(a, out, base + region, base + res),
+             **quant_constexprs(a, TL_DTYPE[a.input.dtype])),
+        var_arg(var_index, args))
 
 
 def choose_algorithm(buf, device, algorithm, nbytes: int, row_bytes: int, world: int,
@@ -267,13 +271,6 @@ def _check_algorithm(algorithm) -> None:
     if algorithm is not None and algorithm not in ALL_REDUCE_ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(ALL_REDUCE_ALGORITHMS)} or None, "
                          f"got {algorithm!r}")
-
-
-def _torch_fused(input, residual, weight, eps, group, out):
-    """The same computation through torch.distributed and torch ops (fp32 accumulation)."""
-    acc = torch_all_reduce(torch.empty(input.shape, dtype=torch.float32, device=input.device),
-                           input, group)
-    return torch_all_reduce_add_rmsnorm(acc, residual, weight, eps, out)
 
 
 ALL_REDUCE = AllReduce()
@@ -314,27 +311,28 @@ def all_reduce(tensor: torch.Tensor, group=None, *, out: torch.Tensor | None = N
 
 
 def _traced_all_reduce_add_rmsnorm(input, residual, weight, eps=1e-6, group=None, out=None, *,
-                                   config=None, timeout_s=None, algorithm=None):
+                                   config=None, timeout_s=None, algorithm=None, out_dtype=None,
+                                   scale=None):
     """Under ``torch.compile``: ``torch.ops.symmtriton.all_reduce_add_rmsnorm``."""
     eager_only(ALL_REDUCE_ADD_RMSNORM.name, config, timeout_s)
     _check_algorithm(algorithm)
-    if out is None:
-        out = torch.empty_like(input)
-    torch.ops.symmtriton.all_reduce_add_rmsnorm(input, residual, weight, eps, group_name(group),
-                                                out, algorithm)
-    return out
+    return traced_rows(torch.ops.symmtriton.all_reduce_add_rmsnorm, input, residual, weight, eps,
+                       group, out, out_dtype, scale, input.shape[0], algorithm=algorithm)
 
 
 @sequenced(_traced_all_reduce_add_rmsnorm)
 def all_reduce_add_rmsnorm(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                            eps: float = 1e-6, group=None, out: torch.Tensor | None = None, *,
                            config: LaunchConfig | None = None, timeout_s: float | None = None,
-                           algorithm: str | None = None) -> torch.Tensor:
+                           algorithm: str | None = None, out_dtype: torch.dtype | None = None,
+                           scale: torch.Tensor | None = None):
     """All-reduce ``input`` [S, H] (this rank's partial sums) over ``group``, add the sum to
     ``residual`` [S, H] (the same on every rank; updated in place, rounded to its dtype), and
     return ``rmsnorm(residual) * weight`` [H] (fp32 statistics) in ``out`` [S, H] (a new tensor
     when ``None``; it must not overlap ``input``, which is only read). ``algorithm`` as for
     :func:`all_reduce`. Under ``torch.compile`` it traces as
-    ``torch.ops.symmtriton.all_reduce_add_rmsnorm``."""
+    ``torch.ops.symmtriton.all_reduce_add_rmsnorm``. ``out_dtype``/``scale``: an FP8 ``out``
+    quantised in the same launch, as :func:`reduce_scatter_add_rmsnorm_all_gather`'s."""
     return call(ALL_REDUCE_ADD_RMSNORM, group, config, timeout_s,
-                record(Rows, (input, residual, weight, eps, out, algorithm)))
+                record(Rows, (input, residual, weight, eps, out, algorithm, out_dtype, scale,
+                              None)))

@@ -59,3 +59,11 @@ def _add_rmsnorm(total, residual, weight, eps):
 def torch_all_reduce_add_rmsnorm(total, residual, weight, eps, out):
     """The all-reduce fused op's tail, after the fp32 sum ``total``: add, RMSNorm, into ``out``."""
     return out.copy_(_add_rmsnorm(total, residual, weight, eps))
+
+
+def torch_all_reduce_rmsnorm(input, residual, weight, eps, group, out):
+    """``all_reduce_add_rmsnorm`` through torch.distributed and torch ops (fp32
+    accumulation)."""
+    acc = torch_all_reduce(torch.empty(input.shape, dtype=torch.float32, device=input.device),
+                           input, group)
+    return torch_all_reduce_add_rmsnorm(acc, residual, weight, eps, out)

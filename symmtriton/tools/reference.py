@@ -113,3 +113,20 @@ def moe_combine(expert_outs: list[torch.Tensor], topk_idxs: list[torch.Tensor],
         for d in sorted(partials):
             y[t] += partials[d]
     return y.to(expert_outs[0].dtype)
+
+
+#: the largest finite value of each FP8 dtype.
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def quantise(y: torch.Tensor, out_dtype: torch.dtype, scale: torch.Tensor | None = None):
+    """``y`` (normed rows) in ``out_dtype`` (FP8): ``(y / scale).clamp(-max, max)`` cast, with
+    the static ``scale``; else per row, ``scales = amax(|y|) / max`` (1 for a row of zeros), and
+    ``(out, scales)`` returned, ``scales`` [rows, 1] fp32."""
+    q_max = FP8_MAX[out_dtype]
+    yf = y.float()
+    if scale is not None:
+        return (yf / scale.float()).clamp(-q_max, q_max).to(out_dtype)
+    amax = yf.abs().amax(dim=-1, keepdim=True)
+    scales = torch.where(amax > 0, amax / q_max, torch.ones_like(amax))
+    return (yf / scales).clamp(-q_max, q_max).to(out_dtype), scales
