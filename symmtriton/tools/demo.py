@@ -10,7 +10,8 @@ times it:
 
   all_gather_into_tensor, reduce_scatter_tensor, reduce_scatter_add_rmsnorm_all_gather,
   reduce_scatter_add_rmsnorm, all_gather_v, reduce_scatter_v (skewed counts: rank 0 sends no
-  rows), all_reduce (in place, and into ``out=``), all_reduce_add_rmsnorm.
+  rows), all_reduce (in place, and into ``out=``), all_reduce_add_rmsnorm, moe_dispatch and
+  moe_combine (top-2 of two experts per rank).
 
 One line per op: its input shape, dtype, path (``staged``: ordinary tensors, staged through the
 symmetric buffer inside the launch; ``zero-copy``: the operand peers access lies in the buffer;
@@ -33,6 +34,7 @@ from symmtriton.ops.fused import reduce_scatter_add_rmsnorm
 from . import reference
 from .bench import timing
 from .bench.cli import _variant
+from .bench.moe import MOE_OPS, MoeShape, MoeWorkload
 from .bench.workloads import FUSED_EPS, Workload, make_workload
 from .testing import CPU_ENV, GPU_ENV, WorkerPool, device
 
@@ -49,7 +51,11 @@ CASES = (
     ("all_reduce (in place)", "all_reduce", "zero_copy", None),
     ("all_reduce (out=)", "all_reduce", "staged", None),
     ("all_reduce_add_rmsnorm", "all_reduce_add_rmsnorm", "staged", None),
+    ("moe_dispatch", "moe_dispatch", "staged", None),
+    ("moe_combine", "moe_combine", "staged", None),
 )
+#: top-k and experts per rank of the MoE cases.
+MOE_TOPK, MOE_EXPERTS_PER_RANK = 2, 2
 #: the demo's buffer size in MiB (CPU: POSIX shared memory, reserved in full).
 BUFFER_MB = {"cuda": 64, "cpu": 16}
 
@@ -84,6 +90,9 @@ def _workload(op: str, placement: str, counts, numel: int, rows: int, hidden: in
     world = dist.get_world_size(group)
     if op == "shard_norm":
         return ShardNorm.make(rows * hidden, dtype, group, hidden)
+    if op in MOE_OPS:
+        shape = MoeShape(rows, hidden, MOE_TOPK, MOE_EXPERTS_PER_RANK * world)
+        return MoeWorkload(op, shape, dtype, group)
     if op in ("all_gather", "reduce_scatter", "all_reduce"):
         return make_workload(op, numel, dtype, group, placement=placement)
     total = world * rows * hidden if op == "all_reduce_add_rmsnorm" else rows * hidden

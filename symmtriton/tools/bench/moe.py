@@ -79,6 +79,7 @@ class MoeWorkload:
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.x, self.idx, self.w = (t.to(device()) for t in inputs(shape, self.rank, dtype))
         self.out = torch.empty_like(self.x)
+        self.tensors, self.counts = {"input": self.x}, None  # as the other workloads name them
         self.recv, self.handle, self.expert_out = None, None, None
         if op == "moe_combine":
             self.recv, self.handle = self._dispatch()
