@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import env
-from . import presets
+from . import env, presets
 from .validation import REDUCE_DTYPES, check_count
 
 #: keys of a config, spelled the same in the tuner cache, the bench CSV and the code.
