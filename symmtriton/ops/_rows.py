@@ -20,7 +20,7 @@ from ..context import Ctx
 from ..launch import Launch
 from ..validation import REDUCE_DTYPES, check_disjoint, check_same, check_tensor
 from ._operands import Rows, record
-from ._quant import DYNAMIC, NONE, new_outputs, q_arg, quant_constexprs, quant_mode, torch_quantise
+from ._quant import NONE, new_outputs, q_arg, quant_constexprs, quant_mode, torch_quantise
 from .driver import STALE, TL_DTYPE, ConfigChoice, bump_versions, call, group_name, tensor_desc
 
 #: the index of ``out``'s pointer in every row kernel's arguments: a launch for a call that
@@ -71,9 +71,12 @@ def validate_rows(op: str, input, residual, weight, eps, world: int, out,
 
 def rows_key(op, group, config, timeout_s, a: Rows) -> tuple:
     """``key`` of a row op (see :class:`.driver.Collective`)."""
-    return (op.name, group, tensor_desc(a.input), tensor_desc(a.residual),
-            tensor_desc(a.weight), tensor_desc(a.out), type(a.eps), a.eps, a.algorithm, config,
-            env.timeout_key(timeout_s), a.out_dtype, tensor_desc(a.scale), tensor_desc(a.scales))
+    key = (op.name, group, tensor_desc(a.input), tensor_desc(a.residual),
+           tensor_desc(a.weight), tensor_desc(a.out), type(a.eps), a.eps, a.algorithm, config,
+           env.timeout_key(timeout_s))
+    if a.out_dtype is None and a.scale is None and a.scales is None:  # no FP8: today's key
+        return key
+    return key + (a.out_dtype, tensor_desc(a.scale), tensor_desc(a.scales))
 
 
 def rows_uniform(op, a: Rows) -> dict:
@@ -108,11 +111,11 @@ class RowsPlan:
     quant: int = NONE
 
     def run(self, a: Rows, config):
-        fresh, self.fresh_out = self.fresh_out, None
-        bump_versions((a.residual,) if a.out is None else (a.residual, a.out))
-        if a.scales is not None:
-            bump_versions((a.scales,))
-        out, scales = fresh if fresh is not None else new_outputs(a, self.out_shape, self.quant)
+        out, scales = a.out, None
+        if out is not None and self.quant == NONE:  # the common call: nothing to allocate
+            bump_versions((a.residual, out))
+        else:
+            out, scales = self._outputs(a)
         kl = self.kernel
         if kl is not None:
             if not self.choice.current():
@@ -131,7 +134,16 @@ class RowsPlan:
                 normed = torch.empty(out.shape, dtype=a.input.dtype, device=out.device)
                 self.fallback(a.input, a.residual, a.weight, a.eps, self.group, normed)
                 torch_quantise(normed, out, a.scale, scales)
-        return out if self.quant != DYNAMIC else (out, scales)
+        return out if scales is None else (out, scales)
+
+    def _outputs(self, a: Rows) -> tuple:
+        """``(out, scales)`` of a call that allocates (a new ``out``, or dynamic scales), the
+        versions of what it writes bumped; the first run takes the ones ``prepare`` made."""
+        fresh, self.fresh_out = self.fresh_out, None
+        bump_versions((a.residual,) if a.out is None else (a.residual, a.out))
+        if a.scales is not None:
+            bump_versions((a.scales,))
+        return fresh if fresh is not None else new_outputs(a, self.out_shape, self.quant)
 
 
 def rows_out(a: Rows, shape: tuple) -> tuple:
