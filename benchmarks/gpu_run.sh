@@ -2,7 +2,8 @@
 # The GPU tier in one command (benchmarks/README.md). Stages, in this order (STAGES picks some):
 #   tests     pytest -m gpu on the one-rank-per-GPU worlds (gpu-w2-nccl, gpu-w2-gloo; with 4 or 8
 #             GPUs also gpu-w4-*, gpu-w8-*; TESTS_K narrows the -k expression, e.g. "w4-nccl")
-#   examples  every example under torchrun, one rank per GPU (NPROC ranks: the GPU count, at least 2)
+#   examples  every example under torchrun, one rank per GPU (NPROC ranks: the GPU count, at least 2;
+#             with one GPU the two ranks share it under MPS)
 #   bench     symmtriton-bench, NPROC ranks, one per GPU (NCCL), BENCH_ARGS (default: the default sweep)
 #   shared    MPS started: pytest -m gpu on the shared-GPU worlds SHARED_WORLDS (default "4"; all:
 #             "2 4 8"; SHARED_TESTS: test files, default all; SHARED_TESTS_CAP_S, default 360: the
@@ -74,26 +75,6 @@ run() {
 
 TORCHRUN=($PY -m torch.distributed.run --standalone)
 
-if [[ " $STAGES " == *" tests "* ]]; then
-  if (( NGPU >= 2 )); then
-    run "pytest -m gpu, one rank per GPU" ${TESTS_CAP_S:-330} "$TLOG" "passed|failed|error|worker pools" \
-      $PY -m pytest -m gpu -q -p no:cacheprovider -k "${TESTS_K:-nccl or gloo}" tests
-  else
-    rows+=("pytest -m gpu, one rank per GPU|skipped: $NGPU GPU|-|-|-")
-  fi
-fi
-if [[ " $STAGES " == *" examples "* ]]; then
-  for ex in all_gather reduce_scatter symmetric_buffers tp_decode "tp_decode --mode ar" ep_moe megatron_tp; do
-    read -r script flags <<<"$ex"
-    run "example $ex (${NPROC} ranks)" 120 "$LOG" "match|passed|speed-up|Error|error" \
-      "${TORCHRUN[@]}" --nproc-per-node="$NPROC" "examples/$script.py" $flags
-  done
-fi
-if [[ " $STAGES " == *" bench "* ]]; then
-  run "bench W=$NPROC one rank per GPU" 170 "$LOG" "rows in|FAIL|Error" \
-    "${TORCHRUN[@]}" --nproc-per-node="$NPROC" -m symmtriton.tools.bench --out-dir "$OUT" \
-    --commit "$COMMIT" ${BENCH_ARGS:-}
-fi
 mps_started=""
 start_mps() {  # MPS for the ranks that share GPU 0 (stopped when the script exits)
   [ -n "$mps_started" ] && return
@@ -107,6 +88,27 @@ start_mps() {  # MPS for the ranks that share GPU 0 (stopped when the script exi
     echo "==== MPS not started (ranks time-slice the GPU)" >>"$LOG"
   fi
 }
+if [[ " $STAGES " == *" tests "* ]]; then
+  if (( NGPU >= 2 )); then
+    run "pytest -m gpu, one rank per GPU" ${TESTS_CAP_S:-330} "$TLOG" "passed|failed|error|worker pools" \
+      $PY -m pytest -m gpu -q -p no:cacheprovider -k "${TESTS_K:-nccl or gloo}" tests
+  else
+    rows+=("pytest -m gpu, one rank per GPU|skipped: $NGPU GPU|-|-|-")
+  fi
+fi
+if [[ " $STAGES " == *" examples "* ]]; then
+  (( NGPU < NPROC )) && start_mps  # ranks that share a GPU spin on each other: MPS, not time slices
+  for ex in all_gather reduce_scatter symmetric_buffers tp_decode "tp_decode --mode ar" ep_moe megatron_tp; do
+    read -r script flags <<<"$ex"
+    run "example $ex (${NPROC} ranks)" 120 "$LOG" "match|passed|speed-up|Error|error" \
+      "${TORCHRUN[@]}" --nproc-per-node="$NPROC" "examples/$script.py" $flags
+  done
+fi
+if [[ " $STAGES " == *" bench "* ]]; then
+  run "bench W=$NPROC one rank per GPU" 170 "$LOG" "rows in|FAIL|Error" \
+    "${TORCHRUN[@]}" --nproc-per-node="$NPROC" -m symmtriton.tools.bench --out-dir "$OUT" \
+    --commit "$COMMIT" ${BENCH_ARGS:-}
+fi
 if [[ " $STAGES " == *" shared "* ]]; then
   start_mps
   k=$(printf 'gpu-w%s-shared or ' $SHARED_WORLDS)

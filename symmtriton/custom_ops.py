@@ -6,23 +6,28 @@ Importing this module registers, under the namespace ``symmtriton``, from one ta
     torch.ops.symmtriton.all_gather_into_tensor(output, input, group_name) -> ()
     torch.ops.symmtriton.reduce_scatter_tensor(output, input, group_name) -> ()
     torch.ops.symmtriton.reduce_scatter_add_rmsnorm_all_gather(input, residual, weight, eps,
-                                                              group_name, out, *FP8) -> ()
+                                                              group_name, out) -> ()
     torch.ops.symmtriton.reduce_scatter_add_rmsnorm(input, residual, weight, eps, group_name,
-                                                   out, *FP8) -> ()
+                                                   out) -> ()
     torch.ops.symmtriton.all_gather_v(output[], input[], counts, group_name) -> ()
     torch.ops.symmtriton.reduce_scatter_v(output, input, counts, group_name) -> ()
     torch.ops.symmtriton.all_reduce_(tensor, group_name, algorithm=None) -> ()
     torch.ops.symmtriton.all_reduce_out(tensor, group_name, out, algorithm=None) -> ()
     torch.ops.symmtriton.all_reduce_add_rmsnorm(input, residual, weight, eps, group_name, out,
-                                               algorithm=None, *FP8) -> ()
+                                               algorithm=None) -> ()
+    torch.ops.symmtriton.<row op>_fp8(<the row op's arguments>, out_dtype, scale, scales) -> ()
     torch.ops.symmtriton.moe_dispatch(x, topk_idx, num_experts, max_tokens_per_rank,
                                       group_name, recv_x, recv_counts, rowmap) -> ()
     torch.ops.symmtriton.moe_combine(expert_out, topk_idx, topk_weights, rowmap, num_experts,
                                      group_name, out) -> ()
 
-with ``*FP8`` = ``out_dtype=None, scale=None, scales=None``: the FP8 output of the row ops
-(``out_dtype``, ``scale`` as for the public functions; ``scales``, written, the [rows, 1] fp32
-row scales of dynamic scaling, which the public functions return beside ``out``).
+where ``<row op>_fp8`` (one for each of the three row ops) is the FP8 output of that op
+(``out_dtype``, ``scale`` as for the public functions, ``scale`` ``None`` for dynamic scaling;
+``scales``, written, the [rows, 1] fp32 row scales of dynamic scaling, which the public
+functions return beside ``out``, else ``None``). No argument of an ``_fp8`` op and no written
+argument of any op has a default (``all_reduce_add_rmsnorm_fp8`` takes ``algorithm`` too, None
+for the default): torch releases before 2.13 find a written argument by its position among the
+arguments the caller passed, so one left to its default, or passed by name, fails there.
 
 Each op writes its result into its output tensor (``output`` / ``out``; ``all_reduce_`` into
 ``tensor``; the fused ops also update ``residual`` in place; ``moe_dispatch`` into ``recv_x``
@@ -108,7 +113,7 @@ def group_from_name(name: str) -> dist.ProcessGroup:
 _ROWS = ("Tensor input, Tensor(a1!) residual, Tensor weight, float eps, str group_name, "
          "Tensor(a5!) out")
 _COUNTED = "Tensor counts, str group_name"
-_FP8 = "ScalarType? out_dtype=None, Tensor? scale=None, Tensor(a8!)? scales=None"
+_FP8 = "ScalarType out_dtype, Tensor? scale, Tensor(a8!)? scales"
 
 #: name -> (schema, the public function it runs): every op of the namespace. The schema's
 #: arguments are the function's, by name, except ``group_name``, which names its ``group``;
@@ -120,15 +125,19 @@ TABLE = {
     "reduce_scatter_tensor":
         ("(Tensor(a0!) output, Tensor input, str group_name) -> ()", _reduce_scatter_tensor),
     "reduce_scatter_add_rmsnorm_all_gather":
+        (f"({_ROWS}) -> ()", rows_entry(RS_ADD_RMSNORM_AG)),
+    "reduce_scatter_add_rmsnorm_all_gather_fp8":
         (f"({_ROWS}, {_FP8}) -> ()", rows_entry(RS_ADD_RMSNORM_AG)),
-    "reduce_scatter_add_rmsnorm": (f"({_ROWS}, {_FP8}) -> ()", rows_entry(RS_ADD_RMSNORM)),
+    "reduce_scatter_add_rmsnorm": (f"({_ROWS}) -> ()", rows_entry(RS_ADD_RMSNORM)),
+    "reduce_scatter_add_rmsnorm_fp8": (f"({_ROWS}, {_FP8}) -> ()", rows_entry(RS_ADD_RMSNORM)),
     "all_reduce_": ("(Tensor(a0!) tensor, str group_name, str? algorithm=None) -> ()", _all_reduce),
     "all_reduce_out":
         ("(Tensor tensor, str group_name, Tensor(a2!) out, str? algorithm=None) -> ()",
          _all_reduce),
     "all_reduce_add_rmsnorm":
-        (f"({_ROWS}, str? algorithm=None, {_FP8}) -> ()",
-         rows_entry(ALL_REDUCE_ADD_RMSNORM)),
+        (f"({_ROWS}, str? algorithm=None) -> ()", rows_entry(ALL_REDUCE_ADD_RMSNORM)),
+    "all_reduce_add_rmsnorm_fp8":
+        (f"({_ROWS}, str? algorithm, {_FP8}) -> ()", rows_entry(ALL_REDUCE_ADD_RMSNORM)),
     "all_gather_v": (f"(Tensor(a0!)[] output, Tensor[] input, {_COUNTED}) -> ()", _all_gather_v),
     "reduce_scatter_v":
         (f"(Tensor(a0!) output, Tensor input, {_COUNTED}) -> ()", _reduce_scatter_v),

@@ -203,17 +203,21 @@ def _compiled(rank, world):
 
 
 def test_fp8_custom_ops_compile_in_one_graph(pool):
-    want = sorted(["all_reduce_add_rmsnorm", "reduce_scatter_add_rmsnorm",
-                   "reduce_scatter_add_rmsnorm_all_gather"])
+    want = sorted(["all_reduce_add_rmsnorm_fp8", "reduce_scatter_add_rmsnorm_fp8",
+                   "reduce_scatter_add_rmsnorm_all_gather_fp8"])
     assert pool.run(_compiled, timeout=600) == [(1, want, [])] * pool.world_size
 
 
 def test_fp8_custom_op_schemas():
+    """Each row op has an ``_fp8`` form: the plain form's arguments, then ``out_dtype``,
+    ``scale`` and the written ``scales``, none with a default."""
     for name in ("all_reduce_add_rmsnorm", "reduce_scatter_add_rmsnorm",
                  "reduce_scatter_add_rmsnorm_all_gather"):
-        args = getattr(torch.ops.symmtriton, name).default._schema.arguments
-        tail = [(a.name, a.default_value) for a in args[-3:]]
-        assert tail == [("out_dtype", None), ("scale", None), ("scales", None)]
+        plain = getattr(torch.ops.symmtriton, name).default._schema.arguments
+        args = getattr(torch.ops.symmtriton, f"{name}_fp8").default._schema.arguments
+        assert [a.name for a in args[:-3]] == [a.name for a in plain]
+        assert [a.name for a in args[-3:]] == ["out_dtype", "scale", "scales"]
+        assert [a.name for a in args if a.has_default_value()] == []
         assert args[-1].alias_info is not None and args[-1].alias_info.is_write
 
 

@@ -196,18 +196,22 @@ def var_arg(var_index: int | None, args: tuple) -> int | None:
     return len(args) - 1 if var_index == Q_ARG else var_index
 
 
-def traced_rows(op, input, residual, weight, eps, group, out, out_dtype, scale, rows: int,
-                **extra):
-    """A row op's public function under ``torch.compile``: its custom op ``op`` on ``out``
-    (new when ``None``: ``rows`` rows of ``out_dtype`` or the input's) and, with dynamic FP8
-    scaling, new ``scales`` [rows, 1]; returns ``out`` or ``(out, scales)``."""
+def traced_rows(name: str, input, residual, weight, eps, group, out, out_dtype, scale,
+                rows: int, *extra):
+    """A row op's public function under ``torch.compile``: the custom op ``name`` (its ``_fp8``
+    form with an FP8 ``out_dtype``) on ``out`` (new when ``None``: ``rows`` rows of
+    ``out_dtype`` or the input's) and, with dynamic FP8 scaling, new ``scales`` [rows, 1];
+    returns ``out`` or ``(out, scales)``. Every argument goes by position (``custom_ops``)."""
     if out is None:
         out = input.new_empty((rows, input.shape[1]), dtype=out_dtype or input.dtype)
+    args = (input, residual, weight, eps, group_name(group), out, *extra)
+    if out_dtype is None:
+        getattr(torch.ops.symmtriton, name)(*args)
+        return out
     scales = None
-    if out_dtype is not None and scale is None:
+    if scale is None:
         scales = input.new_empty((rows, 1), dtype=torch.float32)
-    op(input, residual, weight, eps, group_name(group), out, **extra, out_dtype=out_dtype,
-       scale=scale, scales=scales)
+    getattr(torch.ops.symmtriton, f"{name}_fp8")(*args, out_dtype, scale, scales)
     return out if scales is None else (out, scales)
 
 

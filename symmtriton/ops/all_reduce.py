@@ -316,8 +316,8 @@ def _traced_all_reduce_add_rmsnorm(input, residual, weight, eps=1e-6, group=None
     """Under ``torch.compile``: ``torch.ops.symmtriton.all_reduce_add_rmsnorm``."""
     eager_only(ALL_REDUCE_ADD_RMSNORM.name, config, timeout_s)
     _check_algorithm(algorithm)
-    return traced_rows(torch.ops.symmtriton.all_reduce_add_rmsnorm, input, residual, weight, eps,
-                       group, out, out_dtype, scale, input.shape[0], algorithm=algorithm)
+    return traced_rows(ALL_REDUCE_ADD_RMSNORM.name, input, residual, weight, eps,
+                       group, out, out_dtype, scale, input.shape[0], algorithm)
 
 
 @sequenced(_traced_all_reduce_add_rmsnorm)

@@ -129,7 +129,7 @@ def _tracer(op: FusedRmsnorm):
         eager_only(op.name, config, timeout_s)
         world = dist.get_world_size(group)
         rows = input.shape[0] if op.all_gather else input.shape[0] // world
-        return traced_rows(getattr(torch.ops.symmtriton, op.name), input, residual, weight, eps,
+        return traced_rows(op.name, input, residual, weight, eps,
                            group, out, out_dtype, scale, rows)
     return traced
 
