@@ -4,7 +4,7 @@
 # with the same arguments, and benchmarks/ab_compare.py prints the per-row ratio of the medians.
 #   benchmarks/ab_trees.sh OLD_TREE NEW_TREE [bench arguments]
 # NPROC ranks (default: the GPU count, at least 2; ranks share GPU 0 when there is one GPU, with
-# TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1: a regression check, not a latency claim). Output:
+# TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1 under MPS: a regression check, not a latency claim). Output:
 # $OUT/ab_<old|new>_<round>.csv and the table. Multicast stays off (docs/ARCHITECTURE.md).
 set -u
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NCCL_NVLS_ENABLE=0 NVSHMEM_DISABLE_NVLS=1
@@ -15,8 +15,10 @@ PY=${PYTHON:-python3}
 ROUNDS=${ROUNDS:-2}
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 NPROC=${NPROC:-$(( NGPU >= 2 ? NGPU : 2 ))}
-(( NGPU < 2 )) && export TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1
 here=$(cd "$(dirname "$0")" && pwd)
+source "$here/mps.sh"
+mkdir -p "$OUT"
+(( NGPU < 2 )) && { export TORCH_SYMM_MEM_ALLOW_OVERLAPPING_DEVICES=1; start_mps "$OUT/ab_mps.log"; }
 for side in old new; do
   tree=$OLD; [ "$side" = new ] && tree=$NEW
   rm -rf "/tmp/ab_$side"

@@ -75,19 +75,7 @@ run() {
 
 TORCHRUN=($PY -m torch.distributed.run --standalone)
 
-mps_started=""
-start_mps() {  # MPS for the ranks that share GPU 0 (stopped when the script exits)
-  [ -n "$mps_started" ] && return
-  mps_started=1
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/symmtriton-mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/symmtriton-mps-log
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-  if nvidia-cuda-mps-control -d >>"$LOG" 2>&1; then
-    trap 'echo quit | nvidia-cuda-mps-control' EXIT
-    echo "==== MPS started" >>"$LOG"
-  else
-    echo "==== MPS not started (ranks time-slice the GPU)" >>"$LOG"
-  fi
-}
+source benchmarks/mps.sh
 if [[ " $STAGES " == *" tests "* ]]; then
   if (( NGPU >= 2 )); then
     run "pytest -m gpu, one rank per GPU" ${TESTS_CAP_S:-330} "$TLOG" "passed|failed|error|worker pools" \
@@ -97,7 +85,7 @@ if [[ " $STAGES " == *" tests "* ]]; then
   fi
 fi
 if [[ " $STAGES " == *" examples "* ]]; then
-  (( NGPU < NPROC )) && start_mps  # ranks that share a GPU spin on each other: MPS, not time slices
+  (( NGPU < NPROC )) && start_mps "$LOG"  # ranks that share a GPU spin on each other: MPS, not time slices
   for ex in all_gather reduce_scatter symmetric_buffers tp_decode "tp_decode --mode ar" ep_moe megatron_tp; do
     read -r script flags <<<"$ex"
     run "example $ex (${NPROC} ranks)" 120 "$LOG" "match|passed|speed-up|Error|error" \
@@ -110,13 +98,13 @@ if [[ " $STAGES " == *" bench "* ]]; then
     --commit "$COMMIT" ${BENCH_ARGS:-}
 fi
 if [[ " $STAGES " == *" shared "* ]]; then
-  start_mps
+  start_mps "$LOG"
   k=$(printf 'gpu-w%s-shared or ' $SHARED_WORLDS)
   run "pytest -m gpu, shared GPU (W in $SHARED_WORLDS, MPS)" ${SHARED_TESTS_CAP_S:-360} "$TLOG" "passed|failed|error|worker pools" \
     $PY -m pytest -m gpu -q -p no:cacheprovider -k "${k% or }" ${SHARED_TESTS:-tests}
 fi
 if [[ " $STAGES " == *" shared_bench "* ]]; then
-  start_mps
+  start_mps "$LOG"
   run "bench W=$SHARED_BENCH_W on one GPU (MPS)" 120 "$LOG" "rows in|FAIL|Error" \
     env CUDA_VISIBLE_DEVICES=0 "${TORCHRUN[@]}" --nproc-per-node="$SHARED_BENCH_W" \
     -m symmtriton.tools.bench --out-dir "$OUT" --commit "$COMMIT" --quick \

@@ -62,7 +62,7 @@ def test_script_answers_help(script, helps):
 def test_gpu_run_names_only_existing_scripts():
     text = (ROOT / "benchmarks" / "gpu_run.sh").read_text()
     for word in text.split():
-        if word.startswith("benchmarks/") and word.endswith(".py"):
+        if word.startswith("benchmarks/") and word.endswith((".py", ".sh")):
             assert (ROOT / word).exists(), word
 
 
