@@ -82,3 +82,18 @@ def quant_shards(src_addr, out_addr, q_addr, s, H, pid, nprog, skip, DTYPE: tl.c
                 store_row(out + row * H + cols, y, mask, out_addr, q_addr, row, QUANT, Q_DTYPE,
                           Q_MAX)
         i += nprog
+
+
+@triton.jit
+def quant_groups(v, Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr):
+    """``v`` (fp32 ``[groups, G]``, lanes past the data 0) quantised per group (a row of ``v``):
+    ``(q, scales)``, ``scales[g] = amax(|v[g]|) / Q_MAX`` (1 for a group of zeros) and ``q =
+    clamp(v / scales[g], -Q_MAX, Q_MAX)`` in ``Q_DTYPE`` (rounded on the grid first:
+    :func:`fp8_grid`). Both divisions round to nearest (``div_rn``, IEEE as torch's), so the
+    GPU's results equal torch's bit for bit."""
+    amax = tl.max(tl.abs(v), axis=1)
+    scales = tl.where(amax > 0.0, tl.math.div_rn(amax, tl.full(amax.shape, Q_MAX, tl.float32)),
+                      1.0)
+    q = tl.math.div_rn(v, tl.broadcast_to(scales[:, None], v.shape))
+    q = fp8_grid(tl.minimum(tl.maximum(q, -Q_MAX), Q_MAX), Q_DTYPE)
+    return q.to(Q_DTYPE), scales

@@ -17,7 +17,8 @@ Importing this module registers, under the namespace ``symmtriton``, from one ta
                                                algorithm=None) -> ()
     torch.ops.symmtriton.<row op>_fp8(<the row op's arguments>, out_dtype, scale, scales) -> ()
     torch.ops.symmtriton.moe_dispatch(x, topk_idx, num_experts, max_tokens_per_rank,
-                                      group_name, recv_x, recv_counts, rowmap) -> ()
+                                      group_name, recv_x, recv_counts, rowmap,
+                                      recv_scales=None) -> ()
     torch.ops.symmtriton.moe_combine(expert_out, topk_idx, topk_weights, rowmap, num_experts,
                                      group_name, out) -> ()
 
@@ -31,8 +32,9 @@ arguments the caller passed, so one left to its default, or passed by name, fail
 
 Each op writes its result into its output tensor (``output`` / ``out``; ``all_reduce_`` into
 ``tensor``; the fused ops also update ``residual`` in place; ``moe_dispatch`` into ``recv_x``
-and the handle's ``recv_counts`` and ``rowmap``, which ``symmtriton.moe_dispatch`` allocates
-before it calls the op) and returns nothing: the schema
+and the handle's ``recv_counts``, ``rowmap`` and, with ``use_fp8=True``, ``recv_scales`` (FP8
+``recv_x`` then; ``None``: no FP8), which ``symmtriton.moe_dispatch`` allocates before it calls
+the op) and returns nothing: the schema
 marks exactly those arguments as mutated, so ``torch.compile(fullgraph=True)`` traces a model
 that calls them without graph breaks, and functionalization knows which tensors change. Fake
 (meta) implementations let the compiler trace shapes without running a collective.
@@ -143,7 +145,8 @@ TABLE = {
         (f"(Tensor(a0!) output, Tensor input, {_COUNTED}) -> ()", _reduce_scatter_v),
     "moe_dispatch":
         ("(Tensor x, Tensor topk_idx, int num_experts, int max_tokens_per_rank, str group_name, "
-         "Tensor(a5!) recv_x, Tensor(a6!) recv_counts, Tensor(a7!) rowmap) -> ()",
+         "Tensor(a5!) recv_x, Tensor(a6!) recv_counts, Tensor(a7!) rowmap, "
+         "Tensor(a8!)? recv_scales=None) -> ()",
          _moe_dispatch_into),
     "moe_combine":
         ("(Tensor expert_out, Tensor topk_idx, Tensor topk_weights, Tensor rowmap, "

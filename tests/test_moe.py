@@ -196,7 +196,7 @@ def _bad_inputs(rank, world):
                             torch.zeros(M + 1, 2, dtype=torch.int64, device=d), E),
     }
     got = raised_by(dispatch, cases)
-    got["fp8"] = raised_by(lambda: dispatch(x, idx, E, use_fp8=True), {"": ()})[""]
+    got["fp8"] = raised_by(lambda: dispatch(x, idx, E, use_fp8="yes"), {"": ()})[""]
     got["max tokens"] = raised_by(lambda: dispatch(x, idx, E, max_tokens_per_rank=0), {"": ()})[""]
     recv, handle = dispatch(x, idx, E)
     combine = {
@@ -211,19 +211,22 @@ def _bad_inputs(rank, world):
                                                  torch.zeros(M + 1, 2, dtype=torch.int64,
                                                              device=d), E)),
                      ("experts", lambda: dispatch(x, idx, E + 1)),
-                     ("fp8", lambda: dispatch(x, idx, E, use_fp8=True)),
                      ("K", lambda: st.moe_combine(recv, idx, w1, handle))):
         msgs[name] = value_error_of(fn)
+    try:
+        dispatch(x, idx, E, use_fp8=1)
+    except TypeError as exc:
+        msgs["fp8"] = str(exc)
     return got, msgs
 
 
 def test_validation_names_the_value_before_launch(cpu_pool):
     for got, msgs in cpu_pool(2).run(_bad_inputs):
         assert None not in got.values(), got
-        assert got["x dtype"] == got["idx dtype"] == got["handle"] == "TypeError", got
+        assert got["x dtype"] == got["idx dtype"] == got["handle"] == got["fp8"] == "TypeError", got
         assert f"more than max_tokens_per_rank={M}" in msgs["tokens"]
         assert "num_experts=5 is not divisible by the group size 2" in msgs["experts"]
-        assert msgs["fp8"] == "moe_dispatch: use_fp8=True is not supported yet"
+        assert msgs.get("fp8") == "moe_dispatch: use_fp8 must be a bool, got int 1"
         assert "topk_weights shape (3, 1) differs from topk_idx shape (3, 2)" in msgs["K"]
 
 

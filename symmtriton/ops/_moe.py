@@ -24,12 +24,15 @@ class MoeHandle(NamedTuple):
     """What :func:`moe_combine` needs of its :func:`moe_dispatch`: ``recv_counts`` (int32
     ``[E/W]``, rows per local expert), ``rowmap`` (int32 ``[W, M, K]``: the row of ``recv_x``,
     flat over ``[E/W, W * M]``, of each source rank's token and slot, -1 where this rank does
-    not own the slot's expert), the expert count and this rank's token count."""
+    not own the slot's expert), the expert count and this rank's token count; and
+    ``recv_scales``: with ``use_fp8=True`` the fp32 scales of ``recv_x``'s FP8 rows, ``[E/W, W *
+    M, ceil(H / 128)]`` (one per row and group of 128 channels), else ``None``."""
 
     recv_counts: torch.Tensor
     rowmap: torch.Tensor
     num_experts: int
     tokens: int
+    recv_scales: torch.Tensor | None = None
 
 
 #: dtypes of the token rows (x, expert_out) and of the routing.
@@ -40,6 +43,22 @@ WEIGHT_DTYPES = ROW_DTYPES
 MAX_TOPK = 64
 #: most experts in all (one block scans the routing with a flag per expert).
 MAX_EXPERTS = 4096
+#: ``use_fp8=True``: the dtype of the rows on the link and of ``recv_x`` (its Triton type and
+#: largest finite value: ``ops/_quant.py`` ``FP8``), and the channels per scale.
+FP8_DTYPE, FP8_GROUP = torch.float8_e4m3fn, 128
+
+
+def scale_groups(hidden: int) -> int:
+    """Scales per FP8 row: one per ``FP8_GROUP`` channels, the last group shorter."""
+    return -(-hidden // FP8_GROUP)
+
+
+def check_use_fp8(op: str, use_fp8) -> bool:
+    """``use_fp8`` is a bool (``TypeError`` naming the value otherwise)."""
+    if not isinstance(use_fp8, bool):
+        raise TypeError(f"{op}: use_fp8 must be a bool, got {type(use_fp8).__name__} "
+                        f"{use_fp8!r}")
+    return use_fp8
 
 
 def check_experts(op: str, num_experts, world: int) -> int:
@@ -85,8 +104,11 @@ def check_dispatch(op: str, a, world: int) -> None:
     (T, H), EL = a.x.shape, E // world
     if T > M:
         raise ValueError(f"{op}: x has {T} tokens, more than max_tokens_per_rank={M}")
-    expect = {"recv_x": ((EL, world * M, H), a.x.dtype), "recv_counts": ((EL,), torch.int32),
-              "rowmap": ((world, M, K), torch.int32)}
+    fp8 = a.recv_scales is not None
+    expect = {"recv_x": ((EL, world * M, H), FP8_DTYPE if fp8 else a.x.dtype),
+              "recv_counts": ((EL,), torch.int32), "rowmap": ((world, M, K), torch.int32)}
+    if fp8:
+        expect["recv_scales"] = ((EL, world * M, scale_groups(H)), torch.float32)
     for name, (shape, dtype) in expect.items():
         t = getattr(a, name)
         check_tensor(name, t, dtypes=(dtype,))

@@ -5,7 +5,8 @@ combine on the other.
 
 Both move padded, equal-split ``all_to_all_single`` messages (every rank sends ``M`` token slots
 to every rank), so nothing is read back to the host but the expert-id check; that check is
-skipped while a CUDA graph is being captured.
+skipped while a CUDA graph is being captured. With ``use_fp8=True`` the dispatch quantises the
+rows before they move, as the kernel does (:func:`quantise_groups`), bit for bit alike.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from ._moe import FP8_DTYPE, FP8_GROUP, scale_groups
+from ._quant import FP8
 from .fallback import torch_all_gather
 
 
@@ -45,11 +48,44 @@ def _raise_bad(bad: torch.Tensor, make_error) -> None:
         raise make_error(0, None, True)
 
 
+def quantise_groups(x: torch.Tensor):
+    """``x`` ``[T, H]`` quantised per token and group of ``FP8_GROUP`` channels (the last one
+    shorter), the kernel's rule (kernels/quant.py ``quant_groups``): ``(q, scales)``, ``q``
+    ``FP8_DTYPE`` ``[T, H]``, ``scales`` fp32 ``[T, ceil(H / FP8_GROUP)]``."""
+    (T, H), groups, q_max = x.shape, scale_groups(x.shape[1]), FP8[FP8_DTYPE][1]
+    xf = torch.zeros((T, groups * FP8_GROUP), dtype=torch.float32, device=x.device)
+    xf[:, :H] = x.float()
+    xf = xf.view(T, groups, FP8_GROUP)
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scales = torch.where(amax > 0, amax / q_max, torch.ones_like(amax))
+    q = (xf / scales).clamp(-q_max, q_max).view(T, groups * FP8_GROUP)[:, :H].to(FP8_DTYPE)
+    return q, scales.view(T, groups)
+
+
+def _sent_rows(a, world: int, M: int):
+    """``[(rows, dst), ...]``: what the dispatch of ``a`` moves, ``rows`` ``[W, M, n]`` (this
+    rank's tokens in every block, zeros past them), and where it lands, ``dst`` ``[rows, n]``:
+    ``x`` into ``recv_x``, or its FP8 bytes into ``recv_x``'s and its scales into
+    ``recv_scales``."""
+    if a.recv_scales is None:
+        pairs = [(a.x, a.recv_x)]
+    else:
+        q, scales = quantise_groups(a.x)
+        pairs = [(q.view(torch.uint8), a.recv_x.view(torch.uint8)), (scales, a.recv_scales)]
+    out = []
+    for src, dst in pairs:
+        rows = src.new_zeros((world, M, src.shape[1]))
+        rows[:, :src.shape[0]] = src
+        out.append((rows, dst.view(-1, src.shape[1])))
+    return out
+
+
 def dispatch(a, group, make_error) -> None:
     """``moe_dispatch`` of the operands ``a`` (``_operands.DispatchOperands``) through
-    ``torch.distributed``: writes ``a.recv_x``, ``a.recv_counts`` and ``a.rowmap``."""
+    ``torch.distributed``: writes ``a.recv_x``, ``a.recv_counts``, ``a.rowmap`` (and
+    ``a.recv_scales`` with FP8)."""
     world = dist.get_world_size(group)
-    (T, H), K, M = a.x.shape, a.topk_idx.shape[1], a.max_tokens
+    T, K, M = a.x.shape[0], a.topk_idx.shape[1], a.max_tokens
     E = a.num_experts
     EL = E // world
     ids, bad = clean_ids(a.topk_idx, E)
@@ -61,9 +97,8 @@ def dispatch(a, group, make_error) -> None:
     ranks = torch.arange(world, device=a.x.device)[:, None, None]
     meta = torch.full((world, M, K), -1, dtype=torch.int32, device=a.x.device)
     meta[:, :T] = torch.where(dest[None] == ranks, (ids % EL) * M + pos, -1).int()
-    xs = a.x.new_zeros((world, M, H))
-    xs[:, :T] = a.x
-    meta, xs = _all_to_all(meta, group), _all_to_all(xs, group)
+    meta = _all_to_all(meta, group)
+    moved = [(_all_to_all(rows, group), dst) for rows, dst in _sent_rows(a, world, M)]
     cnt = _all_to_all(hot.sum(0, dtype=torch.int32).view(world, EL), group)  # [source, expert]
     offs = (cnt.cumsum(0, dtype=torch.int32) - cnt).long()
     j = torch.where(meta >= 0, meta // M, 0).long()
@@ -73,7 +108,8 @@ def dispatch(a, group, make_error) -> None:
     a.recv_counts.copy_(cnt.sum(0))
     valid = rows >= 0
     src = torch.arange(world * M, device=a.x.device)[:, None].expand(world * M, K)
-    a.recv_x.view(-1, H)[rows[valid]] = xs.view(world * M, H)[src[valid.view(world * M, K)]]
+    for got, dst in moved:
+        dst[rows[valid]] = got.view(world * M, -1)[src[valid.view(world * M, K)]]
     _raise_bad(bad, make_error)
 
 

@@ -74,7 +74,8 @@ class VarOperands(NamedTuple):
 
 class DispatchOperands(NamedTuple):
     """A dispatch of ``x`` routed by ``topk_idx`` into ``recv_x``, ``recv_counts`` and
-    ``rowmap`` (``max_tokens``: ``max_tokens_per_rank``)."""
+    ``rowmap`` (``max_tokens``: ``max_tokens_per_rank``); ``recv_scales``: the FP8 rows' group
+    scales (``use_fp8=True``: ``recv_x`` is FP8), else ``None``."""
 
     x: torch.Tensor
     topk_idx: torch.Tensor
@@ -83,6 +84,7 @@ class DispatchOperands(NamedTuple):
     recv_x: torch.Tensor
     recv_counts: torch.Tensor
     rowmap: torch.Tensor
+    recv_scales: torch.Tensor | None
 
 
 class CombineOperands(NamedTuple):

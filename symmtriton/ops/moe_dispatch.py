@@ -25,9 +25,11 @@ from ..launch import Launch
 from ..memory import resolve_group
 from ..validation import check_count, check_tensor
 from . import _moe_fallback as fallback
-from ._moe import (ROW_DTYPES, MoeHandle, MoePlan, addr, area_start, bad_expert_error,
-                   check_dispatch, check_experts, check_routing, ctx_for, moe_config, p2, up)
+from ._moe import (FP8_DTYPE, FP8_GROUP, ROW_DTYPES, MoeHandle, MoePlan, addr, area_start,
+                   bad_expert_error, check_dispatch, check_experts, check_routing, check_use_fp8,
+                   ctx_for, moe_config, p2, scale_groups, up)
 from ._operands import DispatchOperands, record
+from ._quant import FP8
 from ._vcommon import TL_COUNTS
 from .driver import TL_DTYPE, Collective, ConfigChoice, call, eager_only, group_name, tensor_desc
 
@@ -36,7 +38,9 @@ SCAN_FLAGS = 4096
 
 
 def _outputs(a: DispatchOperands):
-    return (a.recv_x, a.recv_counts, a.rowmap)
+    if a.recv_scales is None:
+        return (a.recv_x, a.recv_counts, a.rowmap)
+    return (a.recv_x, a.recv_counts, a.rowmap, a.recv_scales)
 
 
 class MoeDispatch(Collective):
@@ -46,7 +50,8 @@ class MoeDispatch(Collective):
     def key(self, group, config, timeout_s, a: DispatchOperands):
         return (self.name, group, tensor_desc(a.x), tensor_desc(a.topk_idx), a.num_experts,
                 a.max_tokens, tensor_desc(a.recv_x), tensor_desc(a.recv_counts),
-                tensor_desc(a.rowmap), config, env.timeout_key(timeout_s))
+                tensor_desc(a.rowmap), tensor_desc(a.recv_scales), config,
+                env.timeout_key(timeout_s))
 
     def uniform(self, a: DispatchOperands):
         return {"recv_x": a.recv_x, "rowmap": a.rowmap}
@@ -62,16 +67,19 @@ class MoeDispatch(Collective):
         cfg = config or moe_config(H)
         if ctx is not None:
             world, EL, esize = ctx.world, a.recv_x.shape[0], a.x.element_size()
+            rsize = a.recv_x.element_size()  # of the rows on the link: FP8 or x's
+            groups = 0 if a.recv_scales is None else scale_groups(H)
             grid = cfg.row_grid(M, ctx.grid_cap)
             x_off = area_start(buf, (a.x, M * H * esize),
                                (a.topk_idx, M * K * a.topk_idx.element_size()))
-            meta_off = up(x_off + world * M * H * esize)
-            cnt_off = up(meta_off + world * M * K * 4)
+            meta_off = up(x_off + world * M * H * rsize)
+            sc_off = up(meta_off + world * M * K * 4)
+            cnt_off = up(sc_off + world * M * groups * 4)
             if symm_usable(buf, a.x.device, cnt_off + grid * world * EL * 4):
-                aligned = (H * esize) % ALIGN == 0 and aligned16(
+                aligned = (H * esize) % ALIGN == 0 and (H * rsize) % ALIGN == 0 and aligned16(
                     addr(ctx, a.x), a.recv_x.data_ptr(), ctx.local_base + x_off)
-                kern = _kernel_launch(ctx, cfg, grid, a, (x_off, meta_off, cnt_off), aligned,
-                                      timeout_s)
+                kern = _kernel_launch(ctx, cfg, grid, a, (x_off, meta_off, sc_off, cnt_off),
+                                      aligned, timeout_s)
                 return MoePlan("barrier", make_error, _outputs, kern, ConfigChoice(cfg))
         return MoePlan("fallback", make_error, _outputs, fallback=fallback.dispatch, group=group)
 
@@ -81,23 +89,28 @@ def _kernel_launch(ctx, cfg: LaunchConfig, grid: int, a: DispatchOperands, offse
     """The launch of ``_moe_dispatch_kernel``: its arguments, listed here only."""
     (T, H), K, M = a.x.shape, a.topk_idx.shape[1], a.max_tokens
     EL, E_P2 = a.recv_x.shape[0], p2(a.num_experts)
+    fp8 = a.recv_scales is not None
+    q_dtype, q_max = FP8[FP8_DTYPE] if fp8 else (TL_DTYPE[a.x.dtype], 0.0)
     return Launch.on(
         ctx, OP.name, _moe_dispatch_kernel, grid, cfg.num_warps,
         (addr(ctx, a.x), addr(ctx, a.topk_idx), a.recv_x.data_ptr(), a.recv_counts.data_ptr(),
-         a.rowmap.data_ptr(), ctx.buf_table, ctx.sig_table, ctx.err_addr,
-         ctx.err_addr + 4 * C.COUNTS_ERROR_WORD, ctx.grid_cap, T, M, H, *offsets,
-         env.timeout_ns(timeout_s)),
+         a.rowmap.data_ptr(), a.recv_scales.data_ptr() if fp8 else 0, ctx.buf_table,
+         ctx.sig_table, ctx.err_addr, ctx.err_addr + 4 * C.COUNTS_ERROR_WORD, ctx.grid_cap, T, M,
+         H, *offsets, env.timeout_ns(timeout_s)),
         dict(DTYPE=TL_DTYPE[a.x.dtype], IDX_DTYPE=TL_COUNTS[a.topk_idx.dtype], K=K, K_P2=p2(K),
              EL=EL, EL_P2=p2(EL), E_P2=E_P2, BT=min(p2(M), max(1, SCAN_FLAGS // E_P2)),
-             BLOCK_H=cfg.block_size, ALIGNED=aligned))
+             BLOCK_H=max(cfg.block_size, FP8_GROUP) if fp8 else cfg.block_size,
+             ALIGNED=aligned, QUANT=fp8, Q_DTYPE=q_dtype, Q_MAX=q_max, Q_GROUP=FP8_GROUP))
 
 
 OP = MoeDispatch()
 
 
-def _new_outputs(x, topk_idx, num_experts, group, max_tokens):
-    """``(recv_x, recv_counts, rowmap)``, new, for the dispatch of ``x`` (checked far enough to
-    size them; the rest is checked on the plan driver's path)."""
+def _new_outputs(x, topk_idx, num_experts, group, max_tokens, use_fp8):
+    """``(recv_x, recv_counts, rowmap, recv_scales)``, new, for the dispatch of ``x`` (checked
+    far enough to size them; the rest is checked on the plan driver's path); ``recv_scales``
+    ``None`` without ``use_fp8``."""
+    fp8 = check_use_fp8(OP.name, use_fp8)
     world = dist.get_world_size(resolve_group(group, "group"))
     check_tensor("x", x, dtypes=ROW_DTYPES)
     if x.dim() != 2:
@@ -105,25 +118,26 @@ def _new_outputs(x, topk_idx, num_experts, group, max_tokens):
     check_routing(OP.name, "x", x, topk_idx)
     EL = check_experts(OP.name, num_experts, world) // world
     M = check_count("max_tokens_per_rank", max_tokens)
-    return (x.new_empty((EL, world * M, x.shape[1])),
+    H = x.shape[1]
+    scales = None
+    if fp8:
+        scales = torch.empty((EL, world * M, scale_groups(H)), dtype=torch.float32,
+                             device=x.device)
+    return (torch.empty((EL, world * M, H), dtype=FP8_DTYPE if fp8 else x.dtype, device=x.device),
             torch.empty(EL, dtype=torch.int32, device=x.device),
-            torch.empty((world, M, topk_idx.shape[1]), dtype=torch.int32, device=x.device))
-
-
-def _check_fp8(use_fp8) -> None:
-    if use_fp8:
-        raise ValueError("moe_dispatch: use_fp8=True is not supported yet")
+            torch.empty((world, M, topk_idx.shape[1]), dtype=torch.int32, device=x.device),
+            scales)
 
 
 def _traced(x, topk_idx, num_experts, group=None, *, max_tokens_per_rank, use_fp8=False,
             config=None, timeout_s=None):
     """Under ``torch.compile``: the outputs, then ``torch.ops.symmtriton.moe_dispatch``."""
     eager_only(OP.name, config, timeout_s)
-    _check_fp8(use_fp8)
-    recv_x, counts, rowmap = _new_outputs(x, topk_idx, num_experts, group, max_tokens_per_rank)
+    recv_x, counts, rowmap, scales = _new_outputs(x, topk_idx, num_experts, group,
+                                                  max_tokens_per_rank, use_fp8)
     torch.ops.symmtriton.moe_dispatch(x, topk_idx, num_experts, max_tokens_per_rank,
-                                      group_name(group), recv_x, counts, rowmap)
-    return recv_x, MoeHandle(counts, rowmap, num_experts, x.shape[0])
+                                      group_name(group), recv_x, counts, rowmap, scales)
+    return recv_x, MoeHandle(counts, rowmap, num_experts, x.shape[0], scales)
 
 
 @sequenced(_traced)
@@ -138,28 +152,39 @@ def moe_dispatch(x, topk_idx, num_experts: int, group=None, *, max_tokens_per_ra
     max_tokens_per_rank, H]`` holds, per local expert, the rows routed to it packed from row 0 in
     the order (source rank, token index); ``handle.recv_counts`` (int32 ``[E/W]`` on the device)
     counts them (rows past it are unspecified). Nothing is read back to the host, so a captured
-    CUDA graph replays with new routing. ``use_fp8=True`` is not supported yet (``ValueError``).
+    CUDA graph replays with new routing.
+
+    ``use_fp8=True`` (a bool): each token is quantised once, on its rank, before it is sent, and
+    crosses as ``torch.float8_e4m3fn`` with one fp32 scale per group of 128 channels (the last
+    group shorter where ``H`` is not a multiple of 128): ``scale = amax(|x[t, group]|) / 448``
+    (1 for a group of zeros), value ``clamp(x / scale, -448, 448)`` rounded to the nearest
+    e4m3fn (both divisions rounded to nearest, as torch's). ``recv_x`` is then
+    ``float8_e4m3fn`` and ``handle.recv_scales`` fp32 ``[E/W, W * max_tokens_per_rank,
+    ceil(H / 128)]`` holds each row's scales (``recv_x * scale`` dequantises; rows past the
+    counts unspecified); without it ``handle.recv_scales`` is ``None``. The combine takes the
+    experts' output in its own dtype either way.
 
     Staged through the group's symmetric buffer (``torch.distributed`` where it cannot carry the
     call); an expert id out of range raises ``ValueError`` (see the module docstring). Under
     ``torch.compile`` it traces as ``torch.ops.symmtriton.moe_dispatch``."""
-    _check_fp8(use_fp8)
-    recv_x, counts, rowmap = _new_outputs(x, topk_idx, num_experts, group, max_tokens_per_rank)
+    recv_x, counts, rowmap, scales = _new_outputs(x, topk_idx, num_experts, group,
+                                                  max_tokens_per_rank, use_fp8)
     call(OP, group, config, timeout_s, record(DispatchOperands, (
-        x, topk_idx, num_experts, max_tokens_per_rank, recv_x, counts, rowmap)))
-    return recv_x, MoeHandle(counts, rowmap, num_experts, x.shape[0])
+        x, topk_idx, num_experts, max_tokens_per_rank, recv_x, counts, rowmap, scales)))
+    return recv_x, MoeHandle(counts, rowmap, num_experts, x.shape[0], scales)
 
 
 def _traced_into(x, topk_idx, num_experts, max_tokens_per_rank, recv_x, recv_counts, rowmap,
-                 group=None):
+                 recv_scales=None, group=None):
     torch.ops.symmtriton.moe_dispatch(x, topk_idx, num_experts, max_tokens_per_rank,
-                                      group_name(group), recv_x, recv_counts, rowmap)
+                                      group_name(group), recv_x, recv_counts, rowmap, recv_scales)
 
 
 @sequenced(_traced_into)
 def dispatch_into(x, topk_idx, num_experts, max_tokens_per_rank, recv_x, recv_counts, rowmap,
-                  group=None) -> None:
+                  recv_scales=None, group=None) -> None:
     """:func:`moe_dispatch` into given outputs: what ``torch.ops.symmtriton.moe_dispatch``
-    runs."""
+    runs (FP8 where ``recv_scales`` is given)."""
     call(OP, group, None, None, record(DispatchOperands, (
-        x, topk_idx, num_experts, max_tokens_per_rank, recv_x, recv_counts, rowmap)))
+        x, topk_idx, num_experts, max_tokens_per_rank, recv_x, recv_counts, rowmap,
+        recv_scales)))

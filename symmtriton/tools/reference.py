@@ -92,6 +92,37 @@ def moe_dispatch(xs: list[torch.Tensor], topk_idxs: list[torch.Tensor], num_expe
     return recv, counts
 
 
+def quantise_groups(x: torch.Tensor, group: int = 128,
+                    out_dtype: torch.dtype = torch.float8_e4m3fn):
+    """``x`` ``[T, H]`` quantised per token and group of ``group`` channels (the last group
+    shorter), one group at a time: ``(q [T, H] out_dtype, scales fp32 [T, ceil(H / group)])``,
+    ``scale = amax(|x[t, group]|) / max`` (1 for a group of zeros), ``q = clamp(x / scale,
+    -max, max)`` cast (``max``: :data:`FP8_MAX`)."""
+    q_max = FP8_MAX[out_dtype]
+    T, H = x.shape
+    q = torch.zeros((T, H), dtype=out_dtype)
+    scales = torch.zeros((T, -(-H // group)), dtype=torch.float32)
+    for g, start in enumerate(range(0, H, group)):
+        part = x[:, start:start + group].float().cpu()
+        amax = part.abs().amax(dim=1, keepdim=True)
+        scale = torch.where(amax > 0, amax / q_max, torch.ones_like(amax))
+        q[:, start:start + group] = (part / scale).clamp(-q_max, q_max).to(out_dtype)
+        scales[:, g] = scale[:, 0]
+    return q, scales
+
+
+def moe_dispatch_fp8(xs: list[torch.Tensor], topk_idxs: list[torch.Tensor], num_experts: int,
+                     max_tokens: int, rank: int):
+    """``moe_dispatch(use_fp8=True)`` of rank ``rank``: ``(recv_x, recv_scales, recv_counts)``,
+    every rank's tokens quantised by :func:`quantise_groups` and routed as by
+    :func:`moe_dispatch` (``recv_x`` ``float8_e4m3fn``; rows past the counts are 0)."""
+    quantised = [quantise_groups(x) for x in xs]
+    recv, counts = moe_dispatch([q.view(torch.uint8) for q, _ in quantised], topk_idxs,
+                                num_experts, max_tokens, rank)
+    scales, _ = moe_dispatch([s for _, s in quantised], topk_idxs, num_experts, max_tokens, rank)
+    return recv.view(torch.float8_e4m3fn), scales, counts
+
+
 def moe_combine(expert_outs: list[torch.Tensor], topk_idxs: list[torch.Tensor],
                 topk_weights: list[torch.Tensor], num_experts: int, max_tokens: int,
                 rank: int) -> torch.Tensor:
