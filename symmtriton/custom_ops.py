@@ -18,7 +18,7 @@ Importing this module registers, under the namespace ``symmtriton``, from one ta
     torch.ops.symmtriton.<row op>_fp8(<the row op's arguments>, out_dtype, scale, scales) -> ()
     torch.ops.symmtriton.moe_dispatch(x, topk_idx, num_experts, max_tokens_per_rank,
                                       group_name, recv_x, recv_counts, rowmap,
-                                      recv_scales=None) -> ()
+                                      recv_scales) -> ()
     torch.ops.symmtriton.moe_combine(expert_out, topk_idx, topk_weights, rowmap, num_experts,
                                      group_name, out) -> ()
 
@@ -146,7 +146,7 @@ TABLE = {
     "moe_dispatch":
         ("(Tensor x, Tensor topk_idx, int num_experts, int max_tokens_per_rank, str group_name, "
          "Tensor(a5!) recv_x, Tensor(a6!) recv_counts, Tensor(a7!) rowmap, "
-         "Tensor(a8!)? recv_scales=None) -> ()",
+         "Tensor(a8!)? recv_scales) -> ()",
          _moe_dispatch_into),
     "moe_combine":
         ("(Tensor expert_out, Tensor topk_idx, Tensor topk_weights, Tensor rowmap, "

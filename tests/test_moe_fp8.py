@@ -168,7 +168,7 @@ def _bad_inputs(rank, world):
                          TypeError, "recv_scales has dtype torch.float64"),
         "recv not fp8": (lambda: op(x, idx, E, M, name, recv.to(BF16), counts, rowmap, sc),
                          TypeError, "recv_x has dtype torch.bfloat16"),
-        "fp8 without scales": (lambda: op(x, idx, E, M, name, recv, counts, rowmap),
+        "fp8 without scales": (lambda: op(x, idx, E, M, name, recv, counts, rowmap, None),
                                TypeError, "recv_x has dtype torch.float8_e4m3fn"),
     })
 
@@ -179,14 +179,15 @@ def test_validation_names_the_value_before_launch(cpu_pool):
 
 
 def test_custom_op_schema_and_fake():
-    """``recv_scales`` is an optional written argument; the fake runs without a group."""
+    """``recv_scales`` is an optional written argument without a default (``custom_ops``); the
+    fake runs without a group."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     schema = torch.ops.symmtriton.moe_dispatch.default._schema
     written = {a.name for a in schema.arguments if a.alias_info and a.alias_info.is_write}
     assert written == {"recv_x", "recv_counts", "rowmap", "recv_scales"}
     [arg] = [a for a in schema.arguments if a.name == "recv_scales"]
-    assert (str(arg.type), arg.default_value) == ("Optional[Tensor]", None)
+    assert (str(arg.type), arg.has_default_value()) == ("Optional[Tensor]", False)
     with FakeTensorMode():
         x, idx = torch.empty(3, 200, dtype=BF16), torch.zeros(3, 2, dtype=torch.int64)
         outs = (torch.empty(2, 2 * M, 200, dtype=E4M3), torch.empty(2, dtype=torch.int32),
