@@ -155,6 +155,46 @@ def test_kernel_dispatch_with_fallback_combine(cpu_pool):
     assert cpu_pool(2).run(_mixed_paths) == [[]] * 2
 
 
+def _in_buffer(rank, world):
+    """Zero-copy: ``x``, ``topk_idx``, ``expert_out`` and ``out`` lie in the symmetric buffer,
+    laid out alike on every rank (capacity ``M`` rows each, ``T`` used); both ops read and write
+    them where they lie and place their areas past them, so the operands stay intact."""
+    buf = st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=1)
+    K, EL, H = 4, 2, 24
+    specs = [(M * H, BF16), (M * K, torch.int64), (EL * world * M * H, BF16), (M * H, BF16)]
+    views = [v.view(dt) for (v, _), (_, dt) in zip(buf.maybe_get_tensors(specs)["tensors"], specs)]
+    bad = []
+    for salt in (0, 1):
+        x0, idx0, w = inputs("uniform", rank, world, K, EL, H, BF16, salt)
+        T = x0.shape[0]
+        x, idx = views[0][:T * H].view(T, H), views[1][:T * K].view(T, K)
+        x.copy_(x0)
+        idx.copy_(idx0)
+        recv, handle = st.moe_dispatch(x, idx, world * EL, max_tokens_per_rank=M,
+                                       timeout_s=TIMEOUT_S)
+        paths = [_path()]
+        expert_out = views[2].view(EL, world * M, H)
+        torch.mul(recv, scales(rank, EL, BF16).to(device()), out=expert_out)
+        out = views[3][:T * H].view(T, H)
+        y = st.moe_combine(expert_out, idx, w.to(device()), handle, out=out, timeout_s=TIMEOUT_S)
+        paths.append(_path())
+        sync()
+        ref_x, ref_counts, ref_y = references("uniform", rank, world, K, EL, H, BF16, salt)
+        if not all(torch.equal(recv[j, :c].cpu(), ref_x[j, :c]) for j, c in enumerate(ref_counts)):
+            bad.append(("recv_x", salt))
+        if y.data_ptr() != out.data_ptr() or not torch.equal(out.cpu(), ref_y):
+            bad.append(("y", salt))
+        if not (torch.equal(x.cpu(), x0) and torch.equal(idx.cpu(), idx0)):
+            bad.append(("operands changed", salt))
+        if paths != ["kernel", "kernel"]:
+            bad.append(("paths", paths))
+    return bad
+
+
+def test_operands_in_the_buffer(pool):
+    assert pool.run(_in_buffer) == [[]] * pool.world_size
+
+
 def _bad_expert(rank, world):
     """Rank 0 names expert ``E`` (out of range): its call raises (host backend: at once; GPU: at
     the next call or synchronize) naming it, nothing lands out of bounds, and the ranks stay in
