@@ -18,7 +18,7 @@ from symmtriton.tools import reference
 from symmtriton.tools.testing import device, sync, tagged
 
 from helpers import buffer_without_symmetric_memory, captured, errors_without_launch
-from test_moe import M, TIMEOUT_S, expert, route, scales, tokens
+from moe_cases import M, TIMEOUT_S, expert, route, scales, tokens
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 E4M3 = torch.float8_e4m3fn

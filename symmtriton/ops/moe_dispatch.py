@@ -5,7 +5,8 @@ Outputs are new tensors per call (a plan is kept per set of operand addresses, s
 tensors come back at the same addresses, or a CUDA graph, reuses it). Operands are read where
 they lie, in the buffer (zero-copy) or not, with no copy before the launch; the tokens cross to
 the peers' buffers inside the launch (areas past every operand that lies in the buffer, counted
-at capacity, ``max_tokens_per_rank`` rows, so ranks that lay the buffer out alike agree); where the buffer cannot carry the call, ``ops/_moe_fallback.py`` moves the same rows with
+at capacity, ``max_tokens_per_rank`` rows, so ranks that lay the buffer out alike agree). Where
+the buffer cannot carry the call, ``ops/_moe_fallback.py`` moves the same rows with
 ``torch.distributed``. An expert id out of range is skipped on the device and raises
 ``ValueError`` through the counts error word (:mod:`symmtriton.counts`): at once on the host
 backend, at the next MoE or variable-count call or :func:`symmtriton.synchronize` on the GPU.
