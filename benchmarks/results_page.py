@@ -24,7 +24,8 @@ PAGE = RESULTS / "README.md"
 HEADLINE = ("h200x2_w2_pergpu", "graph", "zero_copy",
             (4 << 10, 64 << 10, 1 << 20, 16 << 20, 1 << 30))
 OP_NAMES = {"all_gather": "all-gather", "reduce_scatter": "reduce-scatter",
-            "fused": "RS + add + RMSNorm + AG", "all_reduce": "all-reduce",
+            "fused": "RS + add + RMSNorm + AG", "reduce_scatter_add_rmsnorm": "RS + add + RMSNorm",
+            "all_reduce": "all-reduce",
             "all_reduce_add_rmsnorm": "AR + add + RMSNorm", "all_gather_v": "all_gather_v",
             "reduce_scatter_v": "reduce_scatter_v"}
 OP_ORDER = tuple(OP_NAMES)
@@ -52,9 +53,11 @@ def us(t) -> str:
 
 
 def column(row: dict) -> str:
-    """The table column of a row: its op (and, for the v ops, its count distribution)."""
+    """The table column of a row: its op (and, for the v ops, its count distribution; for FP8
+    rows, their form)."""
     op = row["op"]
-    return f"{OP_NAMES[op]} ({row['variant']})" if op in V_OPS else OP_NAMES.get(op, op)
+    name = f"{OP_NAMES[op]} ({row['variant']})" if op in V_OPS else OP_NAMES.get(op, op)
+    return name + (f" FP8 {row['fp8']}" if row.get("fp8") else "")
 
 
 def load_sets(latest: pathlib.Path = LATEST) -> dict:
@@ -133,13 +136,16 @@ def time_table(data: dict, mode: str, placement: str) -> list:
         line = [size_label(s)]
         for c in cols:
             r = cells.get((c, s))
+            quant = f" / {us(r.get('ours_quant_us'))}" if r and r.get("fp8") else ""
             line.append("" if r is None else
                         f"{us(r['time_us'])} / {us(r.get('baseline_us'))} / "
-                        f"{us(r.get('symm_mem_us'))}")
+                        f"{us(r.get('symm_mem_us'))}{quant}")
         body.append(line)
+    fp8 = any(r.get("fp8") for r in cells.values())
     return ([caption(data["meta"], setting(data, mode, placement)), "",
-             f"us per call: ours / {baseline_name(data)} / torch symm_mem. "
-             + symm_ops(data, cells), ""]
+             f"us per call: ours / {baseline_name(data)} / torch symm_mem"
+             + (" (FP8 columns: / ours in the input dtype, then torch's quantisation)" * fp8)
+             + ". " + symm_ops(data, cells), ""]
             + table(["size"] + cols, body) + [""])
 
 

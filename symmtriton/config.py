@@ -24,13 +24,13 @@ CONFIG_KEYS = ("block_size", "num_warps", "max_blocks")
 #: The op vocabulary of launch configs, one name per kernel: the tuning cache's ``"op"``, the
 #: bench's ``--ops``, the tuner's ``op``. Public functions that share a kernel share its name.
 OPS = ("all_gather", "reduce_scatter", "fused")
-#: public functions the bench also measures (``--ops``) without a tuning-cache entry of their own
-#: (all-reduce: ``default_config``; v ops: the all-gather's / reduce-scatter's; the MoE pair:
-#: ``ops/_moe.py``): the bench's vocabulary is ``OPS + UNTUNED_OPS``, as the functions are named.
-UNTUNED_OPS = ("all_reduce", "all_reduce_add_rmsnorm", "all_gather_v", "reduce_scatter_v",
-               "moe_dispatch", "moe_combine")
+#: public functions the bench also measures (``--ops``: ``OPS + UNTUNED_OPS``) without a cache
+#: entry of their own (they take their kernel's, :data:`CONFIG_OP`, or pick theirs inside).
+UNTUNED_OPS = ("all_reduce", "all_reduce_add_rmsnorm", "reduce_scatter_add_rmsnorm",
+               "all_gather_v", "reduce_scatter_v", "moe_dispatch", "moe_combine")
 #: ops whose operands are rows ``[S, H]``: they take a ``hidden`` (see :func:`check_hidden`).
-ROW_OPS = ("fused", "all_reduce_add_rmsnorm", "all_gather_v", "reduce_scatter_v")
+ROW_OPS = ("fused", "all_reduce_add_rmsnorm", "reduce_scatter_add_rmsnorm", "all_gather_v",
+           "reduce_scatter_v")
 #: public function -> the config name of its kernel (kernels/<file>.py).
 CONFIG_OP = {
     "all_gather_into_tensor": "all_gather",                  # kernels/all_gather.py

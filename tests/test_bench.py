@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from symmtriton import tuning
-from symmtriton.tools.bench import baselines, cli, options, report, timing, workloads
+from symmtriton.tools.bench import baselines, cli, moe, options, report, rownorm, timing, workloads
 from symmtriton.tools.bench import meta as bench_meta
 from symmtriton.config import CONFIG_KEYS
 from symmtriton.ops import driver
@@ -169,7 +169,8 @@ def test_help_documents_the_options():
     text = options.build_parser().format_help()
     for opt in ("--ops", "--dtypes", "--modes", "--placement", "--min-bytes", "--max-bytes",
                 "--iters", "--warmup", "--tune", "--backend", "--out-dir", "busbw", "torchrun",
-                "--quick", "--step", "--min-iters", "--max-spread", "p2p", "4G", "--algorithm"):
+                "--quick", "--step", "--min-iters", "--max-spread", "p2p", "4G", "--algorithm",
+                "--fp8", "ours_quant_us", "all_to_all_vdev"):
         assert opt in text
 
 
@@ -185,6 +186,8 @@ def test_help_documents_the_options():
     (["--step", "1"], "--step"),
     (["--max-spread", "-1"], "--max-spread"),
     (["--algorithm", "three_shot"], "three_shot"),
+    (["--fp8", "e5m2"], "'e5m2' is not one of none, static, dynamic"),
+    (["--fp8", ","], "--fp8: empty list"),
 ])
 def test_bad_options_exit_with_usage(argv, match, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -377,3 +380,119 @@ def test_times_are_the_max_over_ranks(cpu_pool):
     reduce to 4.0; a call slow on rank 1 only is slow on every rank."""
     for median, maxima, sleepy in cpu_pool(2).run(_rank_max):
         assert maxima == [4.0, 4.0, 1.0] and median == 4.0 and sleepy >= 0.03
+
+
+NORM_OPS = ("fused", "reduce_scatter_add_rmsnorm", "all_reduce_add_rmsnorm")
+
+
+def test_fp8_rows_with_both_baselines_in_pool(cpu_pool, tmp_path):
+    """``--fp8 none,static,dynamic`` at W=2: each RMSNorm row op runs without FP8 and in both
+    FP8 forms; an FP8 row has both baselines (torch.distributed's unfused sequence then torch's
+    quantisation; ours in bf16 then torch's quantisation), and its check (ok) compared all
+    three with the reference quantisation."""
+    out, cache = str(tmp_path / "out"), str(tmp_path / "tuning.json")
+    argv = ["--min-bytes", "4K", "--max-bytes", "4K", "--iters", "1", "--warmup", "0",
+            "--hidden", "256", "--ops", ",".join(NORM_OPS), "--fp8", "none,static,dynamic",
+            "--no-plot", "--name", "fp8"]
+    assert cpu_pool(2).run(_bench_main, out, cache, argv, timeout=600) == [0, 0]
+    rows, data = _read(out, "fp8")
+    assert [(r["op"], r["fp8"], r["placement"]) for r in rows] == [
+        (op, form, p) for op in NORM_OPS for form in ("", "static", "dynamic")
+        for p in ("zero_copy", "staged")]
+    for r in rows:
+        assert r["check"] == "ok" and r["path"] == "symmetric" and r["baseline"] == "gloo"
+        assert float(r["time_us"]) > 0 and float(r["baseline_us"]) > 0
+        assert int(r["size_bytes"]) == 4096  # the input's bytes, FP8 or not
+        if r["fp8"]:
+            assert float(r["ours_quant_us"]) > 0 and float(r["speedup_ours_quant"]) > 0
+        else:
+            assert r["ours_quant_us"] == "" and r["speedup_ours_quant"] == ""
+    assert not [n for n in data["notes"] if "differ" in n]
+    assert data["meta"]["options"]["fp8"] == ["none", "static", "dynamic"]
+    assert "reduce_scatter_out" in str(baselines.SYMM_MEM_OPS["reduce_scatter_add_rmsnorm"])
+
+
+def _fp8_check(rank, world, op, form, spoil):
+    """An FP8 row's check on this rank; ``spoil``: the baseline quantises with another scale
+    (the check must see it)."""
+    notes = []
+    wl = workloads.make_workload(op, 4 * 64, torch.bfloat16, hidden=64)
+    row = rownorm.Fp8Row(wl, form, note=notes.append)
+    if spoil:
+        rownorm.STATIC_SCALE *= 2
+    try:
+        return row.check(), notes
+    finally:
+        rownorm.STATIC_SCALE = 2.0 ** -4
+
+
+def test_fp8_check_compares_ours_and_both_baselines(cpu_pool):
+    pool = cpu_pool(2)
+    for op in NORM_OPS:
+        for form in rownorm.FORMS:
+            assert pool.run(_fp8_check, op, form, False) == [(True, [])] * 2
+    ok, notes = pool.run(_fp8_check, "fused", "static", True)[0]
+    assert ok is False and notes == ["fused fp8 static: baseline differ from the reference "
+                                     "quantisation on rank 0"]
+
+
+def test_fp8_quantise_and_agreement():
+    y = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [896.0, 1.0, -3.0]])
+    q, scales = rownorm.quantise(y.bfloat16(), None)
+    assert q.dtype == torch.float8_e4m3fn and scales.dtype == torch.float32
+    assert torch.equal(scales.view(-1), torch.tensor([2.0 / 448, 1.0, 2.0]))  # zero row: 1
+    assert (q.float() * scales).sub(y).abs().max() <= 896 / 16
+    static = rownorm.quantise(y, rownorm.static_scale("cpu"))
+    assert static.float().tolist()[2][:1] == [448.0]  # clamped
+    ref = (static, None)
+    assert rownorm.agrees(ref, ref, 1 / 64)
+    assert not rownorm.agrees((torch.zeros_like(static), None), ref, 1 / 64)
+    assert not rownorm.agrees((q, scales), ref, 1 / 64)  # dynamic against static
+    assert not rownorm.agrees((q, scales * 2), (q, scales), 1 / 64)
+
+
+def test_fp8_forms_of_each_op():
+    opts = options.parse_options(["--fp8", "static,none", "--ops", "all_gather,fused"])
+    assert opts.fp8 == ("static", "none")
+    assert cli._fp8_forms(opts, "fused") == ("static", None)
+    assert cli._fp8_forms(opts, "all_gather") == (None,)
+    assert cli._fp8_forms(opts, "moe_dispatch") == (None,)  # no FP8 dispatch rows yet
+    only = options.parse_options(["--fp8", "dynamic"])
+    assert cli._fp8_forms(only, "all_reduce_add_rmsnorm") == ("dynamic",)
+    assert cli._fp8_forms(only, "reduce_scatter") == (None,)  # runs as without --fp8
+    assert options.parse_options([]).fp8 == ("none",)
+    row = _row(op="fused", fp8="dynamic")
+    assert report.row_label(row).endswith("zero_copy eager fp8 dynamic")
+
+
+def test_vdev_baseline_is_unavailable_here_with_a_reason(monkeypatch):
+    """torch's all_to_all_vdev needs CUDA, NVSHMEM and torch's NVSHMEM symmetric-memory
+    backend; its kernel must split each peer's rows evenly."""
+    cuda = torch.device("cuda", 0)
+    assert moe.vdev_unavailable(torch.device("cpu"), 2, 14336) == "needs CUDA"
+    if not hasattr(torch.ops.symm_mem, moe.VDEV):
+        pytest.skip("this torch has no all_to_all_vdev")
+    symm = moe.symm
+    monkeypatch.setattr(symm, "is_nvshmem_available", lambda: False)
+    assert "is_nvshmem_available() is False" in moe.vdev_unavailable(cuda, 2, 14336)
+    monkeypatch.setattr(symm, "is_nvshmem_available", lambda: True)
+    monkeypatch.setattr(symm, "get_backend", lambda dev: "CUDA")
+    assert "backend is CUDA, not NVSHMEM" in moe.vdev_unavailable(cuda, 2, 14336)
+    monkeypatch.setattr(symm, "get_backend", lambda dev: "NVSHMEM")
+    assert moe.vdev_unavailable(cuda, 2, 14336) is None  # H = 7168 bf16: 32 blocks per peer
+    assert "do not split evenly" in moe.vdev_unavailable(cuda, 3, 14336)
+    assert "rows of 200 B" in moe.vdev_unavailable(cuda, 2, 200)
+
+
+def test_moe_dispatch_row_notes_the_vdev_baseline_in_pool(cpu_pool, tmp_path):
+    """A dispatch row on the CPU: timed with its torch.distributed baseline; the all_to_all_vdev
+    baseline is reported as not timed, with the reason, in the run's notes."""
+    out, cache = str(tmp_path / "out"), str(tmp_path / "tuning.json")
+    argv = ["--iters", "1", "--warmup", "0", "--ops", "moe_dispatch", "--tokens", "4",
+            "--hidden", "64", "--topk", "2", "--experts", "4", "--no-plot", "--name", "moe"]
+    assert cpu_pool(2).run(_bench_main, out, cache, argv, timeout=600) == [0, 0]
+    rows, data = _read(out, "moe")
+    assert [(r["op"], r["check"], r["symm_mem_us"]) for r in rows] == [("moe_dispatch", "ok", "")]
+    assert float(rows[0]["baseline_us"]) > 0
+    assert ("torch symm_mem baseline for moe_dispatch: all_to_all_vdev not timed: needs CUDA"
+            in data["notes"])

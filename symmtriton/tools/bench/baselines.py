@@ -9,14 +9,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed._symmetric_memory as symm
-import torch.nn.functional as F
 
 from symmtriton.config import ROW_OPS
 from symmtriton.ops.fallback import torch_all_gather, torch_reduce_scatter
 
-from .. import reference
 from ..testing import device
-from . import timing, workloads
+from . import rownorm, timing, workloads
 
 
 @dataclass(frozen=True)
@@ -49,11 +47,12 @@ def _zeros(shape, dtype, dev):
     return torch.zeros(shape, dtype=dtype, device=dev)
 
 
-def dist_baseline(op: str, shape: Shape, dtype, group, dev, counts=None):
+def dist_baseline(op: str, shape: Shape, dtype, group, dev, counts=None, fp8=None):
     """torch.distributed's version of ``op`` on ordinary tensors: what a user writes without
-    symmtriton. Fused: reduce-scatter, add, RMSNorm, all-gather, unfused; all-reduce fused:
-    all-reduce, add, ``torch.nn.functional.rms_norm``; the variable-count ops (``counts``: rows
-    per rank): the uniform collective on tensors padded to ``max(counts)`` rows per rank."""
+    symmtriton. The RMSNorm row ops: their unfused sequence
+    (:func:`symmtriton.tools.bench.rownorm.unfused`), followed by torch's quantisation in the
+    FP8 form ``fp8`` when given; the variable-count ops (``counts``: rows per rank): the
+    uniform collective on tensors padded to ``max(counts)`` rows per rank."""
     world = dist.get_world_size(group)
     n, h = shape.numel, shape.hidden
     if op == "all_gather":
@@ -71,32 +70,20 @@ def dist_baseline(op: str, shape: Shape, dtype, group, dev, counts=None):
     if op == "all_reduce":
         tensor = _zeros(n, dtype, dev)
         return lambda: dist.all_reduce(tensor, group=group)
-    weight = torch.ones(h, dtype=dtype, device=dev)
-    if op == "all_reduce_add_rmsnorm":
-        inp, res = _zeros((n // h, h), dtype, dev), _zeros((n // h, h), dtype, dev)
-
-        def unfused():
-            dist.all_reduce(inp, group=group)
-            res.add_(inp)
-            return F.rms_norm(res, (h,), weight, workloads.FUSED_EPS)
-        return unfused
-    inp, res = _zeros((world * n // h, h), dtype, dev), _zeros((n // h, h), dtype, dev)
-    part = torch.empty((n // h, h), dtype=dtype, device=dev)
-    out = torch.empty((world * n // h, h), dtype=dtype, device=dev)
-
-    def fused():
-        torch_reduce_scatter(part, inp, group)
-        res.add_(part)
-        torch_all_gather(out, reference.rmsnorm(res, weight, workloads.FUSED_EPS), group)
-    return fused
+    operands = rownorm.zero_operands(op, n, h, dtype, world, dev)
+    if fp8 is not None:
+        return rownorm.unfused_fp8(op, operands, group, fp8)
+    return rownorm.unfused(op, operands, group)
 
 
 #: torch.ops.symm_mem ops tried per op: (name, needs multicast). Every one that runs is timed;
-#: a row reports the fastest. The fused ops' is the all-reduce of their input, communication only.
+#: a row reports the fastest. The RMSNorm row ops' is the all-reduce (reduce_scatter_add_rmsnorm:
+#: the reduce-scatter) of their input, communication only.
 SYMM_MEM_OPS = {
     "all_gather": (("multimem_all_gather_out", True), ("_low_contention_all_gather", False)),
     "reduce_scatter": (("reduce_scatter_out", False),),
     "fused": (("one_shot_all_reduce", False),),
+    "reduce_scatter_add_rmsnorm": (("reduce_scatter_out", False),),
     "all_reduce": (("one_shot_all_reduce", False), ("two_shot_all_reduce_", False)),
     "all_reduce_add_rmsnorm": (("one_shot_all_reduce", False),),
 }
@@ -181,18 +168,20 @@ class Baselines:
         self._copies: dict = {}
         self._symm_key, self._symm = None, ([], None)
 
-    def get(self, op, dtype, shape, mode, warmup, counts=None) -> dict:
+    def get(self, op, dtype, shape, mode, warmup, counts=None, fp8=None) -> dict:
         """``counts``: the variable-count ops' rows per rank (their padded baseline depends on
-        them)."""
-        key = (op, dtype, shape.total_bytes, counts, mode)
+        them); ``fp8``: the FP8 form of an RMSNorm row op's row (its baseline quantises; the
+        symm_mem times are those of the row without FP8 when already measured)."""
+        key = (op, dtype, shape.total_bytes, counts, mode, fp8)
         if not self.opts.baselines:
             return {}
         if key not in self.times:
-            self.times[key] = self._measure(op, dtype, shape, mode, warmup, counts)
+            self.times[key] = self._measure(key, shape, warmup)
         return self.times[key]
 
-    def _measure(self, op, dtype, shape, mode, warmup, counts) -> dict:
-        eager = self.times.get((op, dtype, shape.total_bytes, counts, "eager"), {})
+    def _measure(self, key, shape, warmup) -> dict:
+        op, dtype, nbytes, counts, mode, fp8 = key
+        eager = self.times.get((*key[:4], "eager", fp8), {})
 
         def capturable(name, why_not=None):
             if mode != "graph":
@@ -211,7 +200,22 @@ class Baselines:
                 "symm_mem_op": None}
         no_graph = f"torch.distributed over {self.dist_name} is not capturable: skipped"
         if capturable("baseline_s", gloo and no_graph):
-            base["baseline_s"] = run(dist_baseline(op, shape, dtype, self.group, self.dev, counts))
+            base["baseline_s"] = run(dist_baseline(op, shape, dtype, self.group, self.dev, counts,
+                                                   fp8))
+        plain = self.times.get((*key[:5], None)) if fp8 is not None else None
+        if plain is not None:  # the same symm_mem calls: not timed twice
+            base.update({k: v for k, v in plain.items() if k.startswith("symm_mem")})
+        else:
+            self._symm_mem(op, dtype, shape, capturable, run, base)
+        copy_key = (nbytes, mode)
+        if copy_key not in self._copies:
+            self._copies[copy_key] = run(copy_baseline(nbytes, self.dev))
+        base["copy_s"] = self._copies[copy_key]
+        return base
+
+    def _symm_mem(self, op, dtype, shape, capturable, run, base) -> None:
+        """Time the torch symm_mem ops of ``op`` into ``base`` (the fastest as
+        ``symm_mem_s``)."""
         if self._symm_key != (op, dtype, shape.total_bytes):
             self._symm_key, self._symm = None, ([], None)  # free the previous operands first
             self._symm = symm_mem_baseline(op, shape, dtype, self.group, self.dev)
@@ -225,11 +229,6 @@ class Baselines:
                 t = base[f"symm_mem_s:{sm_name}"] = run(sm_fn)
                 if t is not None and (base["symm_mem_s"] is None or t < base["symm_mem_s"]):
                     base["symm_mem_s"], base["symm_mem_op"] = t, sm_name
-        copy_key = (shape.total_bytes, mode)
-        if copy_key not in self._copies:
-            self._copies[copy_key] = run(copy_baseline(shape.total_bytes, self.dev))
-        base["copy_s"] = self._copies[copy_key]
-        return base
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ Sizes are nccl-tests' ``size``: the gathered output (all-gather, all-gather-v), 
 ``algbw = size / time``, ``busbw = algbw * (W-1)/W`` (the gathers and scatters) or
 ``algbw * 2(W-1)/W`` (all-reduce, and the fused ops: a reduce-scatter plus an all-gather). The
 variable-count ops run once per count distribution of ``--v-counts`` (column ``variant``); the
-all-reduce rows name the algorithm their size picks by default (one_shot, two_shot).
+all-reduce rows name the algorithm their size picks by default (one_shot, two_shot). The RMSNorm
+row ops run once per form of ``--fp8`` (column ``fp8``; :mod:`symmtriton.tools.bench.rownorm`).
 Efficiency compares a row with the copy bandwidth to a peer GPU when the ranks are on different
 GPUs (measured once at start), else with a local copy. A row whose busbw (symmtriton's, the
 baseline's or symm_mem's) exceeds that peer-copy ceiling by more than 5% is marked
@@ -50,7 +51,7 @@ from symmtriton.ops import driver
 
 from ..testing import OVERLAP_ENV, free_port, release, teardown
 from ..testing import device as _device
-from . import moe, timing, tune, workloads
+from . import moe, rownorm, timing, tune, workloads
 from .baselines import Baselines, Shape, peer_copy_gbs, shape_for, topology
 from .meta import bench_meta, ceiling_meta
 from .options import BenchOptions, parse_options
@@ -165,19 +166,29 @@ def _notes(rank: int):
     return notes, note, warn
 
 
+def _fp8_forms(opts: BenchOptions, op: str) -> tuple:
+    """The FP8 forms of ``--fp8`` that ``op``'s rows run (``None``: without FP8): the RMSNorm
+    row ops take :data:`rownorm.FORMS`, the MoE ops those of :data:`moe.FP8_FORMS`; an op
+    without any of the chosen forms runs without FP8."""
+    takes = rownorm.FORMS if op in workloads.NORM_OPS else moe.FP8_FORMS.get(op, ())
+    forms = tuple(None if f == "none" else f for f in opts.fp8 if f == "none" or f in takes)
+    return forms or (None,)
+
+
 def _sweep_plan(opts: BenchOptions, dev, note) -> list[tuple]:
-    """The rows, in order: ``(op, dtype, nbytes, v-count kind, mode, placement)`` (graph mode
-    only with CUDA)."""
+    """The rows, in order: ``(op, dtype, nbytes, v-count kind, mode, placement, FP8 form)``
+    (graph mode only with CUDA)."""
     modes = list(opts.modes)
     if "graph" in modes and dev.type != "cuda":
         modes.remove("graph")
         note("graph mode needs CUDA: skipped")
     if "zero_copy" in opts.placements and set(opts.ops) & set(moe.MOE_OPS):
         note("moe_dispatch / moe_combine: staged rows only")
-    return [(op, dtype, nbytes, kind, mode, placement) for op in opts.ops for dtype in opts.dtypes
+    return [(op, dtype, nbytes, kind, mode, placement, fp8)
+            for op in opts.ops for dtype in opts.dtypes
             for nbytes in (opts.sizes if op not in moe.MOE_OPS else (None,))
             for kind in (opts.v_counts if op in workloads.V_OPS else (None,))
-            for mode in modes for placement in opts.placements
+            for fp8 in _fp8_forms(opts, op) for mode in modes for placement in opts.placements
             if op not in moe.MOE_OPS or placement == "staged"]
 
 
@@ -196,8 +207,10 @@ def _check(wl, nbytes: int, group, note, what: str) -> str:
 
 
 def _measure(opts: BenchOptions, group, dev, spec: tuple, shape, warmup: int, note) -> tuple:
-    """``(time, launch config, check, variant)`` of symmtriton's call for one row ``spec``."""
-    op, dtype, _, kind, mode, placement = spec
+    """``(time, launch config, check, variant, extra baseline times)`` of symmtriton's call for
+    one row ``spec``; an FP8 row (:class:`rownorm.Fp8Row`) also times ``ours_quant`` (with
+    baselines)."""
+    op, dtype, _, kind, mode, placement, fp8 = spec
     world = dist.get_world_size(group)
     wl = workloads.make_workload(op, shape.numel, dtype, group, placement=placement,
                                  hidden=shape.hidden, counts=kind,
@@ -206,11 +219,16 @@ def _measure(opts: BenchOptions, group, dev, spec: tuple, shape, warmup: int, no
     if op in OPS:
         key_numel, key_dtype = tuning.launch_key(op, shape.numel, dtype)
         cfg = tuning.lookup_config(op, key_numel, key_dtype, world, hidden=shape.hidden)
-    check = _check(wl, shape.total_bytes, group, note, f"{op} {placement}")
+    row = wl if fp8 is None else rownorm.Fp8Row(wl, fp8, baselines=opts.baselines, note=note)
+    check = _check(row, shape.total_bytes, group, note, f"{op} {placement}")
     wl.reset()
-    t = timing.agreed_time(wl.run, mode, device=dev, group=group, **opts.counts(warmup))
-    del wl
-    return t, cfg, check, _variant(kind)
+    t = timing.agreed_time(row.run, mode, device=dev, group=group, **opts.counts(warmup))
+    variant, extra = _variant(kind), {}
+    if fp8 is not None and opts.baselines:
+        extra["ours_quant_s"] = timing.agreed_time(row.run_ours_quant, mode, device=dev,
+                                                   group=group, **opts.counts(warmup))
+    del wl, row
+    return t, cfg, check, variant, extra
 
 
 def run_sweep(opts: BenchOptions, group, meta: dict, *,
@@ -252,22 +270,24 @@ def _row(opts: BenchOptions, group, dev, spec: tuple, baselines, path: str, meta
     """The result row of ``spec`` (``None``: a zero-copy row without symmetric memory). An MoE
     row's shape is ``opts.moe`` (:mod:`symmtriton.tools.bench.moe`), its size this rank's
     tokens."""
-    op, dtype, nbytes, kind, mode, placement = spec
+    op, dtype, nbytes, kind, mode, placement, fp8 = spec
     world = dist.get_world_size(group)
     if op in moe.MOE_OPS:
-        t, check, base = moe.measure(opts, opts.moe, op, dtype, mode, opts.warmup, group, note)
+        t, check, base = moe.measure(opts, opts.moe, op, dtype, mode, opts.warmup, group, note,
+                                     use_fp8=fp8 is not None)
         n = opts.moe.tokens * opts.moe.hidden
         shape, cfg, variant = Shape(n, opts.moe.hidden, n * dtype.itemsize, n), None, _variant(None)
     else:
         shape = shape_for(op, nbytes, dtype, world, opts.hidden)
         counts = workloads.v_counts(kind, shape.count // shape.hidden, world) if kind else None
         warmup = opts.warmup if shape.total_bytes <= BIG_BYTES else min(opts.warmup, 3)
-        base = baselines.get(op, dtype, shape, mode, warmup, counts)
+        base = baselines.get(op, dtype, shape, mode, warmup, counts, fp8)
         if placement == "zero_copy" and path == "fallback":
             return None
-        t, cfg, check, variant = _measure(opts, group, dev, spec, shape, warmup, note)
+        t, cfg, check, variant, extra = _measure(opts, group, dev, spec, shape, warmup, note)
+        base = {**base, **extra}
     return result_row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check,
-                      base, meta, on_gpu=dev.type == "cuda")
+                      base, meta, on_gpu=dev.type == "cuda", fp8=fp8)
 
 
 def main(argv=None) -> int:

@@ -97,7 +97,8 @@ def ceiling_meta(topo, world: int, measured_gbs: float | None, given_gbs: float 
             source = "none known"
     return {"peer_copy_gbs": gbs, "source": source,
             "tolerance": CEILING_TOLERANCE,
-            "checked": "busbw of symmtriton, the baseline and symm_mem in each row; rows over "
+            "checked": "busbw of symmtriton, the baseline, symm_mem and ours_quant in each row; "
+                       "rows over "
                        "(1 + tolerance) x the ceiling are valid: false"
                        + (f"; multicast: only {', '.join(GATHER_OPS)} (a switch that reduces "
                           "gives more busbw than a link carries)" if multicast else "")}

@@ -12,9 +12,11 @@ from symmtriton.config import ALL_REDUCE_ALGORITHMS
 from symmtriton.validation import REDUCE_DTYPES
 
 from ..testing import device as _device
-from . import moe, workloads
+from . import moe, rownorm, workloads
 
 MODES = ("eager", "graph")
+#: ``--fp8`` choices: rows without FP8 output, and the FP8 forms (:data:`rownorm.FORMS`).
+FP8_CHOICES = ("none",) + rownorm.FORMS
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20,
           "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
 #: ``--quick``: sizes 4K, 64K, 1M, 16M, 256M (GPU) and at most 20 timed samples per row.
@@ -84,6 +86,7 @@ class BenchOptions:
     peer_copy_gbs: float | None = None
     commit: str | None = None
     moe: moe.MoeShape = moe.MoeShape(moe.TOKENS, moe.HIDDEN, moe.TOPK, moe.EXPERTS)
+    fp8: tuple = ("none",)
 
     def __post_init__(self):
         for key in ("iters", "min_iters", "graph_iters", "hidden", "eager_batch"):
@@ -117,13 +120,14 @@ class BenchOptions:
 EPILOG = """\
 columns (CSV/JSON; the table shows most of them):
   size_bytes   nccl-tests size: gathered output (all_gather, all_gather_v), full input
-               (reduce_scatter, reduce_scatter_v, fused), the tensor (all_reduce,
+               (reduce_scatter[_v], fused, reduce_scatter_add_rmsnorm), the tensor (all_reduce,
                all_reduce_add_rmsnorm); moe_dispatch / moe_combine: one rank's tokens
                (--tokens x --hidden), one row per dtype and mode, staged only
   count        elements in size_bytes
   variant      the kernel the row launched: lines, barrier, push, push_one_shot, or the
                all-reduce's one_shot / two_shot; all_gather_v / reduce_scatter_v: the counts
                (--v-counts) before it
+  fp8          --fp8 rows: static or dynamic (float8_e4m3fn output); empty otherwise
   path         symmetric (Triton kernels) or fallback (symmetric memory unavailable)
   block_size, num_warps, max_blocks   launch config used (tuned winner or default; blank for
                the untuned ops, which pick theirs inside)
@@ -136,10 +140,13 @@ columns (CSV/JSON; the table shows most of them):
                the unfused sequence (all-reduce or reduce-scatter, add, RMSNorm[, all-gather]);
                v ops: the uniform collective on tensors padded to max(counts) rows per rank;
                MoE ops: all_to_all_single of the same rows (eager: splits exchanged first;
-               graph: padded to --tokens per rank)
+               graph: padded to --tokens per rank); fp8 rows: then torch's quantisation
   symm_mem_us  the fastest torch.ops.symm_mem op (named in symm_mem_op) that this torch has and
                that runs (all_reduce: one_shot_all_reduce, two_shot_all_reduce_; fused ops:
-               one_shot_all_reduce of the input, communication only); none for the v ops
+               one_shot_all_reduce or reduce_scatter_out of the input, communication only;
+               moe_dispatch: all_to_all_vdev, NVSHMEM backend only); none for the v ops
+  ours_quant_us  fp8 rows: the same op of ours in the input dtype, then torch's quantisation
+               (speedup_ours_quant = ours_quant_us / time_us)
   copy_us      a device copy of size_bytes on this GPU; copy_gbs counts read + write
   ceiling      what efficiency compares with: p2p (ranks on different GPUs: a copy to the
                next rank's GPU, measured once at start, or --peer-copy-gbs; ceiling_gbs) or
@@ -147,7 +154,7 @@ columns (CSV/JSON; the table shows most of them):
   efficiency   GPU, size >= 1 MiB. p2p: busbw / ceiling_gbs. local: (bytes the kernel moves
                through this rank's memory / time) / copy_gbs; bytes moved = size + size/W,
                + 2 x size when staged (fused: twice size + size/W)
-  valid        false when a busbw of the row (symmtriton's, the baseline's or symm_mem's)
+  valid        false when a busbw of the row (ours, ours_quant, the baseline's or symm_mem's)
                exceeds the peer-copy ceiling by more than 5% (named in over_ceiling, a warning
                printed, the speedups against it left blank); empty when no ceiling is known
                (CPU, ranks sharing a GPU, one rank) or the op may reduce through multicast
@@ -212,6 +219,11 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
                         "symmetric buffer: AG, AG-v output; RS, RS-v, fused, all-reduce input), "
                         "staged (ordinary tensors) "
                         "(default: both)")
+    p.add_argument("--fp8", default="none",
+                   help="comma list of none, static, dynamic: the output of the RMSNorm row ops "
+                        "(fused, reduce_scatter_add_rmsnorm, all_reduce_add_rmsnorm): in the "
+                        "input dtype (none), or float8_e4m3fn with a static scale or dynamic "
+                        "per-row scales; one row per form (default: none)")
     p.add_argument("--quick", action="store_true",
                    help=f"sizes {QUICK['min_bytes']} to --max-bytes in x{QUICK['step']} steps, "
                         f"at most {QUICK['iters']} timed samples, {QUICK['warmup']} warm-up calls "
@@ -319,6 +331,7 @@ def parse_options(argv=None) -> BenchOptions:
             eager_batch=(args.eager_batch if args.eager_batch is not None
                          else (10 if on_gpu else 1)),
             peer_copy_gbs=args.peer_copy_gbs, commit=args.commit,
-            moe=moe.MoeShape(args.tokens, args.hidden or moe.HIDDEN, args.topk, args.experts))
+            moe=moe.MoeShape(args.tokens, args.hidden or moe.HIDDEN, args.topk, args.experts),
+            fp8=_csv_list(args.fp8, FP8_CHOICES, "fp8"))
     except ValueError as exc:
         parser.error(str(exc))  # usage + message, exit status 2

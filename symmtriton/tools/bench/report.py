@@ -23,11 +23,11 @@ from .workloads import V_COUNTS
 #: rows at or above this size get an efficiency figure on the GPU.
 EFF_MIN_BYTES = 1 << 20
 #: columns of the CSV (and of each JSON row), in order.
-FIELDS = ("size_bytes", "count", "dtype", "op", "variant", "placement", "mode", "world_size",
-          "path", *CONFIG_KEYS, "time_us", "algbw_gbs", "busbw_gbs", "check",
+FIELDS = ("size_bytes", "count", "dtype", "op", "variant", "fp8", "placement", "mode",
+          "world_size", "path", *CONFIG_KEYS, "time_us", "algbw_gbs", "busbw_gbs", "check",
           "baseline", "baseline_us", "speedup", "symm_mem_op", "symm_mem_us", "speedup_symm_mem",
-          "copy_us", "copy_gbs", "ceiling", "ceiling_gbs", "efficiency", "valid", "over_ceiling",
-          "time_reduction", "commit")
+          "ours_quant_us", "speedup_ours_quant", "copy_us", "copy_gbs", "ceiling", "ceiling_gbs",
+          "efficiency", "valid", "over_ceiling", "time_reduction", "commit")
 
 
 #: ops that reduce and gather all of their size, like an all-reduce: busbw = algbw * 2(W-1)/W.
@@ -37,9 +37,10 @@ GATHER_OPS = ("all_gather", "all_gather_v")
 #: a busbw above the peer-copy ceiling by more than this fraction marks its row invalid.
 CEILING_TOLERANCE = 0.05
 #: what a row times: (name in ``over_ceiling``, its time column, the speedups it takes part in).
-TIMED = (("symmtriton", "time_us", ("speedup", "speedup_symm_mem")),
+TIMED = (("symmtriton", "time_us", ("speedup", "speedup_symm_mem", "speedup_ours_quant")),
          ("baseline", "baseline_us", ("speedup",)),
-         ("symm_mem", "symm_mem_us", ("speedup_symm_mem",)))
+         ("symm_mem", "symm_mem_us", ("speedup_symm_mem",)),
+         ("ours_quant", "ours_quant_us", ("speedup_ours_quant",)))
 
 
 def bus_factor(op: str, world: int) -> float:
@@ -55,9 +56,11 @@ def ceiling_applies(op: str, multicast: bool) -> bool:
 
 
 def row_label(row: dict) -> str:
-    """``op [variant] dtype size B placement mode``: names a row in warnings and reports."""
+    """``op [variant] dtype size B placement mode [fp8 form]``: names a row in warnings and
+    reports."""
+    fp8 = row.get("fp8")
     parts = (row["op"], row["variant"], row["dtype"], f"{row['size_bytes']} B", row["placement"],
-             row["mode"])
+             row["mode"], fp8 and f"fp8 {fp8}")
     return " ".join(str(x) for x in parts if x)
 
 
@@ -113,9 +116,10 @@ def _ratio(a, b):
 
 
 def result_row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, check, base,
-               meta, *, on_gpu: bool) -> dict:
-    """One result row; ``meta`` (:func:`symmtriton.tools.bench.meta.bench_meta`) gives the
-    peer-copy ceiling (the efficiency of cross-GPU rows) and the commit."""
+               meta, *, on_gpu: bool, fp8: str | None = None) -> dict:
+    """One result row (``fp8``: the FP8 form of an ``--fp8`` row); ``meta``
+    (:func:`symmtriton.tools.bench.meta.bench_meta`) gives the peer-copy ceiling (the efficiency
+    of cross-GPU rows) and the commit."""
     total, p2p_gbs = shape.total_bytes, meta["ceiling"]["peer_copy_gbs"]
     algbw = None if t is None else total / t / 1e9
     busbw = None if algbw is None else algbw * bus_factor(op, world)
@@ -129,7 +133,7 @@ def result_row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, 
         eff = moved_gbs / ceiling_gbs
     return {
         "size_bytes": total, "count": shape.count, "dtype": dtype_name(dtype), "op": op,
-        "variant": variant, "placement": placement, "mode": mode, "world_size": world,
+        "variant": variant, "fp8": fp8, "placement": placement, "mode": mode, "world_size": world,
         "path": path,
         **(cfg.as_dict() if cfg else dict.fromkeys(CONFIG_KEYS)), "time_us": _us(t),
         "algbw_gbs": None if algbw is None else round(algbw, 3),
@@ -138,6 +142,8 @@ def result_row(op, variant, dtype, shape, placement, mode, world, path, cfg, t, 
         "speedup": _ratio(base.get("baseline_s"), t),
         "symm_mem_op": base.get("symm_mem_op"), "symm_mem_us": _us(base.get("symm_mem_s")),
         "speedup_symm_mem": _ratio(base.get("symm_mem_s"), t),
+        "ours_quant_us": _us(base.get("ours_quant_s")),
+        "speedup_ours_quant": _ratio(base.get("ours_quant_s"), t),
         "copy_us": _us(copy_s), "copy_gbs": None if copy_gbs is None else round(copy_gbs, 3),
         "ceiling": ceiling if ceiling_gbs else None,
         "ceiling_gbs": None if not ceiling_gbs else round(ceiling_gbs, 3),
@@ -159,19 +165,23 @@ def _fmt(v, width, prec=2):
 def format_table(rows: list[dict], meta: dict) -> str:
     """nccl-tests-like text table of ``rows``."""
     cols = [("size", "size_bytes", 12), ("count", "count", 11), ("type", "dtype", 9),
-            ("op", "op", 22), ("variant", "variant", 8), ("placement", "placement", 10),
+            ("op", "op", 22), ("variant", "variant", 8), ("fp8", "fp8", 7),
+            ("placement", "placement", 10),
             ("mode", "mode", 6), ("time", "time_us", 10), ("algbw", "algbw_gbs", 8),
             ("busbw", "busbw_gbs", 8), ("check", "check", 6),
             ("block", "block_size", 6), ("warps", "num_warps", 5), ("maxblk", "max_blocks", 6),
             ("base", "baseline_us", 10), ("speedup", "speedup", 8), ("symm_mem", "symm_mem_us", 10),
-            ("copy", "copy_us", 9), ("eff", "efficiency", 6), ("valid", "valid", 5)]
+            ("ours+q", "ours_quant_us", 10), ("copy", "copy_us", 9), ("eff", "efficiency", 6),
+            ("valid", "valid", 5)]
     units = {"size": "(B)", "count": "(elems)", "time": "(us)", "algbw": "(GB/s)",
-             "busbw": "(GB/s)", "base": "(us)", "symm_mem": "(us)", "copy": "(us)"}
+             "busbw": "(GB/s)", "base": "(us)", "symm_mem": "(us)", "ours+q": "(us)",
+             "copy": "(us)"}
     lines = [f"# symmtriton-bench: world {meta['world_size']} ({meta.get('layout', '?')}), device "
              f"{meta['device']}, backend {meta['backend']}/{meta['dist_backend']}, "
              f"torch {meta['torch']}, triton {meta['triton']}, pdl {meta.get('pdl')}, "
              f"commit {meta.get('commit')}, {meta['date']}",
              "# base = torch.distributed, symm_mem = torch.ops.symm_mem (fastest), "
+             "ours+q = fp8 rows: ours in the input dtype, then torch's quantisation, "
              "copy = local device copy, eff = efficiency against the row's ceiling (p2p or "
              "local copy)",
              f"# times: to completion, max over ranks; valid = every busbw within "
@@ -261,11 +271,13 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
         for r in (r for r in rows if r["op"] == op):
             plain = f" {r['mode']}" + (f" {r['dtype']}" if several_dtypes else "")
             counts = f" {r['variant']}" if r["variant"] in V_COUNTS else ""  # not the algorithm
-            sfx = counts + plain
+            sfx = counts + (f" fp8 {r['fp8']}" if r.get("fp8") else "") + plain
             over = (r["over_ceiling"] or "").split(";")
             impls = [(f"symmtriton {r['placement']}{sfx}", r["time_us"], "symmtriton"),
                      (f"torch.distributed ({r['baseline']}){sfx}", r["baseline_us"], "baseline"),
                      (f"torch symm_mem {r['symm_mem_op']}{sfx}", r["symm_mem_us"], "symm_mem"),
+                     (f"symmtriton {r['placement']} + torch quantisation{sfx}",
+                      r.get("ours_quant_us"), "ours_quant"),
                      (f"local copy{plain}", r["copy_us"], "copy")]
             for label, us, name in impls:
                 if us and name not in over:  # an invalid time is not plotted

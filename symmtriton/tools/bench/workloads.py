@@ -19,7 +19,8 @@ from symmtriton.memory import resolve_group
 from symmtriton.ops.all_gather import all_gather_into_tensor
 from symmtriton.ops.all_gather_v import all_gather_v
 from symmtriton.ops.all_reduce import all_reduce, all_reduce_add_rmsnorm
-from symmtriton.ops.fused import reduce_scatter_add_rmsnorm_all_gather
+from symmtriton.ops.fused import (reduce_scatter_add_rmsnorm,
+                                  reduce_scatter_add_rmsnorm_all_gather)
 from symmtriton.ops.reduce_scatter import reduce_scatter_tensor
 from symmtriton.ops.reduce_scatter_v import reduce_scatter_v
 from symmtriton.validation import check_count
@@ -29,8 +30,8 @@ from ..testing import device, sync, tagged
 from . import timing
 
 
-__all__ = ["OPS", "BENCH_OPS", "V_OPS", "V_COUNTS", "PLACEMENTS", "FUSED_EPS", "Workload",
-           "make_workload", "size_factor", "v_counts"]
+__all__ = ["OPS", "BENCH_OPS", "V_OPS", "V_COUNTS", "NORM_OPS", "PLACEMENTS", "FUSED_EPS",
+           "Workload", "make_workload", "size_factor", "v_counts"]
 #: every op the bench measures: the tuned ops first, then the others.
 BENCH_OPS = OPS + UNTUNED_OPS
 #: the variable-count ops and the count distributions their rows run (see :func:`v_counts`).
@@ -38,11 +39,16 @@ V_OPS = ("all_gather_v", "reduce_scatter_v")
 V_COUNTS = ("uniform", "skewed")
 #: ops whose operand is the whole tensor on every rank (no shards): all-reduce.
 WHOLE_OPS = ("all_reduce", "all_reduce_add_rmsnorm")
+#: the RMSNorm row ops (residual, weight, normed output; FP8 output by ``out_dtype=``), and those
+#: of them whose residual is this rank's shard of the rows.
+NORM_OPS = ("fused", "reduce_scatter_add_rmsnorm", "all_reduce_add_rmsnorm")
+SHARD_NORM_OPS = ("fused", "reduce_scatter_add_rmsnorm")
 #: where tensors of each op's operands may be placed (see :class:`Workload`).
 PLACEMENTS = ("zero_copy", "staged")
 #: the operand that ``zero_copy`` puts in the symmetric buffer: the one peers access.
 ZERO_COPY = {"all_gather": "output", "reduce_scatter": "input", "fused": "input",
-             "all_reduce": "input", "all_reduce_add_rmsnorm": "input", "all_gather_v": "output",
+             "reduce_scatter_add_rmsnorm": "input", "all_reduce": "input",
+             "all_reduce_add_rmsnorm": "input", "all_gather_v": "output",
              "reduce_scatter_v": "input"}
 #: epsilon the fused workloads pass to RMSNorm.
 FUSED_EPS = 1e-6
@@ -75,9 +81,10 @@ class Workload:
     """The operands of one collective on this rank and the call that runs it.
 
     ``numel`` elements of ``dtype``: per shard for the sharded ops (the all-gather input, the
-    reduce-scatter output, the fused op's residual ``rows x hidden`` with input ``[world * rows,
-    hidden]``, a variable-count op's average rows per rank ``x hidden``), the whole tensor for the
-    all-reduce ops (``all_reduce_add_rmsnorm``: ``[rows, hidden]``). ``counts``: the
+    reduce-scatter output, the residual ``rows x hidden`` of the fused op and of
+    ``reduce_scatter_add_rmsnorm``, with input ``[world * rows, hidden]``, a variable-count op's
+    average rows per rank ``x hidden``), the whole tensor for the all-reduce ops
+    (``all_reduce_add_rmsnorm``: ``[rows, hidden]``). ``counts``: the
     variable-count ops' rows per rank (``tensors["counts"]`` holds them on the device; inputs have
     ``max(counts)`` rows, outputs ``sum(counts)`` (all-gather-v) or ``max(counts)``).
     ``algorithm``: the all-reduce ops' ``algorithm=`` (``None``: by size).
@@ -109,9 +116,10 @@ class Workload:
         return tagged(x.numel(), self.dtype, rank).view(x.shape)
 
     def _residual(self, rank: int) -> torch.Tensor:
-        """The fused op's residual shard of ``rank``; the all-reduce's replicated residual."""
+        """The residual shard of ``rank`` (:data:`SHARD_NORM_OPS`); the all-reduce's replicated
+        residual."""
         r = self.tensors["residual"]
-        owner = rank if self.op == "fused" else 0
+        owner = rank if self.op in SHARD_NORM_OPS else 0
         return tagged(r.numel(), self.dtype, owner, salt=1).view(r.shape)
 
     def reset(self) -> None:
@@ -132,6 +140,10 @@ class Workload:
             return reduce_scatter_add_rmsnorm_all_gather(t["input"], t["residual"], t["weight"],
                                                          eps=FUSED_EPS, group=g, out=t["output"],
                                                          config=config)
+        if op == "reduce_scatter_add_rmsnorm":
+            return reduce_scatter_add_rmsnorm(t["input"], t["residual"], t["weight"],
+                                              eps=FUSED_EPS, group=g, out=t["output"],
+                                              config=config)
         if op == "all_reduce":  # zero-copy: in place in the buffer, as torch's symm_mem ops are
             out = None if self.placement == "zero_copy" else t["output"]
             return all_reduce(t["input"], g, out=out, config=config, algorithm=self.algorithm)
@@ -160,6 +172,9 @@ class Workload:
             normed = [reference.reduce_scatter_add_rmsnorm(inputs, self._residual(r), weight,
                                                            FUSED_EPS, r)[0] for r in range(w)]
             return {"output": reference.all_gather(normed)}
+        if op == "reduce_scatter_add_rmsnorm":
+            return {"output": reference.reduce_scatter_add_rmsnorm(
+                inputs, self._residual(self.rank), weight, FUSED_EPS, self.rank)[0]}
         if op == "all_reduce_add_rmsnorm":
             normed, res = reference.all_reduce_add_rmsnorm(inputs, self._residual(0), weight,
                                                            FUSED_EPS)
@@ -185,7 +200,7 @@ class Workload:
         ok = True
         for name, ref in self.expected().items():
             got, ref = self.tensors[name], ref.to(self.tensors[name].device)
-            if self.op in ("fused", "all_reduce_add_rmsnorm") and name == "output":
+            if self.op in NORM_OPS and name == "output":
                 tol = 1e-4 if self.dtype == torch.float32 else 1.0 / 64
                 ok &= torch.allclose(got.float().view(-1), ref.float().view(-1), rtol=tol, atol=tol)
             else:
@@ -204,6 +219,9 @@ def _shapes(op: str, numel: int, hidden: int, world: int, counts) -> dict:
     if op == "fused":
         return {"input": (world * rows, hidden), "residual": (rows, hidden),
                 "output": (world * rows, hidden)}
+    if op == "reduce_scatter_add_rmsnorm":
+        return {"input": (world * rows, hidden), "residual": (rows, hidden),
+                "output": (rows, hidden)}
     if op == "all_reduce":
         return {"input": (numel,), "output": (numel,)}
     if op == "all_reduce_add_rmsnorm":
