@@ -456,10 +456,12 @@ def test_fp8_forms_of_each_op():
     assert opts.fp8 == ("static", "none")
     assert cli._fp8_forms(opts, "fused") == ("static", None)
     assert cli._fp8_forms(opts, "all_gather") == (None,)
-    assert cli._fp8_forms(opts, "moe_dispatch") == (None,)  # no FP8 dispatch rows yet
+    assert cli._fp8_forms(opts, "moe_dispatch") == (None,)  # FP8 dispatch: dynamic scales only
     only = options.parse_options(["--fp8", "dynamic"])
     assert cli._fp8_forms(only, "all_reduce_add_rmsnorm") == ("dynamic",)
     assert cli._fp8_forms(only, "reduce_scatter") == (None,)  # runs as without --fp8
+    assert cli._fp8_forms(only, "moe_dispatch") == ("dynamic",)
+    assert cli._fp8_forms(only, "moe_combine") == (None,)
     assert options.parse_options([]).fp8 == ("none",)
     row = _row(op="fused", fp8="dynamic")
     assert report.row_label(row).endswith("zero_copy eager fp8 dynamic")

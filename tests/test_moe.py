@@ -323,14 +323,16 @@ def test_graph_replays_with_new_routing(gpu_pool):
 def _bench(rank, world, out_dir):
     return cli.main(["--ops", "moe_dispatch,moe_combine", "--tokens", "4", "--hidden", "24",
                      "--topk", "2", "--experts", str(2 * world), "--iters", "1", "--warmup", "0",
-                     "--no-plot", "--out-dir", out_dir, "--name", "moe"])
+                     "--fp8", "none,dynamic", "--no-plot", "--out-dir", out_dir, "--name", "moe"])
 
 
 def test_bench_rows_checked_with_their_baseline(cpu_pool, tmp_path):
     assert cpu_pool(2).run(_bench, str(tmp_path), timeout=300) == [0, 0]
     with open(tmp_path / "moe.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [(r["op"], r["variant"], r["placement"], r["check"]) for r in rows] == [
-        ("moe_dispatch", "barrier", "staged", "ok"), ("moe_combine", "barrier", "staged", "ok")]
+    assert [(r["op"], r["fp8"], r["variant"], r["placement"], r["check"]) for r in rows] == [
+        ("moe_dispatch", "", "barrier", "staged", "ok"),
+        ("moe_dispatch", "dynamic", "barrier", "staged", "ok"),
+        ("moe_combine", "", "barrier", "staged", "ok")]
     assert all(float(r["time_us"]) > 0 and float(r["baseline_us"]) > 0 for r in rows)
     assert {r["size_bytes"] for r in rows} == {str(4 * 24 * 2)}

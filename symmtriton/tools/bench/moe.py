@@ -36,8 +36,8 @@ from . import timing
 
 MOE_OPS = ("moe_dispatch", "moe_combine")
 #: the ``--fp8`` forms each MoE op's rows take (a row with a form calls the dispatch with
-#: ``use_fp8=True``); none yet.
-FP8_FORMS: dict = {}
+#: ``use_fp8=True``: per-token scales per 128 channels, so only ``dynamic``).
+FP8_FORMS = {"moe_dispatch": ("dynamic",)}
 #: torch's device-side all-to-all the dispatch is compared with (``symm_mem_op``), and the
 #: least input it is given: its kernel then runs its most blocks, which split each peer's rows
 #: evenly when the rows are a multiple of 64 bytes and the world size a power of two.
@@ -125,10 +125,16 @@ class MoeWorkload:
                     for d in range(self.world)]
             return torch.equal(self.out.cpu(), reference.moe_combine(outs, idxs, ws, E, M,
                                                                      self.rank))
-        recv, counts = reference.moe_dispatch(xs, idxs, E, M, self.rank)
-        got = self.recv.cpu()
+        if self.use_fp8:
+            recv, scales, counts = reference.moe_dispatch_fp8(xs, idxs, E, M, self.rank)
+            pairs = [(self.recv.view(torch.uint8), recv.view(torch.uint8)),
+                     (self.handle.recv_scales, scales)]
+        else:
+            recv, counts = reference.moe_dispatch(xs, idxs, E, M, self.rank)
+            pairs = [(self.recv, recv)]
         return torch.equal(self.handle.recv_counts.cpu(), counts) and all(
-            torch.equal(got[j, :c], recv[j, :c]) for j, c in enumerate(counts.tolist()))
+            torch.equal(got.cpu()[j, :c], want[j, :c])
+            for got, want in pairs for j, c in enumerate(counts.tolist()))
 
 
 def _routes(wl: MoeWorkload):
