@@ -47,7 +47,7 @@ import triton.language as tl
 from .barrier import barrier, call_begin, call_end
 from .common import copy_shards, lines_push_to, lines_reduce_chunk, rms_normed, row_operands
 from .lines import lines_begin, lines_finish, lines_flag, lines_get, lines_slot
-from .quant import quant_shards, store_row
+from .quant import gather_row, gathered_rows, quant_shards, store_row
 from .lines_rows import norm_units, unit_done, unit_span, unit_weight
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all, words_to_elems
 
@@ -61,7 +61,7 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
                           ALL_GATHER: tl.constexpr, COPY_OUT: tl.constexpr,
                           USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
                           ALIGNED: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr,
-                          Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr):
+                          Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr, Q_GATHER: tl.constexpr):
     pid, nprog, seq = call_begin(sig_table, RANK, WORLD_SIZE, PDL)
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     local = peer_addr(buf_table, RANK) + region_off
@@ -81,7 +81,12 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
         x = (acc + tl.load(r_ptr, mask=mask, other=0.0).to(tl.float32)).to(DTYPE)
         tl.store(r_ptr, x, mask=mask)
         y = rms_normed(x, mask, w, H, eps)
-        if ALL_GATHER:
+        if Q_GATHER:  # FP8 records to every rank, this rank's row to the output now
+            row = (RANK * s + i).to(tl.int64)
+            gather_row(y, mask, out + row * H + cols, out_addr, q_addr, row, mc_addr, buf_table,
+                       row_off, H, BLOCK_H, RANK, WORLD_SIZE, USE_MULTIMEM, ALIGNED, QUANT,
+                       Q_DTYPE, Q_MAX)
+        elif ALL_GATHER:
             store_all(mc_addr, buf_table, row_off, 0, H, y, BLOCK_H, DTYPE, RANK, WORLD_SIZE,
                       USE_MULTIMEM, ALIGNED)
             if COPY_OUT:  # this rank's rows go to the output now, not after the end barrier
@@ -94,7 +99,10 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
         i += nprog
     bad = barrier(sig_table, pid, seq, bad, err_addr, timeout_ns, seq_cap, 1, RANK, WORLD_SIZE,
                   WORLD_P2, SCOPE, USE_PTX, ALL_GATHER, ALL_GATHER)
-    if COPY_OUT & (QUANT != 0):  # the gathered rows quantised on their way out
+    if Q_GATHER:  # the gathered FP8 records
+        gathered_rows(local, out_addr, q_addr, s, H, H * ESIZE, pid, nprog, bad, BLOCK_H,
+                      WORLD_SIZE, RANK, ALIGNED, QUANT)
+    elif COPY_OUT & (QUANT != 0):  # the gathered rows quantised on their way out
         quant_shards(local, out_addr, q_addr, s, H, pid, nprog, bad, DTYPE, BLOCK_H, WORLD_SIZE,
                      RANK, QUANT, Q_DTYPE, Q_MAX)
     elif COPY_OUT:

@@ -27,7 +27,7 @@ from ..presets import LINES_ROWS_MAX_BYTES
 from ..kernels.fused_rmsnorm import _fused_rmsnorm_kernel, _fused_rmsnorm_lines_kernel
 from ..launch import Launch
 from ._operands import Rows, record
-from ._quant import NONE, check_quant, quant_constexprs, quant_mode, q_arg
+from ._quant import NONE, check_quant, fp8_records, quant_constexprs, quant_mode, q_arg
 from ._rows import (RowsPlan, rows_aligned, rows_key, rows_lines_launch, rows_out, rows_uniform,
                     traced_rows, validate_rows, var_arg)
 from .driver import (TL_DTYPE, Collective, ConfigChoice, barrier_path, call, choose_config,
@@ -93,14 +93,15 @@ class FusedRmsnorm(Collective):
         use_mm = multimem_eligible(ctx, input.dtype, ctx.local_base + region, row_bytes)
         kernel = _kernel_launch(self.name, ctx, choice.config, a, out, scales, region,
                                 in_off is None, all_gather and out_off != region, all_gather,
-                                use_mm, var_index, timeout_s)
+                                use_mm, var_index, timeout_s, all_gather and fp8_records(a, H))
         return RowsPlan(barrier_path(use_mm), shape, group, kernel, choice, fresh_out=fresh,
                         quant=quant)
 
 
 def _kernel_launch(op, ctx, cfg: LaunchConfig, a: Rows, out, scales, region, stage_in,
-                   copy_out, all_gather, use_mm, var_index, timeout_s):
-    """The launch of ``_fused_rmsnorm_kernel``: its arguments, listed here only."""
+                   copy_out, all_gather, use_mm, var_index, timeout_s, q_gather):
+    """The launch of ``_fused_rmsnorm_kernel``: its arguments, listed here only. ``q_gather``:
+    the all-gather moves FP8 records (kernels/quant.py, ``gather_row``)."""
     S, H = a.input.shape
     s = S // ctx.world
     args = (a.input.data_ptr(), out.data_ptr(), a.residual.data_ptr(), a.weight.data_ptr(),
@@ -111,7 +112,7 @@ def _kernel_launch(op, ctx, cfg: LaunchConfig, a: Rows, out, scales, region, sta
         dict(DTYPE=TL_DTYPE[a.input.dtype], W_DTYPE=TL_DTYPE[a.weight.dtype],
              BLOCK_H=cfg.block_size, STAGE_IN=stage_in, ALL_GATHER=all_gather,
              COPY_OUT=copy_out, USE_MULTIMEM=use_mm,
-             ALIGNED=rows_aligned(a, out, ctx.local_base + region),
+             ALIGNED=rows_aligned(a, out, ctx.local_base + region), Q_GATHER=q_gather,
              **quant_constexprs(a, TL_DTYPE[a.input.dtype])),
         var_arg(var_index, args))
 
