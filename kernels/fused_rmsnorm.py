@@ -13,11 +13,24 @@ rows ``RANK*s + i``. Phases of ``_fused_rmsnorm_kernel``:
    with ``ALL_GATHER`` store the normed row at the same row of the region on every rank
    (``multimem.st`` or one store per peer) — this overwrites input rows that only this rank's
    block ``b`` reads, and it has read them already — else store it to the local output;
+   with ``Q_GATHER`` (FP8 output, kernels/quant.py ``gather_row``) the row is quantised once
+   and what every rank gets is its *record*: over the first bytes of the row's ``H * ESIZE``
+   in the region, the ``H`` FP8 bytes, then with dynamic scaling the row's fp32 scale (4 bytes,
+   little endian, at any alignment) — half the bytes of a bf16 row, or fewer;
 4. end barrier (release / acquire with ``ALL_GATHER``, else relaxed: only reads came before
    it): every peer's normed rows ``q*s + i`` have landed here and nobody reads this
    rank's rows any more;
 5. with ``COPY_OUT``: copy rows ``q*s + i`` (every peer's ``q``) from the region to the output
-   (this rank's own rows were stored there in phase 3, with their push).
+   (this rank's own rows were stored there in phase 3, with their push); with ``Q_GATHER``
+   the records' FP8 bytes to the output and their scales to the scales
+   (``quant.gathered_rows``). FP8 output without ``Q_GATHER`` (dynamic rows too short for a
+   record: ops/_quant.py ``fp8_records``) gathers the rows in the input's dtype and quantises
+   them here (``quant.quant_shards``).
+
+Region, per row ``r`` (``H * ESIZE`` bytes at ``region_off + r * H * ESIZE`` on every rank):
+this rank's partial sums of row ``r`` until the row's owner (rank ``r // s``) has read them in
+phase 3, then the normed row (``ALL_GATHER``) or its FP8 record (``Q_GATHER``; the rest of the
+row's bytes keep stale input). Between the barriers only the row's owner touches them.
 
 A block whose barrier fails (timeout, ranks out of step: kernels/barrier.py) skips the phases
 after it.
@@ -38,7 +51,9 @@ row ``r = q*s + i`` as rank ``q`` does (the same sums in the same order: the sam
 residual (a peer's row waits for its norm in ``out``). Small messages are latency-bound: one
 exchange of ``(S + s) * H`` elements per peer beats two of ``s * H`` (the fused rows of
 benchmarks/results/archive/2026-11-26_3ac72a2/lines_vs_barrier_h200x2_w2.csv). ``out`` may be the
-input: a block overwrites only pieces it has pushed and read (lines_rows.py).
+input: a block overwrites only pieces it has pushed and read (lines_rows.py). With FP8 output
+the lines carry the same input and residual rows in the input's dtype (there is no exchange of
+normed rows to shrink), and every rank quantises every row it computes (whole rows per unit).
 """
 
 import triton

@@ -75,7 +75,8 @@ class FusedRmsnorm(Collective):
             return RowsPlan("lines", shape, group, kernel, choice, fresh_out=fresh, quant=quant)
         in_off = offset_in(buf, input)
         # a new ``out`` is never in the buffer: its pointer varies per call (``var_index``);
-        # FP8 rows are quantised on their way out of the region (kernels/quant.py)
+        # an FP8 ``out`` cannot hold the input's rows: the region is elsewhere and the FP8
+        # records (kernels/quant.py) are copied out of it
         zero_copy_out = all_gather and a.out is not None and quant == NONE
         out_off = offset_in(buf, out) if zero_copy_out else None
         if in_off is not None:
@@ -155,9 +156,11 @@ def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.T
 
     ``out_dtype`` (``torch.float8_e4m3fn`` or ``float8_e5m2``): the normed rows quantised in the
     same launch, with the static ``scale`` (returns ``out``) or per row (``scale=None``:
-    returns ``(out, scales)``, ``scales`` [rows, 1] fp32); see ``symmtriton.ops._quant``. The
-    rows are gathered in the input's dtype and quantised on every rank alike. ``out_dtype`` and
-    whether ``scale`` is given must be the same on every rank."""
+    returns ``(out, scales)``, ``scales`` [rows, 1] fp32); see ``symmtriton.ops._quant``. Each
+    rank quantises the rows it owns once and the all-gather moves the FP8 rows and their
+    scales (half the bytes of bf16 rows) where it gathers normed rows (the barrier path; the
+    barrier-free path for small inputs exchanges input rows only, in the input's dtype).
+    ``out_dtype`` and whether ``scale`` is given must be the same on every rank."""
     return call(RS_ADD_RMSNORM_AG, group, config, timeout_s,
                 record(Rows, (input, residual, weight, eps, out, None, out_dtype, scale, None)))
 
