@@ -13,11 +13,24 @@ rows ``RANK*s + i``. Phases of ``_fused_rmsnorm_kernel``:
    with ``ALL_GATHER`` store the normed row at the same row of the region on every rank
    (``multimem.st`` or one store per peer) — this overwrites input rows that only this rank's
    block ``b`` reads, and it has read them already — else store it to the local output;
+   with ``Q_GATHER`` (FP8 output, kernels/quant.py ``gather_row``) the row is quantised once
+   and what every rank gets is its *record*: over the first bytes of the row's ``H * ESIZE``
+   in the region, the ``H`` FP8 bytes, then with dynamic scaling the row's fp32 scale (4 bytes,
+   little endian, at any alignment) — half the bytes of a bf16 row, or fewer;
 4. end barrier (release / acquire with ``ALL_GATHER``, else relaxed: only reads came before
    it): every peer's normed rows ``q*s + i`` have landed here and nobody reads this
    rank's rows any more;
 5. with ``COPY_OUT``: copy rows ``q*s + i`` (every peer's ``q``) from the region to the output
-   (this rank's own rows were stored there in phase 3, with their push).
+   (this rank's own rows were stored there in phase 3, with their push); with ``Q_GATHER``
+   the records' FP8 bytes to the output and their scales to the scales
+   (``quant.gathered_rows``). FP8 output without ``Q_GATHER`` (dynamic rows too short for a
+   record: ops/_quant.py ``fp8_records``) gathers the rows in the input's dtype and quantises
+   them here (``quant.quant_shards``).
+
+Region, per row ``r`` (``H * ESIZE`` bytes at ``region_off + r * H * ESIZE`` on every rank):
+this rank's partial sums of row ``r`` until the row's owner (rank ``r // s``) has read them in
+phase 3, then the normed row (``ALL_GATHER``) or its FP8 record (``Q_GATHER``; the rest of the
+row's bytes keep stale input). Between the barriers only the row's owner touches them.
 
 A block whose barrier fails (timeout, ranks out of step: kernels/barrier.py) skips the phases
 after it.
@@ -38,7 +51,9 @@ row ``r = q*s + i`` as rank ``q`` does (the same sums in the same order: the sam
 residual (a peer's row waits for its norm in ``out``). Small messages are latency-bound: one
 exchange of ``(S + s) * H`` elements per peer beats two of ``s * H`` (the fused rows of
 benchmarks/results/archive/2026-11-26_3ac72a2/lines_vs_barrier_h200x2_w2.csv). ``out`` may be the
-input: a block overwrites only pieces it has pushed and read (lines_rows.py).
+input: a block overwrites only pieces it has pushed and read (lines_rows.py). With FP8 output
+the lines carry the same input and residual rows in the input's dtype (there is no exchange of
+normed rows to shrink), and every rank quantises every row it computes (whole rows per unit).
 """
 
 import triton
@@ -47,7 +62,7 @@ import triton.language as tl
 from .barrier import barrier, call_begin, call_end
 from .common import copy_shards, lines_push_to, lines_reduce_chunk, rms_normed, row_operands
 from .lines import lines_begin, lines_finish, lines_flag, lines_get, lines_slot
-from .quant import quant_shards, store_row
+from .quant import gather_row, gathered_rows, quant_shards, store_row
 from .lines_rows import norm_units, unit_done, unit_span, unit_weight
 from .ptx import as_i64, as_ptr, load_reduce, peer_addr, store_all, words_to_elems
 
@@ -61,7 +76,7 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
                           ALL_GATHER: tl.constexpr, COPY_OUT: tl.constexpr,
                           USE_MULTIMEM: tl.constexpr, SCOPE: tl.constexpr, USE_PTX: tl.constexpr,
                           ALIGNED: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr,
-                          Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr):
+                          Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr, Q_GATHER: tl.constexpr):
     pid, nprog, seq = call_begin(sig_table, RANK, WORLD_SIZE, PDL)
     ESIZE: tl.constexpr = DTYPE.primitive_bitwidth // 8
     local = peer_addr(buf_table, RANK) + region_off
@@ -81,7 +96,12 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
         x = (acc + tl.load(r_ptr, mask=mask, other=0.0).to(tl.float32)).to(DTYPE)
         tl.store(r_ptr, x, mask=mask)
         y = rms_normed(x, mask, w, H, eps)
-        if ALL_GATHER:
+        if Q_GATHER:  # FP8 records to every rank, this rank's row to the output now
+            row = (RANK * s + i).to(tl.int64)
+            gather_row(y, mask, out + row * H + cols, out_addr, q_addr, row, mc_addr, buf_table,
+                       row_off, H, BLOCK_H, RANK, WORLD_SIZE, USE_MULTIMEM, ALIGNED, QUANT,
+                       Q_DTYPE, Q_MAX)
+        elif ALL_GATHER:
             store_all(mc_addr, buf_table, row_off, 0, H, y, BLOCK_H, DTYPE, RANK, WORLD_SIZE,
                       USE_MULTIMEM, ALIGNED)
             if COPY_OUT:  # this rank's rows go to the output now, not after the end barrier
@@ -94,7 +114,10 @@ def _fused_rmsnorm_kernel(in_addr, out_addr, res_addr, w_addr, buf_table, sig_ta
         i += nprog
     bad = barrier(sig_table, pid, seq, bad, err_addr, timeout_ns, seq_cap, 1, RANK, WORLD_SIZE,
                   WORLD_P2, SCOPE, USE_PTX, ALL_GATHER, ALL_GATHER)
-    if COPY_OUT & (QUANT != 0):  # the gathered rows quantised on their way out
+    if Q_GATHER:  # the gathered FP8 records
+        gathered_rows(local, out_addr, q_addr, s, H, H * ESIZE, pid, nprog, bad, BLOCK_H,
+                      WORLD_SIZE, RANK, ALIGNED, QUANT)
+    elif COPY_OUT & (QUANT != 0):  # the gathered rows quantised on their way out
         quant_shards(local, out_addr, q_addr, s, H, pid, nprog, bad, DTYPE, BLOCK_H, WORLD_SIZE,
                      RANK, QUANT, Q_DTYPE, Q_MAX)
     elif COPY_OUT:

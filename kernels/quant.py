@@ -15,7 +15,7 @@ amax is one ``tl.max``. With ``QUANT`` 0 none of this is compiled.
 import triton
 import triton.language as tl
 
-from .ptx import as_i64
+from .ptx import as_i64, as_ptr, peer_addr, store_all
 
 
 @triton.jit
@@ -60,6 +60,89 @@ def fp8_grid(v, Q_DTYPE: tl.constexpr):
     magic = ((tl.maximum(e, EMIN) - MANT + 150) << 23) | (1 << 22)
     m = magic.to(tl.float32, bitcast=True)
     return (v + m) - m
+
+
+@triton.jit
+def quant_row(y, mask, out_addr, q_addr, row, QUANT: tl.constexpr, Q_DTYPE: tl.constexpr,
+              Q_MAX: tl.constexpr):
+    """The row ``y`` quantised exactly as :func:`store_row` stores it, stored nowhere: ``(q,
+    scale)``, ``q`` in ``Q_DTYPE`` (0 where not ``mask``) and the fp32 scale (the static one, or
+    the row's dynamic one)."""
+    yf = tl.where(mask, y.to(tl.float32), 0.0)
+    if QUANT == 1:
+        scale = tl.load(quant_scale_ptr(out_addr, q_addr, row, QUANT))
+    else:
+        amax = tl.max(tl.abs(yf), axis=0)
+        scale = tl.where(amax > 0.0, amax / Q_MAX, 1.0)
+    q = fp8_grid(tl.minimum(tl.maximum(yf / scale, -Q_MAX), Q_MAX), Q_DTYPE)
+    return q.to(Q_DTYPE), scale
+
+
+@triton.jit
+def gather_row(y, mask, out_row, out_addr, q_addr, row, mc_addr, buf_table, row_off, H,
+               BLOCK_H: tl.constexpr, RANK: tl.constexpr, WORLD_SIZE: tl.constexpr,
+               USE_MULTIMEM: tl.constexpr, ALIGNED: tl.constexpr, QUANT: tl.constexpr,
+               Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr):
+    """The all-gather of an FP8 row: ``y`` (this rank's normed row ``row``, ``BLOCK_H >= H``
+    lanes) quantised once (:func:`quant_row`), stored at pointer ``out_row`` (and its dynamic
+    scale among the scales), and its *record* stored at byte ``row_off`` of every rank's buffer:
+    the ``H`` FP8 bytes, then (``QUANT`` 2) the scale's 4 bytes at ``row_off + H``, little
+    endian, at any alignment. Multimem: the record's whole 16-byte vectors by ``multimem.st``
+    (``BLOCK_H >= 16``), the rest by a store to every peer; else every byte by peer stores.
+    ``ALIGNED``: ``row_off`` and ``H`` are multiples of 16 (no rest). :func:`gathered_rows`
+    reads the records."""
+    q, scale = quant_row(y, mask, out_addr, q_addr, row, QUANT, Q_DTYPE, Q_MAX)
+    tl.store(out_row, q, mask=mask)
+    if QUANT == 2:
+        tl.store(quant_scale_ptr(out_addr, q_addr, row, QUANT), scale)
+    qb = q.to(tl.uint8, bitcast=True)
+    cols = tl.arange(0, BLOCK_H)
+    rest = mask
+    peer_rows = True  # the peers get some of the row's bytes by plain stores
+    if USE_MULTIMEM:
+        if BLOCK_H >= 16:  # nested: a constexpr ``and`` would make the branch a runtime one
+            store_all(mc_addr, buf_table, row_off, 0, H, qb, BLOCK_H, tl.uint8, RANK, WORLD_SIZE,
+                      True, ALIGNED)
+            rest = mask & (cols >= (H // 16) * 16)
+            if ALIGNED:
+                peer_rows = False
+    for r in tl.static_range(WORLD_SIZE):
+        peer = (RANK + 1 + r) % WORLD_SIZE  # as store_all: not every rank at rank 0 first
+        base = peer_addr(buf_table, peer) + row_off
+        if peer_rows:
+            tl.store(as_ptr(base, tl.uint8, ALIGNED) + cols, qb, mask=rest)
+        if QUANT == 2:
+            k = tl.arange(0, 4)
+            sb = ((scale.to(tl.int32, bitcast=True) >> (k * 8)) & 0xFF).to(tl.uint8)
+            tl.store(base.to(tl.pointer_type(tl.uint8)) + H + k, sb)
+
+
+@triton.jit
+def gathered_rows(local, out_addr, q_addr, s, H, row_bytes, pid, nprog, skip,
+                  BLOCK_H: tl.constexpr, WORLD_SIZE: tl.constexpr, OWN: tl.constexpr,
+                  ALIGNED: tl.constexpr, QUANT: tl.constexpr):
+    """The records (:func:`gather_row`) of rows ``q*s + i`` (``i = pid (mod nprog)``, every
+    ``q`` but ``OWN``), row ``r``'s at byte ``r * row_bytes`` of the region at ``local``, copied
+    into the FP8 output (``H`` bytes a row) and, with ``QUANT`` 2, the scales; nothing when
+    ``skip`` is nonzero."""
+    src = as_ptr(local, tl.uint8, ALIGNED)
+    out = as_ptr(out_addr, tl.uint8, ALIGNED)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    k = tl.arange(0, 4)
+    i = tl.where(skip != 0, s, pid)
+    while i < s:  # see ptx.py on loops
+        for q in tl.static_range(WORLD_SIZE):
+            if q != OWN:
+                row = q * as_i64(s) + i
+                rec = src + row * row_bytes
+                tl.store(out + row * H + cols, tl.load(rec + cols, mask=mask), mask=mask)
+                if QUANT == 2:
+                    b = tl.load(rec + H + k).to(tl.int32)
+                    bits = tl.sum(b << (k * 8), axis=0)  # disjoint bytes: the sum is the or
+                    tl.store(quant_scale_ptr(out_addr, q_addr, row, QUANT),
+                             bits.to(tl.float32, bitcast=True))
+        i += nprog
 
 
 @triton.jit

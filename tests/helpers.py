@@ -35,8 +35,8 @@ def compile_for_target(kernel, capability: int, num_warps: int = 4, **constexprs
     integer argument is compiled as divisible by 16, as Triton specializes a launch whose
     addresses, offsets and counts are (the common case: element counts that are multiples of
     16). ``PDL`` (the kernels' programmatic-dependent-launch wait) is ``False`` unless given,
-    the row kernels' ``QUANT`` 0 (no FP8 output); ``num_warps`` as the launch's. Returns the
-    compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``)."""
+    the row kernels' ``QUANT`` 0 (no FP8 output, ``Q_GATHER`` off); ``num_warps`` as the
+    launch's. Returns the compiled kernel (``.asm["ptx"]``, ``.asm["cubin"]``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -47,6 +47,8 @@ def compile_for_target(kernel, capability: int, num_warps: int = 4, **constexprs
         constexprs.setdefault("QUANT", 0)
         constexprs.setdefault("Q_DTYPE", constexprs["DTYPE"])
         constexprs.setdefault("Q_MAX", 0.0)
+    if "Q_GATHER" in kernel.arg_names:  # FP8 records on the fused all-gather: not without QUANT
+        constexprs.setdefault("Q_GATHER", False)
 
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):

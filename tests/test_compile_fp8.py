@@ -1,7 +1,9 @@
 """Compile tier for the FP8 output of the RMSNorm row kernels (kernels/quant.py), as
 tests/test_compile.py: compiled for sm_90 by Triton's bundled ptxas, no GPU. The FP8 variants
 keep the multimem instructions of their multimem form and convert to e4m3 (e5m2) in hardware;
-the kernels without ``QUANT`` hold no FP8 conversion."""
+the kernels without ``QUANT`` hold no FP8 conversion. The fused all-gather's FP8 variant (its
+``Q_GATHER`` form, the one calls run) stores half the 16-byte multimem vectors of the bf16 one
+and converts each row once."""
 
 import pytest
 import triton.language as tl
@@ -29,7 +31,9 @@ KERNELS = {
 FP8 = {"e4m3": (tl.float8e4nv, 448.0), "e5m2": (tl.float8e5, 57344.0)}
 
 
-def _compile(rank, world, which, quant, fp8="e4m3"):
+def _compile(rank, world, which, quant, fp8="e4m3", over=None):
+    """PTX counts of ``which`` (its FP8 variant with ``quant``: the fused all-gather's with FP8
+    records, ``Q_GATHER``, unless ``over`` says otherwise; ``over`` replaces constexprs)."""
     import importlib
 
     from helpers import compile_for_target
@@ -39,7 +43,10 @@ def _compile(rank, world, which, quant, fp8="e4m3"):
     q = {}
     if quant:
         q = dict(QUANT=quant, Q_DTYPE=FP8[fp8][0], Q_MAX=FP8[fp8][1])
-    ptx = compile_for_target(kern, 90, **COMMON, **extra, **q, ALIGNED=True).asm["ptx"]
+        if "Q_GATHER" in kern.arg_names:
+            q["Q_GATHER"] = extra["ALL_GATHER"]
+    ptx = compile_for_target(kern, 90, **COMMON, **{**extra, **q, **(over or {})},
+                             ALIGNED=True).asm["ptx"]
     return {"ld_reduce": ptx.count("multimem.ld_reduce"), "st": ptx.count("multimem.st"),
             "e4m3": ptx.count("cvt.rn.satfinite.e4m3x2.f32"),
             "e5m2": ptx.count("cvt.rn.satfinite.e5m2x2.f32")}
@@ -60,3 +67,15 @@ def test_fp8_variant_converts_to_e4m3_and_keeps_multimem(compiler, which, quant)
 def test_fp8_e5m2_variant_converts_to_e5m2(compiler):
     [r] = compiler.run(_compile, "all_reduce_one_shot", 2, "e5m2")
     assert r["e5m2"] > 0 and r["e4m3"] == 0 and r["ld_reduce"] > 0
+
+
+@pytest.mark.parametrize("quant", [1, 2])
+def test_fp8_all_gather_stores_half_the_multimem_vectors(compiler, quant):
+    """[1, 4096] bf16 rows: the FP8 records leave in half the ``multimem.st`` of the bf16 rows
+    (the bytes on the link), each row converted once, not once per rank that copies it out (the
+    form without records quantises this rank's row and each of the 2 peers' rows)."""
+    [plain, records, rows] = [compiler.run(_compile, "fused_ag", q, "e4m3", over)[0] for q, over in
+                              ((0, {}), (quant, {}), (quant, {"Q_GATHER": False}))]
+    assert plain["st"] > 0 and records["st"] * 2 == plain["st"] == rows["st"]
+    assert records["ld_reduce"] > 0 and records["e4m3"] > 0
+    assert records["e4m3"] * COMMON["WORLD_SIZE"] == rows["e4m3"]

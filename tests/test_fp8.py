@@ -122,6 +122,71 @@ def test_fp8_output_matches_reference(pool, op, proto):
     assert pool.run(_fp8_cases, op, proto, timeout=600) == [[]] * pool.world_size
 
 
+#: (dtype, rows, H, out_dtype, static) of the all-gather's FP8 records: whole 16-byte rows, a
+#: tail (H 24), rows shorter than 16 bytes (fp16 H 8), an odd H (37: bytes at any alignment)
+LINK_CASES = ((torch.bfloat16, 2, 64, E4M3, False), (torch.bfloat16, 1, 24, E5M2, False),
+              (torch.float16, 2, 8, E4M3, True), (torch.float32, 1, 37, E4M3, False))
+
+
+def _link_case(rank, world, case, salt):
+    """The FP8 all-gather of a zero-copy input on the barrier path, with the input's rows in the
+    buffer: what each peer's row ``r`` holds there after the call (the record it stored over
+    its input row: kernels/quant.py, ``gather_row``) against ``out`` and ``scales``."""
+    dtype, rows, H, fp8, static = case
+    buf = st.SymmetricMemoryManager.get_buffer("tp", dist.group.WORLD, size_mb=4)
+    inp0, res0, weight = _operands(rank, world, "rs_ag", dtype, rows, H, salt)
+    scale = torch.tensor([SCALE], device=device()) if static else None
+    with protocol("barrier"):
+        plain = OPS["rs_ag"](inp0, res0.clone(), weight)
+        inp = buf.maybe_get_tensor(inp0.shape, dtype)["tensor"].copy_(inp0)
+        got = OPS["rs_ag"](inp, res0.clone(), weight, out_dtype=fp8, scale=scale)
+        sync()
+    q, scales = (got, None) if static else got
+    own = reference.quantise(plain, fp8, scale)
+    own_q, own_s = (own, None) if static else own
+    bad = []
+    if not torch.equal(q.float(), own_q.float()) or (
+            scales is not None and not torch.equal(scales, own_s)):
+        bad.append("own")
+    raw = inp.view(torch.uint8).view(inp.shape[0], -1)
+    peers = [r for r in range(inp.shape[0]) if r // rows != rank]
+    if not torch.equal(raw[peers, :H], q[peers].view(torch.uint8)):
+        bad.append("FP8 rows")
+    if not static and not torch.equal(raw[peers, H:H + 4], scales[peers].view(torch.uint8)):
+        bad.append("scales")
+    return bad
+
+
+def _link_cases(rank, world):
+    return [(i, b) for i, case in enumerate(LINK_CASES)
+            if (b := _link_case(rank, world, case, i))]
+
+
+def test_fp8_all_gather_moves_fp8_records(pool):
+    """Each rank quantises its rows once and the all-gather moves FP8 rows (and dynamic scales),
+    not rows in the input's dtype: the peers' rows that landed in this rank's buffer are the FP8
+    output's bytes."""
+    assert pool.run(_link_cases, timeout=600) == [[]] * pool.world_size
+
+
+#: (dtype, rows, H, placement, out_dtype, static, out given) of the FP8 all-gather beyond
+#: ``CASES``: records with a tail (H 24), shorter than 16 bytes (fp16 H 8), and dynamic rows
+#: whose record would not fit the row (bf16 H 3, fp32 H 1), which travel in the input's dtype
+AG_CASES = ((torch.bfloat16, 2, 24, "staged", E5M2, False, False),
+            (torch.float16, 2, 8, "zero_copy", E4M3, True, True),
+            (torch.bfloat16, 2, 3, "zero_copy", E4M3, False, True),
+            (torch.float32, 3, 1, "staged", E5M2, False, False))
+
+
+def _ag_cases(rank, world):
+    return [(i, b) for i, case in enumerate(AG_CASES)
+            if (b := _fp8_case(rank, world, "rs_ag", "barrier", case, 10 + i))]
+
+
+def test_fp8_all_gather_records_and_short_rows_match(pool):
+    assert pool.run(_ag_cases, timeout=600) == [[]] * pool.world_size
+
+
 def _fallback(rank, world):
     buffer_without_symmetric_memory()
     staged = [case[:3] + ("staged",) + case[4:] for case in CASES[:3]]

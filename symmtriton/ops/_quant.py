@@ -76,6 +76,17 @@ def quant_constexprs(a, dtype) -> dict:
     return dict(QUANT=mode, Q_DTYPE=q_dtype, Q_MAX=q_max)
 
 
+def fp8_records(a, hidden: int) -> bool:
+    """The all-gather of the barrier kernel moves each row as an FP8 record (its ``hidden``
+    FP8 bytes, then its 4-byte dynamic scale: kernels/quant.py, ``gather_row``), written over
+    the row's bytes in the region: with FP8 output whenever the record fits them, i.e. all but
+    dynamic rows of fewer than 4 bf16/fp16 or of 1 fp32 value, which travel in the input's
+    dtype (no more bytes than their record)."""
+    mode = quant_mode(a)
+    record = hidden + (4 if mode == DYNAMIC else 0)
+    return mode != NONE and record <= hidden * a.input.element_size()
+
+
 def new_outputs(a, shape: tuple, mode: int) -> tuple:
     """``(out, scales)`` a call allocates: ``a.out`` or a new one, and the dynamic scales
     (``a.scales`` or new: in one allocation with a new ``out``), else ``None``."""

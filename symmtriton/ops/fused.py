@@ -27,7 +27,7 @@ from ..presets import LINES_ROWS_MAX_BYTES
 from ..kernels.fused_rmsnorm import _fused_rmsnorm_kernel, _fused_rmsnorm_lines_kernel
 from ..launch import Launch
 from ._operands import Rows, record
-from ._quant import NONE, check_quant, quant_constexprs, quant_mode, q_arg
+from ._quant import NONE, check_quant, fp8_records, quant_constexprs, quant_mode, q_arg
 from ._rows import (RowsPlan, rows_aligned, rows_key, rows_lines_launch, rows_out, rows_uniform,
                     traced_rows, validate_rows, var_arg)
 from .driver import (TL_DTYPE, Collective, ConfigChoice, barrier_path, call, choose_config,
@@ -75,7 +75,8 @@ class FusedRmsnorm(Collective):
             return RowsPlan("lines", shape, group, kernel, choice, fresh_out=fresh, quant=quant)
         in_off = offset_in(buf, input)
         # a new ``out`` is never in the buffer: its pointer varies per call (``var_index``);
-        # FP8 rows are quantised on their way out of the region (kernels/quant.py)
+        # an FP8 ``out`` cannot hold the input's rows: the region is elsewhere and the FP8
+        # records (kernels/quant.py) are copied out of it
         zero_copy_out = all_gather and a.out is not None and quant == NONE
         out_off = offset_in(buf, out) if zero_copy_out else None
         if in_off is not None:
@@ -93,14 +94,15 @@ class FusedRmsnorm(Collective):
         use_mm = multimem_eligible(ctx, input.dtype, ctx.local_base + region, row_bytes)
         kernel = _kernel_launch(self.name, ctx, choice.config, a, out, scales, region,
                                 in_off is None, all_gather and out_off != region, all_gather,
-                                use_mm, var_index, timeout_s)
+                                use_mm, var_index, timeout_s, all_gather and fp8_records(a, H))
         return RowsPlan(barrier_path(use_mm), shape, group, kernel, choice, fresh_out=fresh,
                         quant=quant)
 
 
 def _kernel_launch(op, ctx, cfg: LaunchConfig, a: Rows, out, scales, region, stage_in,
-                   copy_out, all_gather, use_mm, var_index, timeout_s):
-    """The launch of ``_fused_rmsnorm_kernel``: its arguments, listed here only."""
+                   copy_out, all_gather, use_mm, var_index, timeout_s, q_gather):
+    """The launch of ``_fused_rmsnorm_kernel``: its arguments, listed here only. ``q_gather``:
+    the all-gather moves FP8 records (kernels/quant.py, ``gather_row``)."""
     S, H = a.input.shape
     s = S // ctx.world
     args = (a.input.data_ptr(), out.data_ptr(), a.residual.data_ptr(), a.weight.data_ptr(),
@@ -111,7 +113,7 @@ def _kernel_launch(op, ctx, cfg: LaunchConfig, a: Rows, out, scales, region, sta
         dict(DTYPE=TL_DTYPE[a.input.dtype], W_DTYPE=TL_DTYPE[a.weight.dtype],
              BLOCK_H=cfg.block_size, STAGE_IN=stage_in, ALL_GATHER=all_gather,
              COPY_OUT=copy_out, USE_MULTIMEM=use_mm,
-             ALIGNED=rows_aligned(a, out, ctx.local_base + region),
+             ALIGNED=rows_aligned(a, out, ctx.local_base + region), Q_GATHER=q_gather,
              **quant_constexprs(a, TL_DTYPE[a.input.dtype])),
         var_arg(var_index, args))
 
@@ -154,9 +156,11 @@ def reduce_scatter_add_rmsnorm_all_gather(input: torch.Tensor, residual: torch.T
 
     ``out_dtype`` (``torch.float8_e4m3fn`` or ``float8_e5m2``): the normed rows quantised in the
     same launch, with the static ``scale`` (returns ``out``) or per row (``scale=None``:
-    returns ``(out, scales)``, ``scales`` [rows, 1] fp32); see ``symmtriton.ops._quant``. The
-    rows are gathered in the input's dtype and quantised on every rank alike. ``out_dtype`` and
-    whether ``scale`` is given must be the same on every rank."""
+    returns ``(out, scales)``, ``scales`` [rows, 1] fp32); see ``symmtriton.ops._quant``. Each
+    rank quantises the rows it owns once and the all-gather moves the FP8 rows and their
+    scales (half the bytes of bf16 rows) where it gathers normed rows (the barrier path; the
+    barrier-free path for small inputs exchanges input rows only, in the input's dtype).
+    ``out_dtype`` and whether ``scale`` is given must be the same on every rank."""
     return call(RS_ADD_RMSNORM_AG, group, config, timeout_s,
                 record(Rows, (input, residual, weight, eps, out, None, out_dtype, scale, None)))
 
