@@ -3,7 +3,7 @@
 #   tests     pytest -m gpu on the one-rank-per-GPU worlds (gpu-w2-nccl, gpu-w2-gloo; with 4 or 8
 #             GPUs also gpu-w4-*, gpu-w8-*; TESTS_K narrows the -k expression, e.g. "w4-nccl")
 #   examples  every example under torchrun, one rank per GPU (NPROC ranks: the GPU count, at least 2;
-#             with one GPU the two ranks share it under MPS)
+#             with one GPU the two ranks share it under MPS; EXAMPLES: a comma list, default all)
 #   bench     symmtriton-bench, NPROC ranks, one per GPU (NCCL), BENCH_ARGS (default: the default sweep)
 #   shared    MPS started: pytest -m gpu on the shared-GPU worlds SHARED_WORLDS (default "4"; all:
 #             "2 4 8"; SHARED_TESTS: test files, default all; SHARED_TESTS_CAP_S, default 360: the
@@ -86,7 +86,8 @@ if [[ " $STAGES " == *" tests "* ]]; then
 fi
 if [[ " $STAGES " == *" examples "* ]]; then
   (( NGPU < NPROC )) && start_mps "$LOG"  # ranks that share a GPU spin on each other: MPS, not time slices
-  for ex in all_gather reduce_scatter symmetric_buffers tp_decode "tp_decode --mode ar" ep_moe megatron_tp; do
+  IFS=',' read -r -a examples <<<"${EXAMPLES:-all_gather,reduce_scatter,symmetric_buffers,tp_decode,tp_decode --mode ar,ep_moe,megatron_tp}"
+  for ex in "${examples[@]}"; do
     read -r script flags <<<"$ex"
     run "example $ex (${NPROC} ranks)" 120 "$LOG" "match|passed|speed-up|Error|error" \
       "${TORCHRUN[@]}" --nproc-per-node="$NPROC" "examples/$script.py" $flags
