@@ -205,7 +205,8 @@ def test_all_reduce_cuda_graph_replay(gpu_pool):
 
 # -- custom ops (torch.library) and torch.compile ----------------------------------------------
 @pytest.mark.parametrize("name,mutated", [("all_reduce_", {"tensor"}), ("all_reduce_out", {"out"}),
-                                          ("all_reduce_add_rmsnorm",
+                                          ("all_reduce_add_rmsnorm", {"residual", "out"}),
+                                          ("all_reduce_add_rmsnorm_fp8",
                                            {"residual", "out", "scales"})])
 def test_custom_ops_registered_with_mutation_annotations(name, mutated):
     schema = getattr(torch.ops.symmtriton, name).default._schema
