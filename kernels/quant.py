@@ -5,8 +5,7 @@ A kernel with ``QUANT`` (a constexpr: 0 none, 1 static, 2 dynamic) stores each n
 (already rounded to the input's dtype: the values the unquantised op returns) as
 ``clamp(y / scale, -Q_MAX, Q_MAX)`` cast to ``Q_DTYPE`` (``tl.float8e4nv`` or ``tl.float8e5``;
 ``Q_MAX`` its largest finite value; the value rounded to the FP8 grid in fp32 first:
-:func:`fp8_grid`). Every division here rounds to nearest (IEEE, ``div_rn``), as torch's does.
-Static: ``scale`` is the fp32 at address ``q_addr``.
+:func:`fp8_grid`). Static: ``scale`` is the fp32 at address ``q_addr``.
 Dynamic: ``scale = amax(|y|) / Q_MAX`` of the row (1 for a row of zeros), stored as fp32 at
 ``out_addr + q_addr + 4 * row`` (``q_addr``: the scales' offset from the output). The whole row
 is in hand where it is stored (every kernel with dynamic scaling runs rows as one chunk), so the
@@ -36,26 +35,16 @@ def store_row(ptr, y, mask, out_addr, q_addr, row, QUANT: tl.constexpr, Q_DTYPE:
     if QUANT == 0:
         tl.store(ptr, y, mask=mask)
     else:
-        q, scale = quant_row(y, mask, out_addr, q_addr, row, QUANT, Q_DTYPE, Q_MAX)
-        if QUANT == 2:
-            tl.store(quant_scale_ptr(out_addr, q_addr, row, QUANT), scale)
-        tl.store(ptr, q, mask=mask)
-
-
-@triton.jit
-def dynamic_scale(amax, Q_MAX: tl.constexpr):
-    """``amax / Q_MAX`` rounded to nearest (``div_rn``: IEEE, as torch divides; a plain ``/``
-    compiles to an approximate division), 1 where ``amax`` is 0."""
-    return tl.where(amax > 0.0, tl.math.div_rn(amax, tl.full(amax.shape, Q_MAX, tl.float32)),
-                    1.0)
-
-
-@triton.jit
-def on_grid(v, scale, Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr):
-    """``clamp(v / scale, -Q_MAX, Q_MAX)`` (``div_rn``, ``scale`` broadcast to ``v``) rounded
-    onto ``Q_DTYPE``'s grid in fp32 (:func:`fp8_grid`)."""
-    ratio = tl.math.div_rn(v, tl.broadcast_to(scale, v.shape))
-    return fp8_grid(tl.minimum(tl.maximum(ratio, -Q_MAX), Q_MAX), Q_DTYPE)
+        yf = tl.where(mask, y.to(tl.float32), 0.0)
+        sp = quant_scale_ptr(out_addr, q_addr, row, QUANT)
+        if QUANT == 1:
+            scale = tl.load(sp)
+        else:
+            amax = tl.max(tl.abs(yf), axis=0)
+            scale = tl.where(amax > 0.0, amax / Q_MAX, 1.0)
+            tl.store(sp, scale)
+        q = fp8_grid(tl.minimum(tl.maximum(yf / scale, -Q_MAX), Q_MAX), Q_DTYPE)
+        tl.store(ptr, q.to(Q_DTYPE), mask=mask)
 
 
 @triton.jit
@@ -76,15 +65,17 @@ def fp8_grid(v, Q_DTYPE: tl.constexpr):
 @triton.jit
 def quant_row(y, mask, out_addr, q_addr, row, QUANT: tl.constexpr, Q_DTYPE: tl.constexpr,
               Q_MAX: tl.constexpr):
-    """The row ``y`` quantised (module docstring), stored nowhere: ``(q, scale)``, ``q`` in
-    ``Q_DTYPE`` (0 where not ``mask``) and the fp32 scale (the static one, or
+    """The row ``y`` quantised exactly as :func:`store_row` stores it, stored nowhere: ``(q,
+    scale)``, ``q`` in ``Q_DTYPE`` (0 where not ``mask``) and the fp32 scale (the static one, or
     the row's dynamic one)."""
     yf = tl.where(mask, y.to(tl.float32), 0.0)
     if QUANT == 1:
         scale = tl.load(quant_scale_ptr(out_addr, q_addr, row, QUANT))
     else:
-        scale = dynamic_scale(tl.max(tl.abs(yf), axis=0), Q_MAX)
-    return on_grid(yf, scale, Q_DTYPE, Q_MAX).to(Q_DTYPE), scale
+        amax = tl.max(tl.abs(yf), axis=0)
+        scale = tl.where(amax > 0.0, amax / Q_MAX, 1.0)
+    q = fp8_grid(tl.minimum(tl.maximum(yf / scale, -Q_MAX), Q_MAX), Q_DTYPE)
+    return q.to(Q_DTYPE), scale
 
 
 @triton.jit
@@ -181,7 +172,11 @@ def quant_groups(v, Q_DTYPE: tl.constexpr, Q_MAX: tl.constexpr):
     """``v`` (fp32 ``[groups, G]``, lanes past the data 0) quantised per group (a row of ``v``):
     ``(q, scales)``, ``scales[g] = amax(|v[g]|) / Q_MAX`` (1 for a group of zeros) and ``q =
     clamp(v / scales[g], -Q_MAX, Q_MAX)`` in ``Q_DTYPE`` (rounded on the grid first:
-    :func:`fp8_grid`). Both divisions round to nearest (:func:`dynamic_scale`,
-    :func:`on_grid`), so the GPU's results equal torch's bit for bit."""
-    scales = dynamic_scale(tl.max(tl.abs(v), axis=1), Q_MAX)
-    return on_grid(v, scales[:, None], Q_DTYPE, Q_MAX).to(Q_DTYPE), scales
+    :func:`fp8_grid`). Both divisions round to nearest (``div_rn``, IEEE as torch's), so the
+    GPU's results equal torch's bit for bit."""
+    amax = tl.max(tl.abs(v), axis=1)
+    scales = tl.where(amax > 0.0, tl.math.div_rn(amax, tl.full(amax.shape, Q_MAX, tl.float32)),
+                      1.0)
+    q = tl.math.div_rn(v, tl.broadcast_to(scales[:, None], v.shape))
+    q = fp8_grid(tl.minimum(tl.maximum(q, -Q_MAX), Q_MAX), Q_DTYPE)
+    return q.to(Q_DTYPE), scales
