@@ -2,8 +2,10 @@
 experts (a scale per expert), with the capacity and timeout of their calls."""
 
 import torch
+import torch.distributed as dist
 
-from symmtriton.tools.testing import tagged
+import symmtriton as st
+from symmtriton.tools.testing import device, sync, tagged
 
 M = 5  # max_tokens_per_rank
 TIMEOUT_S = 20.0
@@ -55,3 +57,25 @@ def scales(rank, EL, dtype):
 def expert(recv, rank, EL):
     """The experts (:func:`scales`) applied to ``recv``."""
     return recv * scales(rank, EL, recv.dtype).to(recv.device)
+
+
+def compiled_and_eager(layer, rank, world, H):
+    """``layer(x, idx, w, num_experts, scale)`` on the uniform routing (2 local experts, K 4,
+    hidden ``H``, bf16; ``scale``: :func:`scales`) under ``torch.compile(fullgraph=True)`` and
+    eagerly: ``(graphs traced, symmtriton ops in them, compiled result, eager result)``."""
+    st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=1)
+    torch._dynamo.reset()
+    EL, K = 2, 4
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    x, idx, w = (t.to(device()) for t in inputs("uniform", rank, world, K, EL, H,
+                                                  torch.bfloat16))
+    scale = scales(rank, EL, torch.bfloat16).to(device())
+    got = torch.compile(layer, backend=backend, fullgraph=True)(x, idx, w, world * EL, scale)
+    eager = layer(x, idx, w, world * EL, scale)
+    sync()
+    ops = [str(n.target) for g in graphs for n in g.graph.nodes if "symmtriton" in str(n.target)]
+    return len(graphs), ops, got, eager

@@ -273,6 +273,7 @@ def test_all_reduce_push_exact(pool):
     assert pool.run(_ar_push_cases, SIZES, SMALL) == [[]] * pool.world_size
 
 
+@pytest.mark.w3_full
 def test_all_reduce_one_shot_push_exact(pool):
     assert pool.run(_ar_push_cases, SIZES, SMALL, "one_shot") == [[]] * pool.world_size
 

@@ -116,8 +116,14 @@ def _fp8_cases(rank, world, op, proto):
             if (b := _fp8_case(rank, world, op, proto, case, i))]
 
 
-@pytest.mark.parametrize("proto", ["lines", "barrier"])
-@pytest.mark.parametrize("op", sorted(OPS))
+#: the (op, protocol) pairs whose W = 3 case runs in the default tier (all in the full one)
+W3_DEFAULT = {("ar", "lines"), ("rs_ag", "barrier")}
+
+
+@pytest.mark.parametrize("op,proto", [
+    pytest.param(op, proto, id=f"{op}-{proto}",
+                 marks=() if (op, proto) in W3_DEFAULT else pytest.mark.w3_full)
+    for op in sorted(OPS) for proto in ("lines", "barrier")])
 def test_fp8_output_matches_reference(pool, op, proto):
     assert pool.run(_fp8_cases, op, proto, timeout=600) == [[]] * pool.world_size
 
@@ -183,6 +189,7 @@ def _ag_cases(rank, world):
             if (b := _fp8_case(rank, world, "rs_ag", "barrier", case, 10 + i))]
 
 
+@pytest.mark.w3_full
 def test_fp8_all_gather_records_and_short_rows_match(pool):
     assert pool.run(_ag_cases, timeout=600) == [[]] * pool.world_size
 
@@ -267,6 +274,7 @@ def _compiled(rank, world):
                               if not torch.equal(e, g)]
 
 
+@pytest.mark.w3_full
 def test_fp8_custom_ops_compile_in_one_graph(pool):
     want = sorted(["all_reduce_add_rmsnorm_fp8", "reduce_scatter_add_rmsnorm_fp8",
                    "reduce_scatter_add_rmsnorm_all_gather_fp8"])

@@ -18,7 +18,7 @@ from symmtriton.tools import reference
 from symmtriton.tools.testing import device, sync, tagged
 
 from helpers import buffer_without_symmetric_memory, captured, errors_without_launch
-from moe_cases import M, TIMEOUT_S, expert, route, scales, tokens
+from moe_cases import M, TIMEOUT_S, compiled_and_eager, expert, route, scales, tokens
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 E4M3 = torch.float8_e4m3fn
@@ -207,27 +207,13 @@ def _layer(x, idx, w, num_experts, scale):
 def _compiled(rank, world):
     """``torch.compile(fullgraph=True)`` traces ``use_fp8=True`` as the two custom ops and gives
     the eager results."""
-    st.SymmetricMemoryManager.get_buffer("ep", dist.group.WORLD, size_mb=1)
-    torch._dynamo.reset()
-    EL, K, H = 2, 4, 200
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-    x, idx, w = (t.to(device()) for t in inputs("uniform", rank, world, K, EL, H, BF16, 0))
-    fn = torch.compile(_layer, backend=backend, fullgraph=True)
-    scale = scales(rank, EL, BF16).to(device())
-    got = fn(x, idx, w, world * EL, scale)
-    eager = _layer(x, idx, w, world * EL, scale)
-    sync()
-    ops = [str(n.target) for g in graphs for n in g.graph.nodes if "symmtriton" in str(n.target)]
+    graphs, ops, got, eager = compiled_and_eager(_layer, rank, world, 200)
     c = eager[3].tolist()
     same = [torch.equal(got[0], eager[0]), torch.equal(got[3], eager[3])] + [
         torch.equal(a[j, :n].view(torch.uint8) if a.dtype == E4M3 else a[j, :n],
                     b[j, :n].view(torch.uint8) if b.dtype == E4M3 else b[j, :n])
         for a, b in zip(got[1:3], eager[1:3]) for j, n in enumerate(c)]
-    return len(graphs), ops, all(same)
+    return graphs, ops, all(same)
 
 
 @pytest.mark.w3_full
