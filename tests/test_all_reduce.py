@@ -67,7 +67,8 @@ def test_all_reduce_lines_exact(pool):
     assert pool.run(_ar_cases, "bfloat16", "lines", MODES, sizes, SMALL) == [[]] * pool.world_size
 
 
-@pytest.mark.parametrize("dtype", [pytest.param("float16", marks=pytest.mark.w3_full), "float32"])
+@pytest.mark.w3_full
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_all_reduce_other_dtypes_default_config(pool, dtype):
     for algorithm in ("lines", "one_shot", "two_shot"):
         modes = ("staged", "zero_copy_in_place")
@@ -269,6 +270,7 @@ def _ar_push_cases(rank, world, sizes, config, algorithm="two_shot"):
     return bad
 
 
+@pytest.mark.w3_full
 def test_all_reduce_push_exact(pool):
     assert pool.run(_ar_push_cases, SIZES, SMALL) == [[]] * pool.world_size
 

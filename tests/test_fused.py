@@ -69,7 +69,8 @@ def test_fused_all_gather_every_shape(pool):
     assert pool.run(_fused_cases, "bfloat16", "staged", True) == [[]] * pool.world_size
 
 
-@pytest.mark.parametrize("dtype", [pytest.param("float16", marks=pytest.mark.w3_full), "float32"])
+@pytest.mark.w3_full
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_fused_all_gather_other_dtypes(pool, dtype):
     assert pool.run(_fused_cases, dtype, "staged", True, (1, 3)) == [[]] * pool.world_size
 
