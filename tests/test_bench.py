@@ -498,3 +498,11 @@ def test_moe_dispatch_row_notes_the_vdev_baseline_in_pool(cpu_pool, tmp_path):
     assert float(rows[0]["baseline_us"]) > 0
     assert ("torch symm_mem baseline for moe_dispatch: all_to_all_vdev not timed: needs CUDA"
             in data["notes"])
+
+
+def test_plot_lines_keep_the_count_distributions_apart():
+    """A v-op row's variant is ``<counts>/<path>``; the plot labels its lines by the counts."""
+    assert [report.counts_of(v) for v in ("uniform/barrier", "skewed/lines", "skewed", "lines",
+                                          "", None)] == ["uniform", "skewed", "skewed", "", "",
+                                                         ""]
+

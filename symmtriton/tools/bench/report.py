@@ -253,6 +253,13 @@ class ResultFiles:
         return self.paths
 
 
+def counts_of(variant: str | None) -> str:
+    """The count distribution a row's ``variant`` names first (``uniform/barrier``: ``uniform``),
+    or ``""`` for a row without one."""
+    head = (variant or "").split("/")[0]
+    return head if head in V_COUNTS else ""
+
+
 def plot(rows: list[dict], path: str, meta: dict) -> None:
     """Latency and busbw vs size, one line per implementation, one row of panels per op; times
     over the peer-copy ceiling (``over_ceiling``) are left out."""
@@ -270,7 +277,7 @@ def plot(rows: list[dict], path: str, meta: dict) -> None:
         lines: dict = {}
         for r in (r for r in rows if r["op"] == op):
             plain = f" {r['mode']}" + (f" {r['dtype']}" if several_dtypes else "")
-            counts = f" {r['variant']}" if r["variant"] in V_COUNTS else ""  # not the algorithm
+            counts = f" {c}" if (c := counts_of(r["variant"])) else ""  # not the algorithm
             sfx = counts + (f" fp8 {r['fp8']}" if r.get("fp8") else "") + plain
             over = (r["over_ceiling"] or "").split(";")
             impls = [(f"symmtriton {r['placement']}{sfx}", r["time_us"], "symmtriton"),
