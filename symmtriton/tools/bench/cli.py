@@ -197,13 +197,7 @@ def _check(wl, nbytes: int, group, note, what: str) -> str:
     :data:`CHECK_MAX_BYTES`; an exception (raised before launch: alike on every rank) fails."""
     if nbytes > CHECK_MAX_BYTES:
         return "skip"
-    ok = True
-    try:
-        ok = wl.check()
-    except Exception as exc:
-        ok = False
-        note(f"{what}: {type(exc).__name__}: {exc}")
-    return "ok" if timing.all_ranks_ok(ok, group) else "FAIL"
+    return timing.agreed_check(wl.check, group, note, what)
 
 
 def _measure(opts: BenchOptions, group, dev, spec: tuple, shape, warmup: int, note) -> tuple:

@@ -279,13 +279,7 @@ def measure(opts, shape: MoeShape, op: str, dtype, mode: str, warmup: int, group
     ``use_fp8``: the dispatch's ``use_fp8=``."""
     dev = device()
     wl = MoeWorkload(op, shape, dtype, group, use_fp8=use_fp8)
-    ok = True
-    try:
-        ok = wl.check()
-    except Exception as exc:
-        ok = False
-        note(f"{op}: {type(exc).__name__}: {exc}")
-    check = "ok" if timing.all_ranks_ok(ok, group) else "FAIL"
+    check = timing.agreed_check(wl.check, group, note, op)
     t = timing.agreed_time(wl.run, mode, device=dev, group=group, **opts.counts(warmup))
     base = {}
     if opts.baselines:

@@ -55,6 +55,19 @@ def all_ranks_ok(ok: bool, group) -> bool:
     return bool(t.item())
 
 
+def agreed_check(check, group, note, what: str) -> str:
+    """``ok`` / ``FAIL`` of ``check()`` (true when the results are right), agreed over
+    ``group``: ``FAIL`` on every rank when it fails on one. An exception (raised before any
+    launch: alike on every rank) fails it and is noted with ``what``."""
+    ok = True
+    try:
+        ok = check()
+    except Exception as exc:
+        ok = False
+        note(f"{what}: {type(exc).__name__}: {exc}")
+    return "ok" if all_ranks_ok(ok, group) else "FAIL"
+
+
 #: how the times are taken and reduced (recorded in the benchmark's metadata).
 TIMING_METHOD = {
     "eager": "host clock around a batch of calls that starts after a barrier of the ranks and "
